@@ -1,0 +1,5 @@
+import sys
+
+from loopcoder.cli import main
+
+sys.exit(main())

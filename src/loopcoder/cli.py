@@ -1,0 +1,68 @@
+"""`loopcoder`: one command, many subcommands.
+
+Each subcommand lives in its own module, imported only when it runs, so `loopcoder --help` is fast
+and a broken optional dependency only affects its own command. A module provides
+`add_arguments(parser)` and `run(args) -> int`. Bad input raises `LoopcoderError` (or
+`ConfigError`): the CLI prints one line, `loopcoder <command>: error: ...`, and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("loopcoder.commands.demo", "the main job on the embedded default (what `make demo` runs)"),
+    "init": ("loopcoder.commands.init", "write a randomly initialised PLT model directory"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="loopcoder",
+        description="Parallel Loop Transformer (LoopCoder-v2) code models: build, train, decode, evaluate, diagnose.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    top = build_parser()
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        if argv and argv[0] not in ("-h", "--help"):
+            top.print_usage(sys.stderr)
+            print(f"loopcoder: error: unknown command {argv[0]!r} (choose from {', '.join(COMMANDS)})",
+                  file=sys.stderr)
+            return 2
+        top.print_help()
+        return 0
+    name = argv[0]
+    module = importlib.import_module(COMMANDS[name][0])
+    parser = argparse.ArgumentParser(prog=f"loopcoder {name}", description=COMMANDS[name][1])
+    module.add_arguments(parser)
+    args = parser.parse_args(argv[1:])
+    return run_command(name, module.run, args)
+
+
+def run_command(name: str, fn, args: argparse.Namespace) -> int:
+    """Run a command; user errors become one line on stderr and exit status 2."""
+    from loopcoder.config import ConfigError
+    from loopcoder.errors import LoopcoderError
+
+    try:
+        return int(fn(args) or 0)
+    except (LoopcoderError, ConfigError) as e:
+        print(f"loopcoder {name}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"loopcoder {name}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

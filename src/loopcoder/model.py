@@ -1,0 +1,462 @@
+"""The Parallel Loop Transformer (LoopCoder-V2), exactly as `docs/spec` section 1 describes it.
+
+A Llama-style decoder whose L layers run R times ("loops") with shared weights. Where the spec's
+pieces live:
+
+- CLP, the cross-loop position offset (1.1): `PLTModel.loop_input`. Loop r >= 2 reads
+  `a * E_t + b * P(r-1)_{t-1}`; position 0 has no predecessor.
+- G-SWA, shared-KV gated sliding-window attention (1.2): `PLTAttention.forward`. Loops >= 2 mix a
+  global branch over loop 1's K/V with a local branch over their own K/V in a window of w previous
+  tokens plus the token itself, through `PLTGate` (per head and token, zero-initialised).
+- The loop schedule over a sequence (training, prefill, cached loop-by-loop decoding):
+  `PLTModel.forward`, loop by loop, each loop through all layers.
+- The single-pass decode schedule (all R loops of a new token as R rows of one pass, the reason
+  PLT exists, 1.3): `loopcoder.engine`, built from the same blocks (`PLTAttention.project`,
+  `attend`, `PLTAttention.mix`).
+- The vanilla looped transformer used as the efficiency baseline (`loop_architecture="vanilla"`):
+  loop r reads loop r-1 at the same position and attends over its own full causal K/V; no gate.
+
+Tensor names are the released ones (`model.layers.{i}.self_attn.plt_gate.*` and so on), so
+`from_pretrained` loads a LoopCoder-V2 directory as it is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from loopcoder.cache import PLTCache
+from loopcoder.config import PLTConfig
+
+
+class KV(NamedTuple):
+    """Keys and values of one attention branch, (batch, kv_heads, positions, head_dim), after RoPE."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+
+
+class Masks(NamedTuple):
+    """Which keys each query may see. `causal` is for loop 1 / the global branch / vanilla loops,
+    `window` for the local branch of PLT loops >= 2. `None` means plain causal over keys == queries."""
+
+    causal: Any
+    window: Any
+
+
+# ----------------------------------------------------------------------------- building blocks
+class RMSNorm(nn.Module):
+    """Llama's RMSNorm: normalise in fp32, scale by the weight in the input dtype."""
+
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.to(torch.float32) if dtype != torch.float64 else x
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * x.to(dtype)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple:
+    """cos/sin (…, positions, head_dim) of RoPE at the true positions; fp32 like Llama (fp64 for fp64)."""
+    fdtype = torch.float64 if dtype == torch.float64 else torch.float32
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=fdtype) / head_dim))
+    freqs = positions.to(fdtype)[..., None] * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, heads, S, head_dim) by cos/sin of shape (B, S, head_dim)."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def position_mask(qpos: torch.Tensor, kpos: torch.Tensor, window: int | None = None) -> torch.Tensor:
+    """Boolean (B, 1, S, T) mask from query positions (B, S) and key positions (B, T); -1 marks padding
+    or an empty slot. A key is visible when `q - window <= k <= q`. A query that sees nothing (a
+    padding row) is let see everything so attention stays finite; its output is never used."""
+    q, k = qpos[:, :, None], kpos[:, None, :]
+    mask = (k >= 0) & (k <= q)
+    if window is not None:
+        mask &= k >= q - window
+    mask |= ~mask.any(-1, keepdim=True)
+    return mask[:, None]
+
+
+def attention_probs(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) in fp32 with GQA; `mask=None` is causal. (B, heads, S, T)."""
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    scores = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
+    if mask is None:
+        s, t = scores.shape[-2:]
+        mask = torch.ones(s, t, dtype=torch.bool, device=q.device).tril(t - s)
+    return scores.masked_fill(~mask, float("-inf")).softmax(-1)
+
+
+def attend(q: torch.Tensor, kv: KV, mask: Any, impl: str = "sdpa") -> torch.Tensor:
+    """Attention of queries (B, H, S, hd) over `kv` under `mask` (None: causal with keys == queries,
+    a boolean tensor, or a flex BlockMask). GQA: kv heads are shared by H / kv_heads query heads."""
+    gqa = q.shape[1] != kv.k.shape[1]
+    if impl == "eager":
+        probs = attention_probs(q, kv.k, mask).to(q.dtype)
+        return probs @ kv.v.repeat_interleave(q.shape[1] // kv.v.shape[1], dim=1)
+    if impl == "flex_attention" and not isinstance(mask, torch.Tensor) and mask is not None:
+        from loopcoder.flex import flex_attention
+
+        return flex_attention(q, kv.k, kv.v, block_mask=mask, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, kv.k, kv.v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: PLTConfig) -> None:
+        super().__init__()
+        d, m, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = nn.Linear(d, m, bias=bias)
+        self.up_proj = nn.Linear(d, m, bias=bias)
+        self.down_proj = nn.Linear(m, d, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class PLTGate(nn.Module):
+    """G-SWA's per-head, per-token gate g in (0, 1): `y = g * y_global + (1 - g) * y_local`.
+
+    Released mode (`plt_gate_use_hidden_states`): g = sigmoid(W_g . RMSNorm_g(x) + b_g) from the layer
+    input x, W_g [heads, hidden]. Other mode: g_h = sigmoid(<q_h, w_h> + b_h) from the post-RoPE query,
+    W_g [heads, head_dim]. Zero-initialised, so g starts at 0.5.
+    """
+
+    def __init__(self, config: PLTConfig) -> None:
+        super().__init__()
+        self.use_hidden_states = config.plt_gate_use_hidden_states
+        heads = config.num_attention_heads
+        in_dim = config.hidden_size if self.use_hidden_states else config.head_dim
+        self.weight = nn.Parameter(torch.zeros(heads, in_dim))
+        self.bias = nn.Parameter(torch.zeros(heads))
+        if self.use_hidden_states:
+            self.gate_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """x: layer input (B, S, hidden); q: post-RoPE query (B, H, S, hd). Returns g as (B, H, S, 1)."""
+        if self.use_hidden_states:
+            logits = F.linear(self.gate_norm(x), self.weight, self.bias).transpose(1, 2)
+        else:
+            logits = torch.einsum("bhsd,hd->bhs", q, self.weight) + self.bias[:, None]
+        return torch.sigmoid(logits).unsqueeze(-1)
+
+
+class PLTAttention(nn.Module):
+    """Causal self-attention for loop 1; G-SWA (gated global + local window) for PLT loops >= 2;
+    plain causal attention over the loop's own K/V for vanilla loops."""
+
+    def __init__(self, config: PLTConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        d, hd, bias = config.hidden_size, config.head_dim, config.attention_bias
+        self.q_proj = nn.Linear(d, self.num_heads * hd, bias=bias)
+        self.k_proj = nn.Linear(d, self.num_kv_heads * hd, bias=bias)
+        self.v_proj = nn.Linear(d, self.num_kv_heads * hd, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * hd, d, bias=bias)
+        has_gate = config.loop_architecture == "plt" and config.plt_num_loops > 1
+        self.plt_gate = PLTGate(config) if has_gate else None
+        self.probe = None  # diagnostics hook, see `PLTModel.probed`
+
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple:
+        """q (B, H, S, hd) and K/V (B, kv_heads, S, hd) of normalised input x (B, S, hidden), after RoPE."""
+        b, s, _ = x.shape
+        q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        return apply_rope(q, cos, sin), KV(apply_rope(k, cos, sin), v)
+
+    def mix(self, x: torch.Tensor, q: torch.Tensor, y_global: torch.Tensor, y_local: torch.Tensor) -> tuple:
+        """G-SWA's gated sum of the two branches; returns (y, g)."""
+        g = self.plt_gate(x, q)
+        return g * y_global + (1 - g) * y_local, g
+
+    def output(self, y: torch.Tensor) -> torch.Tensor:
+        """(B, H, S, hd) -> o_proj -> (B, S, hidden)."""
+        b, _, s, _ = y.shape
+        return self.o_proj(y.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim))
+
+    def forward(self, x: torch.Tensor, xn: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, loop: int,
+                past: KV | None, shared: KV | None, masks: Masks) -> tuple:
+        """One loop's attention over a chunk of S positions.
+
+        x is the layer input (for the gate), xn its `input_layernorm`. `past` holds the K/V this loop
+        already cached (None without a cache); `shared` is loop 1's K/V of this layer, up to and
+        including this chunk (loops >= 2 of PLT only). Returns (output, own K/V incl. this chunk).
+        """
+        impl = self.config._attn_implementation or "sdpa"
+        q, new = self.project(xn, cos, sin)
+        own = new if past is None else KV(torch.cat([past.k, new.k], 2), torch.cat([past.v, new.v], 2))
+        if shared is None:  # loop 1, or a vanilla loop: causal attention over its own K/V
+            y = attend(q, own, masks.causal, impl)
+            self._observe(loop, "causal", q, own, masks.causal)
+        else:  # G-SWA: global branch over loop 1's K/V, local branch over own K/V in the window
+            y_global = attend(q, shared, masks.causal, impl)
+            y_local = attend(q, own, masks.window, impl)
+            y, g = self.mix(x, q, y_global, y_local)
+            self._observe(loop, "global", q, shared, masks.causal)
+            self._observe(loop, "local", q, own, masks.window, gate=g)
+        return self.output(y), own
+
+    def _observe(self, loop: int, branch: str, q, kv: KV, mask, gate=None) -> None:
+        if self.probe is not None:
+            dense = mask if isinstance(mask, torch.Tensor) or mask is None else None
+            self.probe.attention(self.layer_idx, loop, branch, attention_probs(q, kv.k, dense), gate)
+
+
+class PLTDecoderLayer(GradientCheckpointingLayer):
+    """Pre-norm block: x + attn(norm(x)), then + mlp(norm(.)). Pure in its inputs, so it can be
+    activation-checkpointed even though the same layer runs R times per step."""
+
+    def __init__(self, config: PLTConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.self_attn = PLTAttention(config, layer_idx)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, loop: int,
+                past: KV | None, shared: KV | None, masks: Masks) -> tuple:
+        attn, own = self.self_attn(x, self.input_layernorm(x), cos, sin, loop, past, shared, masks)
+        x = x + attn
+        return x + self.mlp(self.post_attention_layernorm(x)), own
+
+
+# ----------------------------------------------------------------------------- the model
+class PLTPreTrainedModel(PreTrainedModel):
+    config: PLTConfig
+    config_class = PLTConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["PLTDecoderLayer"]
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_flash_attn = False
+    _can_compile_fullgraph = False
+    _is_stateful = True  # the cache holds per-loop states: it cannot be cropped for assisted decoding
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, PLTGate):  # g = 0.5 at initialisation (spec 1.2)
+            init.zeros_(module.weight)
+            init.zeros_(module.bias)
+
+
+@dataclass
+class PLTModelOutput:
+    last_hidden_state: torch.Tensor  # h(R), before the final norm
+    cache: PLTCache | None = None
+    loop_hidden_states: tuple[torch.Tensor, ...] | None = None  # h(1) .. h(R) when asked for
+
+
+class PLTModel(PLTPreTrainedModel):
+    def __init__(self, config: PLTConfig) -> None:
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList(PLTDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.gradient_checkpointing = False
+        self.loop_probe = None
+        self.post_init()
+
+    # -- CLP ------------------------------------------------------------------------------------
+    def loop_state(self, h: torch.Tensor) -> torch.Tensor:
+        """P(r): what loop r hands to loop r+1, the shared final norm of h(r) when configured."""
+        return self.norm(h) if self.config.plt_normalize_per_loop else h
+
+    def loop_input(self, emb: torch.Tensor, prev: torch.Tensor, first: torch.Tensor | None,
+                   positions: torch.Tensor) -> torch.Tensor:
+        """CLP input of loop r >= 2: B(r)_t = a * E_t + b * P(r-1)_{t-1}.
+
+        `prev` is P(r-1) over this chunk, `first` the saved P(r-1) of the position before the chunk
+        (None at the start of a sequence). Shifting by one position is the whole trick: loop r at t
+        needs loop r-1 only at t-1, so all loops of a new token can run at once when decoding.
+        """
+        first = prev.new_zeros(prev[:, :1].shape) if first is None else first[:, None].to(prev.dtype)
+        pred = torch.cat([first, prev[:, :-1]], dim=1)
+        pred = pred.masked_fill((positions <= 0)[..., None], 0.0)  # position 0 has no predecessor
+        return self.config.emb_scale * emb + self.config.hidden_scale * pred
+
+    # -- the loop schedule -------------------------------------------------------------------------
+    def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.LongTensor | None = None, cache: PLTCache | None = None,
+                inputs_embeds: torch.Tensor | None = None, use_cache: bool | None = None,
+                output_loop_states: bool = False, **kwargs: Any) -> PLTModelOutput:
+        cfg = self.config
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        emb = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        if use_cache and cache is None:
+            cache = PLTCache(cfg)
+        positions = self._positions(emb, attention_mask, position_ids, cache)
+        cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, emb.dtype)
+        masks = self._masks(positions, cache, attention_mask)
+
+        R, plt = cfg.plt_num_loops, not cfg.is_vanilla
+        saved = list(cache.states) if cache is not None else [None] * (R - 1)  # read before overwritten
+        shared: list[KV | None] = [None] * len(self.layers)
+        loop_states, h = [], None
+        for r in range(R):
+            if r == 0:
+                x = emb
+            elif plt:
+                x = self.loop_input(emb, self.loop_state(h), saved[r - 1], positions)
+            else:  # vanilla looped transformer: same position, previous loop
+                x = h
+            for i, layer in enumerate(self.layers):
+                past = cache.past(i, r) if cache is not None else None
+                x, own = layer(x, cos, sin, r, past, shared[i] if (plt and r > 0) else None, masks)
+                if r == 0:
+                    shared[i] = own
+                if cache is not None:
+                    cache.store(i, r, own)
+            h = x
+            if self.loop_probe is not None:
+                self.loop_probe.loop_output(r, h)
+            if output_loop_states:
+                loop_states.append(h)
+            if cache is not None and plt and r < R - 1:
+                cache.states[r] = self.loop_state(h)[:, -1].detach()
+        if cache is not None:
+            cache.advance(positions)
+        return PLTModelOutput(h, cache, tuple(loop_states) if output_loop_states else None)
+
+    def _positions(self, emb: torch.Tensor, attention_mask, position_ids, cache: PLTCache | None) -> torch.Tensor:
+        """True positions (B, S) of the new tokens; -1 marks left padding."""
+        b, s = emb.shape[:2]
+        if position_ids is not None:
+            pos = position_ids.expand(b, s)
+        elif attention_mask is not None and attention_mask.dim() == 2:
+            am = attention_mask.to(torch.long)
+            pos = (am.cumsum(-1) - 1)[:, -s:]
+            pos = pos.masked_fill(am[:, -s:] == 0, -1)
+        else:
+            start = cache.next_positions(b, emb.device) if cache is not None else torch.zeros(b, 1, dtype=torch.long,
+                                                                                              device=emb.device)
+            pos = start.view(b, 1) + torch.arange(s, device=emb.device)
+        return pos.to(torch.long)
+
+    def _masks(self, positions: torch.Tensor, cache: PLTCache | None, attention_mask) -> Masks:
+        cfg = self.config
+        w = cfg.window if (cfg.plt_num_loops > 1 and not cfg.is_vanilla) else None
+        fresh = cache is None or cache.get_seq_length() == 0
+        padded = bool((positions < 0).any())
+        if fresh and not padded:  # the common training case: keys are the queries
+            if (cfg._attn_implementation or "sdpa") == "flex_attention":
+                from loopcoder.flex import block_masks
+
+                return block_masks(positions.shape[1], w, positions.device)
+            window = None if w is None else position_mask(positions[:1], positions[:1], w)
+            return Masks(None, window)
+        kpos_global = positions if fresh else torch.cat([cache.global_positions, positions], 1)
+        causal = position_mask(positions, kpos_global)
+        window = None
+        if w is not None:
+            kpos_local = positions if fresh else torch.cat([cache.window_positions, positions], 1)
+            window = position_mask(positions, kpos_local, w)
+        return Masks(causal, window)
+
+    @contextmanager
+    def probed(self, probe: Any) -> Iterator[Any]:
+        """Route per-loop hidden states, attention probabilities and gates to `probe` (diagnostics).
+        The probe only reads; the model's outputs do not change."""
+        self.loop_probe = probe
+        for layer in self.layers:
+            layer.self_attn.probe = probe
+        try:
+            yield probe
+        finally:
+            self.loop_probe = None
+            for layer in self.layers:
+                layer.self_attn.probe = None
+
+
+@dataclass
+class PLTCausalLMOutput(CausalLMOutputWithPast):
+    loop_hidden_states: tuple[torch.Tensor, ...] | None = None
+
+
+class PLTForCausalLM(PLTPreTrainedModel, GenerationMixin):
+    """`logits = lm_head(N(h(R)))`; loss is next-token cross-entropy on the last loop only."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: PLTConfig) -> None:
+        super().__init__(config)
+        self.model = PLTModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.LongTensor | None = None, cache: PLTCache | None = None,
+                inputs_embeds: torch.Tensor | None = None, labels: torch.LongTensor | None = None,
+                use_cache: bool | None = None, logits_to_keep: int | torch.Tensor = 0,
+                output_loop_states: bool = False, past_key_values: PLTCache | None = None,
+                **kwargs: Any) -> PLTCausalLMOutput:
+        cache = cache if cache is not None else past_key_values
+        out = self.model(input_ids, attention_mask, position_ids, cache, inputs_embeds, use_cache,
+                         output_loop_states=output_loop_states)
+        h = out.last_hidden_state
+        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+            h = h[:, -logits_to_keep:]
+        elif isinstance(logits_to_keep, torch.Tensor):
+            h = h[:, logits_to_keep]
+        logits = self.lm_head(self.model.norm(h))
+        loss = None
+        if labels is not None:
+            loss = causal_lm_loss(logits, labels)
+        return PLTCausalLMOutput(loss=loss, logits=logits, cache=out.cache,
+                                 loop_hidden_states=out.loop_hidden_states)
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args, **kwargs) -> None:
+        """`generate` gets a PLT cache (transformers would otherwise make a DynamicCache)."""
+        if model_kwargs.get("cache") is None and model_kwargs.get("past_key_values") is None \
+                and generation_config.use_cache is not False:
+            model_kwargs["cache"] = PLTCache(self.config)
+
+    @classmethod
+    def from_pretrained(cls, *args: Any, **kwargs: Any):
+        """`PreTrainedModel.from_pretrained`, but strict: a missing, unexpected or mis-shaped tensor is an
+        error that names it, instead of a warning and silently random weights."""
+        from loopcoder.checkpoint import check_loading_info
+
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        check_loading_info(info, args[0] if args else kwargs.get("pretrained_model_name_or_path"))
+        return (model, info) if want_info else model
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross-entropy: position t predicts labels[t+1]; -100 is ignored. Computed in fp32."""
+    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+    return F.cross_entropy(shift_logits, labels[:, 1:].reshape(-1), ignore_index=-100, reduction=reduction)
+
+
+class IQuestPLTCoderForCausalLM(PLTForCausalLM):
+    """The released architecture name, so `architectures: ["IQuestPLTCoderForCausalLM"]` resolves too."""
