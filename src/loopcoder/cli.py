@@ -42,11 +42,23 @@ def main(argv: list[str] | None = None) -> int:
         top.print_help()
         return 0
     name = argv[0]
+    quiet_libraries()
     module = importlib.import_module(COMMANDS[name][0])
     parser = argparse.ArgumentParser(prog=f"loopcoder {name}", description=COMMANDS[name][1])
     module.add_arguments(parser)
     args = parser.parse_args(argv[1:])
     return run_command(name, module.run, args)
+
+
+def quiet_libraries() -> None:
+    """Our commands report their own progress; transformers' per-load bars and reports are noise here."""
+    import os
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
 
 
 def run_command(name: str, fn, args: argparse.Namespace) -> int:

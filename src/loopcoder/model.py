@@ -348,18 +348,19 @@ class PLTModel(PLTPreTrainedModel):
         return PLTModelOutput(h, cache, tuple(loop_states) if output_loop_states else None)
 
     def _positions(self, emb: torch.Tensor, attention_mask, position_ids, cache: PLTCache | None) -> torch.Tensor:
-        """True positions (B, S) of the new tokens; -1 marks left padding."""
+        """True positions (B, S) of the new tokens; -1 marks padding (attention_mask == 0), whatever
+        position `generate` made up for it, so that padded slots are never attended to."""
         b, s = emb.shape[:2]
+        has_mask = attention_mask is not None and attention_mask.dim() == 2
         if position_ids is not None:
             pos = position_ids.expand(b, s)
-        elif attention_mask is not None and attention_mask.dim() == 2:
-            am = attention_mask.to(torch.long)
-            pos = (am.cumsum(-1) - 1)[:, -s:]
-            pos = pos.masked_fill(am[:, -s:] == 0, -1)
+        elif has_mask:
+            pos = (attention_mask.to(torch.long).cumsum(-1) - 1)[:, -s:]
         else:
-            start = cache.next_positions(b, emb.device) if cache is not None else torch.zeros(b, 1, dtype=torch.long,
-                                                                                              device=emb.device)
+            start = cache.next_positions(b, emb.device) if cache is not None else emb.new_zeros(b, dtype=torch.long)
             pos = start.view(b, 1) + torch.arange(s, device=emb.device)
+        if has_mask:
+            pos = pos.masked_fill(attention_mask[:, -s:] == 0, -1)
         return pos.to(torch.long)
 
     def _masks(self, positions: torch.Tensor, cache: PLTCache | None, attention_mask) -> Masks:
@@ -447,6 +448,7 @@ class PLTForCausalLM(PLTPreTrainedModel, GenerationMixin):
         from loopcoder.checkpoint import check_loading_info
 
         want_info = kwargs.pop("output_loading_info", False)
+        kwargs.setdefault("ignore_mismatched_sizes", True)  # collected in `info`, then refused by name below
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
         check_loading_info(info, args[0] if args else kwargs.get("pretrained_model_name_or_path"))
         return (model, info) if want_info else model
