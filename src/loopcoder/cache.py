@@ -152,3 +152,72 @@ class PLTCache(Cache):
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("a PLT cache holds per-loop states and cannot be cropped")
+
+
+class SlotCache:
+    """Preallocated decode cache for up to `max_batch` sequences ("slots"), fixed shapes throughout.
+
+    - `k`, `v`: (L, F, B, kv_heads, max_len, hd) full-length stores. F = 1 for PLT (loop 1, the shared
+      global cache); F = R for the vanilla looped transformer (every loop keeps all positions).
+    - `rk`, `rv`: (L, B, R-1, kv_heads, w+1, hd) ring buffers of PLT loops >= 2: position t lives in
+      ring slot t mod (w+1), so the ring always holds the window t-w .. t. `ring_pos` (B, w+1) is the
+      position each ring slot holds (-1: empty), shared by every layer and loop.
+    - `states`: (R-1, B, hidden) the CLP states P(r)_{t-1} the next token's rows r+1 read.
+    - `lengths`: (B,) tokens cached per slot = position of the slot's next token.
+    Active sequences occupy slots 0..n-1 so that a decode step works on plain slices (views).
+    """
+
+    def __init__(self, config: PLTConfig, max_batch: int, max_len: int, dtype: torch.dtype,
+                 device: torch.device | str) -> None:
+        L, R, hkv, hd = config.num_hidden_layers, config.plt_num_loops, config.num_key_value_heads, config.head_dim
+        self.plt = not config.is_vanilla
+        self.num_loops, self.max_batch, self.max_len = R, max_batch, max_len
+        self.window = config.window
+        full = 1 if self.plt else R
+        ring = R - 1 if self.plt else 0
+        w1 = self.window + 1
+        kw = dict(dtype=dtype, device=device)
+        self.k = torch.zeros(L, full, max_batch, hkv, max_len, hd, **kw)
+        self.v = torch.zeros_like(self.k)
+        self.rk = torch.zeros(L, max_batch, ring, hkv, w1 if ring else 0, hd, **kw)
+        self.rv = torch.zeros_like(self.rk)
+        self.ring_pos = torch.full((max_batch, w1), -1, dtype=torch.long, device=device)
+        self.states = torch.zeros(R - 1 if self.plt else 0, max_batch, config.hidden_size, **kw)
+        self.lengths = torch.zeros(max_batch, dtype=torch.long, device=device)
+
+    def nbytes(self) -> int:
+        """Bytes allocated for K/V (full stores and rings)."""
+        return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.rk, self.rv))
+
+    def load(self, slot: int, cache: PLTCache, row: int = 0) -> None:
+        """Copy row `row` of a prefilled `PLTCache` (no padding) into `slot`."""
+        T = int(cache.get_seq_length())
+        if T > self.max_len:
+            raise ValueError(f"prefill of {T} tokens exceeds the cache's {self.max_len}")
+        for i, layer in enumerate(cache.layers):
+            for r, kv in enumerate(layer.loops):
+                if r == 0 or not self.plt:
+                    self.k[i, r, slot, :, :T] = kv.k[row]
+                    self.v[i, r, slot, :, :T] = kv.v[row]
+                else:
+                    ring = cache.window_positions[row] % (self.window + 1)
+                    self.rk[i, slot, r - 1][:, ring] = kv.k[row]
+                    self.rv[i, slot, r - 1][:, ring] = kv.v[row]
+        self.ring_pos[slot] = -1
+        if cache.window_positions is not None:
+            self.ring_pos[slot, cache.window_positions[row] % (self.window + 1)] = cache.window_positions[row]
+        for r, s in enumerate(cache.states):
+            if s is not None:
+                self.states[r, slot] = s[row]
+        self.lengths[slot] = T
+
+    def copy_slot(self, src: int, dst: int) -> None:
+        """Move a sequence to another slot (compaction after a sequence finishes)."""
+        n = int(self.lengths[src])
+        self.k[:, :, dst, :, :n] = self.k[:, :, src, :, :n]
+        self.v[:, :, dst, :, :n] = self.v[:, :, src, :, :n]
+        self.rk[:, dst] = self.rk[:, src]
+        self.rv[:, dst] = self.rv[:, src]
+        self.ring_pos[dst] = self.ring_pos[src]
+        self.states[:, dst] = self.states[:, src]
+        self.lengths[dst] = n

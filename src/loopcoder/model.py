@@ -133,8 +133,31 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(d, m, bias=bias)
         self.down_proj = nn.Linear(m, d, bias=bias)
 
+    gate_up_weight = gate_up_bias = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_weight is not None:
+            gate, up = F.linear(x, self.gate_up_weight, self.gate_up_bias).chunk(2, -1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
+
+    def fuse(self) -> None:
+        """Store gate/up weights in one tensor (the parameters become views of it), for decoding."""
+        self.gate_up_weight = _fuse_params([self.gate_proj.weight, self.up_proj.weight])
+        if self.gate_proj.bias is not None:
+            self.gate_up_bias = _fuse_params([self.gate_proj.bias, self.up_proj.bias])
+
+
+def _fuse_params(params: list[nn.Parameter]) -> torch.Tensor:
+    """Concatenate parameters into one tensor and make each parameter a view of its rows, so the
+    fused and unfused paths share memory and stay equal."""
+    fused = torch.cat([p.detach() for p in params])
+    start = 0
+    for p in params:
+        p.data = fused[start:start + p.shape[0]]
+        start += p.shape[0]
+    return fused
 
 
 class PLTGate(nn.Module):
@@ -187,10 +210,23 @@ class PLTAttention(nn.Module):
     def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple:
         """q (B, H, S, hd) and K/V (B, kv_heads, S, hd) of normalised input x (B, S, hidden), after RoPE."""
         b, s, _ = x.shape
-        q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if self.qkv_weight is not None:  # one matmul instead of three (inference, see `fuse`)
+            q, k, v = F.linear(x, self.qkv_weight, self.qkv_bias).split(self.qkv_sizes, -1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
         return apply_rope(q, cos, sin), KV(apply_rope(k, cos, sin), v)
+
+    qkv_weight = qkv_bias = None
+
+    def fuse(self) -> None:
+        """Store q/k/v weights in one tensor (the parameters become views of it), for decoding."""
+        mods = (self.q_proj, self.k_proj, self.v_proj)
+        self.qkv_sizes = [m.out_features for m in mods]
+        self.qkv_weight = _fuse_params([m.weight for m in mods])
+        self.qkv_bias = _fuse_params([m.bias for m in mods]) if self.q_proj.bias is not None else None
 
     def mix(self, x: torch.Tensor, q: torch.Tensor, y_global: torch.Tensor, y_local: torch.Tensor) -> tuple:
         """G-SWA's gated sum of the two branches; returns (y, g)."""
@@ -382,6 +418,13 @@ class PLTModel(PLTPreTrainedModel):
             kpos_local = positions if fresh else torch.cat([cache.window_positions, positions], 1)
             window = position_mask(positions, kpos_local, w)
         return Masks(causal, window)
+
+    def fuse_projections(self) -> None:
+        """Fused q/k/v and gate/up matmuls for inference. Call after moving the model to its device."""
+        for layer in self.layers:
+            if layer.self_attn.qkv_weight is None:
+                layer.self_attn.fuse()
+                layer.mlp.fuse()
 
     @contextmanager
     def probed(self, probe: Any) -> Iterator[Any]:

@@ -1,0 +1,62 @@
+"""`loopcoder generate`: complete a prompt with the parallel-loop engine."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from loopcoder.errors import LoopcoderError
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="model directory (released LoopCoder-V2 layout)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's)")
+    p.add_argument("--prompt", default=None, help="prompt text (default: read from stdin)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn of the chat template")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--stream", action="store_true", help="print tokens as they are produced")
+    p.add_argument("--mode", choices=["parallel", "sequential"], default="parallel",
+                   help="parallel: all loops in one pass per token (PLT); sequential: one pass per loop")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+
+
+def run(args: argparse.Namespace) -> int:
+    from loopcoder.engine import Engine
+    from loopcoder.runtime import load_for_inference
+    from loopcoder.sampling import SamplingParams
+
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, seed=args.seed, stop=args.stop).validate()
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    if not prompt:
+        raise LoopcoderError("the prompt is empty (give --prompt TEXT or text on stdin)")
+    model, tok = load_for_inference(args.model, args.tokenizer, args.device, args.dtype)
+    if args.chat:
+        if not getattr(tok, "chat_template", None):
+            raise LoopcoderError("--chat: this tokenizer has no chat template")
+        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                      tokenize=True, return_dict=False)
+    else:
+        ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    engine = Engine(model, tok, max_batch=1, mode=args.mode)
+
+    def show(event) -> None:
+        if event.text:
+            sys.stdout.write(event.text)
+            sys.stdout.flush()
+
+    start = time.perf_counter()
+    out = engine.generate([ids], params, on_event=show if args.stream else None)[0]
+    elapsed = time.perf_counter() - start
+    print("" if args.stream else out.text)
+    n = len(out.token_ids)
+    print(f"[{n} tokens in {elapsed:.2f}s, {n / max(elapsed, 1e-9):.1f} tokens/s, R={model.config.plt_num_loops}, "
+          f"mode={args.mode}, finish={out.finish_reason}]", file=sys.stderr)
+    return 0

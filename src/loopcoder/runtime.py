@@ -1,0 +1,59 @@
+"""Where and in what precision to run: the same code on CPU (fp32) and GPU (bf16)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from loopcoder.errors import LoopcoderError
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise LoopcoderError(f"--device {name}: CUDA is not available on this machine")
+    try:
+        return torch.device(name)
+    except RuntimeError as e:
+        raise LoopcoderError(f"--device {name!r} is not a device ({e})") from None
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """'auto' is fp32 on CPU (fast and exact there) and bf16 on GPU."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise LoopcoderError(f"--dtype {name!r}: choose from auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def load_tokenizer(path: str | os.PathLike, required: bool = True) -> Any:
+    """The tokenizer saved with a model (or a tokenizer directory), loaded offline."""
+    from transformers import AutoTokenizer
+
+    p = Path(path)
+    if not (p / "tokenizer.json").is_file() and not (p / "tokenizer_config.json").is_file():
+        if (p / "tokenizer").is_dir():
+            return load_tokenizer(p / "tokenizer", required)
+        if required:
+            raise LoopcoderError(f"{str(path)!r} has no tokenizer (tokenizer.json); pass --tokenizer DIR")
+        return None
+    return AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+
+
+def load_for_inference(model_dir: str, tokenizer_dir: str | None = None, device: str = "auto",
+                       dtype: str = "auto") -> tuple[Any, Any]:
+    """(model, tokenizer) ready for decoding: strict checkpoint load, eval mode, on the device."""
+    from loopcoder.checkpoint import load_model
+
+    dev = pick_device(device)
+    model = load_model(model_dir, dtype=pick_dtype(dtype, dev), device=dev)
+    tokenizer = load_tokenizer(tokenizer_dir or model_dir)
+    return model, tokenizer

@@ -1,0 +1,80 @@
+"""Sampling parameters and next-token selection (greedy, temperature, top-k, top-p, per-request seeds).
+
+Each request draws from its own seeded generator, so its tokens do not depend on which other
+requests share the batch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from loopcoder.errors import LoopcoderError
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)  # stop strings (not included in the output)
+    stop_token_ids: list[int] | None = None  # None: the model's eos ids
+    ignore_eos: bool = False
+
+    def validate(self) -> SamplingParams:
+        """Raise `LoopcoderError` naming the first invalid value."""
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise LoopcoderError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
+                and self.temperature >= 0):
+            raise LoopcoderError(f"temperature must be a number >= 0, got {self.temperature!r}")
+        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            raise LoopcoderError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise LoopcoderError(f"top_k must be an integer >= 0, got {self.top_k!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
+            raise LoopcoderError(f"seed must be an integer >= 0, got {self.seed!r}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise LoopcoderError("stop strings must be non-empty strings")
+        return self
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
+    g = torch.Generator(device=device)
+    if seed is None:
+        g.seed()
+    else:
+        g.manual_seed(seed)
+    return g
+
+
+def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """Temperature, then top-k, then nucleus (top-p) filtering of one row of logits, in fp32."""
+    logits = logits.float() / temperature
+    if 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= top_p  # keep the smallest prefix whose mass reaches top_p
+        logits = logits.masked_fill(drop.scatter(0, order, drop), float("-inf"))
+    return logits
+
+
+def sample_next(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> torch.Tensor:
+    """One next token per row of `logits` (n, vocab), each row with its own params and generator."""
+    out = logits.argmax(-1)
+    for i, p in enumerate(params):
+        if not p.greedy:
+            probs = filter_logits(logits[i], p.temperature, p.top_k, p.top_p).softmax(-1)
+            out[i] = torch.multinomial(probs, 1, generator=generators[i])[0]
+    return out
