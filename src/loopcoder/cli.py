@@ -16,6 +16,8 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("loopcoder.commands.demo", "the main job on the embedded default (what `make demo` runs)"),
     "init": ("loopcoder.commands.init", "write a randomly initialised PLT model directory"),
+    "generate": ("loopcoder.commands.generate", "complete a prompt with the parallel-loop decode engine"),
+    "bench": ("loopcoder.commands.bench", "benchmarks: decode (and train, serve)"),
 }
 
 
