@@ -15,6 +15,7 @@ import sys
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("loopcoder.commands.demo", "the main job on the embedded default (what `make demo` runs)"),
+    "diagnose": ("loopcoder.commands.diagnose", "per-loop diagnostics (spec section 3), report and loop-count advice"),
     "init": ("loopcoder.commands.init", "write a randomly initialised PLT model directory"),
     "generate": ("loopcoder.commands.generate", "complete a prompt with the parallel-loop decode engine"),
     "bench": ("loopcoder.commands.bench", "benchmarks: decode (and train, serve)"),

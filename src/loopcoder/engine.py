@@ -273,8 +273,7 @@ class Engine:
         first = 1 if loops.start == 0 else 0  # offset of the first ring row (loop >= 2) in x
         ring_loops = range(loops.start + first - 1, loops.stop - 1) if self.plt else range(0)
         if len(ring_loops):
-            sel = torch.arange(ring_loops.start, ring_loops.stop, device=x.device)
-            dst = (ctx.slots[:, None], sel[None], slice(None), ctx.ring[:, None])
+            dst, local_mask = ctx.ring_rows(ring_loops)
             c.rk[i][dst] = new.k[:, :, first:].transpose(1, 2)
             c.rv[i][dst] = new.v[:, :, first:].transpose(1, 2)
         # 2) attention. Every row queries the full store (loop 1's K/V: the global branch of G-SWA; for
@@ -286,7 +285,7 @@ class Engine:
             rk = c.rk[i, :n, ring_loops.start:ring_loops.stop].flatten(0, 1)
             rv = c.rv[i, :n, ring_loops.start:ring_loops.stop].flatten(0, 1)
             q_local = q[:, :, first:].transpose(1, 2).flatten(0, 1).unsqueeze(2)  # (n*m, H, 1, hd)
-            y_local = attend(q_local, KV(rk, rv), ctx.local_mask.repeat_interleave(m, 0))
+            y_local = attend(q_local, KV(rk, rv), local_mask)
             y_local = y_local.view(n, m, attn.num_heads, -1).transpose(1, 2)
             mixed, _ = attn.mix(x[:, first:], q[:, :, first:], y[:, :, first:], y_local)
             y = torch.cat([y[:, :, :first], mixed], 2) if first else mixed
@@ -383,3 +382,13 @@ class _StepContext:
     t_cur: int
     ring: torch.Tensor | None = None
     local_mask: torch.Tensor | None = None
+    _rows: dict = field(default_factory=dict)
+
+    def ring_rows(self, loops: range) -> tuple:
+        """(index into a layer's rings for these loops' rows, their local mask), built once per step."""
+        key = (loops.start, loops.stop)
+        if key not in self._rows:
+            sel = torch.arange(loops.start, loops.stop, device=self.t.device)
+            dst = (self.slots[:, None], sel[None], slice(None), self.ring[:, None])
+            self._rows[key] = dst, self.local_mask.repeat_interleave(len(loops), 0)
+        return self._rows[key]

@@ -405,7 +405,8 @@ class PLTModel(PLTPreTrainedModel):
         fresh = cache is None or cache.get_seq_length() == 0
         padded = bool((positions < 0).any())
         if fresh and not padded:  # the common training case: keys are the queries
-            if (cfg._attn_implementation or "sdpa") == "flex_attention":
+            # flex block masks, unless a probe needs the dense masks to compute attention probabilities
+            if (cfg._attn_implementation or "sdpa") == "flex_attention" and self.loop_probe is None:
                 from loopcoder.flex import block_masks
 
                 return block_masks(positions.shape[1], w, positions.device)

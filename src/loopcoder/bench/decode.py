@@ -153,7 +153,8 @@ def time_transformers(s: DecodeBenchSettings, batch: int, context: int, device: 
                       num_key_value_heads=s.num_kv_heads, head_dim=s.head_dim,
                       max_position_embeddings=max(s.contexts) + 64)
     torch.manual_seed(s.seed)
-    model = LlamaForCausalLM(cfg).to(device=device, dtype=dtype).eval()
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg).to(dtype=dtype).eval()
     gen = torch.Generator().manual_seed(s.seed)
     cache = DynamicCache(config=cfg)
     for layer in range(s.num_layers):
@@ -215,7 +216,8 @@ def run_decode_bench(s: DecodeBenchSettings, log: Any = sys.stderr) -> dict[str,
     for name, arch, R, mode in configs:
         torch.manual_seed(s.seed)
         cfg = s.model_config(R, arch)
-        model = PLTForCausalLM(cfg).to(device=device, dtype=dtype).eval()
+        with torch.device(device):  # initialise where it runs: a 1B model on CPU would take minutes
+            model = PLTForCausalLM(cfg).to(dtype=dtype).eval()
         for batch in s.batches:
             for context in s.contexts:
                 row = {"config": name, "architecture": arch, "loops": R, "mode": mode, "batch": batch,

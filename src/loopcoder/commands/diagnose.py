@@ -1,0 +1,146 @@
+"""`loopcoder diagnose`: LoopCoder-v2's loop diagnostics (spec section 3) for one or more models.
+
+    loopcoder diagnose --model runs/r2 [--model runs/r3 ...] --data val.jsonl --samples 500 --out diag/
+
+Writes diag/diagnostics.json (every figure), diag/report.md (tables, recommendation) and
+diag/plots/*.png. Several models (different R) are compared side by side in one report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from loopcoder.errors import LoopcoderError
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", action="append", required=True, metavar="DIR",
+                   help="model directory (released layout); repeat to compare models of different R")
+    p.add_argument("--data", required=True, metavar="PATH",
+                   help="held-out data: a text file, a JSONL file with a \"text\" field, or a data directory "
+                        "from `loopcoder data build` (its validation split)")
+    p.add_argument("--samples", type=int, default=500, help="number of samples (default 500, as published)")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="report directory to write (replaced atomically)")
+    p.add_argument("--seq-len", type=int, default=1024, help="tokens per sample at most (default 1024)")
+    p.add_argument("--tokenizer", metavar="DIR", default=None,
+                   help="tokenizer directory (default: the model directory's own)")
+    p.add_argument("--name", action="append", default=None, metavar="NAME",
+                   help="display name per --model, in the same order (default: the directory names)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", choices=DTYPES, default="auto", help="weights dtype (auto: as saved)")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--no-per-sample", action="store_true",
+                   help="leave the per-sample values out of diagnostics.json (smaller file)")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+
+
+def _names(models: list[str], names: list[str] | None) -> list[str]:
+    if names is not None:
+        if len(names) != len(models):
+            raise LoopcoderError(f"--name given {len(names)} time(s) for {len(models)} --model(s)")
+        if len(set(names)) != len(names):
+            raise LoopcoderError(f"--name values must be distinct, got {names}")
+        return names
+    paths = [Path(m).resolve() for m in models]
+    out = [p.name or str(p) for p in paths]
+    for i, name in enumerate(out):  # same directory names: qualify with the parent, then number them
+        if out.count(name) > 1:
+            out[i] = f"{paths[i].parent.name}/{paths[i].name}"
+    for i in range(len(out)):
+        if out[:i].count(out[i]):
+            out[i] = f"{out[i]}-{i + 1}"
+    return out
+
+
+def _device(spec: str):
+    import torch
+
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError as e:
+        raise LoopcoderError(f"--device {spec!r}: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LoopcoderError(f"--device {spec!r}: CUDA is not available on this machine")
+    return device
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def _tokenizer(directory: str, explicit: bool):
+    from transformers import AutoTokenizer
+
+    hint = "" if explicit else "; pass --tokenizer DIR"
+    if not any((Path(directory) / f).is_file() for f in TOKENIZER_FILES):
+        raise LoopcoderError(f"{directory!r} has no tokenizer ({', '.join(TOKENIZER_FILES)}){hint}")
+    try:
+        return AutoTokenizer.from_pretrained(directory)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise LoopcoderError(f"cannot load the tokenizer in {directory!r}: {why}{hint}") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    import gc
+
+    import torch
+
+    from loopcoder.checkpoint import load_model
+    from loopcoder.diagnostics import diagnose, load_sequences, recommend, write_report
+    from loopcoder.diagnostics.report import _check_out_dir
+
+    # Check every input before loading a model: a typo should cost nothing.
+    if args.samples < 1:
+        raise LoopcoderError(f"--samples must be >= 1, got {args.samples}")
+    if args.seq_len < 2:
+        raise LoopcoderError(f"--seq-len must be >= 2, got {args.seq_len}")
+    for m in args.model:
+        if not Path(m).is_dir():
+            raise LoopcoderError(f"model directory {m!r} does not exist")
+    data = Path(args.data)
+    if not data.exists():
+        raise LoopcoderError(f"data {args.data!r} does not exist")
+    if args.tokenizer is not None and not Path(args.tokenizer).is_dir():
+        raise LoopcoderError(f"tokenizer directory {args.tokenizer!r} does not exist")
+    _check_out_dir(Path(args.out))
+    names = _names(args.model, args.name)
+    device = _device(args.device)
+    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+
+    results = []
+    for model_dir, name in zip(args.model, names):
+        model = load_model(model_dir, dtype=dtype, device=device)
+        tokenizer = None
+        if data.is_file():
+            tokenizer = _tokenizer(args.tokenizer or model_dir, explicit=args.tokenizer is not None)
+        seqs = load_sequences(data, tokenizer, args.seq_len, args.samples)
+        if not seqs:
+            raise LoopcoderError(f"{args.data!r} gave no sample of at least 2 tokens")
+        if len(seqs) < args.samples and not args.quiet:
+            print(f"diagnose {name}: {args.data} has only {len(seqs)} sample(s) of the {args.samples} "
+                  "asked for",
+                  file=sys.stderr)
+        results.append(diagnose(model, seqs, args.samples, name=name, source=str(model_dir),
+                                progress=not args.quiet))
+        del model
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    rec = recommend(results)
+    out = write_report(results, args.out, rec, plots=not args.no_plots, per_sample=not args.no_per_sample)
+    for r in results:
+        print(f"{r.name}: R={r.num_loops} {r.architecture}, {r.num_samples} samples, {r.num_tokens} tokens, "
+              f"{r.seconds:.1f}s")
+    print(f"recommendation: R = {rec.loops}")
+    for reason in rec.reasons:
+        print(f"  - {reason}")
+    print(f"wrote {out}/diagnostics.json, {out}/report.md" + ("" if args.no_plots else f", {out}/plots/"))
+    return 0
