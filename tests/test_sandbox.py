@@ -1,0 +1,599 @@
+"""The code-execution sandbox: opt-in, isolation, limits, completion evidence, hostile programs.
+
+Hostile programs guard themselves: the fork bomb and the memory bomb check that their limits are in
+place before they start, and anything that signals other processes runs only inside a PID namespace,
+so that a regression in the sandbox fails a test instead of hurting the machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+
+import pytest
+
+from loopcoder.errors import LoopcoderError
+from loopcoder.evaluation import sandbox
+from loopcoder.evaluation.sandbox import (
+    CodeExecutionNotAllowedError,
+    Limits,
+    isolation_report,
+    network_isolation,
+    run_many,
+    run_program,
+)
+
+QUICK = Limits(cpu_seconds=5, wall_seconds=10)
+AS_ROOT = os.geteuid() == 0
+
+
+def run(source: str, limits: Limits = QUICK, **kwargs) -> sandbox.ExecResult:
+    return run_program(textwrap.dedent(source), limits, allow_code_execution=True, **kwargs)
+
+
+def assert_evaluator_carries_on() -> None:
+    """After a hostile program: the sandbox still runs a trivial program, quickly."""
+    start = time.monotonic()
+    result = run("assert 1 + 1 == 2\n")
+    assert result.passed, result
+    assert time.monotonic() - start < 5
+
+
+def processes_of_uid(uid: int) -> list[int]:
+    """Live (not zombie) processes of a uid."""
+    found = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/status") as f:
+                    fields = dict(line.split(":", 1) for line in f if ":" in line)
+            except OSError:
+                continue
+            if fields["State"].split()[0] not in ("Z", "X") and int(fields["Uid"].split()[0]) == uid:
+                found.append(int(name))
+    return found
+
+
+def wait_until_no_processes_of(uid: int, seconds: float = 10.0) -> list[int]:
+    deadline = time.monotonic() + seconds
+    while (left := processes_of_uid(uid)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return left
+
+
+# ---------------------------------------------------------------------------------------------- opt-in
+
+
+@pytest.mark.parametrize("flag", [False, None, 1, "yes"])
+def test_refuses_to_run_without_the_explicit_opt_in(flag, tmp_path):
+    marker = tmp_path / "ran"
+    source = f"open({str(marker)!r}, 'w').close()\n"
+    with pytest.raises(CodeExecutionNotAllowedError, match="--allow-code-execution"):
+        run_program(source, allow_code_execution=flag)
+    with pytest.raises(CodeExecutionNotAllowedError, match="--allow-code-execution"):
+        run_many([source], allow_code_execution=flag)
+    assert issubclass(CodeExecutionNotAllowedError, LoopcoderError)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("cpu_seconds", 0),
+        ("wall_seconds", -1.0),
+        ("cpu_seconds", 1.5),
+        ("output_bytes", True),
+        ("processes", 2),
+        ("open_files", "64"),
+    ],
+)
+def test_bad_limits_are_one_clear_error(field, value):
+    with pytest.raises(LoopcoderError, match=field):
+        Limits(**{field: value})
+
+
+def test_bad_worker_count_is_one_clear_error():
+    with pytest.raises(LoopcoderError, match="workers"):
+        run_many(["pass"], workers=0, allow_code_execution=True)
+
+
+# ---------------------------------------------------------------------------------------------- basics
+
+
+def test_a_passing_program_runs_in_a_fresh_directory_that_is_removed_afterwards():
+    result = run("""
+        import os, sys
+        cwd = os.getcwd()
+        os.makedirs("sub/deeper")
+        with open("sub/deeper/data.txt", "w") as f:
+            f.write("x")
+        os.chmod("sub", 0)  # even an unreadable subdirectory must not stop the clean-up
+        print(cwd)
+        print(sys.flags.isolated, sys.argv[0].startswith(cwd))
+    """)
+    assert result.passed, result
+    assert result.status == "passed" and result.returncode == 0 and result.signal is None
+    cwd, flags = result.stdout.splitlines()
+    assert flags == "1 True"
+    assert os.path.basename(cwd).startswith("loopcoder-sandbox-")
+    assert cwd != os.getcwd()
+    assert not os.path.exists(cwd)
+
+
+def test_a_failing_assert_fails_with_its_traceback():
+    result = run("x = 3\nassert x == 4, 'x is wrong'\n")
+    assert result.status == "failed" and not result.passed
+    assert result.returncode == 1
+    assert "AssertionError: x is wrong" in result.stderr
+    assert "AssertionError" in result.reason
+
+
+def test_syntax_errors_and_crashes_fail():
+    assert run("def f(:\n").status == "failed"
+    crashed = run("import os, signal\nos.kill(os.getpid(), signal.SIGSEGV)\n")
+    assert crashed.status == "killed" and crashed.signal == "SIGSEGV"
+
+
+def test_stdin_is_delivered():
+    result = run("import sys\nassert sys.stdin.read() == 'two\\nlines'\n", stdin="two\nlines")
+    assert result.passed, result
+    assert run("import sys\nassert sys.stdin.read() == ''\n").passed  # no stdin: empty, never blocks
+
+
+def test_limits_are_in_force_inside_the_program():
+    limits = Limits(
+        cpu_seconds=3,
+        wall_seconds=10,
+        address_space_bytes=300 << 20,
+        file_size_bytes=1 << 20,
+        open_files=50,
+        processes=6,
+    )
+    result = run(
+        """
+        import resource
+        for name, want in [("RLIMIT_CPU", 3), ("RLIMIT_AS", 300 << 20), ("RLIMIT_FSIZE", 1 << 20),
+                           ("RLIMIT_NOFILE", 50), ("RLIMIT_CORE", 0)]:
+            soft, hard = resource.getrlimit(getattr(resource, name))
+            assert soft == want, (name, soft, want)
+        assert resource.getrlimit(resource.RLIMIT_NPROC)[0] != resource.RLIM_INFINITY
+    """,
+        limits,
+    )
+    assert result.passed, result
+
+
+def test_file_size_limit():
+    result = run("open('big', 'wb').write(b'x' * (2 << 20))\n", Limits(file_size_bytes=1 << 20))
+    assert not result.passed
+    assert "File too large" in result.stderr or result.signal == "SIGXFSZ"
+
+
+# ------------------------------------------------------------------------------- completion evidence
+
+
+@pytest.mark.parametrize(
+    "exit_code",
+    [
+        "import sys\nsys.exit(0)\n",
+        "raise SystemExit\n",
+        "import os\nos._exit(0)\n",
+        "exit()\n",
+        "def f():\n    import os\n    os._exit(0)\nf()\n",
+    ],
+)
+def test_exiting_with_status_0_before_the_end_is_not_a_pass(exit_code):
+    result = run(exit_code + "assert False, 'the checks would have failed'\n")
+    assert result.status == "failed" and not result.passed
+    assert result.returncode == 0
+    assert "no completion evidence" in result.reason
+
+
+def test_printing_or_writing_a_fake_success_marker_is_not_a_pass():
+    result = run("""
+        import os, sys
+        print("passed"); print("ok"); print("PASSED", file=sys.stderr)
+        for fd in range(3, 64):  # the launcher's pipes are among these
+            try:
+                os.write(fd, b"0123456789abcdef0123456789abcdef\\npassed\\n")
+            except OSError:
+                pass
+        assert False
+    """)
+    assert not result.passed and result.status == "failed"
+    exited_early = run("""
+        import os
+        for fd in range(3, 64):
+            try:
+                os.write(fd, b"0123456789abcdef0123456789abcdef\\n")
+            except OSError:
+                pass
+        os._exit(0)
+    """)
+    assert exited_early.status == "failed" and exited_early.returncode == 0
+    scribbled = run("""
+        import os
+        for fd in range(3, 64):
+            try:
+                os.write(fd, b"passed\\n")
+            except OSError:
+                pass
+    """)
+    assert scribbled.status == "failed"  # it ran to the end, but its scribbling corrupted the evidence
+    assert "forged or corrupted" in scribbled.reason
+
+
+# ---------------------------------------------------------------------------------------- hostile programs
+
+
+def test_infinite_loop_times_out_and_its_directory_is_removed():
+    start = time.monotonic()
+    result = run(
+        """
+        import os
+        print(os.getcwd(), flush=True)
+        while True:
+            pass
+    """,
+        Limits(cpu_seconds=30, wall_seconds=1.5),
+    )
+    assert result.status == "timeout" and not result.passed
+    assert 1.5 <= result.wall_seconds < 5 and time.monotonic() - start < 6
+    assert not os.path.exists(result.stdout.strip())
+    assert_evaluator_carries_on()
+
+
+def test_sleeping_forever_times_out():
+    result = run("import time\ntime.sleep(3600)\n", Limits(wall_seconds=1.0))
+    assert result.status == "timeout"
+
+
+def test_cpu_time_limit_kills_a_busy_loop():
+    result = run("while True:\n    pass\n", Limits(cpu_seconds=1, wall_seconds=20))
+    assert result.status == "killed" and result.signal in ("SIGXCPU", "SIGKILL")
+    assert result.wall_seconds < 10
+
+
+FORK_COUNT = """
+import os, time
+started = 0
+for _ in range(100):
+    try:
+        pid = os.fork()
+    except OSError:
+        break
+    if pid == 0:
+        time.sleep(1)
+        os._exit(0)
+    started += 1
+print(started)
+"""
+
+FORK_BOMB = """
+import os, resource
+soft, hard = resource.getrlimit(resource.RLIMIT_NPROC)
+if os.getuid() == 0 or hard == resource.RLIM_INFINITY or hard > 64:
+    print("refusing: no process cap", soft, hard)
+    raise SystemExit(3)
+while True:
+    try:
+        os.fork()
+    except OSError:
+        pass
+"""
+
+
+def test_fork_bomb_is_capped_and_every_process_is_gone_afterwards():
+    limits = Limits(cpu_seconds=2, wall_seconds=2, processes=8)
+    # First prove the cap with a program that ends by itself: launcher, init and program are 3 of the 8.
+    counted = run(FORK_COUNT, limits)
+    assert counted.passed, counted
+    assert 0 < int(counted.stdout) <= 5
+    bomb = run(FORK_BOMB, limits)
+    assert "refusing" not in bomb.stdout
+    assert bomb.status in ("timeout", "killed") and not bomb.passed
+    if AS_ROOT:  # each run has its own uid: nothing of it may survive
+        assert wait_until_no_processes_of(bomb.isolation["uid"]) == []
+    assert_evaluator_carries_on()
+
+
+def test_memory_bomb_is_stopped_by_the_address_space_limit():
+    result = run(
+        """
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+        if soft == resource.RLIM_INFINITY or soft > 256 << 20:
+            print("refusing: no memory cap")
+            raise SystemExit(3)
+        hoard = []
+        while True:
+            hoard.append(bytearray(32 << 20))
+    """,
+        Limits(address_space_bytes=256 << 20, wall_seconds=10),
+    )
+    assert "refusing" not in result.stdout
+    assert not result.passed and result.status in ("failed", "killed")
+    assert "MemoryError" in result.stderr or result.signal is not None
+    assert_evaluator_carries_on()
+
+
+@pytest.mark.parametrize("stream", ["stdout", "stderr"])
+def test_enormous_output_is_capped_and_the_run_ends(stream):
+    start = time.monotonic()
+    result = run(
+        f"""
+        import sys
+        while True:
+            sys.{stream}.write("x" * 100000)
+    """,
+        Limits(output_bytes=64 << 10, wall_seconds=30),
+    )
+    assert result.status == "output_limit" and not result.passed
+    assert len(getattr(result, stream)) == 64 << 10
+    assert getattr(result, f"{stream}_truncated") and result.truncated
+    assert time.monotonic() - start < 10  # stopped at the cap, not by the 30 s wall clock
+
+
+@pytest.mark.skipif(not AS_ROOT, reason="protecting files outside the directory needs the uid drop (root)")
+def test_writing_or_deleting_outside_the_directory_changes_nothing(tmp_path):
+    private = tmp_path / "target.txt"  # under pytest's private temporary directory
+    private.write_text("original")
+    fd, shared_name = tempfile.mkstemp(prefix="loopcoder-sandbox-test-")  # in world-writable /tmp
+    os.write(fd, b"original")
+    os.close(fd)
+    os.chmod(shared_name, 0o644)
+    try:
+        result = run(f"""
+            import os, shutil
+            outcomes = []
+            for target in [{str(private)!r}, {shared_name!r}]:
+                for attack in ("write", "append", "delete", "rename", "chmod", "rmtree-parent"):
+                    try:
+                        if attack == "write":
+                            open(target, "w").write("pwned")
+                        elif attack == "append":
+                            open(target, "a").write("pwned")
+                        elif attack == "delete":
+                            os.remove(target)
+                        elif attack == "rename":
+                            os.rename(target, target + ".moved")
+                        elif attack == "chmod":
+                            os.chmod(target, 0o777)
+                        else:
+                            shutil.rmtree(os.path.dirname(target))
+                        outcomes.append("done")
+                    except OSError:
+                        outcomes.append("denied")
+            open("inside.txt", "w").write("fine")  # its own directory is writable
+            print(outcomes)
+        """)
+        assert result.passed, result
+        assert "done" not in result.stdout
+        assert private.read_text() == "original"
+        with open(shared_name) as f:
+            assert f.read() == "original"
+        assert oct(os.stat(shared_name).st_mode & 0o777) == oct(0o644)
+    finally:
+        os.remove(shared_name)
+
+
+def test_killing_its_parent_does_not_stop_the_evaluator():
+    result = run("""
+        import os, signal, time
+        os.kill(os.getppid(), signal.SIGKILL)
+        time.sleep(0.2)
+    """)
+    # Its parent is the namespace's init, which signals from inside cannot kill; the run goes on.
+    assert result.status in ("passed", "killed")
+    assert_evaluator_carries_on()
+
+
+def test_killing_its_process_group_is_a_failure_and_the_evaluator_carries_on():
+    result = run("import os, signal\nos.kill(0, signal.SIGKILL)\n")
+    assert result.status == "killed" and result.signal == "SIGKILL"
+    assert_evaluator_carries_on()
+
+
+def test_killing_the_evaluator_by_pid_or_everything_cannot_reach_outside():
+    if isolation_report()["pid namespace"] != "yes":
+        pytest.skip("without a PID namespace, a same-uid program could signal the evaluator")
+    result = run(f"""
+        import os, signal
+        outcomes = []
+        for target in ({os.getpid()}, {os.getppid()}, -1):
+            if target == -1 and (os.getuid() == 0 or os.getpid() > 100):
+                continue  # only where the namespace and the uid make kill(-1) harmless
+            try:
+                os.kill(target, signal.SIGKILL)
+                outcomes.append("sent")
+            except OSError as e:
+                outcomes.append(type(e).__name__)
+        print(outcomes)
+    """)
+    assert result.passed, result
+    assert "sent" not in result.stdout
+    assert_evaluator_carries_on()
+
+
+def test_network_connection_fails_where_isolation_is_available():
+    status = network_isolation()
+    assert status == "network namespace: yes" or status.startswith("network namespace: no: ")
+    isolated = status == "network namespace: yes"
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        # A listener on the host's loopback; and, only when isolated (so nothing ever leaves), the internet.
+        targets = [("127.0.0.1", port)] + ([("1.1.1.1", 53), ("8.8.8.8", 443)] if isolated else [])
+        result = run(f"""
+            import socket
+            outcomes = []
+            for host, port in {targets!r}:
+                try:
+                    socket.create_connection((host, port), timeout=2).close()
+                    outcomes.append("connected")
+                except OSError as e:
+                    outcomes.append(type(e).__name__)
+            print(outcomes)
+        """)
+        assert result.status == "passed", result  # it ran to the end either way: no crash, no hang
+        if isolated:
+            assert "connected" not in result.stdout
+            server.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                server.accept()
+        else:
+            assert "connected" in result.stdout  # and the status string said so plainly
+
+
+@pytest.mark.skipif(not AS_ROOT, reason="the clean-up by uid needs the run's own uid (root)")
+def test_where_namespaces_are_refused_the_report_says_so_and_escaped_processes_still_die(monkeypatch):
+    monkeypatch.setattr(sandbox, "_NAMESPACES", False)  # as under Docker's default seccomp profile
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        result = run(f"""
+            import os, socket, time
+            socket.create_connection(("127.0.0.1", {server.getsockname()[1]}), timeout=2).close()
+            print("connected")
+            if os.fork() == 0:
+                os.setsid()  # leave the process group
+                if os.fork() == 0:
+                    os.close(1)
+                    os.close(2)  # and let go of the output pipes
+                    time.sleep(600)
+                os._exit(0)
+            time.sleep(0.2)
+        """)
+    assert result.passed, result
+    assert result.stdout == "connected\n"  # no network namespace here, and the report says so plainly:
+    assert result.isolation["network"].startswith("no: ")
+    assert result.isolation["pid_namespace"].startswith("no: ")
+    assert wait_until_no_processes_of(result.isolation["uid"], seconds=2) == []
+    assert_evaluator_carries_on()
+
+
+def test_program_cannot_see_secrets_in_the_callers_environment(monkeypatch):
+    secret = "s3cr3t-" + os.urandom(8).hex()
+    monkeypatch.setenv("LOOPCODER_TEST_API_KEY", secret)
+    result = run("""
+        import os
+        print(sorted(os.environ))
+        print(dict(os.environ))
+    """)
+    assert result.passed
+    assert secret not in result.stdout and "LOOPCODER_TEST_API_KEY" not in result.stdout
+    assert sorted(eval(result.stdout.splitlines()[0])) == ["HOME", "LANG", "LC_ALL", "PATH", "TMPDIR"]
+
+
+DRIVER = """
+import json, sys, types
+package = types.ModuleType("loopcoder")  # the sandbox alone, without importing torch
+package.__path__ = [sys.argv[1]]
+sys.modules["loopcoder"] = package
+from loopcoder.evaluation.sandbox import run_program
+print(json.dumps(run_program(sys.stdin.read(), allow_code_execution=True).to_dict()))
+"""
+
+
+def test_program_cannot_read_the_callers_environment_through_proc():
+    # The evaluator must have the secret in its environment from its start to show in /proc/PID/environ.
+    secret = "s3cr3t-" + os.urandom(8).hex()
+    env = {**os.environ, "LOOPCODER_TEST_API_KEY": secret}
+    program = textwrap.dedent("""
+        import os
+        found = []
+        for pid in os.listdir("/proc"):
+            if pid.isdigit():
+                for part in ("environ", "cmdline"):
+                    try:
+                        with open(f"/proc/{pid}/{part}", "rb") as f:
+                            data = f.read()
+                    except OSError:
+                        continue
+                    for item in data.split(b"\\0"):
+                        if item.startswith(b"LOOPCODER_TEST_API_KEY="):
+                            found.append(item.decode())
+        print(found, os.environ.get("LOOPCODER_TEST_API_KEY"))
+    """)
+    package_dir = os.path.dirname(os.path.dirname(sandbox.__file__))
+    done = subprocess.run(
+        [sys.executable, "-c", DRIVER, package_dir],
+        input=program,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["passed"], result
+    assert secret not in result["stdout"]
+    assert result["stdout"].strip() == "[] None"
+
+
+# ------------------------------------------------------------------------------------ many, report, CLI
+
+
+def test_run_many_keeps_order_reports_progress_and_throughput():
+    programs = [f"assert {i} % 3 != 0\n" for i in range(9)]
+    seen = []
+    batch = run_many(
+        programs,
+        QUICK,
+        workers=2,
+        allow_code_execution=True,
+        progress=lambda done, total: seen.append((done, total)),
+    )
+    assert [r.passed for r in batch.results] == [i % 3 != 0 for i in range(9)]
+    assert seen == [(i, 9) for i in range(1, 10)]
+    assert batch.programs_per_second > 0 and batch.workers == 2
+
+
+def test_isolation_report_says_what_is_isolated_in_plain_words():
+    report = isolation_report()
+    assert set(report) == {"interpreter", "network", "pid namespace", "unprivileged uid", "no_new_privs"}
+    assert all(isinstance(v, str) and v for v in report.values())
+    assert report["network"] == network_isolation().split(": ", 1)[1]
+    if AS_ROOT:
+        assert report["unprivileged uid"].startswith("yes")
+
+
+def test_command_line(tmp_path, capsys):
+    good = tmp_path / "good.py"
+    good.write_text("print('hello')\n")
+    bad = tmp_path / "bad.py"
+    bad.write_text("assert False\n")
+    assert sandbox._main([str(good)]) == 2
+    assert "--allow-code-execution" in capsys.readouterr().err
+    assert sandbox._main([str(good), "--allow-code-execution", "--wall-seconds", "5"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["status"] == "passed" and report["stdout"] == "hello\n"
+    assert sandbox._main([str(bad), "--allow-code-execution"]) == 1
+    assert json.loads(capsys.readouterr().out)["status"] == "failed"
+    assert sandbox._main([str(tmp_path / "missing.py"), "--allow-code-execution"]) == 2
+    assert "cannot read" in capsys.readouterr().err
+    assert sandbox._main([str(good), "--allow-code-execution", "--cpu-seconds", "0"]) == 2
+    assert "cpu_seconds" in capsys.readouterr().err
+
+
+def test_killed_results_name_the_signal():
+    result = run("import os, signal\nos.kill(os.getpid(), signal.SIGTERM)\n")
+    assert result.status == "killed" and result.signal == signal.SIGTERM.name
+
+
+@pytest.mark.parametrize("python", ["/nonexistent/python3", "/bin/false"])
+def test_an_interpreter_that_cannot_run_the_sandbox_is_one_clear_error(python):
+    with pytest.raises(sandbox.SandboxUnavailableError, match=python):
+        run_program("pass\n", allow_code_execution=True, python=python)
+    assert issubclass(sandbox.SandboxUnavailableError, LoopcoderError)
+
+
+def test_programs_must_be_source_text():
+    with pytest.raises(LoopcoderError, match="source text"):
+        run_program(b"pass", allow_code_execution=True)
+    with pytest.raises(LoopcoderError, match="source text"):
+        run_many(["pass", None], allow_code_execution=True)
