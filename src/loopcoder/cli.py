@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("loopcoder.commands.demo", "the main job on the embedded default (what `make demo` runs)"),
     "diagnose": ("loopcoder.commands.diagnose", "per-loop diagnostics (spec section 3), report and loop-count advice"),
     "init": ("loopcoder.commands.init", "write a randomly initialised PLT model directory"),
+    "data": ("loopcoder.commands.data", "build tokenizer and packed shards; write instruction and reasoning sets"),
     "generate": ("loopcoder.commands.generate", "complete a prompt with the parallel-loop decode engine"),
     "bench": ("loopcoder.commands.bench", "benchmarks: decode (and train, serve)"),
 }
