@@ -1,0 +1,73 @@
+"""`loopcoder eval`: HumanEval (sandboxed), code reasoning by difficulty and bits per byte on one model."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from loopcoder.errors import LoopcoderError
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        if "-" in text and "," not in text:
+            a, b = (int(x) for x in text.split("-"))
+            return tuple(range(a, b + 1))
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers like 1,10 or 1-6, got {text!r}") from None
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="model directory")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's)")
+    p.add_argument("--tasks", default="humaneval,reasoning,bpb", help="comma-separated: humaneval,reasoning,bpb")
+    p.add_argument("--data", default=None, help="data directory from `loopcoder data build` (for bpb)")
+    p.add_argument("--n-samples", type=int, default=1, help="completions per HumanEval problem")
+    p.add_argument("--k", type=_ints, default=(1,), help="pass@k for these k (each <= n-samples), e.g. 1,10")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0, help="sample i of a problem uses seed + i")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences decoded together")
+    p.add_argument("--prompt-style", choices=["auto", "completion", "chat"], default="auto",
+                   help="auto: the chat template for instruction-tuned checkpoints, completion prompts otherwise")
+    p.add_argument("--humaneval-limit", type=int, default=None, help="only the first N problems")
+    p.add_argument("--max-new-tokens", type=int, default=384, help="HumanEval completion length")
+    p.add_argument("--reasoning-n", type=int, default=50, help="held-out programs per difficulty")
+    p.add_argument("--reasoning-steps", type=_ints, default=(1, 2, 3, 4, 5, 6), help="difficulties, e.g. 1-6")
+    p.add_argument("--reasoning-styles", default="", help="extra prompt formats, e.g. cruxeval")
+    p.add_argument("--bpb-rows", type=int, default=None, help="limit bits per byte to the first N rows")
+    p.add_argument("--workers", type=int, default=None, help="sandbox worker processes")
+    p.add_argument("--allow-code-execution", action="store_true",
+                   help="required for humaneval: model-written code runs in the sandbox")
+    p.add_argument("--out", default="results.json", help="results JSON (resumed if it exists)")
+    p.add_argument("--fresh", action="store_true", help="ignore an existing --out instead of resuming it")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+
+
+def run(args: argparse.Namespace) -> int:
+    from loopcoder.evaluation.runner import evaluate, parse_tasks, summary_table
+    from loopcoder.evaluation.tasks import EvalSettings
+    from loopcoder.sampling import SamplingParams
+
+    tasks = parse_tasks(args.tasks)
+    SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed).validate()
+    for name in ("batch_size", "reasoning_n", "max_new_tokens"):
+        if getattr(args, name) < 1:
+            raise LoopcoderError(f"--{name.replace('_', '-')} must be >= 1")
+    styles = tuple(s for s in args.reasoning_styles.split(",") if s)
+    bad = [s for s in styles if s not in ("completion", "chat", "cruxeval")]
+    if bad:
+        raise LoopcoderError(f"--reasoning-styles: unknown style {bad[0]!r} (completion, chat, cruxeval)")
+    settings = EvalSettings(n_samples=args.n_samples, ks=tuple(args.k), temperature=args.temperature,
+                            top_p=args.top_p, seed=args.seed, batch_size=args.batch_size,
+                            humaneval_limit=args.humaneval_limit, humaneval_max_new_tokens=args.max_new_tokens,
+                            reasoning_n=args.reasoning_n, reasoning_steps=tuple(args.reasoning_steps),
+                            reasoning_styles=styles, bpb_rows=args.bpb_rows, workers=args.workers)
+    results = evaluate(args.model, tasks, settings, args.out, data_dir=args.data,
+                       allow_code_execution=args.allow_code_execution, fresh=args.fresh, device=args.device,
+                       dtype=args.dtype, prompt_style=args.prompt_style, tokenizer_dir=args.tokenizer)
+    print(summary_table(results))
+    print(f"results: {args.out}", file=sys.stderr)
+    return 0

@@ -1,0 +1,67 @@
+"""Prompts in, completions out: text or chat prompts through the batched parallel-loop engine."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+from loopcoder.engine import Engine
+from loopcoder.sampling import SamplingParams
+
+
+def stop_ids(model: Any, tokenizer: Any) -> list[int]:
+    """Token ids that end a completion: the model's eos ids and the chat turn end, if the tokenizer has one."""
+    eos = model.config.eos_token_id
+    ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+    for special in ("<|im_end|>", "<|endoftext|>"):
+        tid = tokenizer.convert_tokens_to_ids(special) if tokenizer is not None else None
+        if isinstance(tid, int) and tid >= 0 and tid != getattr(tokenizer, "unk_token_id", None):
+            ids.add(tid)
+    return sorted(ids)
+
+
+def encode_prompt(tokenizer: Any, prompt: str | list[dict[str, str]]) -> list[int]:
+    """A completion prompt (str) as is; a chat (list of messages) through the chat template."""
+    if isinstance(prompt, str):
+        return tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    return list(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False))
+
+
+def complete(engine: Engine, tokenizer: Any, prompts: list[str | list[dict[str, str]]],
+             params: list[SamplingParams], label: str = "generating", quiet: bool = False) -> list[dict[str, Any]]:
+    """Run every prompt; returns, per prompt, {text, tokens, finish_reason, skipped (why, or None)}.
+
+    A prompt too long for the model is not an error for a whole benchmark: it is skipped and says so.
+    """
+    from loopcoder.errors import LoopcoderError
+
+    results: list[dict[str, Any] | None] = [None] * len(prompts)
+    reqs = {}
+    for i, (prompt, sp) in enumerate(zip(prompts, params)):
+        ids = encode_prompt(tokenizer, prompt)
+        try:
+            reqs[engine.add_request(ids, sp).id] = i
+        except LoopcoderError as e:
+            results[i] = {"text": "", "tokens": 0, "finish_reason": "skipped", "skipped": str(e)}
+    total, done, start, last = len(reqs), 0, time.perf_counter(), 0.0
+    tokens = 0
+    while engine.has_work():
+        for ev in engine.step():
+            tokens += len(ev.token_ids)
+            if ev.finished and ev.request.id in reqs:
+                r = ev.request
+                results[reqs[r.id]] = {"text": r.text, "tokens": len(r.output_ids), "finish_reason": r.finish_reason,
+                                       "skipped": None}
+                done += 1
+        now = time.perf_counter()
+        if not quiet and (now - last > 2 or done == total):
+            el = now - start
+            eta = el / done * (total - done) if done else 0.0
+            print(f"  {label}: {done}/{total} completions, {tokens / max(el, 1e-9):.0f} tokens/s, eta {eta:.0f}s",
+                  file=sys.stderr, flush=True)
+            last = now
+    missing = [i for i, r in enumerate(results) if r is None]
+    if missing:
+        raise RuntimeError(f"no completion for prompts {missing[:5]}")
+    return results  # type: ignore[return-value]

@@ -1,0 +1,160 @@
+"""`loopcoder eval`: run the tasks on one model, write a resumable results JSON and print a table."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from loopcoder.errors import LoopcoderError
+from loopcoder.evaluation.tasks import EvalSettings, bits_per_byte, run_humaneval, run_reasoning
+
+TASKS = ("humaneval", "reasoning", "bpb")
+RESULTS_VERSION = 1
+
+
+def parse_tasks(text: str) -> list[str]:
+    tasks = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown or not tasks:
+        raise LoopcoderError(f"unknown task {unknown[0]!r}: choose from {', '.join(TASKS)}" if unknown
+                             else f"no tasks given: choose from {', '.join(TASKS)}")
+    return tasks
+
+
+def config_hash(model_dir: str) -> str:
+    """sha256 of the model's config.json and weight index: what identifies the evaluated checkpoint."""
+    h = hashlib.sha256()
+    root = Path(model_dir)
+    for name in ("config.json", "model.safetensors.index.json"):
+        if (root / name).is_file():
+            h.update((root / name).read_bytes())
+    for f in sorted(root.glob("*.safetensors")):
+        h.update(f"{f.name}:{f.stat().st_size}".encode())
+    return h.hexdigest()[:16]
+
+
+def detect_prompt_style(model_dir: str, tokenizer: Any) -> str:
+    """Instruction-tuned checkpoints (stage "sft" in loopcoder.json) get the chat template, base models
+    completion prompts."""
+    meta = Path(model_dir) / "loopcoder.json"
+    stage = None
+    if meta.is_file():
+        try:
+            stage = json.loads(meta.read_text()).get("stage")
+        except (OSError, ValueError):
+            stage = None
+    return "chat" if stage == "sft" and getattr(tokenizer, "chat_template", None) else "completion"
+
+
+def load_results(path: Path, identity: dict[str, Any]) -> dict[str, Any] | None:
+    """Earlier results to resume from, if they were made with the same model and settings."""
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise LoopcoderError(f"cannot resume from {path}: not a valid results file ({e}); "
+                             "pass --fresh to start over") from None
+    if not isinstance(data, dict) or data.get("version") != RESULTS_VERSION or "identity" not in data:
+        raise LoopcoderError(f"cannot resume from {path}: not a loopcoder results file; pass --fresh to start over")
+    for key, value in identity.items():
+        if data["identity"].get(key) != value:
+            raise LoopcoderError(f"cannot resume from {path}: it was made with {key}={data['identity'].get(key)!r},"
+                                 f" now {value!r}; pass --fresh to start over")
+    return data
+
+
+def evaluate(model_dir: str, tasks: list[str], settings: EvalSettings, out: str, *, data_dir: str | None = None,
+             allow_code_execution: bool = False, fresh: bool = False, device: str = "auto", dtype: str = "auto",
+             prompt_style: str = "auto", tokenizer_dir: str | None = None) -> dict[str, Any]:
+    from loopcoder.checkpoint import atomic_write_text
+    from loopcoder.engine import Engine
+    from loopcoder.runtime import load_for_inference
+
+    if "humaneval" in tasks and not allow_code_execution:
+        raise LoopcoderError("humaneval runs model-written code: pass --allow-code-execution to allow it "
+                             "(it runs in the sandbox, see docs/sandbox.md)")
+    if "bpb" in tasks and not data_dir:
+        raise LoopcoderError("the bpb task needs --data DIR (a directory from `loopcoder data build`)")
+    if "bpb" in tasks and not (Path(data_dir) / "index.json").is_file():
+        raise LoopcoderError(f"--data {data_dir!r} is not a data directory (no index.json)")
+    if settings.n_samples < 1:
+        raise LoopcoderError(f"--n-samples must be >= 1, got {settings.n_samples}")
+    too_big = [k for k in settings.ks if k > settings.n_samples or k < 1]
+    if too_big:
+        raise LoopcoderError(f"pass@{too_big[0]} needs k in [1, n-samples={settings.n_samples}]")
+    model, tokenizer = load_for_inference(model_dir, tokenizer_dir, device, dtype)
+    settings.prompt_style = detect_prompt_style(model_dir, tokenizer) if prompt_style == "auto" else prompt_style
+    if settings.prompt_style not in ("completion", "chat"):
+        raise LoopcoderError(f"--prompt-style must be auto, completion or chat, got {prompt_style!r}")
+    # what the scores depend on (not batch size, workers or chunking), checked before resuming
+    scored = {k: v for k, v in asdict(settings).items() if k not in ("batch_size", "workers", "chunk")}
+    identity = {"model": str(Path(model_dir).resolve()), "config_hash": config_hash(model_dir),
+                "settings": json.loads(json.dumps(scored))}
+    path = Path(out)
+    results = None if fresh else load_results(path, identity)
+    if results is None:
+        results = {"version": RESULTS_VERSION, "identity": identity, "tasks": {}, "timings": {}}
+    results.update({
+        "model": str(model_dir), "loops": model.config.plt_num_loops,
+        "architecture": model.config.loop_architecture, "prompt_style": settings.prompt_style,
+        "sampling": {"temperature": settings.temperature, "top_p": settings.top_p, "n_samples": settings.n_samples,
+                     "seed": settings.seed, "ks": list(settings.ks)},
+        "versions": _versions(), "device": str(next(model.parameters()).device),
+    })
+
+    def save() -> None:
+        atomic_write_text(path, json.dumps(results, indent=1, default=str))
+
+    engine = Engine(model, tokenizer, max_batch=settings.batch_size)
+    for task in tasks:
+        t0 = time.perf_counter()
+        done = results["tasks"].setdefault(task, {})
+        if task == "humaneval":
+            run_humaneval(engine, tokenizer, settings, done, save, allow_code_execution)
+        elif task == "reasoning":
+            run_reasoning(engine, tokenizer, settings, done, save)
+        else:
+            done.update(bits_per_byte(model, data_dir, batch_size=max(1, min(settings.batch_size, 8)),
+                                      max_rows=settings.bpb_rows))
+        results["timings"][task] = results["timings"].get(task, 0.0) + time.perf_counter() - t0
+        save()
+    results["complete"] = True
+    save()
+    return results
+
+
+def summary_table(results: dict[str, Any]) -> str:
+    lines = [f"model {results['model']} (R={results['loops']}, {results['architecture']}, "
+             f"{results['prompt_style']} prompts)"]
+    tasks = results["tasks"]
+    if "humaneval" in tasks:
+        he = tasks["humaneval"]
+        scores = ", ".join(f"{k} {100 * v:.1f}%" for k, v in he["pass_at_k"].items())
+        lines.append(f"  humaneval: {scores} over {he['problems_total']} problems "
+                     f"({he['skipped_prompts']} prompts too long), {results['timings']['humaneval']:.0f}s")
+    if "reasoning" in tasks:
+        for style, res in tasks["reasoning"]["styles"].items():
+            per = "  ".join(f"{k}:{100 * v['accuracy']:.0f}%" for k, v in res["by_steps"].items())
+            o = res["overall"]
+            lines.append(f"  reasoning ({style}): {100 * o['accuracy']:.1f}% "
+                         f"[{100 * o['ci95'][0]:.1f}, {100 * o['ci95'][1]:.1f}] of {o['n']}; by steps {per}")
+    if "bpb" in tasks:
+        b = tasks["bpb"]
+        lines.append(f"  bits per byte: {b['bits_per_byte']:.4f} (loss {b['loss']:.4f} nats/token, {b['rows']} rows)")
+    return "\n".join(lines)
+
+
+def _versions() -> dict[str, str]:
+    import torch
+    import transformers
+
+    import loopcoder
+
+    return {"loopcoder": loopcoder.__version__, "torch": torch.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version()}

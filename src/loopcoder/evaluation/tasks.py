@@ -1,0 +1,181 @@
+"""The evaluation tasks: HumanEval (sandboxed), code reasoning by difficulty, bits per byte.
+
+Each task takes what is already done (for resuming) and a `save` callback that is called after
+every chunk of finished problems, so an interrupted evaluation loses at most one chunk.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from loopcoder.engine import Engine
+from loopcoder.evaluation.generation import complete, stop_ids
+from loopcoder.sampling import SamplingParams
+
+Save = Callable[[], None]
+
+
+@dataclass
+class EvalSettings:
+    n_samples: int = 1
+    ks: tuple[int, ...] = (1,)
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    batch_size: int = 16
+    prompt_style: str = "completion"  # resolved: "completion" (base model) or "chat" (instruction-tuned)
+    humaneval_limit: int | None = None  # first N problems only
+    humaneval_max_new_tokens: int = 384
+    reasoning_n: int = 50  # examples per difficulty
+    reasoning_steps: tuple[int, ...] = (1, 2, 3, 4, 5, 6)
+    reasoning_styles: tuple[str, ...] = ()  # extra styles beside the primary one, e.g. ("cruxeval",)
+    reasoning_seed: int = 1234
+    reasoning_max_new_tokens: int = 24
+    bpb_rows: int | None = None
+    workers: int | None = None
+    chunk: int = 32  # problems per save
+    extra: dict = field(default_factory=dict)
+
+    def sampling(self, max_new_tokens: int, stop: list[str], stop_token_ids: list[int], sample: int,
+                 temperature: float | None = None) -> SamplingParams:
+        temp = self.temperature if temperature is None else temperature
+        return SamplingParams(max_new_tokens=max_new_tokens, temperature=temp, top_p=self.top_p,
+                              seed=self.seed + sample, stop=stop, stop_token_ids=stop_token_ids)
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % Wilson score interval of a proportion (well behaved at 0 and n, unlike the normal one)."""
+    if n == 0:
+        return (float("nan"), float("nan"))
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+# ----------------------------------------------------------------------------- HumanEval
+def run_humaneval(engine: Engine, tokenizer: Any, s: EvalSettings, done: dict[str, Any], save: Save,
+                  allow_code_execution: bool) -> dict[str, Any]:
+    from loopcoder.evaluation import humaneval
+    from loopcoder.evaluation.passk import mean_pass_at_k
+    from loopcoder.evaluation.sandbox import isolation_report
+
+    problems = humaneval.load_problems()[: s.humaneval_limit]
+    chat = s.prompt_style == "chat"
+    stops = [] if chat else list(humaneval.STOP_SEQUENCES)
+    ids = stop_ids(engine.model, tokenizer)
+    per_problem: dict[str, Any] = done.setdefault("problems", {})
+    todo = [p for p in problems if p["task_id"] not in per_problem]
+    exec_seconds = 0.0
+    programs = 0
+    for start in range(0, len(todo), s.chunk):
+        chunk = todo[start:start + s.chunk]
+        prompts, params = [], []
+        for p in chunk:
+            prompt = humaneval.chat_messages(p) if chat else humaneval.completion_prompt(p)
+            for i in range(s.n_samples):
+                prompts.append(prompt)
+                params.append(s.sampling(s.humaneval_max_new_tokens, stops, ids, i))
+        outs = complete(engine, tokenizer, prompts, params, label=f"humaneval {start + len(chunk)}/{len(todo)}")
+        completions = {}
+        for j, p in enumerate(chunk):
+            texts = [o["text"] for o in outs[j * s.n_samples:(j + 1) * s.n_samples]]
+            completions[p["task_id"]] = [humaneval.extract_code(t, p) if chat else humaneval.truncate(t)
+                                         for t in texts]
+        t0 = time.perf_counter()
+        ev = humaneval.evaluate(chunk, completions, workers=s.workers, allow_code_execution=allow_code_execution)
+        exec_seconds += time.perf_counter() - t0
+        programs += sum(o.n for o in ev.outcomes)
+        for j, (p, o) in enumerate(zip(chunk, ev.outcomes)):
+            gen = outs[j * s.n_samples:(j + 1) * s.n_samples]
+            per_problem[p["task_id"]] = {
+                "n": o.n, "c": o.c, "completions": completions[p["task_id"]],
+                "statuses": [r.status for r in o.results], "finish_reasons": [g["finish_reason"] for g in gen],
+                "skipped": next((g["skipped"] for g in gen if g["skipped"]), None),
+            }
+        save()
+    counts = [(per_problem[p["task_id"]]["n"], per_problem[p["task_id"]]["c"]) for p in problems]
+    ks = [k for k in s.ks]
+    passk = mean_pass_at_k(counts, ks)
+    solved = sum(1 for n, c in counts if c > 0)
+    done.update({
+        "problems_total": len(problems), "skipped_prompts": sum(1 for p in problems
+                                                                if per_problem[p["task_id"]]["skipped"]),
+        "pass_at_k": {f"pass@{k}": v for k, v in passk.items()},
+        "solved_any": solved, "sandbox": isolation_report(),
+        "programs_per_second": programs / exec_seconds if exec_seconds else None,
+    })
+    return done
+
+
+# ----------------------------------------------------------------------------- code reasoning
+def run_reasoning(engine: Engine, tokenizer: Any, s: EvalSettings, done: dict[str, Any], save: Save) -> dict[str, Any]:
+    from loopcoder.data import reasoning
+
+    styles = [s.prompt_style] + [st for st in s.reasoning_styles if st != s.prompt_style]
+    ids = stop_ids(engine.model, tokenizer)
+    by_style: dict[str, Any] = done.setdefault("styles", {})
+    for style in styles:
+        res = by_style.setdefault(style, {"examples": {}})
+        for steps in s.reasoning_steps:
+            key = str(steps)
+            if key in res["examples"]:
+                continue
+            examples = reasoning.generate_examples(s.reasoning_n, steps, seed=s.reasoning_seed, split="eval")
+            prompts = [reasoning.format_prompt(ex, style) for ex in examples]
+            stop = [] if style == "chat" else (["[/ANSWER]", "\n"] if style == "cruxeval" else ["\n"])
+            params = [s.sampling(s.reasoning_max_new_tokens, stop, ids, 0, temperature=0.0) for _ in examples]
+            outs = complete(engine, tokenizer, prompts, params, label=f"reasoning {style} steps={steps}")
+            res["examples"][key] = [
+                {"id": ex["id"], "answer": ex["answer"] if style != "cruxeval" else ex["answer_repr"],
+                 "completion": o["text"], "correct": bool(reasoning.is_correct(ex, o["text"], style)),
+                 "skipped": o["skipped"]}
+                for ex, o in zip(examples, outs)]
+            save()
+        table = {}
+        for key, rows in sorted(res["examples"].items(), key=lambda kv: int(kv[0])):
+            k = sum(r["correct"] for r in rows)
+            low, high = wilson_interval(k, len(rows))
+            table[key] = {"accuracy": k / len(rows) if rows else float("nan"), "correct": k, "n": len(rows),
+                          "ci95": [low, high]}
+        all_rows = [r for rows in res["examples"].values() for r in rows]
+        k = sum(r["correct"] for r in all_rows)
+        res["by_steps"] = table
+        res["overall"] = {"accuracy": k / len(all_rows) if all_rows else float("nan"), "correct": k,
+                          "n": len(all_rows), "ci95": list(wilson_interval(k, len(all_rows)))}
+    done["primary_style"] = s.prompt_style
+    return done
+
+
+# ----------------------------------------------------------------------------- bits per byte
+@torch.inference_mode()
+def bits_per_byte(model: Any, data_dir: str, batch_size: int = 8, max_rows: int | None = None,
+                  split: str = "validation") -> dict[str, Any]:
+    """Bits per UTF-8 byte of the model on a data directory's held-out split (every row, in order)."""
+    from loopcoder.data.shards import ShardDataset
+    from loopcoder.data.shards import bits_per_byte as to_bpb
+    from loopcoder.model import causal_lm_loss
+
+    ds = ShardDataset(data_dir, split)
+    device = next(model.parameters()).device
+    loss_sum, nbytes, tokens, rows = 0.0, 0, 0, 0
+    for batch in ds.iter_batches(batch_size):
+        ids = batch["input_ids"].to(device)
+        if max_rows is not None and rows >= max_rows:
+            break
+        if max_rows is not None:
+            ids = ids[: max_rows - rows]
+        logits = model(ids).logits
+        loss_sum += float(causal_lm_loss(logits, ids, reduction="sum"))
+        nbytes += int(batch["target_bytes"][: ids.shape[0]].sum())
+        tokens += ids.shape[0] * (ids.shape[1] - 1)
+        rows += ids.shape[0]
+    return {"bits_per_byte": to_bpb(loss_sum, nbytes), "loss": loss_sum / max(tokens, 1), "tokens": tokens,
+            "bytes": nbytes, "rows": rows, "split": split, "data": str(data_dir)}
