@@ -9,12 +9,12 @@ import math
 
 import pytest
 import torch
-from test_data_helpers import small_build
 
 from loopcoder.cli import main
 from loopcoder.data import tokenizer as T
 from loopcoder.evaluation import humaneval, runner, tasks
 from loopcoder.evaluation.tasks import EvalSettings, wilson_interval
+from test_data_helpers import small_build
 
 
 @pytest.fixture(scope="module")
