@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "init": ("loopcoder.commands.init", "write a randomly initialised PLT model directory"),
     "data": ("loopcoder.commands.data", "build tokenizer and packed shards; write instruction and reasoning sets"),
     "generate": ("loopcoder.commands.generate", "complete a prompt with the parallel-loop decode engine"),
+    "serve": ("loopcoder.commands.serve", "OpenAI-compatible HTTP server: completions, chat, tool calls, streaming"),
     "bench": ("loopcoder.commands.bench", "benchmarks: decode (and train, serve)"),
 }
 

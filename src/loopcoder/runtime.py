@@ -57,3 +57,12 @@ def load_for_inference(model_dir: str, tokenizer_dir: str | None = None, device:
     model = load_model(model_dir, dtype=pick_dtype(dtype, dev), device=dev)
     tokenizer = load_tokenizer(tokenizer_dir or model_dir)
     return model, tokenizer
+
+
+def chat_stop_ids(eos_ids: Any, tokenizer: Any) -> list[int]:
+    """Where a chat reply ends: the model's end-of-text ids and the tokenizer's `<|im_end|>`, if it has one."""
+    ids = {i for i in (eos_ids if isinstance(eos_ids, (list, set, tuple)) else [eos_ids]) if i is not None}
+    vocab = tokenizer.get_vocab() if tokenizer is not None else {}
+    if "<|im_end|>" in vocab:
+        ids.add(vocab["<|im_end|>"])
+    return sorted(ids)

@@ -29,7 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from loopcoder.engine import Engine
-    from loopcoder.runtime import load_for_inference
+    from loopcoder.runtime import chat_stop_ids, load_for_inference
     from loopcoder.sampling import SamplingParams
 
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
@@ -43,6 +43,7 @@ def run(args: argparse.Namespace) -> int:
             raise LoopcoderError("--chat: this tokenizer has no chat template")
         ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                       tokenize=True, return_dict=False)
+        params.stop_token_ids = chat_stop_ids(model.config.eos_token_id, tok)  # a reply ends with its turn
     else:
         ids = tok(prompt, add_special_tokens=False)["input_ids"]
     engine = Engine(model, tok, max_batch=1, mode=args.mode)

@@ -12,13 +12,9 @@ from loopcoder.sampling import SamplingParams
 
 def stop_ids(model: Any, tokenizer: Any) -> list[int]:
     """Token ids that end a completion: the model's eos ids and the chat turn end, if the tokenizer has one."""
-    eos = model.config.eos_token_id
-    ids = set(eos if isinstance(eos, list) else [eos]) - {None}
-    for special in ("<|im_end|>", "<|endoftext|>"):
-        tid = tokenizer.convert_tokens_to_ids(special) if tokenizer is not None else None
-        if isinstance(tid, int) and tid >= 0 and tid != getattr(tokenizer, "unk_token_id", None):
-            ids.add(tid)
-    return sorted(ids)
+    from loopcoder.runtime import chat_stop_ids
+
+    return chat_stop_ids(model.config.eos_token_id, tokenizer)
 
 
 def encode_prompt(tokenizer: Any, prompt: str | list[dict[str, str]]) -> list[int]:

@@ -1,0 +1,94 @@
+"""`loopcoder serve`: an OpenAI-compatible HTTP server (completions, chat, tool calls) with continuous batching."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+
+from loopcoder.errors import LoopcoderError
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="model directory (released LoopCoder-V2 layout)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000, help="port (0: any free port, printed at start)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on every endpoint but /health "
+                        "(default: $LOOPCODER_API_KEY; unset: no key)")
+    p.add_argument("--served-model-name", default=None, help="the model id clients use (default: directory name)")
+    p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (engine slots)")
+    p.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a slot; more get 429")
+    p.add_argument("--queue-timeout", type=float, default=30.0, help="seconds a request may wait for a slot (503)")
+    p.add_argument("--max-prompt-tokens", type=int, default=None, help="default: the model's context minus one")
+    p.add_argument("--max-tokens", type=int, default=2048, help="cap on a request's max_tokens")
+    p.add_argument("--max-body-bytes", type=int, default=2 * 2**20, help="larger request bodies get 413")
+    p.add_argument("--grace", type=float, default=30.0,
+                   help="on SIGINT/SIGTERM, seconds in-flight requests may take to finish before being aborted")
+    p.add_argument("--tool-parser", default="hermes",
+                   help="tool-call parser: hermes (<tool_call>{json}</tool_call>) or package.module:Class")
+    p.add_argument("--mode", choices=["parallel", "sequential"], default="parallel")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's choice; on a shared machine 1 is often fastest)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--access-log", action="store_true", help="log every request")
+
+
+def run(args: argparse.Namespace) -> int:
+    from loopcoder.serving.server import api_key_from_env, bind, is_loopback, load_app, make_server
+
+    for name in ("max_batch", "max_tokens", "max_body_bytes"):
+        if getattr(args, name) < 1:
+            raise LoopcoderError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.max_queue < 0:
+        raise LoopcoderError(f"--max-queue must be >= 0, got {args.max_queue}")
+    if args.max_prompt_tokens is not None and args.max_prompt_tokens < 1:
+        raise LoopcoderError(f"--max-prompt-tokens must be >= 1, got {args.max_prompt_tokens}")
+    if not args.queue_timeout > 0 or not args.grace >= 0:
+        raise LoopcoderError("--queue-timeout must be > 0 and --grace >= 0")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise LoopcoderError(f"--threads must be >= 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
+    api_key = args.api_key or api_key_from_env()
+    sock = bind(args.host, args.port)  # before loading the model: a taken port fails fast
+    try:
+        app, scheduler = load_app(
+            args.model, args.tokenizer, device=args.device, dtype=args.dtype, mode=args.mode,
+            max_batch=args.max_batch, max_queue=args.max_queue, queue_timeout=args.queue_timeout,
+            model_name=args.served_model_name, tool_parser=args.tool_parser, api_key=api_key,
+            max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens, max_body_bytes=args.max_body_bytes)
+        server = make_server(app, scheduler, grace=args.grace, log_level=args.log_level, access_log=args.access_log)
+        host, port = sock.getsockname()[:2]
+        model_name = app.state.service.settings.model_name
+        print(f"loopcoder serve: {model_name} on http://{_url_host(host)}:{port}/v1 (max batch {args.max_batch}, "
+              f"queue {args.max_queue}, {'API key required' if api_key else 'no API key'})", file=sys.stderr,
+              flush=True)
+        if not is_loopback(args.host) and not api_key:
+            print("loopcoder serve: warning: listening beyond loopback without --api-key", file=sys.stderr)
+        received: list[int] = []
+        # uvicorn re-raises the signal that stopped it once it has shut down; record it instead of dying
+        previous = {s: signal.signal(s, lambda sig, _frame: received.append(sig))
+                    for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            server.run(sockets=[sock])
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+    finally:
+        sock.close()
+    if not server.started:
+        raise LoopcoderError("the server did not start (see the log above)")
+    print(f"loopcoder serve: stopped{' on ' + signal.Signals(received[0]).name if received else ''} "
+          f"({scheduler.counters['completed']} requests completed, "
+          f"{scheduler.counters['aborted_at_shutdown']} aborted at shutdown)", file=sys.stderr)
+    return 0
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host

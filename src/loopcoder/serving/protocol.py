@@ -1,0 +1,292 @@
+"""The OpenAI-compatible request schemas and error bodies.
+
+Requests are validated strictly (JSON types as sent, unknown fields refused): a typo in a parameter
+name is a 400 that names it, not a silently ignored setting. Known OpenAI parameters that this server
+cannot honour (penalties, logprobs, ...) are accepted only at their neutral value.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+MAX_STOP = 32  # stop strings per request (OpenAI allows 4; editors often send more)
+MAX_STOP_CHARS = 256
+
+
+class APIError(Exception):
+    """An HTTP error with an OpenAI-style body: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, *, type: str | None = None, param: str | None = None,
+                 code: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type or ("invalid_request_error" if status < 500 else "server_error")
+        self.param = param
+        self.code = code
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        """`"param": null` means the default for optional parameters (many clients send nulls)."""
+        if isinstance(data, dict):
+            fields = cls.model_fields
+            return {k: v for k, v in data.items() if not (v is None and k in fields and not fields[k].is_required())}
+        return data
+
+
+# ---------------------------------------------------------------------------------------------- shared
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _SamplingRequest(_Strict):
+    model: str | None = None  # default: the served model
+    max_tokens: int | None = Field(None, ge=1)  # capped by the server's --max-tokens
+    temperature: float = Field(1.0, ge=0.0, le=2.0)  # OpenAI's default; 0 is greedy
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=-1)  # extension (vLLM): 0 or -1 = off
+    n: int = Field(1, ge=1)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)  # choice i samples with seed + i
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    ignore_eos: bool = False  # extension (vLLM): generate max_tokens tokens regardless of end-of-text
+    user: str | None = None
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v: str | list[str] | None) -> str | list[str] | None:
+        stops = [v] if isinstance(v, str) else (v or [])
+        if len(stops) > MAX_STOP:
+            raise ValueError(f"at most {MAX_STOP} stop sequences")
+        if any(not s or len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"stop sequences must be 1 to {MAX_STOP_CHARS} characters")
+        return v
+
+    @property
+    def stop_list(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    def check_supported(self) -> None:
+        """Refuse parameters we accept by name but cannot honour, unless they are at their neutral value."""
+        for name in ("frequency_penalty", "presence_penalty"):
+            if getattr(self, name):
+                raise bad_request(f"'{name}' is not supported by this server (only 0)", name)
+        if self.logit_bias:
+            raise bad_request("'logit_bias' is not supported by this server", "logit_bias")
+        if self.stream_options is not None and not self.stream:
+            raise bad_request("'stream_options' is only allowed when 'stream' is true", "stream_options")
+
+
+# ---------------------------------------------------------------------------------------------- completions
+class CompletionRequest(_SamplingRequest):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    echo: bool = False
+    logprobs: int | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.echo:
+            raise bad_request("'echo' is not supported by this server", "echo")
+        if self.logprobs:
+            raise bad_request("'logprobs' is not supported by this server", "logprobs")
+        if self.best_of not in (None, self.n):
+            raise bad_request("'best_of' is not supported by this server (only equal to n)", "best_of")
+        if self.suffix:
+            raise bad_request("'suffix' (fill-in-the-middle) is not supported by this server", "suffix")
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts as a list: text, or token ids (a batch gives one entry per prompt)."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if not p:
+            raise bad_request("'prompt' is empty", "prompt")
+        if all(isinstance(x, int) for x in p):
+            return [list(p)]
+        return list(p)
+
+
+# ---------------------------------------------------------------------------------------------- chat
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class FunctionCallIn(_Strict):
+    name: str
+    arguments: str
+
+
+class ToolCallIn(_Strict):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
+    index: int | None = None
+
+
+class Message(_Strict):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None
+    tool_call_id: str | None = None
+    # what the openai client sends back when a previous response's message is reused as input
+    refusal: str | None = None
+    annotations: list[Any] | None = None
+    audio: Any = None
+    function_call: Any = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            for part in v:
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind != "text":
+                    raise ValueError(f"only text content parts are supported (got type {kind!r})")
+        return v
+
+    def text(self) -> str | None:
+        if isinstance(self.content, list):
+            return "".join(p.text for p in self.content)
+        return self.content
+
+    def for_template(self) -> dict[str, Any]:
+        """The dict the chat template sees (roles mapped to the template's, text parts joined)."""
+        out: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role}
+        text = self.text()
+        if text is not None:
+            out["content"] = text
+        if self.tool_calls:
+            out["tool_calls"] = [{"id": c.id, "type": "function",
+                                  "function": {"name": c.function.name, "arguments": c.function.arguments}}
+                                 for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        if self.name is not None:
+            out["name"] = self.name
+        return out
+
+
+class FunctionDef(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict[str, Any] | None = None
+
+
+class ChatRequest(_SamplingRequest):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None  # accepted; the model decides how many calls it writes
+    response_format: ResponseFormat | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.logprobs or self.top_logprobs:
+            raise bad_request("'logprobs' is not supported by this server", "logprobs")
+        if self.response_format is not None and self.response_format.type != "text":
+            raise bad_request("'response_format' other than text is not supported by this server",
+                              "response_format")
+        for i, m in enumerate(self.messages):
+            if m.role in ("system", "developer", "user", "tool") and m.content is None:
+                raise bad_request(f"messages[{i}] ({m.role}) has no content", f"messages.{i}.content")
+            if m.role == "assistant" and m.content is None and not m.tool_calls:
+                raise bad_request(f"messages[{i}] (assistant) has neither content nor tool_calls",
+                                  f"messages.{i}.content")
+        if self.tool_choice is not None and not self.tools and self.tool_choice != "none":
+            raise bad_request("'tool_choice' needs 'tools'", "tool_choice")
+        if isinstance(self.tool_choice, NamedToolChoice):
+            names = {t.function.name for t in self.tools or []}
+            if self.tool_choice.function.name not in names:
+                raise bad_request(f"tool_choice names function {self.tool_choice.function.name!r}, which is "
+                                  "not in 'tools'", "tool_choice")
+
+    @property
+    def output_limit(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+# ---------------------------------------------------------------------------------------------- errors
+_MODEL_NAMES = {cls.__name__ for cls in list(globals().values())
+                if isinstance(cls, type) and issubclass(cls, BaseModel)}
+_TYPE_NAMES = {"str", "int", "float", "bool", "dict", "list", "none"}
+
+
+def _clean_loc(loc: tuple) -> tuple:
+    """The field path of a validation error, without pydantic's union-member tags ('str', 'list[int]')."""
+    return tuple(x for x in loc if not (isinstance(x, str) and (x in _MODEL_NAMES or x in _TYPE_NAMES
+                                                                 or re.search(r"[\[\]'(]", x))))
+
+
+def validation_error(e: ValidationError) -> APIError:
+    """A 400 that names the first offending field, from a pydantic error (malformed JSON included)."""
+    errors = e.errors(include_url=False)
+    first = errors[0]
+    if first["type"] == "json_invalid":
+        return bad_request(f"the request body is not valid JSON ({first['msg']})")
+    loc = _clean_loc(first["loc"])
+    param = ".".join(str(x) for x in loc) or None
+    if first["type"] == "extra_forbidden":
+        return bad_request(f"Unrecognized request argument supplied: {param}", param)
+    if first["type"] == "model_type" and not loc:
+        return bad_request("the request body must be a JSON object")
+    msgs = []
+    for err in errors:  # one union field fails once per member: list the alternatives
+        if _clean_loc(err["loc"]) == loc and err["msg"] not in msgs:
+            msgs.append(err["msg"])
+    return bad_request(f"invalid value for '{param}': {'; or '.join(msgs[:4])}", param)
+
+
+def parse_request(model: type[BaseModel], body: bytes) -> Any:
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as e:
+        raise validation_error(e) from None
+    except (ValueError, json.JSONDecodeError) as e:  # e.g. undecodable bytes
+        raise bad_request(f"the request body is not valid JSON ({e})") from None

@@ -1,0 +1,90 @@
+"""Putting a server together: model + engine + scheduler + app, and uvicorn with a graceful drain."""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+from loopcoder.errors import LoopcoderError
+from loopcoder.serving.app import ServerSettings, create_app
+from loopcoder.serving.scheduler import Scheduler
+from loopcoder.serving.tool_calls import get_tool_parser
+
+
+def load_app(model_dir: str, tokenizer_dir: str | None = None, *, device: str = "auto", dtype: str = "auto",
+             mode: str = "parallel", max_batch: int = 8, max_queue: int = 64, queue_timeout: float = 30.0,
+             model_name: str | None = None, tool_parser: str = "hermes", **settings: Any) -> tuple[Any, Scheduler]:
+    """(FastAPI app, its scheduler) serving the model in `model_dir`. `settings`: `ServerSettings` fields."""
+    from loopcoder.engine import Engine
+    from loopcoder.runtime import load_for_inference
+
+    if max_batch < 1:
+        raise LoopcoderError(f"--max-batch must be >= 1, got {max_batch}")
+    parser = get_tool_parser(tool_parser)
+    model, tokenizer = load_for_inference(model_dir, tokenizer_dir, device, dtype)
+    engine = Engine(model, tokenizer, max_batch=max_batch, mode=mode)
+    scheduler = Scheduler(engine, max_queue=max_queue, queue_timeout=queue_timeout)
+    name = model_name or Path(model_dir).resolve().name
+    app = create_app(scheduler, tokenizer, ServerSettings(model_name=name, tool_parser=parser, **settings))
+    return app, scheduler
+
+
+class GracefulServer(uvicorn.Server):
+    """uvicorn's server, whose shutdown (SIGINT, SIGTERM, `should_exit`) first drains the scheduler.
+
+    uvicorn stops accepting connections and waits for open ones; meanwhile the scheduler refuses new
+    requests (503), lets running and queued ones finish for `grace` seconds, then aborts the rest, whose
+    responses end cleanly (an error event and `[DONE]` on a stream, a 503 otherwise).
+    """
+
+    def __init__(self, config: uvicorn.Config, scheduler: Scheduler, grace: float) -> None:
+        super().__init__(config)
+        self.scheduler = scheduler
+        self.grace = grace
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self.scheduler.begin_shutdown(self.grace)
+        await super().shutdown(sockets)
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening TCP socket (port 0: any free one); bind errors are one-line `LoopcoderError`s."""
+    if not 0 <= port <= 65535:
+        raise LoopcoderError(f"--port must be 0-65535, got {port}")
+    try:
+        info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise LoopcoderError(f"--host {host!r}: cannot resolve it ({e.strerror})") from None
+    family, kind, proto, _, addr = info[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(addr)
+    except OSError as e:
+        sock.close()
+        why = "it is in use" if e.errno == errno.EADDRINUSE else (e.strerror or str(e))
+        raise LoopcoderError(f"cannot listen on {host}:{port}: {why}") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def make_server(app: Any, scheduler: Scheduler, *, grace: float = 30.0, log_level: str = "info",
+                access_log: bool = False) -> GracefulServer:
+    # uvicorn's own graceful timeout is the backstop: by then the scheduler has aborted everything
+    config = uvicorn.Config(app, log_level=log_level, access_log=access_log, lifespan="on",
+                            timeout_graceful_shutdown=grace + 10, timeout_keep_alive=5)
+    return GracefulServer(config, scheduler, grace)
+
+
+def is_loopback(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def api_key_from_env() -> str | None:
+    return os.environ.get("LOOPCODER_API_KEY") or None

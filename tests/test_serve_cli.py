@@ -1,0 +1,110 @@
+"""`loopcoder serve` as a command: argument errors, a real process stopped by SIGTERM, and the load benchmark."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+from loopcoder.bench.serve import ServeBenchSettings, format_report, run_serve_bench, summarize
+from loopcoder.cli import main
+from test_serve_helpers import build_model_dir
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return build_model_dir(tmp_path_factory.mktemp("serve-model"))
+
+
+def test_bad_arguments_are_one_line_errors(model_dir, capsys):
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    cases = [
+        (["--model", "/does/not/exist", "--port", "0"], "does not exist"),
+        (["--model", str(model_dir), "--port", "70000"], "--port must be 0-65535"),
+        (["--model", str(model_dir), "--port", str(taken.getsockname()[1])], "it is in use"),
+        (["--model", str(model_dir), "--max-batch", "0"], "--max-batch must be >= 1"),
+        (["--model", str(model_dir), "--max-queue", "-1"], "--max-queue must be >= 0"),
+        (["--model", str(model_dir), "--port", "0", "--tool-parser", "nope"], "unknown tool parser"),
+        (["--model", str(model_dir), "--host", "no-such-host.invalid", "--port", "0"], "cannot resolve"),
+    ]
+    try:
+        for argv, message in cases:
+            assert main(["serve", *argv]) == 2, argv
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and err[0].startswith("loopcoder serve: error: ") and message in err[0], err
+    finally:
+        taken.close()
+
+
+def test_a_server_process_serves_and_stops_cleanly_on_sigterm(model_dir):
+    env = {**os.environ, "LOOPCODER_API_KEY": "from-env"}
+    proc = subprocess.Popen([sys.executable, "-m", "loopcoder", "serve", "--model", str(model_dir), "--port", "0",
+                             "--log-level", "warning", "--grace", "30"],
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+    lines: list[str] = []
+    ready = threading.Event()
+
+    def read() -> None:
+        for line in proc.stderr:
+            lines.append(line)
+            if "/v1 (" in line:
+                ready.set()
+        ready.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        assert ready.wait(120), "".join(lines)
+        port = int(re.search(r"127\.0\.0\.1:(\d+)/v1", lines[0]).group(1))
+        assert "API key required" in lines[0]
+        url = f"http://127.0.0.1:{port}"
+        client = openai.OpenAI(base_url=url + "/v1", api_key="from-env", max_retries=0, timeout=60)
+        name = os.path.basename(model_dir)
+        assert client.completions.create(model=name, prompt="def f(", max_tokens=5).usage.completion_tokens > 0
+        assert httpx.post(url + "/v1/completions", json={"prompt": "x"}).status_code == 401
+        # a stream in flight when SIGTERM arrives still ends properly
+        stream = client.completions.create(model=name, prompt="def f(", max_tokens=200, stream=True,
+                                           extra_body={"ignore_eos": True})
+        chunks = [next(stream)]
+        proc.send_signal(signal.SIGTERM)
+        chunks += list(stream)
+        assert chunks[-1].choices[0].finish_reason == "length"
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    time.sleep(0.1)
+    log = "".join(lines)
+    assert "stopped on SIGTERM" in log and "Traceback" not in log, log
+
+
+def test_load_benchmark_runs_with_no_errors_and_reports(model_dir):
+    s = ServeBenchSettings(model=str(model_dir), concurrency=4, duration=1.5, warmup=0.5, max_tokens=8, max_batch=4)
+    report = run_serve_bench(s)
+    r = report["result"]
+    assert r["errors"] == 0 and r["requests"] > 0 and r["tokens"] == 8 * r["requests"]
+    assert r["latency_s"]["p50"] <= r["latency_s"]["p99"] and r["ttft_s"]["p50"] is not None
+    assert r["rss_before_mb"] > 50 and r["server_exit_code"] == 0 and r["server_idle_after"]
+    assert 1 <= r["mean_sequences_per_step"] <= 4
+    text = format_report(report)
+    assert re.search(r"^errors +0$", text, re.M) and "latency p50 / p90 / p99" in text
+
+
+def test_summary_percentiles_and_errors():
+    records = [{"latency": i / 100, "ttft": i / 1000, "tokens": 10} for i in range(1, 101)]
+    records.append({"error": "HTTP 500: boom"})
+    out = summarize(records, elapsed=10.0)
+    assert out["requests"] == 100 and out["errors"] == 1 and out["error_samples"] == ["HTTP 500: boom"]
+    assert out["latency_s"]["p50"] == 0.5 and out["latency_s"]["p99"] == 0.99 and out["latency_s"]["max"] == 1.0
+    assert out["tokens_per_s"] == 100.0 and out["requests_per_s"] == 10.0

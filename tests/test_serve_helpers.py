@@ -1,0 +1,152 @@
+"""Shared pieces of the serving tests (no tests here): a tiny model directory with a real tokenizer, a
+live server on loopback in a thread, a scripted engine for deterministic outputs, SSE reading."""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import io
+import json
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+from loopcoder.engine import Engine
+
+KEY = "test-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+CONTEXT = 1024  # the tiny model's max positions (a tools system prompt is ~500 of its tokens)
+
+
+def build_model_dir(out: Path) -> Path:
+    """A random 2-loop PLT (hidden 32) with a byte-level BPE tokenizer (vocab 400, ChatML + tools template)
+    trained on this package's engine/model source: a few hundred KB, built in about a second."""
+    from loopcoder import engine, model, sampling
+    from loopcoder.cli import main
+    from loopcoder.data import tokenizer as T
+
+    text = "".join(inspect.getsource(m) for m in (engine, model, sampling))
+    tok = T.train_tokenizer((text[i:i + 2000] for i in range(0, len(text), 2000)), vocab_size=400)
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["init", "--out", str(out), "--hidden-size", "32", "--layers", "2", "--heads", "4",
+                     "--kv-heads", "2", "--vocab-size", "400", "--window", "4", "--max-positions", str(CONTEXT),
+                     "--loops", "2", "--seed", "0"]) == 0
+    T.save_tokenizer(tok, out, model_max_length=CONTEXT)  # after init, which writes the directory anew
+    return out
+
+
+class LiveServer:
+    """`GracefulServer` on 127.0.0.1 (a free port) in a background thread, as `loopcoder serve` runs it."""
+
+    def __init__(self, app, scheduler, grace: float = 5.0) -> None:
+        from loopcoder.serving.server import bind, make_server
+
+        self.scheduler = scheduler
+        self.sock = bind("127.0.0.1", 0)
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = make_server(app, scheduler, grace=grace, log_level="warning")
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self) -> LiveServer:
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            assert self.thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def stop(self, timeout: float = 30) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout)
+        self.sock.close()
+        assert not self.thread.is_alive(), "the server did not stop"
+
+    def health(self) -> dict:
+        return httpx.get(self.url + "/health", timeout=10).json()
+
+    def wait_idle(self, timeout: float = 10) -> dict:
+        """Health once nothing runs or waits (the slots are free)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            h = self.health()
+            if h["running"] == 0 and h["waiting"] == 0 and h["inflight"] == 0:
+                return h
+            assert time.monotonic() < deadline, f"still busy: {h}"
+            time.sleep(0.02)
+
+    def wait_for(self, predicate, timeout: float = 10) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            h = self.health()
+            if predicate(h):
+                return h
+            assert time.monotonic() < deadline, f"health never matched: {h}"
+            time.sleep(0.02)
+
+
+class ScriptedEngine(Engine):
+    """The real engine's bookkeeping (slots, stop strings, eos, max tokens, streaming text), but every
+    request's output is `script` (tokenised, then end-of-text, repeating), one token per step, `delay`
+    seconds per step. Records the prompts it received. A random model never writes a tool call; this does."""
+
+    def __init__(self, model, tokenizer, script: str = "hello", delay: float = 0.0, **kw) -> None:
+        super().__init__(model, tokenizer, **kw)
+        self.delay = delay
+        self.fail_next = False  # make the next step raise, as an out-of-memory error would
+        self.prompts: list[list[int]] = []
+        self.script = script
+
+    @property
+    def script(self) -> str:
+        return self._script
+
+    @script.setter
+    def script(self, text: str) -> None:
+        self._script = text
+        self._ids = [*self.tokenizer(text, add_special_tokens=False)["input_ids"], min(self.eos_ids)]
+
+    def step(self):
+        if self.fail_next:
+            self.fail_next = False
+            raise RuntimeError("simulated failure")
+        events = []
+        while self.queue and len(self.active) < self.max_batch:
+            req = self.queue.popleft()
+            req.slot = len(self.active)
+            self.active.append(req)
+            self.prompts.append(req.prompt_ids)
+        ids = self._ids
+        for req in self.active:
+            if not req.finished:
+                self._append(req, ids[len(req.output_ids) % len(ids)], events)
+        self._release_finished()
+        if self.delay:
+            time.sleep(self.delay)
+        return events
+
+
+def scripted_app(model, tokenizer, *, script: str = "hello", delay: float = 0.0, max_batch: int = 4,
+                 max_queue: int = 8, queue_timeout: float = 10.0, **settings):
+    from loopcoder.serving.app import ServerSettings, create_app
+    from loopcoder.serving.scheduler import Scheduler
+
+    engine = ScriptedEngine(model, tokenizer, script, delay, max_batch=max_batch)
+    scheduler = Scheduler(engine, max_queue=max_queue, queue_timeout=queue_timeout)
+    settings.setdefault("model_name", "scripted")
+    return create_app(scheduler, tokenizer, ServerSettings(**settings)), scheduler, engine
+
+
+def sse_events(response: httpx.Response) -> list:
+    """The `data:` payloads of a server-sent event stream, JSON-decoded ('[DONE]' kept as is)."""
+    out = []
+    for line in response.iter_lines():
+        if line.startswith("data: "):
+            data = line[len("data: "):]
+            out.append(data if data == "[DONE]" else json.loads(data))
+    return out

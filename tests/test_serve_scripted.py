@@ -1,0 +1,272 @@
+"""The server with a scripted engine (real slot bookkeeping, fixed output, a set time per step): tool calls
+end to end, admission limits (429, queue timeout), disconnects freeing slots, graceful shutdown."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+from loopcoder.runtime import load_for_inference
+from test_serve_helpers import LiveServer, build_model_dir, scripted_app, sse_events
+
+CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "Weather forecast for a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+USER = [{"role": "user", "content": "Weather in Paris?"}]
+
+
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory):
+    model, tok = load_for_inference(str(build_model_dir(tmp_path_factory.mktemp("serve-model"))))
+    return model, tok
+
+
+@pytest.fixture(scope="module")
+def live(loaded):
+    """Two slots, one queue place, 1 s queue timeout, 10 ms per step."""
+    app, scheduler, engine = scripted_app(*loaded, delay=0.01, max_batch=2, max_queue=1, queue_timeout=1.0,
+                                          max_tokens=1000)
+    with LiveServer(app, scheduler) as server:
+        server.engine = engine
+        yield server
+
+
+@pytest.fixture
+def client(live):
+    return openai.OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0, timeout=30)
+
+
+def last_prompt(live) -> str:
+    return live.engine.tokenizer.decode(live.engine.prompts[-1])
+
+
+# ---------------------------------------------------------------------------------------------- tool calls
+def test_tools_reach_the_template_and_calls_come_back_as_tool_calls(live, client):
+    live.engine.script = "Let me look.\n" + CALL
+    r = client.chat.completions.create(model="scripted", messages=USER, tools=TOOLS)
+    prompt = last_prompt(live)
+    assert "<tools>" in prompt and json.dumps(TOOLS[0]) in prompt and prompt.endswith("<|im_start|>assistant\n")
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content == "Let me look."
+    [call] = choice.message.tool_calls
+    assert call.type == "function" and call.id.startswith("call_")
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
+
+    chunks = list(client.chat.completions.create(model="scripted", messages=USER, tools=TOOLS, stream=True))
+    content = "".join(c.choices[0].delta.content or "" for c in chunks)
+    calls = [tc for c in chunks for tc in c.choices[0].delta.tool_calls or []]
+    assert content == "Let me look."
+    assert [(tc.index, tc.function.name, json.loads(tc.function.arguments)) for tc in calls] == \
+        [(0, "get_weather", {"city": "Paris"})]
+    assert calls[0].id.startswith("call_") and chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_a_malformed_call_comes_back_as_text_not_dropped(client, live):
+    bad = '<tool_call>\n{"name": get_weather, "arguments": {}}\n</tool_call>'
+    live.engine.script = bad
+    r = client.chat.completions.create(model="scripted", messages=USER, tools=TOOLS)
+    assert r.choices[0].message.content == bad and r.choices[0].message.tool_calls is None
+    assert r.choices[0].finish_reason == "stop"
+    chunks = list(client.chat.completions.create(model="scripted", messages=USER, tools=TOOLS, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == bad
+    assert not any(c.choices[0].delta.tool_calls for c in chunks)
+
+
+def test_tool_choice_none_required_and_named(live, client):
+    live.engine.script = CALL
+    r = client.chat.completions.create(model="scripted", messages=USER, tools=TOOLS, tool_choice="none")
+    assert "<tools>" not in last_prompt(live)
+    assert r.choices[0].message.content == CALL and r.choices[0].finish_reason == "stop"  # not parsed
+
+    live.engine.script = '{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
+    r = client.chat.completions.create(model="scripted", messages=USER, tools=TOOLS, tool_choice="required")
+    assert last_prompt(live).endswith("<|im_start|>assistant\n<tool_call>\n")
+    assert json.loads(r.choices[0].message.tool_calls[0].function.arguments) == {"city": "Oslo"}
+
+    live.engine.script = '{"city": "Rome"}}\n</tool_call>'
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    r = client.chat.completions.create(model="scripted", messages=USER, tools=TOOLS, tool_choice=named)
+    assert last_prompt(live).endswith('<tool_call>\n{"name": "get_weather", "arguments": ')
+    [call] = r.choices[0].message.tool_calls
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Rome"}
+    chunks = list(client.chat.completions.create(model="scripted", messages=USER, tools=TOOLS, tool_choice=named,
+                                                 stream=True))
+    [call] = [tc for c in chunks for tc in c.choices[0].delta.tool_calls or []]
+    assert json.loads(call.function.arguments) == {"city": "Rome"}
+
+
+def test_a_tool_round_trip_renders_the_call_and_its_result(live, client):
+    live.engine.script = CALL
+    first = client.chat.completions.create(model="scripted", messages=USER, tools=TOOLS)
+    call = first.choices[0].message.tool_calls[0]
+    live.engine.script = "It is sunny."
+    messages = [*USER, first.choices[0].message,  # the client's own message object, sent back as is
+                {"role": "tool", "tool_call_id": call.id, "content": '{"sky": "clear"}'}]
+    r = client.chat.completions.create(model="scripted", messages=messages, tools=TOOLS)
+    prompt = last_prompt(live)
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>' in prompt
+    assert '<tool_response>\n{"sky": "clear"}\n</tool_response>' in prompt
+    assert r.choices[0].message.content == "It is sunny." and r.choices[0].finish_reason == "stop"
+
+
+# ---------------------------------------------------------------------------------------------- admission
+class Streamer(threading.Thread):
+    """A streaming completion read in the background until `stop()` (which drops the connection)."""
+
+    def __init__(self, url: str, **body) -> None:
+        super().__init__(daemon=True)
+        self.url, self.body = url, {"prompt": "x", "stream": True, **body}
+        self.events: list = []
+        self._stop_reading = threading.Event()
+
+    def run(self) -> None:
+        with httpx.Client(timeout=60) as h, h.stream("POST", self.url + "/v1/completions", json=self.body) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    data = line[6:]
+                    self.events.append(data if data == "[DONE]" else json.loads(data))
+                if self._stop_reading.is_set():
+                    return
+
+    def stop(self) -> None:
+        self._stop_reading.set()
+        self.join(30)
+
+
+def test_a_full_queue_gets_429_and_a_long_wait_503(live, client):
+    live.engine.script = "a b c d e f g h"
+    live.wait_idle()
+    long = [Streamer(live.url, max_tokens=400, ignore_eos=True) for _ in range(2)]
+    for s in long:
+        s.start()
+    live.wait_for(lambda h: h["running"] == 2)
+    waited: dict = {}
+
+    def queued() -> None:
+        start = time.monotonic()
+        waited["response"] = httpx.post(live.url + "/v1/completions", json={"prompt": "y", "max_tokens": 3},
+                                        timeout=30)
+        waited["seconds"] = time.monotonic() - start
+
+    t = threading.Thread(target=queued)
+    t.start()
+    live.wait_for(lambda h: h["waiting"] == 1)
+    with pytest.raises(openai.RateLimitError) as e:  # 2 running + 1 waiting: full
+        client.completions.create(model="scripted", prompt="z", max_tokens=3)
+    assert e.value.status_code == 429 and e.value.code == "queue_full"
+    t.join(30)
+    r = waited["response"]
+    assert r.status_code == 503 and r.json()["error"]["code"] == "queue_timeout"
+    assert 0.9 < waited["seconds"] < 5
+    for s in long:
+        s.stop()
+    h = live.wait_idle()
+    assert h["rejected"] >= 1 and h["timed_out"] >= 1
+
+
+def test_a_client_that_drops_mid_stream_frees_its_slot(live):
+    live.engine.script = "a b c d e f g h"
+    before = live.wait_idle()
+    s = Streamer(live.url, max_tokens=400, ignore_eos=True)
+    s.start()
+    live.wait_for(lambda h: h["running"] == 1)
+    while len(s.events) < 3:
+        time.sleep(0.01)
+    s.stop()
+    after = live.wait_idle(timeout=3)  # far sooner than the 400 steps (4 s) it would take to finish
+    assert after["cancelled"] == before["cancelled"] + 1 and after["completed"] == before["completed"]
+
+
+def test_a_client_that_gives_up_without_streaming_frees_its_slot(live):
+    live.engine.script = "a b c d e f g h"
+    before = live.wait_idle()
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(live.url + "/v1/completions", json={"prompt": "x", "max_tokens": 400, "ignore_eos": True},
+                   timeout=0.5)
+    after = live.wait_idle(timeout=3)
+    assert after["cancelled"] == before["cancelled"] + 1 and after["completed"] == before["completed"]
+
+
+def test_a_failed_engine_step_fails_its_requests_with_500_and_serving_goes_on(live, client):
+    live.engine.script = "fine"
+    before = live.wait_idle()
+    live.engine.fail_next = True
+    with pytest.raises(openai.InternalServerError) as e:
+        client.completions.create(model="scripted", prompt="x", max_tokens=5)
+    assert e.value.status_code == 500 and e.value.code == "internal_error" and "simulated" in e.value.message
+    assert client.completions.create(model="scripted", prompt="x", max_tokens=5).choices[0].text == "fine"
+    after = live.wait_idle()
+    assert after["failed"] == before["failed"] + 1 and after["engine_thread_alive"]
+
+
+# ---------------------------------------------------------------------------------------------- shutdown
+def test_shutdown_lets_in_flight_requests_finish_within_the_grace_period(loaded):
+    app, scheduler, _ = scripted_app(*loaded, script="one two three four five six seven eight", delay=0.03)
+    server = LiveServer(app, scheduler, grace=20).__enter__()
+    s = Streamer(server.url, max_tokens=100)
+    s.start()
+    server.wait_for(lambda h: h["running"] == 1)
+    stopper = threading.Thread(target=server.stop)
+    stopper.start()
+    deadline = time.monotonic() + 10
+    while scheduler.accepting and time.monotonic() < deadline:
+        time.sleep(0.01)
+    with pytest.raises(httpx.ConnectError):  # no longer listening
+        httpx.post(server.url + "/v1/completions", json={"prompt": "x"}, timeout=5)
+    stopper.join(30)
+    s.join(30)
+    assert s.events[-1] == "[DONE]" and s.events[-2]["choices"][0]["finish_reason"] == "stop"
+    assert "".join(e["choices"][0]["text"] for e in s.events[:-1]) == "one two three four five six seven eight"
+    assert scheduler.join(0) and scheduler.counters["completed"] == 1
+    assert scheduler.counters["aborted_at_shutdown"] == 0
+
+
+def test_shutdown_aborts_what_is_left_after_the_grace_period_and_closes_cleanly(loaded):
+    app, scheduler, _ = scripted_app(*loaded, script="a b c", delay=0.02)
+    server = LiveServer(app, scheduler, grace=0.3).__enter__()
+    s = Streamer(server.url, max_tokens=400, ignore_eos=True)  # about 8 s of work
+    s.start()
+    plain: dict = {}
+    t = threading.Thread(target=lambda: plain.update(r=httpx.post(
+        server.url + "/v1/completions", json={"prompt": "x", "max_tokens": 400, "ignore_eos": True}, timeout=30)))
+    t.start()
+    server.wait_for(lambda h: h["running"] == 2)
+    start = time.monotonic()
+    server.stop()
+    assert time.monotonic() - start < 5
+    s.join(10)
+    t.join(10)
+    assert s.events[-1] == "[DONE]" and s.events[-2]["error"]["code"] == "shutting_down"
+    assert plain["r"].status_code == 503 and plain["r"].json()["error"]["code"] == "shutting_down"
+    assert scheduler.join(0) and scheduler.counters["aborted_at_shutdown"] == 2
+
+
+def test_sse_wire_format(live):
+    live.engine.script = "hi there, a b c d"  # at 10 ms a step, tokens arrive one by one
+    with httpx.Client() as h, h.stream("POST", live.url + "/v1/chat/completions",
+                                       json={"messages": USER, "stream": True}) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        assert r.headers["cache-control"] == "no-cache"
+        events = sse_events(r)
+    assert events[-1] == "[DONE]"
+    assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert events[-2]["choices"][0]["finish_reason"] == "stop"
+    pieces = [e["choices"][0]["delta"].get("content") for e in events[1:-2]]
+    assert len(pieces) >= 5 and "".join(pieces) == "hi there, a b c d"
+
+
+def test_text_with_unicode_line_separators_stays_one_event_per_line(live):
+    """httpx (like str.splitlines) also breaks lines at U+0085, U+2028, U+2029: they must be escaped."""
+    text = "a\u2028b\u2029c\x85d\x1ce\r\nf\u00e9\U0001f40d"
+    live.engine.script = text
+    with httpx.Client() as h, h.stream("POST", live.url + "/v1/completions",
+                                       json={"prompt": "x", "stream": True, "max_tokens": 100}) as r:
+        events = sse_events(r)  # json.loads of every line: a split line would fail here
+    assert "".join(e["choices"][0]["text"] for e in events[:-1]) == text
