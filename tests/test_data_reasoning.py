@@ -158,3 +158,17 @@ def test_bad_arguments():
     with pytest.raises(LoopcoderError, match="must not be negative"):
         R.generate_examples(-1, 2)
     assert R.generate_examples(0, 2) == []
+
+
+def test_digits_family_is_one_digit_chains_verified_by_execution():
+    train = R.generate_examples(60, "1-6", seed=5, split="train", family="digits")
+    evals = R.generate_examples(30, "1-6", seed=5, split="eval", family="digits")
+    for ex in train + evals:
+        assert ex["answer"] in list("0123456789")
+        assert R.run_program(ex["program"]).strip() == ex["answer"]
+        body = [ln for ln in ex["program"].splitlines()[1:-1]]
+        assert len(body) == ex["steps"] and all("% 10" in ln for ln in body)
+    assert not {R.program_hash(e["program"]) for e in train} & {R.program_hash(e["program"]) for e in evals}
+    assert {e["split"] for e in evals} == {"eval"}
+    with pytest.raises(LoopcoderError, match="family"):
+        R.generate_examples(1, 1, family="strings")

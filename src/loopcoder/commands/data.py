@@ -54,6 +54,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--split", choices=["train", "eval"], default="train")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--distractors", type=int, default=0, help="assignments the answer does not depend on")
+    r.add_argument("--family", choices=["mixed", "digits"], default="mixed",
+                   help="mixed programs, or one-digit modular arithmetic chains")
     r.add_argument("--format", choices=["examples", "chat", "completion", "cruxeval"], default="examples",
                    help="examples: the raw records; chat: {messages} for SFT; completion/cruxeval: {text} "
                         "documents for pretraining mixes")
@@ -116,7 +118,7 @@ def _reasoning(args: argparse.Namespace) -> int:
     from loopcoder.data import reasoning
 
     examples = reasoning.generate_examples(args.n, args.steps, args.seed, args.split, args.distractors,
-                                           progress=True)
+                                           progress=True, family=args.family)
     lines = []
     for ex in examples:
         if args.format == "examples":

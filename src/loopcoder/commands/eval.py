@@ -35,6 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=384, help="HumanEval completion length")
     p.add_argument("--reasoning-n", type=int, default=50, help="held-out programs per difficulty")
     p.add_argument("--reasoning-steps", type=_ints, default=(1, 2, 3, 4, 5, 6), help="difficulties, e.g. 1-6")
+    p.add_argument("--reasoning-family", choices=["mixed", "digits"], default="mixed",
+                   help="mixed programs, or one-digit modular arithmetic chains (the cleanest depth probe)")
     p.add_argument("--reasoning-styles", default="", help="extra prompt formats, e.g. cruxeval")
     p.add_argument("--bpb-rows", type=int, default=None, help="limit bits per byte to the first N rows")
     p.add_argument("--workers", type=int, default=None, help="sandbox worker processes")
@@ -64,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
                             top_p=args.top_p, seed=args.seed, batch_size=args.batch_size,
                             humaneval_limit=args.humaneval_limit, humaneval_max_new_tokens=args.max_new_tokens,
                             reasoning_n=args.reasoning_n, reasoning_steps=tuple(args.reasoning_steps),
+                            reasoning_family=args.reasoning_family,
                             reasoning_styles=styles, bpb_rows=args.bpb_rows, workers=args.workers)
     results = evaluate(args.model, tasks, settings, args.out, data_dir=args.data,
                        allow_code_execution=args.allow_code_execution, fresh=args.fresh, device=args.device,

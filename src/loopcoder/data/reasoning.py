@@ -193,7 +193,23 @@ def _list_templates() -> list[Template]:
     return [transform, transform, transform, mutate, to_int, to_int, loop, to_str, call]
 
 
+def _digit_templates() -> list[Template]:
+    """The "digits" family: one-digit values, each step modular arithmetic on the previous one. Nothing
+    to learn but the chain itself, so small models trained for minutes can show what depth buys."""
+    def add(rng, u, v, _):
+        return [f"{v} = ({u} + {_rk(rng, 1, 9)}) % 10"], None
+
+    def mul(rng, u, v, _):
+        return [f"{v} = ({u} * {_rk(rng, 2, 9)}) % 10"], None
+
+    def rsub(rng, u, v, _):
+        return [f"{v} = ({_rk(rng, 1, 9)} - {u}) % 10"], None
+
+    return [add, add, mul, rsub]
+
+
 _TEMPLATES: dict[type, list[Template]] = {int: _int_templates(), str: _str_templates(), list: _list_templates()}
+FAMILIES: dict[str, dict[type, list[Template]]] = {"mixed": _TEMPLATES, "digits": {int: _digit_templates()}}
 
 
 def _in_bounds(val: Any) -> bool:
@@ -274,7 +290,7 @@ def _render(init_var: str, init_value: Any, helpers: list[list[str]], body: list
     return program, function
 
 
-def _one_program(rng: random.Random, steps: int, distractors: int) -> dict[str, Any] | None:
+def _one_program(rng: random.Random, steps: int, distractors: int, family: str = "mixed") -> dict[str, Any] | None:
     """One random chain of `steps` accepted steps, or None when no step fits (the caller draws again).
 
     `chain` in the result is what `_every_step_matters` needs; the caller checks it.
@@ -283,8 +299,10 @@ def _one_program(rng: random.Random, steps: int, distractors: int) -> dict[str, 
     rng.shuffle(names)
     helper_names = list(_HELPERS)
     rng.shuffle(helper_names)
-    kind = rng.choice([int, int, str, list])
-    if kind is int:
+    kind = rng.choice([int, int, str, list]) if family == "mixed" else int
+    if family == "digits":
+        init: Any = rng.randint(0, 9)
+    elif kind is int:
         init: Any = rng.randint(0, 20)
     elif kind is str:
         init = "".join(rng.choice(_LETTERS) for _ in range(rng.randint(3, 5)))
@@ -302,7 +320,7 @@ def _one_program(rng: random.Random, steps: int, distractors: int) -> dict[str, 
             val = env[cur]
             fresh = bool(names) and rng.random() < 0.8  # else the step reassigns the current variable
             v = names[-1] if fresh else cur
-            lines, helper, mutates = _draw(rng, cur, v, val)
+            lines, helper, mutates = _draw(rng, cur, v, val, family)
             if helper is not None:
                 if not helper_names:
                     continue
@@ -358,9 +376,10 @@ def _every_step_matters(x0: str, init: Any, helpers: list[list[str]], blocks: li
     return all(output([*blocks[:i], ablations[i], *blocks[i + 1:]]) != full for i in range(len(blocks)))
 
 
-def _draw(rng: random.Random, u: str, v: str, val: Any) -> tuple[list[str], list[str] | None, bool]:
+def _draw(rng: random.Random, u: str, v: str, val: Any, family: str = "mixed") -> tuple[list[str], list[str] | None,
+                                                                                     bool]:
     """A random step on `u`'s type: (lines, helper or None, whether it mutates `u` in place)."""
-    template = rng.choice(_TEMPLATES[type(val)])
+    template = rng.choice(FAMILIES[family][type(val)])
     lines, helper = template(rng, u, v, val)
     return lines, helper, getattr(template, "mutates", False)
 
@@ -386,8 +405,11 @@ def parse_steps(spec: str | int | Sequence[int]) -> list[int]:
 
 
 def generate_examples(n: int, steps: int | str | Sequence[int], seed: int = 0, split: str = "train",
-                      distractors: int = 0, progress: bool = False) -> list[dict[str, Any]]:
+                      distractors: int = 0, progress: bool = False, family: str = "mixed") -> list[dict[str, Any]]:
     """`n` distinct examples {id, program, answer, steps, ...} of the given split; deterministic in the seed.
+
+    `family` "mixed" (ints, strings, lists, conditionals, loops, helper functions) or "digits" (one-digit
+    modular arithmetic chains, the cleanest probe of depth for small models).
 
     `steps` is a count or several (each example draws one). Every answer comes from running the program.
     Each example also has `function`/`input`/`answer_repr`, the CRUXEval form (`f(input) == answer_repr`).
@@ -399,9 +421,12 @@ def generate_examples(n: int, steps: int | str | Sequence[int], seed: int = 0, s
         raise LoopcoderError(f"number of examples {n} must not be negative")
     if distractors < 0:
         raise LoopcoderError(f"distractors {distractors} must not be negative")
+    if family not in FAMILIES:
+        raise LoopcoderError(f"family {family!r}: expected one of {', '.join(FAMILIES)}")
     choices = parse_steps(steps)
     # The step counts are part of the seed: sets of different difficulty do not share program prefixes.
-    rng = random.Random(f"loopcoder-reasoning:{seed}:{split}:{choices}:{distractors}")
+    tag = "" if family == "mixed" else f":{family}"
+    rng = random.Random(f"loopcoder-reasoning:{seed}:{split}:{choices}:{distractors}{tag}")
     out: list[dict[str, Any]] = []
     seen: set[str] = set()
     attempts = 0
@@ -413,7 +438,7 @@ def generate_examples(n: int, steps: int | str | Sequence[int], seed: int = 0, s
             raise LoopcoderError(f"could only generate {len(out)} distinct {split} programs of {choices} steps")
         # The step count is drawn once per example and kept until a program succeeds: longer chains
         # are rejected more often, and redrawing would skew the mix towards short ones.
-        prog = _one_program(rng, k, distractors)
+        prog = _one_program(rng, k, distractors, family)
         if prog is None:
             continue
         h = program_hash(prog["program"])

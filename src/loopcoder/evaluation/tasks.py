@@ -36,6 +36,7 @@ class EvalSettings:
     reasoning_steps: tuple[int, ...] = (1, 2, 3, 4, 5, 6)
     reasoning_styles: tuple[str, ...] = ()  # extra styles beside the primary one, e.g. ("cruxeval",)
     reasoning_seed: int = 1234
+    reasoning_family: str = "mixed"  # "mixed" programs, or "digits": one-digit modular arithmetic chains
     reasoning_max_new_tokens: int = 24
     bpb_rows: int | None = None
     workers: int | None = None
@@ -128,7 +129,8 @@ def run_reasoning(engine: Engine, tokenizer: Any, s: EvalSettings, done: dict[st
             key = str(steps)
             if key in res["examples"]:
                 continue
-            examples = reasoning.generate_examples(s.reasoning_n, steps, seed=s.reasoning_seed, split="eval")
+            examples = reasoning.generate_examples(s.reasoning_n, steps, seed=s.reasoning_seed, split="eval",
+                                                   family=s.reasoning_family)
             prompts = [reasoning.format_prompt(ex, style) for ex in examples]
             stop = [] if style == "chat" else (["[/ANSWER]", "\n"] if style == "cruxeval" else ["\n"])
             params = [s.sampling(s.reasoning_max_new_tokens, stop, ids, 0, temperature=0.0) for _ in examples]
@@ -151,6 +153,7 @@ def run_reasoning(engine: Engine, tokenizer: Any, s: EvalSettings, done: dict[st
         res["overall"] = {"accuracy": k / len(all_rows) if all_rows else float("nan"), "correct": k,
                           "n": len(all_rows), "ci95": list(wilson_interval(k, len(all_rows)))}
     done["primary_style"] = s.prompt_style
+    done["family"] = s.reasoning_family
     return done
 
 
