@@ -15,12 +15,16 @@ import sys
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("loopcoder.commands.demo", "the main job on the embedded default (what `make demo` runs)"),
-    "diagnose": ("loopcoder.commands.diagnose", "per-loop diagnostics (spec section 3), report and loop-count advice"),
+    "diagnose": ("loopcoder.commands.diagnose", "per-loop diagnostics (spec 3), report, loop-count advice"),
     "init": ("loopcoder.commands.init", "write a randomly initialised PLT model directory"),
     "data": ("loopcoder.commands.data", "build tokenizer and packed shards; write instruction and reasoning sets"),
+    "eval": ("loopcoder.commands.eval", "HumanEval (sandboxed), code reasoning by difficulty, bits per byte"),
     "generate": ("loopcoder.commands.generate", "complete a prompt with the parallel-loop decode engine"),
     "serve": ("loopcoder.commands.serve", "OpenAI-compatible HTTP server: completions, chat, tool calls, streaming"),
     "bench": ("loopcoder.commands.bench", "benchmarks: decode (and train, serve)"),
+    "train": ("loopcoder.commands.train", "pretrain from scratch on packed shards (single process or torchrun)"),
+    "sft": ("loopcoder.commands.sft", "instruction-tune a checkpoint with the same engine and loss masks"),
+    "plan": ("loopcoder.commands.plan", "parameters, FLOPs/token, memory and the largest batch that fits"),
 }
 
 

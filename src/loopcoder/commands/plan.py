@@ -1,0 +1,136 @@
+"""`loopcoder plan`: parameters, FLOPs per token, memory and the largest micro-batch that fits.
+
+    loopcoder plan --preset 7b --memory 80GiB --gpus 8
+    loopcoder plan --config tiny model.loops=3 --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from loopcoder.errors import LoopcoderError
+
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(text: str) -> float:
+    """'80GiB', '141GB', '24e9' -> bytes."""
+    m = re.fullmatch(r"\s*([0-9.]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise LoopcoderError(f"--memory {text!r}: expected a size such as 80GiB, 141GB or 24e9")
+    return float(m.group(1)) * _UNITS[m.group(2).lower()]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default=None, help="a preset (tiny, small, 7b)")
+    p.add_argument("--config", default=None, help="a YAML config or preset name")
+    p.add_argument("--memory", default="80GiB", help="memory per GPU (default 80GiB)")
+    p.add_argument("--gpus", type=int, default=1, help="GPUs the model states are sharded over (FSDP)")
+    p.add_argument("--seq-len", type=int, default=None, help="sequence length (default: the config's)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. model.loops=3")
+
+
+def run(args: argparse.Namespace) -> int:
+    from loopcoder.training.config import load_config
+    from loopcoder.training.flops import plan
+    from loopcoder.training.run import model_config
+
+    if args.config and args.preset:
+        raise LoopcoderError("give --config or --preset, not both")
+    if args.gpus < 1:
+        raise LoopcoderError(f"--gpus {args.gpus} must be >= 1")
+    cfg = load_config(args.config or args.preset or "tiny", args.overrides)
+    vocab, seq_len, notes = _data_shape(cfg)
+    seq_len = args.seq_len or seq_len
+    if seq_len < 1:
+        raise LoopcoderError(f"--seq-len {seq_len} must be >= 1")
+    mc = model_config(cfg, vocab, seq_len)
+    memory = parse_bytes(args.memory)
+    report: dict[str, Any] = {"config": cfg.model.__dict__, "notes": notes}
+    for ck in (True, False):
+        report["checkpointing" if ck else "no_checkpointing"] = plan(
+            mc, seq_len, memory, args.gpus, checkpointing=ck,
+            reshard_after_forward=cfg.distributed.reshard_after_forward)
+    tokens = cfg.train.steps * cfg.train.global_batch_size * seq_len
+    report["run"] = {"steps": cfg.train.steps, "global_batch_size": cfg.train.global_batch_size, "tokens": tokens,
+                     "flops": tokens * report["checkpointing"]["flops_per_token"]["total"]}
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        print(format_plan(report, mc))
+    return 0
+
+
+def _data_shape(cfg: Any) -> tuple[int, int, list[str]]:
+    """(vocabulary, sequence length, notes) from the config, the data directory, or assumptions."""
+    notes = []
+    vocab, seq_len = cfg.model.vocab_size, cfg.data.seq_len
+    index_path = Path(cfg.data.dir) / "index.json" if cfg.data.dir else None
+    if (vocab is None or seq_len is None) and index_path is not None and index_path.is_file():
+        index = json.loads(index_path.read_text())
+        vocab = vocab or index["vocab_size"]
+        seq_len = seq_len or index["seq_len"]
+    if vocab is None:
+        vocab = 4096
+        notes.append("vocabulary assumed 4096 (set model.vocab_size or data.dir)")
+    if seq_len is None:
+        seq_len = 512
+        notes.append("sequence length assumed 512 (set data.seq_len or --seq-len)")
+    return vocab, seq_len, notes
+
+
+def _gib(x: float) -> str:
+    return f"{x / 2**30:,.2f} GiB"
+
+
+def _size(x: float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if x >= scale:
+            return f"{x / scale:,.2f} {unit}"
+    return f"{x:.0f} B"
+
+
+def format_plan(report: dict[str, Any], mc: Any) -> str:
+    ck, no = report["checkpointing"], report["no_checkpointing"]
+    p = ck["params"]
+    R, T = mc.plt_num_loops, ck["seq_len"]
+    f = ck["flops_per_token"]
+    kv = ck["kv_cache_bytes"]
+    act = ck["activation_bytes_per_token"]
+    sharding = f"model states sharded by FSDP over {ck['gpus']} GPUs" if ck["gpus"] > 1 else "one GPU"
+    lines = [
+        f"model       R={R} ({mc.loop_architecture}), {mc.num_hidden_layers} layers x {mc.hidden_size}, heads "
+        f"{mc.num_attention_heads}/{mc.num_key_value_heads} x {mc.head_dim}, MLP {mc.intermediate_size}, "
+        f"vocab {mc.vocab_size}, window {mc.window}, T={T}",
+        f"parameters  {p['total']:,} total; {p['non_embedding']:,} non-embedding; embedding {p['embedding']:,}, "
+        f"lm_head {p['lm_head']:,}",
+        f"FLOPs/token {f['total'] / 1e9:,.3f} GFLOP training (matmuls {f['matmul'] / 1e9:,.3f} + attention "
+        f"{f['attention'] / 1e9:,.3f}) = {f['total'] / ck['flops_per_token_r1']:.2f}x the R=1 model",
+        f"run         {report['run']['steps']:,} steps x {report['run']['global_batch_size']} x {T} = "
+        f"{report['run']['tokens']:,} tokens, {report['run']['flops']:.3e} FLOPs",
+        "",
+        f"memory per GPU ({_gib(ck['memory_bytes'])}, {sharding})",
+        f"  weights + grads + Adam (fp32, 16 B/param) / {ck['gpus']}   {_gib(ck['model_state_bytes_per_gpu'])}",
+        f"  gathered bf16 weights (FSDP)                 {_gib(ck['gathered_weight_bytes'])}",
+        f"  runtime overhead (assumed)                   {_gib(ck['overhead_bytes'])}",
+        f"  activations per token, no checkpointing      {act['no_checkpointing']['total'] / 2**10:,.1f} KiB",
+        f"  activations per token, per-layer checkpoints {act['checkpointing']['total'] / 2**10:,.1f} KiB",
+        f"  largest micro-batch (sequences of {T})       {ck['max_micro_batch']} with checkpointing, "
+        f"{no['max_micro_batch']} without",
+    ]
+    if ck["gpus"] > 1:
+        lines.append(f"  FSDP all-gathers per layer per step          {ck['fsdp_all_gathers_per_layer_per_step']} "
+                     f"({_gib(ck['fsdp_all_gather_bytes_per_step'])} received per GPU per step)")
+    lines += [
+        "",
+        f"KV cache at T={T} (bf16, per sequence): PLT {_size(kv['plt'])} (+{kv['plt'] / kv['r1'] - 1:.1%} over "
+        f"R=1), vanilla looped {_size(kv['vanilla'])} ({kv['vanilla'] / kv['r1']:.0f}x R=1)",
+    ]
+    lines += [f"note: {n}" for n in report["notes"]]
+    return "\n".join(lines)

@@ -1,0 +1,56 @@
+"""`loopcoder train`: pretrain from scratch on packed shards (docs/training.md).
+
+    loopcoder train --config tiny data.dir=data/stdlib model.loops=2 out=runs/r2
+    loopcoder train --config my.yaml --resume
+    torchrun --nproc_per_node 8 -m loopcoder train --config small
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from loopcoder.errors import LoopcoderError
+
+
+def add_arguments(p: argparse.ArgumentParser, stage: str = "pretrain") -> None:
+    p.add_argument("--config", default=None, metavar="FILE_OR_PRESET",
+                   help="a YAML config (may say `base: PRESET`) or a preset name (tiny, small, 7b)")
+    p.add_argument("--preset", default=None, metavar="NAME", help="the same as --config NAME")
+    if stage == "sft":
+        p.add_argument("--init", default=None, metavar="CHECKPOINT",
+                       help="the model to tune: a model directory or a pretraining run directory (its newest "
+                            "checkpoint)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest complete checkpoint in `out` (without --config: with the "
+                        "config saved there)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="dotted overrides, e.g. optim.lr=3e-4 model.loops=2 out=runs/x (unknown keys are errors)")
+
+
+def run(args: argparse.Namespace) -> int:
+    return run_stage(args, "pretrain")
+
+
+def run_stage(args: argparse.Namespace, stage: str) -> int:
+    from loopcoder.training.config import load_config, parse_override
+    from loopcoder.training.run import train
+
+    if args.config and args.preset:
+        raise LoopcoderError("give --config or --preset, not both")
+    source = args.config or args.preset
+    if source is None and args.resume:  # continue a run with the config it saved
+        out = dict(parse_override(o) for o in args.overrides).get("out")
+        saved = Path(str(out)) / "config.yaml" if out else None
+        if saved is None or not saved.is_file():
+            raise LoopcoderError("--resume without --config needs out=RUN_DIR of a run that saved config.yaml")
+        source = str(saved)
+    extra = {"init": args.init} if getattr(args, "init", None) else {}
+    cfg = load_config(source, args.overrides, stage=stage, extra=extra)
+    if args.print_config:
+        sys.stdout.write(cfg.to_yaml())
+        return 0
+    train(cfg, resume=args.resume)
+    return 0

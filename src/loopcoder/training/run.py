@@ -1,0 +1,204 @@
+"""Entry points: `pretrain(config)` and `sft(config, init)` (both `train(config)` underneath).
+
+The two stages differ only in where batches come from (`data.pretrain_source`: packed shards;
+`data.sft_source`: chat JSONL with loss masks) and where the weights start (a seeded random init;
+the `--init` checkpoint). Both work in one process or under torchrun.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from loopcoder.checkpoint import atomic_write_text
+from loopcoder.config import PLTConfig
+from loopcoder.errors import LoopcoderError
+from loopcoder.training import checkpoints as ckpt
+from loopcoder.training import distributed as D
+from loopcoder.training.config import TrainConfig, load_config, parse_override, set_key
+from loopcoder.training.data import BatchSource, pretrain_source, sft_source
+from loopcoder.training.flops import param_counts
+from loopcoder.training.trainer import Trainer, TrainResult, seed_everything
+
+# Keys a resumed run must share with its checkpoint (others, e.g. train.steps or eval.every, may change).
+RESUME_FIXED = ("stage", "seed", "model", "data", "train.global_batch_size")
+
+
+def model_config(cfg: TrainConfig, vocab_size: int, seq_len: int) -> PLTConfig:
+    """The `PLTConfig` of `cfg.model` (short names -> released field names)."""
+    from loopcoder.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
+
+    m = cfg.model
+    heads = m.heads
+    inter = m.intermediate_size or -(-int(8 * m.hidden_size / 3) // 32) * 32
+    vocab = m.vocab_size or -(-vocab_size // 64) * 64
+    if vocab < vocab_size:
+        raise LoopcoderError(f"model.vocab_size={vocab} is smaller than the tokenizer's {vocab_size}")
+    return PLTConfig(vocab_size=vocab, hidden_size=m.hidden_size, intermediate_size=inter,
+                     num_hidden_layers=m.layers, num_attention_heads=heads, num_key_value_heads=m.kv_heads or heads,
+                     head_dim=m.head_dim or m.hidden_size // heads,
+                     max_position_embeddings=m.max_position_embeddings or max(seq_len, 4096),
+                     rope_theta=m.rope_theta, initializer_range=m.init_std, tie_word_embeddings=m.tie_embeddings,
+                     plt_num_loops=m.loops, plt_window_size=[m.window, 0], plt_emb_scale=m.emb_scale,
+                     plt_hidden_scale=m.hidden_scale, plt_normalize_per_loop=m.normalize_per_loop,
+                     plt_gate_use_hidden_states=m.gate_from_hidden, loop_architecture=m.architecture,
+                     pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID)
+
+
+def _load_weights(path: Path) -> Any:
+    from loopcoder.checkpoint import load_model
+
+    return load_model(path, dtype=torch.float32).train()
+
+
+def _check_resumable(saved: dict[str, Any], cfg: TrainConfig) -> None:
+    now = cfg.to_dict()
+    for key in RESUME_FIXED:
+        a, b = saved, now
+        for part in key.split("."):
+            a, b = a.get(part), b.get(part)
+        if a != b:
+            if isinstance(a, dict) and isinstance(b, dict):
+                diff = next(k for k in sorted({*a, *b}) if a.get(k) != b.get(k))
+                key, a, b = f"{key}.{diff}", a.get(diff), b.get(diff)
+            raise LoopcoderError(f"cannot resume: {key} is {a!r} in the checkpoint and {b!r} now")
+
+
+def _say(env: D.DistEnv, cfg: TrainConfig, text: str) -> None:
+    if env.is_main and cfg.logging.progress != "off":
+        print(text, file=sys.stderr, flush=True)
+
+
+def _start_point(cfg: TrainConfig, env: D.DistEnv, resume: bool) -> Path | None:
+    """The checkpoint to resume from (decided on rank 0, the same everywhere)."""
+    decision: tuple[str, str | None] = ("ok", None)
+    if env.is_main:
+        run_dir = Path(cfg.out)
+        ckpt.remove_partial(run_dir)
+        latest = ckpt.latest_checkpoint(run_dir)
+        if latest is not None and not resume:
+            decision = ("error", f"{run_dir} already has checkpoints (latest {latest.name}): pass --resume to "
+                                 "continue that run, or choose another out=DIR")
+        elif latest is not None:
+            decision = ("ok", str(latest))
+    kind, value = D.broadcast_object(decision, env)
+    if kind == "error":
+        raise LoopcoderError(value)
+    return Path(value) if value else None
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
+    """Run (or, with `resume`, continue from the newest checkpoint in `cfg.out`) one training stage."""
+    from loopcoder.cli import quiet_libraries
+
+    cfg.validate()
+    quiet_libraries()  # transformers' per-save progress bars are noise in a training log
+    env = D.setup(cfg)
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    try:
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        if cfg.train.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
+        start = _start_point(cfg, env, resume)
+        state = ckpt.load_state(start) if start is not None else None
+        if state is not None:
+            _check_resumable(state["config"], cfg)
+        init_dir = None
+        if cfg.stage == "sft":  # a resumed SFT run starts from its own checkpoint, the init may be gone
+            init_dir = start if start is not None else ckpt.resolve_model_dir(cfg.init)
+        source = pretrain_source(cfg) if cfg.stage == "pretrain" else sft_source(cfg, init_dir)
+        seed_everything(cfg.seed)
+        if start is not None or init_dir is not None:
+            model = _load_weights(start or init_dir)
+        else:
+            from loopcoder.model import PLTForCausalLM
+
+            model = PLTForCausalLM(model_config(cfg, source.vocab_size, source.seq_len))
+        if model.config.vocab_size < source.vocab_size:
+            raise LoopcoderError(f"the model's vocabulary ({model.config.vocab_size}) is smaller than the "
+                                 f"tokenizer's ({source.vocab_size})")
+        run_dir = Path(cfg.out)
+        if env.is_main:
+            atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
+        _say(env, cfg, _header(cfg, env, model.config, source, start))
+        trainer = Trainer(cfg, model, source, env, state, run_dir)
+        result = trainer.fit()
+        if env.is_main:
+            _write_summary(cfg, env, result, model.config)
+        return result
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
+        D.teardown(env)
+
+
+def _write_summary(cfg: TrainConfig, env: D.DistEnv, result: TrainResult, mc: PLTConfig) -> None:
+    summary = {"stage": cfg.stage, "step": result.step, "final_checkpoint": str(result.final_checkpoint),
+               "train_loss": result.train_loss, "val_loss": result.val_loss, "val_bpb": result.val_bpb,
+               "tokens": result.tokens, "train_s": round(result.train_s, 2), "loops": mc.plt_num_loops,
+               "params": param_counts(mc).total, "world_size": env.world_size}
+    atomic_write_text(Path(cfg.out) / "summary.json", json.dumps(summary, indent=1) + "\n")
+    _say(env, cfg, f"done: step {result.step}, train loss {_fmt(result.train_loss)}, val loss "
+                   f"{_fmt(result.val_loss)}, {_fmt(result.val_bpb)} bits/byte, {result.train_s:.0f} s; "
+                   f"final checkpoint {result.final_checkpoint}")
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4f}"
+
+
+def _header(cfg: TrainConfig, env: D.DistEnv, mc: PLTConfig, source: BatchSource, start: Path | None) -> str:
+    p = param_counts(mc)
+    micro, accum = cfg.accumulation(env.world_size)
+    strategy = D.strategy(cfg, env)
+    precision = "bf16" if cfg.train.precision == "bf16" or (cfg.train.precision == "auto"
+                                                            and env.device.type == "cuda") else "fp32"
+    where = f"resuming from {start}" if start else (f"from {cfg.init}" if cfg.stage == "sft" else "from scratch")
+    return (f"{cfg.stage} {where} -> {cfg.out}\n"
+            f"model: R={mc.plt_num_loops} ({mc.loop_architecture}), {mc.num_hidden_layers} layers x "
+            f"{mc.hidden_size}, {p.total / 1e6:.2f}M parameters ({p.non_embedding / 1e6:.2f}M non-embedding), "
+            f"vocab {mc.vocab_size}\n"
+            f"batch: {cfg.train.global_batch_size} x {source.seq_len} tokens per step = {micro} per rank x {accum} "
+            f"micro-steps x {env.world_size} rank(s); {cfg.train.steps} steps\n"
+            f"device: {env.device}, {precision}, {strategy if strategy != 'none' else 'single process'}"
+            f"{', activation checkpointing' if cfg.train.activation_checkpointing else ''}"
+            f"{', compiled' if cfg.train.compile else ''}")
+
+
+def prepare(config: TrainConfig | str | dict[str, Any] | None, overrides: list[str] | dict[str, Any] | None,
+            stage: str, init: str | os.PathLike | None = None) -> TrainConfig:
+    """A validated config for `stage` from a `TrainConfig` (copied), a preset name, a YAML path or a mapping."""
+    if isinstance(config, TrainConfig):
+        cfg = copy.deepcopy(config)
+        cfg.stage = stage
+        items = overrides.items() if isinstance(overrides, dict) else map(parse_override, overrides or [])
+        for key, value in items:
+            set_key(cfg, key, value)
+    else:
+        extra = {} if init is None else {"init": str(init)}
+        cfg = load_config(config, overrides, stage=stage, extra=extra)
+    if init is not None:
+        cfg.init = str(init)
+    return cfg.validate()
+
+
+def pretrain(config: TrainConfig | str | dict[str, Any] | None = None,
+             overrides: list[str] | dict[str, Any] | None = None, resume: bool = False) -> TrainResult:
+    """Pretrain from scratch on packed shards. `config`: a `TrainConfig`, a preset name, a YAML path or a
+    mapping of sections; `overrides`: ["model.loops=2", ...] or {"model.loops": 2}."""
+    return train(prepare(config, overrides, "pretrain"), resume)
+
+
+def sft(config: TrainConfig | str | dict[str, Any] | None = None, init: str | os.PathLike | None = None,
+        overrides: list[str] | dict[str, Any] | None = None, resume: bool = False) -> TrainResult:
+    """Instruction-tune `init` (a model directory, or a run directory: its newest checkpoint) with the
+    same engine; only assistant tokens carry loss. A preset's `sft:` block applies."""
+    return train(prepare(config, overrides, "sft", init), resume)
