@@ -96,8 +96,8 @@ class Engine:
         self.plt = not cfg.is_vanilla
         eos = cfg.eos_token_id if isinstance(cfg.eos_token_id, list) else [cfg.eos_token_id]
         self.eos_ids = {e for e in eos if e is not None}
-        if fuse:
-            model.model.fuse_projections()
+        if fuse:  # fused projections, oneDNN-prepacked on CPU: all loop rows for the price of ~one
+            model.prepare_for_inference(pack=not compile)  # inductor prepacks weights itself
         # compiled steps and CUDA graphs want one shape: every slot, the full cache length
         self.static_shapes = static_shapes or cuda_graphs or compile
         if cuda_graphs and self.device.type != "cuda":
@@ -252,7 +252,7 @@ class Engine:
                 outs.append(x)
             h = torch.cat(outs, 1)
         c.lengths[:n] += live.to(c.lengths.dtype)
-        return self.model.lm_head(model.norm(h[:, R - 1]))
+        return self.model.logits(h[:, R - 1])
 
     def _layers(self, x: torch.Tensor, loops: range, ctx: _StepContext) -> torch.Tensor:
         """Rows x (n, len(loops), hidden) of loops `loops` of the new tokens through every layer."""

@@ -37,6 +37,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from loopcoder.cache import PLTCache
 from loopcoder.config import PLTConfig
+from loopcoder.fastlinear import FastLinear, active, can_pack
 
 
 class KV(NamedTuple):
@@ -133,31 +134,18 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(d, m, bias=bias)
         self.down_proj = nn.Linear(m, d, bias=bias)
 
-    gate_up_weight = gate_up_bias = None
+    fast_gate_up: FastLinear | None = None
+    fast_down: FastLinear | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gate_up_weight is not None:
-            gate, up = F.linear(x, self.gate_up_weight, self.gate_up_bias).chunk(2, -1)
-        else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(F.silu(gate) * up)
+        if active(self.fast_gate_up):  # decoding: one fused (and on CPU prepacked) matmul, see fastlinear.py
+            gate, up = self.fast_gate_up.split(x)
+            return self.fast_down(F.silu(gate) * up)
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
-    def fuse(self) -> None:
-        """Store gate/up weights in one tensor (the parameters become views of it), for decoding."""
-        self.gate_up_weight = _fuse_params([self.gate_proj.weight, self.up_proj.weight])
-        if self.gate_proj.bias is not None:
-            self.gate_up_bias = _fuse_params([self.gate_proj.bias, self.up_proj.bias])
-
-
-def _fuse_params(params: list[nn.Parameter]) -> torch.Tensor:
-    """Concatenate parameters into one tensor and make each parameter a view of its rows, so the
-    fused and unfused paths share memory and stay equal."""
-    fused = torch.cat([p.detach() for p in params])
-    start = 0
-    for p in params:
-        p.data = fused[start:start + p.shape[0]]
-        start += p.shape[0]
-    return fused
+    def prepare_for_inference(self, pack: bool) -> None:
+        self.fast_gate_up = FastLinear([self.gate_proj, self.up_proj], pack)
+        self.fast_down = FastLinear([self.down_proj], pack)
 
 
 class PLTGate(nn.Module):
@@ -210,8 +198,8 @@ class PLTAttention(nn.Module):
     def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple:
         """q (B, H, S, hd) and K/V (B, kv_heads, S, hd) of normalised input x (B, S, hidden), after RoPE."""
         b, s, _ = x.shape
-        if self.qkv_weight is not None:  # one matmul instead of three (inference, see `fuse`)
-            q, k, v = F.linear(x, self.qkv_weight, self.qkv_bias).split(self.qkv_sizes, -1)
+        if active(self.fast_qkv):  # decoding: one fused (and on CPU prepacked) matmul, see fastlinear.py
+            q, k, v = self.fast_qkv.split(x)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = q.view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
@@ -219,14 +207,12 @@ class PLTAttention(nn.Module):
         v = v.view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
         return apply_rope(q, cos, sin), KV(apply_rope(k, cos, sin), v)
 
-    qkv_weight = qkv_bias = None
+    fast_qkv: FastLinear | None = None
+    fast_o: FastLinear | None = None
 
-    def fuse(self) -> None:
-        """Store q/k/v weights in one tensor (the parameters become views of it), for decoding."""
-        mods = (self.q_proj, self.k_proj, self.v_proj)
-        self.qkv_sizes = [m.out_features for m in mods]
-        self.qkv_weight = _fuse_params([m.weight for m in mods])
-        self.qkv_bias = _fuse_params([m.bias for m in mods]) if self.q_proj.bias is not None else None
+    def prepare_for_inference(self, pack: bool) -> None:
+        self.fast_qkv = FastLinear([self.q_proj, self.k_proj, self.v_proj], pack)
+        self.fast_o = FastLinear([self.o_proj], pack)
 
     def mix(self, x: torch.Tensor, q: torch.Tensor, y_global: torch.Tensor, y_local: torch.Tensor) -> tuple:
         """G-SWA's gated sum of the two branches; returns (y, g)."""
@@ -236,7 +222,8 @@ class PLTAttention(nn.Module):
     def output(self, y: torch.Tensor) -> torch.Tensor:
         """(B, H, S, hd) -> o_proj -> (B, S, hidden)."""
         b, _, s, _ = y.shape
-        return self.o_proj(y.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim))
+        y = y.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim)
+        return self.fast_o(y) if active(self.fast_o) else self.o_proj(y)
 
     def forward(self, x: torch.Tensor, xn: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, loop: int,
                 past: KV | None, shared: KV | None, masks: Masks) -> tuple:
@@ -420,12 +407,12 @@ class PLTModel(PLTPreTrainedModel):
             window = position_mask(positions, kpos_local, w)
         return Masks(causal, window)
 
-    def fuse_projections(self) -> None:
-        """Fused q/k/v and gate/up matmuls for inference. Call after moving the model to its device."""
+    def prepare_for_inference(self, pack: bool = True) -> None:
+        """Fused q/k/v and gate/up matmuls, oneDNN-prepacked weights on CPU (`fastlinear.py`), used
+        whenever gradients are off. Call once the model is on its device with its final weights."""
         for layer in self.layers:
-            if layer.self_attn.qkv_weight is None:
-                layer.self_attn.fuse()
-                layer.mlp.fuse()
+            layer.self_attn.prepare_for_inference(pack)
+            layer.mlp.prepare_for_inference(pack)
 
     @contextmanager
     def probed(self, probe: Any) -> Iterator[Any]:
@@ -472,12 +459,25 @@ class PLTForCausalLM(PLTPreTrainedModel, GenerationMixin):
             h = h[:, -logits_to_keep:]
         elif isinstance(logits_to_keep, torch.Tensor):
             h = h[:, logits_to_keep]
-        logits = self.lm_head(self.model.norm(h))
+        logits = self.logits(h)
         loss = None
         if labels is not None:
             loss = causal_lm_loss(logits, labels)
         return PLTCausalLMOutput(loss=loss, logits=logits, cache=out.cache,
                                  loop_hidden_states=out.loop_hidden_states)
+
+    fast_head: FastLinear | None = None
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """lm_head(N(h)) of final hidden states h (the last loop's output)."""
+        h = self.model.norm(h)
+        return self.fast_head(h) if active(self.fast_head) else self.lm_head(h)
+
+    def prepare_for_inference(self, pack: bool = True) -> None:
+        """Fused and (on CPU) prepacked matmuls for decoding; see `fastlinear.py`."""
+        if self.fast_head is None or (self.fast_head.packed is not None) != (pack and can_pack(self.lm_head.weight)):
+            self.model.prepare_for_inference(pack)
+            self.fast_head = FastLinear([self.lm_head], pack)
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args, **kwargs) -> None:
         """`generate` gets a PLT cache (transformers would otherwise make a DynamicCache)."""
