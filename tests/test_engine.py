@@ -73,7 +73,7 @@ def test_single_pass_and_sequential_modes_give_identical_logits(loops):
     tokens = torch.tensor([5, 7, 9, 11])
     for _ in range(6):  # feed both the same tokens, compare every step's logits
         a, b = (e.decode_step(tokens, 4) for e in engines)
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=5e-5)  # fp32: same math, different row batching
         tokens = a.argmax(-1)
 
 

@@ -287,8 +287,7 @@ class Engine:
             q_local = q[:, :, first:].transpose(1, 2).flatten(0, 1).unsqueeze(2)  # (n*m, H, 1, hd)
             y_local = attend(q_local, KV(rk, rv), local_mask)
             y_local = y_local.view(n, m, attn.num_heads, -1).transpose(1, 2)
-            mixed, _ = attn.mix(x[:, first:], q[:, :, first:], y[:, :, first:], y_local)
-            y = torch.cat([y[:, :, :first], mixed], 2) if first else mixed
+            y[:, :, first:] = attn.mix(x[:, first:], q[:, :, first:], y[:, :, first:], y_local)[0]
         x = x + attn.output(y)
         return x + layer.mlp(layer.post_attention_layernorm(x))
 

@@ -28,19 +28,22 @@ from loopcoder.config import PLTConfig
 
 @dataclass
 class DecodeBenchSettings:
+    # The released 7B's proportions scaled to hidden 1024: 14 layers, MLP 5.4x, head_dim 128, 4:1 GQA,
+    # vocabulary 15x hidden (so lm_head is a realistic share of the weights read per step).
     hidden_size: int = 1024
-    num_layers: int = 8
-    num_heads: int = 16
-    num_kv_heads: int = 4
-    head_dim: int = 64
-    intermediate_size: int = 2816
-    vocab_size: int = 32000
+    num_layers: int = 14
+    num_heads: int = 8
+    num_kv_heads: int = 2
+    head_dim: int = 128
+    intermediate_size: int = 5504
+    vocab_size: int = 15360
     window: int = 64
     loops: tuple[int, ...] = (2, 3, 4)
     batches: tuple[int, ...] = (1, 32)
     contexts: tuple[int, ...] = (512, 2048)
-    steps: int = 10
-    warmup: int = 3
+    steps: int = 6  # timed steps per configuration and round
+    rounds: int = 3  # the configurations compared take turns this many times (drift hits all alike)
+    warmup: int = 2
     device: str = "cpu"
     dtype: str = "float32"
     include_transformers: bool = True
@@ -114,73 +117,96 @@ def _fill(engine: Any, batch: int, context: int, gen: torch.Generator) -> None:
     c = engine.cache
     for t in (c.k, c.v, c.rk, c.rv, c.states):
         if t.numel():
-            t.copy_(torch.randn(t.shape, generator=gen, dtype=torch.float32).to(t.dtype))
+            t.normal_(generator=gen if t.device.type == "cpu" else None)  # in place: caches can be GBs
     w1 = c.ring_pos.shape[1]
     pos = torch.arange(context - w1, context, device=c.ring_pos.device)
     c.ring_pos[:batch, pos % w1] = pos
     c.lengths[:batch] = context
 
 
-def time_engine(model: Any, mode: str, batch: int, context: int, s: DecodeBenchSettings) -> dict[str, Any]:
-    from loopcoder.engine import Engine
+class EngineTimer:
+    """One engine with its cache filled to `context` for `batch` sequences, timed a few steps at a time."""
 
-    device = next(model.parameters()).device
-    engine = Engine(model, max_batch=batch, max_seq_len=context + s.warmup + s.steps + 2, mode=mode,
-                    cuda_graphs=s.cuda_graphs and device.type == "cuda")
-    _fill(engine, batch, context, torch.Generator().manual_seed(s.seed))
-    tokens = torch.randint(0, model.config.vocab_size, (batch,), device=device)
-    times = []
-    with torch.inference_mode():
-        for i in range(s.warmup + s.steps):
-            _sync(device)
+    def __init__(self, model: Any, mode: str, batch: int, context: int, s: DecodeBenchSettings,
+                 share: EngineTimer | None = None) -> None:
+        from loopcoder.engine import Engine
+
+        self.device = next(model.parameters()).device
+        self.batch, self.mode = batch, mode
+        if share is not None:  # another mode of the same model: same engine and cache, switched per run
+            self.engine = share.engine
+        else:
+            steps = s.warmup + 2 * (s.rounds * s.steps + s.warmup) + 2
+            self.engine = Engine(model, max_batch=batch, max_seq_len=context + steps, mode=mode,
+                                 cuda_graphs=s.cuda_graphs and self.device.type == "cuda")
+            _fill(self.engine, batch, context, torch.Generator().manual_seed(s.seed))
+        self.tokens = torch.randint(0, model.config.vocab_size, (batch,), device=self.device)
+        self.times: list[float] = []
+        self.run(s.warmup, keep=False)
+        self.kv_bytes = model.config.kv_cache_bytes(context, batch, dtype_bytes=next(model.parameters()).element_size())
+
+    @torch.inference_mode()
+    def run(self, steps: int, keep: bool = True) -> None:
+        self.engine.mode = self.mode
+        for _ in range(steps):
+            _sync(self.device)
             t0 = time.perf_counter()
-            logits = engine.decode_step(tokens, batch)
-            tokens = logits.argmax(-1)
-            _sync(device)
-            if i >= s.warmup:
-                times.append(time.perf_counter() - t0)
-    live_kv = model.config.kv_cache_bytes(context, batch, dtype_bytes=next(model.parameters()).element_size())
-    return {"latency_s": statistics.median(times), "kv_bytes": live_kv, "kv_allocated_bytes": engine.kv_bytes()}
+            self.tokens = self.engine.decode_step(self.tokens, self.batch).argmax(-1)
+            _sync(self.device)
+            if keep:
+                self.times.append(time.perf_counter() - t0)
+
+    def result(self) -> dict[str, Any]:
+        return {"latency_s": statistics.median(self.times), "latency_min_s": min(self.times),
+                "steps_timed": len(self.times), "kv_bytes": self.kv_bytes,
+                "kv_allocated_bytes": self.engine.kv_bytes()}
 
 
-def time_transformers(s: DecodeBenchSettings, batch: int, context: int, device: torch.device,
-                      dtype: torch.dtype) -> dict[str, Any]:
-    """`LlamaForCausalLM.generate` at the R = 1 shape, per-token latency from a logits processor's clock."""
-    from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, LogitsProcessor, LogitsProcessorList
+class TransformersTimer:
+    """`LlamaForCausalLM.generate` at the R = 1 shape from a cache prefilled with random K/V; per-token
+    latency read off a logits processor's clock (one `generate` call per round)."""
 
-    cfg = LlamaConfig(vocab_size=s.vocab_size, hidden_size=s.hidden_size, intermediate_size=s.intermediate_size,
-                      num_hidden_layers=s.num_layers, num_attention_heads=s.num_heads,
-                      num_key_value_heads=s.num_kv_heads, head_dim=s.head_dim,
-                      max_position_embeddings=max(s.contexts) + 64)
-    torch.manual_seed(s.seed)
-    with torch.device(device):
-        model = LlamaForCausalLM(cfg).to(dtype=dtype).eval()
-    gen = torch.Generator().manual_seed(s.seed)
-    cache = DynamicCache(config=cfg)
-    for layer in range(s.num_layers):
+    def __init__(self, model: Any, s: DecodeBenchSettings, batch: int, context: int) -> None:
+        from transformers import DynamicCache
+
+        self.model, self.s, self.batch, self.context = model, s, batch, context
+        self.device = next(model.parameters()).device
+        dtype = next(model.parameters()).dtype
+        gen = torch.Generator().manual_seed(s.seed)
+        self.cache = DynamicCache(config=model.config)
         shape = (batch, s.num_kv_heads, context, s.head_dim)
-        cache.update(torch.randn(shape, generator=gen).to(device, dtype), torch.randn(shape, generator=gen).to(
-            device, dtype), layer)
+        for layer in range(s.num_layers):
+            k, v = (torch.randn(shape, generator=gen).to(self.device, dtype) for _ in range(2))
+            self.cache.update(k, v, layer)
+        self.times: list[float] = []
+        self.kv_bytes = s.model_config(1).kv_cache_bytes(context, batch, torch.tensor([], dtype=dtype).element_size())
+        self.run(s.warmup, keep=False)
 
-    stamps: list[float] = []
+    @torch.inference_mode()
+    def run(self, steps: int, keep: bool = True) -> None:
+        from transformers import LogitsProcessor, LogitsProcessorList
 
-    class Clock(LogitsProcessor):
-        def __call__(self, input_ids, scores):
-            _sync(device)
-            stamps.append(time.perf_counter())
-            return scores
+        stamps: list[float] = []
+        device = self.device
 
-    ids = torch.randint(0, s.vocab_size, (batch, context + 1), device=device)
-    n = s.warmup + s.steps + 1
-    with torch.inference_mode():
-        model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=n,
-                       min_new_tokens=n, do_sample=False, logits_processor=LogitsProcessorList([Clock()]),
-                       pad_token_id=0)
-    diffs = [b - a for a, b in itertools.pairwise(stamps)][s.warmup:]
-    del model, cache
-    dtype_bytes = torch.tensor([], dtype=dtype).element_size()
-    return {"latency_s": statistics.median(diffs), "kv_bytes": s.model_config(1).kv_cache_bytes(context, batch,
-                                                                                                dtype_bytes)}
+        class Clock(LogitsProcessor):
+            def __call__(self, input_ids, scores):
+                _sync(device)
+                stamps.append(time.perf_counter())
+                return scores
+
+        length = self.cache.get_seq_length()
+        ids = torch.randint(0, self.s.vocab_size, (self.batch, length + 1), device=device)
+        self.model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=self.cache,
+                            max_new_tokens=steps + 1, min_new_tokens=steps + 1, do_sample=False,
+                            logits_processor=LogitsProcessorList([Clock()]), pad_token_id=0)
+        self.cache.crop(length - self.cache.get_seq_length())  # back to the context length for the next round
+        if keep:
+            self.times += [b - a for a, b in itertools.pairwise(stamps)]
+
+    def result(self) -> dict[str, Any]:
+        return {"latency_s": statistics.median(self.times), "latency_min_s": min(self.times),
+                "steps_timed": len(self.times), "kv_bytes": self.kv_bytes}
 
 
 def configurations(s: DecodeBenchSettings) -> list[tuple[str, str, int, str]]:
@@ -193,6 +219,9 @@ def configurations(s: DecodeBenchSettings) -> list[tuple[str, str, int, str]]:
 
 
 def run_decode_bench(s: DecodeBenchSettings, log: Any = sys.stderr) -> dict[str, Any]:
+    """Every configuration at every (batch, context). Configurations that are compared take turns in
+    `rounds` (R = 1, PLT-R single-pass, PLT-R sequential, vanilla-R; R = 1 and transformers), so slow
+    drift of a shared machine affects both sides of each ratio alike."""
     from loopcoder.model import PLTForCausalLM
     from loopcoder.runtime import pick_device, pick_dtype
 
@@ -200,53 +229,101 @@ def run_decode_bench(s: DecodeBenchSettings, log: Any = sys.stderr) -> dict[str,
     dtype = pick_dtype(s.dtype, device)
     dtype_bytes = torch.tensor([], dtype=dtype).element_size()
     machine = measure_machine(device, dtype)
-    results: list[dict[str, Any]] = []
-    configs = configurations(s)
-    total = len(configs) * len(s.batches) * len(s.contexts) + (
-        len(s.batches) * len(s.contexts) if s.include_transformers else 0)
+    groups = len(s.loops) * len(s.batches) * len(s.contexts) + (len(s.batches) * len(s.contexts)
+                                                                 if s.include_transformers else 0)
     done, start = 0, time.perf_counter()
 
-    def progress(name: str) -> None:
+    def build(cls: Any, cfg: Any) -> Any:
+        torch.manual_seed(s.seed)
+        with torch.device(device):  # initialise where it runs: a large model on CPU takes a while
+            return cls(cfg).to(dtype=dtype).eval()
+
+    def progress(text: str) -> None:
         nonlocal done
         done += 1
         el = time.perf_counter() - start
-        print(f"  [{done}/{total}] {name}  elapsed {el:.0f}s  eta {el / done * (total - done):.0f}s", file=log,
+        print(f"  [{done}/{groups}] {text}  elapsed {el:.0f}s  eta {el / done * (groups - done):.0f}s", file=log,
               flush=True)
 
-    for name, arch, R, mode in configs:
-        torch.manual_seed(s.seed)
-        cfg = s.model_config(R, arch)
-        with torch.device(device):  # initialise where it runs: a 1B model on CPU would take minutes
-            model = PLTForCausalLM(cfg).to(dtype=dtype).eval()
+    def measure(timers: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        for _ in range(s.rounds):
+            for t in timers.values():
+                t.run(s.steps)
+        return {name: t.result() for name, t in timers.items()}
+
+    base_cfg = s.model_config(1)
+    base = build(PLTForCausalLM, base_cfg)
+    samples: dict[tuple[str, int, int], list[dict[str, Any]]] = {}
+    groups_seen: dict[tuple[Any, int, int], dict[str, dict[str, Any]]] = {}  # each measured together
+    for R in s.loops:
+        plt_cfg, van_cfg = s.model_config(R), s.model_config(R, "vanilla")
+        plt, van = build(PLTForCausalLM, plt_cfg), build(PLTForCausalLM, van_cfg)
         for batch in s.batches:
             for context in s.contexts:
-                row = {"config": name, "architecture": arch, "loops": R, "mode": mode, "batch": batch,
-                       "context": context, **time_engine(model, mode, batch, context, s)}
-                row.update(_step_cost(cfg, mode, batch, context, dtype_bytes))
-                results.append(row)
-                progress(f"{name} batch={batch} context={context}: {row['latency_s'] * 1e3:.1f} ms")
+                single = EngineTimer(plt, "parallel", batch, context, s)
+                timers = {"R=1": EngineTimer(base, "parallel", batch, context, s),
+                          f"PLT-{R} single-pass": single,
+                          f"PLT-{R} sequential": EngineTimer(plt, "sequential", batch, context, s, share=single),
+                          f"vanilla-{R}": EngineTimer(van, "sequential", batch, context, s)}
+                group = measure(timers)
+                groups_seen[(R, batch, context)] = group
+                for name, res in group.items():
+                    samples.setdefault((name, batch, context), []).append(res)
+                del timers
                 gc.collect()
-        del model
+                got = {n: r["latency_s"] for n, r in group.items()}
+                progress(f"R={R} batch={batch} context={context}: " + ", ".join(
+                    f"{n} {got[n] * 1e3:.1f} ms" for n in ("R=1", f"PLT-{R} single-pass", f"vanilla-{R}")))
+        del plt, van
         gc.collect()
     if s.include_transformers:
-        cfg = s.model_config(1)
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        llama_cfg = LlamaConfig(vocab_size=s.vocab_size, hidden_size=s.hidden_size,
+                                intermediate_size=s.intermediate_size, num_hidden_layers=s.num_layers,
+                                num_attention_heads=s.num_heads, num_key_value_heads=s.num_kv_heads,
+                                head_dim=s.head_dim, max_position_embeddings=max(s.contexts) + 64)
+        llama = build(LlamaForCausalLM, llama_cfg)
         for batch in s.batches:
             for context in s.contexts:
-                row = {"config": "transformers generate (R=1 shape)", "architecture": "llama", "loops": 1,
-                       "mode": "hf", "batch": batch, "context": context,
-                       **time_transformers(s, batch, context, device, dtype)}
-                row.update(_step_cost(cfg, "parallel", batch, context, dtype_bytes))
-                results.append(row)
-                progress(f"transformers batch={batch} context={context}: {row['latency_s'] * 1e3:.1f} ms")
+                timers = {"R=1": EngineTimer(base, "parallel", batch, context, s),
+                          HF_NAME: TransformersTimer(llama, s, batch, context)}
+                group = measure(timers)
+                groups_seen[("hf", batch, context)] = group
+                for name, res in group.items():
+                    samples.setdefault((name, batch, context), []).append(res)
+                del timers
                 gc.collect()
-    for row in results:
-        floor = row["bytes"] / machine["read_bandwidth"]
-        row["bandwidth_floor_s"] = floor
-        row["fraction_of_bandwidth_floor"] = floor / row["latency_s"]
-        row["compute_floor_s"] = row["flops"] / machine["matmul_flops"]
-        row["tokens_per_s"] = row["batch"] / row["latency_s"]
+                progress(f"transformers batch={batch} context={context}: R=1 {group['R=1']['latency_s'] * 1e3:.1f} "
+                         f"ms, transformers {group[HF_NAME]['latency_s'] * 1e3:.1f} ms")
+        del llama
+    results = []
+    names = [c[0] for c in configurations(s)] + ([HF_NAME] if s.include_transformers else [])
+    for name in names:
+        for batch in s.batches:
+            for context in s.contexts:
+                runs = samples[(name, batch, context)]
+                arch = "llama" if name == HF_NAME else ("vanilla" if name.startswith("vanilla") else "plt")
+                R = 1 if name in ("R=1", HF_NAME) else int(name.split("-")[1].split()[0])
+                mode = "hf" if name == HF_NAME else ("sequential" if ("sequential" in name or arch == "vanilla")
+                                                      else "parallel")
+                row = {"config": name, "architecture": arch, "loops": R, "mode": mode, "batch": batch,
+                       "context": context, "latency_s": statistics.median(r["latency_s"] for r in runs),
+                       "latency_min_s": min(r["latency_min_s"] for r in runs),
+                       "steps_timed": sum(r["steps_timed"] for r in runs), "kv_bytes": runs[0]["kv_bytes"]}
+                cfg = s.model_config(R, "vanilla" if arch == "vanilla" else "plt")
+                row.update(_step_cost(cfg, "parallel" if mode in ("parallel", "hf") else "sequential", batch,
+                                      context, dtype_bytes))
+                floor = row["bytes"] / machine["read_bandwidth"]
+                row.update(bandwidth_floor_s=floor, fraction_of_bandwidth_floor=floor / row["latency_s"],
+                           compute_floor_s=row["flops"] / machine["matmul_flops"],
+                           tokens_per_s=batch / row["latency_s"])
+                results.append(row)
     return {"settings": asdict(s), "machine": {**machine, **machine_info(device)}, "results": results,
-            "ratios": ratios(results, s)}
+            "ratios": ratios(groups_seen, s)}
+
+
+HF_NAME = "transformers generate (R=1 shape)"
 
 
 def machine_info(device: torch.device) -> dict[str, Any]:
@@ -271,23 +348,20 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
-def ratios(results: list[dict[str, Any]], s: DecodeBenchSettings) -> list[dict[str, Any]]:
-    """Per (batch, context): latency and KV ratios against the non-looped model and vanilla."""
-    def get(name: str, batch: int, context: int) -> dict[str, Any] | None:
-        return next((r for r in results if r["config"] == name and r["batch"] == batch
-                     and r["context"] == context), None)
-
+def ratios(groups: dict[tuple[Any, int, int], dict[str, dict[str, Any]]], s: DecodeBenchSettings) -> list[dict]:
+    """Per (batch, context): latency ratios between configurations measured in the same interleaved
+    group (so each ratio's two sides saw the same machine), and KV-byte ratios."""
     out = []
     for batch in s.batches:
         for context in s.contexts:
-            base = get("R=1", batch, context)
-            hf = get("transformers generate (R=1 shape)", batch, context)
             entry: dict[str, Any] = {"batch": batch, "context": context}
+            hf = groups.get(("hf", batch, context))
             if hf is not None:
-                entry["R1_engine_speedup_over_transformers"] = hf["latency_s"] / base["latency_s"]
+                entry["R1_engine_speedup_over_transformers"] = hf[HF_NAME]["latency_s"] / hf["R=1"]["latency_s"]
             for r in s.loops:
-                plt, seq = get(f"PLT-{r} single-pass", batch, context), get(f"PLT-{r} sequential", batch, context)
-                van = get(f"vanilla-{r}", batch, context)
+                g = groups[(r, batch, context)]
+                base, plt = g["R=1"], g[f"PLT-{r} single-pass"]
+                seq, van = g[f"PLT-{r} sequential"], g[f"vanilla-{r}"]
                 entry[f"PLT{r}/R1_latency"] = plt["latency_s"] / base["latency_s"]
                 entry[f"PLT{r}/vanilla{r}_latency"] = plt["latency_s"] / van["latency_s"]
                 entry[f"PLT{r}/sequential{r}_latency"] = plt["latency_s"] / seq["latency_s"]

@@ -26,14 +26,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d.add_argument("--batches", type=_ints, default=(1, 32))
     d.add_argument("--contexts", type=_ints, default=(512, 2048))
     d.add_argument("--loops", type=_ints, default=(2, 3, 4))
-    d.add_argument("--steps", type=int, default=10, help="timed steps per configuration (median reported)")
-    d.add_argument("--warmup", type=int, default=3)
-    d.add_argument("--hidden-size", type=int, default=1024)
-    d.add_argument("--layers", type=int, default=8)
-    d.add_argument("--heads", type=int, default=16)
-    d.add_argument("--kv-heads", type=int, default=4)
-    d.add_argument("--intermediate-size", type=int, default=2816)
-    d.add_argument("--vocab-size", type=int, default=32000)
+    d.add_argument("--steps", type=int, default=6, help="timed steps per configuration and round")
+    d.add_argument("--rounds", type=int, default=3, help="compared configurations take turns this many times")
+    d.add_argument("--warmup", type=int, default=2)
+    d.add_argument("--hidden-size", type=int, default=1024, help="default shape: the released 7B's proportions")
+    d.add_argument("--layers", type=int, default=14)
+    d.add_argument("--heads", type=int, default=8)
+    d.add_argument("--kv-heads", type=int, default=2)
+    d.add_argument("--head-dim", type=int, default=128)
+    d.add_argument("--intermediate-size", type=int, default=5504)
+    d.add_argument("--vocab-size", type=int, default=15360)
     d.add_argument("--window", type=int, default=64)
     d.add_argument("--device", default="cpu")
     d.add_argument("--dtype", default="auto")
@@ -95,15 +97,16 @@ def run(args: argparse.Namespace) -> int:
 def _decode(args: argparse.Namespace) -> int:
     from loopcoder.bench.decode import DecodeBenchSettings, format_report, run_decode_bench, write_json
 
-    if args.hidden_size % args.heads:
-        raise LoopcoderError(f"--hidden-size {args.hidden_size} is not a multiple of --heads {args.heads}")
-    if args.steps < 1 or args.warmup < 0:
-        raise LoopcoderError("--steps must be >= 1 and --warmup >= 0")
+    if args.heads % args.kv_heads:
+        raise LoopcoderError(f"--kv-heads {args.kv_heads} must divide --heads {args.heads}")
+    if args.steps < 1 or args.warmup < 0 or args.rounds < 1:
+        raise LoopcoderError("--steps and --rounds must be >= 1 and --warmup >= 0")
     s = DecodeBenchSettings(hidden_size=args.hidden_size, num_layers=args.layers, num_heads=args.heads,
-                            num_kv_heads=args.kv_heads, head_dim=args.hidden_size // args.heads,
+                            num_kv_heads=args.kv_heads, head_dim=args.head_dim,
                             intermediate_size=args.intermediate_size, vocab_size=args.vocab_size,
                             window=args.window, loops=args.loops, batches=args.batches, contexts=args.contexts,
-                            steps=args.steps, warmup=args.warmup, device=args.device, dtype=args.dtype,
+                            steps=args.steps, rounds=args.rounds, warmup=args.warmup, device=args.device,
+                            dtype=args.dtype,
                             include_transformers=not args.no_transformers, cuda_graphs=args.cuda_graphs)
     print("decode benchmark: " + ", ".join(f"{k}={v}" for k, v in vars(args).items() if k != "which"),
           file=sys.stderr)

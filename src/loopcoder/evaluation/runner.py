@@ -39,13 +39,13 @@ def config_hash(model_dir: str) -> str:
 
 
 def detect_prompt_style(model_dir: str, tokenizer: Any) -> str:
-    """Instruction-tuned checkpoints (stage "sft" in loopcoder.json) get the chat template, base models
-    completion prompts."""
-    meta = Path(model_dir) / "loopcoder.json"
+    """Instruction-tuned checkpoints (a training checkpoint whose `checkpoint.json` says stage "sft") get the
+    chat template, everything else completion prompts."""
+    marker = Path(model_dir) / "checkpoint.json"
     stage = None
-    if meta.is_file():
+    if marker.is_file():
         try:
-            stage = json.loads(meta.read_text()).get("stage")
+            stage = json.loads(marker.read_text()).get("stage")
         except (OSError, ValueError):
             stage = None
     return "chat" if stage == "sft" and getattr(tokenizer, "chat_template", None) else "completion"
