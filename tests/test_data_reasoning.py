@@ -172,3 +172,22 @@ def test_digits_family_is_one_digit_chains_verified_by_execution():
     assert {e["split"] for e in evals} == {"eval"}
     with pytest.raises(LoopcoderError, match="family"):
         R.generate_examples(1, 1, family="strings")
+
+
+def test_chains_family_needs_every_hop():
+    train = R.generate_examples(60, "1-6", seed=5, split="train", family="chains")
+    evals = R.generate_examples(30, "1-6", seed=5, split="eval", family="chains")
+    for ex in train + evals:
+        assert R.run_program(ex["program"]).strip() == ex["answer"]
+        lines = ex["program"].splitlines()
+        var = lines[-1][len("print("):-1]
+        hops = 0
+        while True:  # follow the printed variable back through its copies to a root
+            rhs = next(ln.split(" = ")[1] for ln in lines if ln.startswith(f"{var} = "))
+            if rhs.isdigit():
+                break
+            var, hops = rhs, hops + 1
+        assert hops == ex["steps"] and rhs == ex["answer"]
+        roots = [ln.split(" = ")[1] for ln in lines[:-1] if ln.split(" = ")[1].isdigit()]
+        assert len(roots) >= 3 and len(set(roots)) == len(roots)  # distractor chains with other values
+    assert not {R.program_hash(e["program"]) for e in train} & {R.program_hash(e["program"]) for e in evals}

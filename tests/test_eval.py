@@ -166,3 +166,21 @@ def test_corrupt_results_file_is_a_clear_error(model_and_data, tmp_path, capsys)
     assert "cannot resume" in capsys.readouterr().err
     assert main(["eval", "--model", str(model_dir), "--tasks", "reasoning", "--reasoning-n", "1",
                  "--reasoning-steps", "1", "--out", str(out), "--fresh"]) == 0
+
+
+def test_answer_nll_is_teacher_forced_and_independent_of_batching(model_and_data):
+    from loopcoder.evaluation.generation import answer_nll, encode_prompt
+    from loopcoder.runtime import load_for_inference
+
+    model_dir, _ = model_and_data
+    model, tok = load_for_inference(str(model_dir))
+    prompts = ["x = 1\nprint(x)\n# Output: ", "def f():\n    return 2\n"]
+    answers = ["1", "    pass"]
+    batched = answer_nll(model, tok, prompts, answers, batch_size=2)
+    alone = [answer_nll(model, tok, [p], [a])[0] for p, a in zip(prompts, answers)]
+    assert batched == pytest.approx(alone, rel=1e-4)
+    p, a = encode_prompt(tok, prompts[0]), tok(answers[0], add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logp = model(torch.tensor([p + a])).logits[0].log_softmax(-1)
+    manual = -sum(float(logp[len(p) - 1 + i, t]) for i, t in enumerate(a))
+    assert batched[0] == pytest.approx(manual, rel=1e-4)

@@ -209,7 +209,8 @@ def _digit_templates() -> list[Template]:
 
 
 _TEMPLATES: dict[type, list[Template]] = {int: _int_templates(), str: _str_templates(), list: _list_templates()}
-FAMILIES: dict[str, dict[type, list[Template]]] = {"mixed": _TEMPLATES, "digits": {int: _digit_templates()}}
+FAMILIES: dict[str, dict[type, list[Template]]] = {"mixed": _TEMPLATES, "digits": {int: _digit_templates()},
+                                                   "chains": {}}
 
 
 def _in_bounds(val: Any) -> bool:
@@ -363,6 +364,37 @@ def _one_program(rng: random.Random, steps: int, distractors: int, family: str =
     return {"program": program, "function": function, "input": repr(init), "chain": chain}
 
 
+_CHAIN_VARS = tuple("abcdeghjkmpqrtuvwyz")
+
+
+def _chain_program(rng: random.Random, steps: int, distractors: int) -> dict[str, Any] | None:
+    """The "chains" family: variable tracking. The printed variable is a copy of a copy ... (`steps` hops)
+    of a one-digit root; two more chains of copies, with other roots, are interleaved with it in a random
+    order (plus `distractors` extra roots), so the answer is found only by following the hops back."""
+    names = list(_CHAIN_VARS)
+    rng.shuffle(names)
+    lengths = [steps] + [rng.randint(0, steps) for _ in range(2)] + [0] * distractors
+    if sum(n + 1 for n in lengths) > len(names):
+        return None
+    values = rng.sample(range(10), len(lengths))
+    chains = []
+    for n, value in zip(lengths, values):
+        var = [names.pop() for _ in range(n + 1)]
+        chains.append([f"{var[0]} = {value}"] + [f"{var[i]} = {var[i - 1]}" for i in range(1, n + 1)])
+    main_root, main_last = chains[0][0].split(" = ")[0], chains[0][-1].split(" = ")[0]
+    order = [c for c, chain in enumerate(chains) for _ in chain]
+    rng.shuffle(order)  # a random interleaving that keeps each chain's own order
+    pos = [0] * len(chains)
+    lines = []
+    for c in order:
+        lines.append(chains[c][pos[c]])
+        pos[c] += 1
+    program = "".join(line + "\n" for line in lines) + f"print({main_last})\n"
+    body = [line for line in lines if line != chains[0][0]]
+    function = f"def f({main_root}):\n" + "".join(f"    {line}\n" for line in body) + f"    return {main_last}\n"
+    return {"program": program, "function": function, "input": repr(values[0]), "chain": None}
+
+
 def _every_step_matters(x0: str, init: Any, helpers: list[list[str]], blocks: list[list[str]],
                         ablations: list[list[str]], result: str) -> bool:
     """True when replacing any one step by the identity changes the output (no step is undone later)."""
@@ -408,8 +440,9 @@ def generate_examples(n: int, steps: int | str | Sequence[int], seed: int = 0, s
                       distractors: int = 0, progress: bool = False, family: str = "mixed") -> list[dict[str, Any]]:
     """`n` distinct examples {id, program, answer, steps, ...} of the given split; deterministic in the seed.
 
-    `family` "mixed" (ints, strings, lists, conditionals, loops, helper functions) or "digits" (one-digit
-    modular arithmetic chains, the cleanest probe of depth for small models).
+    `family` "mixed" (ints, strings, lists, conditionals, loops, helper functions), "digits" (one-digit
+    modular arithmetic chains) or "chains" (variable tracking: follow `steps` copies back to a root among
+    interleaved distractor chains; the cleanest probe of depth for small models).
 
     `steps` is a count or several (each example draws one). Every answer comes from running the program.
     Each example also has `function`/`input`/`answer_repr`, the CRUXEval form (`f(input) == answer_repr`).
@@ -438,12 +471,17 @@ def generate_examples(n: int, steps: int | str | Sequence[int], seed: int = 0, s
             raise LoopcoderError(f"could only generate {len(out)} distinct {split} programs of {choices} steps")
         # The step count is drawn once per example and kept until a program succeeds: longer chains
         # are rejected more often, and redrawing would skew the mix towards short ones.
-        prog = _one_program(rng, k, distractors, family)
+        if family == "chains":
+            prog = _chain_program(rng, k, distractors)
+        else:
+            prog = _one_program(rng, k, distractors, family)
         if prog is None:
             continue
         h = program_hash(prog["program"])
-        # The cheap checks first: most candidates of the eval split fail the split test.
-        if h in seen or _split_of_hash(h) != split or not _every_step_matters(*prog["chain"]):
+        # The cheap checks first: most candidates of the eval split fail the split test. (Chains need no
+        # step check: the answer is reached only through every hop.)
+        if h in seen or _split_of_hash(h) != split or (prog["chain"] is not None
+                                                       and not _every_step_matters(*prog["chain"])):
             continue
         seen.add(h)
         answer = run_program(prog["program"])

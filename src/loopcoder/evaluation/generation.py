@@ -6,6 +6,8 @@ import sys
 import time
 from typing import Any
 
+import torch
+
 from loopcoder.engine import Engine
 from loopcoder.sampling import SamplingParams
 
@@ -61,3 +63,28 @@ def complete(engine: Engine, tokenizer: Any, prompts: list[str | list[dict[str, 
     if missing:
         raise RuntimeError(f"no completion for prompts {missing[:5]}")
     return results  # type: ignore[return-value]
+
+
+@torch.inference_mode()
+def answer_nll(model: Any, tokenizer: Any, prompts: list[str | list[dict[str, str]]], answers: list[str],
+               batch_size: int = 16) -> list[float]:
+    """Negative log-likelihood (nats) of each reference answer given its prompt, by teacher forcing: a
+    graded measure of how close a model is to the answer, informative where exact-match accuracy is
+    still near chance. Sequences are right-padded into batches."""
+    device = next(model.parameters()).device
+    pairs = [(encode_prompt(tokenizer, p), tokenizer(a, add_special_tokens=False)["input_ids"])
+             for p, a in zip(prompts, answers)]
+    out: list[float] = []
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start:start + batch_size]
+        width = max(len(p) + len(a) for p, a in chunk)
+        ids = torch.zeros(len(chunk), width, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, (p, a) in enumerate(chunk):
+            ids[i, :len(p) + len(a)] = torch.tensor(p + a)
+            mask[i, :len(p) + len(a)] = 1
+        logp = model(ids.to(device), attention_mask=mask.to(device)).logits.float().log_softmax(-1).cpu()
+        for i, (p, a) in enumerate(chunk):
+            pos = torch.arange(len(p) - 1, len(p) + len(a) - 1)
+            out.append(-float(logp[i, pos, torch.tensor(a)].sum()))
+    return out

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from loopcoder.engine import Engine
-from loopcoder.evaluation.generation import complete, stop_ids
+from loopcoder.evaluation.generation import answer_nll, complete, stop_ids
 from loopcoder.sampling import SamplingParams
 
 Save = Callable[[], None]
@@ -59,6 +59,17 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
     return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def mean_ci(values: list[float], z: float = 1.96) -> dict[str, float]:
+    """Mean with a normal-approximation 95 % interval (n is in the tens to hundreds here)."""
+    n = len(values)
+    if n == 0:
+        return {"mean": float("nan"), "ci95": [float("nan"), float("nan")], "n": 0}
+    m = sum(values) / n
+    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    half = z * sd / math.sqrt(n)
+    return {"mean": m, "ci95": [m - half, m + half], "n": n}
 
 
 # ----------------------------------------------------------------------------- HumanEval
@@ -135,23 +146,26 @@ def run_reasoning(engine: Engine, tokenizer: Any, s: EvalSettings, done: dict[st
             stop = [] if style == "chat" else (["[/ANSWER]", "\n"] if style == "cruxeval" else ["\n"])
             params = [s.sampling(s.reasoning_max_new_tokens, stop, ids, 0, temperature=0.0) for _ in examples]
             outs = complete(engine, tokenizer, prompts, params, label=f"reasoning {style} steps={steps}")
+            answers = [ex["answer"] if style != "cruxeval" else ex["answer_repr"] for ex in examples]
+            nlls = answer_nll(engine.model, tokenizer, prompts, answers)
             res["examples"][key] = [
-                {"id": ex["id"], "answer": ex["answer"] if style != "cruxeval" else ex["answer_repr"],
-                 "completion": o["text"], "correct": bool(reasoning.is_correct(ex, o["text"], style)),
+                {"id": ex["id"], "answer": ans, "completion": o["text"],
+                 "correct": bool(reasoning.is_correct(ex, o["text"], style)), "answer_nll": nll,
                  "skipped": o["skipped"]}
-                for ex, o in zip(examples, outs)]
+                for ex, o, ans, nll in zip(examples, outs, answers, nlls)]
             save()
         table = {}
         for key, rows in sorted(res["examples"].items(), key=lambda kv: int(kv[0])):
             k = sum(r["correct"] for r in rows)
             low, high = wilson_interval(k, len(rows))
             table[key] = {"accuracy": k / len(rows) if rows else float("nan"), "correct": k, "n": len(rows),
-                          "ci95": [low, high]}
+                          "ci95": [low, high], "answer_nll": mean_ci([r["answer_nll"] for r in rows])}
         all_rows = [r for rows in res["examples"].values() for r in rows]
         k = sum(r["correct"] for r in all_rows)
         res["by_steps"] = table
         res["overall"] = {"accuracy": k / len(all_rows) if all_rows else float("nan"), "correct": k,
-                          "n": len(all_rows), "ci95": list(wilson_interval(k, len(all_rows)))}
+                          "n": len(all_rows), "ci95": list(wilson_interval(k, len(all_rows))),
+                          "answer_nll": mean_ci([r["answer_nll"] for r in all_rows])}
     done["primary_style"] = s.prompt_style
     done["family"] = s.reasoning_family
     return done
