@@ -54,8 +54,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--split", choices=["train", "eval"], default="train")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--distractors", type=int, default=0, help="assignments the answer does not depend on")
-    r.add_argument("--family", choices=["mixed", "digits"], default="mixed",
-                   help="mixed programs, or one-digit modular arithmetic chains")
+    r.add_argument("--family", choices=["mixed", "digits", "chains"], default="mixed",
+                   help="mixed programs, one-digit modular arithmetic (digits), or variable tracking (chains)")
     r.add_argument("--format", choices=["examples", "chat", "completion", "cruxeval"], default="examples",
                    help="examples: the raw records; chat: {messages} for SFT; completion/cruxeval: {text} "
                         "documents for pretraining mixes")

@@ -35,8 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=384, help="HumanEval completion length")
     p.add_argument("--reasoning-n", type=int, default=50, help="held-out programs per difficulty")
     p.add_argument("--reasoning-steps", type=_ints, default=(1, 2, 3, 4, 5, 6), help="difficulties, e.g. 1-6")
-    p.add_argument("--reasoning-family", choices=["mixed", "digits"], default="mixed",
-                   help="mixed programs, or one-digit modular arithmetic chains (the cleanest depth probe)")
+    p.add_argument("--reasoning-family", choices=["mixed", "digits", "chains"], default="mixed",
+                   help="mixed programs, one-digit modular arithmetic (digits), or variable tracking (chains)")
     p.add_argument("--reasoning-styles", default="", help="extra prompt formats, e.g. cruxeval")
     p.add_argument("--bpb-rows", type=int, default=None, help="limit bits per byte to the first N rows")
     p.add_argument("--workers", type=int, default=None, help="sandbox worker processes")
