@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/loopcoder demo
+	$(VENV)/bin/loopcoder demo --out runs/study
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

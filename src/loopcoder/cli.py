@@ -15,6 +15,7 @@ import sys
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("loopcoder.commands.demo", "the main job on the embedded default (what `make demo` runs)"),
+    "study": ("loopcoder.commands.study", "the loop-count study: train, tune, evaluate, diagnose R=1,2,3; report"),
     "diagnose": ("loopcoder.commands.diagnose", "per-loop diagnostics (spec 3), report, loop-count advice"),
     "init": ("loopcoder.commands.init", "write a randomly initialised PLT model directory"),
     "data": ("loopcoder.commands.data", "build tokenizer and packed shards; write instruction and reasoning sets"),

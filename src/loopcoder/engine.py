@@ -264,7 +264,8 @@ class Engine:
         c, attn = self.cache, layer.self_attn
         n, k = x.shape[:2]
         cos, sin = (z.expand(n, k, -1) for z in ctx.cos_sin)
-        q, new = attn.project(layer.input_layernorm(x), cos, sin)  # q (n, H, k, hd), K/V (n, kv_heads, k, hd)
+        # q (n, H, k, hd), K/V (n, kv_heads, k, hd); gate logits (n, k, H) from the same matmul when fused
+        q, new, gate_logits = attn.project(layer.input_layernorm(x), cos, sin)
         # 1) write this step's K/V: loop 1 (or a vanilla loop) into its full store, loops >= 2 into rings
         store = 0 if self.plt else loops.start
         if loops.start == 0 or not self.plt:
@@ -287,7 +288,8 @@ class Engine:
             q_local = q[:, :, first:].transpose(1, 2).flatten(0, 1).unsqueeze(2)  # (n*m, H, 1, hd)
             y_local = attend(q_local, KV(rk, rv), local_mask)
             y_local = y_local.view(n, m, attn.num_heads, -1).transpose(1, 2)
-            y[:, :, first:] = attn.mix(x[:, first:], q[:, :, first:], y[:, :, first:], y_local)[0]
+            logits = None if gate_logits is None else gate_logits[:, first:]
+            y[:, :, first:] = attn.mix(x[:, first:], q[:, :, first:], y[:, :, first:], y_local, logits)[0]
         x = x + attn.output(y)
         return x + layer.mlp(layer.post_attention_layernorm(x))
 

@@ -23,11 +23,18 @@ def can_pack(weight: torch.Tensor) -> bool:
 
 
 class FastLinear:
-    def __init__(self, linears: list[nn.Linear], pack: bool = True) -> None:
+    """`extra` rows (no bias, not parameters) may ride along in the same matmul: G-SWA's gate logits."""
+
+    def __init__(self, linears: list[nn.Linear], pack: bool = True, extra: torch.Tensor | None = None) -> None:
         self.sizes = [m.out_features for m in linears]
         self.weight = _fuse([m.weight for m in linears])
         has_bias = linears[0].bias is not None
         self.bias = _fuse([m.bias for m in linears]) if has_bias else None
+        if extra is not None:
+            self.sizes.append(extra.shape[0])
+            self.weight = torch.cat([self.weight, extra.detach().to(self.weight.dtype)])
+            if self.bias is not None:
+                self.bias = torch.cat([self.bias, self.bias.new_zeros(extra.shape[0])])
         self.packed = None
         if pack and can_pack(self.weight):
             self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), 4)

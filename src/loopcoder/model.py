@@ -203,27 +203,43 @@ class PLTAttention(nn.Module):
         self.probe = None  # diagnostics hook, see `PLTModel.probed`
 
     def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple:
-        """q (B, H, S, hd) and K/V (B, kv_heads, S, hd) of normalised input x (B, S, hidden), after RoPE."""
+        """q (B, H, S, hd) and K/V (B, kv_heads, S, hd) of normalised input x (B, S, hidden), after RoPE, and
+        the gate logits (B, S, H) when the decoding path computes them in the same matmul (else None)."""
         b, s, _ = x.shape
+        gate_logits = None
         if active(self.fast_qkv):  # decoding: one fused (and on CPU prepacked) matmul, see fastlinear.py
-            q, k, v = self.fast_qkv.split(x)
+            q, k, v, *rest = self.fast_qkv.split(x)
+            gate_logits = rest[0] if rest else None
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = q.view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
         k = k.view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        return apply_rope(q, cos, sin), KV(apply_rope(k, cos, sin), v)
+        return apply_rope(q, cos, sin), KV(apply_rope(k, cos, sin), v), gate_logits
 
     fast_qkv: FastLinear | None = None
     fast_o: FastLinear | None = None
 
-    def prepare_for_inference(self, pack: bool) -> None:
-        self.fast_qkv = FastLinear([self.q_proj, self.k_proj, self.v_proj], pack)
+    def prepare_for_inference(self, pack: bool, input_norm: torch.Tensor | None = None) -> None:
+        """Fused q/k/v (and o) matmuls. The released gate reads RMSNorm_g(x) = (w_g / w_ln) * input_layernorm(x)
+        (both normalise x by the same RMS), so its logits are a linear map of the q/k/v input and join the
+        same matmul, unless the layer norm has weights too close to 0 to divide by."""
+        gate = self.plt_gate
+        extra = None
+        if gate is not None and gate.use_hidden_states and input_norm is not None \
+                and float(input_norm.detach().abs().min()) > 1e-3:
+            extra = gate.weight.detach() * (gate.gate_norm.weight.detach() / input_norm.detach())[None, :]
+        self.fast_qkv = FastLinear([self.q_proj, self.k_proj, self.v_proj], pack, extra)
         self.fast_o = FastLinear([self.o_proj], pack)
 
-    def mix(self, x: torch.Tensor, q: torch.Tensor, y_global: torch.Tensor, y_local: torch.Tensor) -> tuple:
-        """G-SWA's gated sum of the two branches; returns (y, g)."""
-        g = self.plt_gate(x, q)
+    def mix(self, x: torch.Tensor, q: torch.Tensor, y_global: torch.Tensor, y_local: torch.Tensor,
+            gate_logits: torch.Tensor | None = None) -> tuple:
+        """G-SWA's gated sum of the two branches; returns (y, g). `gate_logits` (B, S, H): precomputed
+        W_g . RMSNorm_g(x) from the fused projection."""
+        if gate_logits is None:
+            g = self.plt_gate(x, q)
+        else:
+            g = torch.sigmoid(gate_logits + self.plt_gate.bias).transpose(1, 2).unsqueeze(-1)
         return torch.lerp(y_local, y_global, g.to(y_local.dtype)), g  # g * y_global + (1 - g) * y_local
 
     def output(self, y: torch.Tensor) -> torch.Tensor:
@@ -241,7 +257,7 @@ class PLTAttention(nn.Module):
         including this chunk (loops >= 2 of PLT only). Returns (output, own K/V incl. this chunk).
         """
         impl = self.config._attn_implementation or "sdpa"
-        q, new = self.project(xn, cos, sin)
+        q, new, gate_logits = self.project(xn, cos, sin)
         own = new if past is None else KV(torch.cat([past.k, new.k], 2), torch.cat([past.v, new.v], 2))
         if shared is None:  # loop 1, or a vanilla loop: causal attention over its own K/V
             y = attend(q, own, masks.causal, impl)
@@ -249,7 +265,7 @@ class PLTAttention(nn.Module):
         else:  # G-SWA: global branch over loop 1's K/V, local branch over own K/V in the window
             y_global = attend(q, shared, masks.causal, impl)
             y_local = attend(q, own, masks.window, impl)
-            y, g = self.mix(x, q, y_global, y_local)
+            y, g = self.mix(x, q, y_global, y_local, gate_logits)
             self._observe(loop, "global", q, shared, masks.causal)
             self._observe(loop, "local", q, own, masks.window, gate=g)
         return self.output(y), own
@@ -418,7 +434,7 @@ class PLTModel(PLTPreTrainedModel):
         """Fused q/k/v and gate/up matmuls, oneDNN-prepacked weights on CPU (`fastlinear.py`), used
         whenever gradients are off. Call once the model is on its device with its final weights."""
         for layer in self.layers:
-            layer.self_attn.prepare_for_inference(pack)
+            layer.self_attn.prepare_for_inference(pack, layer.input_layernorm.weight)
             layer.mlp.prepare_for_inference(pack)
 
     @contextmanager

@@ -41,8 +41,8 @@ class DecodeBenchSettings:
     loops: tuple[int, ...] = (2, 3, 4)
     batches: tuple[int, ...] = (1, 32)
     contexts: tuple[int, ...] = (512, 2048)
-    steps: int = 6  # timed steps per configuration and round
-    rounds: int = 3  # the configurations compared take turns this many times (drift hits all alike)
+    steps: int = 4  # timed steps per configuration and round
+    rounds: int = 5  # the configurations compared take turns this many times (drift hits all alike)
     warmup: int = 2
     device: str = "cpu"
     dtype: str = "float32"
@@ -142,6 +142,7 @@ class EngineTimer:
             _fill(self.engine, batch, context, torch.Generator().manual_seed(s.seed))
         self.tokens = torch.randint(0, model.config.vocab_size, (batch,), device=self.device)
         self.times: list[float] = []
+        self.rounds: list[float] = []  # median of each round: rounds pair up across configurations
         self.run(s.warmup, keep=False)
         self.kv_bytes = model.config.kv_cache_bytes(context, batch, dtype_bytes=next(model.parameters()).element_size())
 
@@ -155,10 +156,12 @@ class EngineTimer:
             _sync(self.device)
             if keep:
                 self.times.append(time.perf_counter() - t0)
+        if keep:
+            self.rounds.append(statistics.median(self.times[-steps:]))
 
     def result(self) -> dict[str, Any]:
         return {"latency_s": statistics.median(self.times), "latency_min_s": min(self.times),
-                "steps_timed": len(self.times), "kv_bytes": self.kv_bytes,
+                "round_latencies_s": self.rounds, "steps_timed": len(self.times), "kv_bytes": self.kv_bytes,
                 "kv_allocated_bytes": self.engine.kv_bytes()}
 
 
@@ -179,6 +182,7 @@ class TransformersTimer:
             k, v = (torch.randn(shape, generator=gen).to(self.device, dtype) for _ in range(2))
             self.cache.update(k, v, layer)
         self.times: list[float] = []
+        self.rounds: list[float] = []
         self.kv_bytes = s.model_config(1).kv_cache_bytes(context, batch, torch.tensor([], dtype=dtype).element_size())
         self.run(s.warmup, keep=False)
 
@@ -202,11 +206,13 @@ class TransformersTimer:
                             logits_processor=LogitsProcessorList([Clock()]), pad_token_id=0)
         self.cache.crop(length - self.cache.get_seq_length())  # back to the context length for the next round
         if keep:
-            self.times += [b - a for a, b in itertools.pairwise(stamps)]
+            diffs = [b - a for a, b in itertools.pairwise(stamps)]
+            self.times += diffs
+            self.rounds.append(statistics.median(diffs))
 
     def result(self) -> dict[str, Any]:
         return {"latency_s": statistics.median(self.times), "latency_min_s": min(self.times),
-                "steps_timed": len(self.times), "kv_bytes": self.kv_bytes}
+                "round_latencies_s": self.rounds, "steps_timed": len(self.times), "kv_bytes": self.kv_bytes}
 
 
 def configurations(s: DecodeBenchSettings) -> list[tuple[str, str, int, str]]:
@@ -348,6 +354,12 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
+def paired_ratio(a: dict[str, Any], b: dict[str, Any]) -> float:
+    """a / b as the median over rounds of the ratio of the two configurations' round medians: each round
+    timed both within seconds, so the machine's slow drift cancels in every ratio."""
+    return statistics.median(x / y for x, y in zip(a["round_latencies_s"], b["round_latencies_s"]))
+
+
 def ratios(groups: dict[tuple[Any, int, int], dict[str, dict[str, Any]]], s: DecodeBenchSettings) -> list[dict]:
     """Per (batch, context): latency ratios between configurations measured in the same interleaved
     group (so each ratio's two sides saw the same machine), and KV-byte ratios."""
@@ -357,14 +369,14 @@ def ratios(groups: dict[tuple[Any, int, int], dict[str, dict[str, Any]]], s: Dec
             entry: dict[str, Any] = {"batch": batch, "context": context}
             hf = groups.get(("hf", batch, context))
             if hf is not None:
-                entry["R1_engine_speedup_over_transformers"] = hf[HF_NAME]["latency_s"] / hf["R=1"]["latency_s"]
+                entry["R1_engine_speedup_over_transformers"] = paired_ratio(hf[HF_NAME], hf["R=1"])
             for r in s.loops:
                 g = groups[(r, batch, context)]
                 base, plt = g["R=1"], g[f"PLT-{r} single-pass"]
                 seq, van = g[f"PLT-{r} sequential"], g[f"vanilla-{r}"]
-                entry[f"PLT{r}/R1_latency"] = plt["latency_s"] / base["latency_s"]
-                entry[f"PLT{r}/vanilla{r}_latency"] = plt["latency_s"] / van["latency_s"]
-                entry[f"PLT{r}/sequential{r}_latency"] = plt["latency_s"] / seq["latency_s"]
+                entry[f"PLT{r}/R1_latency"] = paired_ratio(plt, base)
+                entry[f"PLT{r}/vanilla{r}_latency"] = paired_ratio(plt, van)
+                entry[f"PLT{r}/sequential{r}_latency"] = paired_ratio(plt, seq)
                 entry[f"PLT{r}/R1_kv"] = plt["kv_bytes"] / base["kv_bytes"]
                 entry[f"PLT{r}_kv_bound"] = 1 + (r - 1) * (s.window + 1) / context + 0.01
                 entry[f"vanilla{r}/R1_kv"] = van["kv_bytes"] / base["kv_bytes"]

@@ -71,7 +71,7 @@ def load_results(path: Path, identity: dict[str, Any]) -> dict[str, Any] | None:
 
 def evaluate(model_dir: str, tasks: list[str], settings: EvalSettings, out: str, *, data_dir: str | None = None,
              allow_code_execution: bool = False, fresh: bool = False, device: str = "auto", dtype: str = "auto",
-             prompt_style: str = "auto", tokenizer_dir: str | None = None) -> dict[str, Any]:
+             prompt_style: str = "auto", tokenizer_dir: str | None = None, bpb_per_row: bool = False) -> dict[str, Any]:
     from loopcoder.checkpoint import atomic_write_text
     from loopcoder.engine import Engine
     from loopcoder.runtime import load_for_inference
@@ -121,7 +121,7 @@ def evaluate(model_dir: str, tasks: list[str], settings: EvalSettings, out: str,
             run_reasoning(engine, tokenizer, settings, done, save)
         else:
             done.update(bits_per_byte(model, data_dir, batch_size=max(1, min(settings.batch_size, 8)),
-                                      max_rows=settings.bpb_rows))
+                                      max_rows=settings.bpb_rows, per_row=bpb_per_row))
         results["timings"][task] = results["timings"].get(task, 0.0) + time.perf_counter() - t0
         save()
     results["complete"] = True

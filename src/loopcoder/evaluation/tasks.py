@@ -174,25 +174,29 @@ def run_reasoning(engine: Engine, tokenizer: Any, s: EvalSettings, done: dict[st
 # ----------------------------------------------------------------------------- bits per byte
 @torch.inference_mode()
 def bits_per_byte(model: Any, data_dir: str, batch_size: int = 8, max_rows: int | None = None,
-                  split: str = "validation") -> dict[str, Any]:
-    """Bits per UTF-8 byte of the model on a data directory's held-out split (every row, in order)."""
+                  split: str = "validation", per_row: bool = False) -> dict[str, Any]:
+    """Bits per UTF-8 byte of the model on a data directory's held-out split (every row, in order).
+    With `per_row`, also each row's summed loss (nats) and byte count, for paired comparisons."""
     from loopcoder.data.shards import ShardDataset
     from loopcoder.data.shards import bits_per_byte as to_bpb
     from loopcoder.model import causal_lm_loss
 
     ds = ShardDataset(data_dir, split)
     device = next(model.parameters()).device
-    loss_sum, nbytes, tokens, rows = 0.0, 0, 0, 0
+    row_nll: list[float] = []
+    row_bytes: list[int] = []
     for batch in ds.iter_batches(batch_size):
         ids = batch["input_ids"].to(device)
-        if max_rows is not None and rows >= max_rows:
+        if max_rows is not None and len(row_nll) >= max_rows:
             break
         if max_rows is not None:
-            ids = ids[: max_rows - rows]
-        logits = model(ids).logits
-        loss_sum += float(causal_lm_loss(logits, ids, reduction="sum"))
-        nbytes += int(batch["target_bytes"][: ids.shape[0]].sum())
-        tokens += ids.shape[0] * (ids.shape[1] - 1)
-        rows += ids.shape[0]
-    return {"bits_per_byte": to_bpb(loss_sum, nbytes), "loss": loss_sum / max(tokens, 1), "tokens": tokens,
-            "bytes": nbytes, "rows": rows, "split": split, "data": str(data_dir)}
+            ids = ids[: max_rows - len(row_nll)]
+        nll = causal_lm_loss(model(ids).logits, ids, reduction="none").view(ids.shape[0], -1).sum(-1)
+        row_nll += nll.tolist()
+        row_bytes += batch["target_bytes"][: ids.shape[0]].tolist()
+    tokens = len(row_nll) * (ds.seq_len - 1)
+    out = {"bits_per_byte": to_bpb(sum(row_nll), sum(row_bytes)), "loss": sum(row_nll) / max(tokens, 1),
+           "tokens": tokens, "bytes": sum(row_bytes), "rows": len(row_nll), "split": split, "data": str(data_dir)}
+    if per_row:
+        out.update(row_nll=row_nll, row_bytes=row_bytes)
+    return out

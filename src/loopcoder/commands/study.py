@@ -1,0 +1,39 @@
+"""`loopcoder study`: pretrain, instruction-tune, evaluate and diagnose R = 1, 2, 3 and write one report."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from loopcoder.errors import LoopcoderError
+
+
+def _loops(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected loop counts like 1,2,3, got {text!r}") from None
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="tiny", help="tiny (minutes on a CPU: `make demo`) or small (one GPU, ~1 h)")
+    p.add_argument("--out", default="runs/study", help="study directory (re-running skips finished stages)")
+    p.add_argument("--source", default=None, help="code corpus for `data build` (default: the stdlib sources)")
+    p.add_argument("--loops", type=_loops, default=None, help="loop counts to compare (R=1 always included)")
+    p.add_argument("--device", default=None, help="auto, cpu or cuda")
+
+
+def run(args: argparse.Namespace) -> int:
+    from loopcoder.study import Study, get_preset
+
+    preset = get_preset(args.preset, source=args.source, loops=args.loops, device=args.device)
+    if args.source and args.source != "stdlib" and not args.source.startswith("hf:"):
+        from pathlib import Path
+
+        if not Path(args.source).exists():
+            raise LoopcoderError(f"--source {args.source!r} does not exist")
+    print(f"loop-count study, preset {preset.name}: R = {', '.join(map(str, preset.loops))} -> {args.out}",
+          file=sys.stderr)
+    report = Study(preset, args.out).run()
+    print(f"\nreport: {report}")
+    return 0
