@@ -93,6 +93,26 @@ def test_unfused_projections_give_the_same_tokens():
     assert [c.token_ids for c in fused.generate(PROMPTS, sp)] == [c.token_ids for c in unfused.generate(PROMPTS, sp)]
 
 
+def test_fused_projection_outputs_start_on_aligned_offsets():
+    """G-SWA's gate rows ride in the q/k/v matmul; the fused output is padded so that every split view (v is
+    used uncopied) starts a multiple of 16 elements in: CUDA's attention kernels fault on unaligned rows."""
+    model = tiny_model(dtype=torch.float32, plt_num_loops=2)  # 4 heads: 32 + 16 + 16 + 4 gate rows
+    model.model.prepare_for_inference(pack=False)
+    attn, norm = model.model.layers[0].self_attn, model.model.layers[0].input_layernorm
+    x = torch.randn(3, 2, 32)
+    with torch.no_grad():
+        xn = norm(x)  # the fused matmul reads the layer's normalised input
+        q, k, v, gate = attn.fast_qkv.split(xn)
+        full = attn.fast_qkv(xn)
+        want_gate = attn.plt_gate.gate_norm(x) @ attn.plt_gate.weight.T
+        want_q, want_v = attn.q_proj(xn), attn.v_proj(xn)
+    assert full.shape[-1] % 16 == 0 and full.shape[-1] >= 68
+    assert all(p.storage_offset() % 8 == 0 for p in (q, k, v))
+    torch.testing.assert_close(q, want_q)
+    torch.testing.assert_close(v, want_v)
+    torch.testing.assert_close(gate, want_gate, rtol=1e-4, atol=1e-5)
+
+
 def test_kv_bytes_follow_the_formula():
     for arch, per_slot_entries in (("plt", 50 + 3 * 4), ("vanilla", 4 * 50)):
         model = tiny_model(dtype=torch.float32, plt_num_loops=4, loop_architecture=arch)

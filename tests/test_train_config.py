@@ -33,6 +33,7 @@ def test_overrides_are_typed_and_dotted():
     ("train.compile=maybe", "train.compile: expected bool"),
     ("model.loops=0", "model.loops=0: must be >= 1"),
     ("train.precision=fp8", "choose from auto, fp32, bf16"),
+    ("train.attention=flash", "choose from sdpa, flex_attention"),
     ("schedule.decay=step", "choose from cosine, linear, constant"),
     ("optim.betas=[0.9]", "optim.betas=[0.9]: must be two numbers"),
     ("nonsense", "is not KEY=VALUE"),

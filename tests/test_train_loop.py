@@ -115,6 +115,14 @@ def test_gradient_accumulation_gives_the_same_steps_as_one_big_batch(tmp_path):
         assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-4)
 
 
+def test_flex_attention_training_needs_cuda_and_says_so(tmp_path, capsys):
+    args = overrides(tmp_path / "f", **{"train.steps": 1, "train.device": "cpu", "train.attention": "flex_attention"})
+    assert main(["train", "--preset", "tiny", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].endswith("train.attention=flex_attention needs a CUDA device (torch's flex_attention has no "
+                            "backward on CPU); use train.attention=sdpa")
+
+
 def test_validation_loss_and_bits_per_byte_are_nll_over_tokens_and_bytes(pretrained):
     cfg = load_config(str(pretrained.run_dir / "config.yaml"))
     source = pretrain_source(cfg)

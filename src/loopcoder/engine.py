@@ -24,6 +24,7 @@ from itertools import count
 from typing import Any
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from loopcoder.cache import PLTCache, SlotCache
 from loopcoder.errors import LoopcoderError
@@ -31,6 +32,9 @@ from loopcoder.model import KV, PLTForCausalLM, attend, rope_cos_sin
 from loopcoder.sampling import SamplingParams, make_generator, sample_next
 
 MODES = ("parallel", "sequential")
+# cuDNN's SDPA builds an execution plan on the host for every new shape (~4 ms per call measured on an
+# H200), and a decode step's key length changes every step: decode on flash / memory-efficient / math.
+DECODE_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass
@@ -103,7 +107,7 @@ class Engine:
         if cuda_graphs and self.device.type != "cuda":
             raise LoopcoderError("cuda_graphs needs a CUDA device")
         self.cuda_graphs = cuda_graphs
-        self._graph: Any = None
+        self._graphs: dict[str, tuple] = {}  # mode -> (graph, its input tokens, live mask, output logits)
         self._core = torch.compile(self._decode_core, dynamic=False) if compile else self._decode_core
         self.active: list[Request] = []  # slot i holds active[i]
         self.queue: deque[Request] = deque()
@@ -145,6 +149,7 @@ class Engine:
         return bool(self.queue or self.active)
 
     @torch.inference_mode()
+    @sdpa_kernel(DECODE_ATTENTION)
     def step(self) -> list[Event]:
         events: list[Event] = []
         self._admit(events)
@@ -205,6 +210,10 @@ class Engine:
     def decode_step(self, tokens: torch.Tensor, n: int) -> torch.Tensor:
         """Logits (n, vocab) of the next token of the sequences in slots 0..n-1, whose last tokens are
         `tokens`; advances their caches by one position."""
+        with sdpa_kernel(DECODE_ATTENTION):
+            return self._decode_step(tokens, n)
+
+    def _decode_step(self, tokens: torch.Tensor, n: int) -> torch.Tensor:
         c = self.cache
         if not self.static_shapes:
             t_cur = int(c.lengths[:n].max()) + 1
@@ -287,33 +296,35 @@ class Engine:
             rv = c.rv[i, :n, ring_loops.start:ring_loops.stop].flatten(0, 1)
             q_local = q[:, :, first:].transpose(1, 2).flatten(0, 1).unsqueeze(2)  # (n*m, H, 1, hd)
             y_local = attend(q_local, KV(rk, rv), local_mask)
-            y_local = y_local.view(n, m, attn.num_heads, -1).transpose(1, 2)
+            y_local = y_local.reshape(n, m, attn.num_heads, -1).transpose(1, 2)
             logits = None if gate_logits is None else gate_logits[:, first:]
             y[:, :, first:] = attn.mix(x[:, first:], q[:, :, first:], y[:, :, first:], y_local, logits)[0]
         x = x + attn.output(y)
         return x + layer.mlp(layer.post_attention_layernorm(x))
 
     def _graph_step(self, tokens: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
-        """Replay a captured CUDA graph of the fixed-shape step (captured on first use)."""
+        """Replay a captured CUDA graph of the fixed-shape step (captured on first use, one per mode)."""
         c = self.cache
-        if self._graph is None:
-            self._g_tokens, self._g_live = tokens.clone(), live.clone()
+        if self.mode not in self._graphs:
+            g_tokens, g_live = tokens.clone(), live.clone()
             saved = (c.lengths.clone(), c.ring_pos.clone(), c.states.clone())
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):  # warm up outside the graph
-                self._decode_core(self._g_tokens, c.max_batch, c.max_len, self._g_live)
+            with torch.cuda.stream(stream):  # warm up outside the graph (rewrites this step's K/V, same values)
+                self._decode_core(g_tokens, c.max_batch, c.max_len, g_live)
             torch.cuda.current_stream().wait_stream(stream)
             c.lengths.copy_(saved[0])
             c.ring_pos.copy_(saved[1])
             c.states.copy_(saved[2])
-            self._graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self._graph):
-                self._g_out = self._decode_core(self._g_tokens, c.max_batch, c.max_len, self._g_live)
-        self._g_tokens.copy_(tokens)
-        self._g_live.copy_(live)
-        self._graph.replay()
-        return self._g_out
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                g_out = self._decode_core(g_tokens, c.max_batch, c.max_len, g_live)
+            self._graphs[self.mode] = (graph, g_tokens, g_live, g_out)
+        graph, g_tokens, g_live, g_out = self._graphs[self.mode]
+        g_tokens.copy_(tokens)
+        g_live.copy_(live)
+        graph.replay()
+        return g_out
 
     # ------------------------------------------------------------------ bookkeeping
     def _append(self, req: Request, token: int, events: list[Event]) -> None:
@@ -391,5 +402,6 @@ class _StepContext:
         if key not in self._rows:
             sel = torch.arange(loops.start, loops.stop, device=self.t.device)
             dst = (self.slots[:, None], sel[None], slice(None), self.ring[:, None])
-            self._rows[key] = dst, self.local_mask.repeat_interleave(len(loops), 0)
+            m = self.local_mask  # each sequence's mask once per loop row (expand: no host sync, graph-safe)
+            self._rows[key] = dst, m.unsqueeze(1).expand(-1, len(loops), *m.shape[1:]).flatten(0, 1)
         return self._rows[key]

@@ -22,6 +22,9 @@ def can_pack(weight: torch.Tensor) -> bool:
     return weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available()
 
 
+ROW_ALIGN = 16  # elements: 32 bytes in bf16
+
+
 class FastLinear:
     """`extra` rows (no bias, not parameters) may ride along in the same matmul: G-SWA's gate logits."""
 
@@ -35,6 +38,14 @@ class FastLinear:
             self.weight = torch.cat([self.weight, extra.detach().to(self.weight.dtype)])
             if self.bias is not None:
                 self.bias = torch.cat([self.bias, self.bias.new_zeros(extra.shape[0])])
+        # Split outputs are strided views: keep every row a multiple of ROW_ALIGN elements wide, else a view
+        # (v, which no op copies before attention) can start off a 16-byte boundary, and CUDA's flash and
+        # memory-efficient attention kernels fault on it ("misaligned address"; e.g. 28 gate rows in bf16).
+        self.pad = (-sum(self.sizes)) % ROW_ALIGN if len(self.sizes) > 1 else 0
+        if self.pad:
+            self.weight = torch.cat([self.weight, self.weight.new_zeros(self.pad, self.weight.shape[1])])
+            if self.bias is not None:
+                self.bias = torch.cat([self.bias, self.bias.new_zeros(self.pad)])
         self.packed = None
         if pack and can_pack(self.weight):
             self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), 4)
@@ -47,8 +58,9 @@ class FastLinear:
         return y.view(*x.shape[:-1], y.shape[-1])
 
     def split(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The outputs of the fused linears, in order."""
-        return self(x).split(self.sizes, -1)
+        """The outputs of the fused linears (and the extra rows), in order."""
+        parts = self(x).split([*self.sizes, self.pad] if self.pad else self.sizes, -1)
+        return parts[:len(self.sizes)]
 
 
 def active(fast: FastLinear | None) -> bool:

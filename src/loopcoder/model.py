@@ -127,7 +127,7 @@ def attend(q: torch.Tensor, kv: KV, mask: Any, impl: str = "sdpa") -> torch.Tens
         b, h, s, d = q.shape
         hkv = kv.k.shape[1]
         y = F.scaled_dot_product_attention(q.reshape(b, hkv, h // hkv * s, d), kv.k, kv.v, attn_mask=mask)
-        return y.view(b, h, s, d)
+        return y.reshape(b, h, s, d)  # reshape: CUDA kernels may return a (b, s, h, d) layout
     return F.scaled_dot_product_attention(q, kv.k, kv.v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
 
 

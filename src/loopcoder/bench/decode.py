@@ -22,8 +22,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+from torch.nn.attention import sdpa_kernel
 
 from loopcoder.config import PLTConfig
+from loopcoder.engine import DECODE_ATTENTION
 
 
 @dataclass
@@ -51,17 +53,28 @@ class DecodeBenchSettings:
     seed: int = 0
     extra: dict = field(default_factory=dict)
 
+    def steps_per_engine(self) -> int:
+        """Decode steps one engine takes: two modes (single-pass, sequential) share an engine and its cache."""
+        return self.warmup + 2 * (self.rounds * self.steps + self.warmup) + 2
+
     def model_config(self, loops: int, arch: str = "plt") -> PLTConfig:
         return PLTConfig(vocab_size=self.vocab_size, hidden_size=self.hidden_size,
                          intermediate_size=self.intermediate_size, num_hidden_layers=self.num_layers,
                          num_attention_heads=self.num_heads, num_key_value_heads=self.num_kv_heads,
-                         head_dim=self.head_dim, max_position_embeddings=max(self.contexts) + 64,
+                         head_dim=self.head_dim, max_position_embeddings=max(self.contexts) + self.steps_per_engine(),
                          plt_num_loops=loops, plt_window_size=[self.window, 0], loop_architecture=arch)
 
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def _free(device: torch.device) -> None:
+    """Drop the last group's caches before the next group allocates its own (GPU caches can be 10s of GB)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def measure_machine(device: torch.device, dtype: torch.dtype) -> dict[str, float]:
@@ -136,8 +149,7 @@ class EngineTimer:
         if share is not None:  # another mode of the same model: same engine and cache, switched per run
             self.engine = share.engine
         else:
-            steps = s.warmup + 2 * (s.rounds * s.steps + s.warmup) + 2
-            self.engine = Engine(model, max_batch=batch, max_seq_len=context + steps, mode=mode,
+            self.engine = Engine(model, max_batch=batch, max_seq_len=context + s.steps_per_engine(), mode=mode,
                                  cuda_graphs=s.cuda_graphs and self.device.type == "cuda")
             _fill(self.engine, batch, context, torch.Generator().manual_seed(s.seed))
         self.tokens = torch.randint(0, model.config.vocab_size, (batch,), device=self.device)
@@ -175,11 +187,11 @@ class TransformersTimer:
         self.model, self.s, self.batch, self.context = model, s, batch, context
         self.device = next(model.parameters()).device
         dtype = next(model.parameters()).dtype
-        gen = torch.Generator().manual_seed(s.seed)
+        torch.manual_seed(s.seed)
         self.cache = DynamicCache(config=model.config)
         shape = (batch, s.num_kv_heads, context, s.head_dim)
-        for layer in range(s.num_layers):
-            k, v = (torch.randn(shape, generator=gen).to(self.device, dtype) for _ in range(2))
+        for layer in range(s.num_layers):  # drawn where they live: GPU caches can be 10s of GB
+            k, v = (torch.randn(shape, device=self.device, dtype=dtype) for _ in range(2))
             self.cache.update(k, v, layer)
         self.times: list[float] = []
         self.rounds: list[float] = []
@@ -201,9 +213,10 @@ class TransformersTimer:
 
         length = self.cache.get_seq_length()
         ids = torch.randint(0, self.s.vocab_size, (self.batch, length + 1), device=device)
-        self.model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=self.cache,
-                            max_new_tokens=steps + 1, min_new_tokens=steps + 1, do_sample=False,
-                            logits_processor=LogitsProcessorList([Clock()]), pad_token_id=0)
+        with sdpa_kernel(DECODE_ATTENTION):  # the engine's attention kernels, so that only the rest differs
+            self.model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=self.cache,
+                                max_new_tokens=steps + 1, min_new_tokens=steps + 1, do_sample=False,
+                                logits_processor=LogitsProcessorList([Clock()]), pad_token_id=0)
         self.cache.crop(length - self.cache.get_seq_length())  # back to the context length for the next round
         if keep:
             diffs = [b - a for a, b in itertools.pairwise(stamps)]
@@ -275,20 +288,20 @@ def run_decode_bench(s: DecodeBenchSettings, log: Any = sys.stderr) -> dict[str,
                 groups_seen[(R, batch, context)] = group
                 for name, res in group.items():
                     samples.setdefault((name, batch, context), []).append(res)
-                del timers
-                gc.collect()
+                del timers, single
+                _free(device)
                 got = {n: r["latency_s"] for n, r in group.items()}
                 progress(f"R={R} batch={batch} context={context}: " + ", ".join(
                     f"{n} {got[n] * 1e3:.1f} ms" for n in ("R=1", f"PLT-{R} single-pass", f"vanilla-{R}")))
         del plt, van
-        gc.collect()
+        _free(device)
     if s.include_transformers:
         from transformers import LlamaConfig, LlamaForCausalLM
 
         llama_cfg = LlamaConfig(vocab_size=s.vocab_size, hidden_size=s.hidden_size,
                                 intermediate_size=s.intermediate_size, num_hidden_layers=s.num_layers,
                                 num_attention_heads=s.num_heads, num_key_value_heads=s.num_kv_heads,
-                                head_dim=s.head_dim, max_position_embeddings=max(s.contexts) + 64)
+                                head_dim=s.head_dim, max_position_embeddings=max(s.contexts) + s.steps_per_engine())
         llama = build(LlamaForCausalLM, llama_cfg)
         for batch in s.batches:
             for context in s.contexts:
@@ -299,7 +312,7 @@ def run_decode_bench(s: DecodeBenchSettings, log: Any = sys.stderr) -> dict[str,
                 for name, res in group.items():
                     samples.setdefault((name, batch, context), []).append(res)
                 del timers
-                gc.collect()
+                _free(device)
                 progress(f"transformers batch={batch} context={context}: R=1 {group['R=1']['latency_s'] * 1e3:.1f} "
                          f"ms, transformers {group[HF_NAME]['latency_s'] * 1e3:.1f} ms")
         del llama

@@ -47,6 +47,7 @@ class TrainBenchSettings:
     dtype: str = "auto"  # auto: fp32 on CPU, bf16 autocast on GPU
     include_transformers: bool = True
     activation_checkpointing: bool = False
+    attention: str = "sdpa"  # PLT's training attention: sdpa | flex_attention (CUDA); transformers' stays sdpa
     seed: int = 0
 
     def model_config(self, loops: int) -> PLTConfig:
@@ -110,8 +111,9 @@ def run_train_bench(s: TrainBenchSettings, log: TextIO | None = None) -> dict[st
     runners = []
     for R in s.loops:
         torch.manual_seed(s.seed)
-        runners.append((R, s.model_config(R), _Runner(f"PLT R={R}", PLTForCausalLM(s.model_config(R)), s, device,
-                                                     bf16)))
+        model = PLTForCausalLM(s.model_config(R))
+        model.config._attn_implementation = s.attention
+        runners.append((R, s.model_config(R), _Runner(f"PLT R={R}", model, s, device, bf16)))
     if s.include_transformers:
         torch.manual_seed(s.seed)
         runners.append((1, s.model_config(1), _Runner(LLAMA, llama_model(s), s, device, bf16)))
@@ -151,7 +153,8 @@ def format_report(report: dict[str, Any]) -> str:
     lines = [f"Training benchmark on {m.get('gpu') or m.get('cpu')} ({m['device']}, {m['threads']} threads), "
              f"{m['date']}",
              f"shape: {s['num_layers']} layers x {s['hidden_size']}, heads {s['num_heads']}/{s['num_kv_heads']}, "
-             f"MLP {s['intermediate_size']}, vocab {s['vocab_size']}, window {s['window']}; batch {s['batch']} x "
+             f"MLP {s['intermediate_size']}, vocab {s['vocab_size']}, window {s['window']}, {s['attention']}; "
+             f"batch {s['batch']} x "
              f"{s['seq_len']} tokens; median of {s['rounds']} x {s['steps']} steps", "",
              f"{'configuration':<22}{'ms/step':>10}{'tokens/s':>11}{'GFLOP/token':>13}{'GFLOP/s':>10}{'MFU':>8}"]
     for r in report["results"]:

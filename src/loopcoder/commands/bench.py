@@ -80,6 +80,8 @@ def _add_train_arguments(sub: Any) -> None:
     t.add_argument("--device", default="cpu")
     t.add_argument("--dtype", default="auto", help="auto: fp32 on CPU, bf16 autocast on GPU")
     t.add_argument("--activation-checkpointing", action="store_true")
+    t.add_argument("--attention", choices=("sdpa", "flex_attention"), default="sdpa",
+                   help="PLT's training attention (flex_attention: CUDA only)")
     t.add_argument("--no-transformers", action="store_true", help="skip transformers' LlamaForCausalLM")
     t.add_argument("--out", default="runs/bench/train.json", help="JSON report path")
 
@@ -150,7 +152,9 @@ def _train(args: argparse.Namespace) -> int:
                            batch=args.batch, seq_len=args.seq_len, loops=tuple(sorted({1, *args.loops})),
                            steps=args.steps, warmup=args.warmup, rounds=args.rounds, device=args.device,
                            dtype=args.dtype, include_transformers=not args.no_transformers,
-                           activation_checkpointing=args.activation_checkpointing)
+                           activation_checkpointing=args.activation_checkpointing, attention=args.attention)
+    if args.attention == "flex_attention" and not args.device.startswith("cuda"):
+        raise LoopcoderError("--attention flex_attention needs --device cuda (no flex_attention backward on CPU)")
     print("train benchmark: " + ", ".join(f"{k}={v}" for k, v in vars(args).items() if k != "which"),
           file=sys.stderr)
     report = run_train_bench(s)

@@ -76,6 +76,7 @@ class TrainSection:
     precision: str = "auto"  # auto: fp32 on CPU, bf16 autocast on GPU | fp32 | bf16
     activation_checkpointing: bool = False
     compile: bool = False  # torch.compile each decoder layer
+    attention: str = "sdpa"  # sdpa | flex_attention (block-sparse causal and window masks, compiled on GPU)
     deterministic: bool = False  # torch.use_deterministic_algorithms
     threads: int | None = None  # CPU threads per process (None: torch's default)
 
@@ -410,6 +411,7 @@ def validate(cfg: TrainConfig) -> None:
     need(t.device == "auto" or t.device.split(":")[0] in ("cpu", "cuda"), "train.device",
          "choose auto, cpu, cuda or cuda:N")
     need(t.precision in ("auto", "fp32", "bf16"), "train.precision", "choose from auto, fp32, bf16")
+    need(t.attention in ("sdpa", "flex_attention"), "train.attention", "choose from sdpa, flex_attention")
     need(o.lr > 0, "optim.lr", "must be > 0")
     need(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", "must be two numbers in [0, 1)")
     need(o.eps > 0, "optim.eps", "must be > 0")

@@ -107,6 +107,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
         if cfg.train.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)
+        if cfg.train.attention == "flex_attention" and env.device.type != "cuda":
+            raise LoopcoderError("train.attention=flex_attention needs a CUDA device (torch's flex_attention "
+                                 "has no backward on CPU); use train.attention=sdpa")
         start = _start_point(cfg, env, resume)
         state = ckpt.load_state(start) if start is not None else None
         if state is not None:
@@ -122,6 +125,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
             from loopcoder.model import PLTForCausalLM
 
             model = PLTForCausalLM(model_config(cfg, source.vocab_size, source.seq_len))
+        model.config._attn_implementation = cfg.train.attention  # not saved: each run chooses its own
         if model.config.vocab_size < source.vocab_size:
             raise LoopcoderError(f"the model's vocabulary ({model.config.vocab_size}) is smaller than the "
                                  f"tokenizer's ({source.vocab_size})")
@@ -170,7 +174,8 @@ def _header(cfg: TrainConfig, env: D.DistEnv, mc: PLTConfig, source: BatchSource
             f"micro-steps x {env.world_size} rank(s); {cfg.train.steps} steps\n"
             f"device: {env.device}, {precision}, {strategy if strategy != 'none' else 'single process'}"
             f"{', activation checkpointing' if cfg.train.activation_checkpointing else ''}"
-            f"{', compiled' if cfg.train.compile else ''}")
+            f"{', compiled' if cfg.train.compile else ''}"
+            f"{', flex_attention' if cfg.train.attention == 'flex_attention' else ''}")
 
 
 def prepare(config: TrainConfig | str | dict[str, Any] | None, overrides: list[str] | dict[str, Any] | None,

@@ -1,0 +1,92 @@
+"""`loopcoder generate`: the completion, streaming, stdin, chat, and one-line errors with exit code 2."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import sys
+
+import pytest
+
+from loopcoder.cli import main
+from loopcoder.data import tokenizer as T
+from loopcoder.engine import Engine
+from loopcoder.runtime import load_for_inference
+from loopcoder.sampling import SamplingParams
+from test_data_helpers import small_build
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("gen")
+    data, _ = small_build(tmp, seq_len=64)
+    out = tmp / "model"
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["init", "--out", str(out), "--hidden-size", "32", "--layers", "2", "--heads", "4",
+                     "--vocab-size", "400", "--window", "4", "--max-positions", "48", "--loops", "2"]) == 0
+    T.save_tokenizer(T.load_raw_tokenizer(data), out, model_max_length=48)
+    return out
+
+
+def run_cli(argv, capsys, stdin: str | None = None):
+    if stdin is not None:
+        sys.stdin = io.StringIO(stdin)
+    try:
+        code = main(argv)
+    finally:
+        sys.stdin = sys.__stdin__
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_generate_prints_the_engine_completion_and_tokens_per_second(model_dir, capsys):
+    code, out, err = run_cli(["generate", "--model", str(model_dir), "--prompt", "def add(a, b):",
+                              "--max-new-tokens", "8"], capsys)
+    assert code == 0 and "tokens/s" in err
+    model, tok = load_for_inference(str(model_dir))
+    ids = tok("def add(a, b):", add_special_tokens=False)["input_ids"]
+    expected = Engine(model, tok).generate([ids], SamplingParams(max_new_tokens=8))[0].text
+    assert out == expected + "\n"
+    # streaming and stdin give the same text
+    code, streamed, _ = run_cli(["generate", "--model", str(model_dir), "--max-new-tokens", "8", "--stream"], capsys,
+                                stdin="def add(a, b):")
+    assert code == 0 and streamed == expected + "\n"
+
+
+def test_seeded_sampling_is_reproducible_from_the_cli(model_dir, capsys):
+    args = ["generate", "--model", str(model_dir), "--prompt", "x = 1", "--max-new-tokens", "10",
+            "--temperature", "1.0", "--top-p", "0.9", "--top-k", "50", "--seed", "3"]
+    first, second = run_cli(args, capsys)[1], run_cli(args, capsys)[1]
+    assert first == second
+
+
+def test_chat_wraps_the_prompt_in_the_template_and_stops_at_the_turn_end(model_dir, capsys):
+    code, out, _ = run_cli(["generate", "--model", str(model_dir), "--prompt", "hello", "--chat",
+                            "--max-new-tokens", "6"], capsys)
+    model, tok = load_for_inference(str(model_dir))
+    ids = tok.apply_chat_template([{"role": "user", "content": "hello"}], add_generation_prompt=True, tokenize=True,
+                                  return_dict=False)
+    assert ids[-3:] == tok("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"][-3:]
+    params = SamplingParams(max_new_tokens=6, stop_token_ids=[T.EOS_ID, T.IM_END_ID])
+    expected = Engine(model, tok).generate([list(ids)], params)[0].text
+    assert code == 0 and out == expected + "\n"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--model", "MISSING", "--prompt", "x"], "does not exist"),
+        (["--prompt", "x", "--temperature", "-1"], "temperature"),
+        (["--prompt", "x", "--top-p", "0"], "top_p"),
+        (["--prompt", "x", "--max-new-tokens", "0"], "max_new_tokens"),
+        (["--prompt", "x = 1\n" * 40], "maximum is 48"),
+        (["--prompt", ""], "prompt is empty"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(model_dir, tmp_path, capsys, argv, message):
+    argv = [str(tmp_path / "nope") if a == "MISSING" else a for a in argv]
+    if "--model" not in argv:
+        argv = ["--model", str(model_dir), *argv]
+    code, _, err = run_cli(["generate", *argv], capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and message in lines[0], err
