@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import math
 
@@ -11,22 +9,14 @@ import pytest
 import torch
 
 from loopcoder.cli import main
-from loopcoder.data import tokenizer as T
 from loopcoder.evaluation import humaneval, runner, tasks
 from loopcoder.evaluation.tasks import EvalSettings, wilson_interval
-from test_data_helpers import small_build
+from test_data_helpers import tiny_model_dir
 
 
 @pytest.fixture(scope="module")
 def model_and_data(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("eval")
-    data, _ = small_build(tmp, seq_len=64)
-    model_dir = tmp / "model"
-    with contextlib.redirect_stdout(io.StringIO()):
-        assert main(["init", "--out", str(model_dir), "--hidden-size", "32", "--layers", "2", "--heads", "4",
-                     "--vocab-size", "400", "--window", "4", "--max-positions", "1024", "--loops", "2"]) == 0
-    T.save_tokenizer(T.load_raw_tokenizer(data), model_dir, model_max_length=1024)
-    return model_dir, data
+    return tiny_model_dir(tmp_path_factory.mktemp("eval"), max_positions=1024)
 
 
 def fake_complete(answer_of):

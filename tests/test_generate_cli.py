@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import io
 import sys
 
@@ -13,19 +12,12 @@ from loopcoder.data import tokenizer as T
 from loopcoder.engine import Engine
 from loopcoder.runtime import load_for_inference
 from loopcoder.sampling import SamplingParams
-from test_data_helpers import small_build
+from test_data_helpers import tiny_model_dir
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("gen")
-    data, _ = small_build(tmp, seq_len=64)
-    out = tmp / "model"
-    with contextlib.redirect_stdout(io.StringIO()):
-        assert main(["init", "--out", str(out), "--hidden-size", "32", "--layers", "2", "--heads", "4",
-                     "--vocab-size", "400", "--window", "4", "--max-positions", "48", "--loops", "2"]) == 0
-    T.save_tokenizer(T.load_raw_tokenizer(data), out, model_max_length=48)
-    return out
+    return tiny_model_dir(tmp_path_factory.mktemp("gen"), max_positions=48)[0]
 
 
 def run_cli(argv, capsys, stdin: str | None = None):
