@@ -28,9 +28,14 @@ def main() -> None:
     ap.add_argument("--small", action="store_true", help="a tiny shape (rehearsal)")
     ap.add_argument("--cuda-graphs", action="store_true")
     a = ap.parse_args()
-    shape = dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, intermediate_size=128,
-                 vocab_size=256) if a.small else dict(hidden_size=4096, num_layers=8, num_heads=32, num_kv_heads=8,
-                                                      head_dim=128, intermediate_size=11008, vocab_size=32000)
+    if a.small:
+        shape = dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, intermediate_size=128,
+                     vocab_size=256)
+    elif a.device == "cpu":
+        shape = {}  # `loopcoder bench decode`'s default CPU shape
+    else:  # gpu_check.py's shape
+        shape = dict(hidden_size=4096, num_layers=8, num_heads=32, num_kv_heads=8, head_dim=128,
+                     intermediate_size=11008, vocab_size=32000)
     s = DecodeBenchSettings(**shape, contexts=(a.context,), batches=(a.batch,), steps=a.steps, rounds=1, warmup=10,
                             device=a.device, dtype=a.dtype, cuda_graphs=a.cuda_graphs)
     device = pick_device(a.device)
