@@ -108,6 +108,7 @@ def test_fused_projection_outputs_start_on_aligned_offsets():
         want_q, want_v = attn.q_proj(xn), attn.v_proj(xn)
     assert full.shape[-1] % 16 == 0 and full.shape[-1] >= 68
     assert all(p.storage_offset() % 8 == 0 for p in (q, k, v))
+    assert attn.q_proj.weight.data_ptr() == attn.fast_qkv.weight.data_ptr()  # parameters stay views of it
     torch.testing.assert_close(q, want_q)
     torch.testing.assert_close(v, want_v)
     torch.testing.assert_close(gate, want_gate, rtol=1e-4, atol=1e-5)

@@ -29,23 +29,19 @@ class FastLinear:
     """`extra` rows (no bias, not parameters) may ride along in the same matmul: G-SWA's gate logits."""
 
     def __init__(self, linears: list[nn.Linear], pack: bool = True, extra: torch.Tensor | None = None) -> None:
-        self.sizes = [m.out_features for m in linears]
-        self.weight = _fuse([m.weight for m in linears])
-        has_bias = linears[0].bias is not None
-        self.bias = _fuse([m.bias for m in linears]) if has_bias else None
-        if extra is not None:
-            self.sizes.append(extra.shape[0])
-            self.weight = torch.cat([self.weight, extra.detach().to(self.weight.dtype)])
-            if self.bias is not None:
-                self.bias = torch.cat([self.bias, self.bias.new_zeros(extra.shape[0])])
+        self.sizes = [m.out_features for m in linears] + ([] if extra is None else [extra.shape[0]])
         # Split outputs are strided views: keep every row a multiple of ROW_ALIGN elements wide, else a view
         # (v, which no op copies before attention) can start off a 16-byte boundary, and CUDA's flash and
         # memory-efficient attention kernels fault on it ("misaligned address"; e.g. 28 gate rows in bf16).
         self.pad = (-sum(self.sizes)) % ROW_ALIGN if len(self.sizes) > 1 else 0
-        if self.pad:
-            self.weight = torch.cat([self.weight, self.weight.new_zeros(self.pad, self.weight.shape[1])])
-            if self.bias is not None:
-                self.bias = torch.cat([self.bias, self.bias.new_zeros(self.pad)])
+        tail = self.pad + (0 if extra is None else extra.shape[0])  # rows after the parameters' rows
+        weight = linears[0].weight
+        tail_weight = weight.new_zeros(self.pad, weight.shape[1])
+        if extra is not None:
+            tail_weight = torch.cat([extra.detach().to(weight.dtype), tail_weight])
+        self.weight = _fuse([m.weight for m in linears], tail_weight)
+        has_bias = linears[0].bias is not None
+        self.bias = _fuse([m.bias for m in linears], weight.new_zeros(tail)) if has_bias else None
         self.packed = None
         if pack and can_pack(self.weight):
             self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), 4)
@@ -58,7 +54,7 @@ class FastLinear:
         return y.view(*x.shape[:-1], y.shape[-1])
 
     def split(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The outputs of the fused linears (and the extra rows), in order."""
+        """The outputs of the fused linears (and the extra rows), in order; the padding is dropped."""
         parts = self(x).split([*self.sizes, self.pad] if self.pad else self.sizes, -1)
         return parts[:len(self.sizes)]
 
@@ -68,11 +64,12 @@ def active(fast: FastLinear | None) -> bool:
     return fast is not None and not torch.is_grad_enabled()
 
 
-def _fuse(params: list[nn.Parameter]) -> torch.Tensor:
-    """Concatenate parameters along their rows and make each parameter a view of its rows."""
-    if len(params) == 1:
+def _fuse(params: list[nn.Parameter], tail: torch.Tensor) -> torch.Tensor:
+    """Concatenate parameters (then `tail`, rows that are not parameters) along their rows and make each
+    parameter a view of its rows, so that the fused and unfused paths share memory."""
+    if len(params) == 1 and not len(tail):
         return params[0].detach()
-    fused = torch.cat([p.detach() for p in params])
+    fused = torch.cat([p.detach() for p in params] + [tail])
     start = 0
     for p in params:
         p.data = fused[start:start + p.shape[0]]
