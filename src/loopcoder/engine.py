@@ -112,7 +112,8 @@ class Engine:
         self.active: list[Request] = []  # slot i holds active[i]
         self.queue: deque[Request] = deque()
         self._ids = count()
-        self.steps = 0
+        self.steps = 0  # decode steps taken
+        self.decoded = 0  # sequences decoded, summed over decode steps (admission's first token not counted)
 
     # ------------------------------------------------------------------ public API
     @property
@@ -149,7 +150,6 @@ class Engine:
         return bool(self.queue or self.active)
 
     @torch.inference_mode()
-    @sdpa_kernel(DECODE_ATTENTION)
     def step(self) -> list[Event]:
         events: list[Event] = []
         self._admit(events)
@@ -164,6 +164,7 @@ class Engine:
             for i, tok in zip(live, nxt):
                 self._append(self.active[i], tok, events)
             self.steps += 1
+            self.decoded += len(live)
         self._release_finished()
         return events
 
@@ -211,21 +212,18 @@ class Engine:
         """Logits (n, vocab) of the next token of the sequences in slots 0..n-1, whose last tokens are
         `tokens`; advances their caches by one position."""
         with sdpa_kernel(DECODE_ATTENTION):
-            return self._decode_step(tokens, n)
-
-    def _decode_step(self, tokens: torch.Tensor, n: int) -> torch.Tensor:
-        c = self.cache
-        if not self.static_shapes:
-            t_cur = int(c.lengths[:n].max()) + 1
-            return self._core(tokens, n, t_cur, torch.ones(n, dtype=torch.bool, device=self.device))
-        # fixed shapes (every slot, the full length) so the step can be captured as a CUDA graph
-        full = torch.zeros(c.max_batch, dtype=tokens.dtype, device=self.device)
-        full[:n] = tokens
-        live = torch.zeros(c.max_batch, dtype=torch.bool, device=self.device)
-        live[:n] = True
-        if self.cuda_graphs:
-            return self._graph_step(full, live)[:n]
-        return self._core(full, c.max_batch, c.max_len, live)[:n]
+            c = self.cache
+            if not self.static_shapes:
+                t_cur = int(c.lengths[:n].max()) + 1
+                return self._core(tokens, n, t_cur, torch.ones(n, dtype=torch.bool, device=self.device))
+            # fixed shapes (every slot, the full length) so the step can be captured as a CUDA graph
+            full = torch.zeros(c.max_batch, dtype=tokens.dtype, device=self.device)
+            full[:n] = tokens
+            live = torch.zeros(c.max_batch, dtype=torch.bool, device=self.device)
+            live[:n] = True
+            if self.cuda_graphs:
+                return self._graph_step(full, live)[:n]
+            return self._core(full, c.max_batch, c.max_len, live)[:n]
 
     def _decode_core(self, tokens: torch.Tensor, n: int, t_cur: int, live: torch.Tensor) -> torch.Tensor:
         cfg, c, model = self.config, self.cache, self.model.model

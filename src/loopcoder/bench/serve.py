@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from loopcoder.bench import cpu_name, now
 from loopcoder.errors import LoopcoderError
 
 
@@ -51,21 +52,15 @@ class ServeBenchSettings:
 
 
 def build_bench_model(out: str | Path, s: ServeBenchSettings) -> Path:
-    """A random PLT model and a BPE tokenizer trained on this package's source, in `out`."""
-    import contextlib
-    import io
-
-    from loopcoder.cli import main
+    """A random PLT model (`loopcoder init`'s other defaults) and a BPE tokenizer trained on this package's
+    source, in `out`."""
+    from loopcoder.commands.init import write_random_model
     from loopcoder.data import tokenizer as T
 
     texts = [p.read_text(encoding="utf-8") for p in sorted(Path(__file__).resolve().parents[1].rglob("*.py"))]
     tok = T.train_tokenizer(texts, vocab_size=1024)
-    with contextlib.redirect_stdout(io.StringIO()):
-        rc = main(["init", "--out", str(out), "--hidden-size", str(s.hidden_size), "--layers", str(s.layers),
-                   "--loops", str(s.loops), "--vocab-size", "1024", "--max-positions", "2048",
-                   "--seed", str(s.seed)])
-    if rc != 0:
-        raise LoopcoderError("could not build the benchmark model")
+    write_random_model(out, hidden_size=s.hidden_size, layers=s.layers, loops=s.loops, vocab_size=1024,
+                       max_positions=2048, seed=s.seed)
     T.save_tokenizer(tok, out, model_max_length=2048)
     return Path(out)
 
@@ -260,7 +255,7 @@ def run_serve_bench(s: ServeBenchSettings, log: Any = sys.stderr) -> dict[str, A
             idle = _wait_idle(server.url)
             rss_before = rss_bytes(server.proc.pid)
             print(f"load: {s.concurrency} clients for {s.duration:g} s ...", file=log)
-            steps0, tokens0, busy0 = idle["steps"], idle["tokens"], idle["step_seconds"]
+            before = idle
             samples: list[float] = []
             sampling = threading.Event()
 
@@ -276,23 +271,21 @@ def run_serve_bench(s: ServeBenchSettings, log: Any = sys.stderr) -> dict[str, A
             idle = _wait_idle(server.url)
             time.sleep(0.5)
             rss_after = rss_bytes(server.proc.pid)
-            engine_steps = idle["steps"] - steps0
+            engine_steps = idle["decode_steps"] - before["decode_steps"]
         finally:
             exit_code = server.stop()
-    from loopcoder.bench.decode import _cpu_name
-
     result.update({
         "rss_before_mb": rss_before / 2**20, "rss_after_mb": rss_after / 2**20,
         "rss_growth_mb": (rss_after - rss_before) / 2**20,
         "rss_under_load_mb": samples,  # every duration/20 seconds
         "rss_growth_second_half_mb": (rss_after / 2**20 - samples[len(samples) // 2]) if samples else None,
         "engine_steps": engine_steps,
-        "mean_sequences_per_step": (idle["tokens"] - tokens0) / max(engine_steps, 1),
-        "engine_busy_fraction": (idle["step_seconds"] - busy0) / result["elapsed_s"],
+        "mean_sequences_per_step": (idle["decoded_sequences"] - before["decoded_sequences"]) / max(engine_steps, 1),
+        "engine_busy_fraction": (idle["step_seconds"] - before["step_seconds"]) / result["elapsed_s"],
         "server_exit_code": exit_code, "server_idle_after": idle["running"] == 0 and idle["inflight"] == 0,
     })
-    return {"settings": asdict(s), "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(),
-                                               "date": time.strftime("%Y-%m-%d %H:%M", time.localtime())},
+    # this machine (the clients' and the server's), not `machine_info`'s torch process: the server is another one
+    return {"settings": asdict(s), "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "date": now()},
             "result": result}
 
 

@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -59,7 +58,8 @@ class ServerSettings:
 
 
 class ClientGone(Exception):
-    """The client disconnected before its response started."""
+    """The client disconnected before its response started (raised in a route, before any response:
+    the app's handler answers 499)."""
 
 
 # ---------------------------------------------------------------------------------------------- tickets
@@ -84,6 +84,8 @@ class Pending:
             self._scheduler.cancel(self.id)
 
     async def _next(self) -> Update:
+        if not self.queue.empty():  # already here: no need to watch the connection meanwhile
+            return self.queue.get_nowait()
         get = asyncio.ensure_future(self.queue.get())
         done, _ = await asyncio.wait({get, self._gone}, return_when=asyncio.FIRST_COMPLETED)
         if get in done:
@@ -143,6 +145,8 @@ def _coalesce(got: list[Update], queue: asyncio.Queue[Update]) -> list[Update]:
     engine, it sends one event per choice instead of one per token."""
     while not queue.empty():
         got.append(queue.get_nowait())
+    if len(got) == 1:  # the usual case when the client keeps up
+        return got
     merged: dict[int, Update] = {}
     for u in got:
         m = merged.get(u.index)
@@ -176,10 +180,8 @@ class Service:
         self.max_tokens = settings.max_tokens
         self.max_n = scheduler.max_batch  # all choices of a request must fit the batch together
         self.created = int(time.time())
-        # chat turns end with <|im_end|>: stop there as well as at the model's end-of-text
-        self.chat_stop_ids: list[int] | None = None
-        if tokenizer is not None and "<|im_end|>" in tokenizer.get_vocab():
-            self.chat_stop_ids = chat_stop_ids(engine.eos_ids, tokenizer)
+        # chat turns end with <|im_end|> (if the tokenizer has it) as well as at the model's end-of-text
+        self.chat_stop_ids = chat_stop_ids(engine.eos_ids, tokenizer)
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="loopcoder-tokenizer")
 
     async def off_loop(self, fn: Callable[[], T]) -> T:
@@ -253,6 +255,12 @@ class Service:
         return self.encode(text + prefix)
 
 
+def _meta(svc: Service, prefix: str, kind: str) -> dict[str, Any]:
+    """The fields every response (or chunk) of one request shares."""
+    return {"id": f"{prefix}-{uuid.uuid4().hex}", "object": kind, "created": int(time.time()),
+            "model": svc.settings.model_name}
+
+
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}
@@ -293,23 +301,15 @@ async def completions(svc: Service, request: Request) -> Response:
         svc.check_prompt(ids, "prompt")
     jobs = svc.jobs(req, prompts, req.max_tokens, svc.settings.default_completion_tokens, None)
     prompt_tokens = sum(map(len, prompts))
-    meta = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-            "model": svc.settings.model_name}
+    meta = _meta(svc, "cmpl", "text_completion")
     pending = Pending(svc.scheduler, jobs, request)
     if not req.stream:
-        try:
-            results = await pending.collect()
-        except ClientGone:
-            return Response(status_code=499)
+        results = await pending.collect()
         choices = [{"index": i, "text": text, "logprobs": None, "finish_reason": reason}
                    for i, (text, _, reason) in enumerate(results)]
         return JSONResponse({**meta, "choices": choices,
                              "usage": _usage(prompt_tokens, sum(k for _, k, _ in results))})
-    try:
-        first = await pending.started()
-    except ClientGone:
-        return Response(status_code=499)
-    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    first = await pending.started()
 
     async def events() -> AsyncIterator[str]:
         ntok = 0
@@ -321,7 +321,7 @@ async def completions(svc: Service, request: Request) -> Response:
             if u.text or u.finish_reason:
                 yield _sse({**meta, "choices": [{"index": u.index, "text": u.text, "logprobs": None,
                                                  "finish_reason": u.finish_reason}]})
-        if include_usage:
+        if req.include_usage:
             yield _sse({**meta, "choices": [], "usage": _usage(prompt_tokens, ntok)})
 
     return _event_stream(events(), pending)
@@ -339,14 +339,10 @@ async def chat_completions(svc: Service, request: Request) -> Response:
     ids = await svc.off_loop(lambda: svc.render_chat(req, tools_on, prefix))
     svc.check_prompt(ids, "messages")
     jobs = svc.jobs(req, [ids], req.output_limit, svc.max_tokens, svc.chat_stop_ids)
-    meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
-            "model": svc.settings.model_name}
+    meta = _meta(svc, "chatcmpl", "chat.completion")
     pending = Pending(svc.scheduler, jobs, request)
     if not req.stream:
-        try:
-            results = await pending.collect()
-        except ClientGone:
-            return Response(status_code=499)
+        results = await pending.collect()
         choices = []
         for i, (text, _, reason) in enumerate(results):
             parsed = parser.parse(prefix + text) if tools_on else ParsedOutput(text)
@@ -357,11 +353,7 @@ async def chat_completions(svc: Service, request: Request) -> Response:
             choices.append({"index": i, "message": message, "logprobs": None, "finish_reason": reason})
         return JSONResponse({**meta, "choices": choices,
                              "usage": _usage(len(ids), sum(k for _, k, _ in results))})
-    try:
-        first = await pending.started()
-    except ClientGone:
-        return Response(status_code=499)
-    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    first = await pending.started()
     chunk_meta = {**meta, "object": "chat.completion.chunk"}
 
     def chunk(index: int, delta: dict[str, Any], finish: str | None = None) -> str:
@@ -395,7 +387,7 @@ async def chat_completions(svc: Service, request: Request) -> Response:
                     yield chunk(u.index, {"tool_calls": calls})
                     reason = "tool_calls"
             yield chunk(u.index, {}, reason)
-        if include_usage:
+        if req.include_usage:
             yield _sse({**chunk_meta, "choices": [], "usage": _usage(len(ids), ntok)})
 
     return _event_stream(events(), pending)
@@ -450,12 +442,9 @@ def create_app(scheduler: Scheduler, tokenizer: Any, settings: ServerSettings) -
         err = APIError(exc.status_code, f"{exc.detail} ({request.method} {request.url.path})")
         return JSONResponse(err.body(), exc.status_code, headers=getattr(exc, "headers", None))
 
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
-        param = ".".join(str(x) for x in first.get("loc", ()) if x != "body") or None
-        err = bad_request(f"invalid value for '{param}': {first.get('msg')}", param)
-        return JSONResponse(err.body(), 400)
+    @app.exception_handler(ClientGone)
+    async def _client_gone(request: Request, exc: ClientGone) -> Response:
+        return Response(status_code=499)  # nobody reads it: the status is for the access log
 
     @app.exception_handler(Exception)
     async def _internal_error(request: Request, exc: Exception) -> JSONResponse:

@@ -83,6 +83,11 @@ class _SamplingRequest(_Strict):
         return v
 
     @property
+    def include_usage(self) -> bool:
+        """A streamed response ends with a usage chunk."""
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    @property
     def stop_list(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 

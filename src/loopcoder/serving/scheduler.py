@@ -92,7 +92,8 @@ class Scheduler:
         self._owner: dict[str, tuple[_Ticket, int]] = {}
         self._running = self._waiting = 0
         self.counters = dict.fromkeys(("requests", "completed", "cancelled", "timed_out", "failed", "rejected",
-                                       "aborted_at_shutdown", "tokens", "steps"), 0)
+                                       "aborted_at_shutdown", "tokens", "steps", "decode_steps",
+                                       "decoded_sequences"), 0)
         self.counters["step_seconds"] = 0.0  # time inside engine.step(): busy fraction = step_seconds / wall
 
     # ------------------------------------------------------------------ any thread
@@ -244,6 +245,8 @@ class Scheduler:
             return
         self.counters["steps"] += 1
         self.counters["step_seconds"] += time.perf_counter() - start
+        self.counters["decode_steps"] = self.engine.steps  # the batch size of decoding: decoded / decode steps
+        self.counters["decoded_sequences"] = self.engine.decoded
         for ev in events:
             owner = self._owner.get(ev.request.id)
             if owner is None:
@@ -258,7 +261,7 @@ class Scheduler:
                 t.live.discard(i)
                 with self._cond:
                     self._inflight -= 1
-            self._deliver(t, Update(i, ev.text, list(ev.token_ids), finish))
+            self._deliver(t, Update(i, ev.text, ev.token_ids, finish))  # the engine's list is fresh per event
             if ev.finished and not t.live:
                 self._tickets.pop(t.id, None)
                 self.counters["completed"] += 1

@@ -23,8 +23,6 @@ def load_app(model_dir: str, tokenizer_dir: str | None = None, *, device: str = 
     from loopcoder.engine import Engine
     from loopcoder.runtime import load_for_inference
 
-    if max_batch < 1:
-        raise LoopcoderError(f"--max-batch must be >= 1, got {max_batch}")
     parser = get_tool_parser(tool_parser)
     model, tokenizer = load_for_inference(model_dir, tokenizer_dir, device, dtype)
     engine = Engine(model, tokenizer, max_batch=max_batch, mode=mode)
