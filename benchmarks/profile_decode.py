@@ -12,7 +12,8 @@ import time
 
 import torch
 
-from loopcoder.bench.decode import DecodeBenchSettings, EngineTimer, _sync
+from loopcoder.bench import sync
+from loopcoder.bench.decode import DecodeBenchSettings, EngineTimer, build_model
 from loopcoder.model import PLTForCausalLM
 from loopcoder.runtime import pick_device, pick_dtype
 
@@ -43,9 +44,7 @@ def main() -> None:
     models = {}
     for name, R, arch in (("R=1", 1, "plt"), (f"PLT-{a.loops}", a.loops, "plt"), (f"vanilla-{a.loops}", a.loops,
                                                                                      "vanilla")):
-        torch.manual_seed(0)
-        with torch.device(device):
-            models[name] = PLTForCausalLM(s.model_config(R, arch)).to(dtype=dtype).eval()
+        models[name] = build_model(PLTForCausalLM, s.model_config(R, arch), device, dtype, s.seed)
     timers = {"R=1": EngineTimer(models["R=1"], "parallel", a.batch, a.context, s),
               f"PLT-{a.loops} single-pass": EngineTimer(models[f"PLT-{a.loops}"], "parallel", a.batch, a.context, s),
               f"vanilla-{a.loops}": EngineTimer(models[f"vanilla-{a.loops}"], "sequential", a.batch, a.context, s)}
@@ -71,7 +70,7 @@ def main() -> None:
         with torch.profiler.profile(activities=acts) as prof:
             t0 = time.perf_counter()
             timers[name].run(3, keep=False)
-            _sync(device)
+            sync(device)
         print(f"\n== {name}: 3 steps in {(time.perf_counter() - t0) * 1e3:.1f} ms")
         key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
         print(prof.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=48))

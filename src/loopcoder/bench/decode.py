@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import gc
 import itertools
-import json
-import platform
 import statistics
 import sys
 import time
@@ -24,6 +22,7 @@ from typing import Any
 import torch
 from torch.nn.attention import sdpa_kernel
 
+from loopcoder.bench import machine_info, sync
 from loopcoder.config import PLTConfig
 from loopcoder.engine import DECODE_ATTENTION
 
@@ -65,11 +64,6 @@ class DecodeBenchSettings:
                          plt_num_loops=loops, plt_window_size=[self.window, 0], loop_architecture=arch)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def _free(device: torch.device) -> None:
     """Drop the last group's caches before the next group allocates its own (GPU caches can be 10s of GB)."""
     gc.collect()
@@ -84,23 +78,30 @@ def measure_machine(device: torch.device, dtype: torch.dtype) -> dict[str, float
     b = torch.randn(n, n, device=device, dtype=dtype)
     times = []
     for _ in range(4):
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         torch.mm(a, b)
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - t0)
     flops = 2 * n**3 / min(times[1:])
     del a, b
     big = torch.ones(256 * 2**20 // 4 if device.type == "cpu" else 2**30 // 4, device=device)
     times = []
     for _ in range(5):
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         big.sum()
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - t0)
     bandwidth = big.numel() * 4 / min(times[1:])
     return {"matmul_flops": flops, "read_bandwidth": bandwidth}
+
+
+def build_model(cls: Any, cfg: Any, device: torch.device, dtype: torch.dtype, seed: int) -> Any:
+    """`cls(cfg)` seeded, initialised where it runs (a large model on CPU takes a while), in `dtype`, eval mode."""
+    torch.manual_seed(seed)
+    with torch.device(device):
+        return cls(cfg).to(dtype=dtype).eval()
 
 
 def _step_cost(cfg: PLTConfig, mode: str, batch: int, context: int, dtype_bytes: int) -> dict[str, float]:
@@ -162,10 +163,10 @@ class EngineTimer:
     def run(self, steps: int, keep: bool = True) -> None:
         self.engine.mode = self.mode
         for _ in range(steps):
-            _sync(self.device)
+            sync(self.device)
             t0 = time.perf_counter()
             self.tokens = self.engine.decode_step(self.tokens, self.batch).argmax(-1)
-            _sync(self.device)
+            sync(self.device)
             if keep:
                 self.times.append(time.perf_counter() - t0)
         if keep:
@@ -184,7 +185,7 @@ class TransformersTimer:
     def __init__(self, model: Any, s: DecodeBenchSettings, batch: int, context: int) -> None:
         from transformers import DynamicCache
 
-        self.model, self.s, self.batch, self.context = model, s, batch, context
+        self.model, self.s, self.batch = model, s, batch
         self.device = next(model.parameters()).device
         dtype = next(model.parameters()).dtype
         torch.manual_seed(s.seed)
@@ -207,7 +208,7 @@ class TransformersTimer:
 
         class Clock(LogitsProcessor):
             def __call__(self, input_ids, scores):
-                _sync(device)
+                sync(device)
                 stamps.append(time.perf_counter())
                 return scores
 
@@ -252,11 +253,6 @@ def run_decode_bench(s: DecodeBenchSettings, log: Any = sys.stderr) -> dict[str,
                                                                  if s.include_transformers else 0)
     done, start = 0, time.perf_counter()
 
-    def build(cls: Any, cfg: Any) -> Any:
-        torch.manual_seed(s.seed)
-        with torch.device(device):  # initialise where it runs: a large model on CPU takes a while
-            return cls(cfg).to(dtype=dtype).eval()
-
     def progress(text: str) -> None:
         nonlocal done
         done += 1
@@ -271,12 +267,12 @@ def run_decode_bench(s: DecodeBenchSettings, log: Any = sys.stderr) -> dict[str,
         return {name: t.result() for name, t in timers.items()}
 
     base_cfg = s.model_config(1)
-    base = build(PLTForCausalLM, base_cfg)
-    samples: dict[tuple[str, int, int], list[dict[str, Any]]] = {}
+    base = build_model(PLTForCausalLM, base_cfg, device, dtype, s.seed)
     groups_seen: dict[tuple[Any, int, int], dict[str, dict[str, Any]]] = {}  # each measured together
     for R in s.loops:
         plt_cfg, van_cfg = s.model_config(R), s.model_config(R, "vanilla")
-        plt, van = build(PLTForCausalLM, plt_cfg), build(PLTForCausalLM, van_cfg)
+        plt = build_model(PLTForCausalLM, plt_cfg, device, dtype, s.seed)
+        van = build_model(PLTForCausalLM, van_cfg, device, dtype, s.seed)
         for batch in s.batches:
             for context in s.contexts:
                 single = EngineTimer(plt, "parallel", batch, context, s)
@@ -286,8 +282,6 @@ def run_decode_bench(s: DecodeBenchSettings, log: Any = sys.stderr) -> dict[str,
                           f"vanilla-{R}": EngineTimer(van, "sequential", batch, context, s)}
                 group = measure(timers)
                 groups_seen[(R, batch, context)] = group
-                for name, res in group.items():
-                    samples.setdefault((name, batch, context), []).append(res)
                 del timers, single
                 _free(device)
                 got = {n: r["latency_s"] for n, r in group.items()}
@@ -302,30 +296,25 @@ def run_decode_bench(s: DecodeBenchSettings, log: Any = sys.stderr) -> dict[str,
                                 intermediate_size=s.intermediate_size, num_hidden_layers=s.num_layers,
                                 num_attention_heads=s.num_heads, num_key_value_heads=s.num_kv_heads,
                                 head_dim=s.head_dim, max_position_embeddings=max(s.contexts) + s.steps_per_engine())
-        llama = build(LlamaForCausalLM, llama_cfg)
+        llama = build_model(LlamaForCausalLM, llama_cfg, device, dtype, s.seed)
         for batch in s.batches:
             for context in s.contexts:
                 timers = {"R=1": EngineTimer(base, "parallel", batch, context, s),
                           HF_NAME: TransformersTimer(llama, s, batch, context)}
                 group = measure(timers)
                 groups_seen[("hf", batch, context)] = group
-                for name, res in group.items():
-                    samples.setdefault((name, batch, context), []).append(res)
                 del timers
                 _free(device)
                 progress(f"transformers batch={batch} context={context}: R=1 {group['R=1']['latency_s'] * 1e3:.1f} "
                          f"ms, transformers {group[HF_NAME]['latency_s'] * 1e3:.1f} ms")
         del llama
     results = []
-    names = [c[0] for c in configurations(s)] + ([HF_NAME] if s.include_transformers else [])
-    for name in names:
+    rows = configurations(s) + ([(HF_NAME, "llama", 1, "hf")] if s.include_transformers else [])
+    for name, arch, R, mode in rows:
         for batch in s.batches:
             for context in s.contexts:
-                runs = samples[(name, batch, context)]
-                arch = "llama" if name == HF_NAME else ("vanilla" if name.startswith("vanilla") else "plt")
-                R = 1 if name in ("R=1", HF_NAME) else int(name.split("-")[1].split()[0])
-                mode = "hf" if name == HF_NAME else ("sequential" if ("sequential" in name or arch == "vanilla")
-                                                      else "parallel")
+                # every group that measured this configuration here (R=1 is in each), in measuring order
+                runs = [g[name] for (_, b, c), g in groups_seen.items() if (b, c) == (batch, context) and name in g]
                 row = {"config": name, "architecture": arch, "loops": R, "mode": mode, "batch": batch,
                        "context": context, "latency_s": statistics.median(r["latency_s"] for r in runs),
                        "latency_min_s": min(r["latency_min_s"] for r in runs),
@@ -343,28 +332,6 @@ def run_decode_bench(s: DecodeBenchSettings, log: Any = sys.stderr) -> dict[str,
 
 
 HF_NAME = "transformers generate (R=1 shape)"
-
-
-def machine_info(device: torch.device) -> dict[str, Any]:
-    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "device": str(device),
-            "date": time.strftime("%Y-%m-%d %H:%M", time.localtime())}
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    else:
-        info["cpu"] = _cpu_name()
-    return info
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def paired_ratio(a: dict[str, Any], b: dict[str, Any]) -> float:
@@ -419,9 +386,3 @@ def format_report(report: dict[str, Any]) -> str:
                 parts.append(f"{key} {val:.3f}")
         lines.append(head + " " + "; ".join(parts))
     return "\n".join(lines)
-
-
-def write_json(report: dict[str, Any], path: str) -> None:
-    from loopcoder.checkpoint import atomic_write_text
-
-    atomic_write_text(path, json.dumps(report, indent=2))

@@ -20,7 +20,7 @@ from typing import Any, TextIO
 import torch
 import torch.nn.functional as F
 
-from loopcoder.bench.decode import _sync, machine_info
+from loopcoder.bench import machine_info, sync
 from loopcoder.config import PLTConfig
 from loopcoder.training.flops import mfu, peak_flops, train_flops_per_token
 
@@ -71,10 +71,12 @@ def llama_model(s: TrainBenchSettings) -> Any:
 
 
 class _Runner:
-    """One configuration: its model, optimizer, batch and the training step."""
+    """One configuration: its model (and the PLT config its FLOPs are counted on), optimizer, batch and
+    the training step."""
 
-    def __init__(self, name: str, model: Any, s: TrainBenchSettings, device: torch.device, bf16: bool) -> None:
-        self.name = name
+    def __init__(self, name: str, loops: int, cfg: PLTConfig, model: Any, s: TrainBenchSettings,
+                 device: torch.device, bf16: bool) -> None:
+        self.name, self.loops, self.cfg = name, loops, cfg
         self.model = model.to(device).train()
         if s.activation_checkpointing:
             self.model.activation_checkpointing_enable({"use_reentrant": False})
@@ -88,7 +90,7 @@ class _Runner:
         self.times: list[float] = []
 
     def step(self) -> float:
-        _sync(self.device)
+        sync(self.device)
         t0 = time.perf_counter()
         with self.autocast:
             logits = self.model(input_ids=self.ids, use_cache=False, logits_to_keep=self.keep).logits
@@ -97,7 +99,7 @@ class _Runner:
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        _sync(self.device)
+        sync(self.device)
         return time.perf_counter() - t0
 
 
@@ -108,31 +110,32 @@ def run_train_bench(s: TrainBenchSettings, log: TextIO | None = None) -> dict[st
     log = log if log is not None else sys.stderr
     device = pick_device(s.device)
     bf16 = pick_dtype(s.dtype, device) == torch.bfloat16
-    runners = []
+    runners: list[_Runner] = []
     for R in s.loops:
+        cfg = s.model_config(R)
         torch.manual_seed(s.seed)
-        model = PLTForCausalLM(s.model_config(R))
+        model = PLTForCausalLM(cfg)
         model.config._attn_implementation = s.attention
-        runners.append((R, s.model_config(R), _Runner(f"PLT R={R}", model, s, device, bf16)))
+        runners.append(_Runner(f"PLT R={R}", R, cfg, model, s, device, bf16))
     if s.include_transformers:
         torch.manual_seed(s.seed)
-        runners.append((1, s.model_config(1), _Runner(LLAMA, llama_model(s), s, device, bf16)))
-    for _, _, r in runners:
+        runners.append(_Runner(LLAMA, 1, s.model_config(1), llama_model(s), s, device, bf16))
+    for r in runners:
         for _ in range(s.warmup):
             r.step()
     start = time.perf_counter()
     for k in range(s.rounds):
-        for _, _, r in runners:
+        for r in runners:
             r.times += [r.step() for _ in range(s.steps)]
         print(f"  round {k + 1}/{s.rounds}: elapsed {time.perf_counter() - start:.0f}s", file=log, flush=True)
     peak = peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     tokens = s.batch * s.seq_len
     results = []
-    for R, cfg, r in runners:
+    for r in runners:
         step_s = statistics.median(r.times)
-        flops = train_flops_per_token(cfg, s.seq_len)["total"]
+        flops = train_flops_per_token(r.cfg, s.seq_len)["total"]
         tps = tokens / step_s
-        results.append({"config": r.name, "loops": R, "step_s": step_s, "step_s_min": min(r.times),
+        results.append({"config": r.name, "loops": r.loops, "step_s": step_s, "step_s_min": min(r.times),
                         "tokens_per_s": tps, "flops_per_token": flops, "flops_per_s": flops * tps,
                         "mfu": mfu(flops, tps, peak)})
     del runners

@@ -4,16 +4,25 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from loopcoder.errors import LoopcoderError
 
 
-def _ints(text: str) -> tuple[int, ...]:
+def int_list(text: str) -> tuple[int, ...]:
+    """argparse type for integer lists: `1,2,3`, or a range `1-6` (both ends included)."""
     try:
-        values = tuple(int(x) for x in text.split(","))
+        if "-" in text and "," not in text:
+            a, b = (int(x) for x in text.split("-"))
+            return tuple(range(a, b + 1))
+        return tuple(int(x) for x in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected integers like 1,2,3 or 1-6, got {text!r}") from None
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    values = int_list(text)
     if any(v < 1 for v in values):
         raise argparse.ArgumentTypeError(f"values must be >= 1, got {text!r}")
     return values
@@ -97,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _decode(args: argparse.Namespace) -> int:
-    from loopcoder.bench.decode import DecodeBenchSettings, format_report, run_decode_bench, write_json
+    from loopcoder.bench.decode import DecodeBenchSettings, format_report, run_decode_bench
 
     if args.heads % args.kv_heads:
         raise LoopcoderError(f"--kv-heads {args.kv_heads} must divide --heads {args.heads}")
@@ -110,17 +119,11 @@ def _decode(args: argparse.Namespace) -> int:
                             steps=args.steps, rounds=args.rounds, warmup=args.warmup, device=args.device,
                             dtype=args.dtype,
                             include_transformers=not args.no_transformers, cuda_graphs=args.cuda_graphs)
-    print("decode benchmark: " + ", ".join(f"{k}={v}" for k, v in vars(args).items() if k != "which"),
-          file=sys.stderr)
-    report = run_decode_bench(s)
-    print(format_report(report))
-    write_json(report, args.out)
-    print(f"\nwrote {args.out}", file=sys.stderr)
+    _run_bench(args, lambda: run_decode_bench(s), format_report)
     return 0
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from loopcoder.bench.decode import write_json
     from loopcoder.bench.serve import ServeBenchSettings, format_report, run_serve_bench
 
     s = ServeBenchSettings(model=args.model, concurrency=args.concurrency, duration=args.duration,
@@ -128,18 +131,11 @@ def _serve(args: argparse.Namespace) -> int:
                            stream=not args.no_stream, device=args.device, dtype=args.dtype, seed=args.seed,
                            server_threads=args.server_threads,
                            hidden_size=args.hidden_size, layers=args.layers, loops=args.loops)
-    print("serve benchmark: " + ", ".join(f"{k}={v}" for k, v in vars(args).items() if k != "which"),
-          file=sys.stderr)
-    report = run_serve_bench(s)
-    print(format_report(report))
-    write_json(report, args.out)
-    print(f"\nwrote {args.out}", file=sys.stderr)
-    r = report["result"]
+    r = _run_bench(args, lambda: run_serve_bench(s), format_report)["result"]
     return 1 if r["errors"] or r["server_exit_code"] != 0 else 0
 
 
 def _train(args: argparse.Namespace) -> int:
-    from loopcoder.bench.decode import write_json
     from loopcoder.bench.train import TrainBenchSettings, format_report, run_train_bench
 
     if args.hidden_size % args.heads:
@@ -155,10 +151,19 @@ def _train(args: argparse.Namespace) -> int:
                            activation_checkpointing=args.activation_checkpointing, attention=args.attention)
     if args.attention == "flex_attention" and not args.device.startswith("cuda"):
         raise LoopcoderError("--attention flex_attention needs --device cuda (no flex_attention backward on CPU)")
-    print("train benchmark: " + ", ".join(f"{k}={v}" for k, v in vars(args).items() if k != "which"),
+    _run_bench(args, lambda: run_train_bench(s), format_report)
+    return 0
+
+
+def _run_bench(args: argparse.Namespace, run: Callable[[], dict[str, Any]],
+               format_report: Callable[[dict[str, Any]], str]) -> dict[str, Any]:
+    """Print the settings, run the benchmark, print its report and write it (JSON) to --out."""
+    from loopcoder.bench import write_json
+
+    print(f"{args.which} benchmark: " + ", ".join(f"{k}={v}" for k, v in vars(args).items() if k != "which"),
           file=sys.stderr)
-    report = run_train_bench(s)
+    report = run()
     print(format_report(report))
     write_json(report, args.out)
     print(f"\nwrote {args.out}", file=sys.stderr)
-    return 0
+    return report

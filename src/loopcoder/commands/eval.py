@@ -5,17 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from loopcoder.commands.bench import int_list
 from loopcoder.errors import LoopcoderError
-
-
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        if "-" in text and "," not in text:
-            a, b = (int(x) for x in text.split("-"))
-            return tuple(range(a, b + 1))
-        return tuple(int(x) for x in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected integers like 1,10 or 1-6, got {text!r}") from None
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -24,7 +15,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tasks", default="humaneval,reasoning,bpb", help="comma-separated: humaneval,reasoning,bpb")
     p.add_argument("--data", default=None, help="data directory from `loopcoder data build` (for bpb)")
     p.add_argument("--n-samples", type=int, default=1, help="completions per HumanEval problem")
-    p.add_argument("--k", type=_ints, default=(1,), help="pass@k for these k (each <= n-samples), e.g. 1,10")
+    p.add_argument("--k", type=int_list, default=(1,), help="pass@k for these k (each <= n-samples), e.g. 1,10")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0, help="sample i of a problem uses seed + i")
@@ -34,7 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--humaneval-limit", type=int, default=None, help="only the first N problems")
     p.add_argument("--max-new-tokens", type=int, default=384, help="HumanEval completion length")
     p.add_argument("--reasoning-n", type=int, default=50, help="held-out programs per difficulty")
-    p.add_argument("--reasoning-steps", type=_ints, default=(1, 2, 3, 4, 5, 6), help="difficulties, e.g. 1-6")
+    p.add_argument("--reasoning-steps", default="1-6", help="difficulties, e.g. 1-6 or 1,3,5")
     p.add_argument("--reasoning-family", choices=["mixed", "digits", "chains"], default="mixed",
                    help="mixed programs, one-digit modular arithmetic (digits), or variable tracking (chains)")
     p.add_argument("--reasoning-styles", default="", help="extra prompt formats, e.g. cruxeval")
@@ -49,6 +40,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from loopcoder.data.reasoning import parse_steps
     from loopcoder.evaluation.runner import evaluate, parse_tasks, summary_table
     from loopcoder.evaluation.tasks import EvalSettings
     from loopcoder.sampling import SamplingParams
@@ -58,6 +50,10 @@ def run(args: argparse.Namespace) -> int:
     for name in ("batch_size", "reasoning_n", "max_new_tokens"):
         if getattr(args, name) < 1:
             raise LoopcoderError(f"--{name.replace('_', '-')} must be >= 1")
+    try:
+        steps = tuple(parse_steps(args.reasoning_steps))
+    except LoopcoderError as e:
+        raise LoopcoderError(f"--reasoning-steps: {e}") from None
     styles = tuple(s for s in args.reasoning_styles.split(",") if s)
     bad = [s for s in styles if s not in ("completion", "chat", "cruxeval")]
     if bad:
@@ -65,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     settings = EvalSettings(n_samples=args.n_samples, ks=tuple(args.k), temperature=args.temperature,
                             top_p=args.top_p, seed=args.seed, batch_size=args.batch_size,
                             humaneval_limit=args.humaneval_limit, humaneval_max_new_tokens=args.max_new_tokens,
-                            reasoning_n=args.reasoning_n, reasoning_steps=tuple(args.reasoning_steps),
+                            reasoning_n=args.reasoning_n, reasoning_steps=steps,
                             reasoning_family=args.reasoning_family,
                             reasoning_styles=styles, bpb_rows=args.bpb_rows, workers=args.workers)
     results = evaluate(args.model, tasks, settings, args.out, data_dir=args.data,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from loopcoder.errors import LoopcoderError
 
@@ -23,24 +24,34 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    n = write_random_model(args.out, loops=args.loops, hidden_size=args.hidden_size, layers=args.layers,
+                           heads=args.heads, kv_heads=args.kv_heads, intermediate_size=args.intermediate_size,
+                           vocab_size=args.vocab_size, window=args.window, max_positions=args.max_positions,
+                           architecture=args.architecture, seed=args.seed)
+    print(f"wrote {args.out}: {n / 1e6:.2f}M parameters, R={args.loops}, {args.architecture}")
+    return 0
+
+
+def write_random_model(out: str | Path, *, loops: int = 2, hidden_size: int = 256, layers: int = 4, heads: int = 4,
+                       kv_heads: int = 2, intermediate_size: int | None = None, vocab_size: int = 4096,
+                       window: int = 64, max_positions: int = 4096, architecture: str = "plt", seed: int = 0) -> int:
+    """Write a randomly initialised PLT model directory to `out` (the defaults are `init`'s); its parameter count."""
     import torch
 
     from loopcoder.checkpoint import save_model
     from loopcoder.config import PLTConfig
     from loopcoder.model import PLTForCausalLM
 
-    if args.hidden_size % args.heads:
-        raise LoopcoderError(f"--hidden-size {args.hidden_size} is not a multiple of --heads {args.heads}")
-    inter = args.intermediate_size or 64 * round(8 * args.hidden_size / 3 / 64)
+    if hidden_size % heads:
+        raise LoopcoderError(f"--hidden-size {hidden_size} is not a multiple of --heads {heads}")
+    inter = intermediate_size or 64 * round(8 * hidden_size / 3 / 64)
     config = PLTConfig(
-        vocab_size=args.vocab_size, hidden_size=args.hidden_size, intermediate_size=inter,
-        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
-        head_dim=args.hidden_size // args.heads, max_position_embeddings=args.max_positions,
-        plt_num_loops=args.loops, plt_window_size=[args.window, 0], loop_architecture=args.architecture,
+        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=inter,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+        head_dim=hidden_size // heads, max_position_embeddings=max_positions,
+        plt_num_loops=loops, plt_window_size=[window, 0], loop_architecture=architecture,
     )
-    torch.manual_seed(args.seed)
+    torch.manual_seed(seed)
     model = PLTForCausalLM(config)
-    save_model(model, args.out)
-    n = sum(p.numel() for p in model.parameters())
-    print(f"wrote {args.out}: {n / 1e6:.2f}M parameters, R={args.loops}, {args.architecture}")
-    return 0
+    save_model(model, out)
+    return sum(p.numel() for p in model.parameters())

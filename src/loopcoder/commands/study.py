@@ -5,21 +5,15 @@ from __future__ import annotations
 import argparse
 import sys
 
+from loopcoder.commands.bench import int_list
 from loopcoder.errors import LoopcoderError
-
-
-def _loops(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected loop counts like 1,2,3, got {text!r}") from None
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="tiny", help="tiny (minutes on a CPU: `make demo`) or small (one GPU, ~1 h)")
     p.add_argument("--out", default="runs/study", help="study directory (re-running skips finished stages)")
     p.add_argument("--source", default=None, help="code corpus for `data build` (default: the stdlib sources)")
-    p.add_argument("--loops", type=_loops, default=None, help="loop counts to compare (R=1 always included)")
+    p.add_argument("--loops", type=int_list, default=None, help="loop counts to compare (R=1 always included)")
     p.add_argument("--device", default=None, help="auto, cpu or cuda")
 
 
