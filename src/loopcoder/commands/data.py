@@ -11,10 +11,12 @@ import argparse
 import collections
 import json
 
+from loopcoder.data.corpus import CorpusSpec
 from loopcoder.errors import LoopcoderError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    # corpus defaults come from `CorpusSpec` (its class attributes), so the CLI cannot drift from the API
     sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
 
     b = sub.add_parser("build", help="corpus -> tokenizer + packed shards + manifest (skipped if up to date)")
@@ -24,21 +26,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     b.add_argument("--out", required=True, help="the data directory to write")
     b.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary incl. 12 special/added tokens")
     b.add_argument("--seq-len", type=int, default=512, help="tokens per packed training sequence")
-    b.add_argument("--val-fraction", type=float, default=0.05, help="share of documents for validation")
-    b.add_argument("--max-file-bytes", type=int, default=262_144, help="skip larger documents")
-    b.add_argument("--min-file-bytes", type=int, default=1, help="skip smaller documents")
+    b.add_argument("--val-fraction", type=float, default=CorpusSpec.val_fraction,
+                   help="share of documents for validation")
+    b.add_argument("--max-file-bytes", type=int, default=CorpusSpec.max_file_bytes, help="skip larger documents")
+    b.add_argument("--min-file-bytes", type=int, default=CorpusSpec.min_file_bytes, help="skip smaller documents")
     b.add_argument("--include-ext", action="append", metavar="EXT",
                    help="file extensions taken from directories (default .py; '*' for all; comma lists ok)")
     b.add_argument("--ignore", action="append", default=[], metavar="PATTERN",
                    help="skip paths with a component (or a relative path, if it has '/') matching this glob")
-    b.add_argument("--text-field", default="text", help="the text field of JSONL, Parquet and hf: sources")
-    b.add_argument("--hf-config", default=None, help="configuration name of an hf: dataset")
-    b.add_argument("--hf-split", default="train", help="split of an hf: dataset")
-    b.add_argument("--max-documents", type=int, default=None, help="stop after this many kept documents")
+    b.add_argument("--text-field", default=CorpusSpec.text_field,
+                   help="the text field of JSONL, Parquet and hf: sources")
+    b.add_argument("--hf-config", default=CorpusSpec.hf_config, help="configuration name of an hf: dataset")
+    b.add_argument("--hf-split", default=CorpusSpec.hf_split, help="split of an hf: dataset")
+    b.add_argument("--max-documents", type=int, default=CorpusSpec.max_documents,
+                   help="stop after this many kept documents")
     b.add_argument("--tokenizer", default=None, metavar="DIR", help="reuse this tokenizer instead of training")
     b.add_argument("--tokenizer-max-bytes", type=int, default=None, help="train the tokenizer on at most this")
     b.add_argument("--shard-tokens", type=int, default=1 << 25, help="tokens per shard file")
-    b.add_argument("--seed", type=int, default=0, help="salt of the train/validation split")
+    b.add_argument("--seed", type=int, default=CorpusSpec.seed, help="salt of the train/validation split")
     b.add_argument("--force", action="store_true", help="rebuild even if the manifest says up to date")
 
     i = sub.add_parser("instructions", help="documented functions of a data directory's corpus -> chat JSONL")
@@ -72,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _extensions(values: list[str] | None) -> tuple[str, ...]:
     if not values:
-        return (".py",)
+        return CorpusSpec.include_ext
     exts = []
     for v in values:
         for e in v.split(","):
@@ -86,10 +91,9 @@ def _extensions(values: list[str] | None) -> tuple[str, ...]:
 
 def _build(args: argparse.Namespace) -> int:
     from loopcoder.data.build import BuildConfig, build, format_statistics
-    from loopcoder.data.corpus import CorpusSpec
 
     spec = CorpusSpec(
-        sources=tuple(args.source or ["stdlib"]), include_ext=_extensions(args.include_ext),
+        sources=tuple(args.source or CorpusSpec.sources), include_ext=_extensions(args.include_ext),
         ignore=tuple(args.ignore), text_field=args.text_field, max_file_bytes=args.max_file_bytes,
         min_file_bytes=args.min_file_bytes, val_fraction=args.val_fraction, seed=args.seed,
         hf_config=args.hf_config, hf_split=args.hf_split, max_documents=args.max_documents,

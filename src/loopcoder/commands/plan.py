@@ -70,10 +70,11 @@ def run(args: argparse.Namespace) -> int:
 def _data_shape(cfg: Any) -> tuple[int, int, list[str]]:
     """(vocabulary, sequence length, notes) from the config, the data directory, or assumptions."""
     notes = []
+    from loopcoder.data.shards import read_index
+
     vocab, seq_len = cfg.model.vocab_size, cfg.data.seq_len
-    index_path = Path(cfg.data.dir) / "index.json" if cfg.data.dir else None
-    if (vocab is None or seq_len is None) and index_path is not None and index_path.is_file():
-        index = json.loads(index_path.read_text())
+    if (vocab is None or seq_len is None) and cfg.data.dir and (Path(cfg.data.dir) / "index.json").is_file():
+        index = read_index(cfg.data.dir)
         vocab = vocab or index["vocab_size"]
         seq_len = seq_len or index["seq_len"]
     if vocab is None:

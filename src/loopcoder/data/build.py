@@ -108,10 +108,11 @@ def build(config: BuildConfig, out: str | os.PathLike, force: bool = False,
     t0 = time.perf_counter()
     with atomic_directory(out) as tmp:
         timing: dict[str, float] = {}
-        tok, trained = _tokenizer(config, tmp, log, timing)
+        total = corpus_mod.total_bytes(config.corpus)  # walks directory sources: once, for both passes
+        tok, trained = _tokenizer(config, tmp, log, timing, total)
         vocab = tok.get_vocab_size(with_added_tokens=True)
         stats = CleaningStats()
-        index_splits = _encode(config, tok, vocab, tmp, stats, log, timing)
+        index_splits = _encode(config, tok, vocab, tmp, stats, log, timing, total)
         token_bytes = tok_mod.token_byte_lengths(tok)
         np.save(tmp / "token_bytes.npy", token_bytes)
         index = {"format": INDEX_FORMAT, "version": INDEX_VERSION, "seq_len": config.seq_len,
@@ -150,8 +151,8 @@ def _no_documents(config: BuildConfig, stats: CleaningStats) -> LoopcoderError:
                           f"({stats.seen} seen; skipped: {stats.skipped_summary()})")
 
 
-def _train_texts(config: BuildConfig, log: TextIO, stats: CleaningStats) -> Iterator[str]:
-    progress = Progress("tokenizer: reading the train split", corpus_mod.total_bytes(config.corpus), log)
+def _train_texts(config: BuildConfig, log: TextIO, stats: CleaningStats, total: int | None) -> Iterator[str]:
+    progress = Progress("tokenizer: reading the train split", total, log)
     cap = config.tokenizer_max_bytes
     for doc in corpus_mod.iter_documents(config.corpus, stats, split="train"):
         progress.update(1, doc.nbytes)
@@ -161,7 +162,8 @@ def _train_texts(config: BuildConfig, log: TextIO, stats: CleaningStats) -> Iter
     progress.done()
 
 
-def _tokenizer(config: BuildConfig, tmp: Path, log: TextIO, timing: dict[str, float]) -> tuple[Any, bool]:
+def _tokenizer(config: BuildConfig, tmp: Path, log: TextIO, timing: dict[str, float],
+               total: int | None) -> tuple[Any, bool]:
     t = time.perf_counter()
     if config.tokenizer is not None:
         tok = tok_mod.load_raw_tokenizer(config.tokenizer)
@@ -170,7 +172,7 @@ def _tokenizer(config: BuildConfig, tmp: Path, log: TextIO, timing: dict[str, fl
         print(f"tokenizer: training byte-level BPE, vocabulary {config.vocab_size}", file=log, flush=True)
         stats = CleaningStats()
         try:
-            tok = tok_mod.train_tokenizer(_train_texts(config, log, stats), config.vocab_size,
+            tok = tok_mod.train_tokenizer(_train_texts(config, log, stats, total), config.vocab_size,
                                           config.min_frequency)
         except tok_mod.EmptyCorpusError:
             raise _no_documents(config, stats) from None
@@ -185,25 +187,29 @@ def _tokenizer(config: BuildConfig, tmp: Path, log: TextIO, timing: dict[str, fl
 
 
 def _encode(config: BuildConfig, tok: Any, vocab: int, tmp: Path, stats: CleaningStats, log: TextIO,
-            timing: dict[str, float]) -> dict[str, dict[str, Any]]:
+            timing: dict[str, float], total: int | None) -> dict[str, dict[str, Any]]:
     t = time.perf_counter()
     writers = {s: ShardWriter(tmp, s, config.seq_len, vocab, tok_mod.EOS_ID, config.shard_tokens) for s in SPLITS}
-    progress = Progress("encoding", corpus_mod.total_bytes(config.corpus), log)
+    progress = Progress("encoding", total, log)
     batch: list[Document] = []
+    batch_bytes = 0
 
     def flush() -> None:
+        nonlocal batch_bytes
         for doc, ids in zip(batch, tok_mod.encode_documents(tok, [d.text for d in batch])):
             writers[doc.split].add(ids, doc.nbytes)
-        progress.update(len(batch), sum(d.nbytes for d in batch))
+        progress.update(len(batch), batch_bytes)
         batch.clear()
+        batch_bytes = 0
 
     for doc in corpus_mod.iter_documents(config.corpus, stats):
         batch.append(doc)
-        if len(batch) >= _ENCODE_BATCH_DOCS or sum(d.nbytes for d in batch) >= _ENCODE_BATCH_BYTES:
+        batch_bytes += doc.nbytes
+        if len(batch) >= _ENCODE_BATCH_DOCS or batch_bytes >= _ENCODE_BATCH_BYTES:
             flush()
     flush()
     progress.done()
-    if stats.per_split["train"]["documents"] == 0:
+    if writers["train"].documents == 0:
         raise _no_documents(config, stats)
     splits = {s: w.close() for s, w in writers.items()}
     for s in SPLITS:
@@ -226,8 +232,7 @@ def _statistics(stats: CleaningStats, splits: dict[str, dict[str, Any]], seq_len
            for s, e in splits.items()}
     total = row(*(sum(per[s][k] for s in per) for k in ("documents", "bytes", "tokens", "sequences",
                                                          "dropped_tokens")))
-    files = {k: v for k, v in stats.to_dict().items() if k != "per_split"}
-    return {"files": files, "splits": per, "total": total, "seq_len": seq_len}
+    return {"files": stats.to_dict(), "splits": per, "total": total, "seq_len": seq_len}
 
 
 def format_statistics(manifest: dict[str, Any], out: str | os.PathLike | None = None) -> str:
@@ -238,8 +243,7 @@ def format_statistics(manifest: dict[str, Any], out: str | os.PathLike | None = 
     how = "trained on the train split" if tk["trained"] else "reused"
     lines = [
         f"corpus      {manifest['source']}",
-        f"files       {f['seen']} seen, {f['kept']} kept; skipped: {f['duplicates']} duplicate, "
-        f"{f['too_large']} too large, {f['empty']} empty, {f['binary']} binary, {f['undecodable']} undecodable",
+        f"files       {f['seen']} seen, {f['kept']} kept; skipped: {CleaningStats(**f).skipped_summary()}",
         f"tokenizer   byte-level BPE, vocabulary {tk['vocab_size']} ({how})",
         "",
         f"{'split':<11} {'documents':>9} {'bytes':>13} {'tokens':>12} {'bytes/token':>11} "

@@ -23,7 +23,7 @@ import os
 import sys
 import sysconfig
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -102,8 +102,6 @@ class CleaningStats:
     undecodable: int = 0
     bytes_seen: int = 0
     bytes_kept: int = 0
-    per_split: dict[str, dict[str, int]] = field(
-        default_factory=lambda: {s: {"documents": 0, "bytes": 0} for s in SPLITS})
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -245,17 +243,23 @@ class JsonlSource(Source):
         return self.path.stat().st_size
 
     def iter_raw(self, spec: CorpusSpec) -> Iterator[tuple[str, Raw]]:
-        opener = gzip.open if self.path.name.endswith(".gz") else open
-        with opener(self.path, "rt", encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{self.path}:{lineno}"
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise LoopcoderError(f"{where}: not valid JSON ({e.msg})") from e
-                yield where, _text_field(record, spec.text_field, where)
+        for where, record in iter_jsonl(self.path):
+            yield where, _text_field(record, spec.text_field, where)
+
+
+def iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
+    """("PATH:LINE", record) for each non-blank line of a JSONL file (gzip-compressed if it ends in .gz)."""
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise LoopcoderError(f"{where}: not valid JSON ({e.msg})") from e
+            yield where, record
 
 
 def _text_field(record: Any, text_field: str, where: str) -> str:
@@ -344,8 +348,7 @@ class HFSource(Source):
                                  f"{', '.join(list(names)[:10])}); choose one with --text-field")
         for i, record in enumerate(ds):
             where = f"{self.name}[{i}]"
-            value = record.get(spec.text_field) if isinstance(record, dict) else None
-            if value is None and isinstance(record, dict) and spec.text_field in record:
+            if isinstance(record, dict) and spec.text_field in record and record[spec.text_field] is None:
                 yield where, ""
             else:
                 yield where, _text_field(record, spec.text_field, where)
@@ -401,23 +404,22 @@ def iter_documents(spec: CorpusSpec, stats: CleaningStats | None = None,
     sources = [resolve_source(s) for s in spec.sources]  # every path checked before any work
     seen_hashes: set[bytes] = set()
     for source in sources:
+        # ids are prefixed with their source's name only where several sources could give the same id
+        prefix = "" if isinstance(source, (JsonlSource, HFSource)) or len(spec.sources) == 1 else f"{source.name}:"
         for doc_id, raw in source.iter_raw(spec):
             stats.seen += 1
-            doc = _clean(doc_id, raw, spec, stats, seen_hashes, source)
+            doc = _clean(prefix + doc_id, raw, spec, stats, seen_hashes)
             if doc is None:
                 continue
             stats.kept += 1
             stats.bytes_kept += doc.nbytes
-            stats.per_split[doc.split]["documents"] += 1
-            stats.per_split[doc.split]["bytes"] += doc.nbytes
             if split is None or doc.split == split:
                 yield doc
             if spec.max_documents is not None and stats.kept >= spec.max_documents:
                 return
 
 
-def _clean(doc_id: str, raw: Raw, spec: CorpusSpec, stats: CleaningStats, seen: set[bytes],
-           source: Source) -> Document | None:
+def _clean(doc_id: str, raw: Raw, spec: CorpusSpec, stats: CleaningStats, seen: set[bytes]) -> Document | None:
     if isinstance(raw, TooLarge):
         stats.bytes_seen += raw.size
         stats.too_large += 1
@@ -456,6 +458,5 @@ def _clean(doc_id: str, raw: Raw, spec: CorpusSpec, stats: CleaningStats, seen: 
         return None
     seen.add(digest)
     sha = digest.hex()
-    prefix = "" if isinstance(source, (JsonlSource, HFSource)) or len(spec.sources) == 1 else f"{source.name}:"
-    return Document(id=prefix + doc_id, text=text, sha256=sha, nbytes=len(data),
+    return Document(id=doc_id, text=text, sha256=sha, nbytes=len(data),
                     split=split_of(sha, spec.val_fraction, spec.seed))

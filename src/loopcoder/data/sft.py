@@ -17,15 +17,15 @@ resume and rank semantics as the pretraining shards.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from loopcoder.data.corpus import iter_jsonl
 from loopcoder.errors import LoopcoderError
 
 IGNORE_INDEX = -100
@@ -60,21 +60,13 @@ def load_chat_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     if not p.is_file():
         raise LoopcoderError(f"chat file {str(path)!r} does not exist")
     records = []
-    with open(p, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{p}:{lineno}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise LoopcoderError(f"{where}: not valid JSON ({e.msg})") from e
-            if not isinstance(rec, dict) or "messages" not in rec:
-                raise LoopcoderError(f"{where}: no 'messages' field (expected the OpenAI chat format)")
-            validate_messages(rec["messages"], where)
-            if rec.get("tools") is not None and not isinstance(rec["tools"], list):
-                raise LoopcoderError(f"{where}: 'tools' must be a list")
-            records.append(rec)
+    for where, rec in iter_jsonl(p):
+        if not isinstance(rec, dict) or "messages" not in rec:
+            raise LoopcoderError(f"{where}: no 'messages' field (expected the OpenAI chat format)")
+        validate_messages(rec["messages"], where)
+        if rec.get("tools") is not None and not isinstance(rec["tools"], list):
+            raise LoopcoderError(f"{where}: 'tools' must be a list")
+        records.append(rec)
     if not records:
         raise LoopcoderError(f"chat file {str(path)!r} has no records")
     return records
@@ -119,7 +111,6 @@ class SFTStats:
     dropped: int = 0  # nothing left to train on after truncation
     tokens: int = 0  # real (non-padding) tokens in the rows
     label_tokens: int = 0  # tokens with a label
-    per_row: list[int] = field(default_factory=list, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {"conversations": self.conversations, "rows": self.rows, "truncated": self.truncated,
@@ -187,7 +178,6 @@ class SFTDataset:
                 lab_a[r, pos:pos + len(ids)] = labels
                 att_a[r, pos:pos + len(ids)] = 1
                 pos += len(ids)
-            stats.per_row.append(pos)
         stats.rows = len(rows)
         stats.tokens = int(att_a.sum())
         stats.label_tokens = int((lab_a != IGNORE_INDEX).sum())

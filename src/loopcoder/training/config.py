@@ -34,7 +34,7 @@ class ConfigKeyError(LoopcoderError):
 @dataclass
 class ModelSection:
     """The model shape (pretraining; SFT takes the shape of its --init checkpoint). Short names for the
-    released `PLTConfig` fields, see `to_plt_config`."""
+    released `PLTConfig` fields, see `run.model_config`."""
 
     loops: int = 1  # plt_num_loops, R
     hidden_size: int = 128

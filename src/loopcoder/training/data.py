@@ -15,11 +15,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from loopcoder.data.sft import IGNORE_INDEX
 from loopcoder.data.shards import BatchReader, ShardDataset, read_index
 from loopcoder.errors import LoopcoderError
 from loopcoder.training.config import TrainConfig
-
-IGNORE_INDEX = -100
 
 
 class ChunkedRows:
@@ -100,7 +99,7 @@ def pretrain_source(cfg: TrainConfig) -> BatchSource:
 def sft_source(cfg: TrainConfig, init_dir: Path) -> BatchSource:
     """Chat JSONL -> SFT rows with loss masks; the tokenizer is the data directory's, else the init model's."""
     from loopcoder.data.sft import SFTDataset
-    from loopcoder.data.tokenizer import load_raw_tokenizer, load_tokenizer, token_byte_lengths
+    from loopcoder.data.tokenizer import load_tokenizer, token_byte_lengths
 
     data_dir = Path(cfg.data.dir) if cfg.data.dir else None
     if data_dir is not None and (data_dir / "tokenizer" / "tokenizer.json").is_file():
@@ -131,5 +130,5 @@ def sft_source(cfg: TrainConfig, init_dir: Path) -> BatchSource:
     train = SFTDataset.from_jsonl(files(cfg.data.sft_train, "train"), tokenizer, seq_len, cfg.data.packing)
     val_files = files(cfg.data.sft_validation, "validation")
     val = SFTDataset.from_jsonl(val_files, tokenizer, seq_len, cfg.data.packing) if val_files else None
-    token_bytes = token_byte_lengths(load_raw_tokenizer(tok_dir))
+    token_bytes = token_byte_lengths(tokenizer.backend_tokenizer)
     return BatchSource(train, val, seq_len, token_bytes, tok_dir, len(tokenizer))

@@ -105,31 +105,22 @@ def wrap(model: nn.Module, cfg: TrainConfig, env: DistEnv, bf16: bool) -> nn.Mod
     return model
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, "module") and not hasattr(model, "config") else model
-
-
 # ----------------------------------------------------------------------------- state dicts
-def _options(full: bool) -> Any:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
-    return StateDictOptions(full_state_dict=full, cpu_offload=full)
-
-
 def full_model_state(module: nn.Module, env: DistEnv) -> dict[str, torch.Tensor]:
     """Consolidated weights on CPU (on rank 0; other ranks may get an empty dict). Collective."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     if not env.distributed:
         return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
-    return get_model_state_dict(module, options=_options(True))
+    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def full_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer, env: DistEnv) -> dict[str, Any]:
+def full_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Optimizer state keyed by parameter name, unsharded, on CPU: loads at any world size. Collective."""
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-    return get_optimizer_state_dict(module, optimizer, options=_options(True))
+    return get_optimizer_state_dict(module, optimizer,
+                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def load_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any],

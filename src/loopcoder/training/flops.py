@@ -72,10 +72,8 @@ def param_counts(cfg: PLTConfig) -> ParamCounts:
 
 def attention_keys_per_token(cfg: PLTConfig, seq_len: int) -> int:
     """Keys each query attends to, summed over loops (the attention FLOPs' context term)."""
-    R, T = cfg.plt_num_loops, seq_len
-    if cfg.is_vanilla or R == 1:
-        return R * T
-    return T + (R - 1) * (T + min(cfg.window + 1, T))
+    # the cached K/V positions, plus the global branch of each PLT loop >= 2 (loop 1's T keys again)
+    return cfg.kv_cache_entries(seq_len) + (0 if cfg.is_vanilla else (cfg.plt_num_loops - 1) * seq_len)
 
 
 def train_flops_per_token(cfg: PLTConfig, seq_len: int) -> dict[str, float]:

@@ -19,6 +19,7 @@ import torch
 from loopcoder.checkpoint import atomic_write_text
 from loopcoder.config import PLTConfig
 from loopcoder.errors import LoopcoderError
+from loopcoder.runtime import pick_dtype
 from loopcoder.training import checkpoints as ckpt
 from loopcoder.training import distributed as D
 from loopcoder.training.config import TrainConfig, load_config, parse_override, set_key
@@ -163,8 +164,7 @@ def _header(cfg: TrainConfig, env: D.DistEnv, mc: PLTConfig, source: BatchSource
     p = param_counts(mc)
     micro, accum = cfg.accumulation(env.world_size)
     strategy = D.strategy(cfg, env)
-    precision = "bf16" if cfg.train.precision == "bf16" or (cfg.train.precision == "auto"
-                                                            and env.device.type == "cuda") else "fp32"
+    precision = "bf16" if pick_dtype(cfg.train.precision, env.device) is torch.bfloat16 else "fp32"
     where = f"resuming from {start}" if start else (f"from {cfg.init}" if cfg.stage == "sft" else "from scratch")
     return (f"{cfg.stage} {where} -> {cfg.out}\n"
             f"model: R={mc.plt_num_loops} ({mc.loop_architecture}), {mc.num_hidden_layers} layers x "

@@ -27,11 +27,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loopcoder.data.sft import IGNORE_INDEX
 from loopcoder.errors import LoopcoderError
+from loopcoder.runtime import pick_dtype
 from loopcoder.training import checkpoints as ckpt
 from loopcoder.training import distributed as D
 from loopcoder.training.config import TrainConfig
-from loopcoder.training.data import IGNORE_INDEX, BatchSource
+from loopcoder.training.data import BatchSource
 from loopcoder.training.flops import mfu, peak_flops, train_flops_per_token
 from loopcoder.training.metrics import MetricsLogger, ProgressLine
 from loopcoder.training.optim import build_optimizer, build_scheduler
@@ -106,7 +108,7 @@ class Trainer:
         self.micro_batch, self.accum = cfg.accumulation(env.world_size)
         self.model_config = model.config
         device = env.device
-        self.bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
+        self.bf16 = pick_dtype(cfg.train.precision, device) is torch.bfloat16
         self.strategy = D.strategy(cfg, env)
 
         model.to(device).train()
@@ -216,7 +218,7 @@ class Trainer:
         return {
             "format": STATE_FORMAT, "step": self.step, "tokens": self.tokens, "elapsed_s": self.elapsed,
             "config": self.cfg.to_dict(), "world_size": self.env.world_size,
-            "optimizer": D.full_optimizer_state(self.module, self.optimizer, self.env),
+            "optimizer": D.full_optimizer_state(self.module, self.optimizer),
             "scheduler": self.scheduler.state_dict(), "reader": self.reader.state_dict(),
             "rng": D.gather_objects(rng_state(self.env.device), self.env),
             "metrics": list(self.metrics.records),
