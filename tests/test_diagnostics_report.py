@@ -106,6 +106,7 @@ def test_cli_compares_r1_to_r4_in_one_report(workdir, tmp_path, capsys):
     assert np.array(r4["head_cosine_matrix"]["values"]).shape == (2, 4, 4, 4)
     assert np.array(r4["gate_histogram"]["counts"]).shape[:2] == (2, 4)
     assert data["recommendation"]["loops"] in (1, 2, 3, 4)
+    assert data["recommendation"]["loops"] == data["recommendation"]["per_model"]["r4"]  # the largest R decides
     assert set(data["recommendation"]["per_model"]) == {"r1", "r2", "r3", "r4"}
     md = (out / "report.md").read_text()
     assert "## Recommendation: R = " in md and "| measure | model | loop 1 | loop 2 | loop 3 | loop 4 |" in md

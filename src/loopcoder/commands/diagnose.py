@@ -57,36 +57,6 @@ def _names(models: list[str], names: list[str] | None) -> list[str]:
     return out
 
 
-def _device(spec: str):
-    import torch
-
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(spec)
-    except RuntimeError as e:
-        raise LoopcoderError(f"--device {spec!r}: {e}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise LoopcoderError(f"--device {spec!r}: CUDA is not available on this machine")
-    return device
-
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-
-
-def _tokenizer(directory: str, explicit: bool):
-    from transformers import AutoTokenizer
-
-    hint = "" if explicit else "; pass --tokenizer DIR"
-    if not any((Path(directory) / f).is_file() for f in TOKENIZER_FILES):
-        raise LoopcoderError(f"{directory!r} has no tokenizer ({', '.join(TOKENIZER_FILES)}){hint}")
-    try:
-        return AutoTokenizer.from_pretrained(directory)
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise LoopcoderError(f"cannot load the tokenizer in {directory!r}: {why}{hint}") from None
-
-
 def run(args: argparse.Namespace) -> int:
     import gc
 
@@ -94,7 +64,9 @@ def run(args: argparse.Namespace) -> int:
 
     from loopcoder.checkpoint import load_model
     from loopcoder.diagnostics import diagnose, load_sequences, recommend, write_report
-    from loopcoder.diagnostics.report import _check_out_dir
+    from loopcoder.diagnostics.report import check_out_dir
+    from loopcoder.runtime import DTYPES as TORCH_DTYPES
+    from loopcoder.runtime import load_tokenizer, pick_device
 
     # Check every input before loading a model: a typo should cost nothing.
     if args.samples < 1:
@@ -109,24 +81,30 @@ def run(args: argparse.Namespace) -> int:
         raise LoopcoderError(f"data {args.data!r} does not exist")
     if args.tokenizer is not None and not Path(args.tokenizer).is_dir():
         raise LoopcoderError(f"tokenizer directory {args.tokenizer!r} does not exist")
-    _check_out_dir(Path(args.out))
+    check_out_dir(Path(args.out))
     names = _names(args.model, args.name)
-    device = _device(args.device)
-    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+    device = pick_device(args.device)
+    dtype = None if args.dtype == "auto" else TORCH_DTYPES[args.dtype]  # auto: as saved
 
+    # The samples, tokenized once per tokenizer (a data directory holds token ids already), before any
+    # model is loaded.
+    def tokenizer_dir(model_dir: str) -> str | None:
+        return None if data.is_dir() else (args.tokenizer or model_dir)
+
+    samples: dict[str | None, list] = {}
+    for key in map(tokenizer_dir, args.model):
+        if key not in samples:
+            tokenizer = None if key is None else load_tokenizer(key)
+            samples[key] = load_sequences(data, tokenizer, args.seq_len, args.samples)
+            if not samples[key]:
+                raise LoopcoderError(f"{args.data!r} gave no sample of at least 2 tokens")
     results = []
     for model_dir, name in zip(args.model, names):
-        model = load_model(model_dir, dtype=dtype, device=device)
-        tokenizer = None
-        if data.is_file():
-            tokenizer = _tokenizer(args.tokenizer or model_dir, explicit=args.tokenizer is not None)
-        seqs = load_sequences(data, tokenizer, args.seq_len, args.samples)
-        if not seqs:
-            raise LoopcoderError(f"{args.data!r} gave no sample of at least 2 tokens")
+        seqs = samples[tokenizer_dir(model_dir)]
         if len(seqs) < args.samples and not args.quiet:
             print(f"diagnose {name}: {args.data} has only {len(seqs)} sample(s) of the {args.samples} "
-                  "asked for",
-                  file=sys.stderr)
+                  "asked for", file=sys.stderr)
+        model = load_model(model_dir, dtype=dtype, device=device)
         results.append(diagnose(model, seqs, args.samples, name=name, source=str(model_dir),
                                 progress=not args.quiet))
         del model

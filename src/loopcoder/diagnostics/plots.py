@@ -155,7 +155,7 @@ def plot_gates(results: list[DiagnosticsResult], out_dir: Path) -> Path:
         _na(ax, "no model has a gate (R = 1 or vanilla loops): not applicable")
     else:
         axes = fig.subplots(len(gated), 2, squeeze=False)
-        edges = np.linspace(0, 1, result_bins(gated[0]) + 1)
+        edges = np.linspace(0, 1, gated[0].gate_histogram.shape[-1] + 1)
         centers = (edges[1:] + edges[:-1]) / 2
         for row, res in zip(axes, gated):
             hist = res.gate_histogram.sum(0)  # (R, bins) over layers
@@ -186,10 +186,6 @@ def plot_gates(results: list[DiagnosticsResult], out_dir: Path) -> Path:
     path = out_dir / "gates.png"
     fig.savefig(path, dpi=110)
     return path
-
-
-def result_bins(result: DiagnosticsResult) -> int:
-    return int(result.gate_histogram.shape[-1])
 
 
 def write_plots(results: list[DiagnosticsResult], out_dir: Path) -> list[Path]:

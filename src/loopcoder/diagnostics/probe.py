@@ -43,7 +43,6 @@ class LoopProbe:
         self.R = cfg.plt_num_loops
         self.L = cfg.num_hidden_layers
         self.H = cfg.num_attention_heads
-        self.plt = not cfg.is_vanilla
         self.eps = cfg.rms_norm_eps
         # Running sums over samples (small: L x R x H x H and L x R x bins).
         self.head_cos_sum = np.zeros((self.L, self.R, self.H, self.H))
@@ -149,7 +148,7 @@ class LoopProbe:
             c["step_size"][loop] = M.step_size(hf, prev)
             c["update_cosine"][loop] = M.update_cosine(hf, prev, prev2)
             c["offset_cost"][loop] = M.offset_cost(prev)
-            c["fixed_point_gap"][loop - 1] = M.fixed_point_gap(prev, hf)  # f(h(r-1)) = h(r)
+            c["fixed_point_gap"][loop - 1] = c["step_size"][loop]  # f(h(r-1)) = h(r): the same distance
         self._hidden[r] = hf
         self._hidden.pop(r - 2, None)  # keep h(r-1) and h(r) only
         self._logit_lens(loop, h)

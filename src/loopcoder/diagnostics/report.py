@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import loopcoder
-from loopcoder.checkpoint import atomic_directory, atomic_write_text
+from loopcoder.checkpoint import atomic_directory
 from loopcoder.diagnostics.recommend import Recommendation, recommend
 from loopcoder.diagnostics.run import GROUPS, MEASURES, DiagnosticsResult, Stat
 from loopcoder.errors import LoopcoderError
@@ -55,7 +55,7 @@ class _Notes:
         return [f"({i}) {t}" + ("  " if i < len(self.items) else "") for i, t in enumerate(self.items, 1)]
 
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
     out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     return out + ["| " + " | ".join(row) + " |" for row in rows]
 
@@ -74,7 +74,7 @@ def build_markdown(results: list[DiagnosticsResult], recommendation: Recommendat
              *(str(r.model_info.get(k)) for k in ("layers", "heads", "hidden_size")),
              str(r.num_samples), str(r.num_tokens), f"{r.seconds:.1f}", f"`{r.source}`" if r.source else ""]
             for r in results]
-    lines += _table(header, rows)
+    lines += markdown_table(header, rows)
     lines += ["", f"## Recommendation: R = {recommendation.loops}", ""]
     lines += [f"- {reason}" for reason in recommendation.reasons]
     if several:
@@ -93,7 +93,7 @@ def build_markdown(results: list[DiagnosticsResult], recommendation: Recommendat
             for res in results:
                 cells = [notes.cell(s) for s in res.stats(key)] + [""] * (max_r - res.num_loops)
                 rows.append([f"{m.label} [{m.unit}]", *([res.name] if several else []), *cells])
-        lines += ["", f"## {title}", "", *_table(header, rows)]
+        lines += ["", f"## {title}", "", *markdown_table(header, rows)]
         if notes.items:
             lines += ["", *notes.render()]
     lines += ["", "## Per layer", "",
@@ -107,7 +107,7 @@ def build_markdown(results: list[DiagnosticsResult], recommendation: Recommendat
             notes = _Notes()
             rows = [[str(li), *[notes.cell(s) for s in row]] for li, row in enumerate(table)]
             lines += ["", f"### {res.name}: {MEASURES[key].label} [{MEASURES[key].unit}]", ""]
-            lines += _table(["layer", *[f"loop {r}" for r in range(1, res.num_loops + 1)]], rows)
+            lines += markdown_table(["layer", *[f"loop {r}" for r in range(1, res.num_loops + 1)]], rows)
             if notes.items:
                 lines += ["", *notes.render()]
     if plot_files:
@@ -116,7 +116,7 @@ def build_markdown(results: list[DiagnosticsResult], recommendation: Recommendat
     return "\n".join(lines) + "\n"
 
 
-def _check_out_dir(out: Path) -> None:
+def check_out_dir(out: Path) -> None:
     """Refuse to replace a directory that is not a previous diagnostics report (the whole directory is
     swapped atomically, so anything else in it would be lost)."""
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / JSON_NAME).is_file())):
@@ -135,7 +135,7 @@ def write_report(results: list[DiagnosticsResult], out_dir: str | os.PathLike,
     if len(set(names)) != len(names):
         raise ValueError(f"model names must be distinct, got {names}")
     out = Path(out_dir)
-    _check_out_dir(out)
+    check_out_dir(out)
     recommendation = recommendation or recommend(results)
     with atomic_directory(out) as tmp:
         plot_files: list[str] = []
@@ -146,6 +146,7 @@ def write_report(results: list[DiagnosticsResult], out_dir: str | os.PathLike,
         data = build_json(results, recommendation, per_sample=per_sample)
         data["plots"] = plot_files
         text = json.dumps(data, indent=1, ensure_ascii=False, allow_nan=False) + "\n"
-        atomic_write_text(tmp / JSON_NAME, text)
-        atomic_write_text(tmp / MARKDOWN_NAME, build_markdown(results, recommendation, plot_files))
+        # plain writes: the directory as a whole is renamed into place (and fsynced) by atomic_directory
+        (tmp / JSON_NAME).write_text(text, encoding="utf-8")
+        (tmp / MARKDOWN_NAME).write_text(build_markdown(results, recommendation, plot_files), encoding="utf-8")
     return out

@@ -7,6 +7,7 @@ measure, from which means and 95 % confidence intervals are computed on demand.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import sys
@@ -14,7 +15,7 @@ import time
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -109,7 +110,6 @@ class DiagnosticsResult:
     num_tokens: int = 0
     seconds: float = 0.0
     source: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_samples(self) -> int:
@@ -139,31 +139,24 @@ class DiagnosticsResult:
 
     def stats(self, key: str) -> list[Stat]:
         """Per loop 1..R: mean and 95 % CI over samples, or the reason it is not applicable."""
-        vals = self.values(key)
-        out = []
-        for r in range(1, self.num_loops + 1):
-            if (why := self.not_applicable(key, r)) is not None:
-                out.append(Stat(na=why))
-                continue
-            mean, low, high, n = M.mean_ci(vals[:, r - 1])
-            out.append(Stat(mean, low, high, n) if n else Stat(na="no finite values"))
-        return out
+        return self._loop_stats(key, self.values(key))
 
     def layer_stats(self, key: str) -> list[list[Stat]]:
         """[layer][loop] statistics of a per-layer measure (heads averaged within each sample)."""
         raw = self.per_sample[key]
         per_layer = raw if raw.ndim == 3 else _nanmean(raw, 2)  # (n, L, R)
-        table = []
-        for li in range(per_layer.shape[1]):
-            row = []
-            for r in range(1, self.num_loops + 1):
-                if (why := self.not_applicable(key, r)) is not None:
-                    row.append(Stat(na=why))
-                    continue
-                mean, low, high, n = M.mean_ci(per_layer[:, li, r - 1])
-                row.append(Stat(mean, low, high, n) if n else Stat(na="no finite values"))
-            table.append(row)
-        return table
+        return [self._loop_stats(key, per_layer[:, li]) for li in range(per_layer.shape[1])]
+
+    def _loop_stats(self, key: str, values: np.ndarray) -> list[Stat]:
+        """Mean and 95 % CI of each loop's column of `values` (n, R), or why the loop has none."""
+        out = []
+        for r in range(1, self.num_loops + 1):
+            if (why := self.not_applicable(key, r)) is not None:
+                out.append(Stat(na=why))
+                continue
+            mean, low, high, n = M.mean_ci(values[:, r - 1])
+            out.append(Stat(mean, low, high, n) if n else Stat(na="no finite values"))
+        return out
 
     def paired_difference(self, key: str, loop: int) -> Stat:
         """value(loop) - value(loop - 1) per sample: mean and 95 % CI (paired over samples)."""
@@ -177,7 +170,7 @@ class DiagnosticsResult:
         d: dict[str, Any] = {
             "name": self.name, "source": self.source, "num_loops": R, "architecture": self.architecture,
             "model": self.model_info, "samples": self.num_samples, "tokens": self.num_tokens,
-            "seconds": round(self.seconds, 3), **self.extra, "measures": {}, "per_layer": {},
+            "seconds": round(self.seconds, 3), "measures": {}, "per_layer": {},
         }
         for key, m in MEASURES.items():
             d["measures"][key] = {"label": m.label, "unit": m.unit, "group": m.group,
@@ -258,7 +251,7 @@ def diagnose(model: Any, sequences: Iterable[Sequence[int] | torch.Tensor], samp
     cfg = model.config
     device = next(model.parameters()).device
     probe = LoopProbe(model)
-    seqs = list(sequences) if samples is None else _take(sequences, samples)
+    seqs = list(itertools.islice(sequences, samples))  # samples None: all
     if not seqs:
         raise LoopcoderError("no samples to diagnose (every sequence was empty or shorter than 2 tokens)")
     rows: list[dict[str, np.ndarray]] = []
@@ -291,15 +284,6 @@ def diagnose(model: Any, sequences: Iterable[Sequence[int] | torch.Tensor], samp
         model_info=info, per_sample=per_sample, head_cosine_matrix=probe.head_cos_sum / counts,
         gate_histogram=probe.gate_hist, num_tokens=tokens, seconds=time.monotonic() - t0,
     )
-
-
-def _take(sequences: Iterable, n: int) -> list:
-    out = []
-    for s in sequences:
-        if len(out) >= n:
-            break
-        out.append(s)
-    return out
 
 
 # ----------------------------------------------------------------------------- reading samples

@@ -9,14 +9,8 @@ from typing import Any
 import torch
 
 from loopcoder.engine import Engine
+from loopcoder.model import causal_lm_loss
 from loopcoder.sampling import SamplingParams
-
-
-def stop_ids(model: Any, tokenizer: Any) -> list[int]:
-    """Token ids that end a completion: the model's eos ids and the chat turn end, if the tokenizer has one."""
-    from loopcoder.runtime import chat_stop_ids
-
-    return chat_stop_ids(model.config.eos_token_id, tokenizer)
 
 
 def encode_prompt(tokenizer: Any, prompt: str | list[dict[str, str]]) -> list[int]:
@@ -80,11 +74,12 @@ def answer_nll(model: Any, tokenizer: Any, prompts: list[str | list[dict[str, st
         width = max(len(p) + len(a) for p, a in chunk)
         ids = torch.zeros(len(chunk), width, dtype=torch.long)
         mask = torch.zeros_like(ids)
+        labels = torch.full_like(ids, -100)  # only the answer's tokens are scored
         for i, (p, a) in enumerate(chunk):
             ids[i, :len(p) + len(a)] = torch.tensor(p + a)
             mask[i, :len(p) + len(a)] = 1
-        logp = model(ids.to(device), attention_mask=mask.to(device)).logits.float().log_softmax(-1).cpu()
-        for i, (p, a) in enumerate(chunk):
-            pos = torch.arange(len(p) - 1, len(p) + len(a) - 1)
-            out.append(-float(logp[i, pos, torch.tensor(a)].sum()))
+            labels[i, len(p):len(p) + len(a)] = torch.tensor(a)
+        logits = model(ids.to(device), attention_mask=mask.to(device)).logits
+        nll = causal_lm_loss(logits, labels.to(device), reduction="none").view(len(chunk), -1)
+        out += nll.sum(-1).tolist()
     return out

@@ -7,7 +7,6 @@ every chunk of finished problems, so an interrupted evaluation loses at most one
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,7 +14,8 @@ from typing import Any
 import torch
 
 from loopcoder.engine import Engine
-from loopcoder.evaluation.generation import answer_nll, complete, stop_ids
+from loopcoder.evaluation.generation import answer_nll, complete
+from loopcoder.runtime import chat_stop_ids
 from loopcoder.sampling import SamplingParams
 
 Save = Callable[[], None]
@@ -82,7 +82,7 @@ def run_humaneval(engine: Engine, tokenizer: Any, s: EvalSettings, done: dict[st
     problems = humaneval.load_problems()[: s.humaneval_limit]
     chat = s.prompt_style == "chat"
     stops = [] if chat else list(humaneval.STOP_SEQUENCES)
-    ids = stop_ids(engine.model, tokenizer)
+    ids = chat_stop_ids(engine.eos_ids, tokenizer)
     per_problem: dict[str, Any] = done.setdefault("problems", {})
     todo = [p for p in problems if p["task_id"] not in per_problem]
     exec_seconds = 0.0
@@ -101,10 +101,9 @@ def run_humaneval(engine: Engine, tokenizer: Any, s: EvalSettings, done: dict[st
             texts = [o["text"] for o in outs[j * s.n_samples:(j + 1) * s.n_samples]]
             completions[p["task_id"]] = [humaneval.extract_code(t, p) if chat else humaneval.truncate(t)
                                          for t in texts]
-        t0 = time.perf_counter()
         ev = humaneval.evaluate(chunk, completions, workers=s.workers, allow_code_execution=allow_code_execution)
-        exec_seconds += time.perf_counter() - t0
-        programs += sum(o.n for o in ev.outcomes)
+        exec_seconds += ev.seconds
+        programs += ev.programs
         for j, (p, o) in enumerate(zip(chunk, ev.outcomes)):
             gen = outs[j * s.n_samples:(j + 1) * s.n_samples]
             per_problem[p["task_id"]] = {
@@ -114,8 +113,7 @@ def run_humaneval(engine: Engine, tokenizer: Any, s: EvalSettings, done: dict[st
             }
         save()
     counts = [(per_problem[p["task_id"]]["n"], per_problem[p["task_id"]]["c"]) for p in problems]
-    ks = [k for k in s.ks]
-    passk = mean_pass_at_k(counts, ks)
+    passk = mean_pass_at_k(counts, s.ks)
     solved = sum(1 for n, c in counts if c > 0)
     done.update({
         "problems_total": len(problems), "skipped_prompts": sum(1 for p in problems
@@ -132,7 +130,7 @@ def run_reasoning(engine: Engine, tokenizer: Any, s: EvalSettings, done: dict[st
     from loopcoder.data import reasoning
 
     styles = [s.prompt_style] + [st for st in s.reasoning_styles if st != s.prompt_style]
-    ids = stop_ids(engine.model, tokenizer)
+    ids = chat_stop_ids(engine.eos_ids, tokenizer)
     by_style: dict[str, Any] = done.setdefault("styles", {})
     for style in styles:
         res = by_style.setdefault(style, {"examples": {}})
@@ -154,21 +152,19 @@ def run_reasoning(engine: Engine, tokenizer: Any, s: EvalSettings, done: dict[st
                  "skipped": o["skipped"]}
                 for ex, o, ans, nll in zip(examples, outs, answers, nlls)]
             save()
-        table = {}
-        for key, rows in sorted(res["examples"].items(), key=lambda kv: int(kv[0])):
-            k = sum(r["correct"] for r in rows)
-            low, high = wilson_interval(k, len(rows))
-            table[key] = {"accuracy": k / len(rows) if rows else float("nan"), "correct": k, "n": len(rows),
-                          "ci95": [low, high], "answer_nll": mean_ci([r["answer_nll"] for r in rows])}
-        all_rows = [r for rows in res["examples"].values() for r in rows]
-        k = sum(r["correct"] for r in all_rows)
-        res["by_steps"] = table
-        res["overall"] = {"accuracy": k / len(all_rows) if all_rows else float("nan"), "correct": k,
-                          "n": len(all_rows), "ci95": list(wilson_interval(k, len(all_rows))),
-                          "answer_nll": mean_ci([r["answer_nll"] for r in all_rows])}
+        res["by_steps"] = {key: _accuracy(rows)
+                           for key, rows in sorted(res["examples"].items(), key=lambda kv: int(kv[0]))}
+        res["overall"] = _accuracy([r for rows in res["examples"].values() for r in rows])
     done["primary_style"] = s.prompt_style
     done["family"] = s.reasoning_family
     return done
+
+
+def _accuracy(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Exact-match accuracy with its Wilson interval, and the mean answer NLL, of some reasoning rows."""
+    k = sum(r["correct"] for r in rows)
+    return {"accuracy": k / len(rows) if rows else float("nan"), "correct": k, "n": len(rows),
+            "ci95": list(wilson_interval(k, len(rows))), "answer_nll": mean_ci([r["answer_nll"] for r in rows])}
 
 
 # ----------------------------------------------------------------------------- bits per byte
