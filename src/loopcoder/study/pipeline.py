@@ -112,21 +112,19 @@ class Study:
         work = self.out / "data"
         work.mkdir(parents=True, exist_ok=True)
         self.say(f"data: {p.pretrain_reasoning} {p.family} programs for pretraining, {p.sft_reasoning} for SFT")
-        pre = reasoning.generate_examples(p.pretrain_reasoning, p.reasoning_steps, seed=1, split="train",
-                                          family=p.family, progress=True)
-        pre_file = work / "reasoning-pretrain.jsonl"
-        atomic_write_text(pre_file, "".join(json.dumps({"text": reasoning.to_text(e)}) + "\n" for e in pre))
-        chat = reasoning.generate_examples(p.sft_reasoning, p.reasoning_steps, seed=2, split="train",
-                                           family=p.family)
-        chat_file = work / "reasoning-sft.jsonl"
-        atomic_write_text(chat_file, "".join(json.dumps({"messages": reasoning.to_chat_messages(e)}) + "\n"
-                                             for e in chat))
+        def write(name: str, n: int, seed: int, record: Any, progress: bool = False) -> Path:
+            examples = reasoning.generate_examples(n, p.reasoning_steps, seed=seed, split="train", family=p.family,
+                                                   progress=progress)
+            atomic_write_text(work / name, "".join(json.dumps(record(e)) + "\n" for e in examples))
+            return work / name
+
+        pre_file = write("reasoning-pretrain.jsonl", p.pretrain_reasoning, 1,
+                         lambda e: {"text": reasoning.to_text(e)}, progress=True)
+        chat_file = write("reasoning-sft.jsonl", p.sft_reasoning, 2,
+                          lambda e: {"messages": reasoning.to_chat_messages(e)})
         # SFT validation: more train-split programs (the eval split stays unseen until evaluation)
-        val = reasoning.generate_examples(max(20, p.sft_reasoning // 10), p.reasoning_steps, seed=3, split="train",
-                                          family=p.family)
-        val_file = work / "reasoning-sft-validation.jsonl"
-        atomic_write_text(val_file, "".join(json.dumps({"messages": reasoning.to_chat_messages(e)}) + "\n"
-                                            for e in val))
+        val_file = write("reasoning-sft-validation.jsonl", max(20, p.sft_reasoning // 10), 3,
+                         lambda e: {"messages": reasoning.to_chat_messages(e)})
         built = work / "build"
         manifest = build(BuildConfig(corpus=CorpusSpec(sources=(p.source, str(pre_file))),
                                      vocab_size=p.vocab_size, seq_len=p.build_seq_len), built, log=self.log)
@@ -168,9 +166,9 @@ class Study:
                                 humaneval_max_new_tokens=p.humaneval_max_new_tokens, reasoning_n=p.eval_reasoning_n,
                                 reasoning_steps=tuple(p.eval_steps), reasoning_family=p.family, bpb_rows=p.bpb_rows)
         out = self.out / "eval" / f"R{R}" / "results.json"
-        res = evaluate(self.model_dir(R), ["reasoning", "bpb", "humaneval"], settings, str(out),
-                       data_dir=data["dir"], allow_code_execution=True, device=p.device, bpb_per_row=True)
-        return {"results": str(out), "summary": _eval_summary(res)}
+        evaluate(self.model_dir(R), ["reasoning", "bpb", "humaneval"], settings, str(out),
+                 data_dir=data["dir"], allow_code_execution=True, device=p.device, bpb_per_row=True)
+        return {"results": str(out)}
 
     def _cost(self, R: int) -> dict[str, Any]:
         from loopcoder.bench.decode import DecodeBenchSettings, EngineTimer
@@ -182,7 +180,8 @@ class Study:
         out: dict[str, Any] = {"context": p.decode_context, "latency_ms": {}, "kv_bytes": {}}
         for batch in p.decode_batches:
             timer = EngineTimer(model, "parallel", batch, p.decode_context, s)
-            timer.run(s.steps * s.rounds)
+            for _ in range(s.rounds):
+                timer.run(s.steps)
             res = timer.result()
             out["latency_ms"][str(batch)] = res["latency_s"] * 1e3
             out["kv_bytes"][str(batch)] = res["kv_bytes"]
@@ -195,10 +194,11 @@ class Study:
         from loopcoder.runtime import load_for_inference
 
         p = self.p
+        # a data directory holds token ids: the same samples for every model, read once
+        seqs = load_sequences(data["dir"], None, seq_len=p.diag_seq_len, samples=p.diag_samples)
         results = []
         for R in p.loops:
-            model, tok = load_for_inference(self.model_dir(R), device=p.device)
-            seqs = load_sequences(data["dir"], tok, seq_len=p.diag_seq_len, samples=p.diag_samples)
+            model, _ = load_for_inference(self.model_dir(R), device=p.device)
             results.append(diagnose(model, seqs, p.diag_samples, name=f"R={R}", source=self.model_dir(R)))
         rec = recommend(results)
         out = write_report(results, self.out / "diagnostics", rec, plots=True, per_sample=False)
@@ -217,14 +217,3 @@ def _train_result(r: Any, out: Path) -> dict[str, Any]:
     return {"final_checkpoint": str(r.final_checkpoint), "run_dir": str(out), "step": r.step,
             "train_loss": r.train_loss, "val_loss": r.val_loss, "val_bpb": r.val_bpb, "tokens": r.tokens,
             "train_s": r.train_s}
-
-
-def _eval_summary(res: dict[str, Any]) -> dict[str, Any]:
-    t = res["tasks"]
-    reasoning = t["reasoning"]["styles"][t["reasoning"]["primary_style"]]
-    return {"reasoning": {"overall": reasoning["overall"], "by_steps": reasoning["by_steps"],
-                          "style": t["reasoning"]["primary_style"]},
-            "humaneval": {"pass_at_k": t["humaneval"]["pass_at_k"], "solved": t["humaneval"]["solved_any"],
-                          "problems": t["humaneval"]["problems_total"],
-                          "skipped_prompts": t["humaneval"]["skipped_prompts"]},
-            "bpb": {k: t["bpb"][k] for k in ("bits_per_byte", "loss", "rows", "bytes")}}

@@ -58,8 +58,9 @@ PRESETS: dict[str, StudyPreset] = {
         sft={"train.steps": 100, "train.threads": 2, "checkpoint.every": 50, "eval.every": 0,
              "eval.max_batches": 8, "logging.progress": "lines", "logging.progress_every_s": 20},
     ),
-    # About an hour on one GPU, with a real corpus given by --source: a 8-layer, 512-wide model
-    # (`small` training preset) trained on ~200M tokens per loop count.
+    # One GPU, with a real corpus given by --source: the `small` training preset (12 layers x 768, ~110M
+    # parameters), 5000 steps of 64 x 1024 tokens (~330M tokens) per loop count. Not run yet: about an
+    # hour is an estimate.
     "small": StudyPreset(
         name="small", train_preset="small", vocab_size=16384, build_seq_len=1024, instruction_max_tokens=1024,
         pretrain_reasoning=200000, sft_reasoning=20000, reasoning_steps="1-8", eval_steps=(1, 2, 3, 4, 5, 6, 7, 8),

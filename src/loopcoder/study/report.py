@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from loopcoder.checkpoint import atomic_write_text
+from loopcoder.diagnostics.report import markdown_table
 from loopcoder.study.stats import Difference, paired_difference, trend
 
 DIAG_ROWS = [("effective_rank", "erank"), ("step_size", "step δ"), ("update_cosine", "cos θ"),
@@ -209,8 +210,7 @@ def write_study_report(study: Any) -> Path:
     best, reasons = recommend_loops(d, comps)
     plots = write_plots(d, out / "plots")
     lines = [f"# Loop-count study (preset `{p.name}`)", ""]
-    manifest_file = Path(study.results["data"]["dir"]) / "manifest.json"
-    manifest = json.loads(manifest_file.read_text()).get("statistics", {}) if manifest_file.is_file() else {}
+    manifest = study.results["data"]["manifest"]  # the build's split sizes, kept by the data stage
     lines += [
         f"Written {time.strftime('%Y-%m-%d %H:%M')} on {platform.node() or 'this machine'} "
         f"({platform.machine()}, Python {platform.python_version()}). Loop counts R = "
@@ -244,23 +244,25 @@ def write_study_report(study: Any) -> Path:
                      _fmt(d.eval[R]["tasks"]["bpb"]["bits_per_byte"]), f"{d.pretrain[R]['train_s'] / 60:.1f} min",
                      f"{d.cost[R]['latency_ms']['1']:.2f}",
                      f"{d.cost[R]['kv_bytes_per_token_at_context'] / 1024:.1f}"])
-    lines += [*_table(header, rows), ""]
+    lines += [*markdown_table(header, rows), ""]
     lines += ["## Code reasoning by number of dependent steps", "",
               f"Exact-match accuracy on held-out programs (95 % Wilson interval), primary prompt style "
-              f"`{d.reasoning(d.loops[0]) and d.eval[d.loops[0]]['tasks']['reasoning']['primary_style']}`. "
+              f"`{d.eval[d.loops[0]]['tasks']['reasoning']['primary_style']}`. "
               "Chance is about 10 % (one-digit answers).", ""]
     steps = sorted(d.reasoning(d.loops[0])["by_steps"], key=int)
-    lines += _table(["steps"] + [f"R={R}" for R in d.loops],
-                    [[s] + [_pct(d.reasoning(R)["by_steps"][s]["accuracy"], d.reasoning(R)["by_steps"][s]["ci95"])
-                            for R in d.loops] for s in steps])
+    lines += markdown_table(["steps"] + [f"R={R}" for R in d.loops],
+                            [[s] + [_pct(d.reasoning(R)["by_steps"][s]["accuracy"],
+                                         d.reasoning(R)["by_steps"][s]["ci95"]) for R in d.loops] for s in steps])
     lines += ["", "![reasoning](plots/reasoning.png)", ""]
     lines += ["## Does each extra loop help? Paired comparisons", "",
               "Differences are taken item by item on the same held-out items (bootstrap interval for "
               "accuracy, t interval otherwise). For answer NLL and bits per byte, negative is better.", ""]
     for name, comp in comps.items():
         lines += [f"**{name}**", ""]
-        lines += [f"- {metric}: {diff.describe(scale=100 if 'accuracy' in metric or 'pass' in metric else 1, unit=' points' if 'accuracy' in metric or 'pass' in metric else '', digits=1 if 'accuracy' in metric or 'pass' in metric else 4)}"  # noqa: E501
-                  for metric, diff in comp.items()]
+        for metric, diff in comp.items():
+            pct = "accuracy" in metric or "pass" in metric  # shares, shown in percentage points
+            text = diff.describe(scale=100, unit=" points", digits=1) if pct else diff.describe(digits=4)
+            lines.append(f"- {metric}: {text}")
         lines.append("")
     first = comps.get(f"R={d.loops[1]} vs R={d.loops[0]}") if len(d.loops) > 1 else None
     if first:
@@ -271,7 +273,7 @@ def write_study_report(study: Any) -> Path:
     lines += ["## Is the effect of R monotonic?", ""]
     for metric in HIGHER_IS_BETTER:
         diffs = [comp[metric] for comp in comps.values()]
-        lines.append(f"- {metric}: {trend([0.0] * len(d.loops), diffs, HIGHER_IS_BETTER[metric])}.")
+        lines.append(f"- {metric}: {trend(diffs, HIGHER_IS_BETTER[metric])}.")
     lines += ["", "## What each loop count costs", ""]
     cost_rows = []
     for R in d.loops:
@@ -279,8 +281,9 @@ def write_study_report(study: Any) -> Path:
         cost_rows.append([f"{R}", f"{d.pretrain[R]['train_s'] / 60:.1f} min", f"{d.sft[R]['train_s'] / 60:.1f} min"]
                          + [f"{c['latency_ms'][str(b)]:.2f} ms" for b in p.decode_batches]
                          + [f"{c['kv_bytes_per_token_at_context'] / 1024:.1f} KiB"])
-    lines += _table(["R", "pretraining", "instruction tuning"] + [f"decode step, batch {b}" for b in p.decode_batches]
-                    + [f"KV per token (bf16, T={p.decode_context})"], cost_rows)
+    lines += markdown_table(["R", "pretraining", "instruction tuning"]
+                            + [f"decode step, batch {b}" for b in p.decode_batches]
+                            + [f"KV per token (bf16, T={p.decode_context})"], cost_rows)
     lines += ["", "Decode latency is the single-pass engine on this machine (all loops of a token in one batched "
               "pass); KV memory follows 2·L·kv_heads·head_dim·(T + (R−1)(w+1)) bytes per sequence.", "",
               "![cost](plots/cost.png)", "", "## Training", "", "![training](plots/training.png)", ""]
@@ -321,7 +324,7 @@ def _diagnostics_section(d: StudyData) -> list[str]:
             for cell in m["measures"].get(key, {}).get("per_loop", []):
                 row.append("n/a" if "na" in cell or cell.get("mean") is None else _fmt(cell["mean"], 3))
         rows.append(row)
-    lines += _table(header, rows)
+    lines += markdown_table(header, rows)
     rec = d.diag.get("recommendation", {})
     lines += ["", f"The diagnostic rule recommends **R = {rec.get('loops', '?')}**: "
               + " ".join(rec.get("reasons", [])), "", "![scissors](diagnostics/plots/scissors.png)", ""]
@@ -334,8 +337,3 @@ def _tokens(stats: dict[str, Any]) -> str:
         return ", ".join(f"{name} {info['tokens'] / 1e6:.2f}M tokens" for name, info in splits.items())
     except (KeyError, TypeError):
         return "see data/build/manifest.json"
-
-
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return (["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-            + ["| " + " | ".join(r) + " |" for r in rows])

@@ -3,10 +3,11 @@ are taken item by item, which cancels the items' own difficulty and gives much t
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
+
+from loopcoder.diagnostics.measures import mean_ci
 
 
 @dataclass
@@ -47,23 +48,13 @@ def paired_difference(a: list[float], b: list[float], seed: int = 0, resamples: 
         means = x[rng.integers(0, n, size=(resamples, n))].mean(axis=1)
         low, high = np.quantile(means, [0.025, 0.975])
         return Difference(mean, float(low), float(high), n)
-    half = _t975(n - 1) * float(x.std(ddof=1)) / math.sqrt(n)
-    return Difference(mean, mean - half, mean + half, n)
+    return Difference(*mean_ci(x))
 
 
-def _t975(df: int) -> float:
-    """Student t 97.5 % quantile (Cornish-Fisher beyond the table; exact enough for intervals)."""
-    table = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
-             10: 2.228, 15: 2.131, 20: 2.086, 30: 2.042}
-    if df in table:
-        return table[df]
-    z = 1.959964
-    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
-
-
-def trend(values: list[float], diffs: list[Difference], higher_is_better: bool) -> str:
-    """In words: how a metric moves with R, and whether each step is beyond noise."""
-    if len(values) < 2:
+def trend(diffs: list[Difference], higher_is_better: bool) -> str:
+    """In words: how a metric moves with R (`diffs`: each loop count against the previous one), and
+    whether each step is beyond noise."""
+    if not diffs:
         return "only one loop count"
     ups = [d.mean > 0 for d in diffs]
     if all(not d.clear for d in diffs):
