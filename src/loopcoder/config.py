@@ -2,7 +2,8 @@
 
 Field names are exactly the released ones (spec section 1.4), so a released `config.json` loads as it
 is and `save_pretrained` writes it back in the same layout. One field is ours: `loop_architecture`
-selects the vanilla looped transformer that PLT's efficiency claims are measured against.
+selects the vanilla looped transformer that PLT's efficiency claims are measured against, and
+`plt_loop_offset` turns CLP's one-position shift off for the offset ablation.
 """
 
 from __future__ import annotations
@@ -42,7 +43,10 @@ class PLTConfig(PreTrainedConfig):
     - `plt_normalize_per_loop`: P(r) = model.norm(h(r)) instead of the raw h(r);
     - `plt_gate_use_hidden_states`: gate from RMSNorm_g(layer input) (released) or from the query;
     - `loop_architecture`: "plt" (CLP + G-SWA) or "vanilla" (loop r reads loop r-1 at the same
-      position and keeps its own full KV cache; no gate).
+      position and keeps its own full KV cache; no gate);
+    - `plt_loop_offset` (ours, PLT only): CLP's one-position shift. False is the ablation in which loop
+      r reads loop r-1 at the *same* position (re-injected embedding, G-SWA and gate unchanged); such a
+      model cannot decode all loops in one pass, so it decodes one loop after another.
     """
 
     model_type = MODEL_TYPE
@@ -74,6 +78,7 @@ class PLTConfig(PreTrainedConfig):
     plt_normalize_per_loop: bool = True
     plt_gate_use_hidden_states: bool = True
     loop_architecture: str = "plt"
+    plt_loop_offset: bool = True
 
     def __post_init__(self, **kwargs: Any) -> None:
         unknown = sorted(k for k in kwargs if k not in _BASE_KEYS)
@@ -125,6 +130,7 @@ class PLTConfig(PreTrainedConfig):
             need(v is None or (isinstance(v, (int, float)) and v == v), f, "must be a number or null")
         need(self.loop_architecture in LOOP_ARCHITECTURES, "loop_architecture",
              f"must be one of {LOOP_ARCHITECTURES}")
+        need(isinstance(self.plt_loop_offset, bool), "plt_loop_offset", "must be true or false")
         for f in ("bos_token_id", "pad_token_id"):
             v = getattr(self, f)
             need(v is None or 0 <= v < self.vocab_size, f, f"must be in [0, vocab_size={self.vocab_size})")
@@ -153,6 +159,11 @@ class PLTConfig(PreTrainedConfig):
     @property
     def is_vanilla(self) -> bool:
         return self.loop_architecture == "vanilla"
+
+    @property
+    def single_pass(self) -> bool:
+        """Whether all loops of a new token can run in one pass (PLT with CLP's offset, or R = 1)."""
+        return self.plt_num_loops == 1 or (not self.is_vanilla and self.plt_loop_offset)
 
     def kv_cache_entries(self, seq_len: int) -> int:
         """K/V positions cached per layer for `seq_len` tokens (spec 1.2): T + (R-1)(w+1) for PLT."""

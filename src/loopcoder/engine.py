@@ -11,7 +11,8 @@ what the non-looped model's does.
 `mode="sequential"` runs the same rows one loop per pass, R passes per step, as the authors' released
 vLLM path does: identical numbers, R weight reads. A vanilla looped model (`loop_architecture=
 "vanilla"`) is always R passes, loop r reading loop r-1's output of the same token, with a full
-K/V store per loop. Prefill is the model's own full forward, copied into the slot.
+K/V store per loop; so is PLT without CLP's offset (`plt_loop_offset=False`, the ablation), which keeps
+PLT's caches. Prefill is the model's own full forward, copied into the slot.
 """
 
 from __future__ import annotations
@@ -242,7 +243,7 @@ class Engine:
             ctx.ring = ring
             ctx.local_mask = (c.ring_pos[:n] >= 0)[:, None, None]
         emb = model.embed_tokens(tokens)
-        if self.plt:
+        if cfg.single_pass:
             # the R rows of each new token (CLP): row 1 = E_t, row r = a * E_t + b * P(r-1)_{t-1}
             rows = [emb] + [cfg.emb_scale * emb + cfg.hidden_scale * c.states[r, :n] for r in range(R - 1)]
             x = torch.stack(rows, 1)
@@ -252,11 +253,14 @@ class Engine:
                 h = torch.cat([self._layers(x[:, r:r + 1], range(r, r + 1), ctx) for r in range(R)], 1)
             for r in range(R - 1):
                 c.states[r, :n] = torch.where(live[:, None], model.loop_state(h[:, r]), c.states[r, :n])
-        else:  # vanilla: loop r reads loop r-1's output of the same token, so one pass per loop
+        else:  # vanilla, or PLT without CLP's offset: loop r reads loop r-1 of the same token, one pass per loop
             x, outs = emb[:, None], []
             for r in range(R):
-                x = self._layers(x, range(r, r + 1), ctx)
-                outs.append(x)
+                if r and self.plt:
+                    x = model.loop_input(emb[:, None], model.loop_state(outs[-1]), None, t[:, None])
+                elif r:
+                    x = outs[-1]
+                outs.append(self._layers(x, range(r, r + 1), ctx))
             h = torch.cat(outs, 1)
         c.lengths[:n] += live.to(c.lengths.dtype)
         return self.model.logits(h[:, R - 1])

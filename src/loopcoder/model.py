@@ -344,6 +344,8 @@ class PLTModel(PLTPreTrainedModel):
         (None at the start of a sequence). Shifting by one position is the whole trick: loop r at t
         needs loop r-1 only at t-1, so all loops of a new token can run at once when decoding.
         """
+        if not self.config.plt_loop_offset:  # the CLP ablation: loop r-1 at the same position
+            return self.config.emb_scale * emb + self.config.hidden_scale * prev
         first = prev.new_zeros(prev[:, :1].shape) if first is None else first[:, None].to(prev.dtype)
         pred = torch.cat([first, prev[:, :-1]], dim=1)
         pred = pred.masked_fill((positions <= 0)[..., None], 0.0)  # position 0 has no predecessor
