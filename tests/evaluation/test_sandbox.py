@@ -290,6 +290,7 @@ while True:
 """
 
 
+@pytest.mark.slow
 def test_fork_bomb_is_capped_and_every_process_is_gone_afterwards():
     limits = Limits(cpu_seconds=2, wall_seconds=2, processes=8)
     # First prove the cap with a program that ends by itself: launcher, init and program are 3 of the 8.

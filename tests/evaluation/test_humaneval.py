@@ -180,6 +180,7 @@ def test_extract_code_prefers_the_block_that_defines_the_entry_point(by_id):
 # -------------------------------------------------------------------------------- the checking program
 
 
+@pytest.mark.slow
 def test_every_canonical_solution_passes(problems):
     evaluation = he.evaluate(
         problems,
@@ -198,6 +199,7 @@ def test_every_canonical_solution_passes(problems):
     )
 
 
+@pytest.mark.slow
 def test_every_canonical_solution_with_a_broken_line_fails(problems):
     completions = {}
     for p in problems:

@@ -8,7 +8,7 @@ import pytest
 
 from loopcoder.cli import main
 from loopcoder.data.shards import ShardDataset
-from test_data_helpers import make_corpus
+from support.data import make_corpus
 
 
 @pytest.fixture(scope="module")

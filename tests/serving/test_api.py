@@ -12,7 +12,7 @@ import pytest
 
 from loopcoder.cli import main
 from loopcoder.serving.server import load_app
-from test_serve_helpers import AUTH, CONTEXT, KEY, LiveServer, build_model_dir
+from support.serving import AUTH, CONTEXT, KEY, LiveServer, build_model_dir
 
 MAX_TOKENS = 300  # the server's cap on max_tokens
 PROMPT = "def step(self, tokens):\n    "

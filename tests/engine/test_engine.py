@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import tiny_model
 from loopcoder.engine import Engine
 from loopcoder.errors import LoopcoderError
 from loopcoder.sampling import SamplingParams, filter_logits
+from support.models import ARCHS, tiny_model
 
 PROMPTS = [[5, 9, 11, 3, 7, 8, 2], [4, 6, 10], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12], [30]]
 
@@ -29,9 +29,9 @@ def full_recompute_greedy(model, prompt, n):
 
 
 @pytest.mark.parametrize("loops", [1, 2, 3, 4])
-@pytest.mark.parametrize("arch", ["plt", "vanilla"])
+@pytest.mark.parametrize("arch", ["plt", "vanilla", "no-offset"])
 def test_engine_greedy_equals_generate_and_full_recompute(loops, arch):
-    model = tiny_model(dtype=torch.float32, plt_num_loops=loops, loop_architecture=arch, eos_token_id=None)
+    model = tiny_model(dtype=torch.float32, plt_num_loops=loops, **ARCHS[arch], eos_token_id=None)
     engine = Engine(model, max_batch=4)
     out = engine.generate(PROMPTS, SamplingParams(max_new_tokens=9))
     for prompt, completion in zip(PROMPTS, out):
@@ -204,6 +204,7 @@ def test_generation_stops_at_the_cache_length():
     assert len(out.token_ids) == 4 and out.finish_reason == "length"
 
 
+@pytest.mark.slow
 def test_compiled_step_matches_eager():
     """`compile=True` traces the fixed-shape step with torch.compile (inductor on CPU here)."""
     model = tiny_model(dtype=torch.float32, plt_num_loops=2, eos_token_id=None)

@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from loopcoder.runtime import load_for_inference
-from test_serve_helpers import LiveServer, build_model_dir, scripted_app, sse_events
+from support.serving import LiveServer, build_model_dir, scripted_app, sse_events
 
 CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
 TOOLS = [{"type": "function", "function": {

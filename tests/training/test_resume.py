@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import signal
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from loopcoder.training.checkpoints import latest_checkpoint, list_checkpoints
 from loopcoder.training.trainer import KILL_ENV
-from test_train_support import data_dir, read_metrics, run_cli, tiny_overrides
+from support.training import data_dir, read_metrics, run_cli, tiny_overrides
+
+pytestmark = pytest.mark.slow  # end-to-end: seconds each
 
 EXACT = ("step", "loss", "grad_norm", "lr", "tokens")
 

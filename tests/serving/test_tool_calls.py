@@ -132,24 +132,9 @@ def test_streaming_sends_text_before_the_marker_early_and_holds_a_partial_marker
     assert rest.content == "" and [c.name for c in rest.tool_calls] == ["f"]
 
 
-class UpperParser:
-    """A toy parser for the registry test: `CALL name` lines."""
-
-    start_marker = "CALL "
-
-    def parse(self, text):
-        from loopcoder.serving.tool_calls import ParsedOutput, ToolCall
-
-        calls = [ToolCall(line[5:], "{}") for line in text.splitlines() if line.startswith("CALL ")]
-        return ParsedOutput(None if calls else text, calls)
-
-    def forced_prefix(self, name):
-        return "CALL " + (name or "")
-
-
 def test_parsers_are_pluggable_by_name_or_import_path():
     assert isinstance(get_tool_parser("hermes"), HermesToolCallParser)
-    custom = get_tool_parser("test_serve_tool_calls:UpperParser")
+    custom = get_tool_parser("support.serving:UpperParser")
     assert isinstance(custom, ToolCallParser)
     assert [c.name for c in custom.parse("CALL f\nCALL g").tool_calls] == ["f", "g"]
     with pytest.raises(LoopcoderError, match="unknown tool parser"):

@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = Path(__file__).resolve().parents[2] / "src"
 _CACHE: dict[str, Path] = {}
 
 

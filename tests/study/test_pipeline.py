@@ -12,8 +12,9 @@ from loopcoder.cli import main
 from loopcoder.errors import LoopcoderError
 from loopcoder.study import Study, get_preset
 from loopcoder.study.stats import paired_difference, trend
-from test_data_helpers import make_corpus
+from support.data import make_corpus
 
+pytestmark = pytest.mark.slow  # end-to-end: seconds each
 
 @pytest.fixture(scope="module")
 def study_run(tmp_path_factory):

@@ -17,7 +17,7 @@ from loopcoder.data.corpus import (
     stdlib_root,
 )
 from loopcoder.errors import LoopcoderError
-from test_data_helpers import make_corpus
+from support.data import make_corpus
 
 
 def _docs(spec: CorpusSpec) -> tuple[list, CleaningStats]:

@@ -11,7 +11,7 @@ import torch
 from loopcoder.cli import main
 from loopcoder.evaluation import humaneval, runner, tasks
 from loopcoder.evaluation.tasks import EvalSettings, wilson_interval
-from test_data_helpers import tiny_model_dir
+from support.data import tiny_model_dir
 
 
 @pytest.fixture(scope="module")

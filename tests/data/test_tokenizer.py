@@ -28,6 +28,7 @@ def stdlib_tok(stdlib_docs, tmp_path_factory):
     return tok, out
 
 
+@pytest.mark.slow
 def test_round_trip_is_lossless_on_every_file_of_the_default_corpus(stdlib_docs, stdlib_tok):
     tok, _ = stdlib_tok
     texts = [d.text for d in stdlib_docs]
@@ -42,6 +43,7 @@ def test_round_trip_is_lossless_on_every_file_of_the_default_corpus(stdlib_docs,
     assert 2.3 < sum(d.nbytes for d in stdlib_docs) / n_tokens < 4.0  # bytes per token at vocab 1024
 
 
+@pytest.mark.slow
 def test_transformers_tokenizer_round_trip_on_every_file(stdlib_docs, stdlib_tok):
     _, path = stdlib_tok
     hf = T.load_tokenizer(path)

@@ -69,6 +69,8 @@ def reference_logits(cfg, state: dict[str, torch.Tensor], ids: list[int]) -> tor
                 x = E[t].clone()
             elif vanilla:
                 x = h[r - 1][t].clone()
+            elif not cfg.plt_loop_offset:  # the ablation: a * E_t + b * P(r-1)_t, same position
+                x = a * E[t] + b * P(r - 1, t)
             else:  # CLP: a * E_t + b * P(r-1)_{t-1}, zero predecessor at position 0
                 x = a * E[t] + (b * P(r - 1, t - 1) if t > 0 else 0.0)
             for layer in range(L):

@@ -17,7 +17,7 @@ import pytest
 
 from loopcoder.bench.serve import ServeBenchSettings, format_report, run_serve_bench, summarize
 from loopcoder.cli import main
-from test_serve_helpers import build_model_dir
+from support.serving import build_model_dir
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +47,7 @@ def test_bad_arguments_are_one_line_errors(model_dir, capsys):
         taken.close()
 
 
+@pytest.mark.slow
 def test_a_server_process_serves_and_stops_cleanly_on_sigterm(model_dir):
     env = {**os.environ, "LOOPCODER_API_KEY": "from-env"}
     proc = subprocess.Popen([sys.executable, "-m", "loopcoder", "serve", "--model", str(model_dir), "--port", "0",
@@ -89,6 +90,7 @@ def test_a_server_process_serves_and_stops_cleanly_on_sigterm(model_dir):
     assert "stopped on SIGTERM" in log and "Traceback" not in log, log
 
 
+@pytest.mark.slow
 def test_load_benchmark_runs_with_no_errors_and_reports(model_dir):
     s = ServeBenchSettings(model=str(model_dir), concurrency=4, duration=1.5, warmup=0.5, max_tokens=8, max_batch=4)
     report = run_serve_bench(s)

@@ -78,6 +78,7 @@ def test_released_layout_checkpoints_load(workdir):
     assert model.config.plt_num_loops == 2
 
 
+@pytest.mark.slow
 def test_cli_compares_r1_to_r4_in_one_report(workdir, tmp_path, capsys):
     out = tmp_path / "report"
     rc = run_cli("--model", workdir / "r1", "--model", workdir / "r2", "--model", workdir / "r3",
@@ -122,6 +123,7 @@ def test_cli_compares_r1_to_r4_in_one_report(workdir, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("R", [1, 2, 3, 4])
+@pytest.mark.slow
 def test_single_model_report_builds_for_each_r(workdir, tmp_path, R):
     model = load_model(workdir / f"r{R}")
     from transformers import AutoTokenizer

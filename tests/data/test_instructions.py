@@ -16,7 +16,7 @@ from loopcoder.data.instructions import (
 )
 from loopcoder.data.tokenizer import load_raw_tokenizer
 from loopcoder.errors import LoopcoderError
-from test_data_helpers import data_config, small_build
+from support.data import data_config, small_build
 
 SOURCE = '''"""A module."""
 import functools

@@ -150,3 +150,18 @@ def sse_events(response: httpx.Response) -> list:
             data = line[len("data: "):]
             out.append(data if data == "[DONE]" else json.loads(data))
     return out
+
+
+class UpperParser:
+    """A toy parser for the registry test: `CALL name` lines."""
+
+    start_marker = "CALL "
+
+    def parse(self, text):
+        from loopcoder.serving.tool_calls import ParsedOutput, ToolCall
+
+        calls = [ToolCall(line[5:], "{}") for line in text.splitlines() if line.startswith("CALL ")]
+        return ParsedOutput(None if calls else text, calls)
+
+    def forced_prefix(self, name):
+        return "CALL " + (name or "")

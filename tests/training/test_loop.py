@@ -22,7 +22,7 @@ from loopcoder.training.data import pretrain_source, sft_source
 from loopcoder.training.metrics import ProgressLine
 from loopcoder.training.optim import lr_factor, param_groups
 from loopcoder.training.trainer import Trainer
-from test_train_support import data_dir, read_metrics, tiny_overrides
+from support.training import data_dir, read_metrics, tiny_overrides
 
 IN_PROCESS = {"train.threads": "null", "train.deterministic": False}  # leave the test process's settings alone
 
@@ -69,7 +69,7 @@ def test_defaults_are_the_published_recipe():
 
 
 def test_weight_decay_applies_to_matrices_only():
-    from conftest import tiny_model
+    from support.models import tiny_model
 
     model = tiny_model(dtype=torch.float32)
     decay, no_decay = param_groups(model, 0.1)

@@ -12,7 +12,7 @@ from loopcoder.data import tokenizer as T
 from loopcoder.engine import Engine
 from loopcoder.runtime import load_for_inference
 from loopcoder.sampling import SamplingParams
-from test_data_helpers import tiny_model_dir
+from support.data import tiny_model_dir
 
 
 @pytest.fixture(scope="module")

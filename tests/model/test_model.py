@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import tiny_config, tiny_model
 from loopcoder.cache import PLTCache
 from loopcoder.model import PLTForCausalLM
-from reference import reference_logits
+from support.models import ARCHS, tiny_config, tiny_model
+from support.reference import reference_logits
 
 
 @pytest.mark.parametrize(
@@ -26,6 +26,8 @@ from reference import reference_logits
         dict(plt_num_loops=2, attention_bias=True, mlp_bias=True),
         dict(plt_num_loops=2, tie_word_embeddings=True),
         dict(plt_num_loops=3, loop_architecture="vanilla"),
+        dict(plt_num_loops=2, plt_loop_offset=False),
+        dict(plt_num_loops=3, plt_loop_offset=False, plt_window_size=[2, 0]),
         dict(plt_num_loops=2, num_key_value_heads=1),
     ],
     ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()),
@@ -72,9 +74,9 @@ def test_r1_equals_transformers_llama():
 
 
 @pytest.mark.parametrize("loops", [1, 2, 3, 4])
-@pytest.mark.parametrize("arch", ["plt", "vanilla"])
+@pytest.mark.parametrize("arch", ["plt", "vanilla", "no-offset"])
 def test_full_sequence_equals_token_by_token_decoding(loops, arch):
-    model = tiny_model(dtype=torch.float32, plt_num_loops=loops, loop_architecture=arch)
+    model = tiny_model(dtype=torch.float32, plt_num_loops=loops, **ARCHS[arch])
     ids = torch.randint(1, model.config.vocab_size, (3, 14), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         full = model(ids).logits

@@ -7,7 +7,6 @@ import json
 import pytest
 import torch
 
-from conftest import tiny_config
 from loopcoder.cli import main
 from loopcoder.commands.plan import parse_bytes
 from loopcoder.config import released_config
@@ -20,6 +19,7 @@ from loopcoder.training.flops import (
     plan,
     train_flops_per_token,
 )
+from support.models import tiny_config
 
 
 @pytest.mark.parametrize("overrides", [

@@ -10,7 +10,9 @@ import torch
 
 from loopcoder.checkpoint import load_model
 from loopcoder.training.checkpoints import list_checkpoints
-from test_train_support import data_dir, read_metrics, run_cli, tiny_overrides
+from support.training import data_dir, read_metrics, run_cli, tiny_overrides
+
+pytestmark = pytest.mark.slow  # end-to-end: seconds each
 
 SETTINGS = {"train.steps": 4, "train.global_batch_size": 4, "checkpoint.every": 2, "eval.every": 2}
 

@@ -10,11 +10,11 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import loopcoder  # noqa: F401  (registers the Auto classes)
-from conftest import tiny_config, tiny_model
 from loopcoder.checkpoint import CheckpointError, load_model
 from loopcoder.cli import main
 from loopcoder.config import ConfigError, PLTConfig
 from loopcoder.model import PLTForCausalLM
+from support.models import tiny_config, tiny_model
 
 RELEASED_PER_LAYER = {
     "input_layernorm.weight", "post_attention_layernorm.weight", "self_attn.q_proj.weight",
