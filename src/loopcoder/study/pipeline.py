@@ -1,6 +1,8 @@
 """The loop-count study, stage by stage, each stage cached.
 
-    data -> pretrain R=1..  -> sft R=1..  -> eval R=1..  -> cost R=1..  -> diagnostics -> report
+    depth probe: depth-MODEL-sSEED (a process pool) -> depth-eval -> depth-cost -> depth-diagnostics
+    code model:  data -> pretrain-R.. -> sft-R.. -> eval-R.. -> cost-R.. -> diagnostics
+    report
 
 Every stage writes `OUT/stages/NAME.json` when it finishes, with a key made of its settings and the
 keys of the stages it reads. A stage whose marker has the right key is skipped, so re-running a study
@@ -10,17 +12,22 @@ checkpoint and evaluation from its results file. A stage whose settings changed 
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
+import multiprocessing
 import shutil
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from loopcoder.checkpoint import atomic_write_text
 from loopcoder.errors import LoopcoderError
+from loopcoder.study import depth as D
 from loopcoder.study.presets import StudyPreset
 
 
@@ -44,6 +51,15 @@ class Study:
 
     def stage(self, name: str, key_parts: Any, fn: Callable[[], Any], workdir: Path | None = None) -> Any:
         """Run `fn` unless a finished marker with the same key exists; returns its (JSON) result."""
+        if self.cached(name, key_parts, workdir):
+            return self.results[name]
+        self.say(f"{name}: running")
+        t0 = time.perf_counter()
+        return self.record(name, fn(), time.perf_counter() - t0)
+
+    def cached(self, name: str, key_parts: Any, workdir: Path | None = None) -> bool:
+        """Whether stage `name` finished earlier with these settings (its result is then loaded). A
+        marker with other settings is removed, and with it the stage's `workdir`."""
         key = _key(key_parts)
         self.keys[name] = key
         marker = self.out / "stages" / f"{name}.json"
@@ -55,17 +71,17 @@ class Study:
             if saved.get("key") == key:
                 self.say(f"{name}: done earlier, skipped")
                 self.results[name] = saved["result"]
-                return saved["result"]
+                return True
             self.say(f"{name}: settings changed, starting it over")
             marker.unlink()
             if workdir is not None and workdir.exists():
                 shutil.rmtree(workdir)
-        self.say(f"{name}: running")
-        t0 = time.perf_counter()
-        result = fn()
-        seconds = time.perf_counter() - t0
-        atomic_write_text(marker, json.dumps({"key": key, "seconds": seconds, "result": result}, indent=1,
-                                             default=str) + "\n")
+        return False
+
+    def record(self, name: str, result: Any, seconds: float) -> Any:
+        marker = self.out / "stages" / f"{name}.json"
+        atomic_write_text(marker, json.dumps({"key": self.keys[name], "seconds": seconds, "result": result},
+                                             indent=1, default=str) + "\n")
         self.say(f"{name}: finished in {seconds / 60:.1f} min")
         self.results[name] = result
         return result
@@ -74,15 +90,129 @@ class Study:
     def run(self) -> Path:
         p = self.p
         self.out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.out / "preset.json", json.dumps(p.to_dict(), indent=1) + "\n")
+        atomic_write_text(self.out / "preset.json", json.dumps(p.to_dict(), indent=1, default=str) + "\n")
+        if p.depth is not None:
+            self._depth_stages()
+        if p.loops:
+            self._code_stages()
+        from loopcoder.study.report import write_study_report
+
+        report = write_study_report(self)
+        self.say(f"report: {report}")
+        return report
+
+    # ------------------------------------------------------------------ the depth probe
+    def _depth_stages(self) -> None:
+        s = self.p.depth
+        runs = [(m, seed) for m in s.models for seed in s.seeds]
+        self._depth_training(runs)
+        train_keys = [self.keys[f"depth-{m.key}-s{seed}"] for m, seed in runs]
+        task = D.task_of(s)
+        self.stage("depth-eval", [train_keys, task.to_dict(), s.eval_lengths, s.eval_items], self._depth_eval)
+        self.stage("depth-cost", [[self.keys[f"depth-{m.key}-s{s.seeds[0]}"] for m in s.models], s.decode_context,
+                                  s.decode_steps, s.decode_rounds], self._depth_cost)
+        self.stage("depth-diagnostics", [train_keys, s.diag_samples, s.seq_len], self._depth_diagnostics,
+                   self.out / "depth" / "diagnostics")
+
+    def _depth_training(self, runs: list[tuple[Any, int]]) -> None:
+        """Every (model, seed) run not finished yet, `workers` at a time in fresh processes, the costliest
+        first (so that the pool finishes together)."""
+        s = self.p.depth
+        todo = []
+        for m, seed in runs:
+            name, out = f"depth-{m.key}-s{seed}", self.out / "runs" / "depth" / f"{m.key}-s{seed}"
+            cfg = s.train_config(m, seed, str(out), self.p.device)
+            parts = [D.task_of(s).to_dict(), cfg.to_dict(), s.seq_len, s.train_lengths, s.validation_rows]
+            if not self.cached(name, parts, out):
+                todo.append((m, seed, name, out))
+        if not todo:
+            return
+        todo.sort(key=lambda job: -job[0].loops)
+        self.say(f"depth probe: training {len(todo)} runs, {s.workers} at a time")
+        if s.workers == 1:
+            for m, seed, name, out in todo:
+                t0 = time.perf_counter()
+                self.record(name, D.train_run(s, m, seed, str(out), self.p.device), time.perf_counter() - t0)
+            return
+        ctx = multiprocessing.get_context("spawn")  # no forked torch state; the same in every OS
+        with ProcessPoolExecutor(max_workers=s.workers, mp_context=ctx) as pool:
+            started = {}
+            for m, seed, name, out in todo:
+                future = pool.submit(D.train_run, s, m, seed, str(out), self.p.device)
+                started[future] = (name, time.perf_counter())
+            pending = set(started)
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    name, t0 = started[future]
+                    result = future.result()  # a failed run raises here, finished ones are kept
+                    self.record(name, result, time.perf_counter() - t0)
+
+    def _depth_eval(self) -> dict[str, Any]:
+        from loopcoder.checkpoint import load_model
+
+        s = self.p.depth
+        task = D.task_of(s)
+        out = self.out / "depth" / "eval"
+        results = {}
+        for m in s.models:
+            for seed in s.seeds:
+                model = load_model(D.model_path(self.results, m, seed), device=_device(self.p.device))
+                path = out / f"{m.key}-s{seed}.json"
+                atomic_write_text(path, json.dumps(D.evaluate(model, task, s.eval_lengths, s.eval_items)) + "\n")
+                results[f"{m.key}-s{seed}"] = str(path)
+        return {"files": results, "task": task.to_dict()}
+
+    def _depth_cost(self) -> dict[str, Any]:
+        from loopcoder.checkpoint import load_model
+        from loopcoder.study.cost import decode_latency
+
+        s = self.p.depth
+        models = {m.key: load_model(D.model_path(self.results, m, s.seeds[0]), device=_device(self.p.device))
+                  for m in s.models}
+        out = decode_latency(models, s.decode_context, 1, s.decode_steps, s.decode_rounds)
+        for key, model in models.items():
+            out[key]["kv_bytes_per_sequence"] = model.config.kv_cache_bytes(s.decode_context, 1, 4)
+            out[key]["params"] = sum(t.numel() for t in model.parameters())
+        return out
+
+    def _depth_diagnostics(self) -> dict[str, Any]:
+        from loopcoder.checkpoint import load_model
+        from loopcoder.diagnostics import diagnose, recommend, write_report
+
+        s = self.p.depth
+        rows = D.diagnostic_rows(s)
+        per_seed: dict[str, Any] = {}
+        for seed in s.seeds:
+            results = {}
+            for m in s.models:
+                model = load_model(D.model_path(self.results, m, seed), device=_device(self.p.device))
+                results[m.key] = diagnose(model, rows, len(rows), name=m.name, source=str(
+                    D.model_path(self.results, m, seed)), progress=False)
+            plt_family = [results[m.key] for m in s.models if m.architecture == "plt" and m.loop_offset]
+            entry: dict[str, Any] = {"recommendation": recommend(plt_family).to_dict() if plt_family else None,
+                                     "verdicts": {}}
+            for m in s.models:  # each model's own verdict (loops worth it), controls included
+                if m.loops > 1:
+                    entry["verdicts"][m.key] = recommend([results[m.key]]).per_model[m.name]
+            if seed == s.seeds[0]:
+                report = write_report(list(results.values()), self.out / "depth" / "diagnostics",
+                                      recommend(plt_family) if plt_family else None, plots=True, per_sample=False)
+                entry["dir"] = str(report)
+            per_seed[str(seed)] = entry
+        return {"per_seed": per_seed}
+
+    # ------------------------------------------------------------------ the code language model
+    def _code_stages(self) -> None:
+        p = self.p
         data = self.stage("data", [p.source, p.vocab_size, p.build_seq_len, p.family, p.reasoning_steps,
                                    p.pretrain_reasoning, p.sft_reasoning, p.instruction_max_tokens], self._data,
                           self.out / "data")
         for R in p.loops:
-            self.stage(f"pretrain-R{R}", [self.keys["data"], p.train_preset, p.pretrain, R],
+            self.stage(f"pretrain-R{R}", [self.keys["data"], p.pretrain.to_dict(), R],
                        lambda R=R: self._pretrain(R, data), self.out / "runs" / f"pretrain-R{R}")
         for R in p.loops:
-            self.stage(f"sft-R{R}", [self.keys[f"pretrain-R{R}"], p.train_preset, p.sft],
+            self.stage(f"sft-R{R}", [self.keys[f"pretrain-R{R}"], p.sft.to_dict()],
                        lambda R=R: self._sft(R, data), self.out / "runs" / f"sft-R{R}")
         for R in p.loops:
             self.stage(f"eval-R{R}", [self.keys[f"sft-R{R}"], p.family, p.eval_reasoning_n, p.eval_steps,
@@ -93,11 +223,6 @@ class Study:
                        lambda R=R: self._cost(R))
         self.stage("diagnostics", [[self.keys[f"sft-R{R}"] for R in p.loops], p.diag_samples, p.diag_seq_len],
                    lambda: self._diagnostics(data))
-        from loopcoder.study.report import write_study_report
-
-        report = write_study_report(self)
-        self.say(f"report: {report}")
-        return report
 
     def model_dir(self, R: int) -> str:
         return self.results[f"sft-R{R}"]["final_checkpoint"]
@@ -111,36 +236,40 @@ class Study:
         p = self.p
         work = self.out / "data"
         work.mkdir(parents=True, exist_ok=True)
-        self.say(f"data: {p.pretrain_reasoning} {p.family} programs for pretraining, {p.sft_reasoning} for SFT")
-        def write(name: str, n: int, seed: int, record: Any, progress: bool = False) -> Path:
+
+        def write(name: str, n: int, seed: int, record: Any, progress: bool = False) -> str:
             examples = reasoning.generate_examples(n, p.reasoning_steps, seed=seed, split="train", family=p.family,
                                                    progress=progress)
             atomic_write_text(work / name, "".join(json.dumps(record(e)) + "\n" for e in examples))
-            return work / name
+            return str(work / name)
 
-        pre_file = write("reasoning-pretrain.jsonl", p.pretrain_reasoning, 1,
-                         lambda e: {"text": reasoning.to_text(e)}, progress=True)
-        chat_file = write("reasoning-sft.jsonl", p.sft_reasoning, 2,
-                          lambda e: {"messages": reasoning.to_chat_messages(e)})
-        # SFT validation: more train-split programs (the eval split stays unseen until evaluation)
-        val_file = write("reasoning-sft-validation.jsonl", max(20, p.sft_reasoning // 10), 3,
-                         lambda e: {"messages": reasoning.to_chat_messages(e)})
+        sources, sft_files = [p.source], {}
+        if p.pretrain_reasoning:
+            self.say(f"data: {p.pretrain_reasoning} {p.family} programs for pretraining")
+            sources.append(write("reasoning-pretrain.jsonl", p.pretrain_reasoning, 1,
+                                 lambda e: {"text": reasoning.to_text(e)}, progress=True))
+        if p.sft_reasoning:
+            self.say(f"data: {p.sft_reasoning} {p.family} programs for instruction tuning")
+            sft_files["sft_reasoning"] = write("reasoning-sft.jsonl", p.sft_reasoning, 2,
+                                               lambda e: {"messages": reasoning.to_chat_messages(e)})
+            # SFT validation: more train-split programs (the eval split stays unseen until evaluation)
+            sft_files["sft_validation"] = write("reasoning-sft-validation.jsonl", max(20, p.sft_reasoning // 10), 3,
+                                                lambda e: {"messages": reasoning.to_chat_messages(e)})
         built = work / "build"
-        manifest = build(BuildConfig(corpus=CorpusSpec(sources=(p.source, str(pre_file))),
-                                     vocab_size=p.vocab_size, seq_len=p.build_seq_len), built, log=self.log)
+        manifest = build(BuildConfig(corpus=CorpusSpec(sources=tuple(sources)), vocab_size=p.vocab_size,
+                                     seq_len=p.build_seq_len), built, log=self.log)
         stats = write_instruction_set(built, max_tokens=p.instruction_max_tokens, log=self.log)
-        return {"dir": str(built), "sft_reasoning": str(chat_file), "sft_validation": str(val_file),
-                "manifest": _small_manifest(manifest),
-                "instructions": stats}
+        return {"dir": str(built), **sft_files, "manifest": _small_manifest(manifest), "instructions": stats}
 
     def _pretrain(self, R: int, data: dict[str, Any]) -> dict[str, Any]:
         from loopcoder.training import pretrain
 
         out = self.out / "runs" / f"pretrain-R{R}"
-        overrides = {**self.p.pretrain, "data.dir": data["dir"], "model.loops": R, "out": str(out)}
-        if self.p.device != "auto":
-            overrides["train.device"] = self.p.device
-        r = pretrain(self.p.train_preset, overrides, resume=True)
+        cfg = copy.deepcopy(self.p.pretrain)
+        cfg.data = replace(cfg.data, dir=data["dir"])
+        cfg.model = replace(cfg.model, loops=R)
+        cfg.out = str(out)
+        r = pretrain(self._on_device(cfg), resume=True)
         return _train_result(r, out)
 
     def _sft(self, R: int, data: dict[str, Any]) -> dict[str, Any]:
@@ -148,14 +277,18 @@ class Study:
 
         out = self.out / "runs" / f"sft-R{R}"
         instructions = Path(data["dir"]) / "instructions"
-        overrides = {**self.p.sft, "data.dir": data["dir"], "out": str(out),
-                     "data.sft_train": [str(instructions / "train.jsonl"), data["sft_reasoning"]],
-                     "data.sft_validation": [data["sft_validation"]]}
-        if self.p.device != "auto":
-            overrides["train.device"] = self.p.device
-        r = sft(self.p.train_preset, init=self.results[f"pretrain-R{R}"]["final_checkpoint"], overrides=overrides,
-                resume=True)
+        cfg = copy.deepcopy(self.p.sft)
+        train = [str(instructions / "train.jsonl")] + ([data["sft_reasoning"]] if "sft_reasoning" in data else [])
+        validation = [data["sft_validation"]] if "sft_validation" in data else []
+        cfg.data = replace(cfg.data, dir=data["dir"], sft_train=train, sft_validation=validation)
+        cfg.out = str(out)
+        r = sft(self._on_device(cfg), init=self.results[f"pretrain-R{R}"]["final_checkpoint"], resume=True)
         return _train_result(r, out)
+
+    def _on_device(self, cfg: Any) -> Any:
+        if self.p.device != "auto":
+            cfg.train = replace(cfg.train, device=self.p.device)
+        return cfg
 
     def _eval(self, R: int, data: dict[str, Any]) -> dict[str, Any]:
         from loopcoder.evaluation.runner import evaluate
@@ -166,25 +299,22 @@ class Study:
                                 humaneval_max_new_tokens=p.humaneval_max_new_tokens, reasoning_n=p.eval_reasoning_n,
                                 reasoning_steps=tuple(p.eval_steps), reasoning_family=p.family, bpb_rows=p.bpb_rows)
         out = self.out / "eval" / f"R{R}" / "results.json"
-        evaluate(self.model_dir(R), ["reasoning", "bpb", "humaneval"], settings, str(out),
+        tasks = ["reasoning", "bpb", "humaneval"] if p.reasoning else ["bpb", "humaneval"]
+        evaluate(self.model_dir(R), tasks, settings, str(out),
                  data_dir=data["dir"], allow_code_execution=True, device=p.device, bpb_per_row=True)
         return {"results": str(out)}
 
     def _cost(self, R: int) -> dict[str, Any]:
-        from loopcoder.bench.decode import DecodeBenchSettings, EngineTimer
-        from loopcoder.runtime import load_for_inference
+        from loopcoder.checkpoint import load_model
+        from loopcoder.study.cost import decode_latency
 
         p = self.p
-        model, _ = load_for_inference(self.model_dir(R), device=p.device)
-        s = DecodeBenchSettings(steps=8, rounds=2, warmup=2)
         out: dict[str, Any] = {"context": p.decode_context, "latency_ms": {}, "kv_bytes": {}}
         for batch in p.decode_batches:
-            timer = EngineTimer(model, "parallel", batch, p.decode_context, s)
-            for _ in range(s.rounds):
-                timer.run(s.steps)
-            res = timer.result()
+            model = load_model(self.model_dir(R), device=_device(p.device))  # the engine fuses its weights
+            res = decode_latency({"model": model}, p.decode_context, batch, steps=8, rounds=2, threads=None)["model"]
             out["latency_ms"][str(batch)] = res["latency_s"] * 1e3
-            out["kv_bytes"][str(batch)] = res["kv_bytes"]
+            out["kv_bytes"][str(batch)] = model.config.kv_cache_bytes(p.decode_context, batch, 4)
         out["params"] = sum(t.numel() for t in model.parameters())
         out["kv_bytes_per_token_at_context"] = model.config.kv_cache_bytes(p.decode_context, 1, 2) / p.decode_context
         return out
@@ -203,6 +333,12 @@ class Study:
         rec = recommend(results)
         out = write_report(results, self.out / "diagnostics", rec, plots=True, per_sample=False)
         return {"dir": str(out), "recommendation": rec.to_dict()}
+
+
+def _device(device: str) -> str:
+    from loopcoder.runtime import pick_device
+
+    return str(pick_device(device))
 
 
 def _small_manifest(manifest: dict[str, Any]) -> dict[str, Any]:

@@ -45,6 +45,7 @@ class ModelSection:
     intermediate_size: int | None = None  # None: 8/3 hidden_size rounded up to a multiple of 32
     window: int = 64  # plt_window_size[0], G-SWA's local window
     architecture: str = "plt"  # loop_architecture: plt | vanilla
+    loop_offset: bool = True  # plt_loop_offset: False is the ablation without CLP's one-position shift
     vocab_size: int | None = None  # None: the tokenizer's, rounded up to a multiple of 64
     max_position_embeddings: int | None = None  # None: max(sequence length, 4096)
     rope_theta: float = 10000.0
