@@ -788,6 +788,9 @@ def test_an_unprivileged_callers_home_project_and_site_packages_are_out_of_reach
     uid = UNPRIVILEGED_UID
     as_user = {"user": uid, "group": uid, "extra_groups": [], "env": {"PATH": "/usr/bin:/bin", "HOME": "/"}}
     python = isolation_report()["interpreter"]  # one every uid can read
+    userns = "import ctypes, sys; sys.exit(ctypes.CDLL(None).unshare(0x10000000) != 0)"  # CLONE_NEWUSER
+    if subprocess.run([python, "-c", userns], timeout=60, **as_user).returncode != 0:
+        pytest.skip("this machine gives no user namespaces to unprivileged users")
     home, project, venv = outside_dir / "home", outside_dir / "project", outside_dir / "venv"
     home.mkdir()
     (home / ".bashrc").write_text("original\n")
@@ -829,14 +832,14 @@ def test_an_unprivileged_callers_home_project_and_site_packages_are_out_of_reach
         assert driver.returncode == 0, err
         result = json.loads(out)
         assert result["passed"], result
-        if result["isolation"].get("filesystem", "missing").startswith("no: "):
-            pytest.skip(f"no private filesystem for an unprivileged caller here: {result['isolation']}")
         outcomes = json.loads(result["stdout"])
         assert host_leftovers(name) == []
         assert {p: p.read_bytes() for p in before} == before
         assert sorted(os.listdir(home)) == [".bashrc"]
         assert not (project / "new.txt").exists()
         assert "evil.pth" not in os.listdir(site_packages)
+        assert result["isolation"]["network"] == "yes", result["isolation"]  # user namespaces work here
+        assert result["isolation"].get("filesystem") == "yes", result["isolation"]
         assert [k for k, v in outcomes.items() if v == "written"] == [d for d in SHARED_TMP]  # its own /tmp only
         assert outcomes["capabilities"] == "0000000000000000"  # the user namespace's are dropped
         assert outcomes["umount /tmp"] == -1 and outcomes["remount / read-write"] == -1
