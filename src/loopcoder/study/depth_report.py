@@ -256,7 +256,7 @@ def cost_table(d: DepthData) -> tuple[list[str], dict[str, Any]]:
                      str(c["passes"]), f"{c['kv_bytes_per_sequence'] / 1024:.1f} KiB"])
     lines = ["### Gain against cost", "",
              f"Training time is per run, the mean over seeds: CPU seconds (one thread; the figure a quiet "
-             f"machine's wall time approaches) and wall seconds (runs shared the machine, {s.workers} at a time). "
+             f"machine's wall time approaches) and wall seconds (runs shared the machine, {s.pool_size()} at a time). "
              f"Decode is the engine's median step for one sequence after a {s.decode_context}-token prompt (one "
              f"thread, the models taking turns for {s.decode_rounds} rounds); KV is the cache one sequence needs "
              f"at that length (fp32).", ""]

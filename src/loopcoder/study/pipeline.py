@@ -128,14 +128,15 @@ class Study:
         if not todo:
             return
         todo.sort(key=lambda job: -job[0].loops)
-        self.say(f"depth probe: training {len(todo)} runs, {s.workers} at a time")
-        if s.workers == 1:
+        workers = min(s.pool_size(), len(todo))
+        self.say(f"depth probe: training {len(todo)} runs, {workers} at a time")
+        if workers == 1:
             for m, seed, name, out in todo:
                 t0 = time.perf_counter()
                 self.record(name, D.train_run(s, m, seed, str(out), self.p.device), time.perf_counter() - t0)
             return
         ctx = multiprocessing.get_context("spawn")  # no forked torch state; the same in every OS
-        with ProcessPoolExecutor(max_workers=s.workers, mp_context=ctx) as pool:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
             started = {}
             for m, seed, name, out in todo:
                 future = pool.submit(D.train_run, s, m, seed, str(out), self.p.device)

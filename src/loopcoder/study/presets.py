@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -68,22 +69,22 @@ class DepthSettings:
     eval_share: float = 0.25
     equals: bool = False  # items `x a_1 .. a_k y` (True: `x a_1 .. a_k = y`; docs/study.md says why not)
     train_lengths: tuple[int, ...] = (1, 2, 3, 4, 5, 6)  # steps per training item, uniform
-    eval_lengths: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8)
+    eval_lengths: tuple[int, ...] = (1, 2, 3, 4, 5, 6)
     eval_items: int = 400  # held-out items per k (all of them where there are fewer)
     seq_len: int = 64  # tokens per training row (BOS + whole items + padding)
     validation_rows: int = 64  # training-split rows for the validation curve
     # training: everything but model.loops / architecture / loop_offset, seed and out
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        model=C.ModelSection(hidden_size=64, layers=1, heads=4, intermediate_size=192, window=64),
+        model=C.ModelSection(hidden_size=64, layers=1, heads=4, intermediate_size=192, window=16),
         train=C.TrainSection(steps=2000, global_batch_size=16, threads=1),
         optim=C.OptimSection(lr=1e-2),
         eval=C.EvalSection(every=250, batch_size=64),
         checkpoint=C.CheckpointSection(every=0, keep=1),
         logging=C.LoggingSection(every=10, tensorboard=False, progress="off"),
     ))
-    workers: int = 2  # training runs in parallel, one thread each (docs/study.md measures the gain)
+    workers: int | None = None  # training runs at a time, one thread each (None: one per CPU; docs/study.md)
     # cost and diagnostics
-    decode_context: int = 64  # prompt tokens before the timed decode steps
+    decode_context: int = 256  # prompt tokens before the timed decode steps
     decode_steps: int = 16  # timed steps per round (median)
     decode_rounds: int = 5  # the models take turns this many times
     diag_samples: int = 32  # rows per model for the loop diagnostics
@@ -93,8 +94,11 @@ class DepthSettings:
             raise LoopcoderError("the depth probe needs at least one model and one seed")
         if len({m.key for m in self.models}) != len(self.models):
             raise LoopcoderError("the depth probe's models must differ")
-        if self.workers < 1:
+        if self.workers is not None and self.workers < 1:
             raise LoopcoderError(f"workers must be >= 1, got {self.workers}")
+
+    def pool_size(self) -> int:
+        return self.workers or max(1, os.cpu_count() or 1)
 
     def train_config(self, model: DepthModel, seed: int, out: str, device: str = "auto") -> TrainConfig:
         cfg = copy.deepcopy(self.train)
@@ -169,13 +173,17 @@ def _tiny() -> StudyPreset:
     sft = _train(_sft_config("tiny"), train={"steps": 60, "threads": 2},
                  checkpoint={"every": 30}, eval={"every": 0, "max_batches": 8}, logging=lines)
     depth = DepthSettings(models=(R1, PLT2, PLT3, PLT2_NO_OFFSET, VANILLA2))
-    return StudyPreset(name="tiny", depth=depth, loops=(1, 2), pretrain=pretrain, sft=sft, humaneval_limit=16,
+    return StudyPreset(name="tiny", depth=depth, loops=(1, 2), pretrain=pretrain, sft=sft, humaneval_limit=8,
                        humaneval_max_new_tokens=96, diag_samples=32)
 
 
-def _depth() -> StudyPreset:
-    """The depth probe alone, all seven models and five seeds (docs/study.md has the measured time)."""
-    return StudyPreset(name="depth", depth=DepthSettings(seeds=(0, 1, 2, 3, 4)), loops=())
+def _full() -> StudyPreset:
+    """`tiny` with all seven depth models (the R = 3 controls too) and five seeds. Run into the same
+    directory after `make demo`, it trains only what the demo did not (docs/study.md has the time)."""
+    preset = _tiny()
+    preset.name = "full"
+    preset.depth = replace(preset.depth, models=ALL_DEPTH_MODELS, seeds=(0, 1, 2, 3, 4))
+    return preset
 
 
 def _small() -> StudyPreset:
@@ -217,7 +225,7 @@ def _smoke() -> StudyPreset:
     )
 
 
-PRESETS: dict[str, Callable[[], StudyPreset]] = {"tiny": _tiny, "depth": _depth, "small": _small, "smoke": _smoke}
+PRESETS: dict[str, Callable[[], StudyPreset]] = {"tiny": _tiny, "full": _full, "small": _small, "smoke": _smoke}
 
 
 def get_preset(name: str, **overrides: Any) -> StudyPreset:
