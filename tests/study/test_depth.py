@@ -141,3 +141,37 @@ def test_a_second_run_trains_nothing(study_run):
     Study(preset, out, log=log).run()
     assert "depth probe: training" not in log.getvalue()
     assert "depth-eval: done earlier, skipped" in log.getvalue()
+
+
+def _made_up(acc: dict[str, dict[int, list[float]]], items: int = 200):
+    """DepthData whose models answer a fixed share of `items` items correctly, per seed and k."""
+    from loopcoder.study.depth_report import DepthData
+    from loopcoder.study.presets import PLT2, PLT2_NO_OFFSET, PLT3, R1, DepthSettings
+
+    models = (R1, PLT2, PLT3, PLT2_NO_OFFSET)
+    s = DepthSettings(models=models, seeds=(0, 1, 2), eval_lengths=(1, 2, 3))
+    correct = {}
+    for key, by_k in acc.items():
+        correct[key] = {k: np.array([(np.arange(items) < share * items).astype(float) for share in shares])
+                        for k, shares in by_k.items()}
+    cost = {m.key: {"latency_s": 1e-3 * (1 if m.single_pass else m.loops)} for m in models}
+    return DepthData(s, correct, {}, cost, {})
+
+
+def test_findings_on_made_up_results():
+    from loopcoder.study.depth_report import comparisons, findings
+
+    d = _made_up({
+        "r1": {1: [1, 1, 1], 2: [0.9, 0.9, 0.9], 3: [0.2, 0.25, 0.2]},
+        "plt2": {1: [1, 1, 1], 2: [0.9, 0.95, 0.9], 3: [0.7, 0.6, 0.8]},  # better at k = 3 in every seed
+        "plt3": {1: [1, 1, 1], 2: [0.6, 0.5, 0.55], 3: [0.3, 0.3, 0.35]},  # worse than PLT-2
+        "plt2-no-offset": {1: [1, 1, 1], 2: [0.9, 0.95, 0.9], 3: [0.9, 0.2, 0.7]},  # seed-dependent
+    })
+    diffs = {(a, b): d.difference(a, b) for a, b, _ in comparisons(d)}
+    text = "\n".join(findings(d, diffs))
+    assert "PLT-2 beats R=1 beyond noise at k = 3 " in text and "within noise at k = 1, 2" in text
+    assert "Over all fresh items PLT-3 regresses from PLT-2" in text
+    assert "PLT-3 is worse than PLT-2 beyond noise at k = 2, 3" in text
+    # the twin differs from PLT-2 a lot in single seeds, in both directions: no claim either way
+    assert "the offset's cost in accuracy is within noise" in text
+    assert "decodes all 2 loops in one pass, the twin in 2" in text

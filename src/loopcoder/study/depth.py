@@ -35,13 +35,13 @@ def train_run(s: DepthSettings, model: DepthModel, seed: int, out: str, device: 
     cfg = s.train_config(model, seed, out, device)
     source = permutation_source(task_of(s), cfg.train.steps * cfg.train.global_batch_size, s.seq_len,
                                 s.train_lengths, seed=seed, validation_rows=s.validation_rows)
-    cpu0 = time.process_time()
+    cpu0, wall0 = time.process_time(), time.perf_counter()
     r = pretrain(cfg, resume=True, source=source)
     if r.final_checkpoint is None:
         raise LoopcoderError(f"training in {out} produced no checkpoint")
     return {"final_checkpoint": str(r.final_checkpoint), "run_dir": out, "step": r.step, "train_loss": r.train_loss,
             "val_loss": r.val_loss, "train_s": r.train_s, "cpu_s": time.process_time() - cpu0,
-            "threads": cfg.train.threads}
+            "wall_s": time.perf_counter() - wall0, "threads": cfg.train.threads}
 
 
 @torch.inference_mode()

@@ -12,6 +12,7 @@ import numpy as np
 
 from loopcoder.diagnostics.report import markdown_table
 from loopcoder.evaluation.tasks import wilson_interval
+from loopcoder.study.figures import pyplot, save
 from loopcoder.study.presets import DepthModel, DepthSettings
 from loopcoder.study.stats import Difference, compare_in_words, crossed_difference, effective_depth
 
@@ -136,11 +137,7 @@ def _latency_ratio(d: DepthData, a: str, b: str) -> str:
 
 
 def write_plot(d: DepthData, out: Path) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     out.mkdir(parents=True, exist_ok=True)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     ks = list(d.s.eval_lengths)
@@ -162,12 +159,7 @@ def write_plot(d: DepthData, out: Path) -> str:
                 title=f"Permutation composition: accuracy by k ({len(d.s.seeds)} seeds, 95 % Wilson)", ylim=(0, 102))
     axes[1].set(xlabel="training step", ylabel="answer loss on validation rows (nats)",
                 title="Training (mean over seeds)")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "depth.png", dpi=110)
-    plt.close(fig)
+    save(fig, axes, out / "depth.png")
     return "plots/depth.png"
 
 
@@ -256,7 +248,8 @@ def cost_table(d: DepthData) -> tuple[list[str], dict[str, Any]]:
                      str(c["passes"]), f"{c['kv_bytes_per_sequence'] / 1024:.1f} KiB"])
     lines = ["### Gain against cost", "",
              f"Training time is per run, the mean over seeds: CPU seconds (one thread; the figure a quiet "
-             f"machine's wall time approaches) and wall seconds (runs shared the machine, {s.pool_size()} at a time). "
+             f"machine's wall time approaches) and wall seconds (runs shared the machine, "
+             f"{base[0].get('pool_size', 1)} at a time). "
              f"Decode is the engine's median step for one sequence after a {s.decode_context}-token prompt (one "
              f"thread, the models taking turns for {s.decode_rounds} rounds); KV is the cache one sequence needs "
              f"at that length (fp32).", ""]

@@ -1,8 +1,11 @@
 """The loop-count study, stage by stage, each stage cached.
 
-    depth probe: depth-MODEL-sSEED (a process pool) -> depth-eval -> depth-cost -> depth-diagnostics
-    code model:  data -> pretrain-R.. -> sft-R.. -> eval-R.. -> cost-R.. -> diagnostics
-    report
+    data -> [depth-MODEL-sSEED.., pretrain-R..] -> [sft-R..] -> depth-eval -> depth-cost -> depth-diagnostics
+         -> eval-R.. -> cost-R.. -> diagnostics -> report
+
+The training runs in brackets go through a pool of fresh processes, one per CPU with one thread each,
+the costliest first: the models are small, and two one-thread runs side by side use two cores better
+than one run with two threads (docs/study.md).
 
 Every stage writes `OUT/stages/NAME.json` when it finishes, with a key made of its settings and the
 keys of the stages it reads. A stage whose marker has the right key is skipped, so re-running a study
@@ -21,7 +24,7 @@ import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -91,63 +94,72 @@ class Study:
         p = self.p
         self.out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.out / "preset.json", json.dumps(p.to_dict(), indent=1, default=str) + "\n")
+        data = None
+        if p.loops:
+            data = self.stage("data", [p.source, p.vocab_size, p.build_seq_len, p.family, p.reasoning_steps,
+                                       p.pretrain_reasoning, p.sft_reasoning, p.instruction_max_tokens], self._data,
+                              self.out / "data")
+        self.parallel(self._depth_jobs() + (self._pretrain_jobs(data) if data else []))
+        if data:
+            self.parallel(self._sft_jobs(data))
         if p.depth is not None:
             self._depth_stages()
-        if p.loops:
-            self._code_stages()
+        if data:
+            self._code_stages(data)
         from loopcoder.study.report import write_study_report
 
         report = write_study_report(self)
         self.say(f"report: {report}")
         return report
 
+    def parallel(self, jobs: list[Job]) -> None:
+        """Run the jobs that have not finished yet, the costliest first, in a pool of fresh processes
+        (one at a time, in this process, with a pool of one)."""
+        todo = sorted((j for j in jobs if not self.cached(j.name, j.key_parts, j.workdir)), key=lambda j: -j.cost)
+        if not todo:
+            return
+        workers = min(self.p.pool_size(), len(todo))
+        self.say(f"training {len(todo)} runs, {workers} at a time: {', '.join(j.name for j in todo)}")
+        if workers == 1:
+            for j in todo:
+                result = j.fn(*j.args)
+                self.record(j.name, {**result, "pool_size": 1}, result["wall_s"])
+            return
+        ctx = multiprocessing.get_context("spawn")  # no forked torch state; the same on every OS
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+            names = {pool.submit(j.fn, *j.args): j.name for j in todo}
+            pending = set(names)
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    result = future.result()  # a failed run raises here, finished ones are kept
+                    # seconds: the run's own time, not its wait in the queue
+                    self.record(names[future], {**result, "pool_size": workers}, result["wall_s"])
+
     # ------------------------------------------------------------------ the depth probe
+    def _depth_jobs(self) -> list[Job]:
+        s = self.p.depth
+        if s is None:
+            return []
+        jobs = []
+        for m in s.models:
+            for seed in s.seeds:
+                out = self.out / "runs" / "depth" / f"{m.key}-s{seed}"
+                cfg = s.train_config(m, seed, str(out), self.p.device)
+                parts = [D.task_of(s).to_dict(), cfg.to_dict(), s.seq_len, s.train_lengths, s.validation_rows]
+                args = (s, m, seed, str(out), self.p.device)
+                jobs.append(Job(f"depth-{m.key}-s{seed}", parts, out, D.train_run, args, _flops(cfg, s.seq_len)))
+        return jobs
+
     def _depth_stages(self) -> None:
         s = self.p.depth
-        runs = [(m, seed) for m in s.models for seed in s.seeds]
-        self._depth_training(runs)
-        train_keys = [self.keys[f"depth-{m.key}-s{seed}"] for m, seed in runs]
+        train_keys = [self.keys[f"depth-{m.key}-s{seed}"] for m in s.models for seed in s.seeds]
         task = D.task_of(s)
         self.stage("depth-eval", [train_keys, task.to_dict(), s.eval_lengths, s.eval_items], self._depth_eval)
         self.stage("depth-cost", [[self.keys[f"depth-{m.key}-s{s.seeds[0]}"] for m in s.models], s.decode_context,
                                   s.decode_steps, s.decode_rounds], self._depth_cost)
         self.stage("depth-diagnostics", [train_keys, s.diag_samples, s.seq_len], self._depth_diagnostics,
                    self.out / "depth" / "diagnostics")
-
-    def _depth_training(self, runs: list[tuple[Any, int]]) -> None:
-        """Every (model, seed) run not finished yet, `workers` at a time in fresh processes, the costliest
-        first (so that the pool finishes together)."""
-        s = self.p.depth
-        todo = []
-        for m, seed in runs:
-            name, out = f"depth-{m.key}-s{seed}", self.out / "runs" / "depth" / f"{m.key}-s{seed}"
-            cfg = s.train_config(m, seed, str(out), self.p.device)
-            parts = [D.task_of(s).to_dict(), cfg.to_dict(), s.seq_len, s.train_lengths, s.validation_rows]
-            if not self.cached(name, parts, out):
-                todo.append((m, seed, name, out))
-        if not todo:
-            return
-        todo.sort(key=lambda job: -job[0].loops)
-        workers = min(s.pool_size(), len(todo))
-        self.say(f"depth probe: training {len(todo)} runs, {workers} at a time")
-        if workers == 1:
-            for m, seed, name, out in todo:
-                t0 = time.perf_counter()
-                self.record(name, D.train_run(s, m, seed, str(out), self.p.device), time.perf_counter() - t0)
-            return
-        ctx = multiprocessing.get_context("spawn")  # no forked torch state; the same in every OS
-        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-            started = {}
-            for m, seed, name, out in todo:
-                future = pool.submit(D.train_run, s, m, seed, str(out), self.p.device)
-                started[future] = (name, time.perf_counter())
-            pending = set(started)
-            while pending:
-                done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for future in done:
-                    name, t0 = started[future]
-                    result = future.result()  # a failed run raises here, finished ones are kept
-                    self.record(name, result, time.perf_counter() - t0)
 
     def _depth_eval(self) -> dict[str, Any]:
         from loopcoder.checkpoint import load_model
@@ -204,17 +216,38 @@ class Study:
         return {"per_seed": per_seed}
 
     # ------------------------------------------------------------------ the code language model
-    def _code_stages(self) -> None:
+    def _pretrain_jobs(self, data: dict[str, Any]) -> list[Job]:
         p = self.p
-        data = self.stage("data", [p.source, p.vocab_size, p.build_seq_len, p.family, p.reasoning_steps,
-                                   p.pretrain_reasoning, p.sft_reasoning, p.instruction_max_tokens], self._data,
-                          self.out / "data")
+        jobs = []
         for R in p.loops:
-            self.stage(f"pretrain-R{R}", [self.keys["data"], p.pretrain.to_dict(), R],
-                       lambda R=R: self._pretrain(R, data), self.out / "runs" / f"pretrain-R{R}")
+            out = self.out / "runs" / f"pretrain-R{R}"
+            cfg = copy.deepcopy(p.pretrain)
+            cfg.data = replace(cfg.data, dir=data["dir"])
+            cfg.model = replace(cfg.model, loops=R)
+            cfg.out = str(out)
+            jobs.append(Job(f"pretrain-R{R}", [self.keys["data"], p.pretrain.to_dict(), R], out, train_code_model,
+                            (self._on_device(cfg), None), _flops(cfg, cfg.data.seq_len or p.build_seq_len)))
+        return jobs
+
+    def _sft_jobs(self, data: dict[str, Any]) -> list[Job]:
+        p = self.p
+        instructions = Path(data["dir"]) / "instructions"
+        train = [str(instructions / "train.jsonl")] + ([data["sft_reasoning"]] if "sft_reasoning" in data else [])
+        validation = [data["sft_validation"]] if "sft_validation" in data else []
+        jobs = []
         for R in p.loops:
-            self.stage(f"sft-R{R}", [self.keys[f"pretrain-R{R}"], p.sft.to_dict()],
-                       lambda R=R: self._sft(R, data), self.out / "runs" / f"sft-R{R}")
+            out = self.out / "runs" / f"sft-R{R}"
+            cfg = copy.deepcopy(p.sft)
+            cfg.data = replace(cfg.data, dir=data["dir"], sft_train=train, sft_validation=validation)
+            cfg.out = str(out)
+            init = self.results[f"pretrain-R{R}"]["final_checkpoint"]
+            cost = _flops(replace(cfg, model=replace(cfg.model, loops=R)), cfg.data.seq_len or p.build_seq_len)
+            jobs.append(Job(f"sft-R{R}", [self.keys[f"pretrain-R{R}"], p.sft.to_dict()], out, train_code_model,
+                            (self._on_device(cfg), init), cost))
+        return jobs
+
+    def _code_stages(self, data: dict[str, Any]) -> None:
+        p = self.p
         for R in p.loops:
             self.stage(f"eval-R{R}", [self.keys[f"sft-R{R}"], p.family, p.eval_reasoning_n, p.eval_steps,
                                       p.humaneval_limit, p.humaneval_max_new_tokens, p.bpb_rows],
@@ -261,30 +294,6 @@ class Study:
                                      seq_len=p.build_seq_len), built, log=self.log)
         stats = write_instruction_set(built, max_tokens=p.instruction_max_tokens, log=self.log)
         return {"dir": str(built), **sft_files, "manifest": _small_manifest(manifest), "instructions": stats}
-
-    def _pretrain(self, R: int, data: dict[str, Any]) -> dict[str, Any]:
-        from loopcoder.training import pretrain
-
-        out = self.out / "runs" / f"pretrain-R{R}"
-        cfg = copy.deepcopy(self.p.pretrain)
-        cfg.data = replace(cfg.data, dir=data["dir"])
-        cfg.model = replace(cfg.model, loops=R)
-        cfg.out = str(out)
-        r = pretrain(self._on_device(cfg), resume=True)
-        return _train_result(r, out)
-
-    def _sft(self, R: int, data: dict[str, Any]) -> dict[str, Any]:
-        from loopcoder.training import sft
-
-        out = self.out / "runs" / f"sft-R{R}"
-        instructions = Path(data["dir"]) / "instructions"
-        cfg = copy.deepcopy(self.p.sft)
-        train = [str(instructions / "train.jsonl")] + ([data["sft_reasoning"]] if "sft_reasoning" in data else [])
-        validation = [data["sft_validation"]] if "sft_validation" in data else []
-        cfg.data = replace(cfg.data, dir=data["dir"], sft_train=train, sft_validation=validation)
-        cfg.out = str(out)
-        r = sft(self._on_device(cfg), init=self.results[f"pretrain-R{R}"]["final_checkpoint"], resume=True)
-        return _train_result(r, out)
 
     def _on_device(self, cfg: Any) -> Any:
         if self.p.device != "auto":
@@ -334,6 +343,34 @@ class Study:
         rec = recommend(results)
         out = write_report(results, self.out / "diagnostics", rec, plots=True, per_sample=False)
         return {"dir": str(out), "recommendation": rec.to_dict()}
+
+
+@dataclass
+class Job:
+    """A training run for `Study.parallel`: a stage whose work is `fn(*args)` (module-level, so that a
+    pool process can run it), returning a JSON-able dict with its own "wall_s"."""
+
+    name: str
+    key_parts: Any
+    workdir: Path
+    fn: Callable[..., dict[str, Any]]
+    args: tuple
+    cost: float  # relative, to start the longest runs first
+
+
+def _flops(cfg: Any, seq_len: int) -> float:
+    """A run's training cost, up to a constant: tokens x loops x layers x width^2."""
+    m = cfg.model
+    return float(cfg.train.steps * cfg.train.global_batch_size * seq_len * m.loops * m.layers * m.hidden_size ** 2)
+
+
+def train_code_model(cfg: Any, init: str | None) -> dict[str, Any]:
+    """Pretrain (init None) or instruction-tune a code model, resuming an interrupted run; a pool job."""
+    from loopcoder.training import pretrain, sft
+
+    t0 = time.perf_counter()
+    r = pretrain(cfg, resume=True) if init is None else sft(cfg, init=init, resume=True)
+    return {**_train_result(r, Path(cfg.out)), "wall_s": time.perf_counter() - t0}
 
 
 def _device(device: str) -> str:

@@ -82,7 +82,6 @@ class DepthSettings:
         checkpoint=C.CheckpointSection(every=0, keep=1),
         logging=C.LoggingSection(every=10, tensorboard=False, progress="off"),
     ))
-    workers: int | None = None  # training runs at a time, one thread each (None: one per CPU; docs/study.md)
     # cost and diagnostics
     decode_context: int = 256  # prompt tokens before the timed decode steps
     decode_steps: int = 16  # timed steps per round (median)
@@ -94,11 +93,7 @@ class DepthSettings:
             raise LoopcoderError("the depth probe needs at least one model and one seed")
         if len({m.key for m in self.models}) != len(self.models):
             raise LoopcoderError("the depth probe's models must differ")
-        if self.workers is not None and self.workers < 1:
-            raise LoopcoderError(f"workers must be >= 1, got {self.workers}")
 
-    def pool_size(self) -> int:
-        return self.workers or max(1, os.cpu_count() or 1)
 
     def train_config(self, model: DepthModel, seed: int, out: str, device: str = "auto") -> TrainConfig:
         cfg = copy.deepcopy(self.train)
@@ -141,6 +136,12 @@ class StudyPreset:
     decode_context: int = 256
     decode_batches: tuple[int, ...] = (1, 8)
     device: str = "auto"
+    workers: int | None = None  # training runs at a time, in a process pool (None: one per CPU; docs/study.md)
+
+    def pool_size(self) -> int:
+        if self.workers is not None and self.workers < 1:
+            raise LoopcoderError(f"workers must be >= 1, got {self.workers}")
+        return self.workers or max(1, os.cpu_count() or 1)
 
     @property
     def reasoning(self) -> bool:
@@ -167,11 +168,12 @@ def _train(cfg: TrainConfig, **sections: dict[str, Any]) -> TrainConfig:
 
 def _tiny() -> StudyPreset:
     """`make demo`: minutes on a 2-core CPU (docs/study.md has the measured times)."""
-    lines = {"progress": "lines", "progress_every_s": 30.0}
-    pretrain = _train(load_config("tiny"), train={"steps": 300, "threads": 2},
-                      checkpoint={"every": 150}, eval={"every": 100, "max_batches": 16}, logging=lines)
-    sft = _train(_sft_config("tiny"), train={"steps": 60, "threads": 2},
-                 checkpoint={"every": 30}, eval={"every": 0, "max_batches": 8}, logging=lines)
+    # one thread per run: the study trains its runs side by side (docs/study.md); it reports each one
+    quiet = {"progress": "off"}
+    pretrain = _train(load_config("tiny"), train={"steps": 200, "threads": 1},
+                      checkpoint={"every": 100}, eval={"every": 50, "max_batches": 16}, logging=quiet)
+    sft = _train(_sft_config("tiny"), train={"steps": 40, "threads": 1},
+                 checkpoint={"every": 20}, eval={"every": 0, "max_batches": 8}, logging=quiet)
     depth = DepthSettings(models=(R1, PLT2, PLT3, PLT2_NO_OFFSET, VANILLA2))
     return StudyPreset(name="tiny", depth=depth, loops=(1, 2), pretrain=pretrain, sft=sft, humaneval_limit=8,
                        humaneval_max_new_tokens=96, diag_samples=32)
@@ -198,7 +200,7 @@ def _small() -> StudyPreset:
         pretrain_reasoning=200000, sft_reasoning=20000, reasoning_steps="1-8", eval_steps=(1, 2, 3, 4, 5, 6, 7, 8),
         eval_reasoning_n=200, humaneval_max_new_tokens=384, bpb_rows=None, batch_size=64, diag_samples=500,
         diag_seq_len=1024, decode_context=1024, decode_batches=(1, 32),
-        depth=DepthSettings(seeds=(0, 1, 2, 3, 4), workers=1),
+        depth=DepthSettings(seeds=(0, 1, 2, 3, 4)), workers=1,
     )
 
 

@@ -18,6 +18,7 @@ from typing import Any
 from loopcoder.checkpoint import atomic_write_text
 from loopcoder.diagnostics.report import markdown_table
 from loopcoder.study.depth_report import DepthData, depth_section
+from loopcoder.study.figures import pyplot, save
 from loopcoder.study.stats import Difference, paired_difference, trend
 
 DIAG_ROWS = [("effective_rank", "erank"), ("step_size", "step δ"), ("update_cosine", "cos θ"),
@@ -122,11 +123,7 @@ def recommend_loops(d: StudyData, comps: dict[str, dict[str, Difference]]) -> tu
 
 # ----------------------------------------------------------------------------- plots
 def write_plots(d: StudyData, out: Path) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     out.mkdir(parents=True, exist_ok=True)
     files = []
     colors = {R: c for R, c in zip(d.loops, ["#4477aa", "#ee6677", "#228833", "#ccbb44", "#66ccee"])}
@@ -148,12 +145,7 @@ def write_plots(d: StudyData, out: Path) -> list[str]:
                     title="Held-out code reasoning (95 % CI)")
         axes[1].set(xlabel="dependent steps in the program", ylabel="answer NLL (nats, lower is better)",
                     title="Likelihood of the right answer (95 % CI)")
-        for ax in axes:
-            ax.legend()
-            ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(out / "reasoning.png", dpi=110)
-        plt.close(fig)
+        save(fig, axes, out / "reasoning.png", legend=10)
         files.append("plots/reasoning.png")
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -174,12 +166,7 @@ def write_plots(d: StudyData, out: Path) -> list[str]:
                 ax.plot(*zip(*val), color=colors[R], marker="o", linestyle="--", label=f"R={R} validation")
     axes[0].set(xlabel="step", ylabel="loss (nats/token)", title="Pretraining (matched data, steps, seed)")
     axes[1].set(xlabel="step", ylabel="loss on assistant tokens (nats)", title="Instruction tuning")
-    for ax in axes:
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out / "training.png", dpi=110)
-    plt.close(fig)
+    save(fig, axes, out / "training.png", legend=7)
     files.append("plots/training.png")
 
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
@@ -196,11 +183,7 @@ def write_plots(d: StudyData, out: Path) -> list[str]:
     axes[2].bar(names, [d.cost[R]["kv_bytes_per_token_at_context"] / 1024 for R in d.loops],
                 color=[colors[R] for R in d.loops])
     axes[2].set(ylabel="KiB per token (bf16)", title=f"KV cache at T={d.study.p.decode_context}")
-    for ax in axes:
-        ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    fig.savefig(out / "cost.png", dpi=110)
-    plt.close(fig)
+    save(fig, axes, out / "cost.png", legend=None, grid_axis="y")
     files.append("plots/cost.png")
     return files
 
