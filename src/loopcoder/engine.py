@@ -11,7 +11,8 @@ What the engine does:
   request's `TextStream` (detokenisation, stop strings, streaming);
 - slots: running sequences stay packed in slots 0..n-1; a finished one leaves and the last moves in.
 
-Requests are isolated in the shared step: what belongs to one request (its prefill, its logits, its
+The model is called in two places only, `_prefill` and `_decode` (a test double replaces them to script
+outputs). Requests are isolated in the shared step: what belongs to one request (its prefill, its logits, its
 sampling, its text) can fail that request only, which ends with `finish_reason="error"` and `error` set;
 the others go on. Only the decode step itself, which every running sequence shares, fails the step.
 """
