@@ -43,6 +43,6 @@ def machine_info(device: torch.device) -> dict[str, Any]:
 
 
 def write_json(report: dict[str, Any], path: str) -> None:
-    from loopcoder.checkpoint import atomic_write_text
+    from loopcoder.atomic import atomic_write_text
 
     atomic_write_text(path, json.dumps(report, indent=2))

@@ -54,7 +54,7 @@ class ServeBenchSettings:
 def build_bench_model(out: str | Path, s: ServeBenchSettings) -> Path:
     """A random PLT model (`loopcoder init`'s other defaults) and a BPE tokenizer trained on this package's
     source, in `out`."""
-    from loopcoder.commands.init import write_random_model
+    from loopcoder.checkpoint import write_random_model
     from loopcoder.data import tokenizer as T
 
     texts = [p.read_text(encoding="utf-8") for p in sorted(Path(__file__).resolve().parents[1].rglob("*.py"))]

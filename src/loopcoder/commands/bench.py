@@ -8,17 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from loopcoder.errors import LoopcoderError
-
-
-def int_list(text: str) -> tuple[int, ...]:
-    """argparse type for integer lists: `1,2,3`, or a range `1-6` (both ends included)."""
-    try:
-        if "-" in text and "," not in text:
-            a, b = (int(x) for x in text.split("-"))
-            return tuple(range(a, b + 1))
-        return tuple(int(x) for x in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected integers like 1,2,3 or 1-6, got {text!r}") from None
+from loopcoder.runtime import int_list
 
 
 def _ints(text: str) -> tuple[int, ...]:

@@ -118,7 +118,7 @@ def _instructions(args: argparse.Namespace) -> int:
 
 
 def _reasoning(args: argparse.Namespace) -> int:
-    from loopcoder.checkpoint import atomic_write_text
+    from loopcoder.atomic import atomic_write_text
     from loopcoder.data import reasoning
 
     examples = reasoning.generate_examples(args.n, args.steps, args.seed, args.split, args.distractors,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from loopcoder.commands.bench import int_list
 from loopcoder.errors import LoopcoderError
+from loopcoder.runtime import int_list
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

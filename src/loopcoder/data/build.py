@@ -24,7 +24,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from loopcoder.checkpoint import atomic_directory, atomic_write_text
+from loopcoder.atomic import atomic_directory, atomic_write_text
 from loopcoder.data import corpus as corpus_mod
 from loopcoder.data import tokenizer as tok_mod
 from loopcoder.data.corpus import SPLITS, CleaningStats, CorpusSpec, Document

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from loopcoder.checkpoint import atomic_write_text
+from loopcoder.atomic import atomic_write_text
 from loopcoder.data import corpus as corpus_mod
 from loopcoder.data.corpus import SPLITS, CorpusSpec, Document, iter_documents
 from loopcoder.data.progress import Progress

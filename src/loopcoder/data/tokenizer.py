@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from loopcoder.checkpoint import atomic_write_text
+from loopcoder.atomic import atomic_write_text
 from loopcoder.errors import LoopcoderError
 
 PAD, BOS, EOS, IM_START, IM_END, FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX = (

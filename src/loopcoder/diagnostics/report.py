@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import loopcoder
-from loopcoder.checkpoint import atomic_directory
+from loopcoder.atomic import atomic_directory
 from loopcoder.diagnostics.recommend import Recommendation, recommend
 from loopcoder.diagnostics.run import GROUPS, MEASURES, DiagnosticsResult, Stat
 from loopcoder.errors import LoopcoderError

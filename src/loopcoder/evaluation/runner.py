@@ -72,7 +72,7 @@ def load_results(path: Path, identity: dict[str, Any]) -> dict[str, Any] | None:
 def evaluate(model_dir: str, tasks: list[str], settings: EvalSettings, out: str, *, data_dir: str | None = None,
              allow_code_execution: bool = False, fresh: bool = False, device: str = "auto", dtype: str = "auto",
              prompt_style: str = "auto", tokenizer_dir: str | None = None, bpb_per_row: bool = False) -> dict[str, Any]:
-    from loopcoder.checkpoint import atomic_write_text
+    from loopcoder.atomic import atomic_write_text
     from loopcoder.engine import Engine
     from loopcoder.runtime import load_for_inference
 

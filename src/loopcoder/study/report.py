@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from loopcoder.checkpoint import atomic_write_text
+from loopcoder.atomic import atomic_write_text
 from loopcoder.diagnostics.report import markdown_table
 from loopcoder.study.stats import Difference, paired_difference, trend
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from loopcoder.checkpoint import atomic_directory, atomic_write_text
+from loopcoder.atomic import atomic_directory, atomic_write_text
 from loopcoder.errors import LoopcoderError
 
 CHECKPOINTS = "checkpoints"

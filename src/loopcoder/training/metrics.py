@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from loopcoder.checkpoint import atomic_write_text
+from loopcoder.atomic import atomic_write_text
 
 _TB_KEYS = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
             "tokens_per_s": "train/tokens_per_s", "mfu": "train/mfu", "val_loss": "val/loss", "val_bpb": "val/bpb"}
