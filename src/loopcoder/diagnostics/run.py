@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from loopcoder.diagnostics import measures as M
 from loopcoder.diagnostics.probe import GATE_BINS, LoopProbe
 from loopcoder.errors import LoopcoderError
+from loopcoder.stats import mean_ci
 
 
 # ----------------------------------------------------------------------------- the measures
@@ -154,14 +154,14 @@ class DiagnosticsResult:
             if (why := self.not_applicable(key, r)) is not None:
                 out.append(Stat(na=why))
                 continue
-            mean, low, high, n = M.mean_ci(values[:, r - 1])
+            mean, low, high, n = mean_ci(values[:, r - 1])
             out.append(Stat(mean, low, high, n) if n else Stat(na="no finite values"))
         return out
 
     def paired_difference(self, key: str, loop: int) -> Stat:
         """value(loop) - value(loop - 1) per sample: mean and 95 % CI (paired over samples)."""
         v = self.values(key)
-        mean, low, high, n = M.mean_ci(v[:, loop - 1] - v[:, loop - 2])
+        mean, low, high, n = mean_ci(v[:, loop - 1] - v[:, loop - 2])
         return Stat(mean, low, high, n)
 
     def to_dict(self, per_sample: bool = True) -> dict[str, Any]:

@@ -6,7 +6,6 @@ every chunk of finished problems, so an interrupted evaluation loses at most one
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +16,7 @@ from loopcoder.engine import Engine
 from loopcoder.evaluation.generation import answer_nll, complete
 from loopcoder.runtime import chat_stop_ids
 from loopcoder.sampling import SamplingParams
+from loopcoder.stats import mean_ci, wilson_interval
 
 Save = Callable[[], None]
 
@@ -48,28 +48,6 @@ class EvalSettings:
         temp = self.temperature if temperature is None else temperature
         return SamplingParams(max_new_tokens=max_new_tokens, temperature=temp, top_p=self.top_p,
                               seed=self.seed + sample, stop=stop, stop_token_ids=stop_token_ids)
-
-
-def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95 % Wilson score interval of a proportion (well behaved at 0 and n, unlike the normal one)."""
-    if n == 0:
-        return (float("nan"), float("nan"))
-    p = successes / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
-
-
-def mean_ci(values: list[float], z: float = 1.96) -> dict[str, float]:
-    """Mean with a normal-approximation 95 % interval (n is in the tens to hundreds here)."""
-    n = len(values)
-    if n == 0:
-        return {"mean": float("nan"), "ci95": [float("nan"), float("nan")], "n": 0}
-    m = sum(values) / n
-    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
-    half = z * sd / math.sqrt(n)
-    return {"mean": m, "ci95": [m - half, m + half], "n": n}
 
 
 # ----------------------------------------------------------------------------- HumanEval
@@ -164,7 +142,7 @@ def _accuracy(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Exact-match accuracy with its Wilson interval, and the mean answer NLL, of some reasoning rows."""
     k = sum(r["correct"] for r in rows)
     return {"accuracy": k / len(rows) if rows else float("nan"), "correct": k, "n": len(rows),
-            "ci95": list(wilson_interval(k, len(rows))), "answer_nll": mean_ci([r["answer_nll"] for r in rows])}
+            "ci95": list(wilson_interval(k, len(rows))), "answer_nll": _mean_ci_dict([r["answer_nll"] for r in rows])}
 
 
 # ----------------------------------------------------------------------------- bits per byte
@@ -196,3 +174,8 @@ def bits_per_byte(model: Any, data_dir: str, batch_size: int = 8, max_rows: int 
     if per_row:
         out.update(row_nll=row_nll, row_bytes=row_bytes)
     return out
+
+
+def _mean_ci_dict(values: list[float]) -> dict[str, Any]:
+    mean, low, high, n = mean_ci(values)
+    return {"mean": mean, "ci95": [low, high], "n": n}
