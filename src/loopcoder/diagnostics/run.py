@@ -10,7 +10,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import sys
 import time
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
@@ -24,6 +23,7 @@ import torch
 
 from loopcoder.diagnostics.probe import GATE_BINS, LoopProbe
 from loopcoder.errors import LoopcoderError
+from loopcoder.progress import Progress
 from loopcoder.stats import mean_ci
 
 
@@ -221,25 +221,6 @@ def extra_loop(model: Any) -> Iterator[None]:
         cfg._attn_implementation = impl
 
 
-class Progress:
-    """Samples done, samples/s and ETA on stderr, at most every `every` seconds."""
-
-    def __init__(self, total: int, label: str, enabled: bool = True, every: float = 2.0) -> None:
-        self.total, self.label, self.enabled, self.every = total, label, enabled, every
-        self.start = self.last = time.monotonic()
-
-    def update(self, done: int, tokens: int, final: bool = False) -> None:
-        now = time.monotonic()
-        if not self.enabled or (not final and now - self.last < self.every):
-            return
-        self.last = now
-        rate = done / max(now - self.start, 1e-9)
-        eta = (self.total - done) / rate if rate > 0 else math.inf
-        eta_s = "-" if not math.isfinite(eta) else f"{int(eta // 60)}m{int(eta % 60):02d}s"
-        print(f"diagnose {self.label}: {done}/{self.total} samples, {tokens} tokens, {rate:.2f} samples/s, "
-              f"ETA {eta_s}", file=sys.stderr, flush=True)
-
-
 def diagnose(model: Any, sequences: Iterable[Sequence[int] | torch.Tensor], samples: int | None = None, *,
              name: str = "model", source: str = "", progress: bool = True) -> DiagnosticsResult:
     """Run every diagnostic of spec section 3 on up to `samples` token sequences (each one sample,
@@ -256,7 +237,7 @@ def diagnose(model: Any, sequences: Iterable[Sequence[int] | torch.Tensor], samp
         raise LoopcoderError("no samples to diagnose (every sequence was empty or shorter than 2 tokens)")
     rows: list[dict[str, np.ndarray]] = []
     tokens, t0 = 0, time.monotonic()
-    bar = Progress(len(seqs), name, enabled=progress)
+    bar = Progress(f"diagnose {name}", len(seqs), "samples", mode="lines" if progress else "off")
     for seq in seqs:
         ids = torch.as_tensor(seq, dtype=torch.long).reshape(1, -1)
         if ids.shape[1] < 2:
@@ -271,8 +252,8 @@ def diagnose(model: Any, sequences: Iterable[Sequence[int] | torch.Tensor], samp
             model.model(input_ids=ids)
         rows.append(probe.end())
         tokens += ids.shape[1]
-        bar.update(len(rows), tokens)
-    bar.update(len(rows), tokens, final=True)
+        bar.update(len(rows), info=f"{tokens} tokens")
+    bar.finish(f"{tokens} tokens")
     per_sample = {k: np.stack([row[k] for row in rows]) for k in rows[0]}
     counts = np.maximum(probe.head_cos_count, 1)[..., None, None]
     info = {"layers": cfg.num_hidden_layers, "heads": cfg.num_attention_heads,
