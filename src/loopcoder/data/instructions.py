@@ -22,7 +22,9 @@ from typing import Any, TextIO
 
 from loopcoder.atomic import atomic_write_text
 from loopcoder.data import corpus as corpus_mod
+from loopcoder.data.build import read_manifest
 from loopcoder.data.corpus import SPLITS, CorpusSpec, Document, iter_documents
+from loopcoder.data.tokenizer import load_raw_tokenizer
 from loopcoder.errors import LoopcoderError
 from loopcoder.progress import Progress
 
@@ -154,9 +156,6 @@ def write_instruction_set(data_dir: str | os.PathLike, out_dir: str | os.PathLik
                           max_tokens: int | None = None, max_code_chars: int = 6000,
                           log: TextIO | None = None) -> dict[str, Any]:
     """Build the instruction set of a data directory's corpus into `out_dir` (default DATA/instructions)."""
-    from loopcoder.data.build import read_manifest
-    from loopcoder.data.tokenizer import load_raw_tokenizer
-
     manifest = read_manifest(data_dir)
     spec = CorpusSpec.from_dict(manifest["settings"]["corpus"])
     seq_len = manifest["settings"]["seq_len"]

@@ -12,8 +12,15 @@ from typing import Any
 
 import torch
 
+from loopcoder.data import reasoning
+from loopcoder.data.shards import ShardDataset
+from loopcoder.data.shards import bits_per_byte as to_bpb
 from loopcoder.engine import Engine
+from loopcoder.evaluation import humaneval
 from loopcoder.evaluation.generation import answer_nll, complete
+from loopcoder.evaluation.passk import mean_pass_at_k
+from loopcoder.evaluation.sandbox import isolation_report
+from loopcoder.model import causal_lm_loss
 from loopcoder.runtime import chat_stop_ids
 from loopcoder.sampling import SamplingParams
 from loopcoder.stats import mean_ci, wilson_interval
@@ -53,10 +60,6 @@ class EvalSettings:
 # ----------------------------------------------------------------------------- HumanEval
 def run_humaneval(engine: Engine, tokenizer: Any, s: EvalSettings, done: dict[str, Any], save: Save,
                   allow_code_execution: bool) -> dict[str, Any]:
-    from loopcoder.evaluation import humaneval
-    from loopcoder.evaluation.passk import mean_pass_at_k
-    from loopcoder.evaluation.sandbox import isolation_report
-
     problems = humaneval.load_problems()[: s.humaneval_limit]
     chat = s.prompt_style == "chat"
     stops = [] if chat else list(humaneval.STOP_SEQUENCES)
@@ -105,8 +108,6 @@ def run_humaneval(engine: Engine, tokenizer: Any, s: EvalSettings, done: dict[st
 
 # ----------------------------------------------------------------------------- code reasoning
 def run_reasoning(engine: Engine, tokenizer: Any, s: EvalSettings, done: dict[str, Any], save: Save) -> dict[str, Any]:
-    from loopcoder.data import reasoning
-
     styles = [s.prompt_style] + [st for st in s.reasoning_styles if st != s.prompt_style]
     ids = chat_stop_ids(engine.eos_ids, tokenizer)
     by_style: dict[str, Any] = done.setdefault("styles", {})
@@ -151,10 +152,6 @@ def bits_per_byte(model: Any, data_dir: str, batch_size: int = 8, max_rows: int 
                   split: str = "validation", per_row: bool = False) -> dict[str, Any]:
     """Bits per UTF-8 byte of the model on a data directory's held-out split (every row, in order).
     With `per_row`, also each row's summed loss (nats) and byte count, for paired comparisons."""
-    from loopcoder.data.shards import ShardDataset
-    from loopcoder.data.shards import bits_per_byte as to_bpb
-    from loopcoder.model import causal_lm_loss
-
     ds = ShardDataset(data_dir, split)
     device = next(model.parameters()).device
     row_nll: list[float] = []

@@ -15,6 +15,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from torch.utils.tensorboard import SummaryWriter
+
 from loopcoder.atomic import atomic_write_text
 
 _TB_KEYS = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
@@ -34,8 +36,6 @@ class MetricsLogger:
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - open for the whole run
         if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
             # purge_step drops the events a killed run wrote after the checkpoint we resume from
             self._tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
 
