@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from loopcoder.data.shards import ShardDataset  # raises LoopcoderError for a non-data directory
+from loopcoder.data.shards import ShardDataset
 from loopcoder.diagnostics.probe import GATE_BINS, LoopProbe
 from loopcoder.errors import LoopcoderError
 from loopcoder.progress import Progress
@@ -355,6 +355,6 @@ def _data_dir_sequences(path: Path, seq_len: int, samples: int | None) -> list[t
     """The validation split of a `loopcoder data build` directory, through `loopcoder.data.shards`:
     its first rows in order, each cut to `seq_len` tokens. Rows are packed documents separated by
     end-of-text (no BOS), already tokenized with the data directory's tokenizer."""
-    ds = ShardDataset(path, "validation")
+    ds = ShardDataset(path, "validation")  # raises LoopcoderError for a non-data directory
     n = len(ds) if samples is None else min(samples, len(ds))
     return [torch.from_numpy(ds.rows([i])[0, :seq_len]) for i in range(n)]
