@@ -5,8 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from loopcoder.commands.bench import int_list
+from loopcoder.data.reasoning import parse_steps
 from loopcoder.errors import LoopcoderError
+from loopcoder.evaluation.runner import evaluate, parse_tasks, summary_table
+from loopcoder.evaluation.tasks import EvalSettings
+from loopcoder.runtime import int_list
+from loopcoder.sampling import SamplingParams
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -40,11 +44,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from loopcoder.data.reasoning import parse_steps
-    from loopcoder.evaluation.runner import evaluate, parse_tasks, summary_table
-    from loopcoder.evaluation.tasks import EvalSettings
-    from loopcoder.sampling import SamplingParams
-
     tasks = parse_tasks(args.tasks)
     SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed).validate()
     for name in ("batch_size", "reasoning_n", "max_new_tokens"):
