@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "study": ("loopcoder.commands.study", "the loop-count study: train, tune, evaluate, diagnose R=1,2,3; report"),
     "diagnose": ("loopcoder.commands.diagnose", "per-loop diagnostics (spec 3), report, loop-count advice"),
     "init": ("loopcoder.commands.init", "write a randomly initialised PLT model directory"),
+    "export": ("loopcoder.commands.export", "add HF remote-code files: the model loads without loopcoder installed"),
     "data": ("loopcoder.commands.data", "build tokenizer and packed shards; write instruction and reasoning sets"),
     "eval": ("loopcoder.commands.eval", "HumanEval (sandboxed), code reasoning by difficulty, bits per byte"),
     "generate": ("loopcoder.commands.generate", "complete a prompt with the parallel-loop decode engine"),
