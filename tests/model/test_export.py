@@ -75,7 +75,8 @@ def check_loaded_standalone(out: dict, model_dir, ids) -> None:
     # the package is installed where the subprocess runs (so the blocker is what keeps it out), and was never imported
     assert out["findable_before"] is True
     assert out["loopcoder_modules"] == [] and out["loopcoder_importable"] is False
-    assert out["model_module"].startswith("transformers_modules.") and out["model_module"].endswith("modeling_loopcoder")
+    module = out["model_module"]
+    assert module.startswith("transformers_modules.") and module.endswith("modeling_loopcoder")
     assert out["config_module"].endswith("configuration_loopcoder") and out["model_type"] == "iquestpltcoder"
     package = load_model(model_dir, dtype=torch.float64)
     x = torch.tensor([ids])
@@ -158,7 +159,7 @@ def test_bad_input_is_a_clear_error(tmp_path):
     with pytest.raises(ExportError, match="does not exist"):
         export(tmp_path / "nope", tmp_path / "out")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ExportError, match="no \\*.safetensors"):
+    with pytest.raises(ExportError, match=r"no \*\.safetensors"):
         export(tmp_path / "empty", tmp_path / "out")
     released_style_dir(tmp_path / "empty")
     with pytest.raises(ExportError, match="in_place"):
