@@ -3,7 +3,7 @@
 Each reader checks the fields it needs and returns one dict per problem with a `task_id`; a file in
 the wrong format is one error naming the file, the line and the missing field. Nothing is downloaded.
 
-- EvalPlus `HumanEvalPlus.jsonl.gz` / `MbppPlus.jsonl.gz` (the evalplus releases; plain `.jsonl` too):
+- EvalPlus `HumanEvalPlus.jsonl.gz` / `MbppPlus.jsonl.gz` (the EvalPlus releases; `.jsonl` too):
   `task_id`, `prompt`, `entry_point`, `canonical_solution`, `base_input`, `plus_input`, `atol`. MBPP+
   stores some inputs as JSON lists where the functions take tuples, sets or complex numbers; they are
   converted per task as EvalPlus does (`MBPP_PLUS_INPUTS`).
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import gzip
 import json
 import pickletools
 import zlib
@@ -30,6 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from loopcoder.data.corpus import iter_jsonl
 from loopcoder.errors import LoopcoderError
 
 EVALPLUS_FIELDS = ("task_id", "prompt", "entry_point", "canonical_solution", "base_input", "plus_input")
@@ -42,39 +42,26 @@ class BenchmarkFileError(LoopcoderError):
     """A benchmark file that cannot be read as the format it was given for."""
 
 
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a `.jsonl` or `.jsonl.gz` file (a `.json` list is accepted too)."""
+def read_jsonl(path: str | Path, fields: tuple[str, ...], fmt: str) -> list[dict[str, Any]]:
+    """The problems of a `.jsonl` or `.jsonl.gz` file, each an object with `fields` (else an error naming
+    the file, the line and the field)."""
     p = Path(path)
     if not p.is_file():
         raise BenchmarkFileError(f"benchmark file {str(path)!r} does not exist")
+    rows = []
     try:
-        with (gzip.open(p, "rt", encoding="utf-8") if p.suffix == ".gz" else open(p, encoding="utf-8")) as f:
-            text = f.read()
+        for where, row in iter_jsonl(p):
+            if not isinstance(row, dict):
+                raise BenchmarkFileError(f"{where}: a problem must be a JSON object")
+            missing = [f for f in fields if f not in row]
+            if missing:
+                raise BenchmarkFileError(f"{where}: no {missing[0]!r} field: not a {fmt} file")
+            rows.append(row)
     except (OSError, EOFError, UnicodeDecodeError) as e:
         raise BenchmarkFileError(f"cannot read {p}: {e}") from None
-    if p.name.endswith(".json") and text.lstrip().startswith("["):
-        rows = json.loads(text)
-    else:
-        rows = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except ValueError as e:
-                    raise BenchmarkFileError(f"{p.name}:{n}: not JSON ({e})") from None
     if not rows:
-        raise BenchmarkFileError(f"{p.name}: no problems in the file")
-    for n, row in enumerate(rows, 1):
-        if not isinstance(row, dict):
-            raise BenchmarkFileError(f"{p.name}:{n}: a problem must be a JSON object")
+        raise BenchmarkFileError(f"{p}: no problems in the file")
     return rows
-
-
-def _require(rows: list[dict[str, Any]], fields: tuple[str, ...], path: str | Path, fmt: str) -> None:
-    for n, row in enumerate(rows, 1):
-        missing = [f for f in fields if f not in row]
-        if missing:
-            raise BenchmarkFileError(f"{Path(path).name}:{n}: no {missing[0]!r} field: not a {fmt} file")
 
 
 # ----------------------------------------------------------------------------- EvalPlus
@@ -119,8 +106,7 @@ EVALPLUS_ORACLES = {
 
 def load_evalplus(path: str | Path, dataset: str) -> list[dict[str, Any]]:
     """HumanEval+ (`dataset="humaneval"`) or MBPP+ (`"mbpp"`) problems, inputs as the functions take them."""
-    rows = read_jsonl(path)
-    _require(rows, EVALPLUS_FIELDS, path, "EvalPlus")
+    rows = read_jsonl(path, EVALPLUS_FIELDS, "EvalPlus")
     for row in rows:
         row.setdefault("atol", 0)
         row["oracle"] = EVALPLUS_ORACLES[dataset].get(row["entry_point"], "exact")
@@ -150,8 +136,7 @@ def encode_value(x: Any) -> Any:
 
 # ----------------------------------------------------------------------------- CRUXEval
 def load_cruxeval(path: str | Path) -> list[dict[str, Any]]:
-    rows = read_jsonl(path)
-    _require(rows, CRUXEVAL_FIELDS, path, "CRUXEval")
+    rows = read_jsonl(path, CRUXEVAL_FIELDS, "CRUXEval")
     return [{**r, "task_id": str(r["id"])} for r in rows]
 
 
@@ -204,8 +189,7 @@ def decode_lcb_tests(value: Any, where: str) -> list[dict[str, str]]:
 
 
 def load_lcb_codegen(path: str | Path) -> list[dict[str, Any]]:
-    rows = read_jsonl(path)
-    _require(rows, LCB_CODEGEN_FIELDS, path, "LiveCodeBench code-generation")
+    rows = read_jsonl(path, LCB_CODEGEN_FIELDS, "LiveCodeBench code-generation")
     out = []
     for n, r in enumerate(rows, 1):
         where = f"{Path(path).name}:{n}"
@@ -225,6 +209,5 @@ def load_lcb_codegen(path: str | Path) -> list[dict[str, Any]]:
 
 
 def load_lcb_execution(path: str | Path) -> list[dict[str, Any]]:
-    rows = read_jsonl(path)
-    _require(rows, LCB_EXECUTION_FIELDS, path, "LiveCodeBench execution")
+    rows = read_jsonl(path, LCB_EXECUTION_FIELDS, "LiveCodeBench execution")
     return [{**r, "task_id": str(r["id"])} for r in rows]
