@@ -46,7 +46,10 @@ def main(argv: list[str] | None = None) -> int:
             lowest.write_text(text)  # --clear emptied the directory
         pip = [str(py), "-m", "pip", "install", "--quiet"]
         subprocess.run([*pip, f"torch=={torch}"], check=True)
-        subprocess.run([*pip, "-c", str(lowest), "-e", f"{ROOT}[dev,lm-eval]"], check=True)
+        done = subprocess.run([*pip, "-c", str(lowest), "-e", f"{ROOT}[dev,lm-eval]"], capture_output=True, text=True)
+        if done.returncode:  # pip's reasons (a conflict names the packages), without its index warnings
+            print("\n".join(line for line in done.stderr.splitlines() if "WARNING: Location" not in line)[-4000:])
+            return done.returncode
         installed = time.perf_counter() - start
         print(f"installed in {installed:.0f}s", flush=True)
         rc = subprocess.run([str(py), "-m", "pytest", *(args.pytest_args or DEFAULT_TESTS)], cwd=ROOT).returncode

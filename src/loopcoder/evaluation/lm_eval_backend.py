@@ -144,8 +144,9 @@ class LoopcoderLM(TemplateLM):
         """(sum of log p(continuation | context), whether greedy decoding reproduces the continuation)."""
         rows = []
         for i, (_, context, continuation) in enumerate(requests):
-            if not continuation:
-                raise LoopcoderError("lm-eval asked for the likelihood of an empty continuation")
+            if not continuation or len(continuation) > self.max_length:
+                raise LoopcoderError(f"a continuation of {len(continuation)} tokens cannot be scored with "
+                                     f"max_length={self.max_length}")
             ids = (context + continuation)[-(self.max_length + 1):][:-1]  # the last token is only predicted
             rows.append((i, ids, continuation))
         rows.sort(key=lambda r: -len(r[1]))  # similar lengths share a batch: less padding
