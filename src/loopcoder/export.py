@@ -22,6 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from loopcoder import __version__
+from loopcoder.atomic import atomic_directory, atomic_write_text
+from loopcoder.config import PLTConfig
 from loopcoder.errors import LoopcoderError
 
 PACKAGE = "loopcoder"
@@ -170,8 +173,6 @@ def rewrite(module: SourceModule, files: dict[str, str], package: str = PACKAGE,
 def remote_code_files(package: str = PACKAGE, package_dir: Path | None = None,
                       roots: tuple[str, ...] = tuple(ROOT_FILES)) -> dict[str, str]:
     """{file name: source} of the remote-code modules, generated from the package."""
-    from loopcoder import __version__
-
     modules = collect(roots, package, package_dir)
     files = {m.name: m.file for m in modules}
     clash = len(set(files.values())) != len(files)
@@ -182,8 +183,6 @@ def remote_code_files(package: str = PACKAGE, package_dir: Path | None = None,
 
 def _config_with_auto_map(model_dir: Path) -> str:
     """config.json as it is, plus `auto_map`; checked to be a valid PLT config first."""
-    from loopcoder.config import PLTConfig
-
     path = model_dir / "config.json"
     if not path.is_file():
         raise ExportError(f"{str(model_dir)!r} has no config.json: not a model directory")
@@ -207,8 +206,6 @@ def export(model_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
            in_place: bool = False) -> Path:
     """Write the remote-code layout: a copy of `model_dir` (or `model_dir` itself with `in_place`) with
     the generated modeling, configuration and cache files and `auto_map` in config.json."""
-    from loopcoder.checkpoint import atomic_directory, atomic_write_text
-
     src = Path(model_dir)
     if not src.is_dir():
         raise ExportError(f"model directory {str(model_dir)!r} does not exist")

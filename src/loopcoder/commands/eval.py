@@ -5,8 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from loopcoder.commands.bench import int_list
+from loopcoder.data.reasoning import parse_steps
 from loopcoder.errors import LoopcoderError
+from loopcoder.evaluation.runner import evaluate, parse_data, parse_tasks, summary_table
+from loopcoder.evaluation.tasks import EvalSettings
+from loopcoder.runtime import int_list
+from loopcoder.sampling import SamplingParams
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -46,11 +50,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from loopcoder.data.reasoning import parse_steps
-    from loopcoder.evaluation.runner import evaluate, parse_data, parse_tasks, summary_table
-    from loopcoder.evaluation.tasks import EvalSettings
-    from loopcoder.sampling import SamplingParams
-
     tasks = parse_tasks(args.tasks)
     data_dir, data_files = parse_data(args.data)
     if args.limit is not None and args.limit < 1:

@@ -13,6 +13,7 @@ PASSTHROUGH = True
 
 
 def run(argv: list[str]) -> int:
+    # imported here: lm-eval is an optional extra, and without it the backend's import error is one line
     from lm_eval.__main__ import cli_evaluate
 
     import loopcoder.evaluation.lm_eval_backend  # noqa: F401  (registers "loopcoder" with lm-eval)

@@ -25,8 +25,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from loopcoder.engine import Engine
 from loopcoder.errors import LoopcoderError
+from loopcoder.runtime import chat_stop_ids, load_for_inference
 from loopcoder.sampling import SamplingParams
+from loopcoder.training.checkpoints import resolve_model_dir
 
 try:
     from lm_eval.api.model import TemplateLM
@@ -63,10 +66,6 @@ class LoopcoderLM(TemplateLM):
                  max_length: int | str | None = None, max_gen_toks: int | str = 256, mode: str = "parallel",
                  seed: int | str = 1234, add_bos_token: bool | str = False, **unused: Any) -> None:
         super().__init__()
-        from loopcoder.engine import Engine
-        from loopcoder.runtime import load_for_inference
-        from loopcoder.training.checkpoints import resolve_model_dir
-
         if unused:
             raise LoopcoderError(f"unknown lm-eval model arg(s) for loopcoder: {', '.join(sorted(unused))}")
         model_dir = str(resolve_model_dir(pretrained))
@@ -213,8 +212,6 @@ class LoopcoderLM(TemplateLM):
         if kw:
             raise LoopcoderError(f"generation kwarg(s) the loopcoder backend does not know: {', '.join(sorted(kw))}")
         if self.chat:
-            from loopcoder.runtime import chat_stop_ids
-
             params.stop_token_ids = chat_stop_ids(self.engine.eos_ids, self.tokenizer)
         return params.validate()
 

@@ -10,11 +10,20 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import torch
+import transformers
+
+import loopcoder
+from loopcoder.atomic import atomic_write_text
+from loopcoder.engine import Engine
 from loopcoder.errors import LoopcoderError
+from loopcoder.evaluation.file_tasks import TASKS as FILE_TASK_SPECS
+from loopcoder.evaluation.file_tasks import run_file_task
 from loopcoder.evaluation.tasks import EvalSettings, bits_per_byte, run_humaneval, run_reasoning
+from loopcoder.runtime import load_for_inference
 
 BUILTIN_TASKS = ("humaneval", "reasoning", "bpb")
-FILE_TASKS = ("humaneval+", "mbpp+", "cruxeval-o", "cruxeval-i", "lcb-codegen", "lcb-execution")  # file_tasks.py
+FILE_TASKS = tuple(FILE_TASK_SPECS)  # humaneval+, mbpp+, cruxeval-o/-i, lcb-codegen, lcb-execution
 TASKS = BUILTIN_TASKS + FILE_TASKS
 CODE_RUNNING = ("humaneval", *FILE_TASKS)
 RESULTS_VERSION = 1
@@ -97,10 +106,6 @@ def evaluate(model_dir: str, tasks: list[str], settings: EvalSettings, out: str,
              allow_code_execution: bool = False, fresh: bool = False, device: str = "auto", dtype: str = "auto",
              prompt_style: str = "auto", tokenizer_dir: str | None = None, bpb_per_row: bool = False,
              data_files: dict[str, str] | None = None) -> dict[str, Any]:
-    from loopcoder.checkpoint import atomic_write_text
-    from loopcoder.engine import Engine
-    from loopcoder.runtime import load_for_inference
-
     data_files = dict(data_files or {})
     running = [t for t in tasks if t in CODE_RUNNING]
     if running and not allow_code_execution:
@@ -108,10 +113,8 @@ def evaluate(model_dir: str, tasks: list[str], settings: EvalSettings, out: str,
                              "(it runs in the sandbox, see docs/sandbox.md)")
     for task in tasks:
         if task in FILE_TASKS and task not in data_files:
-            from loopcoder.evaluation.file_tasks import TASKS as FILES
-
             raise LoopcoderError(f"{task} reads its problems from a file: pass --data {task}=FILE "
-                                 f"({FILES[task].source}; docs/evaluation.md says where to get it)")
+                                 f"({FILE_TASK_SPECS[task].source}; docs/evaluation.md says where to get it)")
         if task in data_files and not Path(data_files[task]).is_file():
             raise LoopcoderError(f"--data {task}={data_files[task]}: no such file")
     if "bpb" in tasks and not data_dir:
@@ -157,10 +160,8 @@ def evaluate(model_dir: str, tasks: list[str], settings: EvalSettings, out: str,
         elif task == "reasoning":
             run_reasoning(engine, tokenizer, settings, done, save)
         elif task in FILE_TASKS:
-            from loopcoder.evaluation.file_tasks import TASKS as FILES
-            from loopcoder.evaluation.file_tasks import run_file_task
-
-            run_file_task(engine, tokenizer, settings, done, save, allow_code_execution, FILES[task], data_files[task])
+            run_file_task(engine, tokenizer, settings, done, save, allow_code_execution, FILE_TASK_SPECS[task],
+                          data_files[task])
         else:
             done.update(bits_per_byte(model, data_dir, batch_size=max(1, min(settings.batch_size, 8)),
                                       max_rows=settings.bpb_rows, per_row=bpb_per_row))
@@ -200,10 +201,5 @@ def summary_table(results: dict[str, Any]) -> str:
 
 
 def _versions() -> dict[str, str]:
-    import torch
-    import transformers
-
-    import loopcoder
-
     return {"loopcoder": loopcoder.__version__, "torch": torch.__version__,
             "transformers": transformers.__version__, "python": platform.python_version()}
