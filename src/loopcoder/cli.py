@@ -60,7 +60,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     name = argv[0]
     quiet_libraries()
-    module = importlib.import_module(COMMANDS[name][0])
+    try:
+        module = importlib.import_module(COMMANDS[name][0])
+    except LoopcoderError as e:  # an optional dependency of this command is missing: its import says which
+        print(f"loopcoder {name}: error: {e}", file=sys.stderr)
+        return 2
     if getattr(module, "PASSTHROUGH", False):  # another tool's command line, handed over as it is
         return run_command(name, module.run, argv[1:])
     parser = argparse.ArgumentParser(prog=f"loopcoder {name}", description=COMMANDS[name][1])

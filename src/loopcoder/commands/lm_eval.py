@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import sys
 
+# importing the backend registers "loopcoder" with lm-eval; without the lm-eval extra it is a one-line error
+from loopcoder.evaluation.lm_eval_backend import cli_evaluate
+
 PASSTHROUGH = True
 
 
 def run(argv: list[str]) -> int:
-    # imported here: lm-eval is an optional extra, and without it the backend's import error is one line
-    from lm_eval.__main__ import cli_evaluate
-
-    import loopcoder.evaluation.lm_eval_backend  # noqa: F401  (registers "loopcoder" with lm-eval)
-
     saved = sys.argv
     sys.argv = ["lm-eval", *argv]
     try:

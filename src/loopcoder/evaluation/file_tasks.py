@@ -26,7 +26,8 @@ from loopcoder.errors import LoopcoderError
 from loopcoder.evaluation import benchmark_files as files
 from loopcoder.evaluation import checks, humaneval
 from loopcoder.evaluation.generation import complete
-from loopcoder.evaluation.sandbox import Limits
+from loopcoder.evaluation.passk import mean_pass_at_k
+from loopcoder.evaluation.sandbox import Limits, isolation_report, run_many
 from loopcoder.evaluation.tasks import EvalSettings, Save
 from loopcoder.runtime import chat_stop_ids
 
@@ -284,9 +285,6 @@ def _verdicts(task: FileTask, passed: dict[str, bool]) -> dict[str, bool]:
 def run_file_task(engine: Engine, tokenizer: Any, s: EvalSettings, done: dict[str, Any], save: Save,
                   allow_code_execution: bool, task: FileTask, path: str) -> dict[str, Any]:
     """Generate, extract and check every problem of `path`; pass@k per verdict. Resumes from `done`."""
-    from loopcoder.evaluation.passk import mean_pass_at_k
-    from loopcoder.evaluation.sandbox import isolation_report, run_many
-
     problems = task.load(path)[: s.file_limit]
     ids = [p["task_id"] for p in problems]
     if len(set(ids)) != len(ids):

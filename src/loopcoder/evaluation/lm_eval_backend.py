@@ -32,6 +32,7 @@ from loopcoder.sampling import SamplingParams
 from loopcoder.training.checkpoints import resolve_model_dir
 
 try:
+    from lm_eval.__main__ import cli_evaluate  # noqa: F401  (for `loopcoder lm-eval`)
     from lm_eval.api.model import TemplateLM
     from lm_eval.api.registry import register_model
     from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
