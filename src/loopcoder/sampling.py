@@ -57,24 +57,51 @@ def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torc
 
 
 def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
-    """Temperature, then top-k, then nucleus (top-p) filtering of one row of logits, in fp32."""
-    logits = logits.float() / temperature
+    """Temperature, then top-k, then nucleus (top-p) filtering of one row of logits, in fp32.
+
+    The most likely token always survives: a top_p that rounds to 0 in fp32 (1e-300) keeps it alone, and
+    the logits are shifted to a maximum of 0 before the division, so a tiny temperature cannot overflow.
+    """
+    logits = logits.float()
+    logits = (logits - logits.max()) / temperature
     if 0 < top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) >= top_p  # keep the smallest prefix whose mass reaches top_p
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= top_p  # keep the smallest prefix whose mass reaches top_p
+        drop[0] = False
         logits = logits.masked_fill(drop.scatter(0, order, drop), float("-inf"))
     return logits
 
 
-def sample_next(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> torch.Tensor:
-    """One next token per row of `logits` (n, vocab), each row with its own params and generator."""
+def sample_next(logits: torch.Tensor, params: list[SamplingParams],
+                generators: list[torch.Generator]) -> tuple[list[int], dict[int, str]]:
+    """One next token per row of `logits` (n, vocab), each row with its own params and generator.
+
+    Returns the tokens and {row: why} for rows that cannot be sampled (their token is -1): logits that
+    are NaN, +inf, or all -inf. Such a row fails alone; the other rows are sampled as usual.
+    """
     out = logits.argmax(-1)
-    for i, p in enumerate(params):
-        if not p.greedy:
-            probs = filter_logits(logits[i], p.temperature, p.top_k, p.top_p).softmax(-1)
-            out[i] = torch.multinomial(probs, 1, generator=generators[i])[0]
-    return out
+    ok = torch.isfinite(logits.gather(-1, out[:, None])[:, 0])  # argmax finds a NaN or +inf if there is one
+    sampled = [i for i, p in enumerate(params) if not p.greedy]
+    errors: dict[int, str] = {}
+    if sampled:
+        finite = ok.tolist()
+        for i in sampled:
+            if not finite[i]:
+                continue
+            p = params[i]
+            try:
+                probs = filter_logits(logits[i], p.temperature, p.top_k, p.top_p).softmax(-1)
+                out[i] = torch.multinomial(probs, 1, generator=generators[i])[0]
+            except RuntimeError as e:  # should not happen with finite logits; if it does, it is this row's
+                errors[i] = f"sampling failed ({e})"
+    tokens = torch.where(ok, out, -1).tolist()
+    for i, t in enumerate(tokens):
+        if t < 0:
+            errors[i] = "the model's next-token logits are not finite (NaN or infinite)"
+        elif i in errors:
+            tokens[i] = -1
+    return tokens, errors

@@ -27,7 +27,7 @@ def parse_row(task: P.PermutationTask, ids: np.ndarray, labels: np.ndarray):
     """Items (x, ops, answer) of a row, read token by token, and the labelled positions."""
     items, pos = [], 1
     assert ids[0] == P.BOS_ID
-    symbol = lambda t: P.FIRST_SYMBOL <= t < P.FIRST_SYMBOL + task.symbols  # noqa: E731
+    symbol = lambda t: P.FIRST_SYMBOL <= t < P.FIRST_SYMBOL + task.symbols
     while pos < len(ids) and ids[pos] != P.PAD_ID:
         x, pos = int(ids[pos]) - P.FIRST_SYMBOL, pos + 1
         ops = []

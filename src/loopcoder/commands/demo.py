@@ -12,6 +12,8 @@ import argparse
 import json
 from pathlib import Path
 
+from loopcoder.study import Study, get_preset
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/study", help="study directory")
@@ -19,8 +21,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from loopcoder.study import Study, get_preset
-
     report = Study(get_preset(args.preset), args.out).run()
     summary = json.loads((Path(args.out) / "summary.json").read_text())
     depth = summary.get("depth")

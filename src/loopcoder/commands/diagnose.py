@@ -9,10 +9,18 @@ diag/plots/*.png. Several models (different R) are compared side by side in one 
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 from pathlib import Path
 
+import torch
+
+from loopcoder.checkpoint import load_model
+from loopcoder.diagnostics import diagnose, load_sequences, recommend, write_report
+from loopcoder.diagnostics.report import check_out_dir
 from loopcoder.errors import LoopcoderError
+from loopcoder.runtime import DTYPES as TORCH_DTYPES
+from loopcoder.runtime import load_tokenizer, pick_device
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -58,16 +66,6 @@ def _names(models: list[str], names: list[str] | None) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    import gc
-
-    import torch
-
-    from loopcoder.checkpoint import load_model
-    from loopcoder.diagnostics import diagnose, load_sequences, recommend, write_report
-    from loopcoder.diagnostics.report import check_out_dir
-    from loopcoder.runtime import DTYPES as TORCH_DTYPES
-    from loopcoder.runtime import load_tokenizer, pick_device
-
     # Check every input before loading a model: a typo should cost nothing.
     if args.samples < 1:
         raise LoopcoderError(f"--samples must be >= 1, got {args.samples}")

@@ -6,7 +6,10 @@ import argparse
 import sys
 import time
 
+from loopcoder.engine import Engine
 from loopcoder.errors import LoopcoderError
+from loopcoder.runtime import chat_stop_ids, load_for_inference
+from loopcoder.sampling import SamplingParams
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -28,10 +31,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from loopcoder.engine import Engine
-    from loopcoder.runtime import chat_stop_ids, load_for_inference
-    from loopcoder.sampling import SamplingParams
-
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed, stop=args.stop).validate()
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
@@ -56,6 +55,8 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     out = engine.generate([ids], params, on_event=show if args.stream else None)[0]
     elapsed = time.perf_counter() - start
+    if out.error is not None:
+        raise LoopcoderError(f"generation failed: {out.error}")
     print("" if args.stream else out.text)
     n = len(out.token_ids)
     print(f"[{n} tokens in {elapsed:.2f}s, {n / max(elapsed, 1e-9):.1f} tokens/s, R={model.config.plt_num_loops}, "

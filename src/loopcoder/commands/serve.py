@@ -6,7 +6,10 @@ import argparse
 import signal
 import sys
 
+import torch
+
 from loopcoder.errors import LoopcoderError
+from loopcoder.serving.server import api_key_from_env, bind, is_loopback, load_app, make_server
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -38,8 +41,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from loopcoder.serving.server import api_key_from_env, bind, is_loopback, load_app, make_server
-
     for name in ("max_batch", "max_tokens", "max_body_bytes"):
         if getattr(args, name) < 1:
             raise LoopcoderError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -52,7 +53,6 @@ def run(args: argparse.Namespace) -> int:
     if args.threads is not None:
         if args.threads < 1:
             raise LoopcoderError(f"--threads must be >= 1, got {args.threads}")
-        import torch
 
         torch.set_num_threads(args.threads)
     api_key = args.api_key or api_key_from_env()

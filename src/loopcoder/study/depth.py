@@ -19,6 +19,8 @@ import torch
 from loopcoder.data.permutations import BOS_ID, FIRST_SYMBOL, PAD_ID, PermutationRows, PermutationTask
 from loopcoder.errors import LoopcoderError
 from loopcoder.study.presets import DepthModel, DepthSettings
+from loopcoder.training import pretrain
+from loopcoder.training.data import permutation_source
 
 DIAG_ROWS_SEED = 1_000_003  # the diagnostics' rows: drawn apart from every run's training rows
 
@@ -29,9 +31,6 @@ def task_of(s: DepthSettings) -> PermutationTask:
 
 def train_run(s: DepthSettings, model: DepthModel, seed: int, out: str, device: str = "auto") -> dict[str, Any]:
     """Train one run (resuming one that was interrupted). Runs in a worker process."""
-    from loopcoder.training import pretrain
-    from loopcoder.training.data import permutation_source
-
     cfg = s.train_config(model, seed, out, device)
     source = permutation_source(task_of(s), cfg.train.steps * cfg.train.global_batch_size, s.seq_len,
                                 s.train_lengths, seed=seed, validation_rows=s.validation_rows)

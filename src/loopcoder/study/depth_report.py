@@ -11,10 +11,10 @@ from typing import Any
 import numpy as np
 
 from loopcoder.diagnostics.report import markdown_table
-from loopcoder.evaluation.tasks import wilson_interval
+from loopcoder.stats import Difference, wilson_interval
 from loopcoder.study.figures import pyplot, save
 from loopcoder.study.presets import DepthModel, DepthSettings
-from loopcoder.study.stats import Difference, compare_in_words, crossed_difference, effective_depth
+from loopcoder.study.stats import compare_in_words, crossed_difference, effective_depth
 
 COLORS = ["#4477aa", "#ee6677", "#228833", "#ccbb44", "#66ccee", "#aa3377", "#bbbbbb"]
 

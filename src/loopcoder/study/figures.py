@@ -5,14 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import matplotlib
+
+matplotlib.use("Agg")  # headless: before pyplot is imported anywhere
+import matplotlib.pyplot as plt
+
 
 def pyplot() -> Any:
     """matplotlib.pyplot on the Agg backend (no display needed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     return plt
 
 
@@ -24,4 +24,4 @@ def save(fig: Any, axes: Any, path: Path, legend: int | None = 8, grid_axis: str
             ax.legend(fontsize=legend)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    pyplot().close(fig)
+    plt.close(fig)

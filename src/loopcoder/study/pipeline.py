@@ -28,10 +28,22 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from loopcoder.checkpoint import atomic_write_text
+from loopcoder.atomic import atomic_write_text
+from loopcoder.checkpoint import load_model
+from loopcoder.data import reasoning
+from loopcoder.data.build import BuildConfig, build
+from loopcoder.data.corpus import CorpusSpec
+from loopcoder.data.instructions import write_instruction_set
+from loopcoder.diagnostics import diagnose, load_sequences, recommend, write_report
 from loopcoder.errors import LoopcoderError
+from loopcoder.evaluation.runner import evaluate
+from loopcoder.evaluation.tasks import EvalSettings
+from loopcoder.runtime import load_for_inference, pick_device
 from loopcoder.study import depth as D
+from loopcoder.study.cost import decode_latency
 from loopcoder.study.presets import StudyPreset
+from loopcoder.study.report import write_study_report
+from loopcoder.training import pretrain, sft
 
 
 def _key(*parts: Any) -> str:
@@ -106,8 +118,6 @@ class Study:
             self._depth_stages()
         if data:
             self._code_stages(data)
-        from loopcoder.study.report import write_study_report
-
         report = write_study_report(self)
         self.say(f"report: {report}")
         return report
@@ -162,8 +172,6 @@ class Study:
                    self.out / "depth" / "diagnostics")
 
     def _depth_eval(self) -> dict[str, Any]:
-        from loopcoder.checkpoint import load_model
-
         s = self.p.depth
         task = D.task_of(s)
         out = self.out / "depth" / "eval"
@@ -177,9 +185,6 @@ class Study:
         return {"files": results, "task": task.to_dict()}
 
     def _depth_cost(self) -> dict[str, Any]:
-        from loopcoder.checkpoint import load_model
-        from loopcoder.study.cost import decode_latency
-
         s = self.p.depth
         models = {m.key: load_model(D.model_path(self.results, m, s.seeds[0]), device=_device(self.p.device))
                   for m in s.models}
@@ -190,9 +195,6 @@ class Study:
         return out
 
     def _depth_diagnostics(self) -> dict[str, Any]:
-        from loopcoder.checkpoint import load_model
-        from loopcoder.diagnostics import diagnose, recommend, write_report
-
         s = self.p.depth
         rows = D.diagnostic_rows(s)
         per_seed: dict[str, Any] = {}
@@ -262,11 +264,6 @@ class Study:
         return self.results[f"sft-R{R}"]["final_checkpoint"]
 
     def _data(self) -> dict[str, Any]:
-        from loopcoder.data import reasoning
-        from loopcoder.data.build import BuildConfig, build
-        from loopcoder.data.corpus import CorpusSpec
-        from loopcoder.data.instructions import write_instruction_set
-
         p = self.p
         work = self.out / "data"
         work.mkdir(parents=True, exist_ok=True)
@@ -301,9 +298,6 @@ class Study:
         return cfg
 
     def _eval(self, R: int, data: dict[str, Any]) -> dict[str, Any]:
-        from loopcoder.evaluation.runner import evaluate
-        from loopcoder.evaluation.tasks import EvalSettings
-
         p = self.p
         settings = EvalSettings(batch_size=p.batch_size, humaneval_limit=p.humaneval_limit,
                                 humaneval_max_new_tokens=p.humaneval_max_new_tokens, reasoning_n=p.eval_reasoning_n,
@@ -315,9 +309,6 @@ class Study:
         return {"results": str(out)}
 
     def _cost(self, R: int) -> dict[str, Any]:
-        from loopcoder.checkpoint import load_model
-        from loopcoder.study.cost import decode_latency
-
         p = self.p
         out: dict[str, Any] = {"context": p.decode_context, "latency_ms": {}, "kv_bytes": {}}
         for batch in p.decode_batches:
@@ -330,9 +321,6 @@ class Study:
         return out
 
     def _diagnostics(self, data: dict[str, Any]) -> dict[str, Any]:
-        from loopcoder.diagnostics import diagnose, load_sequences, recommend, write_report
-        from loopcoder.runtime import load_for_inference
-
         p = self.p
         # a data directory holds token ids: the same samples for every model, read once
         seqs = load_sequences(data["dir"], None, seq_len=p.diag_seq_len, samples=p.diag_samples)
@@ -366,16 +354,12 @@ def _flops(cfg: Any, seq_len: int) -> float:
 
 def train_code_model(cfg: Any, init: str | None) -> dict[str, Any]:
     """Pretrain (init None) or instruction-tune a code model, resuming an interrupted run; a pool job."""
-    from loopcoder.training import pretrain, sft
-
     t0 = time.perf_counter()
     r = pretrain(cfg, resume=True) if init is None else sft(cfg, init=init, resume=True)
     return {**_train_result(r, Path(cfg.out)), "wall_s": time.perf_counter() - t0}
 
 
 def _device(device: str) -> str:
-    from loopcoder.runtime import pick_device
-
     return str(pick_device(device))
 
 

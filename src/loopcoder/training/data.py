@@ -15,8 +15,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from loopcoder.data.sft import IGNORE_INDEX
+from loopcoder.data.permutations import PermutationRows, PermutationTask
+from loopcoder.data.sft import IGNORE_INDEX, SFTDataset
 from loopcoder.data.shards import BatchReader, ShardDataset, read_index
+from loopcoder.data.tokenizer import load_tokenizer, token_byte_lengths
 from loopcoder.errors import LoopcoderError
 from loopcoder.training.config import TrainConfig
 
@@ -98,9 +100,6 @@ def pretrain_source(cfg: TrainConfig) -> BatchSource:
 
 def sft_source(cfg: TrainConfig, init_dir: Path) -> BatchSource:
     """Chat JSONL -> SFT rows with loss masks; the tokenizer is the data directory's, else the init model's."""
-    from loopcoder.data.sft import SFTDataset
-    from loopcoder.data.tokenizer import load_tokenizer, token_byte_lengths
-
     data_dir = Path(cfg.data.dir) if cfg.data.dir else None
     if data_dir is not None and (data_dir / "tokenizer" / "tokenizer.json").is_file():
         tok_dir = data_dir / "tokenizer"
@@ -134,13 +133,11 @@ def sft_source(cfg: TrainConfig, init_dir: Path) -> BatchSource:
     return BatchSource(train, val, seq_len, token_bytes, tok_dir, len(tokenizer))
 
 
-def permutation_source(task: Any, rows: int, seq_len: int, lengths: tuple[int, ...], seed: int = 0,
+def permutation_source(task: PermutationTask, rows: int, seq_len: int, lengths: tuple[int, ...], seed: int = 0,
                        validation_rows: int = 0) -> BatchSource:
     """The depth task's rows (`loopcoder.data.permutations`): `rows` training rows drawn from `seed`, and
     `validation_rows` more from another seed (training-split items too: held-out items are for
     evaluation only). Every token counts as one byte, so bits per byte is bits per answer."""
-    from loopcoder.data.permutations import PermutationRows
-
     train = PermutationRows(task, rows, seq_len, lengths, seed=seed)
     val = PermutationRows(task, validation_rows, seq_len, lengths, seed=seed + 1) if validation_rows else None
     return BatchSource(train, val, seq_len, np.ones(task.vocab_size, dtype=np.int64), None, task.vocab_size)
