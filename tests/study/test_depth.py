@@ -130,7 +130,7 @@ def test_report_leads_with_the_depth_probe_and_its_claims_match_the_intervals(st
                    and v["mean"] > 0)
     assert (claimed is None and not clear) or [int(k) for k in claimed.group(1).split(", ")] == clear
     assert "**Does PLT-2 beat R = 1?**" in text and "**PLT-2 against its no-offset twin:**" in text
-    assert "effective depth" in text and "passes per token" in text
+    assert "effective depth" in text and "passes per token" in text and "Convergence: validation answer loss" in text
     diag = summary["diagnostics"]
     assert set(diag["rule_picks"]) == {str(seed) for seed in preset.depth.seeds}
 

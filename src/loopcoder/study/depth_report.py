@@ -163,6 +163,24 @@ def write_plot(d: DepthData, out: Path) -> str:
     return "plots/depth.png"
 
 
+def convergence(d: DepthData) -> dict[str, tuple[float, float, bool]]:
+    """Per model: the validation loss (mean over seeds) at the evaluation nearest 3/4 of training and at
+    the end, and whether it fell by more than 5 % in between."""
+    out = {}
+    for m in d.s.models:
+        curves = [c for c in (_val_curve(r["run_dir"]) for r in d.train.get(m.key, [])) if c]
+        if not curves:
+            continue
+        steps = sorted(set.intersection(*(set(c) for c in curves)))
+        if len(steps) < 2:
+            continue
+        end = steps[-1]
+        mid = min(steps[:-1], key=lambda x: abs(x - 0.75 * end))
+        a, b = (float(np.mean([c[x] for c in curves])) for x in (mid, end))
+        out[m.name] = (a, b, b < 0.95 * a)
+    return out
+
+
 def _val_curve(run_dir: str) -> dict[int, float]:
     f = Path(run_dir) / "metrics.jsonl"
     if not f.is_file():
@@ -201,6 +219,15 @@ def depth_section(d: DepthData, out: Path) -> tuple[list[str], dict[str, Any]]:
         seeds = ", ".join(str(d.depth(m.key, i)) for i in range(len(s.seeds)))
         rows.append([m.name] + [_pct(*a) for a in acc] + [f"{d.depth(m.key)} ({seeds})"])
     lines += markdown_table(["model"] + [f"k={k}" for k in ks] + ["effective depth"], rows)
+    conv = convergence(d)
+    if conv:
+        still = [name for name, (_, _, falling) in conv.items() if falling]
+        lines += ["", "Convergence: validation answer loss over the last quarter of training, mean over seeds: "
+                  + "; ".join(f"{name} {a:.3f} → {b:.3f}" for name, (a, b, _) in conv.items()) + ". "
+                  + (f"{', '.join(still)} {'was' if len(still) == 1 else 'were'} still improving (the loss fell "
+                     "by more than 5 %) when training stopped: the comparisons describe this budget, and longer "
+                     "training could change them." if still else
+                     "No model's loss fell by more than 5 % over that span.")]
     lines += ["", "### In words", ""]
     lines += [f"- {f}" for f in findings(d, diffs)]
     lines += ["", "Each difference is b − a on the same items and seeds, in points, with a 95 % bootstrap interval "
@@ -226,6 +253,8 @@ def depth_section(d: DepthData, out: Path) -> tuple[list[str], dict[str, Any]]:
         "effective_depth": {m.key: d.depth(m.key) for m in s.models},
         "comparisons": {f"{b} - {a}": {str(k): v.to_dict() for k, v in diffs[(a, b)].items()} for a, b, _ in pairs},
         "findings": findings(d, diffs), "cost": cost, "diagnostics": diag, "plot": plot,
+        "convergence": {name: {"loss_at_three_quarters": a, "loss_at_end": b, "still_falling": f}
+                        for name, (a, b, f) in conv.items()},
     }
     return lines, summary
 
