@@ -4,6 +4,7 @@ Each subcommand lives in its own module, imported only when it runs, so `loopcod
 and a broken optional dependency only affects its own command. A module provides
 `add_arguments(parser)` and `run(args) -> int`. Bad input raises `LoopcoderError` (or
 `ConfigError`): the CLI prints one line, `loopcoder <command>: error: ...`, and exits with status 2.
+So does an `OSError` (a full disk, a read-only or missing path), naming the file.
 """
 
 from __future__ import annotations
@@ -80,6 +81,10 @@ def run_command(name: str, fn, args: argparse.Namespace) -> int:
         return int(fn(args) or 0)
     except (LoopcoderError, ConfigError) as e:
         print(f"loopcoder {name}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the file system said no (disk full, permission, read-only): name the file
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"loopcoder {name}: error: {e.strerror or e}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"loopcoder {name}: interrupted", file=sys.stderr)

@@ -210,6 +210,7 @@ BAD = [
     ({"prompt": "x", "temperature": "hot"}, 400, "temperature"),
     ({"prompt": "x", "top_p": 0}, 400, "top_p"),
     ({"prompt": "x", "top_p": 1.5}, 400, "top_p"),
+    ({"prompt": "x", "top_p": 1e-300}, 400, "top_p"),  # 0 in float32: sampling would drop every token
     ({"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
     ({"prompt": "x", "max_tokens": 2.5}, 400, "max_tokens"),
     ({"prompt": "x", "n": 0}, 400, "n"),

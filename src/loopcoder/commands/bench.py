@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from loopcoder.errors import LoopcoderError
+from loopcoder.runtime import add_threads_argument, apply_threads
 
 
 def int_list(text: str) -> tuple[int, ...]:
@@ -51,6 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d.add_argument("--no-transformers", action="store_true", help="skip transformers' generate")
     d.add_argument("--cuda-graphs", action="store_true", help="capture the decode step as a CUDA graph")
     d.add_argument("--out", default="runs/bench/decode.json", help="JSON report path")
+    add_threads_argument(d)
     s = sub.add_parser("serve", help="load test of `loopcoder serve`: concurrent clients on loopback, requests/s, "
                                      "tokens/s, latency percentiles, errors, server memory before/after")
     s.add_argument("--model", default=None, help="model directory (default: build a small random model + tokenizer)")
@@ -65,7 +67,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--loops", type=int, default=2, help="of the built model")
     s.add_argument("--device", default="cpu")
     s.add_argument("--dtype", default="auto")
-    s.add_argument("--server-threads", type=int, default=None, help="the server's --threads (default: torch's)")
+    s.add_argument("--server-threads", type=int, default=None,
+                   help="the server's --threads (default: the server's default)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", default="runs/bench/serve.json", help="JSON report path")
     _add_train_arguments(sub)
@@ -93,9 +96,12 @@ def _add_train_arguments(sub: Any) -> None:
                    help="PLT's training attention (flex_attention: CUDA only)")
     t.add_argument("--no-transformers", action="store_true", help="skip transformers' LlamaForCausalLM")
     t.add_argument("--out", default="runs/bench/train.json", help="JSON report path")
+    add_threads_argument(t)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.which in ("decode", "train"):
+        apply_threads(args.threads)
     if args.which == "decode":
         return _decode(args)
     if args.which == "serve":

@@ -7,10 +7,12 @@ import sys
 import time
 
 from loopcoder.errors import LoopcoderError
+from loopcoder.runtime import add_threads_argument
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="model directory (released LoopCoder-V2 layout)")
+    p.add_argument("--model", required=True,
+                   help="model directory (released LoopCoder-V2 layout) or a run directory (its newest checkpoint)")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's)")
     p.add_argument("--prompt", default=None, help="prompt text (default: read from stdin)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn of the chat template")
@@ -25,19 +27,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="parallel: all loops in one pass per token (PLT); sequential: one pass per loop")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
+    add_threads_argument(p)
 
 
 def run(args: argparse.Namespace) -> int:
     from loopcoder.engine import Engine
-    from loopcoder.runtime import chat_stop_ids, load_for_inference
+    from loopcoder.runtime import apply_threads, chat_stop_ids, load_for_inference
     from loopcoder.sampling import SamplingParams
+    from loopcoder.training.checkpoints import resolve_model_dir
 
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed, stop=args.stop).validate()
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     if not prompt:
         raise LoopcoderError("the prompt is empty (give --prompt TEXT or text on stdin)")
-    model, tok = load_for_inference(args.model, args.tokenizer, args.device, args.dtype)
+    apply_threads(args.threads)
+    model, tok = load_for_inference(str(resolve_model_dir(args.model)), args.tokenizer, args.device, args.dtype)
     if args.chat:
         if not getattr(tok, "chat_template", None):
             raise LoopcoderError("--chat: this tokenizer has no chat template")
