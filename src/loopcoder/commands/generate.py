@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     if not prompt:
         raise LoopcoderError("the prompt is empty (give --prompt TEXT or text on stdin)")
-    apply_threads(args.threads)
+    threads = apply_threads(args.threads)
     model, tok = load_for_inference(str(resolve_model_dir(args.model)), args.tokenizer, args.device, args.dtype)
     if args.chat:
         if not getattr(tok, "chat_template", None):
@@ -64,5 +64,5 @@ def run(args: argparse.Namespace) -> int:
     print("" if args.stream else out.text)
     n = len(out.token_ids)
     print(f"[{n} tokens in {elapsed:.2f}s, {n / max(elapsed, 1e-9):.1f} tokens/s, R={model.config.plt_num_loops}, "
-          f"mode={args.mode}, finish={out.finish_reason}]", file=sys.stderr)
+          f"mode={args.mode}, threads={threads}, finish={out.finish_reason}]", file=sys.stderr)
     return 0

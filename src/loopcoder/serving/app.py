@@ -196,14 +196,16 @@ class Service:
             raise APIError(413, f"the request body has {size} bytes; the limit is {limit}", code="body_too_large")
         body = bytearray()
         timeout = self.settings.body_timeout
+
+        async def receive_body() -> None:
+            async for chunk in request.stream():
+                body.extend(chunk)
+                if len(body) > limit:
+                    raise APIError(413, f"the request body is over the limit of {limit} bytes", code="body_too_large")
+
         try:
-            async with asyncio.timeout(timeout):  # a slow body must not hold a connection forever
-                async for chunk in request.stream():
-                    body += chunk
-                    if len(body) > limit:
-                        raise APIError(413, f"the request body is over the limit of {limit} bytes",
-                                       code="body_too_large")
-        except TimeoutError:
+            await asyncio.wait_for(receive_body(), timeout)  # a slow body must not hold a connection for ever
+        except asyncio.TimeoutError:
             log.warning("%s %s: the request body did not arrive within %g s (%d bytes received)", request.method,
                         request.url.path, timeout, len(body))
             raise APIError(408, f"the request body did not arrive within {timeout:g} s",
