@@ -98,7 +98,7 @@ class Check:
 
 # ----------------------------------------------------------------------------- 1. correctness
 def correctness(limit: float, check: Check) -> bool:
-    from loopcoder.config import PLTConfig
+    from loopcoder.config import ModelShape
     from loopcoder.engine import Engine
     from loopcoder.model import PLTForCausalLM
     from loopcoder.sampling import SamplingParams
@@ -109,9 +109,8 @@ def correctness(limit: float, check: Check) -> bool:
 
     def tiny(R: int, dtype=torch.float32) -> PLTForCausalLM:
         torch.manual_seed(0)
-        cfg = PLTConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, plt_num_loops=R,
-                        plt_window_size=[8, 0], max_position_embeddings=128, eos_token_id=None)
+        cfg = ModelShape(loops=R, hidden_size=64, layers=2, heads=4, kv_heads=2, intermediate_size=128, window=8,
+                         vocab_size=97, max_position_embeddings=128).plt_config(eos_token_id=None)
         model = PLTForCausalLM(cfg)
         with torch.no_grad():  # gates away from their zero init, so the local branch matters
             for layer in model.model.layers:
@@ -165,15 +164,14 @@ def correctness(limit: float, check: Check) -> bool:
 
 def flex_matches_sdpa() -> dict[str, object]:
     """Training forward and backward with flex_attention (compiled, block-sparse masks) against SDPA."""
-    from loopcoder.config import PLTConfig
+    from loopcoder.config import ModelShape
     from loopcoder.model import PLTForCausalLM
 
     out: dict[str, object] = {}
     try:
         torch.manual_seed(0)
-        cfg = PLTConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, head_dim=64, plt_num_loops=2,
-                        plt_window_size=[64, 0], max_position_embeddings=1024)
+        cfg = ModelShape(loops=2, hidden_size=256, layers=2, heads=4, kv_heads=2, intermediate_size=512, window=64,
+                         vocab_size=256, max_position_embeddings=1024).plt_config()
         model = PLTForCausalLM(cfg).cuda()
         ids = torch.randint(0, 256, (2, 512), device="cuda")
         got = {}

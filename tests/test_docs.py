@@ -217,6 +217,8 @@ class _Parser(argparse.ArgumentParser):
 def _parse(argv: list[str]) -> None:
     from loopcoder.cli import COMMANDS
 
+    if not argv or argv[0] in ("-h", "--help"):
+        return
     if argv[0] not in COMMANDS:
         raise _Refused(f"unknown command {argv[0]!r}")
     parser = _Parser(prog=f"loopcoder {argv[0]}")

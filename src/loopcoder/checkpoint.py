@@ -1,104 +1,27 @@
-"""Checkpoint checks and atomic writes.
+"""Model directories: strict loading, atomic saving, and random initialisation.
 
 A model directory is the released LoopCoder-V2 layout: `config.json` plus `model.safetensors` or
 sharded `model-0000i-of-0000n.safetensors` with `model.safetensors.index.json`. Loading is strict
-(every tensor present with the right shape, nothing unknown); writing goes to a temporary directory
-that is renamed into place, so a crash never leaves a half-written checkpoint that looks valid.
+(every tensor present with the right shape, nothing unknown: `errors.check_loading_info`); writing goes
+to a temporary directory that is renamed into place (`atomic.atomic_directory`), so a crash never
+leaves a half-written checkpoint that looks valid.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from loopcoder.errors import LoopcoderError
+import torch
+from safetensors import SafetensorError
 
+from loopcoder.atomic import atomic_directory
+from loopcoder.config import ModelShape
+from loopcoder.errors import CheckpointError, LoopcoderError
+from loopcoder.model import PLTForCausalLM
 
-class CheckpointError(LoopcoderError):
-    """A checkpoint that does not match the model: the message names the tensors."""
-
-
-def check_loading_info(info: dict[str, Any], where: Any) -> None:
-    """Raise `CheckpointError` if `from_pretrained` reported missing, unexpected or mis-shaped tensors."""
-    problems = []
-
-    def names(key: str) -> list[str]:
-        return sorted(str(x) for x in (info.get(key) or []))
-
-    if missing := names("missing_keys"):
-        problems.append(f"missing tensor(s) {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
-    if unexpected := names("unexpected_keys"):
-        problems.append(f"unexpected tensor(s) {', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}")
-    mismatched = info.get("mismatched_keys") or []
-    if mismatched:
-        parts = []
-        for item in list(mismatched)[:8]:
-            if isinstance(item, (tuple, list)) and len(item) == 3:
-                parts.append(f"{item[0]} (checkpoint {tuple(item[1])}, model {tuple(item[2])})")
-            else:
-                parts.append(str(item))
-        problems.append(f"mis-shaped tensor(s) {', '.join(parts)}")
-    if info.get("error_msgs"):
-        problems.append("; ".join(str(m) for m in info["error_msgs"])[:500])
-    if problems:
-        raise CheckpointError(f"checkpoint {where} does not match the model: {'; '.join(problems)}")
-
-
-@contextmanager
-def atomic_directory(final: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary sibling directory; on success it replaces `final` in one rename."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; a checkpoint is an ordinary directory
-    try:
-        yield tmp
-        _fsync_tree(tmp)
-        if final.exists():
-            old = final.with_name(f".{final.name}.old-{os.getpid()}")
-            os.rename(final, old)
-            os.rename(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a file so that readers see the old or the new content, never a torn one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it private; keep the usual file permissions
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _fsync_tree(root: Path) -> None:
-    for p in root.rglob("*"):
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
+__all__ = ["CheckpointError", "load_model", "save_model", "write_random_model"]
 
 
 def save_model(model: Any, out_dir: str | os.PathLike, max_shard_size: str | int | None = None,
@@ -114,8 +37,6 @@ def save_model(model: Any, out_dir: str | os.PathLike, max_shard_size: str | int
 
 def load_model(path: str | os.PathLike, dtype: Any = None, device: Any = None) -> Any:
     """Load a model directory with a clear error for a bad path or a mismatched checkpoint."""
-    from loopcoder.model import PLTForCausalLM
-
     p = Path(path)
     if not p.is_dir():
         raise CheckpointError(f"model directory {str(path)!r} does not exist")
@@ -126,8 +47,6 @@ def load_model(path: str | os.PathLike, dtype: Any = None, device: Any = None) -
     kwargs: dict[str, Any] = {}
     if dtype is not None:
         kwargs["dtype"] = dtype
-    from safetensors import SafetensorError
-
     try:
         model = PLTForCausalLM.from_pretrained(str(p), **kwargs)
     except (OSError, ValueError, RuntimeError, SafetensorError) as e:  # e.g. a truncated or corrupted file
@@ -141,3 +60,19 @@ def load_model(path: str | os.PathLike, dtype: Any = None, device: Any = None) -
     if device is not None:
         model = model.to(device)
     return model.eval()
+
+
+def write_random_model(out: str | Path, *, loops: int = 2, hidden_size: int = 256, layers: int = 4, heads: int = 4,
+                       kv_heads: int = 2, intermediate_size: int | None = None, vocab_size: int = 4096,
+                       window: int = 64, max_positions: int = 4096, architecture: str = "plt", seed: int = 0) -> int:
+    """Write a randomly initialised PLT model directory to `out` (the defaults are `init`'s); its parameter count.
+    The config comes from `ModelShape`, like a training run's."""
+    if hidden_size % heads:
+        raise LoopcoderError(f"--hidden-size {hidden_size} is not a multiple of --heads {heads}")
+    shape = ModelShape(loops=loops, hidden_size=hidden_size, layers=layers, heads=heads, kv_heads=kv_heads,
+                       intermediate_size=intermediate_size, vocab_size=vocab_size, window=window,
+                       architecture=architecture, max_position_embeddings=max_positions)
+    torch.manual_seed(seed)
+    model = PLTForCausalLM(shape.plt_config())
+    save_model(model, out)
+    return sum(p.numel() for p in model.parameters())

@@ -13,6 +13,10 @@ import argparse
 import importlib
 import sys
 
+from loopcoder.config import ConfigError
+from loopcoder.errors import LoopcoderError
+from loopcoder.runtime import quiet_libraries
+
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("loopcoder.commands.demo", "the main job on the embedded default (what `make demo` runs)"),
@@ -61,22 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     return run_command(name, module.run, args)
 
 
-def quiet_libraries() -> None:
-    """Our commands report their own progress; transformers' per-load bars and reports are noise here."""
-    import os
-
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-
-
 def run_command(name: str, fn, args: argparse.Namespace) -> int:
     """Run a command; user errors become one line on stderr and exit status 2."""
-    from loopcoder.config import ConfigError
-    from loopcoder.errors import LoopcoderError
-
     try:
         return int(fn(args) or 0)
     except (LoopcoderError, ConfigError) as e:

@@ -37,6 +37,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from loopcoder.cache import PLTCache
 from loopcoder.config import PLTConfig
+from loopcoder.errors import check_loading_info
 from loopcoder.fastlinear import FastLinear, active, can_pack
 
 
@@ -514,8 +515,6 @@ class PLTForCausalLM(PLTPreTrainedModel, GenerationMixin):
     def from_pretrained(cls, *args: Any, **kwargs: Any):
         """`PreTrainedModel.from_pretrained`, but strict: a missing, unexpected or mis-shaped tensor is an
         error that names it, instead of a warning and silently random weights."""
-        from loopcoder.checkpoint import check_loading_info
-
         want_info = kwargs.pop("output_loading_info", False)
         kwargs.setdefault("ignore_mismatched_sizes", True)  # collected in `info`, then refused by name below
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)

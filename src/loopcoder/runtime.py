@@ -1,13 +1,18 @@
-"""Where and in what precision to run: the same code on CPU (fp32) and GPU (bf16)."""
+"""Running a command or a job: where and in what precision (the same code on CPU in fp32 and on GPU in
+bf16), loading a model and tokenizer for inference, quiet third-party output, integer-list arguments."""
 
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import AutoTokenizer
+from transformers.utils import logging as hf_logging
 
+from loopcoder.checkpoint import load_model
 from loopcoder.errors import LoopcoderError
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -66,8 +71,6 @@ def add_threads_argument(parser: Any) -> None:
 
 def load_tokenizer(path: str | os.PathLike, required: bool = True) -> Any:
     """The tokenizer saved with a model (or a tokenizer directory), loaded offline."""
-    from transformers import AutoTokenizer
-
     p = Path(path)
     if not (p / "tokenizer.json").is_file() and not (p / "tokenizer_config.json").is_file():
         if (p / "tokenizer").is_dir():
@@ -96,8 +99,6 @@ def check_vocab(model_vocab: int, tokenizer_vocab: int, where: str) -> None:
 def load_for_inference(model_dir: str, tokenizer_dir: str | None = None, device: str = "auto",
                        dtype: str = "auto") -> tuple[Any, Any]:
     """(model, tokenizer) ready for decoding: strict checkpoint load, eval mode, on the device."""
-    from loopcoder.checkpoint import load_model
-
     dev = pick_device(device)
     model = load_model(model_dir, dtype=pick_dtype(dtype, dev), device=dev)
     tokenizer = load_tokenizer(tokenizer_dir or model_dir)
@@ -112,3 +113,21 @@ def chat_stop_ids(eos_ids: Any, tokenizer: Any) -> list[int]:
     if "<|im_end|>" in vocab:
         ids.add(vocab["<|im_end|>"])
     return sorted(ids)
+
+
+def quiet_libraries() -> None:
+    """Our commands report their own progress; transformers' per-load bars and reports are noise here."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def int_list(text: str) -> tuple[int, ...]:
+    """argparse type for integer lists: `1,2,3`, or a range `1-6` (both ends included)."""
+    try:
+        if "-" in text and "," not in text:
+            a, b = (int(x) for x in text.split("-"))
+            return tuple(range(a, b + 1))
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers like 1,2,3 or 1-6, got {text!r}") from None

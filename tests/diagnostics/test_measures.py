@@ -2,7 +2,6 @@
 
 import math
 
-import numpy as np
 import pytest
 import torch
 
@@ -133,21 +132,3 @@ def test_peak_loop_on_a_made_up_delta_p_table():
 def test_shares():
     assert M.shares([1.0, 3.0]) == [0.25, 0.75]
     assert all(math.isnan(x) for x in M.shares([0.0, 0.0]))
-
-
-# ----------------------------------------------------------------------------- statistics
-def test_mean_ci_is_a_student_t_interval():
-    mean, low, high, n = M.mean_ci([1.0, 2.0, 3.0, 4.0, float("nan")])
-    half = 3.182446 * np.std([1, 2, 3, 4], ddof=1) / 2  # t_{0.975, 3} s / sqrt(4)
-    assert (mean, n) == (2.5, 4)
-    assert low == pytest.approx(2.5 - half) and high == pytest.approx(2.5 + half)
-    mean, low, high, n = M.mean_ci([7.0])
-    assert mean == 7.0 and n == 1 and math.isnan(low) and math.isnan(high)
-    assert M.mean_ci([])[3] == 0
-
-
-def test_t_quantiles():
-    assert M.t_quantile_975(1) == pytest.approx(12.7062, abs=1e-4)
-    assert M.t_quantile_975(30) == pytest.approx(2.0423, abs=1e-4)
-    assert M.t_quantile_975(60) == pytest.approx(2.000298, abs=1e-6)  # the expansion beyond the table
-    assert M.t_quantile_975(100000) == pytest.approx(1.959984, abs=1e-5)

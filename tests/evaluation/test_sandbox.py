@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -16,6 +17,7 @@ import sys
 import tempfile
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 
@@ -32,6 +34,7 @@ from loopcoder.evaluation.sandbox import (
 
 QUICK = Limits(cpu_seconds=5, wall_seconds=10)
 AS_ROOT = os.geteuid() == 0
+PROJECT = Path(__file__).resolve().parents[2]
 
 
 def run(source: str, limits: Limits = QUICK, **kwargs) -> sandbox.ExecResult:
@@ -92,6 +95,8 @@ def test_refuses_to_run_without_the_explicit_opt_in(flag, tmp_path):
         ("output_bytes", True),
         ("processes", 2),
         ("open_files", "64"),
+        ("tmp_bytes", 0),
+        ("tmp_files", -1),
     ],
 )
 def test_bad_limits_are_one_clear_error(field, value):
@@ -343,8 +348,8 @@ def test_enormous_output_is_capped_and_the_run_ends(stream):
 
 
 @pytest.mark.skipif(not AS_ROOT, reason="protecting files outside the directory needs the uid drop (root)")
-def test_writing_or_deleting_outside_the_directory_changes_nothing(tmp_path):
-    private = tmp_path / "target.txt"  # under pytest's private temporary directory
+def test_writing_or_deleting_outside_the_directory_changes_nothing(outside_dir):
+    private = outside_dir / "target.txt"  # in a directory the program can see but does not own
     private.write_text("original")
     fd, shared_name = tempfile.mkstemp(prefix="loopcoder-sandbox-test-")  # in world-writable /tmp
     os.write(fd, b"original")
@@ -353,7 +358,7 @@ def test_writing_or_deleting_outside_the_directory_changes_nothing(tmp_path):
     try:
         result = run(f"""
             import os, shutil
-            outcomes = []
+            outcomes = {{}}
             for target in [{str(private)!r}, {shared_name!r}]:
                 for attack in ("write", "append", "delete", "rename", "chmod", "rmtree-parent"):
                     try:
@@ -369,14 +374,17 @@ def test_writing_or_deleting_outside_the_directory_changes_nothing(tmp_path):
                             os.chmod(target, 0o777)
                         else:
                             shutil.rmtree(os.path.dirname(target))
-                        outcomes.append("done")
+                        outcomes.setdefault(target, []).append("done")
                     except OSError:
-                        outcomes.append("denied")
+                        outcomes.setdefault(target, []).append("denied")
             open("inside.txt", "w").write("fine")  # its own directory is writable
             print(outcomes)
         """)
         assert result.passed, result
-        assert "done" not in result.stdout
+        outcomes = eval(result.stdout)
+        assert outcomes[str(private)] == ["denied"] * 6
+        if result.isolation["filesystem"] != "yes":  # else it acted on its own private /tmp, not this file
+            assert "done" not in outcomes[shared_name]
         assert private.read_text() == "original"
         with open(shared_name) as f:
             assert f.read() == "original"
@@ -473,8 +481,23 @@ def test_where_namespaces_are_refused_the_report_says_so_and_escaped_processes_s
     assert result.stdout == "connected\n"  # no network namespace here, and the report says so plainly:
     assert result.isolation["network"].startswith("no: ")
     assert result.isolation["pid_namespace"].startswith("no: ")
+    assert result.isolation["filesystem"] == "no: switched off by the caller"
     assert wait_until_no_processes_of(result.isolation["uid"], seconds=2) == []
     assert_evaluator_carries_on()
+
+
+def test_without_a_mount_namespace_the_report_says_so_and_the_run_still_works(monkeypatch):
+    monkeypatch.setattr(sandbox, "_PRIVATE_FILESYSTEM", False)  # as where the OS refuses only that
+    result = run("""
+        import os
+        with open("inside.txt", "w") as f:  # its working directory is the host's one, as before
+            f.write("fine")
+        print(os.getcwd())
+    """)
+    assert result.passed, result
+    assert result.isolation["filesystem"] == "no: switched off by the caller"
+    assert result.isolation["network"] == network_isolation().split(": ", 1)[1]  # the rest as usual
+    assert not os.path.exists(result.stdout.strip())
 
 
 def test_program_cannot_see_secrets_in_the_callers_environment(monkeypatch):
@@ -536,6 +559,297 @@ def test_program_cannot_read_the_callers_environment_through_proc():
     assert result["stdout"].strip() == "[] None"
 
 
+# ---------------------------------------------------------------------------------- private filesystem
+
+SHARED_TMP = ("/tmp", "/var/tmp", "/dev/shm")
+UNPRIVILEGED_UID = 1_600_000_000  # a caller that is not root; below the range of the runs' own uids
+
+
+def skip_without_private_filesystem(what: str = "") -> str:
+    status = isolation_report().get("private filesystem", "missing")
+    if status.startswith("no: ") or (what and what in status):
+        pytest.skip(f"no private filesystem on this machine: {status}")
+    return status
+
+
+def unique_name() -> str:
+    return "loopcoder-sandbox-test-" + os.urandom(6).hex()
+
+
+def host_leftovers(name: str) -> list[str]:
+    """Entries in the host's shared temporary directories whose names start with `name`."""
+    return [os.path.join(d, e) for d in SHARED_TMP if os.path.isdir(d) for e in os.listdir(d) if e.startswith(name)]
+
+
+def remove_leftovers(name: str) -> None:
+    for path in host_leftovers(name):  # only where a test has already failed: keep the host clean anyway
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
+
+
+def reachable_by_everyone(path: Path) -> bool:
+    return all(os.stat(p).st_mode & 0o001 for p in [path, *path.parents])
+
+
+@pytest.fixture
+def outside_dir():
+    """A directory outside every temporary directory (so the program sees it) that every uid can reach
+    (so the run's own uid can pass through), removed afterwards."""
+    for parent in (PROJECT, Path("/run")):
+        if parent.is_dir() and os.access(parent, os.W_OK) and reachable_by_everyone(parent):
+            break
+    else:
+        pytest.skip("no directory outside /tmp that every uid can reach (the checkout is private)")
+    path = Path(tempfile.mkdtemp(prefix=".sandbox-test-", dir=parent))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def test_writes_to_the_shared_temporary_directories_stay_private_and_vanish():
+    skip_without_private_filesystem()
+    name = unique_name()
+    try:
+        result = run(f"""
+            import os
+            for d in {SHARED_TMP!r}:
+                with open(os.path.join(d, {name!r}), "w") as f:
+                    f.write("planted")
+                os.makedirs(os.path.join(d, {name!r} + ".dir", "deeper"), exist_ok=True)  # /var/tmp may be /tmp
+            print(sorted(set(os.listdir("/tmp")) - {{os.path.basename(os.getcwd())}}))
+        """)
+        assert host_leftovers(name) == []
+        assert result.passed, result  # the private directories are writable: programs that use /tmp work
+        assert eval(result.stdout) == [name, name + ".dir"]  # nothing of the host's /tmp is in sight
+    finally:
+        remove_leftovers(name)
+
+
+def test_each_run_has_its_own_temporary_directories_and_tempfile_works():
+    skip_without_private_filesystem()
+    name = unique_name()
+    program = f"""
+        import os, tempfile, time
+        mine = os.urandom(8).hex()
+        made = [tempfile.mkdtemp(), tempfile.mkdtemp(dir="/tmp"), tempfile.mkdtemp(dir="/dev/shm")]
+        paths = [os.path.join(d, "data") for d in made] + [os.path.join(d, {name!r}) for d in {SHARED_TMP!r}]
+        for path in paths:  # the last three: the same names in every run
+            with open(path, "w") as f:
+                f.write(mine)
+        time.sleep(0.5)  # both runs are alive at once
+        for path in paths:
+            with open(path) as f:
+                assert f.read() == mine, path
+        print(made)
+    """
+    try:
+        batch = run_many([textwrap.dedent(program)] * 2, QUICK, workers=2, allow_code_execution=True)
+        assert host_leftovers(name) == []
+        for result in batch.results:
+            assert result.passed, result
+            assert not any(os.path.exists(d) for d in eval(result.stdout))
+    finally:
+        remove_leftovers(name)
+
+
+def test_proc_shows_only_the_runs_own_processes():
+    skip_without_private_filesystem("/proc")
+    result = run("import os\nprint(sorted(int(p) for p in os.listdir('/proc') if p.isdigit()))\n")
+    assert result.passed, result
+    assert eval(result.stdout) == [1, 2]  # the namespace's init and the program
+
+
+def test_creating_many_files_stops_at_the_cap_and_leaves_nothing():
+    skip_without_private_filesystem()
+    name = unique_name()
+    try:
+        result = run(
+            f"""
+            import errno, os
+            made = 0
+            try:
+                for i in range(100000):  # across the shared directories and its own: one cap for all
+                    open(os.path.join(("/tmp", "/var/tmp", "/dev/shm", ".")[i % 4], "{name}-%d" % i), "w").close()
+                    made += 1
+            except OSError as e:
+                assert e.errno == errno.ENOSPC, e
+            print(made)
+        """,
+            Limits(tmp_files=300),
+        )
+        assert host_leftovers(name) == []
+        assert result.passed, result
+        assert int(result.stdout) == 300
+    finally:
+        remove_leftovers(name)
+    assert_evaluator_carries_on()
+
+
+def test_filling_the_temporary_space_beyond_its_cap_fails_cleanly():
+    skip_without_private_filesystem()
+    name = unique_name()
+    try:
+        result = run(
+            f"""
+            import os
+            for i in range(1000):  # 1 MiB files, under the file-size limit, until the space is full
+                with open(os.path.join(("/dev/shm", "/tmp", "/var/tmp", ".")[i % 4], "{name}-%d" % i), "wb") as f:
+                    f.write(b"x" * (1 << 20))
+                print(i + 1, flush=True)
+        """,
+            Limits(tmp_bytes=8 << 20, wall_seconds=20),
+        )
+        assert host_leftovers(name) == []
+        assert result.status == "failed", result
+        assert "No space left on device" in result.reason
+        assert result.stdout.split()[-1] == "8"  # exactly the cap, shared by the four directories
+    finally:
+        remove_leftovers(name)
+    after = run("import os\nassert os.listdir('/dev/shm') == [], os.listdir('/dev/shm')\n")
+    assert after.passed, after  # the next run starts empty
+
+
+def test_a_working_directory_outside_tmp_is_private_and_capped(outside_dir, monkeypatch):
+    skip_without_private_filesystem()
+    outside_dir.chmod(0o755)  # the run's uid must be able to pass through to its directory
+    monkeypatch.setattr(tempfile, "tempdir", str(outside_dir))  # where the sandbox makes its directories
+    result = run(
+        """
+        import os
+        print(os.getcwd(), sorted(os.listdir(".")))
+        with open("big", "wb") as f:
+            f.write(b"x" * (2 << 20))
+    """,
+        Limits(tmp_bytes=1 << 20),
+    )
+    cwd, listing = result.stdout.split(" ", 1)
+    assert os.path.dirname(cwd) == str(outside_dir)
+    assert eval(listing) == ["program.py"]  # not the launcher or anything else of the host's directory
+    assert result.status == "failed" and "No space left on device" in result.reason
+    assert os.listdir(outside_dir) == []
+
+
+def test_the_rest_of_the_host_is_read_only_to_the_program(outside_dir):
+    skip_without_private_filesystem()
+    outside_dir.chmod(0o1777)  # world-writable, like a shared scratch directory outside /tmp
+    existing = outside_dir / "existing.txt"
+    existing.write_text("original")
+    existing.chmod(0o666)
+    result = run(f"""
+        import errno, os
+        outcomes = []
+        for attack in ("create", "append", "mkdir", "symlink"):
+            try:
+                if attack == "create":
+                    open({str(outside_dir / "new.txt")!r}, "w").close()
+                elif attack == "append":
+                    open({str(existing)!r}, "a").write("pwned")
+                elif attack == "mkdir":
+                    os.mkdir({str(outside_dir / "new-dir")!r})
+                else:
+                    os.symlink("/tmp", {str(outside_dir / "link")!r})
+                outcomes.append("done")
+            except OSError as e:
+                outcomes.append(errno.errorcode[e.errno])
+        print(outcomes)
+    """)
+    assert result.passed, result
+    assert eval(result.stdout) == ["EROFS"] * 4
+    assert sorted(os.listdir(outside_dir)) == ["existing.txt"]
+    assert existing.read_text() == "original"
+
+
+UNPRIVILEGED_PROGRAM = """
+import ctypes, errno, json, os, site
+outcomes = {}
+for what, path, mode in TARGETS + [("site-packages", os.path.join(site.getsitepackages()[0], "evil.pth"), "w")]:
+    try:
+        with open(path, mode) as f:
+            f.write("import os; os.system('echo pwned')\\n")
+        outcomes[what] = "written"
+    except OSError as e:
+        outcomes[what] = errno.errorcode[e.errno]
+libc = ctypes.CDLL(None, use_errno=True)
+with open("/proc/self/status") as f:
+    outcomes["capabilities"] = [line.split()[1] for line in f if line.startswith("CapEff")][0]
+outcomes["umount /tmp"] = libc.umount2(b"/tmp", 2)  # MNT_DETACH: would show the host's /tmp again
+outcomes["remount / read-write"] = libc.mount(None, b"/", None, ctypes.c_ulong(32 | 4096), None)
+print(json.dumps(outcomes))
+"""
+
+
+@pytest.mark.skipif(not AS_ROOT, reason="making an unprivileged caller needs root")
+def test_an_unprivileged_callers_home_project_and_site_packages_are_out_of_reach(outside_dir):
+    # Not root, the sandbox cannot drop to another uid: the program runs as the caller, who owns a home,
+    # a checkout and a virtual environment. Only the private filesystem keeps the program's hands off them.
+    uid = UNPRIVILEGED_UID
+    as_user = {"user": uid, "group": uid, "extra_groups": [], "env": {"PATH": "/usr/bin:/bin", "HOME": "/"}}
+    python = isolation_report()["interpreter"]  # one every uid can read
+    userns = "import ctypes, sys; sys.exit(ctypes.CDLL(None).unshare(0x10000000) != 0)"  # CLONE_NEWUSER
+    if subprocess.run([python, "-c", userns], timeout=60, **as_user).returncode != 0:
+        pytest.skip("this machine gives no user namespaces to unprivileged users")
+    home, project, venv = outside_dir / "home", outside_dir / "project", outside_dir / "venv"
+    home.mkdir()
+    (home / ".bashrc").write_text("original\n")
+    package = project / "src" / "loopcoder"
+    for part in ("errors.py", "evaluation/__init__.py", "evaluation/sandbox.py"):  # the sandbox alone
+        (package / part).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(PROJECT / "src" / "loopcoder" / part, package / part)
+    for path in [outside_dir, *outside_dir.rglob("*")]:
+        os.chown(path, uid, uid)
+    subprocess.run([python, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120, **as_user)
+    site_packages = subprocess.run(
+        [venv / "bin" / "python", "-c", "import site; print(site.getsitepackages()[0])"],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        **as_user,
+    ).stdout.strip()
+    name = unique_name()
+    before = {p: p.read_bytes() for p in [home / ".bashrc", package / "evaluation" / "sandbox.py"]}
+    driver = subprocess.Popen(
+        [venv / "bin" / "python", "-c", DRIVER, str(package)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=project,
+        **as_user,
+    )
+    targets = [(d, os.path.join(d, name), "w") for d in SHARED_TMP] + [
+        ("home", str(home / ".bashrc"), "a"),
+        ("home, new file", str(home / "new.txt"), "w"),
+        ("project", str(package / "evaluation" / "sandbox.py"), "a"),
+        ("project, new file", str(project / "new.txt"), "w"),
+        ("through the caller's /proc/PID/root", f"/proc/{driver.pid}/root{home}/via-proc.txt", "w"),
+    ]
+    try:
+        out, err = driver.communicate(f"TARGETS = {targets!r}\n" + UNPRIVILEGED_PROGRAM, timeout=120)
+        assert driver.returncode == 0, err
+        result = json.loads(out)
+        assert result["passed"], result
+        outcomes = json.loads(result["stdout"])
+        assert host_leftovers(name) == []
+        assert {p: p.read_bytes() for p in before} == before
+        assert sorted(os.listdir(home)) == [".bashrc"]
+        assert not (project / "new.txt").exists()
+        assert "evil.pth" not in os.listdir(site_packages)
+        assert result["isolation"]["network"] == "yes", result["isolation"]  # user namespaces work here
+        assert result["isolation"].get("filesystem") == "yes", result["isolation"]
+        assert [k for k, v in outcomes.items() if v == "written"] == [d for d in SHARED_TMP]  # its own /tmp only
+        assert outcomes["capabilities"] == "0000000000000000"  # the user namespace's are dropped
+        assert outcomes["umount /tmp"] == -1 and outcomes["remount / read-write"] == -1
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+        remove_leftovers(name)
+    assert wait_until_no_processes_of(uid) == []
+
+
 # ------------------------------------------------------------------------------------ many, report, CLI
 
 
@@ -556,10 +870,19 @@ def test_run_many_keeps_order_reports_progress_and_throughput():
 
 def test_isolation_report_says_what_is_isolated_in_plain_words():
     report = isolation_report()
-    assert set(report) == {"interpreter", "network", "pid namespace", "unprivileged uid", "no_new_privs"}
+    assert set(report) == {
+        "interpreter",
+        "network",
+        "pid namespace",
+        "unprivileged uid",
+        "no_new_privs",
+        "private filesystem",
+    }
     assert all(isinstance(v, str) and v for v in report.values())
     assert report["network"] == network_isolation().split(": ", 1)[1]
     assert report["network"] == "yes" or report["network"].startswith("no: ")
+    fs = report["private filesystem"]
+    assert fs == "yes" or fs.startswith("partly: ") or fs.startswith("no: ")
     if AS_ROOT:
         assert report["unprivileged uid"].startswith("yes")
 

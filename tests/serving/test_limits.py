@@ -46,7 +46,10 @@ def trickle_until_answered(sock: socket.socket, head: bytes, limit: float = 8.0,
     while time.monotonic() - start < limit:
         readable, _, _ = select.select([sock], [], [], 0.2)
         if readable:
-            chunk = sock.recv(65536)
+            try:
+                chunk = sock.recv(65536)
+            except ConnectionResetError:  # closed while our trickle was still arriving: as good as EOF
+                chunk = b""
             if not chunk:
                 return got, time.monotonic() - start
             got += chunk

@@ -10,8 +10,8 @@ import pytest
 
 from loopcoder.cli import main
 from loopcoder.errors import LoopcoderError
+from loopcoder.stats import paired_difference, trend
 from loopcoder.study import Study, get_preset
-from loopcoder.study.stats import paired_difference, trend
 from support.data import make_corpus
 
 pytestmark = pytest.mark.slow  # end-to-end: seconds each

@@ -3,7 +3,6 @@ masks, checkpoints in the released layout, keep-last-k, crash safety, non-finite
 
 from __future__ import annotations
 
-import io
 import itertools
 import json
 import math
@@ -19,7 +18,6 @@ from loopcoder.model import causal_lm_loss
 from loopcoder.training import NonFiniteLoss, load_config, pretrain, sft
 from loopcoder.training import checkpoints as ckpt
 from loopcoder.training.data import pretrain_source, sft_source
-from loopcoder.training.metrics import ProgressLine
 from loopcoder.training.optim import lr_factor, param_groups
 from loopcoder.training.trainer import Trainer
 from support.training import data_dir, read_metrics, tiny_overrides
@@ -205,25 +203,3 @@ def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one_valid(pretra
     (fake / ckpt.MARKER).unlink()
     assert ckpt.latest_checkpoint(run) == before
     assert ckpt.remove_partial(run) == [fake] and not fake.exists()
-
-
-def test_progress_is_one_line_in_place_on_a_tty_and_plain_lines_otherwise():
-    class Tty(io.StringIO):
-        def isatty(self):
-            return True
-
-    tty = Tty()
-    bar = ProgressLine(10, 0, "auto", stream=tty)
-    bar.update(1, 5.0, 1000.0)
-    bar.update(2, 4.5, 1200.0)
-    bar.close()
-    text = tty.getvalue()
-    assert text.count("\r") == 2 and text.endswith("\n") and "step 2/10" in text and "ETA" in text
-    plain = io.StringIO()
-    lines = ProgressLine(10, 0, "auto", every_s=3600, stream=plain)
-    lines.update(1, 5.0, 1000.0)
-    lines.update(2, 4.5, 1000.0)  # within every_s: not printed
-    lines.update(10, 4.0, 1000.0, force=True)
-    out = plain.getvalue().splitlines()
-    assert len(out) == 2 and "\r" not in plain.getvalue()
-    assert out[0].startswith("step 1/10 | loss 5.0000 | 1.0k tok/s") and out[1].startswith("step 10/10")

@@ -8,6 +8,10 @@ import time
 from typing import Any
 
 import torch
+from transformers import LlamaConfig
+
+from loopcoder.atomic import atomic_write_text
+from loopcoder.config import PLTConfig
 
 
 def sync(device: torch.device) -> None:
@@ -43,6 +47,18 @@ def machine_info(device: torch.device) -> dict[str, Any]:
 
 
 def write_json(report: dict[str, Any], path: str) -> None:
-    from loopcoder.checkpoint import atomic_write_text
-
     atomic_write_text(path, json.dumps(report, indent=2))
+
+
+def llama_config(cfg: PLTConfig) -> LlamaConfig:
+    """transformers' Llama at the shape of `cfg` (what PLT with R = 1 equals), with SDPA attention."""
+    llama = LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+                        intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_hidden_layers,
+                        num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.num_key_value_heads,
+                        head_dim=cfg.head_dim, max_position_embeddings=cfg.max_position_embeddings,
+                        rope_theta=cfg.rope_theta, rms_norm_eps=cfg.rms_norm_eps,
+                        tie_word_embeddings=cfg.tie_word_embeddings, attention_bias=cfg.attention_bias,
+                        mlp_bias=cfg.mlp_bias, pad_token_id=cfg.pad_token_id, bos_token_id=cfg.bos_token_id,
+                        eos_token_id=cfg.eos_token_id)
+    llama._attn_implementation = "sdpa"
+    return llama

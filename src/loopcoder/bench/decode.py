@@ -21,10 +21,13 @@ from typing import Any
 
 import torch
 from torch.nn.attention import sdpa_kernel
+from transformers import DynamicCache, LlamaForCausalLM, LogitsProcessor, LogitsProcessorList
 
-from loopcoder.bench import machine_info, sync
-from loopcoder.config import PLTConfig
-from loopcoder.engine import DECODE_ATTENTION
+from loopcoder.bench import llama_config, machine_info, sync
+from loopcoder.config import ModelShape, PLTConfig
+from loopcoder.engine import DECODE_ATTENTION, Engine
+from loopcoder.model import PLTForCausalLM
+from loopcoder.runtime import pick_device, pick_dtype
 
 
 @dataclass
@@ -46,7 +49,7 @@ class DecodeBenchSettings:
     rounds: int = 5  # the configurations compared take turns this many times (drift hits all alike)
     warmup: int = 2
     device: str = "cpu"
-    dtype: str = "float32"
+    dtype: str = "auto"  # auto: fp32 on CPU, bf16 on GPU (the CLI's default is this one)
     include_transformers: bool = True
     cuda_graphs: bool = False
     seed: int = 0
@@ -56,12 +59,14 @@ class DecodeBenchSettings:
         """Decode steps one engine takes: two modes (single-pass, sequential) share an engine and its cache."""
         return self.warmup + 2 * (self.rounds * self.steps + self.warmup) + 2
 
+    def shape(self, loops: int, arch: str = "plt") -> ModelShape:
+        return ModelShape(loops=loops, hidden_size=self.hidden_size, layers=self.num_layers, heads=self.num_heads,
+                          kv_heads=self.num_kv_heads, head_dim=self.head_dim,
+                          intermediate_size=self.intermediate_size, vocab_size=self.vocab_size, window=self.window,
+                          architecture=arch, max_position_embeddings=max(self.contexts) + self.steps_per_engine())
+
     def model_config(self, loops: int, arch: str = "plt") -> PLTConfig:
-        return PLTConfig(vocab_size=self.vocab_size, hidden_size=self.hidden_size,
-                         intermediate_size=self.intermediate_size, num_hidden_layers=self.num_layers,
-                         num_attention_heads=self.num_heads, num_key_value_heads=self.num_kv_heads,
-                         head_dim=self.head_dim, max_position_embeddings=max(self.contexts) + self.steps_per_engine(),
-                         plt_num_loops=loops, plt_window_size=[self.window, 0], loop_architecture=arch)
+        return self.shape(loops, arch).plt_config()
 
 
 def _free(device: torch.device) -> None:
@@ -143,8 +148,6 @@ class EngineTimer:
 
     def __init__(self, model: Any, mode: str, batch: int, context: int, s: DecodeBenchSettings,
                  share: EngineTimer | None = None) -> None:
-        from loopcoder.engine import Engine
-
         self.device = next(model.parameters()).device
         self.batch, self.mode = batch, mode
         if share is not None:  # another mode of the same model: same engine and cache, switched per run
@@ -183,8 +186,6 @@ class TransformersTimer:
     latency read off a logits processor's clock (one `generate` call per round)."""
 
     def __init__(self, model: Any, s: DecodeBenchSettings, batch: int, context: int) -> None:
-        from transformers import DynamicCache
-
         self.model, self.s, self.batch = model, s, batch
         self.device = next(model.parameters()).device
         dtype = next(model.parameters()).dtype
@@ -201,8 +202,6 @@ class TransformersTimer:
 
     @torch.inference_mode()
     def run(self, steps: int, keep: bool = True) -> None:
-        from transformers import LogitsProcessor, LogitsProcessorList
-
         stamps: list[float] = []
         device = self.device
 
@@ -242,9 +241,6 @@ def run_decode_bench(s: DecodeBenchSettings, log: Any = sys.stderr) -> dict[str,
     """Every configuration at every (batch, context). Configurations that are compared take turns in
     `rounds` (R = 1, PLT-R single-pass, PLT-R sequential, vanilla-R; R = 1 and transformers), so slow
     drift of a shared machine affects both sides of each ratio alike."""
-    from loopcoder.model import PLTForCausalLM
-    from loopcoder.runtime import pick_device, pick_dtype
-
     device = pick_device(s.device)
     dtype = pick_dtype(s.dtype, device)
     dtype_bytes = torch.tensor([], dtype=dtype).element_size()
@@ -290,13 +286,7 @@ def run_decode_bench(s: DecodeBenchSettings, log: Any = sys.stderr) -> dict[str,
         del plt, van
         _free(device)
     if s.include_transformers:
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        llama_cfg = LlamaConfig(vocab_size=s.vocab_size, hidden_size=s.hidden_size,
-                                intermediate_size=s.intermediate_size, num_hidden_layers=s.num_layers,
-                                num_attention_heads=s.num_heads, num_key_value_heads=s.num_kv_heads,
-                                head_dim=s.head_dim, max_position_embeddings=max(s.contexts) + s.steps_per_engine())
-        llama = build_model(LlamaForCausalLM, llama_cfg, device, dtype, s.seed)
+        llama = build_model(LlamaForCausalLM, llama_config(base_cfg), device, dtype, s.seed)
         for batch in s.batches:
             for context in s.contexts:
                 timers = {"R=1": EngineTimer(base, "parallel", batch, context, s),

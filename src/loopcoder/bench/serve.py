@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from loopcoder.bench import cpu_name, now
+from loopcoder.checkpoint import write_random_model
+from loopcoder.data import tokenizer as T
 from loopcoder.errors import LoopcoderError
 
 
@@ -54,9 +56,6 @@ class ServeBenchSettings:
 def build_bench_model(out: str | Path, s: ServeBenchSettings) -> Path:
     """A random PLT model (`loopcoder init`'s other defaults) and a BPE tokenizer trained on this package's
     source, in `out`."""
-    from loopcoder.commands.init import write_random_model
-    from loopcoder.data import tokenizer as T
-
     texts = [p.read_text(encoding="utf-8") for p in sorted(Path(__file__).resolve().parents[1].rglob("*.py"))]
     tok = T.train_tokenizer(texts, vocab_size=1024)
     write_random_model(out, hidden_size=s.hidden_size, layers=s.layers, loops=s.loops, vocab_size=1024,

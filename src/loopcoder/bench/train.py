@@ -19,9 +19,12 @@ from typing import Any, TextIO
 
 import torch
 import torch.nn.functional as F
+from transformers import LlamaForCausalLM
 
-from loopcoder.bench import machine_info, sync
-from loopcoder.config import PLTConfig
+from loopcoder.bench import llama_config, machine_info, sync
+from loopcoder.config import ModelShape, PLTConfig, mlp_width
+from loopcoder.model import PLTForCausalLM
+from loopcoder.runtime import pick_device, pick_dtype
 from loopcoder.training.flops import mfu, peak_flops, train_flops_per_token
 
 LLAMA = "llama (transformers)"
@@ -34,7 +37,7 @@ class TrainBenchSettings:
     num_heads: int = 4
     num_kv_heads: int = 2
     head_dim: int = 32
-    intermediate_size: int = 352
+    intermediate_size: int | None = None  # None: `config.mlp_width(hidden_size)`, training's default
     vocab_size: int = 4096
     window: int = 64
     batch: int = 8
@@ -50,24 +53,19 @@ class TrainBenchSettings:
     attention: str = "sdpa"  # PLT's training attention: sdpa | flex_attention (CUDA); transformers' stays sdpa
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        if self.intermediate_size is None:
+            self.intermediate_size = mlp_width(self.hidden_size)
+
     def model_config(self, loops: int) -> PLTConfig:
-        return PLTConfig(vocab_size=self.vocab_size, hidden_size=self.hidden_size,
-                         intermediate_size=self.intermediate_size, num_hidden_layers=self.num_layers,
-                         num_attention_heads=self.num_heads, num_key_value_heads=self.num_kv_heads,
-                         head_dim=self.head_dim, max_position_embeddings=max(self.seq_len, 128), plt_num_loops=loops,
-                         plt_window_size=[self.window, 0], rope_theta=10000.0, pad_token_id=0)
+        return ModelShape(loops=loops, hidden_size=self.hidden_size, layers=self.num_layers, heads=self.num_heads,
+                          kv_heads=self.num_kv_heads, head_dim=self.head_dim, intermediate_size=self.intermediate_size,
+                          vocab_size=self.vocab_size, window=self.window,
+                          max_position_embeddings=max(self.seq_len, 128)).plt_config(pad_token_id=0)
 
 
 def llama_model(s: TrainBenchSettings) -> Any:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(vocab_size=s.vocab_size, hidden_size=s.hidden_size, intermediate_size=s.intermediate_size,
-                      num_hidden_layers=s.num_layers, num_attention_heads=s.num_heads,
-                      num_key_value_heads=s.num_kv_heads, head_dim=s.head_dim,
-                      max_position_embeddings=max(s.seq_len, 128), rope_theta=10000.0, rms_norm_eps=1e-5,
-                      tie_word_embeddings=False, attention_bias=False, mlp_bias=False, pad_token_id=0)
-    cfg._attn_implementation = "sdpa"
-    return LlamaForCausalLM(cfg)
+    return LlamaForCausalLM(llama_config(s.model_config(1)))
 
 
 class _Runner:
@@ -104,9 +102,6 @@ class _Runner:
 
 
 def run_train_bench(s: TrainBenchSettings, log: TextIO | None = None) -> dict[str, Any]:
-    from loopcoder.model import PLTForCausalLM
-    from loopcoder.runtime import pick_device, pick_dtype
-
     log = log if log is not None else sys.stderr
     device = pick_device(s.device)
     bf16 = pick_dtype(s.dtype, device) == torch.bfloat16

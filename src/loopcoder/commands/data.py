@@ -11,7 +11,11 @@ import argparse
 import collections
 import json
 
+from loopcoder.atomic import atomic_write_text
+from loopcoder.data import reasoning
+from loopcoder.data.build import BuildConfig, build, format_statistics
 from loopcoder.data.corpus import CorpusSpec
+from loopcoder.data.instructions import write_instruction_set
 from loopcoder.errors import LoopcoderError
 
 
@@ -92,8 +96,6 @@ def _extensions(values: list[str] | None) -> tuple[str, ...]:
 
 
 def _build(args: argparse.Namespace) -> int:
-    from loopcoder.data.build import BuildConfig, build, format_statistics
-
     spec = CorpusSpec(
         sources=tuple(args.source or CorpusSpec.sources), include_ext=_extensions(args.include_ext),
         ignore=tuple(args.ignore), text_field=args.text_field, max_file_bytes=args.max_file_bytes,
@@ -108,8 +110,6 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _instructions(args: argparse.Namespace) -> int:
-    from loopcoder.data.instructions import write_instruction_set
-
     result = write_instruction_set(args.data, args.out, args.max_tokens, args.max_code_chars)
     st = result["statistics"]
     print(f"{st['files']} files, {st['candidates']} documented functions and methods; dropped {st['too_long']} "
@@ -120,9 +120,6 @@ def _instructions(args: argparse.Namespace) -> int:
 
 
 def _reasoning(args: argparse.Namespace) -> int:
-    from loopcoder.checkpoint import atomic_write_text
-    from loopcoder.data import reasoning
-
     examples = reasoning.generate_examples(args.n, args.steps, args.seed, args.split, args.distractors,
                                            progress=True, family=args.family)
     lines = []

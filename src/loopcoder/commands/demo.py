@@ -11,7 +11,9 @@ import argparse
 import json
 from pathlib import Path
 
+from loopcoder.commands.study import apply_study_threads
 from loopcoder.runtime import add_threads_argument
+from loopcoder.study import Study, get_preset
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -21,9 +23,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from loopcoder.commands.study import apply_study_threads
-    from loopcoder.study import Study, get_preset
-
     preset = get_preset(args.preset)
     apply_study_threads(preset, args.threads)
     report = Study(preset, args.out).run()

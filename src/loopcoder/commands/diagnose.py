@@ -9,11 +9,20 @@ diag/plots/*.png. Several models (different R) are compared side by side in one 
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 from pathlib import Path
 
+import torch
+
+from loopcoder.checkpoint import load_model
+from loopcoder.data.shards import read_index
+from loopcoder.diagnostics import diagnose, load_sequences, recommend, write_report
+from loopcoder.diagnostics.report import check_out_dir
 from loopcoder.errors import LoopcoderError
-from loopcoder.runtime import add_threads_argument
+from loopcoder.runtime import DTYPES as TORCH_DTYPES
+from loopcoder.runtime import add_threads_argument, apply_threads, check_vocab, load_tokenizer, pick_device
+from loopcoder.training.checkpoints import resolve_model_dir
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -61,18 +70,6 @@ def _names(models: list[str], names: list[str] | None) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    import gc
-
-    import torch
-
-    from loopcoder.checkpoint import load_model
-    from loopcoder.data.shards import read_index
-    from loopcoder.diagnostics import diagnose, load_sequences, recommend, write_report
-    from loopcoder.diagnostics.report import check_out_dir
-    from loopcoder.runtime import DTYPES as TORCH_DTYPES
-    from loopcoder.runtime import apply_threads, check_vocab, load_tokenizer, pick_device
-    from loopcoder.training.checkpoints import resolve_model_dir
-
     # Check every input before loading a model: a typo should cost nothing.
     if args.samples < 1:
         raise LoopcoderError(f"--samples must be >= 1, got {args.samples}")

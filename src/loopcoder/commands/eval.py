@@ -5,9 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from loopcoder.commands.bench import int_list
+from loopcoder.data.reasoning import parse_steps
 from loopcoder.errors import LoopcoderError
-from loopcoder.runtime import add_threads_argument
+from loopcoder.evaluation.runner import evaluate, parse_tasks, summary_table
+from loopcoder.evaluation.tasks import EvalSettings
+from loopcoder.runtime import add_threads_argument, apply_threads, int_list
+from loopcoder.sampling import SamplingParams
+from loopcoder.training.checkpoints import resolve_model_dir
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -42,13 +46,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from loopcoder.data.reasoning import parse_steps
-    from loopcoder.evaluation.runner import evaluate, parse_tasks, summary_table
-    from loopcoder.evaluation.tasks import EvalSettings
-    from loopcoder.runtime import apply_threads
-    from loopcoder.sampling import SamplingParams
-    from loopcoder.training.checkpoints import resolve_model_dir
-
     tasks = parse_tasks(args.tasks)
     SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed).validate()
     for name in ("batch_size", "reasoning_n", "max_new_tokens"):

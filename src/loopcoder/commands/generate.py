@@ -6,8 +6,11 @@ import argparse
 import sys
 import time
 
+from loopcoder.engine import Engine
 from loopcoder.errors import LoopcoderError
-from loopcoder.runtime import add_threads_argument
+from loopcoder.runtime import add_threads_argument, apply_threads, chat_stop_ids, load_for_inference
+from loopcoder.sampling import SamplingParams
+from loopcoder.training.checkpoints import resolve_model_dir
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -31,11 +34,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from loopcoder.engine import Engine
-    from loopcoder.runtime import apply_threads, chat_stop_ids, load_for_inference
-    from loopcoder.sampling import SamplingParams
-    from loopcoder.training.checkpoints import resolve_model_dir
-
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed, stop=args.stop).validate()
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()

@@ -9,8 +9,13 @@ model's vocabulary is the tokenizer's size.
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
+import loopcoder
+from loopcoder.atomic import atomic_directory
+from loopcoder.checkpoint import write_random_model
+from loopcoder.data import tokenizer as T
 from loopcoder.errors import LoopcoderError
 
 
@@ -35,12 +40,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import os
-
-    import loopcoder
-    from loopcoder.checkpoint import atomic_directory
-    from loopcoder.data import tokenizer as T
-
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise LoopcoderError(f"--out {args.out!r} exists and is not a directory")
@@ -78,27 +77,3 @@ def run(args: argparse.Namespace) -> int:
           + note)
     return 0
 
-
-def write_random_model(out: str | Path, *, loops: int = 2, hidden_size: int = 256, layers: int = 4, heads: int = 4,
-                       kv_heads: int = 2, intermediate_size: int | None = None, vocab_size: int = 4096,
-                       window: int = 64, max_positions: int = 4096, architecture: str = "plt", seed: int = 0) -> int:
-    """Write a randomly initialised PLT model directory to `out` (the defaults are `init`'s); its parameter count."""
-    import torch
-
-    from loopcoder.checkpoint import save_model
-    from loopcoder.config import PLTConfig
-    from loopcoder.model import PLTForCausalLM
-
-    if hidden_size % heads:
-        raise LoopcoderError(f"--hidden-size {hidden_size} is not a multiple of --heads {heads}")
-    inter = intermediate_size or 64 * round(8 * hidden_size / 3 / 64)
-    config = PLTConfig(
-        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=inter,
-        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-        head_dim=hidden_size // heads, max_position_embeddings=max_positions,
-        plt_num_loops=loops, plt_window_size=[window, 0], loop_architecture=architecture,
-    )
-    torch.manual_seed(seed)
-    model = PLTForCausalLM(config)
-    save_model(model, out)
-    return sum(p.numel() for p in model.parameters())

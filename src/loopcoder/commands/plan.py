@@ -13,7 +13,11 @@ import re
 from pathlib import Path
 from typing import Any
 
+from loopcoder.data.shards import read_index
 from loopcoder.errors import LoopcoderError
+from loopcoder.training.config import load_config
+from loopcoder.training.flops import plan
+from loopcoder.training.run import model_config
 
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -39,10 +43,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from loopcoder.training.config import load_config
-    from loopcoder.training.flops import plan
-    from loopcoder.training.run import model_config
-
     if args.config and args.preset:
         raise LoopcoderError("give --config or --preset, not both")
     if args.gpus < 1:
@@ -73,7 +73,6 @@ def run(args: argparse.Namespace) -> int:
 def _data_shape(cfg: Any) -> tuple[int, int, list[str]]:
     """(vocabulary, sequence length, notes) from the config, the data directory, or assumptions."""
     notes = []
-    from loopcoder.data.shards import read_index
 
     vocab, seq_len = cfg.model.vocab_size, cfg.data.seq_len
     if (vocab is None or seq_len is None) and cfg.data.dir and (Path(cfg.data.dir) / "index.json").is_file():

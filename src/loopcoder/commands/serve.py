@@ -8,9 +8,18 @@ import sys
 from pathlib import Path
 
 from loopcoder.errors import LoopcoderError
-from loopcoder.runtime import add_threads_argument
+from loopcoder.runtime import add_threads_argument, apply_threads
 from loopcoder.serving.app import ServerSettings
-from loopcoder.serving.server import HEADER_TIMEOUT, MAX_CONNECTIONS
+from loopcoder.serving.server import (
+    HEADER_TIMEOUT,
+    MAX_CONNECTIONS,
+    api_key_from_env,
+    bind,
+    is_loopback,
+    load_app,
+    make_server,
+)
+from loopcoder.training.checkpoints import resolve_model_dir
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -48,10 +57,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from loopcoder.runtime import apply_threads
-    from loopcoder.serving.server import api_key_from_env, bind, is_loopback, load_app, make_server
-    from loopcoder.training.checkpoints import resolve_model_dir
-
     for name in ("max_batch", "max_tokens", "max_body_bytes", "max_connections"):
         if getattr(args, name) < 1:
             raise LoopcoderError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-from loopcoder.commands.bench import int_list
 from loopcoder.errors import LoopcoderError
-from loopcoder.runtime import add_threads_argument, apply_threads
+from loopcoder.runtime import add_threads_argument, apply_threads, int_list
+from loopcoder.study import Study, get_preset
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -20,15 +21,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from loopcoder.study import Study, get_preset
-
     preset = get_preset(args.preset, source=args.source, loops=args.loops, device=args.device)
     apply_study_threads(preset, args.threads)
-    if args.source and args.source != "stdlib" and not args.source.startswith("hf:"):
-        from pathlib import Path
-
-        if not Path(args.source).exists():
-            raise LoopcoderError(f"--source {args.source!r} does not exist")
+    if args.source and args.source != "stdlib" and not args.source.startswith("hf:") \
+            and not Path(args.source).exists():
+        raise LoopcoderError(f"--source {args.source!r} does not exist")
     print(f"loop-count study, preset {preset.name}: R = {', '.join(map(str, preset.loops))} -> {args.out}",
           file=sys.stderr)
     report = Study(preset, args.out).run()

@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 
 from loopcoder.errors import LoopcoderError
+from loopcoder.training.config import load_config, parse_override
+from loopcoder.training.run import train
 
 
 def add_arguments(p: argparse.ArgumentParser, stage: str = "pretrain") -> None:
@@ -38,9 +40,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_stage(args: argparse.Namespace, stage: str) -> int:
-    from loopcoder.training.config import load_config, parse_override
-    from loopcoder.training.run import train
-
     if args.config and args.preset:
         raise LoopcoderError("give --config or --preset, not both")
     source = args.config or args.preset

@@ -24,13 +24,13 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from loopcoder.checkpoint import atomic_directory, atomic_write_text
+from loopcoder.atomic import atomic_directory, atomic_write_text
 from loopcoder.data import corpus as corpus_mod
 from loopcoder.data import tokenizer as tok_mod
 from loopcoder.data.corpus import SPLITS, CleaningStats, CorpusSpec, Document
-from loopcoder.data.progress import Progress
 from loopcoder.data.shards import DEFAULT_SHARD_TOKENS, INDEX_FORMAT, INDEX_VERSION, ShardWriter, shard_dtype
 from loopcoder.errors import LoopcoderError
+from loopcoder.progress import Progress
 
 MANIFEST_VERSION = 1
 _BUILT = {"tokenizer", "train", "validation", "token_bytes.npy", "index.json", "manifest.json"}  # what a build writes
@@ -164,14 +164,15 @@ def _no_documents(config: BuildConfig, stats: CleaningStats) -> LoopcoderError:
 
 
 def _train_texts(config: BuildConfig, log: TextIO, stats: CleaningStats, total: int | None) -> Iterator[str]:
-    progress = Progress("tokenizer: reading the train split", total, log)
+    progress = Progress("tokenizer: reading the train split", unit="documents", amount_unit="bytes",
+                        total_amount=total, stream=log)
     cap = config.tokenizer_max_bytes
     for doc in corpus_mod.iter_documents(config.corpus, stats, split="train"):
-        progress.update(1, doc.nbytes)
+        progress.advance(1, doc.nbytes)
         yield doc.text
-        if cap is not None and progress.bytes >= cap:
+        if cap is not None and progress.amount >= cap:
             break
-    progress.done()
+    progress.finish()
 
 
 def _tokenizer(config: BuildConfig, tmp: Path, log: TextIO, timing: dict[str, float],
@@ -202,7 +203,7 @@ def _encode(config: BuildConfig, tok: Any, vocab: int, tmp: Path, stats: Cleanin
             timing: dict[str, float], total: int | None) -> dict[str, dict[str, Any]]:
     t = time.perf_counter()
     writers = {s: ShardWriter(tmp, s, config.seq_len, vocab, tok_mod.EOS_ID, config.shard_tokens) for s in SPLITS}
-    progress = Progress("encoding", total, log)
+    progress = Progress("encoding", unit="documents", amount_unit="bytes", total_amount=total, stream=log)
     batch: list[Document] = []
     batch_bytes = 0
 
@@ -210,7 +211,7 @@ def _encode(config: BuildConfig, tok: Any, vocab: int, tmp: Path, stats: Cleanin
         nonlocal batch_bytes
         for doc, ids in zip(batch, tok_mod.encode_documents(tok, [d.text for d in batch])):
             writers[doc.split].add(ids, doc.nbytes)
-        progress.update(len(batch), batch_bytes)
+        progress.advance(len(batch), batch_bytes)
         batch.clear()
         batch_bytes = 0
 
@@ -220,7 +221,7 @@ def _encode(config: BuildConfig, tok: Any, vocab: int, tmp: Path, stats: Cleanin
         if len(batch) >= _ENCODE_BATCH_DOCS or batch_bytes >= _ENCODE_BATCH_BYTES:
             flush()
     flush()
-    progress.done()
+    progress.finish()
     if writers["train"].documents == 0:
         raise _no_documents(config, stats)
     splits = {s: w.close() for s, w in writers.items()}

@@ -15,17 +15,18 @@ import ast
 import hashlib
 import json
 import os
-import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from loopcoder.checkpoint import atomic_write_text
+from loopcoder.atomic import atomic_write_text
 from loopcoder.data import corpus as corpus_mod
+from loopcoder.data.build import read_manifest
 from loopcoder.data.corpus import SPLITS, CorpusSpec, Document, iter_documents
-from loopcoder.data.progress import Progress
+from loopcoder.data.tokenizer import load_raw_tokenizer
 from loopcoder.errors import LoopcoderError
+from loopcoder.progress import Progress
 
 
 @dataclass
@@ -155,9 +156,6 @@ def write_instruction_set(data_dir: str | os.PathLike, out_dir: str | os.PathLik
                           max_tokens: int | None = None, max_code_chars: int = 6000,
                           log: TextIO | None = None) -> dict[str, Any]:
     """Build the instruction set of a data directory's corpus into `out_dir` (default DATA/instructions)."""
-    from loopcoder.data.build import read_manifest
-    from loopcoder.data.tokenizer import load_raw_tokenizer
-
     manifest = read_manifest(data_dir)
     spec = CorpusSpec.from_dict(manifest["settings"]["corpus"])
     seq_len = manifest["settings"]["seq_len"]
@@ -165,13 +163,14 @@ def write_instruction_set(data_dir: str | os.PathLike, out_dir: str | os.PathLik
     limit = max_tokens if max_tokens is not None else seq_len
     if limit < 16:
         raise LoopcoderError(f"max tokens {limit} is too small for any instruction record")
-    meter = Progress("instructions: parsing", corpus_mod.total_bytes(spec), log if log is not None else sys.stderr)
+    meter = Progress("instructions: parsing", unit="documents", amount_unit="bytes",
+                     total_amount=corpus_mod.total_bytes(spec), stream=log)
 
     def documents() -> Iterator[Document]:
         for doc in iter_documents(spec):
-            meter.update(1, doc.nbytes)
+            meter.advance(1, doc.nbytes)
             yield doc
-        meter.done()
+        meter.finish()
 
     records, stats = build_instruction_set(documents(), tok, limit, max_code_chars)
     if not records["train"]:

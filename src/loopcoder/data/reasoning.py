@@ -35,8 +35,8 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from loopcoder.data.progress import Progress
 from loopcoder.errors import LoopcoderError
+from loopcoder.progress import Progress
 
 EVAL_SHARE = 0.2
 MAX_STEPS = 12
@@ -463,7 +463,7 @@ def generate_examples(n: int, steps: int | str | Sequence[int], seed: int = 0, s
     out: list[dict[str, Any]] = []
     seen: set[str] = set()
     attempts = 0
-    meter = Progress(f"reasoning ({split})", unit="examples", total_items=n) if progress else None
+    meter = Progress(f"reasoning ({split})", n, "examples") if progress else None
     k = rng.choice(choices)
     while len(out) < n:
         attempts += 1
@@ -495,9 +495,9 @@ def generate_examples(n: int, steps: int | str | Sequence[int], seed: int = 0, s
         })
         k = rng.choice(choices)
         if meter is not None:
-            meter.update()
+            meter.advance()
     if meter is not None:
-        meter.done()
+        meter.finish()
     return out
 
 

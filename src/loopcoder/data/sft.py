@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from loopcoder.data.corpus import iter_jsonl
 from loopcoder.errors import LoopcoderError
@@ -89,8 +90,6 @@ def tokenize_chat(messages: list[dict[str, Any]], tokenizer: Any,
 def collate(examples: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int,
             length: int | None = None) -> dict[str, Any]:
     """Right-pad (input_ids, labels) pairs to `length` (default: the longest) into LongTensors."""
-    import torch
-
     n = length or max(len(ids) for ids, _ in examples)
     input_ids = torch.full((len(examples), n), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), n), IGNORE_INDEX, dtype=torch.long)
@@ -137,8 +136,6 @@ class SFTDataset:
         return int(self.input_ids.shape[0])
 
     def get(self, indices: Sequence[int] | np.ndarray) -> dict[str, Any]:
-        import torch
-
         idx = np.asarray(indices, dtype=np.int64)
         return {"input_ids": torch.from_numpy(self.input_ids[idx].astype(np.int64)),
                 "labels": torch.from_numpy(self.labels[idx].astype(np.int64)),

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+import torch
 
 from loopcoder.errors import LoopcoderError
 
@@ -182,8 +183,6 @@ class ShardDataset:
         return out
 
     def get(self, indices: Sequence[int] | np.ndarray) -> dict[str, Any]:
-        import torch
-
         return {"input_ids": torch.from_numpy(self.rows(indices))}
 
     def target_bytes(self, rows: np.ndarray) -> np.ndarray:
@@ -197,8 +196,6 @@ class ShardDataset:
 
         Bits per byte = (sum of next-token losses in nats over all rows) / ln 2 / (sum of target_bytes).
         """
-        import torch
-
         for idx in iter_sequential(len(self), batch_size, rank, world_size):
             rows = self.rows(idx)
             yield {"input_ids": torch.from_numpy(rows), "target_bytes": torch.from_numpy(self.target_bytes(rows))}

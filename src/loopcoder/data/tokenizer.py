@@ -24,8 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoTokenizer
 
-from loopcoder.checkpoint import atomic_write_text
+from loopcoder.atomic import atomic_write_text
 from loopcoder.errors import LoopcoderError
 
 PAD, BOS, EOS, IM_START, IM_END, FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX = (
@@ -98,8 +100,6 @@ def check_vocab_size(vocab_size: int) -> None:
 
 
 def _new_tokenizer() -> Any:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Digits(individual_digits=True),
@@ -111,8 +111,6 @@ def _new_tokenizer() -> Any:
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> Any:
     """Train byte-level BPE on `texts`; returns a `tokenizers.Tokenizer` with the fixed special ids."""
-    from tokenizers import AddedToken, Tokenizer, pre_tokenizers, trainers
-
     check_vocab_size(vocab_size)
     count = 0
 
@@ -167,8 +165,6 @@ def save_tokenizer(tok: Any, out_dir: str | os.PathLike, model_max_length: int |
 
 def load_raw_tokenizer(path: str | os.PathLike) -> Any:
     """The `tokenizers.Tokenizer` of a tokenizer directory (or of a data directory's `tokenizer/`)."""
-    from tokenizers import Tokenizer
-
     f = tokenizer_dir(path) / "tokenizer.json"
     try:
         tok = Tokenizer.from_file(str(f))
@@ -180,8 +176,6 @@ def load_raw_tokenizer(path: str | os.PathLike) -> Any:
 
 def load_tokenizer(path: str | os.PathLike) -> Any:
     """`AutoTokenizer.from_pretrained` of a tokenizer directory (or a data directory's `tokenizer/`), offline."""
-    from transformers import AutoTokenizer
-
     d = tokenizer_dir(path)
     try:
         tok = AutoTokenizer.from_pretrained(str(d), local_files_only=True)

@@ -153,39 +153,3 @@ def shares(values: Sequence[float]) -> list[float]:
     if not total > 0:
         return [math.nan] * len(values)
     return [float(v) / total for v in values]
-
-
-# ----------------------------------------------------------------------------- statistics
-# Two-sided 95 % Student t quantiles t_{0.975, df}, df = 1..30 (exact to 6 digits).
-_T975 = (12.706205, 4.302653, 3.182446, 2.776445, 2.570582, 2.446912, 2.364624, 2.306004, 2.262157,
-         2.228139, 2.200985, 2.178813, 2.160369, 2.144787, 2.131450, 2.119905, 2.109816, 2.100922,
-         2.093024, 2.085963, 2.079614, 2.073873, 2.068658, 2.063899, 2.059539, 2.055529, 2.051831,
-         2.048407, 2.045230, 2.042272)
-Z975 = 1.959963984540054
-
-
-def t_quantile_975(df: int) -> float:
-    """t_{0.975, df}: the table for df <= 30, the Cornish-Fisher expansion beyond (error < 1e-6)."""
-    if df < 1:
-        raise ValueError("df must be >= 1")
-    if df <= len(_T975):
-        return _T975[df - 1]
-    z, v = Z975, float(df)
-    return (z + (z**3 + z) / (4 * v) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * v**2)
-            + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * v**3)
-            + (79 * z**9 + 776 * z**7 + 1482 * z**5 - 1920 * z**3 - 945 * z) / (92160 * v**4))
-
-
-def mean_ci(values: Sequence[float] | np.ndarray) -> tuple[float, float, float, int]:
-    """Mean and 95 % Student t interval over the finite values: (mean, low, high, n). n = 0 gives NaNs;
-    n = 1 a mean with a NaN interval."""
-    x = np.asarray(values, dtype=np.float64).ravel()
-    x = x[np.isfinite(x)]
-    n = int(x.size)
-    if n == 0:
-        return math.nan, math.nan, math.nan, 0
-    mean = float(x.mean())
-    if n == 1:
-        return mean, math.nan, math.nan, 1
-    half = t_quantile_975(n - 1) * float(x.std(ddof=1)) / math.sqrt(n)
-    return mean, mean - half, mean + half, n

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import loopcoder
-from loopcoder.checkpoint import atomic_directory
+from loopcoder.atomic import atomic_directory
+from loopcoder.diagnostics.plots import write_plots
 from loopcoder.diagnostics.recommend import Recommendation, recommend
 from loopcoder.diagnostics.run import GROUPS, MEASURES, DiagnosticsResult, Stat
 from loopcoder.errors import LoopcoderError
@@ -140,8 +141,6 @@ def write_report(results: list[DiagnosticsResult], out_dir: str | os.PathLike,
     with atomic_directory(out) as tmp:
         plot_files: list[str] = []
         if plots:
-            from loopcoder.diagnostics.plots import write_plots
-
             plot_files = [f"{PLOTS_DIR}/{p.name}" for p in write_plots(results, tmp / PLOTS_DIR)]
         data = build_json(results, recommendation, per_sample=per_sample)
         data["plots"] = plot_files

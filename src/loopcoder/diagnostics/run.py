@@ -10,7 +10,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import sys
 import time
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
@@ -22,9 +21,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from loopcoder.diagnostics import measures as M
+from loopcoder.data.shards import ShardDataset
 from loopcoder.diagnostics.probe import GATE_BINS, LoopProbe
 from loopcoder.errors import LoopcoderError
+from loopcoder.progress import Progress
+from loopcoder.stats import mean_ci
 
 
 # ----------------------------------------------------------------------------- the measures
@@ -154,14 +155,14 @@ class DiagnosticsResult:
             if (why := self.not_applicable(key, r)) is not None:
                 out.append(Stat(na=why))
                 continue
-            mean, low, high, n = M.mean_ci(values[:, r - 1])
+            mean, low, high, n = mean_ci(values[:, r - 1])
             out.append(Stat(mean, low, high, n) if n else Stat(na="no finite values"))
         return out
 
     def paired_difference(self, key: str, loop: int) -> Stat:
         """value(loop) - value(loop - 1) per sample: mean and 95 % CI (paired over samples)."""
         v = self.values(key)
-        mean, low, high, n = M.mean_ci(v[:, loop - 1] - v[:, loop - 2])
+        mean, low, high, n = mean_ci(v[:, loop - 1] - v[:, loop - 2])
         return Stat(mean, low, high, n)
 
     def to_dict(self, per_sample: bool = True) -> dict[str, Any]:
@@ -221,25 +222,6 @@ def extra_loop(model: Any) -> Iterator[None]:
         cfg._attn_implementation = impl
 
 
-class Progress:
-    """Samples done, samples/s and ETA on stderr, at most every `every` seconds."""
-
-    def __init__(self, total: int, label: str, enabled: bool = True, every: float = 2.0) -> None:
-        self.total, self.label, self.enabled, self.every = total, label, enabled, every
-        self.start = self.last = time.monotonic()
-
-    def update(self, done: int, tokens: int, final: bool = False) -> None:
-        now = time.monotonic()
-        if not self.enabled or (not final and now - self.last < self.every):
-            return
-        self.last = now
-        rate = done / max(now - self.start, 1e-9)
-        eta = (self.total - done) / rate if rate > 0 else math.inf
-        eta_s = "-" if not math.isfinite(eta) else f"{int(eta // 60)}m{int(eta % 60):02d}s"
-        print(f"diagnose {self.label}: {done}/{self.total} samples, {tokens} tokens, {rate:.2f} samples/s, "
-              f"ETA {eta_s}", file=sys.stderr, flush=True)
-
-
 def diagnose(model: Any, sequences: Iterable[Sequence[int] | torch.Tensor], samples: int | None = None, *,
              name: str = "model", source: str = "", progress: bool = True) -> DiagnosticsResult:
     """Run every diagnostic of spec section 3 on up to `samples` token sequences (each one sample,
@@ -256,7 +238,7 @@ def diagnose(model: Any, sequences: Iterable[Sequence[int] | torch.Tensor], samp
         raise LoopcoderError("no samples to diagnose (every sequence was empty or shorter than 2 tokens)")
     rows: list[dict[str, np.ndarray]] = []
     tokens, t0 = 0, time.monotonic()
-    bar = Progress(len(seqs), name, enabled=progress)
+    bar = Progress(f"diagnose {name}", len(seqs), "samples", mode="lines" if progress else "off")
     for seq in seqs:
         ids = torch.as_tensor(seq, dtype=torch.long).reshape(1, -1)
         if ids.shape[1] < 2:
@@ -271,8 +253,8 @@ def diagnose(model: Any, sequences: Iterable[Sequence[int] | torch.Tensor], samp
             model.model(input_ids=ids)
         rows.append(probe.end())
         tokens += ids.shape[1]
-        bar.update(len(rows), tokens)
-    bar.update(len(rows), tokens, final=True)
+        bar.update(len(rows), info=f"{tokens} tokens")
+    bar.finish(f"{tokens} tokens")
     per_sample = {k: np.stack([row[k] for row in rows]) for k in rows[0]}
     counts = np.maximum(probe.head_cos_count, 1)[..., None, None]
     info = {"layers": cfg.num_hidden_layers, "heads": cfg.num_attention_heads,
@@ -373,8 +355,6 @@ def _data_dir_sequences(path: Path, seq_len: int, samples: int | None) -> list[t
     """The validation split of a `loopcoder data build` directory, through `loopcoder.data.shards`:
     its first rows in order, each cut to `seq_len` tokens. Rows are packed documents separated by
     end-of-text (no BOS), already tokenized with the data directory's tokenizer."""
-    from loopcoder.data.shards import ShardDataset  # raises LoopcoderError for a non-data directory
-
-    ds = ShardDataset(path, "validation")
+    ds = ShardDataset(path, "validation")  # raises LoopcoderError for a non-data directory
     n = len(ds) if samples is None else min(samples, len(ds))
     return [torch.from_numpy(ds.rows([i])[0, :seq_len]) for i in range(n)]

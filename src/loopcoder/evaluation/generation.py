@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import sys
-import time
 from typing import Any
 
 import torch
 
 from loopcoder.engine import Engine
+from loopcoder.errors import LoopcoderError
 from loopcoder.model import causal_lm_loss
+from loopcoder.progress import Progress
 from loopcoder.sampling import SamplingParams
 
 
@@ -26,8 +26,6 @@ def complete(engine: Engine, tokenizer: Any, prompts: list[str | list[dict[str, 
 
     A prompt too long for the model is not an error for a whole benchmark: it is skipped and says so.
     """
-    from loopcoder.errors import LoopcoderError
-
     results: list[dict[str, Any] | None] = [None] * len(prompts)
     reqs = {}
     for i, (prompt, sp) in enumerate(zip(prompts, params)):
@@ -36,8 +34,8 @@ def complete(engine: Engine, tokenizer: Any, prompts: list[str | list[dict[str, 
             reqs[engine.add_request(ids, sp).id] = i
         except LoopcoderError as e:
             results[i] = {"text": "", "tokens": 0, "finish_reason": "skipped", "skipped": str(e)}
-    total, done, start, last = len(reqs), 0, time.perf_counter(), 0.0
-    tokens = 0
+    done, tokens = 0, 0
+    meter = Progress(f"  {label}", len(reqs), "completions", amount_unit="tokens", mode="off" if quiet else "lines")
     while engine.has_work():
         for ev in engine.step():
             tokens += len(ev.token_ids)
@@ -46,13 +44,9 @@ def complete(engine: Engine, tokenizer: Any, prompts: list[str | list[dict[str, 
                 results[reqs[r.id]] = {"text": r.text, "tokens": len(r.output_ids), "finish_reason": r.finish_reason,
                                        "skipped": None}
                 done += 1
-        now = time.perf_counter()
-        if not quiet and (now - last > 2 or done == total):
-            el = now - start
-            eta = el / done * (total - done) if done else 0.0
-            print(f"  {label}: {done}/{total} completions, {tokens / max(el, 1e-9):.0f} tokens/s, eta {eta:.0f}s",
-                  file=sys.stderr, flush=True)
-            last = now
+        meter.update(done, tokens)
+    if reqs:
+        meter.finish()
     missing = [i for i, r in enumerate(results) if r is None]
     if missing:
         raise RuntimeError(f"no completion for prompts {missing[:5]}")

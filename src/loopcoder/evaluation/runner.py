@@ -10,8 +10,15 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import torch
+import transformers
+
+import loopcoder
+from loopcoder.atomic import atomic_write_text
+from loopcoder.engine import Engine
 from loopcoder.errors import LoopcoderError
 from loopcoder.evaluation.tasks import EvalSettings, bits_per_byte, run_humaneval, run_reasoning
+from loopcoder.runtime import load_for_inference
 
 TASKS = ("humaneval", "reasoning", "bpb")
 RESULTS_VERSION = 1
@@ -72,10 +79,6 @@ def load_results(path: Path, identity: dict[str, Any]) -> dict[str, Any] | None:
 def evaluate(model_dir: str, tasks: list[str], settings: EvalSettings, out: str, *, data_dir: str | None = None,
              allow_code_execution: bool = False, fresh: bool = False, device: str = "auto", dtype: str = "auto",
              prompt_style: str = "auto", tokenizer_dir: str | None = None, bpb_per_row: bool = False) -> dict[str, Any]:
-    from loopcoder.checkpoint import atomic_write_text
-    from loopcoder.engine import Engine
-    from loopcoder.runtime import load_for_inference
-
     if "humaneval" in tasks and not allow_code_execution:
         raise LoopcoderError("humaneval runs model-written code: pass --allow-code-execution to allow it "
                              "(it runs in the sandbox, see docs/sandbox.md)")
@@ -151,10 +154,5 @@ def summary_table(results: dict[str, Any]) -> str:
 
 
 def _versions() -> dict[str, str]:
-    import torch
-    import transformers
-
-    import loopcoder
-
     return {"loopcoder": loopcoder.__version__, "torch": torch.__version__,
             "transformers": transformers.__version__, "python": platform.python_version()}

@@ -6,11 +6,14 @@ file and prints the result as JSON. Nothing runs without the explicit opt-in.
 Each program gets a fresh interpreter (`python -I`) started in a new session, in a fresh temporary
 directory (removed afterwards), with a scrubbed environment. A small trusted launcher inside that
 interpreter sets the resource limits, enters new network/PID/IPC namespaces where the OS allows it,
-drops root to a fresh unprivileged uid (when started as root), sets no_new_privs, and starts the
-program under a small init that is PID 1 of the new namespace, so that when the program ends every
-process it started ends too. The parent enforces the wall clock (killing the whole process group)
-and caps stdout and stderr while reading them. `docs/sandbox.md` states what this does and does
-not protect against.
+and starts a small init that is PID 1 of the new namespace, so that when the program ends every
+process it started ends too. The init gives the run a private filesystem where the OS allows it (a
+mount namespace: one size-capped tmpfs for the working directory, /tmp, /var/tmp and /dev/shm, a
+fresh /proc, every other mount read-only; all of it gone with the run), drops root to a fresh
+unprivileged uid (when started as root) or the user namespace's capabilities (when not), sets
+no_new_privs, and starts the program. The parent enforces the wall clock (killing the whole process
+group) and caps stdout and stderr while reading them. `docs/sandbox.md` states what this does and
+does not protect against.
 
 A run passes only on positive evidence: the program ran to its last statement and exited with
 status 0. The evidence is a per-run nonce, sent down a pipe the program never needs to touch, that
@@ -61,6 +64,8 @@ _DRAIN_GRACE_S = 0.5
 # Tests switch this off to exercise what happens where the OS refuses new namespaces (for example
 # Docker's default seccomp profile): no network or PID isolation, and the report says so.
 _NAMESPACES = True
+# And this one only the private filesystem (mount namespace), as where the OS refuses just that.
+_PRIVATE_FILESYSTEM = True
 
 
 class CodeExecutionNotAllowedError(LoopcoderError):
@@ -82,7 +87,9 @@ class Limits:
     """Per-program limits. CPU, address space, file size and open files are rlimits of each process;
     processes is the rlimit on the run's tasks (threads included; the launcher, the init and the
     program take three), so memory in all is at most processes x address space. Wall clock and
-    output are enforced by the parent."""
+    output are enforced by the parent. tmp_bytes and tmp_files cap the run's private tmpfs, which
+    holds what it writes to its working directory, /tmp, /var/tmp and /dev/shm (in RAM); they apply
+    only where the run has a private filesystem (isolation_report says whether)."""
 
     cpu_seconds: int = 5
     wall_seconds: float = 10.0
@@ -91,6 +98,8 @@ class Limits:
     open_files: int = 128
     processes: int = 8
     output_bytes: int = 1 << 20  # per stream; a program writing more is killed (status output_limit)
+    tmp_bytes: int = 64 << 20
+    tmp_files: int = 1024
 
     def __post_init__(self) -> None:
         for name, value in asdict(self).items():
@@ -151,28 +160,58 @@ import json, os, sys
 
 CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = (
     0x00020000, 0x08000000, 0x10000000, 0x20000000, 0x40000000)
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = (
+    1, 2, 4, 8, 32, 4096, 16384, 1 << 18)
+MS_STRICTATIME, MNT_DETACH = 1 << 24, 2
+# Per-mount flags as /proc/self/mountinfo spells them. A read-only remount repeats them: inside a
+# user namespace, flags inherited from the host are locked and may not change.
+MOUNT_FLAGS = {"ro": MS_RDONLY, "nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC,
+               "nosymfollow": 256, "noatime": 1024, "nodiratime": 2048, "relatime": 4096}
+# The run's private temporary directories: where the program sees them, and their folder on the
+# run's tmpfs (the working directory is its "work" folder).
+PRIVATE_DIRS = (("/tmp", "tmp"), ("/var/tmp", "var-tmp"), ("/dev/shm", "shm"))
+_LIBC = []
 
 
-def _libc():
-    import ctypes
-    return ctypes, ctypes.CDLL(None, use_errno=True)
+def _call(name, *args):
+    # A libc call that raises OSError on failure, and ENOSYS where libc lacks it (not Linux).
+    if not _LIBC:
+        import ctypes
+        _LIBC.append((ctypes, ctypes.CDLL(None, use_errno=True)))
+    ctypes, libc = _LIBC[0]
+    function = getattr(libc, name, None)
+    if function is None:
+        raise OSError(38, "%s is not available on this system" % name)
+    if function(*args) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
 
 
 def _unshare(flags):
     if hasattr(os, "unshare"):
         os.unshare(flags)
-        return
-    ctypes, libc = _libc()
-    if libc.unshare(flags) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
+    else:
+        _call("unshare", flags)
+
+
+def _mount(source, target, fstype, flags, data=None):
+    import ctypes
+    text = [None if s is None else s.encode() for s in (source, target, fstype, data)]
+    try:
+        _call("mount", text[0], text[1], text[2], ctypes.c_ulong(flags), text[3])
+    except OSError as e:
+        raise OSError(e.errno, "%s: %s" % (target, e.strerror))
 
 
 def _no_new_privs():
-    ctypes, libc = _libc()
-    if libc.prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS: setuid binaries cannot raise privileges
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
+    _call("prctl", 38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS: setuid binaries cannot raise privileges
+
+
+def _drop_capabilities():
+    # capset(2) with everything empty: what a user namespace granted is gone for good.
+    import ctypes
+    header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this process
+    _call("capset", header, (ctypes.c_uint32 * 6)())
 
 
 def _write(path, text):
@@ -195,29 +234,34 @@ def _user_process_count(uid):
     return n
 
 
-def _setup(cfg):
-    import resource
+def _enter_namespaces(cfg):
+    # New network, PID and IPC namespaces (the mount namespace is the init's, below). Returns what was
+    # achieved and whether a user namespace was needed for it.
     info = {"ready": True, "network": "no", "pid_namespace": "no", "uid": os.getuid(), "no_new_privs": False}
-    uid = cfg["uid"]
     flags = CLONE_NEWNET | CLONE_NEWPID | CLONE_NEWIPC
-    userns = uid is None and os.getuid() != 0
+    userns = cfg["uid"] is None and os.getuid() != 0
     if userns:
         flags |= CLONE_NEWUSER  # unprivileged: a user namespace grants the right to make the others
+    outer_uid, outer_gid = os.getuid(), os.getgid()  # before unshare: then they read as the overflow id
     try:
         if not cfg["namespaces"]:
             raise OSError(0, "switched off by the caller")
         _unshare(flags)
-        info["network"] = info["pid_namespace"] = "yes"
-        if userns:
-            outer_uid, outer_gid = os.getuid(), os.getgid()
-            _write("/proc/self/setgroups", "deny")
-            _write("/proc/self/uid_map", "%d %d 1" % (outer_uid, outer_uid))
-            _write("/proc/self/gid_map", "%d %d 1" % (outer_gid, outer_gid))
     except OSError as e:
         info["network"] = info["pid_namespace"] = "no: new namespaces refused (%s)" % (e.strerror or e)
-        userns = False
+        return info, False
+    info["network"] = info["pid_namespace"] = "yes"
+    if userns:  # we are in the new namespaces now: a failure here is a setup error, not a fallback
+        _write("/proc/self/setgroups", "deny")
+        _write("/proc/self/uid_map", "%d %d 1" % (outer_uid, outer_uid))
+        _write("/proc/self/gid_map", "%d %d 1" % (outer_gid, outer_gid))
+    return info, userns
+
+
+def _set_limits(cfg, userns):
+    import resource
     rl = cfg["limits"]
-    if uid is not None or userns:
+    if cfg["uid"] is not None or userns:
         nproc = rl["processes"]
     else:
         # Same uid as the caller and no namespace: the count includes the caller's own processes.
@@ -231,18 +275,130 @@ def _setup(cfg):
         (resource.RLIMIT_CORE, 0, 0),
     ):
         resource.setrlimit(res, (soft, hard))
+
+
+def _drop_privileges(cfg, userns):
+    # Returns whether no_new_privs is set. Afterwards the process holds no capability anywhere.
     try:
         _no_new_privs()
-        info["no_new_privs"] = True
+        nnp = True
     except OSError:
-        pass
+        nnp = False
+    uid = cfg["uid"]
     if uid is not None:
         os.setgroups([])
         os.setgid(uid)
         os.setuid(uid)
-        info["uid"] = uid
+    elif userns:
+        _drop_capabilities()  # the user namespace gave us all of them (mounts included)
     os.umask(0o077)
-    return info
+    return nnp
+
+
+def _private_filesystem(cfg, pid_namespace):
+    # Give this process (the init) and its descendants their own view of the filesystem: one fresh
+    # tmpfs, capped, holds the working directory, /tmp, /var/tmp and /dev/shm; a fresh /proc shows
+    # only the run's processes; every other mount is read-only. All of it goes when the run ends.
+    # Returns the plain-words status; on a failure the host's view is kept, as without a namespace.
+    try:
+        _unshare(CLONE_NEWNS)
+        _mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing propagates to or from the host
+    except OSError as e:
+        return "no: mount namespace refused (%s)" % (e.strerror or e)
+    workdir = os.path.realpath(os.path.dirname(cfg["program"]))
+    with open(cfg["program"], "rb") as f:
+        source = f.read()
+    mounted = []
+    try:
+        _private_tmpfs(cfg, workdir, source, mounted)
+    except OSError as e:
+        for target in reversed(mounted):
+            try:
+                _call("umount2", target.encode(), MNT_DETACH)
+            except OSError:
+                pass
+        return "no: could not set up a private tmpfs (%s)" % (e.strerror or e)
+    missing = []
+    if not pid_namespace:
+        missing.append("/proc shows the host's processes (no PID namespace)")
+    else:
+        try:
+            _mount("proc", "/proc", "proc", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
+        except OSError as e:
+            missing.append("/proc shows the host's processes (a fresh /proc was refused: %s)" % e.strerror)
+    refused = _read_only_elsewhere(mounted + ["/proc"])
+    if refused:
+        more = " and %d more" % (len(refused) - 5) if len(refused) > 5 else ""
+        missing.append("still writable: " + ", ".join(refused[:5]) + more)
+    os.chdir(workdir)  # the new working directory, not the host's one under it
+    status = "partly: " + "; ".join(missing) if missing else "yes"
+    return status[:1000]  # the control pipe carries at most a few KiB
+
+
+def _private_tmpfs(cfg, workdir, source, mounted):
+    rl = cfg["limits"]
+    _mount("tmpfs", workdir, "tmpfs", MS_NOSUID | MS_NODEV,
+           "mode=0755,size=%d,nr_inodes=%d" % (rl["tmp_bytes"] + len(source) + 65536, rl["tmp_files"] + 64))
+    mounted.append(workdir)
+    base = os.open(workdir, os.O_RDONLY | os.O_DIRECTORY)  # the tmpfs root, reachable once covered
+    try:
+        root = "/proc/self/fd/%d/" % base
+        for _, name in PRIVATE_DIRS:
+            os.mkdir(root + name)
+            os.chmod(root + name, 0o1777)
+        os.mkdir(root + "work")
+        os.chmod(root + "work", 0o700)
+        done = []
+        for target, name in PRIVATE_DIRS:
+            real = os.path.realpath(target)
+            if os.path.isdir(real) and real not in done:  # /var/tmp may be a link to /tmp
+                _mount(root + name, real, None, MS_BIND)
+                mounted.append(real)
+                done.append(real)
+        if not os.path.isdir(workdir):
+            os.makedirs(workdir)  # it was under /tmp: make it again in the private one
+        _mount(root + "work", workdir, None, MS_BIND)
+        mounted.append(workdir)
+    finally:
+        os.close(base)
+    program = os.path.join(workdir, os.path.basename(cfg["program"]))
+    with open(program, "wb") as f:
+        f.write(source)
+    os.chmod(program, 0o644)
+    if cfg["uid"] is not None:
+        os.chown(workdir, cfg["uid"], cfg["uid"])
+    # The caps count from here: what is already used (the program's copy) does not take from them.
+    st = os.statvfs(workdir)
+    _mount(None, workdir, None, MS_REMOUNT | MS_NOSUID | MS_NODEV, "size=%d,nr_inodes=%d" % (
+        (st.f_blocks - st.f_bfree) * st.f_frsize + rl["tmp_bytes"], st.f_files - st.f_ffree + rl["tmp_files"]))
+
+
+def _read_only_elsewhere(ours):
+    # Remount every other mount read-only (per mount, in this namespace only). Returns the ones refused;
+    # mounts hidden under another one (not reachable by their path) are skipped.
+    refused, seen = [], set()
+    with open("/proc/self/mountinfo") as f:
+        lines = f.read().splitlines()
+    for line in lines:
+        fields = line.split(" ")
+        point = fields[4]
+        for code, char in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
+            point = point.replace(code, char)
+        if point in seen or any(point == p or point.startswith(p.rstrip("/") + "/") for p in ours):
+            continue
+        seen.add(point)
+        options = fields[5].split(",")
+        flags = MS_REMOUNT | MS_BIND | MS_RDONLY
+        for option in options:
+            flags |= MOUNT_FLAGS.get(option, 0)
+        if "noatime" not in options and "relatime" not in options:
+            flags |= MS_STRICTATIME
+        try:
+            _mount(None, point, None, flags)
+        except OSError as e:
+            if e.errno not in (2, 22):  # ENOENT, EINVAL: hidden under another mount
+                refused.append(point)
+    return refused
 
 
 def _run_program(cfg):
@@ -277,13 +433,34 @@ def _run_program(cfg):
     os.write(report_fd, os.read(nonce_fd, 256) + b"\n")
 
 
-def _init(cfg):
+def _fail(control_fd, e):
+    os.write(control_fd, (json.dumps({"setup_error": "%s: %s" % (type(e).__name__, e)}) + "\n").encode())
+    os._exit(70)
+
+
+def _init(cfg, info, userns, launcher_dropped):
     # PID 1 of the new namespace (when there is one): the kernel kills every process in it when this
-    # one exits, and signals from inside the namespace cannot kill it. The program runs as its child,
+    # one exits, and signals from inside the namespace cannot kill it. It sets up the private
+    # filesystem (a fresh /proc needs a process inside the PID namespace), drops its privileges,
+    # waits until the launcher has dropped its own, and only then starts the program, as its child:
     # an ordinary process (PID 1 would ignore SIGXCPU and friends).
     import signal
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     control_fd = cfg["control_fd"]
+    try:
+        if cfg["namespaces"] and cfg["private_filesystem"]:
+            info["filesystem"] = _private_filesystem(cfg, info["pid_namespace"] == "yes")
+        else:
+            info["filesystem"] = "no: switched off by the caller"
+        info["no_new_privs"] = _drop_privileges(cfg, userns)
+        if cfg["uid"] is not None:
+            info["uid"] = cfg["uid"]
+        if os.read(launcher_dropped, 1) != b"1":
+            raise RuntimeError("the launcher could not drop its privileges")
+        os.close(launcher_dropped)
+    except BaseException as e:
+        _fail(control_fd, e)
+    os.write(control_fd, (json.dumps(info) + "\n").encode())
     pid = os.fork()
     if pid == 0:
         os.close(control_fd)
@@ -308,17 +485,27 @@ def _main():
     cfg = json.loads(sys.argv[1])
     control_fd = cfg["control_fd"]
     try:
-        info = _setup(cfg)
+        info, userns = _enter_namespaces(cfg)
+        _set_limits(cfg, userns)
     except BaseException as e:
-        os.write(control_fd, (json.dumps({"setup_error": "%s: %s" % (type(e).__name__, e)}) + "\n").encode())
-        os._exit(70)
-    os.write(control_fd, (json.dumps(info) + "\n").encode())
+        _fail(control_fd, e)
+    dropped_r, dropped_w = os.pipe()
     init = os.fork()  # after unshare(CLONE_NEWPID) the first child is PID 1 of the new namespace
     if init == 0:
-        _init(cfg)
+        os.close(dropped_w)
+        _init(cfg, info, userns, dropped_r)
         return
+    os.close(dropped_r)
     for fd in (cfg["nonce_fd"], cfg["report_fd"], control_fd):
         os.close(fd)
+    # The launcher is one of the run's processes too (the process cap counts it): it drops its
+    # privileges like the init, which starts the program only once this is done.
+    try:
+        _drop_privileges(cfg, userns)
+        os.write(dropped_w, b"1")
+    except BaseException:
+        pass
+    os.close(dropped_w)
     os.waitpid(init, 0)
     os._exit(0)
 
@@ -337,6 +524,7 @@ class _Plan:
     python: str
     drop_root: bool
     isolation: dict[str, object]
+    launcher: bytes | None = None  # compiled by `python` (its bytecode format); None: run the source
 
 
 _plans: dict[str | None, _Plan] = {}
@@ -351,6 +539,27 @@ def _require_opt_in(allow_code_execution: bool) -> None:
 def _scrubbed_env(workdir: str) -> dict[str, str]:
     # Nothing from the caller's environment: API keys and tokens there must not reach the program.
     return {"PATH": _SAFE_PATH, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "HOME": workdir, "TMPDIR": workdir}
+
+
+def _compile_launcher(python: str) -> bytes | None:
+    """The launcher compiled once by the interpreter that runs it: compiling it costs each run a few
+    milliseconds of CPU otherwise. None if that fails (the runs then start from the source)."""
+    with tempfile.TemporaryDirectory(prefix="loopcoder-sandbox-") as d:
+        source, compiled = os.path.join(d, "launcher.py"), os.path.join(d, "launcher.pyc")
+        with open(source, "w", encoding="utf-8") as f:
+            f.write(_LAUNCHER)
+        command = "import py_compile, sys; py_compile.compile(sys.argv[1], sys.argv[2], doraise=True)"
+        try:
+            done = subprocess.run(
+                [python, "-I", "-B", "-c", command, source, compiled],
+                capture_output=True, env=_scrubbed_env(d), cwd=d, timeout=60,
+            )
+            if done.returncode == 0:
+                with open(compiled, "rb") as f:
+                    return f.read()
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    return None
 
 
 def _plan(python: str | None) -> _Plan:
@@ -370,9 +579,10 @@ def _plan(python: str | None) -> _Plan:
             if not (os.path.isfile(candidate) and os.access(candidate, os.X_OK)):
                 failures.append(f"{candidate}: not an executable file")
                 continue
-            probe = _execute(_PROBE_PROGRAM, Limits(wall_seconds=30.0), None, candidate, drop_root)
+            plan = _Plan(candidate, drop_root, {}, _compile_launcher(candidate))
+            probe = _execute(_PROBE_PROGRAM, Limits(wall_seconds=30.0), None, plan)
             if probe.passed:
-                _plans[python] = _Plan(candidate, drop_root, probe.isolation)
+                _plans[python] = _Plan(candidate, drop_root, probe.isolation, plan.launcher)
                 return _plans[python]
             detail = (probe.stderr.strip().splitlines() or [probe.reason])[-1]
             failures.append(f"{candidate}: {detail}")
@@ -401,6 +611,7 @@ def isolation_report(python: str | None = None) -> dict[str, str]:
         "pid namespace": str(iso.get("pid_namespace", "no")),
         "unprivileged uid": uid,
         "no_new_privs": "yes" if iso.get("no_new_privs") else "no",
+        "private filesystem": str(iso.get("filesystem", "no: unknown")),
     }
 
 
@@ -418,7 +629,7 @@ def run_program(
         raise LoopcoderError(f"a program must be Python source text (str), got {type(source).__name__}")
     limits = limits or Limits()
     plan = _plan(python)
-    return _execute(source, limits, stdin, plan.python, plan.drop_root)
+    return _execute(source, limits, stdin, plan)
 
 
 def run_many(
@@ -446,7 +657,7 @@ def run_many(
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sandbox")
     try:
         futures = {
-            pool.submit(_execute, source, limits, None, plan.python, plan.drop_root): i
+            pool.submit(_execute, source, limits, None, plan): i
             for i, source in enumerate(programs)
         }
         for done, future in enumerate(as_completed(futures), 1):
@@ -463,19 +674,19 @@ def run_many(
 # The parent side of one run.
 
 
-def _execute(
-    source: str, limits: Limits, stdin: str | bytes | None, python: str, drop_root: bool
-) -> ExecResult:
+def _execute(source: str, limits: Limits, stdin: str | bytes | None, plan: _Plan) -> ExecResult:
     start = time.monotonic()
     workdir = tempfile.mkdtemp(prefix="loopcoder-sandbox-")
     own: list[int] = []  # our pipe ends, closed in `finally`
     try:
-        uid = _UID_BASE + secrets.randbelow(_UID_SPAN) if drop_root else None
+        uid = _UID_BASE + secrets.randbelow(_UID_SPAN) if plan.drop_root else None
         program = os.path.join(workdir, "program.py")
-        launcher = os.path.join(workdir, ".launcher.py")  # a file, not -c: `ps` stays readable
-        for path, text in ((program, source), (launcher, _LAUNCHER)):
-            with open(path, "w", encoding="utf-8") as f:
-                f.write(text)
+        # A file, not -c: `ps` stays readable.
+        launcher = os.path.join(workdir, ".launcher.py" if plan.launcher is None else ".launcher.pyc")
+        launcher_bytes = _LAUNCHER.encode() if plan.launcher is None else plan.launcher
+        for path, data in ((program, source.encode()), (launcher, launcher_bytes)):
+            with open(path, "wb") as f:
+                f.write(data)
             os.chmod(path, 0o644)
         if uid is not None:
             os.chown(workdir, uid, uid)  # the program may write here, and nowhere it owns anything else
@@ -497,6 +708,7 @@ def _execute(
             "program": program,
             "uid": uid,
             "namespaces": _NAMESPACES,
+            "private_filesystem": _PRIVATE_FILESYSTEM,
             "nonce_fd": nonce_r,
             "report_fd": report_w,
             "control_fd": control_w,
@@ -506,11 +718,13 @@ def _execute(
                 "file_size_bytes": limits.file_size_bytes,
                 "open_files": limits.open_files,
                 "processes": limits.processes,
+                "tmp_bytes": limits.tmp_bytes,
+                "tmp_files": limits.tmp_files,
             },
         }
         try:
             proc = subprocess.Popen(
-                [python, "-I", "-B", launcher, json.dumps(config)],
+                [plan.python, "-I", "-B", launcher, json.dumps(config)],
                 stdin=stdin_file if stdin_file is not None else subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,

@@ -6,17 +6,24 @@ every chunk of finished problems, so an interrupted evaluation loses at most one
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from loopcoder.data import reasoning
+from loopcoder.data.shards import ShardDataset
+from loopcoder.data.shards import bits_per_byte as to_bpb
 from loopcoder.engine import Engine
+from loopcoder.evaluation import humaneval
 from loopcoder.evaluation.generation import answer_nll, complete
+from loopcoder.evaluation.passk import mean_pass_at_k
+from loopcoder.evaluation.sandbox import isolation_report
+from loopcoder.model import causal_lm_loss
 from loopcoder.runtime import chat_stop_ids
 from loopcoder.sampling import SamplingParams
+from loopcoder.stats import mean_ci, wilson_interval
 
 Save = Callable[[], None]
 
@@ -50,35 +57,9 @@ class EvalSettings:
                               seed=self.seed + sample, stop=stop, stop_token_ids=stop_token_ids)
 
 
-def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95 % Wilson score interval of a proportion (well behaved at 0 and n, unlike the normal one)."""
-    if n == 0:
-        return (float("nan"), float("nan"))
-    p = successes / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
-
-
-def mean_ci(values: list[float], z: float = 1.96) -> dict[str, float]:
-    """Mean with a normal-approximation 95 % interval (n is in the tens to hundreds here)."""
-    n = len(values)
-    if n == 0:
-        return {"mean": float("nan"), "ci95": [float("nan"), float("nan")], "n": 0}
-    m = sum(values) / n
-    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
-    half = z * sd / math.sqrt(n)
-    return {"mean": m, "ci95": [m - half, m + half], "n": n}
-
-
 # ----------------------------------------------------------------------------- HumanEval
 def run_humaneval(engine: Engine, tokenizer: Any, s: EvalSettings, done: dict[str, Any], save: Save,
                   allow_code_execution: bool) -> dict[str, Any]:
-    from loopcoder.evaluation import humaneval
-    from loopcoder.evaluation.passk import mean_pass_at_k
-    from loopcoder.evaluation.sandbox import isolation_report
-
     problems = humaneval.load_problems()[: s.humaneval_limit]
     chat = s.prompt_style == "chat"
     stops = [] if chat else list(humaneval.STOP_SEQUENCES)
@@ -127,8 +108,6 @@ def run_humaneval(engine: Engine, tokenizer: Any, s: EvalSettings, done: dict[st
 
 # ----------------------------------------------------------------------------- code reasoning
 def run_reasoning(engine: Engine, tokenizer: Any, s: EvalSettings, done: dict[str, Any], save: Save) -> dict[str, Any]:
-    from loopcoder.data import reasoning
-
     styles = [s.prompt_style] + [st for st in s.reasoning_styles if st != s.prompt_style]
     ids = chat_stop_ids(engine.eos_ids, tokenizer)
     by_style: dict[str, Any] = done.setdefault("styles", {})
@@ -164,7 +143,7 @@ def _accuracy(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Exact-match accuracy with its Wilson interval, and the mean answer NLL, of some reasoning rows."""
     k = sum(r["correct"] for r in rows)
     return {"accuracy": k / len(rows) if rows else float("nan"), "correct": k, "n": len(rows),
-            "ci95": list(wilson_interval(k, len(rows))), "answer_nll": mean_ci([r["answer_nll"] for r in rows])}
+            "ci95": list(wilson_interval(k, len(rows))), "answer_nll": _mean_ci_dict([r["answer_nll"] for r in rows])}
 
 
 # ----------------------------------------------------------------------------- bits per byte
@@ -173,10 +152,6 @@ def bits_per_byte(model: Any, data_dir: str, batch_size: int = 8, max_rows: int 
                   split: str = "validation", per_row: bool = False) -> dict[str, Any]:
     """Bits per UTF-8 byte of the model on a data directory's held-out split (every row, in order).
     With `per_row`, also each row's summed loss (nats) and byte count, for paired comparisons."""
-    from loopcoder.data.shards import ShardDataset
-    from loopcoder.data.shards import bits_per_byte as to_bpb
-    from loopcoder.model import causal_lm_loss
-
     ds = ShardDataset(data_dir, split)
     device = next(model.parameters()).device
     row_nll: list[float] = []
@@ -196,3 +171,8 @@ def bits_per_byte(model: Any, data_dir: str, batch_size: int = 8, max_rows: int 
     if per_row:
         out.update(row_nll=row_nll, row_bytes=row_bytes)
     return out
+
+
+def _mean_ci_dict(values: list[float]) -> dict[str, Any]:
+    mean, low, high, n = mean_ci(values)
+    return {"mean": mean, "ci95": [low, high], "n": n}

@@ -13,7 +13,9 @@ from typing import Any
 
 import uvicorn
 
+from loopcoder.engine import Engine
 from loopcoder.errors import LoopcoderError
+from loopcoder.runtime import load_for_inference
 from loopcoder.serving.app import ServerSettings, create_app
 from loopcoder.serving.limits import guarded_protocol
 from loopcoder.serving.scheduler import Scheduler
@@ -27,9 +29,6 @@ def load_app(model_dir: str, tokenizer_dir: str | None = None, *, device: str = 
              mode: str = "parallel", max_batch: int = 8, max_queue: int = 64, queue_timeout: float = 30.0,
              model_name: str | None = None, tool_parser: str = "hermes", **settings: Any) -> tuple[Any, Scheduler]:
     """(FastAPI app, its scheduler) serving the model in `model_dir`. `settings`: `ServerSettings` fields."""
-    from loopcoder.engine import Engine
-    from loopcoder.runtime import load_for_inference
-
     parser = get_tool_parser(tool_parser)
     model, tokenizer = load_for_inference(model_dir, tokenizer_dir, device, dtype)
     engine = Engine(model, tokenizer, max_batch=max_batch, mode=mode)

@@ -14,9 +14,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from loopcoder.checkpoint import atomic_write_text
+from loopcoder.atomic import atomic_write_text
 from loopcoder.diagnostics.report import markdown_table
-from loopcoder.study.stats import Difference, paired_difference, trend
+from loopcoder.stats import Difference, paired_difference, trend
 
 DIAG_ROWS = [("effective_rank", "erank"), ("step_size", "step δ"), ("update_cosine", "cos θ"),
              ("offset_cost", "Ω"), ("delta_p", "Δp (nats)"), ("attention_kl", "attn KL (nats)"),

@@ -27,8 +27,9 @@ from typing import Any
 
 import torch
 
-from loopcoder.checkpoint import atomic_directory, atomic_write_text
+from loopcoder.atomic import atomic_directory, atomic_write_text
 from loopcoder.errors import LoopcoderError
+from loopcoder.model import PLTForCausalLM
 
 CHECKPOINTS = "checkpoints"
 MARKER = "checkpoint.json"
@@ -139,8 +140,6 @@ def _out_of_space(error: BaseException, run_dir: str | Path, final: Path, needed
 def save_weights(model_config: Any, weights: dict[str, torch.Tensor], out: Path, max_shard_size: str) -> None:
     """`save_pretrained` of a model built on the meta device around the given (CPU) tensors: the released
     layout and class name, whatever wrapper (FSDP, DDP, compile) the training model has."""
-    from loopcoder.model import PLTForCausalLM
-
     with torch.device("meta"):
         shell = PLTForCausalLM(model_config)
     shell.load_state_dict(weights, assign=True, strict=False)

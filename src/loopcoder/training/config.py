@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from loopcoder.config import ModelShape
 from loopcoder.errors import LoopcoderError
 
 STAGES = ("pretrain", "sft")
@@ -30,32 +31,12 @@ class ConfigKeyError(LoopcoderError):
     """An unknown key, a value of the wrong type or an invalid combination of values."""
 
 
+# The model shape (pretraining; SFT takes the shape of its --init checkpoint): the `model.*` keys are the
+# fields of `loopcoder.config.ModelShape`, the one factory of `PLTConfig` that init and the benchmarks use too.
+ModelSection = ModelShape
+
+
 # ----------------------------------------------------------------------------- sections
-@dataclass
-class ModelSection:
-    """The model shape (pretraining; SFT takes the shape of its --init checkpoint). Short names for the
-    released `PLTConfig` fields, see `run.model_config`."""
-
-    loops: int = 1  # plt_num_loops, R
-    hidden_size: int = 128
-    layers: int = 4  # num_hidden_layers
-    heads: int = 4  # num_attention_heads
-    kv_heads: int | None = None  # num_key_value_heads (None: = heads)
-    head_dim: int | None = None  # None: hidden_size / heads
-    intermediate_size: int | None = None  # None: 8/3 hidden_size rounded up to a multiple of 32
-    window: int = 64  # plt_window_size[0], G-SWA's local window
-    architecture: str = "plt"  # loop_architecture: plt | vanilla
-    vocab_size: int | None = None  # None: the tokenizer's, rounded up to a multiple of 64
-    max_position_embeddings: int | None = None  # None: max(sequence length, 4096)
-    rope_theta: float = 10000.0
-    emb_scale: float | None = 0.707  # plt_emb_scale a
-    hidden_scale: float | None = 0.053  # plt_hidden_scale b
-    normalize_per_loop: bool = True
-    gate_from_hidden: bool = True  # plt_gate_use_hidden_states
-    tie_embeddings: bool = False
-    init_std: float = 0.02  # initializer_range
-
-
 @dataclass
 class DataSection:
     dir: str | None = None  # a data directory from `loopcoder data build` (shards, tokenizer, token bytes)

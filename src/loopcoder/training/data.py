@@ -15,8 +15,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from loopcoder.data.sft import IGNORE_INDEX
+from loopcoder.data.sft import IGNORE_INDEX, SFTDataset
 from loopcoder.data.shards import BatchReader, ShardDataset, read_index
+from loopcoder.data.tokenizer import load_tokenizer, token_byte_lengths
 from loopcoder.errors import LoopcoderError
 from loopcoder.training.config import TrainConfig
 
@@ -98,9 +99,6 @@ def pretrain_source(cfg: TrainConfig) -> BatchSource:
 
 def sft_source(cfg: TrainConfig, init_dir: Path) -> BatchSource:
     """Chat JSONL -> SFT rows with loss masks; the tokenizer is the data directory's, else the init model's."""
-    from loopcoder.data.sft import SFTDataset
-    from loopcoder.data.tokenizer import load_tokenizer, token_byte_lengths
-
     data_dir = Path(cfg.data.dir) if cfg.data.dir else None
     if data_dir is not None and (data_dir / "tokenizer" / "tokenizer.json").is_file():
         tok_dir = data_dir / "tokenizer"

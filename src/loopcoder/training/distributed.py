@@ -22,6 +22,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.nn.parallel import DistributedDataParallel
 
 from loopcoder.errors import LoopcoderError
 from loopcoder.training.config import TrainConfig
@@ -88,8 +96,6 @@ def wrap(model: nn.Module, cfg: TrainConfig, env: DistEnv, bf16: bool) -> nn.Mod
     """The model to call in training: FSDP2-sharded (in place), DDP-wrapped, or as it is."""
     how = strategy(cfg, env)
     if how == "fsdp":
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
         # bf16 weights in compute and all-gathers, fp32 master weights and gradient reduction.
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
             else MixedPrecisionPolicy()
@@ -98,8 +104,6 @@ def wrap(model: nn.Module, cfg: TrainConfig, env: DistEnv, bf16: bool) -> nn.Mod
         fully_shard(model, mp_policy=mp)
         return model
     if how == "ddp":
-        from torch.nn.parallel import DistributedDataParallel
-
         ids = [env.device.index] if env.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids)
     return model
@@ -108,8 +112,6 @@ def wrap(model: nn.Module, cfg: TrainConfig, env: DistEnv, bf16: bool) -> nn.Mod
 # ----------------------------------------------------------------------------- state dicts
 def full_model_state(module: nn.Module, env: DistEnv) -> dict[str, torch.Tensor]:
     """Consolidated weights on CPU (on rank 0; other ranks may get an empty dict). Collective."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
     if not env.distributed:
         return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
     return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -117,8 +119,6 @@ def full_model_state(module: nn.Module, env: DistEnv) -> dict[str, torch.Tensor]
 
 def full_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Optimizer state keyed by parameter name, unsharded, on CPU: loads at any world size. Collective."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
     return get_optimizer_state_dict(module, optimizer,
                                     options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
@@ -126,8 +126,6 @@ def full_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer) ->
 def load_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any],
                          env: DistEnv) -> None:
     """Load a name-keyed full optimizer state (each rank keeps its shard under FSDP)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
     set_optimizer_state_dict(module, optimizer, state, options=StateDictOptions(full_state_dict=env.distributed))
 
 

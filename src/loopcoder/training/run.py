@@ -16,10 +16,13 @@ from typing import Any
 
 import torch
 
-from loopcoder.checkpoint import atomic_write_text
+from loopcoder.atomic import atomic_write_text
+from loopcoder.checkpoint import load_model
 from loopcoder.config import PLTConfig
+from loopcoder.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from loopcoder.errors import LoopcoderError
-from loopcoder.runtime import apply_threads, pick_dtype
+from loopcoder.model import PLTForCausalLM
+from loopcoder.runtime import apply_threads, pick_dtype, quiet_libraries
 from loopcoder.training import checkpoints as ckpt
 from loopcoder.training import distributed as D
 from loopcoder.training.config import TrainConfig, load_config, parse_override, set_key
@@ -32,29 +35,11 @@ RESUME_FIXED = ("stage", "seed", "model", "data", "train.global_batch_size")
 
 
 def model_config(cfg: TrainConfig, vocab_size: int, seq_len: int) -> PLTConfig:
-    """The `PLTConfig` of `cfg.model` (short names -> released field names)."""
-    from loopcoder.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
-
-    m = cfg.model
-    heads = m.heads
-    inter = m.intermediate_size or -(-int(8 * m.hidden_size / 3) // 32) * 32
-    vocab = m.vocab_size or -(-vocab_size // 64) * 64
-    if vocab < vocab_size:
-        raise LoopcoderError(f"model.vocab_size={vocab} is smaller than the tokenizer's {vocab_size}")
-    return PLTConfig(vocab_size=vocab, hidden_size=m.hidden_size, intermediate_size=inter,
-                     num_hidden_layers=m.layers, num_attention_heads=heads, num_key_value_heads=m.kv_heads or heads,
-                     head_dim=m.head_dim or m.hidden_size // heads,
-                     max_position_embeddings=m.max_position_embeddings or max(seq_len, 4096),
-                     rope_theta=m.rope_theta, initializer_range=m.init_std, tie_word_embeddings=m.tie_embeddings,
-                     plt_num_loops=m.loops, plt_window_size=[m.window, 0], plt_emb_scale=m.emb_scale,
-                     plt_hidden_scale=m.hidden_scale, plt_normalize_per_loop=m.normalize_per_loop,
-                     plt_gate_use_hidden_states=m.gate_from_hidden, loop_architecture=m.architecture,
-                     pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID)
+    """The `PLTConfig` of `cfg.model` for a tokenizer of `vocab_size` tokens (our tokenizer's special ids)."""
+    return cfg.model.plt_config(vocab_size, seq_len, pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID)
 
 
 def _load_weights(path: Path) -> Any:
-    from loopcoder.checkpoint import load_model
-
     return load_model(path, dtype=torch.float32).train()
 
 
@@ -96,8 +81,6 @@ def _start_point(cfg: TrainConfig, env: D.DistEnv, resume: bool) -> Path | None:
 
 def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
     """Run (or, with `resume`, continue from the newest checkpoint in `cfg.out`) one training stage."""
-    from loopcoder.cli import quiet_libraries
-
     cfg.validate()
     quiet_libraries()  # transformers' per-save progress bars are noise in a training log
     env = D.setup(cfg)
@@ -122,8 +105,6 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
         if start is not None or init_dir is not None:
             model = _load_weights(start or init_dir)
         else:
-            from loopcoder.model import PLTForCausalLM
-
             model = PLTForCausalLM(model_config(cfg, source.vocab_size, source.seq_len))
         model.config._attn_implementation = cfg.train.attention  # not saved: each run chooses its own
         if model.config.vocab_size < source.vocab_size:

@@ -29,13 +29,14 @@ from torch import nn
 
 from loopcoder.data.sft import IGNORE_INDEX
 from loopcoder.errors import LoopcoderError
+from loopcoder.progress import Progress
 from loopcoder.runtime import pick_dtype
 from loopcoder.training import checkpoints as ckpt
 from loopcoder.training import distributed as D
 from loopcoder.training.config import TrainConfig
 from loopcoder.training.data import BatchSource
 from loopcoder.training.flops import mfu, peak_flops, train_flops_per_token
-from loopcoder.training.metrics import MetricsLogger, ProgressLine
+from loopcoder.training.metrics import MetricsLogger
 from loopcoder.training.optim import build_optimizer, build_scheduler
 
 STATE_FORMAT = 1
@@ -135,8 +136,9 @@ class Trainer:
             self._load_state(state)
             history = list(state.get("metrics", []))
         self.metrics = MetricsLogger(self.run_dir, env.is_main, cfg.logging.tensorboard, history, self.step)
-        self.progress = ProgressLine(cfg.train.steps, self.step, cfg.logging.progress, cfg.logging.progress_every_s,
-                                     enabled=env.is_main)
+        self.progress = Progress("train", cfg.train.steps, "steps", amount_unit="tokens", start=self.step,
+                                 mode=cfg.logging.progress if env.is_main else "off",
+                                 every_s=cfg.logging.progress_every_s)
         self.tokens_per_step = cfg.train.global_batch_size * source.seq_len
         self.flops_per_token = train_flops_per_token(self.model_config, source.seq_len)["total"]
         peak = cfg.logging.peak_flops
@@ -304,7 +306,8 @@ class Trainer:
         if util is not None:
             record["mfu"] = util
         self.metrics.log(record)
-        self.progress.update(self.step, loss, tps, f"MFU {util:.1%}" if util is not None else "", force=done)
+        info = f"loss {loss:.4f}" + (f", MFU {util:.1%}" if util is not None else "")
+        self.progress.update(self.step, self.tokens, rate=tps, info=info, force=done)
 
     def _log_validation(self) -> dict[str, Any] | None:
         t = time.perf_counter()
