@@ -6,7 +6,9 @@ How to keep this test passing when you write or change docs:
   language is not (`text` for output, directory layouts, formulas and diagrams; `yaml`, `json`, ...).
 - Each page runs in its own empty scratch directory, its blocks in page order, so a block may use what
   an earlier block of the page made (`data/stdlib`, `runs/r2`, ...). `loopcoder` and `python` are this
-  checkout's; `.venv`, `src` and `benchmarks` are links to this checkout's.
+  checkout's; `.venv`, `src` and `benchmarks` are links to this checkout's. `loopcoder` commands and
+  Python blocks run in a process forked from a warm one that has imported the package
+  (tests/support/warm_cli.py): the same `cli.main(argv)` as the console script, without 5 s of imports each.
 - HTML comments on the lines right before a block (GitHub does not show them) adjust how it runs:
     <!-- doc-test: skip REASON -->          do not run it; say why (it needs a GPU, it runs for minutes and
                                             a named test covers it, ...). Keep these few.
@@ -20,12 +22,12 @@ How to keep this test passing when you write or change docs:
     $DOCTEST_TINY    a YAML config: the `tiny` preset at test size (2 steps of a 32-wide model)
     $DOCTEST_PORT    a free port on 127.0.0.1
     $DOCTEST_MODELS  a command: `$DOCTEST_MODELS DATA MODEL...` builds the data directory DATA (small) and
-                     random tiny models with its tokenizer (R from a name like runs/r3), in one process
+                     random tiny models with its tokenizer (R from a name like runs/r3)
 - Inline `loopcoder ...` commands outside blocks are parsed: the command and every flag they name must
   exist (missing required arguments are fine: inline text often names one option; so are placeholders in
   capitals, `--vocab-size V`; a synopsis with `[...]` or `...` is not parsed).
 
-This test is slow (a minute or two: every `loopcoder` call starts Python and torch); `-k PAGE` runs one page.
+This test is slow (marked so); `-k PAGE` runs one page.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ import httpx
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+WARM = ROOT / "tests" / "support" / "warm_cli.py"
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 RUN = {"bash": "shell", "sh": "shell", "shell": "shell", "python": "python"}
 TINY_YAML = """base: tiny
@@ -102,15 +105,51 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def environment(scratch: Path) -> dict[str, str]:
+MODELS_SCRIPT = """#!/bin/bash
+# $DOCTEST_MODELS DATA MODEL...: a small data directory, then random tiny models with its tokenizer
+set -e
+data=$1; shift
+[ -f "$data/manifest.json" ] || loopcoder data build --source "$DOCTEST_CORPUS" --out "$data" \\
+    --vocab-size 1024 >/dev/null
+for model in "$@"; do
+    loops=2; case "$model" in *[1-4]) loops=${model: -1};; esac
+    loopcoder init --out "$model" --tokenizer "$data" --loops "$loops" --hidden-size 32 --layers 1 --heads 4 \\
+        --kv-heads 2 --window 8 --max-positions 1024 >/dev/null
+done
+"""
+
+
+@pytest.fixture(scope="module")
+def warm(tmp_path_factory):
+    """One warm `loopcoder` for every page (tests/support/warm_cli.py): a command costs a fork, not the
+    5 s of imports a fresh interpreter pays."""
+    sock = tmp_path_factory.mktemp("warm") / "cli.sock"
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, str(WARM), "serve", str(sock)], env=env)
+    deadline = time.monotonic() + 300
+    while not sock.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "the warm loopcoder did not start"
+        time.sleep(0.1)
+    yield sock
+    proc.terminate()
+    proc.wait(60)
+
+
+def environment(scratch: Path, sock: Path) -> dict[str, str]:
     (scratch / "doctest-tiny.yaml").write_text(TINY_YAML)
     for name, target in ((".venv", Path(sys.prefix)), ("src", ROOT / "src"), ("benchmarks", ROOT / "benchmarks")):
         (scratch / name).symlink_to(target)
+    bin_dir = scratch / ".bin"
+    bin_dir.mkdir()
+    (bin_dir / "loopcoder").write_text(f'#!/bin/sh\nexec {sys.executable} {WARM} run {sock} "$@"\n')
+    (bin_dir / "doctest-models").write_text(MODELS_SCRIPT)
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
     env = {k: v for k, v in os.environ.items() if not k.startswith("DOCTEST_")}
-    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}", OMP_NUM_THREADS="1",
-               PYTHONPATH=str(ROOT / "src"), DOCTEST_CORPUS=str(ROOT / "src" / "loopcoder"),
+    env.update(PATH=os.pathsep.join([str(bin_dir), str(Path(sys.executable).parent), env.get("PATH", "")]),
+               OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"), DOCTEST_CORPUS=str(ROOT / "src" / "loopcoder"),
                DOCTEST_TINY=str(scratch / "doctest-tiny.yaml"), DOCTEST_PORT=str(free_port()),
-               DOCTEST_MODELS=f"{sys.executable} {ROOT / 'tests' / 'support' / 'doc_models.py'}",
+               DOCTEST_MODELS=str(bin_dir / "doctest-models"), DOCTEST_SOCKET=str(sock),
                HF_HUB_OFFLINE="1", MPLBACKEND="Agg")
     return env
 
@@ -129,7 +168,7 @@ def run_code(block: Block, code: str, scratch: Path, env: dict[str, str], backgr
     if RUN[block.lang] == "python":
         script = scratch / f"block-{block.line}.py"
         script.write_text(code)
-        cmd = [sys.executable, str(script)]
+        cmd = [sys.executable, str(WARM), "script", env["DOCTEST_SOCKET"], str(script)]  # `python script`, warm
     else:
         cmd = ["bash", "-e", "-o", "pipefail", "-c", code]
     if background:
@@ -157,8 +196,8 @@ def wait_for_server(proc: subprocess.Popen, port: str, where: str) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("page", PAGES, ids=[p.name for p in PAGES])
-def test_the_blocks_of_a_page_run_as_written(page, tmp_path):
-    env = environment(tmp_path)
+def test_the_blocks_of_a_page_run_as_written(page, tmp_path, warm):
+    env = environment(tmp_path, warm)
     servers: list[subprocess.Popen] = []
     try:
         for block in blocks(page):

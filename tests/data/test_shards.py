@@ -101,6 +101,11 @@ def test_rerun_is_skipped_unless_forced_and_other_inputs_need_force_to_replace_i
         build(cfg, tmp_path / "d", log=io.StringIO())
     assert read_manifest(tmp_path / "d")["content_hash"] == m1["content_hash"]
     assert (tmp_path / "d" / "instructions").is_dir()
+    with pytest.raises(LoopcoderError, match="fewer than one sequence"):  # a forced rebuild that fails ...
+        build(data_config(src, seq_len=100_000, shard_tokens=1 << 20), tmp_path / "d", log=io.StringIO(),
+              force=True)
+    assert read_manifest(tmp_path / "d")["content_hash"] == m1["content_hash"]  # ... loses nothing
+    assert (tmp_path / "d" / "instructions").is_dir() and sorted(os.listdir(tmp_path)) == ["corpus", "d"]
     m4 = build(cfg, tmp_path / "d", log=io.StringIO(), overwrite=True)
     assert not m4["skipped"] and m4["content_hash"] != m1["content_hash"]
     assert read_manifest(tmp_path / "d")["content_hash"] == m4["content_hash"]
