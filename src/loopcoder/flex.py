@@ -28,8 +28,7 @@ def flex_attention(q, k, v, block_mask, enable_gqa: bool) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=16)
 def block_masks(seq_len: int, window: int | None, device: torch.device):
-    """(causal, window) BlockMasks over a fresh sequence whose keys are its queries."""
-    from loopcoder.model import Masks
+    """(causal, window) BlockMasks over a fresh sequence whose keys are its queries (window: None without one)."""
 
     def causal(b, h, q, kv):
         return q >= kv
@@ -39,4 +38,4 @@ def block_masks(seq_len: int, window: int | None, device: torch.device):
 
     make = functools.partial(_flex.create_block_mask, B=None, H=None, Q_LEN=seq_len, KV_LEN=seq_len,
                              device=device)
-    return Masks(make(causal), None if window is None else make(sliding))
+    return make(causal), None if window is None else make(sliding)

@@ -3,16 +3,22 @@
 A Llama-style decoder whose L layers run R times ("loops") with shared weights. Where the spec's
 pieces live:
 
-- CLP, the cross-loop position offset (1.1): `PLTModel.loop_input`. Loop r >= 2 reads
-  `a * E_t + b * P(r-1)_{t-1}`; position 0 has no predecessor.
-- G-SWA, shared-KV gated sliding-window attention (1.2): `PLTAttention.forward`. Loops >= 2 mix a
-  global branch over loop 1's K/V with a local branch over their own K/V in a window of w previous
-  tokens plus the token itself, through `PLTGate` (per head and token, zero-initialised).
-- The loop schedule over a sequence (training, prefill, cached loop-by-loop decoding):
-  `PLTModel.forward`, loop by loop, each loop through all layers.
-- The single-pass decode schedule (all R loops of a new token as R rows of one pass, the reason
-  PLT exists, 1.3): `loopcoder.engine`, built from the same blocks (`PLTAttention.project`,
-  `attend`, `PLTAttention.mix`).
+- CLP, the cross-loop position offset (1.1): `PLTModel.loop_input` (`a * E_t + b * P(r-1)_{t-1}`) and
+  `PLTModel.loop_predecessor` (which state is P(r-1)_{t-1}: the one-position shift; position 0 has
+  no predecessor). `PLTModel.loop_state` is P(r).
+- G-SWA, shared-KV gated sliding-window attention (1.2): `PLTAttention`. Loops >= 2 mix a global
+  branch over loop 1's K/V with a local branch over their own K/V in a window of w previous tokens
+  plus the token itself, through `PLTGate` (per head and token, zero-initialised). Both schedules
+  below use the same blocks: `project` (q/k/v, RoPE), `attend`, `mix` (the gate), `output`, and
+  `PLTDecoderLayer.residual_mlp`.
+- The two schedules of 1.3, side by side:
+  - `PLTModel.forward`: a chunk of positions, loop by loop, each loop through all layers (training,
+    prefill, `generate`'s cached decoding); K/V in a growing `PLTCache`.
+  - `PLTModel.decode_step`: one new token per sequence. With CLP's offset all R loops of the token go
+    through every layer together as R rows (single pass, the reason PLT exists), or one loop per pass
+    (`parallel=False`, the authors' vLLM schedule); without it (vanilla looped model, the
+    `plt_loop_offset=False` ablation) loop r needs loop r-1 of the same token: R dependent passes.
+    K/V in the engine's preallocated `SlotCache`, through its methods.
 - The vanilla looped transformer used as the efficiency baseline (`loop_architecture="vanilla"`):
   loop r reads loop r-1 at the same position and attends over its own full causal K/V; no gate.
 
@@ -35,17 +41,11 @@ from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from loopcoder.cache import PLTCache
+from loopcoder.cache import KV, PLTCache, SlotCache, SlotStep
 from loopcoder.config import PLTConfig
 from loopcoder.errors import check_loading_info
 from loopcoder.fastlinear import FastLinear, active, can_pack
-
-
-class KV(NamedTuple):
-    """Keys and values of one attention branch, (batch, kv_heads, positions, head_dim), after RoPE."""
-
-    k: torch.Tensor
-    v: torch.Tensor
+from loopcoder.flex import block_masks, flex_attention
 
 
 class Masks(NamedTuple):
@@ -119,8 +119,6 @@ def attend(q: torch.Tensor, kv: KV, mask: Any, impl: str = "sdpa") -> torch.Tens
         probs = attention_probs(q, kv.k, mask).to(q.dtype)
         return probs @ kv.v.repeat_interleave(q.shape[1] // kv.v.shape[1], dim=1)
     if impl == "flex_attention" and not isinstance(mask, torch.Tensor) and mask is not None:
-        from loopcoder.flex import flex_attention
-
         return flex_attention(q, kv.k, kv.v, block_mask=mask, enable_gqa=gqa)
     if gqa and isinstance(mask, torch.Tensor) and mask.shape[-2] == 1:
         # decoding: every query sees the same keys, so fold the heads sharing a kv head into the query
@@ -271,6 +269,35 @@ class PLTAttention(nn.Module):
             self._observe(loop, "local", q, own, masks.window, gate=g)
         return self.output(y), own
 
+    def decode(self, x: torch.Tensor, xn: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, loops: range,
+               step: SlotStep, cache: SlotCache) -> torch.Tensor:
+        """One new token per sequence, rows x (n, len(loops), hidden) for loops `loops` (0 = loop 1).
+
+        What `forward` does for one position, with the K/V in `cache`: the loop-1 row (or a vanilla loop's)
+        writes its K/V to the full store and loops >= 2 to their rings, first, so that every row sees
+        position t. Then every row attends causally over the full store (loop 1's K/V: the global branch
+        of G-SWA, in one call for all rows; a vanilla loop's own K/V), rows of loops >= 2 also over their
+        rings (the local branch, one call), and the gate mixes the two.
+        """
+        i = self.layer_idx
+        n, rows = x.shape[:2]
+        # q (n, H, rows, hd), K/V (n, kv_heads, rows, hd); gate logits (n, rows, H) from the same matmul when fused
+        q, new, gate_logits = self.project(xn, cos, sin)
+        ring = range(max(loops.start, 1), loops.stop) if self.plt_gate is not None else range(0)
+        g = rows - len(ring)  # rows before the first ring row: the loop-1 row, or one vanilla/R=1 loop
+        if g:
+            cache.write_full(i, loops.start, step, KV(new.k[:, :, :1], new.v[:, :, :1]))
+        if ring:
+            cache.write_ring(i, ring, step, KV(new.k[:, :, g:], new.v[:, :, g:]))
+        y = attend(q, cache.full_kv(i, loops.start, step), step.full_mask)
+        if ring:  # G-SWA's local branch over each loop's ring, then the gate
+            kv, mask = cache.ring_kv(i, ring, step)
+            q_local = q[:, :, g:].transpose(1, 2).flatten(0, 1).unsqueeze(2)  # (n * rings, H, 1, hd)
+            y_local = attend(q_local, kv, mask).reshape(n, len(ring), self.num_heads, -1).transpose(1, 2)
+            logits = None if gate_logits is None else gate_logits[:, g:]
+            y[:, :, g:] = self.mix(x[:, g:], q[:, :, g:], y[:, :, g:], y_local, logits)[0]
+        return self.output(y)
+
     def _observe(self, loop: int, branch: str, q, kv: KV, mask, gate=None) -> None:
         if self.probe is not None:
             dense = mask if isinstance(mask, torch.Tensor) or mask is None else None
@@ -290,9 +317,19 @@ class PLTDecoderLayer(GradientCheckpointingLayer):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, loop: int,
                 past: KV | None, shared: KV | None, masks: Masks) -> tuple:
+        """One loop over a chunk of positions (`PLTModel.forward`); returns (output, own K/V)."""
         attn, own = self.self_attn(x, self.input_layernorm(x), cos, sin, loop, past, shared, masks)
+        return self.residual_mlp(x, attn), own
+
+    def decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, loops: range, step: SlotStep,
+               cache: SlotCache) -> torch.Tensor:
+        """Loop rows of one new token per sequence (`PLTModel.decode_step`)."""
+        return self.residual_mlp(x, self.self_attn.decode(x, self.input_layernorm(x), cos, sin, loops, step, cache))
+
+    def residual_mlp(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """The rest of the block after attention: x + attn, then + mlp(norm(.))."""
         x = x + attn
-        return x + self.mlp(self.post_attention_layernorm(x)), own
+        return x + self.mlp(self.post_attention_layernorm(x))
 
 
 # ----------------------------------------------------------------------------- the model
@@ -337,20 +374,24 @@ class PLTModel(PLTPreTrainedModel):
         """P(r): what loop r hands to loop r+1, the shared final norm of h(r) when configured."""
         return self.norm(h) if self.config.plt_normalize_per_loop else h
 
-    def loop_input(self, emb: torch.Tensor, prev: torch.Tensor, first: torch.Tensor | None,
-                   positions: torch.Tensor) -> torch.Tensor:
-        """CLP input of loop r >= 2: B(r)_t = a * E_t + b * P(r-1)_{t-1}.
+    def loop_input(self, emb: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+        """CLP input of loop r >= 2: B(r)_t = a * E_t + b * P(r-1)_{t-1}, `pred` being P(r-1)_{t-1}."""
+        return self.config.emb_scale * emb + self.config.hidden_scale * pred
 
-        `prev` is P(r-1) over this chunk, `first` the saved P(r-1) of the position before the chunk
-        (None at the start of a sequence). Shifting by one position is the whole trick: loop r at t
-        needs loop r-1 only at t-1, so all loops of a new token can run at once when decoding.
+    def loop_predecessor(self, prev: torch.Tensor, first: torch.Tensor | None,
+                         positions: torch.Tensor | None) -> torch.Tensor:
+        """P(r-1)_{t-1} for every position t of a chunk: `prev` is P(r-1) over the chunk, `first` the saved
+        P(r-1) of the position before it (None at the start of a sequence).
+
+        Shifting by one position is the whole trick: loop r at t needs loop r-1 only at t-1, so all loops
+        of a new token can run at once when decoding (`decode_step`). Without the offset (the ablation,
+        `plt_loop_offset=False`) the predecessor is P(r-1)_t itself.
         """
-        if not self.config.plt_loop_offset:  # the CLP ablation: loop r-1 at the same position
-            return self.config.emb_scale * emb + self.config.hidden_scale * prev
+        if not self.config.plt_loop_offset:
+            return prev
         first = prev.new_zeros(prev[:, :1].shape) if first is None else first[:, None].to(prev.dtype)
         pred = torch.cat([first, prev[:, :-1]], dim=1)
-        pred = pred.masked_fill((positions <= 0)[..., None], 0.0)  # position 0 has no predecessor
-        return self.config.emb_scale * emb + self.config.hidden_scale * pred
+        return pred.masked_fill((positions <= 0)[..., None], 0.0)  # position 0 has no predecessor
 
     # -- the loop schedule -------------------------------------------------------------------------
     def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
@@ -375,7 +416,7 @@ class PLTModel(PLTPreTrainedModel):
             if r == 0:
                 x = emb
             elif plt:
-                x = self.loop_input(emb, self.loop_state(h), saved[r - 1], positions)
+                x = self.loop_input(emb, self.loop_predecessor(self.loop_state(h), saved[r - 1], positions))
             else:  # vanilla looped transformer: same position, previous loop
                 x = h
             for i, layer in enumerate(self.layers):
@@ -395,6 +436,49 @@ class PLTModel(PLTPreTrainedModel):
         if cache is not None:
             cache.advance(positions)
         return PLTModelOutput(h, cache, tuple(loop_states) if output_loop_states else None)
+
+    # -- the decode schedule (spec 1.3) ----------------------------------------------------------------
+    def decode_step(self, tokens: torch.Tensor, cache: SlotCache, step: SlotStep,
+                    parallel: bool = True) -> torch.Tensor:
+        """h(R) (n, hidden) of one new token per sequence: `tokens` (n,) at `step.positions`, in slots 0..n-1
+        of `cache` (opened by `cache.begin_step`; this closes it). Advances the cache by one position.
+
+        With CLP's offset (`config.single_pass`) every loop of the new token depends only on the previous
+        step, so its R loops form R rows: row 1 is E_t, row r is `a * E_t + b * P(r-1)_{t-1}` from the
+        saved state. `parallel`: all rows through every layer together, each weight read once for all
+        loops; else one loop per pass (the authors' vLLM schedule; the same numbers, R weight reads).
+        Without the offset (vanilla, or the ablation) loop r reads loop r-1 of the same token, so the
+        loops are R dependent passes.
+        """
+        cfg = self.config
+        R = cfg.plt_num_loops
+        emb = self.embed_tokens(tokens)[:, None]  # (n, 1, hidden)
+        cos, sin = rope_cos_sin(step.positions[:, None], cfg.head_dim, cfg.rope_theta, emb.dtype)
+        if cfg.single_pass:
+            x = emb if R == 1 else torch.cat([emb, self.loop_input(emb, cache.saved_states(step))], 1)
+            if parallel:
+                h = self._decode_layers(x, range(R), cos, sin, step, cache)
+            else:
+                h = torch.cat([self._decode_layers(x[:, r:r + 1], range(r, r + 1), cos, sin, step, cache)
+                               for r in range(R)], 1)
+            if R > 1:
+                cache.save_states(step, self.loop_state(h[:, :-1]))
+        else:  # loop r reads loop r-1 of the same token (as `forward` does): R dependent passes
+            h = self._decode_layers(emb, range(1), cos, sin, step, cache)
+            for r in range(1, R):
+                x = h if cfg.is_vanilla else self.loop_input(emb, self.loop_predecessor(self.loop_state(h), None, None))
+                h = self._decode_layers(x, range(r, r + 1), cos, sin, step, cache)
+        cache.end_step(step)
+        return h[:, -1]
+
+    def _decode_layers(self, x: torch.Tensor, loops: range, cos: torch.Tensor, sin: torch.Tensor, step: SlotStep,
+                       cache: SlotCache) -> torch.Tensor:
+        """Rows x (n, len(loops), hidden) of loops `loops` of the new tokens through every layer."""
+        n, rows = x.shape[:2]
+        cos, sin = cos.expand(n, rows, -1), sin.expand(n, rows, -1)
+        for layer in self.layers:
+            x = layer.decode(x, cos, sin, loops, step, cache)
+        return x
 
     def _positions(self, emb: torch.Tensor, attention_mask, position_ids, cache: PLTCache | None) -> torch.Tensor:
         """True positions (B, S) of the new tokens; -1 marks padding (attention_mask == 0), whatever
@@ -420,9 +504,7 @@ class PLTModel(PLTPreTrainedModel):
         if fresh and not padded:  # the common training case: keys are the queries
             # flex block masks, unless a probe needs the dense masks to compute attention probabilities
             if (cfg._attn_implementation or "sdpa") == "flex_attention" and self.loop_probe is None:
-                from loopcoder.flex import block_masks
-
-                return block_masks(positions.shape[1], w, positions.device)
+                return Masks(*block_masks(positions.shape[1], w, positions.device))
             window = None if w is None else position_mask(positions[:1], positions[:1], w)
             return Masks(None, window)
         kpos_global = positions if fresh else torch.cat([cache.global_positions, positions], 1)
@@ -491,6 +573,11 @@ class PLTForCausalLM(PLTPreTrainedModel, GenerationMixin):
             loss = causal_lm_loss(logits, labels)
         return PLTCausalLMOutput(loss=loss, logits=logits, cache=out.cache,
                                  loop_hidden_states=out.loop_hidden_states)
+
+    def decode_step(self, tokens: torch.Tensor, cache: SlotCache, step: SlotStep,
+                    parallel: bool = True) -> torch.Tensor:
+        """Next-token logits (n, vocab) of one new token per sequence; see `PLTModel.decode_step`."""
+        return self.logits(self.model.decode_step(tokens, cache, step, parallel))
 
     fast_head: FastLinear | None = None
 

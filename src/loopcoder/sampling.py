@@ -29,16 +29,15 @@ class SamplingParams:
         """Raise `LoopcoderError` naming the first invalid value."""
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise LoopcoderError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
-        # Sampling runs in float32: logits / temperature must not overflow, and top_p must not underflow to 0
-        # (then every token is dropped). Below these bounds a value cannot be sampled with as asked.
-        min_temperature, min_top_p = 1e-5, float(torch.finfo(torch.float32).tiny)
+        # Sampling divides by the temperature in float32, where a positive value below float32's smallest
+        # normal (1e-300, say) is 0. (A top_p that rounds to 0 is fine: the most likely token is kept.)
+        min_temperature = float(torch.finfo(torch.float32).tiny)
         if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
                 and (self.temperature == 0 or self.temperature >= min_temperature)):
-            raise LoopcoderError(f"temperature must be 0 (greedy) or a finite number >= {min_temperature:g}, "
-                                 f"got {self.temperature!r}")
-        if not (isinstance(self.top_p, (int, float)) and min_top_p <= self.top_p <= 1):
-            raise LoopcoderError(f"top_p must be in (0, 1] and at least {min_top_p:.3g} (smaller values are 0 in "
-                                 f"float32), got {self.top_p!r}")
+            raise LoopcoderError(f"temperature must be 0 (greedy) or a finite number >= {min_temperature:.3g} "
+                                 f"(smaller values are 0 in float32), got {self.temperature!r}")
+        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            raise LoopcoderError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise LoopcoderError(f"top_k must be an integer >= 0, got {self.top_k!r}")
         if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**64):
@@ -62,24 +61,51 @@ def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torc
 
 
 def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
-    """Temperature, then top-k, then nucleus (top-p) filtering of one row of logits, in fp32."""
-    logits = logits.float() / temperature
+    """Temperature, then top-k, then nucleus (top-p) filtering of one row of logits, in fp32.
+
+    The most likely token always survives: a top_p that rounds to 0 in fp32 (1e-300) keeps it alone, and
+    the logits are shifted to a maximum of 0 before the division, so a tiny temperature cannot overflow.
+    """
+    logits = logits.float()
+    logits = (logits - logits.max()) / temperature
     if 0 < top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) >= top_p  # keep the smallest prefix whose mass reaches top_p
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= top_p  # keep the smallest prefix whose mass reaches top_p
+        drop[0] = False
         logits = logits.masked_fill(drop.scatter(0, order, drop), float("-inf"))
     return logits
 
 
-def sample_next(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> torch.Tensor:
-    """One next token per row of `logits` (n, vocab), each row with its own params and generator."""
+def sample_next(logits: torch.Tensor, params: list[SamplingParams],
+                generators: list[torch.Generator]) -> tuple[list[int], dict[int, str]]:
+    """One next token per row of `logits` (n, vocab), each row with its own params and generator.
+
+    Returns the tokens and {row: why} for rows that cannot be sampled (their token is -1): logits that
+    are NaN, +inf, or all -inf. Such a row fails alone; the other rows are sampled as usual.
+    """
     out = logits.argmax(-1)
-    for i, p in enumerate(params):
-        if not p.greedy:
-            probs = filter_logits(logits[i], p.temperature, p.top_k, p.top_p).softmax(-1)
-            out[i] = torch.multinomial(probs, 1, generator=generators[i])[0]
-    return out
+    ok = torch.isfinite(logits.gather(-1, out[:, None])[:, 0])  # argmax finds a NaN or +inf if there is one
+    sampled = [i for i, p in enumerate(params) if not p.greedy]
+    errors: dict[int, str] = {}
+    if sampled:
+        finite = ok.tolist()
+        for i in sampled:
+            if not finite[i]:
+                continue
+            p = params[i]
+            try:
+                probs = filter_logits(logits[i], p.temperature, p.top_k, p.top_p).softmax(-1)
+                out[i] = torch.multinomial(probs, 1, generator=generators[i])[0]
+            except RuntimeError as e:  # should not happen with finite logits; if it does, it is this row's
+                errors[i] = f"sampling failed ({e})"
+    tokens = torch.where(ok, out, -1).tolist()
+    for i, t in enumerate(tokens):
+        if t < 0:
+            errors[i] = "the model's next-token logits are not finite (NaN or infinite)"
+        elif i in errors:
+            tokens[i] = -1
+    return tokens, errors

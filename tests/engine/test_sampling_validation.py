@@ -12,13 +12,12 @@ from loopcoder.sampling import SamplingParams, filter_logits
 
 
 @pytest.mark.parametrize(("field", "value"), [
-    ("top_p", 1e-300),  # 0 in float32: every token would be dropped
     ("top_p", 0.0),
     ("top_p", math.nan),
     ("top_p", 1.5),
     ("temperature", math.nan),
     ("temperature", math.inf),
-    ("temperature", 1e-300),  # logits / 1e-300 overflow float32
+    ("temperature", 1e-300),  # 0 in float32: the logits would be divided by zero
     ("temperature", -1.0),
     ("seed", 2**70),  # torch generators take 64 bits
     ("seed", -1),
@@ -30,11 +29,12 @@ def test_values_that_cannot_be_sampled_are_refused_by_name(field, value):
         SamplingParams(**{field: value}).validate()
 
 
-def test_the_smallest_accepted_values_sample_without_nan():
-    """What validate lets through, the sampler can do: the bounds are where float32 breaks, not guesses."""
+def test_the_extremes_it_accepts_sample_without_nan():
+    """What validate lets through, the sampler can do: the bound is where float32 breaks, not a guess."""
     logits = torch.randn(50, generator=torch.Generator().manual_seed(0)) * 30
-    for p in (SamplingParams(temperature=1e-5, top_p=1.0), SamplingParams(temperature=1.0, top_p=1.2e-38),
-              SamplingParams(temperature=1e-5, top_p=1.2e-38, top_k=3, seed=2**64 - 1)):
+    tiny = torch.finfo(torch.float32).tiny
+    for p in (SamplingParams(temperature=tiny, top_p=1.0), SamplingParams(temperature=1.0, top_p=1e-300),
+              SamplingParams(temperature=tiny, top_p=1e-300, top_k=3, seed=2**64 - 1)):
         p.validate()
         probs = filter_logits(logits, p.temperature, p.top_k, p.top_p).softmax(-1)
         assert torch.isfinite(probs).all() and probs.sum().item() == pytest.approx(1.0)

@@ -206,6 +206,38 @@ def test_a_failed_engine_step_fails_its_requests_with_500_and_serving_goes_on(li
     assert after["failed"] == before["failed"] + 1 and after["engine_thread_alive"]
 
 
+def text(streamer: Streamer) -> str:
+    return "".join(e["choices"][0]["text"] for e in streamer.events if isinstance(e, dict))
+
+
+def test_a_request_that_fails_in_the_shared_step_fails_alone(live, client):
+    """A request whose logits turn NaN mid-generation (its own failure) ends with 500 generation_failed,
+    streamed or not; a stream running beside it goes on to its end, token for token."""
+    live.engine.script = "a b c d e f g h"
+    body = dict(max_tokens=60, ignore_eos=True)
+    alone = Streamer(live.url, **body)
+    alone.run()
+    before = live.wait_idle()
+    for stream in (False, True):
+        beside = Streamer(live.url, **body)
+        beside.start()
+        live.wait_for(lambda h: h["running"] == 1)
+        r = httpx.post(live.url + "/v1/completions", json={"prompt": "POISON", "max_tokens": 20, "stream": stream},
+                       timeout=30)
+        if stream:
+            events = [json.loads(x[6:]) for x in r.text.splitlines() if x.startswith("data: {")]
+            assert r.status_code == 200 and events[-1]["error"]["code"] == "generation_failed"
+            assert "not finite" in events[-1]["error"]["message"] and r.text.endswith("data: [DONE]\n\n")
+        else:
+            assert r.status_code == 500 and r.json()["error"]["code"] == "generation_failed"
+        assert live.health()["running"] == 1, "the stream beside it ended first: nothing was tested"
+        beside.join(30)
+        assert text(beside) == text(alone) and len(text(alone)) > 20
+        assert beside.events[-2]["choices"][0]["finish_reason"] == "length" and beside.events[-1] == "[DONE]"
+    after = live.wait_idle()
+    assert after["failed"] == before["failed"] + 2 and after["engine_thread_alive"]
+
+
 # ---------------------------------------------------------------------------------------------- shutdown
 def test_shutdown_lets_in_flight_requests_finish_within_the_grace_period(loaded):
     app, scheduler, _ = scripted_app(*loaded, script="one two three four five six seven eight", delay=0.03)

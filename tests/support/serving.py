@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import httpx
+import torch
 
 from loopcoder.engine import Engine
 
@@ -91,15 +92,21 @@ class LiveServer:
 
 
 class ScriptedEngine(Engine):
-    """The real engine's bookkeeping (slots, stop strings, eos, max tokens, streaming text), but every
-    request's output is `script` (tokenised, then end-of-text, repeating), one token per step, `delay`
-    seconds per step. Records the prompts it received. A random model never writes a tool call; this does."""
+    """The real engine (queue, slots, sampling, stop strings, eos, max tokens, streaming text), but the
+    model is replaced: every request's output is `script` (tokenised, then end-of-text, repeating), one
+    token per step, `delay` seconds per step. It records the prompts it received. A random model never
+    writes a tool call; this does. A prompt containing `POISON` gets NaN logits from its second token on
+    (a failure that belongs to one request); `fail_next` makes the next decode step raise (one that
+    belongs to all of them, as an out-of-memory error would)."""
+
+    POISON = "POISON"
 
     def __init__(self, model, tokenizer, script: str = "hello", delay: float = 0.0, **kw) -> None:
         super().__init__(model, tokenizer, **kw)
         self.delay = delay
-        self.fail_next = False  # make the next step raise, as an out-of-memory error would
+        self.fail_next = False
         self.prompts: list[list[int]] = []
+        self.poisoned: set[str] = set()
         self.script = script
 
     @property
@@ -109,23 +116,30 @@ class ScriptedEngine(Engine):
     @script.setter
     def script(self, text: str) -> None:
         self._script = text
-        self._ids = [*self.tokenizer(text, add_special_tokens=False)["input_ids"], min(self.eos_ids)]
+        self._script_ids = [*self.tokenizer(text, add_special_tokens=False)["input_ids"], min(self.eos_ids)]
 
-    def step(self):
+    def _logits(self, req) -> torch.Tensor:
+        row = torch.full((self.config.vocab_size,), float("-inf"))
+        if req.id in self.poisoned and req.output_ids:
+            return row.fill_(float("nan"))
+        ids = self._script_ids
+        row[ids[len(req.output_ids) % len(ids)]] = 0.0
+        return row
+
+    def _prefill(self, req, prefilled):
+        self.prompts.append(req.prompt_ids)
+        if self.POISON in self.tokenizer.decode(req.prompt_ids):
+            self.poisoned.add(req.id)
+        return self._logits(req)
+
+    def _decode(self, reqs):
         if self.fail_next:
             self.fail_next = False
             raise RuntimeError("simulated failure")
-        events = []
-        while self.queue and len(self.active) < self.max_batch:
-            req = self.queue.popleft()
-            req.slot = len(self.active)
-            self.active.append(req)
-            self.prompts.append(req.prompt_ids)
-        ids = self._ids
-        for req in self.active:
-            if not req.finished:
-                self._append(req, ids[len(req.output_ids) % len(ids)], events)
-        self._release_finished()
+        return torch.stack([self._logits(r) for r in reqs])
+
+    def step(self):
+        events = super().step()
         if self.delay:
             time.sleep(self.delay)
         return events

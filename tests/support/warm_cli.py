@@ -30,7 +30,8 @@ def serve(path: str) -> None:
     from loopcoder.cli import COMMANDS, main
 
     for module, _ in COMMANDS.values():  # the commands' own imports too
-        __import__(module)
+        with contextlib.suppress(Exception):  # a missing optional extra: the command itself will say so
+            __import__(module)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
     listener.listen(64)
@@ -123,6 +124,7 @@ def call(path: str, kind: str, argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
+    sys.path.pop(0)  # this file's directory: its modules (support/packaging.py) would shadow installed ones
     if sys.argv[1] == "serve":
         serve(sys.argv[2])
     else:

@@ -131,18 +131,6 @@ def _step_cost(cfg: PLTConfig, mode: str, batch: int, context: int, dtype_bytes:
     return {"weight_bytes": weight_bytes, "kv_read_bytes": kv_read, "bytes": weight_bytes + kv_read, "flops": flops}
 
 
-def _fill(engine: Any, batch: int, context: int, gen: torch.Generator) -> None:
-    """Pretend `batch` sequences of `context` tokens were prefilled: random K/V and states."""
-    c = engine.cache
-    for t in (c.k, c.v, c.rk, c.rv, c.states):
-        if t.numel():
-            t.normal_(generator=gen if t.device.type == "cpu" else None)  # in place: caches can be GBs
-    w1 = c.ring_pos.shape[1]
-    pos = torch.arange(context - w1, context, device=c.ring_pos.device)
-    c.ring_pos[:batch, pos % w1] = pos
-    c.lengths[:batch] = context
-
-
 class EngineTimer:
     """One engine with its cache filled to `context` for `batch` sequences, timed a few steps at a time."""
 
@@ -155,7 +143,7 @@ class EngineTimer:
         else:
             self.engine = Engine(model, max_batch=batch, max_seq_len=context + s.steps_per_engine(), mode=mode,
                                  cuda_graphs=s.cuda_graphs and self.device.type == "cuda")
-            _fill(self.engine, batch, context, torch.Generator().manual_seed(s.seed))
+            self.engine.cache.fill_random(batch, context, torch.Generator().manual_seed(s.seed))
         self.tokens = torch.randint(0, model.config.vocab_size, (batch,), device=self.device)
         self.times: list[float] = []
         self.rounds: list[float] = []  # median of each round: rounds pair up across configurations

@@ -59,6 +59,8 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     out = engine.generate([ids], params, on_event=show if args.stream else None)[0]
     elapsed = time.perf_counter() - start
+    if out.error is not None:
+        raise LoopcoderError(f"generation failed: {out.error}")
     print("" if args.stream else out.text)
     n = len(out.token_ids)
     print(f"[{n} tokens in {elapsed:.2f}s, {n / max(elapsed, 1e-9):.1f} tokens/s, R={model.config.plt_num_loops}, "

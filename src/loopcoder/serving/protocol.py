@@ -15,7 +15,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 MAX_STOP = 32  # stop strings per request (OpenAI allows 4; editors often send more)
 MAX_STOP_CHARS = 256
-MIN_TOP_P = 1.1754943508222875e-38  # the smallest normal float32 (torch.finfo(torch.float32).tiny)
 
 
 class APIError(Exception):
@@ -72,14 +71,6 @@ class _SamplingRequest(_Strict):
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
-
-    @field_validator("top_p")
-    @classmethod
-    def _top_p_in_float32(cls, v: float) -> float:
-        """Sampling runs in float32, where a tiny top_p such as 1e-300 is 0 and would drop every token."""
-        if v < MIN_TOP_P:
-            raise ValueError(f"top_p must be at least {MIN_TOP_P:.3g} (smaller values are 0 in float32)")
-        return v
 
     @field_validator("stop")
     @classmethod

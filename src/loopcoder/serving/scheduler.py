@@ -6,6 +6,12 @@ batch at every step. Each ticket's updates go back through its `deliver` callbac
 an asyncio queue with `loop.call_soon_threadsafe`). With nothing to do the thread sleeps on a
 condition variable: no busy loop.
 
+The scheduler uses the engine's public API only (`add_request`, `abort`, `step`, `has_work`, and its load
+counters). Its inbox is the hand-over between threads, emptied before every step: requests wait for a
+slot in the engine's own queue. An engine event with an `error` (one request's prefill, logits or
+sampling failed) fails that request's ticket with 500 `generation_failed` and nobody else's; only a
+failed step (the decode every running sequence shares) fails every ticket in flight.
+
 Admission: at most `max_batch` requests run (the engine's slots), at most `max_queue` more wait;
 beyond that `submit` refuses with 429. A ticket not fully admitted within `queue_timeout` seconds
 fails with 503. After `begin_shutdown(grace)` nothing new is admitted; running and waiting requests
@@ -253,6 +259,9 @@ class Scheduler:
                 continue
             t, i = owner
             t.started.add(i)
+            if ev.error is not None:  # this request alone failed: its ticket ends, the others go on
+                self._end(t, APIError(500, f"generation failed: {ev.error}", code="generation_failed"), "failed")
+                continue
             self.counters["tokens"] += len(ev.token_ids)
             finish = None
             if ev.finished:
@@ -268,7 +277,7 @@ class Scheduler:
 
     def _publish(self) -> None:
         with self._cond:
-            self._running, self._waiting = len(self.engine.active), len(self.engine.queue)
+            self._running, self._waiting = self.engine.num_running, self.engine.num_waiting
 
     @staticmethod
     def _deliver(t: _Ticket, update: Update) -> None:
