@@ -5,6 +5,7 @@ and a broken optional dependency only affects its own command. A module provides
 `add_arguments(parser)` and `run(args) -> int` (or `PASSTHROUGH = True` and `run(argv) -> int` for a
 command that hands its arguments to another tool). Bad input raises `LoopcoderError` (or
 `ConfigError`): the CLI prints one line, `loopcoder <command>: error: ...`, and exits with status 2.
+So does an `OSError` (a full disk, a read-only or missing path), naming the file.
 """
 
 from __future__ import annotations
@@ -79,6 +80,10 @@ def run_command(name: str, fn, args: argparse.Namespace) -> int:
         return int(fn(args) or 0)
     except (LoopcoderError, ConfigError) as e:
         print(f"loopcoder {name}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the file system said no (disk full, permission, read-only): name the file
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"loopcoder {name}: error: {e.strerror or e}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"loopcoder {name}: interrupted", file=sys.stderr)

@@ -131,7 +131,7 @@ def test_released_7b_config_defaults():
 def test_cli_init_writes_a_loadable_model_and_errors_exit_2(tmp_path, capsys):
     out = tmp_path / "m"
     assert main(["init", "--out", str(out), "--loops", "3", "--hidden-size", "64", "--layers", "2", "--heads", "4",
-                 "--vocab-size", "128"]) == 0
+                 "--vocab-size", "300"]) == 0
     model = load_model(out)
     assert model.config.plt_num_loops == 3
     capsys.readouterr()

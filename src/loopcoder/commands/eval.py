@@ -9,12 +9,13 @@ from loopcoder.data.reasoning import parse_steps
 from loopcoder.errors import LoopcoderError
 from loopcoder.evaluation.runner import evaluate, parse_data, parse_tasks, summary_table
 from loopcoder.evaluation.tasks import EvalSettings
-from loopcoder.runtime import int_list
+from loopcoder.runtime import add_threads_argument, apply_threads, int_list
 from loopcoder.sampling import SamplingParams
+from loopcoder.training.checkpoints import resolve_model_dir
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="model directory")
+    p.add_argument("--model", required=True, help="model directory, or a run directory (its newest checkpoint)")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's)")
     p.add_argument("--tasks", default="humaneval,reasoning,bpb",
                    help="comma-separated: humaneval,reasoning,bpb and the file benchmarks humaneval+,mbpp+,"
@@ -47,6 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fresh", action="store_true", help="ignore an existing --out instead of resuming it")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
+    add_threads_argument(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -73,7 +75,9 @@ def run(args: argparse.Namespace) -> int:
                             reasoning_n=args.reasoning_n, reasoning_steps=steps,
                             reasoning_family=args.reasoning_family,
                             reasoning_styles=styles, bpb_rows=args.bpb_rows, workers=args.workers)
-    results = evaluate(args.model, tasks, settings, args.out, data_dir=data_dir, data_files=data_files,
+    model_dir = str(resolve_model_dir(args.model))
+    apply_threads(args.threads)
+    results = evaluate(model_dir, tasks, settings, args.out, data_dir=data_dir, data_files=data_files,
                        allow_code_execution=args.allow_code_execution, fresh=args.fresh, device=args.device,
                        dtype=args.dtype, prompt_style=args.prompt_style, tokenizer_dir=args.tokenizer)
     print(summary_table(results))

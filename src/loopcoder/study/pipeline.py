@@ -288,7 +288,8 @@ class Study:
                                                 lambda e: {"messages": reasoning.to_chat_messages(e)})
         built = work / "build"
         manifest = build(BuildConfig(corpus=CorpusSpec(sources=tuple(sources)), vocab_size=p.vocab_size,
-                                     seq_len=p.build_seq_len), built, log=self.log)
+                                     seq_len=p.build_seq_len), built, log=self.log,
+                         overwrite=True)  # the study's own directory: a rerun of this stage replaces it
         stats = write_instruction_set(built, max_tokens=p.instruction_max_tokens, log=self.log)
         return {"dir": str(built), **sft_files, "manifest": _small_manifest(manifest), "instructions": stats}
 
