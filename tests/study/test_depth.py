@@ -175,4 +175,4 @@ def test_findings_on_made_up_results():
     assert "PLT-3 is worse than PLT-2 beyond noise at k = 2, 3" in text
     # the twin differs from PLT-2 a lot in single seeds, in both directions: no claim either way
     assert "the offset's cost in accuracy is within noise" in text
-    assert "decodes all 2 loops in one pass, the twin in 2" in text
+    assert "decodes all 2 loops in one pass, the twin in 2 passes" in text

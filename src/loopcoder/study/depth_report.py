@@ -119,7 +119,7 @@ def findings(d: DepthData, diffs: dict[tuple[str, str], dict[Any, Difference]]) 
             lat = _latency_ratio(d, a, b)
             out.append(f"**PLT-{R} against its no-offset twin:** {cost} ({_points(f)} points over fresh items; "
                        f"{compare_in_words(f'PLT-{R}', f'PLT-{R} no offset', by_k(a, b))}). In exchange, PLT-{R} "
-                       f"decodes all {R} loops in one pass, the twin in {R}{lat}.")
+                       f"decodes all {R} loops in one pass, the twin in {R} passes{lat}.")
         a = f"vanilla{R}"
         if (a, b) in diffs:
             out.append(f"**PLT-{R} against vanilla-{R}:** {compare_in_words(f'PLT-{R}', f'vanilla-{R}', by_k(a, b))}; "
@@ -203,7 +203,8 @@ def depth_section(d: DepthData, out: Path) -> tuple[list[str], dict[str, Any]]:
         f"in context; an item `x a_1 … a_k{' =' if s.equals else ''}` asks for f_(a_k)(…f_(a_1)(x)), so each step "
         f"needs the previous one's result. Items of k = 1 are the permutation tables (all trained on); every item "
         f"of k ≥ 2 evaluated here was held out of training ({100 * s.eval_share:.0f} % of each k, by a fixed hash). "
-        f"Every model has {t.model.layers} layers of width {t.model.hidden_size} and is trained through the "
+        f"Every model has {t.model.layers} layer{'' if t.model.layers == 1 else 's'} of width {t.model.hidden_size} "
+        f"and is trained through the "
         f"training engine for {t.train.steps} steps of {t.train.global_batch_size} × {s.seq_len} tokens "
         f"(items of k = {min(s.train_lengths)}–{max(s.train_lengths)}, loss on answers only, peak LR "
         f"{t.optim.lr:g}), with seeds {', '.join(map(str, s.seeds))}: each seed fixes the initialisation, the "

@@ -110,7 +110,7 @@ def recommend_loops(d: StudyData, comps: dict[str, dict[str, Difference]]) -> tu
     diag = d.diag.get("recommendation", {})
     if diag:
         reasons.append(f"The paper's diagnostic rule (docs/diagnostics.md) recommends R={diag['loops']}: "
-                       + " ".join(diag.get("reasons", [])[:2]))
+                       + _rule_reasons(diag.get("reasons", [])[:2]))
     c1 = d.cost[d.loops[0]]["latency_ms"]
     lat = ", ".join(f"R={R} {d.cost[R]['latency_ms']['1'] / c1['1']:.2f}x" for R in d.loops)
     train = ", ".join(f"R={R} {d.pretrain[R]['train_s'] / d.pretrain[d.loops[0]]['train_s']:.2f}x" for R in d.loops)
@@ -351,8 +351,17 @@ def _diagnostics_section(d: StudyData) -> list[str]:
     lines += markdown_table(header, rows)
     rec = d.diag.get("recommendation", {})
     lines += ["", f"The diagnostic rule recommends **R = {rec.get('loops', '?')}**: "
-              + " ".join(rec.get("reasons", [])), "", "![scissors](diagnostics/plots/scissors.png)", ""]
+              + _rule_reasons(rec.get("reasons", [])), "", "![scissors](diagnostics/plots/scissors.png)", ""]
     return lines
+
+
+def _rule_reasons(reasons: list[str]) -> str:
+    """The rule's reasons (fragments, the first ending in a colon) as one sentence."""
+    if not reasons:
+        return ""
+    head, *rest = reasons
+    text = f"{head} {'; '.join(rest)}" if head.endswith(":") and rest else "; ".join(reasons)
+    return text.rstrip(".") + "."
 
 
 def _tokens(stats: dict[str, Any]) -> str:
