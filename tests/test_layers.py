@@ -24,7 +24,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("cache",),
     ("model", "loopcoder"),
     ("checkpoint",),  # loads, saves and initialises models
-    ("runtime", "sampling", "textstream"),  # devices, dtypes, loading for inference; sampling; detokenising
+    ("runtime", "sampling", "textstream", "constraints"),  # devices, dtypes, loading for inference; sampling;
+    # detokenising; grammar-constrained decoding
     ("engine",),
     ("data",),
     ("training",),

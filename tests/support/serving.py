@@ -166,16 +166,23 @@ def sse_events(response: httpx.Response) -> list:
     return out
 
 
-class UpperParser:
-    """A toy parser for the registry test: `CALL name` lines."""
+class CallLineParser:
+    """A toy parser for the registry and grammar tests: `CALL {"name": ..., "arguments": {...}}` lines. Its start
+    marker is plain text (Hermes' is a special token)."""
 
     start_marker = "CALL "
 
     def parse(self, text):
         from loopcoder.serving.tool_calls import ParsedOutput, ToolCall
 
-        calls = [ToolCall(line[5:], "{}") for line in text.splitlines() if line.startswith("CALL ")]
+        calls = []
+        for line in text.splitlines():
+            if line.startswith(self.start_marker):
+                body = json.loads(line[len(self.start_marker):])
+                calls.append(ToolCall(body["name"], json.dumps(body["arguments"])))
         return ParsedOutput(None if calls else text, calls)
 
-    def forced_prefix(self, name):
-        return "CALL " + (name or "")
+    def call_format(self):
+        from loopcoder.serving.tool_calls import CallFormat
+
+        return CallFormat(self.start_marker, "\n", separator="")
