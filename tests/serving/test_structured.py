@@ -35,8 +35,11 @@ PARAMS = {t["function"]["name"]: t["function"].get("parameters", {"type": "objec
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
-    app, scheduler = load_app(str(build_model_dir(tmp_path_factory.mktemp("model"))), max_batch=4, max_queue=16,
-                              queue_timeout=120, model_name="tiny", max_tokens=400)
+    # a long context: a tools prompt is ~900 tokens of this tokenizer, and parallel calls are as many as the model
+    # writes (a random one stops after ~3)
+    model = build_model_dir(tmp_path_factory.mktemp("model"), context=4096)
+    app, scheduler = load_app(str(model), max_batch=4, max_queue=16, queue_timeout=120, model_name="tiny",
+                              max_tokens=1000)
     with LiveServer(app, scheduler) as server:
         yield server
 

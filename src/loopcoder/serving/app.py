@@ -417,7 +417,7 @@ async def chat_completions(svc: Service, request: Request) -> Response:
             message: dict[str, Any] = {"role": "assistant", "content": parsed.content}
             if parsed.tool_calls:
                 message["tool_calls"] = [c.to_openai() for c in parsed.tool_calls]
-                reason = "tool_calls"
+                reason = "tool_calls" if reason == "stop" else reason  # a cut turn says so ("length")
             choices.append({"index": i, "message": message, "logprobs": None, "finish_reason": reason})
         return JSONResponse({**meta, "choices": choices,
                              "usage": _usage(len(ids), sum(k for _, k, _ in results))})
@@ -461,7 +461,7 @@ async def chat_completions(svc: Service, request: Request) -> Response:
                     yield chunk(u.index, {"content": rest.content})
                 for c in calls(u.index, rest.tool_calls):
                     yield c
-                if sent[u.index]:
+                if sent[u.index] and reason == "stop":  # a cut turn says so ("length")
                     reason = "tool_calls"
             yield chunk(u.index, {}, reason)
         if req.include_usage:
