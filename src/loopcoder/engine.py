@@ -7,8 +7,9 @@ What the engine does:
   new token in one pass with `mode="parallel"`, one pass per loop with `mode="sequential"`; vanilla
   looped models and the no-offset ablation always take R passes), on fixed shapes when asked, captured
   as a CUDA graph or compiled with `torch.compile`;
-- sampling, with each request's parameters and seeded generator, then stop tokens, lengths, and the
-  request's `TextStream` (detokenisation, stop strings, streaming);
+- sampling, with each request's parameters and seeded generator (a constrained request's logits masked first
+  by its grammar: `constraints.py`), then stop tokens, lengths, and the request's `TextStream`
+  (detokenisation, stop strings, streaming);
 - slots: running sequences stay packed in slots 0..n-1; a finished one leaves and the last moves in.
 
 The model is called in two places only, `_prefill` and `_decode` (a test double replaces them to script
@@ -31,6 +32,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from loopcoder.cache import PLTCache, SlotCache
+from loopcoder.constraints import GrammarCompiler, GrammarMatcher, mask_logits
 from loopcoder.errors import LoopcoderError
 from loopcoder.model import PLTForCausalLM
 from loopcoder.sampling import SamplingParams, make_generator, sample_next
@@ -52,8 +54,9 @@ class Request:
     generator: torch.Generator
     stream: TextStream
     stop_ids: frozenset[int]  # token ids that end the completion (not part of it)
+    grammar: GrammarMatcher | None = None  # a constrained request's parser (its end tokens also stop it)
     output_ids: list[int] = field(default_factory=list)
-    finish_reason: str | None = None  # "stop" (stop token or string), "length", "abort", "error"
+    finish_reason: str | None = None  # "stop" (stop token or string, grammar complete), "length", "abort", "error"
     error: str | None = None  # why the request failed (finish_reason "error")
     slot: int | None = None
     submitted: float = field(default_factory=time.perf_counter)
@@ -115,6 +118,8 @@ class Engine:
         self.cache = SlotCache(cfg, max_batch, self.max_seq_len, self.dtype, self.device)
         eos = cfg.eos_token_id if isinstance(cfg.eos_token_id, list) else [cfg.eos_token_id]
         self.eos_ids = {e for e in eos if e is not None}
+        # constrained decoding: grammars compiled once per constraint, shared by the requests that use it
+        self.grammars = GrammarCompiler(tokenizer, cfg.vocab_size) if tokenizer is not None else None
         if fuse:  # fused projections, oneDNN-prepacked on CPU: all loop rows for the price of ~one
             model.prepare_for_inference(pack=not compile)  # inductor prepacks weights itself
         # compiled steps and CUDA graphs want one shape: every slot, the full cache length
@@ -157,8 +162,15 @@ class Engine:
             raise LoopcoderError(f"token id {bad[0]} is outside the vocabulary (size {self.config.vocab_size})")
         stop_ids = frozenset() if params.ignore_eos else frozenset(
             self.eos_ids if params.stop_token_ids is None else params.stop_token_ids)
+        grammar = None
+        if params.constraint is not None:
+            if self.grammars is None:
+                raise LoopcoderError("constrained decoding needs the engine's tokenizer")
+            # where the grammar may end, the request's stop tokens (or the model's end-of-text) end it
+            grammar = self.grammars.matcher(params.constraint, stop_ids or self.eos_ids)
         req = Request(request_id or f"req-{next(self._ids)}", list(prompt_ids), params,
-                      make_generator(params.seed, self.device), TextStream(self.tokenizer, params.stop), stop_ids)
+                      make_generator(params.seed, self.device), TextStream(self.tokenizer, params.stop), stop_ids,
+                      grammar)
         self._queue.append(req)
         return req
 
@@ -245,7 +257,8 @@ class Engine:
                 self._fail(req, e, events)
                 continue
             self._active.append(req)
-            self._sample([req], logits[None], events)
+            # n samples of a prompt share its prefill logits: a grammar masks a copy
+            self._sample([req], logits[None] if req.grammar is None else logits[None].clone(), events)
 
     def _prefill(self, req: Request, prefilled: dict) -> torch.Tensor:
         """Prefill `req`'s prompt into its slot; the next-token logits (vocab,). `prefilled` holds this
@@ -293,9 +306,15 @@ class Engine:
 
     # ------------------------------------------------------------------ sampling and bookkeeping
     def _sample(self, reqs: list[Request], logits: torch.Tensor, events: list[Event]) -> None:
-        """Sample one token per request (row of `logits`) and append it. Per request: a row that cannot be
-        sampled, or a failure in its bookkeeping, fails that request only."""
+        """Sample one token per request (row of `logits`, masked in place where the request has a grammar) and
+        append it. Per request: a grammar that fails, a row that cannot be sampled, or a failure in its
+        bookkeeping, fails that request only."""
+        failed = mask_logits(logits, [r.grammar for r in reqs])
         tokens, errors = sample_next(logits, [r.params for r in reqs], [r.generator for r in reqs])
+        for i in errors:
+            if reqs[i].grammar is not None:
+                errors[i] += " among the tokens its grammar allows"
+        errors.update(failed)
         for i, (req, token) in enumerate(zip(reqs, tokens)):
             if i in errors:
                 self._fail(req, errors[i], events)
@@ -308,12 +327,14 @@ class Engine:
     def _append(self, req: Request, token: int, events: list[Event]) -> None:
         now = time.perf_counter()
         req.first_token_at = req.first_token_at or now
-        stop_token = token in req.stop_ids
+        stop_token = token in req.stop_ids or (req.grammar is not None and token in req.grammar.end_ids)
         if stop_token:
             req.finish_reason = "stop"
         else:
+            if req.grammar is not None:
+                req.grammar.accept(token)  # raises if the token left the grammar (the mask prevents it)
             req.output_ids.append(token)
-            if req.stream.push(token):
+            if req.stream.push(token) or (req.grammar is not None and req.grammar.done):
                 req.finish_reason = "stop"
             elif len(req.output_ids) >= req.params.max_new_tokens \
                     or len(req.prompt_ids) + len(req.output_ids) >= self.max_seq_len:
