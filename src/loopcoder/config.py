@@ -218,6 +218,7 @@ class ModelShape:
     intermediate_size: int | None = None  # None: `mlp_width(hidden_size)`, 8/3 hidden rounded up to 32
     window: int = 64  # plt_window_size[0], G-SWA's local window
     architecture: str = "plt"  # loop_architecture: plt | vanilla
+    loop_offset: bool = True  # plt_loop_offset: False is the ablation without CLP's one-position shift
     vocab_size: int | None = None  # None: the tokenizer's, rounded up to a multiple of 64
     max_position_embeddings: int | None = None  # None: max(sequence length, 4096)
     rope_theta: float = 10000.0
@@ -247,4 +248,5 @@ class ModelShape:
             plt_num_loops=self.loops, plt_window_size=[self.window, 0], plt_emb_scale=self.emb_scale,
             plt_hidden_scale=self.hidden_scale, plt_normalize_per_loop=self.normalize_per_loop,
             plt_gate_use_hidden_states=self.gate_from_hidden, loop_architecture=self.architecture,
-            pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id)
+            plt_loop_offset=self.loop_offset, pad_token_id=pad_token_id, bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id)

@@ -1,4 +1,5 @@
-"""The loop-count study end to end on a seconds-sized preset: every stage, the report, caching, resume."""
+"""The loop-count study end to end on a seconds-sized preset: every stage, the report, caching, resume.
+(The depth probe's own checks: test_depth.py.)"""
 
 from __future__ import annotations
 
@@ -12,30 +13,23 @@ from loopcoder.cli import main
 from loopcoder.errors import LoopcoderError
 from loopcoder.stats import paired_difference, trend
 from loopcoder.study import Study, get_preset
-from support.data import make_corpus
 
 pytestmark = pytest.mark.slow  # end-to-end: seconds each
-
-@pytest.fixture(scope="module")
-def study_run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("study")
-    corpus = make_corpus(tmp / "corpus")
-    preset = get_preset("smoke", source=str(corpus))
-    log = io.StringIO()
-    report = Study(preset, tmp / "study", log=log).run()
-    return preset, tmp / "study", report, log.getvalue()
-
 
 def test_every_stage_runs_and_the_report_has_every_section(study_run):
     preset, out, report, _log = study_run
     assert report == out / "report.md" and report.is_file()
     text = report.read_text()
-    for section in ("## Results per loop count", "## Code reasoning by number of dependent steps",
-                    "## Does each extra loop help? Paired comparisons", "## Is the effect of R monotonic?",
-                    "## What each loop count costs", "## Loop diagnostics, side by side", "## Recommendation"):
-        assert section in text, section
+    sections = ["## What a second loop buys: the depth probe", "### Gain against cost",
+                "### The loop diagnostics on the depth models", "## The code language model",
+                "### Results per loop count", "### Code reasoning by number of dependent steps",
+                "### Does each extra loop help? Paired comparisons", "### Is the effect of R monotonic?",
+                "### What each loop count costs", "### Loop diagnostics, side by side",
+                "### Recommendation for the code model", "## Files"]
+    at = [text.index(section) for section in sections]
+    assert at == sorted(at)  # the depth probe leads
     assert "R=2 vs R=1" in text and ("distinguishable from noise" in text or "within noise" in text)
-    for name in ("reasoning.png", "training.png", "cost.png"):
+    for name in ("depth.png", "reasoning.png", "training.png", "cost.png"):
         assert (out / "plots" / name).stat().st_size > 1000
     assert (out / "diagnostics" / "report.md").is_file()
     summary = json.loads((out / "summary.json").read_text())
@@ -43,8 +37,8 @@ def test_every_stage_runs_and_the_report_has_every_section(study_run):
     assert set(summary["comparisons"]) == {"R=2 vs R=1", "R=3 vs R=2"}
     for R in ("1", "2", "3"):
         row = summary["per_loop"][R]
-        assert row["pretrain"]["step"] == preset.pretrain["train.steps"]
-        assert row["sft"]["step"] == preset.sft["train.steps"]
+        assert row["pretrain"]["step"] == preset.pretrain.train.steps
+        assert row["sft"]["step"] == preset.sft.train.steps
         assert set(row["reasoning"]["by_steps"]) == {"1", "2"}
         assert row["cost"]["latency_ms"]["1"] > 0
 
@@ -85,6 +79,16 @@ def test_a_changed_setting_reruns_only_what_depends_on_it(study_run):
     text = log.getvalue()
     assert "cost-R1: settings changed, starting it over" in text
     assert "sft-R1: done earlier, skipped" in text and "eval-R1: done earlier, skipped" in text
+
+
+def test_study_does_not_import_benchmarks():
+    import subprocess
+    import sys
+
+    code = "import sys, loopcoder.study.pipeline, loopcoder.study.report, loopcoder.study.cost; " \
+           "print([m for m in sys.modules if m.startswith('loopcoder.bench')])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
 
 
 def test_paired_difference_and_trend():

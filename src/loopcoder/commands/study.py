@@ -1,4 +1,4 @@
-"""`loopcoder study`: pretrain, instruction-tune, evaluate and diagnose R = 1, 2, 3 and write one report."""
+"""`loopcoder study`: the depth probe and the code model at several loop counts, in one report."""
 
 from __future__ import annotations
 
@@ -12,10 +12,12 @@ from loopcoder.study import Study, get_preset
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default="tiny", help="tiny (minutes on a CPU: `make demo`) or small (one GPU, ~1 h)")
+    p.add_argument("--preset", default="tiny", help="tiny (minutes on a CPU: `make demo`), full (tiny plus the R = 3 "
+                   "controls and five seeds of the depth probe) or small (one GPU, ~1 h)")
     p.add_argument("--out", default="runs/study", help="study directory (re-running skips finished stages)")
     p.add_argument("--source", default=None, help="code corpus for `data build` (default: the stdlib sources)")
-    p.add_argument("--loops", type=int_list, default=None, help="loop counts to compare (R=1 always included)")
+    p.add_argument("--loops", type=int_list, default=None,
+                   help="the code model's loop counts (R=1 always included)")
     p.add_argument("--device", default=None, help="auto, cpu or cuda")
     add_threads_argument(p)
 

@@ -1,6 +1,11 @@
 """The loop-count study, stage by stage, each stage cached.
 
-    data -> pretrain R=1..  -> sft R=1..  -> eval R=1..  -> cost R=1..  -> diagnostics -> report
+    data -> [depth-MODEL-sSEED.., pretrain-R..] -> [sft-R..] -> depth-eval -> depth-cost -> depth-diagnostics
+         -> eval-R.. -> cost-R.. -> diagnostics -> report
+
+The training runs in brackets go through a pool of fresh processes, one per CPU with one thread each,
+the costliest first: the models are small, and two one-thread runs side by side use two cores better
+than one run with two threads (docs/study.md).
 
 Every stage writes `OUT/stages/NAME.json` when it finishes, with a key made of its settings and the
 keys of the stages it reads. A stage whose marker has the right key is skipped, so re-running a study
@@ -10,18 +15,35 @@ checkpoint and evaluation from its results file. A stage whose settings changed 
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
+import multiprocessing
 import shutil
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from loopcoder.atomic import atomic_write_text
+from loopcoder.checkpoint import load_model
+from loopcoder.data import reasoning
+from loopcoder.data.build import BuildConfig, build
+from loopcoder.data.corpus import CorpusSpec
+from loopcoder.data.instructions import write_instruction_set
+from loopcoder.diagnostics import diagnose, load_sequences, recommend, write_report
 from loopcoder.errors import LoopcoderError
+from loopcoder.evaluation.runner import evaluate
+from loopcoder.evaluation.tasks import EvalSettings
+from loopcoder.runtime import load_for_inference, pick_device
+from loopcoder.study import depth as D
+from loopcoder.study.cost import decode_latency
 from loopcoder.study.presets import StudyPreset
+from loopcoder.study.report import write_study_report
+from loopcoder.training import pretrain, sft
 
 
 def _key(*parts: Any) -> str:
@@ -44,6 +66,15 @@ class Study:
 
     def stage(self, name: str, key_parts: Any, fn: Callable[[], Any], workdir: Path | None = None) -> Any:
         """Run `fn` unless a finished marker with the same key exists; returns its (JSON) result."""
+        if self.cached(name, key_parts, workdir):
+            return self.results[name]
+        self.say(f"{name}: running")
+        t0 = time.perf_counter()
+        return self.record(name, fn(), time.perf_counter() - t0)
+
+    def cached(self, name: str, key_parts: Any, workdir: Path | None = None) -> bool:
+        """Whether stage `name` finished earlier with these settings (its result is then loaded). A
+        marker with other settings is removed, and with it the stage's `workdir`."""
         key = _key(key_parts)
         self.keys[name] = key
         marker = self.out / "stages" / f"{name}.json"
@@ -55,17 +86,17 @@ class Study:
             if saved.get("key") == key:
                 self.say(f"{name}: done earlier, skipped")
                 self.results[name] = saved["result"]
-                return saved["result"]
+                return True
             self.say(f"{name}: settings changed, starting it over")
             marker.unlink()
             if workdir is not None and workdir.exists():
                 shutil.rmtree(workdir)
-        self.say(f"{name}: running")
-        t0 = time.perf_counter()
-        result = fn()
-        seconds = time.perf_counter() - t0
-        atomic_write_text(marker, json.dumps({"key": key, "seconds": seconds, "result": result}, indent=1,
-                                             default=str) + "\n")
+        return False
+
+    def record(self, name: str, result: Any, seconds: float) -> Any:
+        marker = self.out / "stages" / f"{name}.json"
+        atomic_write_text(marker, json.dumps({"key": self.keys[name], "seconds": seconds, "result": result},
+                                             indent=1, default=str) + "\n")
         self.say(f"{name}: finished in {seconds / 60:.1f} min")
         self.results[name] = result
         return result
@@ -74,16 +105,151 @@ class Study:
     def run(self) -> Path:
         p = self.p
         self.out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.out / "preset.json", json.dumps(p.to_dict(), indent=1) + "\n")
-        data = self.stage("data", [p.source, p.vocab_size, p.build_seq_len, p.family, p.reasoning_steps,
-                                   p.pretrain_reasoning, p.sft_reasoning, p.instruction_max_tokens], self._data,
-                          self.out / "data")
+        atomic_write_text(self.out / "preset.json", json.dumps(p.to_dict(), indent=1, default=str) + "\n")
+        data = None
+        if p.loops:
+            data = self.stage("data", [p.source, p.vocab_size, p.build_seq_len, p.family, p.reasoning_steps,
+                                       p.pretrain_reasoning, p.sft_reasoning, p.instruction_max_tokens], self._data,
+                              self.out / "data")
+        self.parallel(self._depth_jobs() + (self._pretrain_jobs(data) if data else []))
+        if data:
+            self.parallel(self._sft_jobs(data))
+        if p.depth is not None:
+            self._depth_stages()
+        if data:
+            self._code_stages(data)
+        report = write_study_report(self)
+        self.say(f"report: {report}")
+        return report
+
+    def parallel(self, jobs: list[Job]) -> None:
+        """Run the jobs that have not finished yet, the costliest first, in a pool of fresh processes
+        (one at a time, in this process, with a pool of one)."""
+        todo = sorted((j for j in jobs if not self.cached(j.name, j.key_parts, j.workdir)), key=lambda j: -j.cost)
+        if not todo:
+            return
+        workers = min(self.p.pool_size(), len(todo))
+        self.say(f"training {len(todo)} runs, {workers} at a time: {', '.join(j.name for j in todo)}")
+        if workers == 1:
+            for j in todo:
+                result = j.fn(*j.args)
+                self.record(j.name, {**result, "pool_size": 1}, result["wall_s"])
+            return
+        ctx = multiprocessing.get_context("spawn")  # no forked torch state; the same on every OS
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+            names = {pool.submit(j.fn, *j.args): j.name for j in todo}
+            pending = set(names)
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    result = future.result()  # a failed run raises here, finished ones are kept
+                    # seconds: the run's own time, not its wait in the queue
+                    self.record(names[future], {**result, "pool_size": workers}, result["wall_s"])
+
+    # ------------------------------------------------------------------ the depth probe
+    def _depth_jobs(self) -> list[Job]:
+        s = self.p.depth
+        if s is None:
+            return []
+        jobs = []
+        for m in s.models:
+            for seed in s.seeds:
+                out = self.out / "runs" / "depth" / f"{m.key}-s{seed}"
+                cfg = s.train_config(m, seed, str(out), self.p.device)
+                parts = [D.task_of(s).to_dict(), cfg.to_dict(), s.seq_len, s.train_lengths, s.validation_rows]
+                args = (s, m, seed, str(out), self.p.device)
+                jobs.append(Job(f"depth-{m.key}-s{seed}", parts, out, D.train_run, args, _flops(cfg, s.seq_len)))
+        return jobs
+
+    def _depth_stages(self) -> None:
+        s = self.p.depth
+        train_keys = [self.keys[f"depth-{m.key}-s{seed}"] for m in s.models for seed in s.seeds]
+        task = D.task_of(s)
+        self.stage("depth-eval", [train_keys, task.to_dict(), s.eval_lengths, s.eval_items], self._depth_eval)
+        self.stage("depth-cost", [[self.keys[f"depth-{m.key}-s{s.seeds[0]}"] for m in s.models], s.decode_context,
+                                  s.decode_steps, s.decode_rounds], self._depth_cost)
+        self.stage("depth-diagnostics", [train_keys, s.diag_samples, s.seq_len], self._depth_diagnostics,
+                   self.out / "depth" / "diagnostics")
+
+    def _depth_eval(self) -> dict[str, Any]:
+        s = self.p.depth
+        task = D.task_of(s)
+        out = self.out / "depth" / "eval"
+        results = {}
+        for m in s.models:
+            for seed in s.seeds:
+                model = load_model(D.model_path(self.results, m, seed), device=_device(self.p.device))
+                path = out / f"{m.key}-s{seed}.json"
+                atomic_write_text(path, json.dumps(D.evaluate(model, task, s.eval_lengths, s.eval_items)) + "\n")
+                results[f"{m.key}-s{seed}"] = str(path)
+        return {"files": results, "task": task.to_dict()}
+
+    def _depth_cost(self) -> dict[str, Any]:
+        s = self.p.depth
+        models = {m.key: load_model(D.model_path(self.results, m, s.seeds[0]), device=_device(self.p.device))
+                  for m in s.models}
+        out = decode_latency(models, s.decode_context, 1, s.decode_steps, s.decode_rounds)
+        for key, model in models.items():
+            out[key]["kv_bytes_per_sequence"] = model.config.kv_cache_bytes(s.decode_context, 1, 4)
+            out[key]["params"] = sum(t.numel() for t in model.parameters())
+        return out
+
+    def _depth_diagnostics(self) -> dict[str, Any]:
+        s = self.p.depth
+        rows = D.diagnostic_rows(s)
+        per_seed: dict[str, Any] = {}
+        for seed in s.seeds:
+            results = {}
+            for m in s.models:
+                model = load_model(D.model_path(self.results, m, seed), device=_device(self.p.device))
+                results[m.key] = diagnose(model, rows, len(rows), name=m.name, source=str(
+                    D.model_path(self.results, m, seed)), progress=False)
+            plt_family = [results[m.key] for m in s.models if m.architecture == "plt" and m.loop_offset]
+            entry: dict[str, Any] = {"recommendation": recommend(plt_family).to_dict() if plt_family else None,
+                                     "verdicts": {}}
+            for m in s.models:  # each model's own verdict (loops worth it), controls included
+                if m.loops > 1:
+                    entry["verdicts"][m.key] = recommend([results[m.key]]).per_model[m.name]
+            if seed == s.seeds[0]:
+                report = write_report(list(results.values()), self.out / "depth" / "diagnostics",
+                                      recommend(plt_family) if plt_family else None, plots=True, per_sample=False)
+                entry["dir"] = str(report)
+            per_seed[str(seed)] = entry
+        return {"per_seed": per_seed}
+
+    # ------------------------------------------------------------------ the code language model
+    def _pretrain_jobs(self, data: dict[str, Any]) -> list[Job]:
+        p = self.p
+        jobs = []
         for R in p.loops:
-            self.stage(f"pretrain-R{R}", [self.keys["data"], p.train_preset, p.pretrain, R],
-                       lambda R=R: self._pretrain(R, data), self.out / "runs" / f"pretrain-R{R}")
+            out = self.out / "runs" / f"pretrain-R{R}"
+            cfg = copy.deepcopy(p.pretrain)
+            cfg.data = replace(cfg.data, dir=data["dir"])
+            cfg.model = replace(cfg.model, loops=R)
+            cfg.out = str(out)
+            jobs.append(Job(f"pretrain-R{R}", [self.keys["data"], p.pretrain.to_dict(), R], out, train_code_model,
+                            (self._on_device(cfg), None), _flops(cfg, cfg.data.seq_len or p.build_seq_len)))
+        return jobs
+
+    def _sft_jobs(self, data: dict[str, Any]) -> list[Job]:
+        p = self.p
+        instructions = Path(data["dir"]) / "instructions"
+        train = [str(instructions / "train.jsonl")] + ([data["sft_reasoning"]] if "sft_reasoning" in data else [])
+        validation = [data["sft_validation"]] if "sft_validation" in data else []
+        jobs = []
         for R in p.loops:
-            self.stage(f"sft-R{R}", [self.keys[f"pretrain-R{R}"], p.train_preset, p.sft],
-                       lambda R=R: self._sft(R, data), self.out / "runs" / f"sft-R{R}")
+            out = self.out / "runs" / f"sft-R{R}"
+            cfg = copy.deepcopy(p.sft)
+            cfg.data = replace(cfg.data, dir=data["dir"], sft_train=train, sft_validation=validation)
+            cfg.out = str(out)
+            init = self.results[f"pretrain-R{R}"]["final_checkpoint"]
+            cost = _flops(replace(cfg, model=replace(cfg.model, loops=R)), cfg.data.seq_len or p.build_seq_len)
+            jobs.append(Job(f"sft-R{R}", [self.keys[f"pretrain-R{R}"], p.sft.to_dict()], out, train_code_model,
+                            (self._on_device(cfg), init), cost))
+        return jobs
+
+    def _code_stages(self, data: dict[str, Any]) -> None:
+        p = self.p
         for R in p.loops:
             self.stage(f"eval-R{R}", [self.keys[f"sft-R{R}"], p.family, p.eval_reasoning_n, p.eval_steps,
                                       p.humaneval_limit, p.humaneval_max_new_tokens, p.bpb_rows],
@@ -93,107 +259,69 @@ class Study:
                        lambda R=R: self._cost(R))
         self.stage("diagnostics", [[self.keys[f"sft-R{R}"] for R in p.loops], p.diag_samples, p.diag_seq_len],
                    lambda: self._diagnostics(data))
-        from loopcoder.study.report import write_study_report
-
-        report = write_study_report(self)
-        self.say(f"report: {report}")
-        return report
 
     def model_dir(self, R: int) -> str:
         return self.results[f"sft-R{R}"]["final_checkpoint"]
 
     def _data(self) -> dict[str, Any]:
-        from loopcoder.data import reasoning
-        from loopcoder.data.build import BuildConfig, build
-        from loopcoder.data.corpus import CorpusSpec
-        from loopcoder.data.instructions import write_instruction_set
-
         p = self.p
         work = self.out / "data"
         work.mkdir(parents=True, exist_ok=True)
-        self.say(f"data: {p.pretrain_reasoning} {p.family} programs for pretraining, {p.sft_reasoning} for SFT")
-        def write(name: str, n: int, seed: int, record: Any, progress: bool = False) -> Path:
+
+        def write(name: str, n: int, seed: int, record: Any, progress: bool = False) -> str:
             examples = reasoning.generate_examples(n, p.reasoning_steps, seed=seed, split="train", family=p.family,
                                                    progress=progress)
             atomic_write_text(work / name, "".join(json.dumps(record(e)) + "\n" for e in examples))
-            return work / name
+            return str(work / name)
 
-        pre_file = write("reasoning-pretrain.jsonl", p.pretrain_reasoning, 1,
-                         lambda e: {"text": reasoning.to_text(e)}, progress=True)
-        chat_file = write("reasoning-sft.jsonl", p.sft_reasoning, 2,
-                          lambda e: {"messages": reasoning.to_chat_messages(e)})
-        # SFT validation: more train-split programs (the eval split stays unseen until evaluation)
-        val_file = write("reasoning-sft-validation.jsonl", max(20, p.sft_reasoning // 10), 3,
-                         lambda e: {"messages": reasoning.to_chat_messages(e)})
+        sources, sft_files = [p.source], {}
+        if p.pretrain_reasoning:
+            self.say(f"data: {p.pretrain_reasoning} {p.family} programs for pretraining")
+            sources.append(write("reasoning-pretrain.jsonl", p.pretrain_reasoning, 1,
+                                 lambda e: {"text": reasoning.to_text(e)}, progress=True))
+        if p.sft_reasoning:
+            self.say(f"data: {p.sft_reasoning} {p.family} programs for instruction tuning")
+            sft_files["sft_reasoning"] = write("reasoning-sft.jsonl", p.sft_reasoning, 2,
+                                               lambda e: {"messages": reasoning.to_chat_messages(e)})
+            # SFT validation: more train-split programs (the eval split stays unseen until evaluation)
+            sft_files["sft_validation"] = write("reasoning-sft-validation.jsonl", max(20, p.sft_reasoning // 10), 3,
+                                                lambda e: {"messages": reasoning.to_chat_messages(e)})
         built = work / "build"
-        manifest = build(BuildConfig(corpus=CorpusSpec(sources=(p.source, str(pre_file))),
-                                     vocab_size=p.vocab_size, seq_len=p.build_seq_len), built, log=self.log,
+        manifest = build(BuildConfig(corpus=CorpusSpec(sources=tuple(sources)), vocab_size=p.vocab_size,
+                                     seq_len=p.build_seq_len), built, log=self.log,
                          overwrite=True)  # the study's own directory: a rerun of this stage replaces it
         stats = write_instruction_set(built, max_tokens=p.instruction_max_tokens, log=self.log)
-        return {"dir": str(built), "sft_reasoning": str(chat_file), "sft_validation": str(val_file),
-                "manifest": _small_manifest(manifest),
-                "instructions": stats}
+        return {"dir": str(built), **sft_files, "manifest": _small_manifest(manifest), "instructions": stats}
 
-    def _pretrain(self, R: int, data: dict[str, Any]) -> dict[str, Any]:
-        from loopcoder.training import pretrain
-
-        out = self.out / "runs" / f"pretrain-R{R}"
-        overrides = {**self.p.pretrain, "data.dir": data["dir"], "model.loops": R, "out": str(out)}
+    def _on_device(self, cfg: Any) -> Any:
         if self.p.device != "auto":
-            overrides["train.device"] = self.p.device
-        r = pretrain(self.p.train_preset, overrides, resume=True)
-        return _train_result(r, out)
-
-    def _sft(self, R: int, data: dict[str, Any]) -> dict[str, Any]:
-        from loopcoder.training import sft
-
-        out = self.out / "runs" / f"sft-R{R}"
-        instructions = Path(data["dir"]) / "instructions"
-        overrides = {**self.p.sft, "data.dir": data["dir"], "out": str(out),
-                     "data.sft_train": [str(instructions / "train.jsonl"), data["sft_reasoning"]],
-                     "data.sft_validation": [data["sft_validation"]]}
-        if self.p.device != "auto":
-            overrides["train.device"] = self.p.device
-        r = sft(self.p.train_preset, init=self.results[f"pretrain-R{R}"]["final_checkpoint"], overrides=overrides,
-                resume=True)
-        return _train_result(r, out)
+            cfg.train = replace(cfg.train, device=self.p.device)
+        return cfg
 
     def _eval(self, R: int, data: dict[str, Any]) -> dict[str, Any]:
-        from loopcoder.evaluation.runner import evaluate
-        from loopcoder.evaluation.tasks import EvalSettings
-
         p = self.p
         settings = EvalSettings(batch_size=p.batch_size, humaneval_limit=p.humaneval_limit,
                                 humaneval_max_new_tokens=p.humaneval_max_new_tokens, reasoning_n=p.eval_reasoning_n,
                                 reasoning_steps=tuple(p.eval_steps), reasoning_family=p.family, bpb_rows=p.bpb_rows)
         out = self.out / "eval" / f"R{R}" / "results.json"
-        evaluate(self.model_dir(R), ["reasoning", "bpb", "humaneval"], settings, str(out),
+        tasks = ["reasoning", "bpb", "humaneval"] if p.reasoning else ["bpb", "humaneval"]
+        evaluate(self.model_dir(R), tasks, settings, str(out),
                  data_dir=data["dir"], allow_code_execution=True, device=p.device, bpb_per_row=True)
         return {"results": str(out)}
 
     def _cost(self, R: int) -> dict[str, Any]:
-        from loopcoder.bench.decode import DecodeBenchSettings, EngineTimer
-        from loopcoder.runtime import load_for_inference
-
         p = self.p
-        model, _ = load_for_inference(self.model_dir(R), device=p.device)
-        s = DecodeBenchSettings(steps=8, rounds=2, warmup=2)
         out: dict[str, Any] = {"context": p.decode_context, "latency_ms": {}, "kv_bytes": {}}
         for batch in p.decode_batches:
-            timer = EngineTimer(model, "parallel", batch, p.decode_context, s)
-            for _ in range(s.rounds):
-                timer.run(s.steps)
-            res = timer.result()
+            model = load_model(self.model_dir(R), device=_device(p.device))  # the engine fuses its weights
+            res = decode_latency({"model": model}, p.decode_context, batch, steps=8, rounds=2, threads=None)["model"]
             out["latency_ms"][str(batch)] = res["latency_s"] * 1e3
-            out["kv_bytes"][str(batch)] = res["kv_bytes"]
+            out["kv_bytes"][str(batch)] = model.config.kv_cache_bytes(p.decode_context, batch, 4)
         out["params"] = sum(t.numel() for t in model.parameters())
         out["kv_bytes_per_token_at_context"] = model.config.kv_cache_bytes(p.decode_context, 1, 2) / p.decode_context
         return out
 
     def _diagnostics(self, data: dict[str, Any]) -> dict[str, Any]:
-        from loopcoder.diagnostics import diagnose, load_sequences, recommend, write_report
-        from loopcoder.runtime import load_for_inference
-
         p = self.p
         # a data directory holds token ids: the same samples for every model, read once
         seqs = load_sequences(data["dir"], None, seq_len=p.diag_seq_len, samples=p.diag_samples)
@@ -204,6 +332,36 @@ class Study:
         rec = recommend(results)
         out = write_report(results, self.out / "diagnostics", rec, plots=True, per_sample=False)
         return {"dir": str(out), "recommendation": rec.to_dict()}
+
+
+@dataclass
+class Job:
+    """A training run for `Study.parallel`: a stage whose work is `fn(*args)` (module-level, so that a
+    pool process can run it), returning a JSON-able dict with its own "wall_s"."""
+
+    name: str
+    key_parts: Any
+    workdir: Path
+    fn: Callable[..., dict[str, Any]]
+    args: tuple
+    cost: float  # relative, to start the longest runs first
+
+
+def _flops(cfg: Any, seq_len: int) -> float:
+    """A run's training cost, up to a constant: tokens x loops x layers x width^2."""
+    m = cfg.model
+    return float(cfg.train.steps * cfg.train.global_batch_size * seq_len * m.loops * m.layers * m.hidden_size ** 2)
+
+
+def train_code_model(cfg: Any, init: str | None) -> dict[str, Any]:
+    """Pretrain (init None) or instruction-tune a code model, resuming an interrupted run; a pool job."""
+    t0 = time.perf_counter()
+    r = pretrain(cfg, resume=True) if init is None else sft(cfg, init=init, resume=True)
+    return {**_train_result(r, Path(cfg.out)), "wall_s": time.perf_counter() - t0}
+
+
+def _device(device: str) -> str:
+    return str(pick_device(device))
 
 
 def _small_manifest(manifest: dict[str, Any]) -> dict[str, Any]:

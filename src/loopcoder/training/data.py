@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from loopcoder.data.permutations import PermutationRows, PermutationTask
 from loopcoder.data.sft import IGNORE_INDEX, SFTDataset
 from loopcoder.data.shards import BatchReader, ShardDataset, read_index
 from loopcoder.data.tokenizer import load_tokenizer, token_byte_lengths
@@ -130,3 +131,13 @@ def sft_source(cfg: TrainConfig, init_dir: Path) -> BatchSource:
     val = SFTDataset.from_jsonl(val_files, tokenizer, seq_len, cfg.data.packing) if val_files else None
     token_bytes = token_byte_lengths(tokenizer.backend_tokenizer)
     return BatchSource(train, val, seq_len, token_bytes, tok_dir, len(tokenizer))
+
+
+def permutation_source(task: PermutationTask, rows: int, seq_len: int, lengths: tuple[int, ...], seed: int = 0,
+                       validation_rows: int = 0) -> BatchSource:
+    """The depth task's rows (`loopcoder.data.permutations`): `rows` training rows drawn from `seed`, and
+    `validation_rows` more from another seed (training-split items too: held-out items are for
+    evaluation only). Every token counts as one byte, so bits per byte is bits per answer."""
+    train = PermutationRows(task, rows, seq_len, lengths, seed=seed)
+    val = PermutationRows(task, validation_rows, seq_len, lengths, seed=seed + 1) if validation_rows else None
+    return BatchSource(train, val, seq_len, np.ones(task.vocab_size, dtype=np.int64), None, task.vocab_size)

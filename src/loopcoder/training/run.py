@@ -79,9 +79,13 @@ def _start_point(cfg: TrainConfig, env: D.DistEnv, resume: bool) -> Path | None:
     return Path(value) if value else None
 
 
-def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
-    """Run (or, with `resume`, continue from the newest checkpoint in `cfg.out`) one training stage."""
+def train(cfg: TrainConfig, resume: bool = False, source: BatchSource | None = None) -> TrainResult:
+    """Run (or, with `resume`, continue from the newest checkpoint in `cfg.out`) one training stage.
+    `source`: batches from elsewhere than the stage's own (`data.dir` shards or chat JSONL), e.g. a
+    synthetic task's rows (`permutation_source`); pretraining only."""
     cfg.validate()
+    if source is not None and cfg.stage != "pretrain":
+        raise LoopcoderError("a given batch source is for pretraining only (SFT reads chat JSONL)")
     quiet_libraries()  # transformers' per-save progress bars are noise in a training log
     env = D.setup(cfg)
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
@@ -100,7 +104,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
         init_dir = None
         if cfg.stage == "sft":  # a resumed SFT run starts from its own checkpoint, the init may be gone
             init_dir = start if start is not None else ckpt.resolve_model_dir(cfg.init)
-        source = pretrain_source(cfg) if cfg.stage == "pretrain" else sft_source(cfg, init_dir)
+        if source is None:
+            source = pretrain_source(cfg) if cfg.stage == "pretrain" else sft_source(cfg, init_dir)
         seed_everything(cfg.seed)
         if start is not None or init_dir is not None:
             model = _load_weights(start or init_dir)
@@ -176,10 +181,11 @@ def prepare(config: TrainConfig | str | dict[str, Any] | None, overrides: list[s
 
 
 def pretrain(config: TrainConfig | str | dict[str, Any] | None = None,
-             overrides: list[str] | dict[str, Any] | None = None, resume: bool = False) -> TrainResult:
-    """Pretrain from scratch on packed shards. `config`: a `TrainConfig`, a preset name, a YAML path or a
-    mapping of sections; `overrides`: ["model.loops=2", ...] or {"model.loops": 2}."""
-    return train(prepare(config, overrides, "pretrain"), resume)
+             overrides: list[str] | dict[str, Any] | None = None, resume: bool = False,
+             source: BatchSource | None = None) -> TrainResult:
+    """Pretrain from scratch on packed shards (or on `source`'s rows). `config`: a `TrainConfig`, a preset
+    name, a YAML path or a mapping of sections; `overrides`: ["model.loops=2", ...] or {"model.loops": 2}."""
+    return train(prepare(config, overrides, "pretrain"), resume, source)
 
 
 def sft(config: TrainConfig | str | dict[str, Any] | None = None, init: str | os.PathLike | None = None,
