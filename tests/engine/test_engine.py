@@ -117,7 +117,7 @@ def test_fused_projection_outputs_start_on_aligned_offsets():
 def test_kv_bytes_follow_the_formula():
     for arch, per_slot_entries in (("plt", 50 + 3 * 4), ("vanilla", 4 * 50)):
         model = tiny_model(dtype=torch.float32, plt_num_loops=4, loop_architecture=arch)
-        engine = Engine(model, max_batch=2, max_seq_len=50)
+        engine = Engine(model, max_batch=2, max_seq_len=50, paged=False)
         c = model.config
         assert engine.kv_bytes() == 2 * 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * 4 \
             * per_slot_entries
