@@ -3,18 +3,27 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# pyproject.toml declares compatible ranges; constraints.txt holds the exact versions we test with.
+EXTRAS := dev,lm-eval
 
-.PHONY: demo test lint install clean
+.PHONY: demo test lint install lock clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch first and pinned: the CPU build on disk; nothing later may pull a CUDA build.
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[$(EXTRAS)]"
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# After adding or changing a dependency in pyproject.toml: install it, then record the exact versions.
+lock: $(STAMP)
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[$(EXTRAS)]"
+	{ echo "# Exact versions loopcoder is tested with (make lock); pyproject.toml has the ranges."; \
+	  $(PY) -m pip freeze --exclude-editable | sed -e 's/+cpu$$//' | LC_ALL=C sort -f; } > constraints.txt
+	touch $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/loopcoder demo --out runs/study

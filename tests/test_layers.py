@@ -23,7 +23,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("fastlinear", "flex"),
     ("cache",),
     ("model", "loopcoder"),
-    ("checkpoint",),  # loads, saves and initialises models
+    ("checkpoint", "export"),  # loads, saves and initialises models; writes the remote-code layout
     ("runtime", "sampling", "textstream"),  # devices, dtypes, loading for inference; sampling; detokenising
     ("engine",),
     ("data",),

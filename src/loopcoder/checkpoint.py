@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from loopcoder.atomic import atomic_directory
 from loopcoder.config import ModelShape
@@ -48,10 +49,14 @@ def load_model(path: str | os.PathLike, dtype: Any = None, device: Any = None) -
         kwargs["dtype"] = dtype
     try:
         model = PLTForCausalLM.from_pretrained(str(p), **kwargs)
-    except (OSError, ValueError, RuntimeError) as e:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:  # e.g. a truncated or corrupted file
         if isinstance(e, LoopcoderError):
             raise
-        raise CheckpointError(f"cannot load {str(path)!r}: {str(e).splitlines()[0]}") from e
+        lines = str(e).strip().splitlines()
+        why = lines[0] if lines else type(e).__name__
+        if isinstance(e, SafetensorError):
+            why = f"a *.safetensors file is truncated or corrupted ({why})"
+        raise CheckpointError(f"cannot load {str(path)!r}: {why}") from e
     if device is not None:
         model = model.to(device)
     return model.eval()

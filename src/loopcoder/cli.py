@@ -2,8 +2,10 @@
 
 Each subcommand lives in its own module, imported only when it runs, so `loopcoder --help` is fast
 and a broken optional dependency only affects its own command. A module provides
-`add_arguments(parser)` and `run(args) -> int`. Bad input raises `LoopcoderError` (or
+`add_arguments(parser)` and `run(args) -> int` (or `PASSTHROUGH = True` and `run(argv) -> int` for a
+command that hands its arguments to another tool). Bad input raises `LoopcoderError` (or
 `ConfigError`): the CLI prints one line, `loopcoder <command>: error: ...`, and exits with status 2.
+So does an `OSError` (a full disk, a read-only or missing path), naming the file.
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "study": ("loopcoder.commands.study", "the loop-count study: train, tune, evaluate, diagnose R=1,2,3; report"),
     "diagnose": ("loopcoder.commands.diagnose", "per-loop diagnostics (spec 3), report, loop-count advice"),
     "init": ("loopcoder.commands.init", "write a randomly initialised PLT model directory"),
+    "export": ("loopcoder.commands.export", "add HF remote-code files: the model loads without loopcoder installed"),
     "data": ("loopcoder.commands.data", "build tokenizer and packed shards; write instruction and reasoning sets"),
     "eval": ("loopcoder.commands.eval", "HumanEval (sandboxed), code reasoning by difficulty, bits per byte"),
+    "lm-eval": ("loopcoder.commands.lm_eval", "lm-evaluation-harness with the loopcoder backend registered (its CLI)"),
     "generate": ("loopcoder.commands.generate", "complete a prompt with the parallel-loop decode engine"),
     "serve": ("loopcoder.commands.serve", "OpenAI-compatible HTTP server: completions, chat, tool calls, streaming"),
     "bench": ("loopcoder.commands.bench", "benchmarks: decode (and train, serve)"),
@@ -57,7 +61,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     name = argv[0]
     quiet_libraries()
-    module = importlib.import_module(COMMANDS[name][0])
+    try:
+        module = importlib.import_module(COMMANDS[name][0])
+    except LoopcoderError as e:  # an optional dependency of this command is missing: its import says which
+        print(f"loopcoder {name}: error: {e}", file=sys.stderr)
+        return 2
+    if getattr(module, "PASSTHROUGH", False):  # another tool's command line, handed over as it is
+        return run_command(name, module.run, argv[1:])
     parser = argparse.ArgumentParser(prog=f"loopcoder {name}", description=COMMANDS[name][1])
     module.add_arguments(parser)
     args = parser.parse_args(argv[1:])
@@ -70,6 +80,10 @@ def run_command(name: str, fn, args: argparse.Namespace) -> int:
         return int(fn(args) or 0)
     except (LoopcoderError, ConfigError) as e:
         print(f"loopcoder {name}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the file system said no (disk full, permission, read-only): name the file
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"loopcoder {name}: error: {e.strerror or e}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"loopcoder {name}: interrupted", file=sys.stderr)

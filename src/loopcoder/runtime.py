@@ -39,6 +39,36 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+def free_cpus() -> int:
+    """CPUs this process may use that the 1-minute load average does not show as busy (at least 1)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        busy = os.getloadavg()[0]
+    except OSError:  # no load average on this platform: assume an idle machine
+        busy = 0.0
+    return max(1, min(cpus, int(cpus - busy + 0.5)))
+
+
+def apply_threads(threads: int | None = None) -> int:
+    """Set torch's CPU threads and return the number: `threads`, else $OMP_NUM_THREADS if set, else
+    `free_cpus()`. torch's own default (every core) collapses when other processes share the cores:
+    its worker threads spin-wait for one another, and one of them is always waiting for a CPU."""
+    if threads is None:
+        env = os.environ.get("OMP_NUM_THREADS", "")
+        threads = int(env) if env.isdigit() and int(env) > 0 else free_cpus()
+    if threads < 1:
+        raise LoopcoderError(f"--threads must be >= 1, got {threads}")
+    torch.set_num_threads(threads)
+    return threads
+
+
+def add_threads_argument(parser: Any) -> None:
+    """The `--threads N` option of every command that computes (applied with `apply_threads`)."""
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="CPU threads for torch (default: $OMP_NUM_THREADS, else the cores the load average "
+                             "shows free, at least 1; see docs/benchmarks.md)")
+
+
 def load_tokenizer(path: str | os.PathLike, required: bool = True) -> Any:
     """The tokenizer saved with a model (or a tokenizer directory), loaded offline."""
     p = Path(path)
@@ -51,12 +81,28 @@ def load_tokenizer(path: str | os.PathLike, required: bool = True) -> Any:
     return AutoTokenizer.from_pretrained(str(p), local_files_only=True)
 
 
+def check_vocab(model_vocab: int, tokenizer_vocab: int, where: str) -> None:
+    """Refuse a tokenizer that does not belong to the model. The model's vocabulary may be padded
+    beyond the tokenizer's (training rounds it up to a multiple of 64; released models pad too), but a
+    smaller one cannot embed every token, and a much larger one means another model's tokenizer, whose
+    ids the model would map to the wrong tokens."""
+    gap = model_vocab - tokenizer_vocab
+    if gap < 0:
+        raise LoopcoderError(f"{where}: the model's vocabulary ({model_vocab}) is smaller than its tokenizer's "
+                             f"({tokenizer_vocab}); pass the tokenizer it was trained with (--tokenizer DIR)")
+    if gap >= 128 and gap > tokenizer_vocab // 8:
+        raise LoopcoderError(f"{where}: the model's vocabulary ({model_vocab}) does not match its tokenizer's "
+                             f"({tokenizer_vocab}), more than padding explains; pass the tokenizer it was trained "
+                             "with (--tokenizer DIR)")
+
+
 def load_for_inference(model_dir: str, tokenizer_dir: str | None = None, device: str = "auto",
                        dtype: str = "auto") -> tuple[Any, Any]:
     """(model, tokenizer) ready for decoding: strict checkpoint load, eval mode, on the device."""
     dev = pick_device(device)
     model = load_model(model_dir, dtype=pick_dtype(dtype, dev), device=dev)
     tokenizer = load_tokenizer(tokenizer_dir or model_dir)
+    check_vocab(model.config.vocab_size, len(tokenizer), str(tokenizer_dir or model_dir))
     return model, tokenizer
 
 

@@ -29,15 +29,19 @@ class SamplingParams:
         """Raise `LoopcoderError` naming the first invalid value."""
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise LoopcoderError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        # Sampling divides by the temperature in float32, where a positive value below float32's smallest
+        # normal (1e-300, say) is 0. (A top_p that rounds to 0 is fine: the most likely token is kept.)
+        min_temperature = float(torch.finfo(torch.float32).tiny)
         if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
-                and self.temperature >= 0):
-            raise LoopcoderError(f"temperature must be a number >= 0, got {self.temperature!r}")
+                and (self.temperature == 0 or self.temperature >= min_temperature)):
+            raise LoopcoderError(f"temperature must be 0 (greedy) or a finite number >= {min_temperature:.3g} "
+                                 f"(smaller values are 0 in float32), got {self.temperature!r}")
         if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
             raise LoopcoderError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise LoopcoderError(f"top_k must be an integer >= 0, got {self.top_k!r}")
-        if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
-            raise LoopcoderError(f"seed must be an integer >= 0, got {self.seed!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**64):
+            raise LoopcoderError(f"seed must be an integer in [0, 2**64), got {self.seed!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise LoopcoderError("stop strings must be non-empty strings")
         return self

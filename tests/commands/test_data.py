@@ -38,6 +38,22 @@ def test_build_prints_statistics_and_rerun_is_up_to_date(corpus, tmp_path, capsy
     assert f"wrote {out}" in capsys.readouterr().out
 
 
+def test_build_refuses_to_replace_a_data_directory_built_from_other_inputs_unless_forced(corpus, tmp_path, capsys):
+    out = tmp_path / "d"
+    assert main(_build_args(corpus, out)) == 0
+    assert main(["data", "instructions", "--data", str(out), "--max-tokens", "4000"]) == 0
+    capsys.readouterr()
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert any(p.parts[0] == "instructions" for p in before)
+    assert main(_build_args(corpus, out, "--seq-len", "32")) == 2  # other settings: a different build
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "built from other inputs (and instructions, which would be lost)" in err[0], err
+    assert "--force" in err[0]
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert main(_build_args(corpus, out, "--seq-len", "32", "--force")) == 0
+    assert ShardDataset(out, "train").seq_len == 32 and not (out / "instructions").exists()
+
+
 def test_build_from_jsonl_with_a_text_field(tmp_path, capsys):
     f = tmp_path / "c.jsonl"
     f.write_text("".join(json.dumps({"code": f"def f{i}(x):\n    return x * {i}\n" * 5}) + "\n" for i in range(80)))
@@ -80,7 +96,7 @@ def test_instructions_and_reasoning_commands(corpus, tmp_path, capsys):
     out = tmp_path / "d"
     assert main(_build_args(corpus, out, "--seq-len", "256")) == 0
     capsys.readouterr()
-    assert main(["data", "instructions", "--data", str(out)]) == 0
+    assert main(["data", "instructions", "--data", str(out), "--max-tokens", "4000"]) == 0
     text = capsys.readouterr().out
     assert "documented functions and methods" in text and str(out / "instructions" / "train.jsonl") in text
     assert json.loads((out / "instructions" / "train.jsonl").read_text().splitlines()[0])["messages"]

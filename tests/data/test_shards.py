@@ -86,7 +86,7 @@ def test_same_inputs_same_shards_and_content_hash(built, tmp_path):
     assert m3["content_hash"] != m["content_hash"]  # a different split
 
 
-def test_rerun_is_skipped_unless_inputs_change_or_force(tmp_path):
+def test_rerun_is_skipped_unless_forced_and_other_inputs_need_force_to_replace_it(tmp_path):
     src = make_corpus(tmp_path / "corpus", n_files=12)
     cfg = data_config(src)
     m1 = build(cfg, tmp_path / "d", log=io.StringIO())
@@ -96,7 +96,17 @@ def test_rerun_is_skipped_unless_inputs_change_or_force(tmp_path):
     assert (tmp_path / "d" / "manifest.json").stat().st_mtime_ns == mtime
     assert not build(cfg, tmp_path / "d", force=True, log=io.StringIO())["skipped"]
     (src / "pkg" / "mod3.py").write_text("def changed():\n    return 42\n" * 20)
-    m4 = build(cfg, tmp_path / "d", log=io.StringIO())
+    (tmp_path / "d" / "instructions").mkdir()  # what `data instructions` adds: lost if the build is replaced
+    with pytest.raises(LoopcoderError, match=r"built from other inputs \(and instructions, which would be lost\)"):
+        build(cfg, tmp_path / "d", log=io.StringIO())
+    assert read_manifest(tmp_path / "d")["content_hash"] == m1["content_hash"]
+    assert (tmp_path / "d" / "instructions").is_dir()
+    with pytest.raises(LoopcoderError, match="fewer than one sequence"):  # a forced rebuild that fails ...
+        build(data_config(src, seq_len=100_000, shard_tokens=1 << 20), tmp_path / "d", log=io.StringIO(),
+              force=True)
+    assert read_manifest(tmp_path / "d")["content_hash"] == m1["content_hash"]  # ... loses nothing
+    assert (tmp_path / "d" / "instructions").is_dir() and sorted(os.listdir(tmp_path)) == ["corpus", "d"]
+    m4 = build(cfg, tmp_path / "d", log=io.StringIO(), overwrite=True)
     assert not m4["skipped"] and m4["content_hash"] != m1["content_hash"]
     assert read_manifest(tmp_path / "d")["content_hash"] == m4["content_hash"]
 

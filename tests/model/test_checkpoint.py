@@ -14,7 +14,7 @@ from loopcoder.checkpoint import CheckpointError, load_model
 from loopcoder.cli import main
 from loopcoder.config import ConfigError, PLTConfig
 from loopcoder.model import PLTForCausalLM
-from support.models import tiny_config, tiny_model
+from support.models import released_style_dir, tiny_config, tiny_model
 
 RELEASED_PER_LAYER = {
     "input_layernorm.weight", "post_attention_layernorm.weight", "self_attn.q_proj.weight",
@@ -22,26 +22,6 @@ RELEASED_PER_LAYER = {
     "self_attn.plt_gate.bias", "self_attn.plt_gate.gate_norm.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight",
     "mlp.down_proj.weight",
 }
-
-
-def released_style_dir(tmp_path, **overrides):
-    """A directory laid out like the LoopCoder-V2 release (config.json written by hand, released keys)."""
-    model = tiny_model(dtype=torch.float32, **overrides)
-    cfg = model.config
-    config = {
-        "architectures": ["IQuestPLTCoderForCausalLM"], "model_type": "iquestpltcoder",
-        "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_hidden_layers,
-        "num_attention_heads": cfg.num_attention_heads, "num_key_value_heads": cfg.num_key_value_heads,
-        "head_dim": cfg.head_dim, "intermediate_size": cfg.intermediate_size, "vocab_size": cfg.vocab_size,
-        "max_position_embeddings": cfg.max_position_embeddings, "rope_theta": cfg.rope_theta, "rms_norm_eps": 1e-5,
-        "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False,
-        "plt_num_loops": cfg.plt_num_loops, "plt_window_size": [3, 0], "plt_emb_scale": 0.707,
-        "plt_hidden_scale": 0.053, "plt_normalize_per_loop": True, "plt_gate_use_hidden_states": True,
-        "bos_token_id": 1, "eos_token_id": 2, "dtype": "bfloat16",
-    }
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "model.safetensors"))
-    return model
 
 
 def test_released_layout_loads_with_no_renaming(tmp_path):
@@ -151,7 +131,7 @@ def test_released_7b_config_defaults():
 def test_cli_init_writes_a_loadable_model_and_errors_exit_2(tmp_path, capsys):
     out = tmp_path / "m"
     assert main(["init", "--out", str(out), "--loops", "3", "--hidden-size", "64", "--layers", "2", "--heads", "4",
-                 "--vocab-size", "128"]) == 0
+                 "--vocab-size", "300"]) == 0
     model = load_model(out)
     assert model.config.plt_num_loops == 3
     capsys.readouterr()

@@ -250,10 +250,15 @@ def test_shutdown_lets_in_flight_requests_finish_within_the_grace_period(loaded)
     deadline = time.monotonic() + 10
     while scheduler.accepting and time.monotonic() < deadline:
         time.sleep(0.01)
-    with pytest.raises(httpx.ConnectError):  # no longer listening
-        httpx.post(server.url + "/v1/completions", json={"prompt": "x"}, timeout=5)
+    # still listening while it drains: a load balancer's probe sees 503, and new requests are refused
+    health = httpx.get(server.url + "/health", timeout=5)
+    assert health.status_code == 503 and health.json()["status"] == "shutting_down"
+    r = httpx.post(server.url + "/v1/completions", json={"prompt": "x"}, timeout=5)
+    assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down"
     stopper.join(30)
     s.join(30)
+    with pytest.raises(httpx.ConnectError):  # drained: no longer listening
+        httpx.get(server.url + "/health", timeout=5)
     assert s.events[-1] == "[DONE]" and s.events[-2]["choices"][0]["finish_reason"] == "stop"
     assert "".join(e["choices"][0]["text"] for e in s.events[:-1]) == "one two three four five six seven eight"
     assert scheduler.join(0) and scheduler.counters["completed"] == 1

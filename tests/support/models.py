@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+
 import torch
+from safetensors.torch import save_file
 
 from loopcoder.config import PLTConfig
 from loopcoder.model import PLTForCausalLM
@@ -38,3 +41,23 @@ def randomized(model: PLTForCausalLM, seed: int = 0) -> PLTForCausalLM:
 def tiny_model(seed: int = 0, dtype=torch.float64, **overrides) -> PLTForCausalLM:
     torch.manual_seed(seed)
     return randomized(PLTForCausalLM(tiny_config(**overrides)), seed).to(dtype).eval()
+
+
+def released_style_dir(tmp_path, **overrides):
+    """A directory laid out like the LoopCoder-V2 release (config.json written by hand, released keys)."""
+    model = tiny_model(dtype=torch.float32, **overrides)
+    cfg = model.config
+    config = {
+        "architectures": ["IQuestPLTCoderForCausalLM"], "model_type": "iquestpltcoder",
+        "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_hidden_layers,
+        "num_attention_heads": cfg.num_attention_heads, "num_key_value_heads": cfg.num_key_value_heads,
+        "head_dim": cfg.head_dim, "intermediate_size": cfg.intermediate_size, "vocab_size": cfg.vocab_size,
+        "max_position_embeddings": cfg.max_position_embeddings, "rope_theta": cfg.rope_theta, "rms_norm_eps": 1e-5,
+        "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False,
+        "plt_num_loops": cfg.plt_num_loops, "plt_window_size": [3, 0], "plt_emb_scale": 0.707,
+        "plt_hidden_scale": 0.053, "plt_normalize_per_loop": True, "plt_gate_use_hidden_states": True,
+        "bos_token_id": 1, "eos_token_id": 2, "dtype": "bfloat16",
+    }
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    return model

@@ -41,14 +41,14 @@ def build_model_dir(out: Path) -> Path:
 class LiveServer:
     """`GracefulServer` on 127.0.0.1 (a free port) in a background thread, as `loopcoder serve` runs it."""
 
-    def __init__(self, app, scheduler, grace: float = 5.0) -> None:
+    def __init__(self, app, scheduler, grace: float = 5.0, log_level: str = "warning", **limits) -> None:
         from loopcoder.serving.server import bind, make_server
 
         self.scheduler = scheduler
         self.sock = bind("127.0.0.1", 0)
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = make_server(app, scheduler, grace=grace, log_level="warning")
+        self.server = make_server(app, scheduler, grace=grace, log_level=log_level, **limits)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def __enter__(self) -> LiveServer:

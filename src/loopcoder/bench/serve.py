@@ -44,7 +44,7 @@ class ServeBenchSettings:
     stream: bool = True
     device: str = "cpu"
     dtype: str = "auto"
-    server_threads: int | None = None  # the server's --threads (None: torch's default)
+    server_threads: int | None = None  # the server's --threads (None: the server's default)
     seed: int = 0
     # the built model (when no --model): `loopcoder init` defaults, a 1024-token BPE vocabulary
     hidden_size: int = 256

@@ -15,7 +15,7 @@ from loopcoder.bench.serve import format_report as serve_report
 from loopcoder.bench.train import TrainBenchSettings, run_train_bench
 from loopcoder.bench.train import format_report as train_report
 from loopcoder.errors import LoopcoderError
-from loopcoder.runtime import int_list
+from loopcoder.runtime import add_threads_argument, apply_threads, int_list
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -54,6 +54,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d.add_argument("--no-transformers", action="store_true", help="skip transformers' generate")
     d.add_argument("--cuda-graphs", action="store_true", help="capture the decode step as a CUDA graph")
     d.add_argument("--out", default="runs/bench/decode.json", help="JSON report path")
+    add_threads_argument(d)
     s = sub.add_parser("serve", help="load test of `loopcoder serve`: concurrent clients on loopback, requests/s, "
                                      "tokens/s, latency percentiles, errors, server memory before/after")
     s.add_argument("--model", default=S.model,
@@ -72,7 +73,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--device", default=S.device)
     s.add_argument("--dtype", default=S.dtype)
     s.add_argument("--server-threads", type=int, default=S.server_threads,
-                   help="the server's --threads (default: torch's)")
+                   help="the server's --threads (default: the server's default)")
     s.add_argument("--seed", type=int, default=S.seed)
     s.add_argument("--out", default="runs/bench/serve.json", help="JSON report path")
     _add_train_arguments(sub)
@@ -101,9 +102,12 @@ def _add_train_arguments(sub: Any) -> None:
                    help="PLT's training attention (flex_attention: CUDA only)")
     t.add_argument("--no-transformers", action="store_true", help="skip transformers' LlamaForCausalLM")
     t.add_argument("--out", default="runs/bench/train.json", help="JSON report path")
+    add_threads_argument(t)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.which in ("decode", "train"):
+        apply_threads(args.threads)
     if args.which == "decode":
         return _decode(args)
     if args.which == "serve":

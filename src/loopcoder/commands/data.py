@@ -48,7 +48,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     b.add_argument("--tokenizer-max-bytes", type=int, default=None, help="train the tokenizer on at most this")
     b.add_argument("--shard-tokens", type=int, default=1 << 25, help="tokens per shard file")
     b.add_argument("--seed", type=int, default=CorpusSpec.seed, help="salt of the train/validation split")
-    b.add_argument("--force", action="store_true", help="rebuild even if the manifest says up to date")
+    b.add_argument("--force", action="store_true",
+                   help="replace an existing data directory built from other inputs (everything in it, "
+                        "instructions/ included), and rebuild even if it is up to date")
 
     i = sub.add_parser("instructions", help="documented functions of a data directory's corpus -> chat JSONL")
     i.add_argument("--data", required=True, help="a directory written by `loopcoder data build`")

@@ -11,16 +11,21 @@ import argparse
 import json
 from pathlib import Path
 
+from loopcoder.commands.study import apply_study_threads
+from loopcoder.runtime import add_threads_argument
 from loopcoder.study import Study, get_preset
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/study", help="study directory")
     p.add_argument("--preset", default="tiny")
+    add_threads_argument(p)
 
 
 def run(args: argparse.Namespace) -> int:
-    report = Study(get_preset(args.preset), args.out).run()
+    preset = get_preset(args.preset)
+    apply_study_threads(preset, args.threads)
+    report = Study(preset, args.out).run()
     summary = json.loads((Path(args.out) / "summary.json").read_text())
     print("\nLoop-count study (matched data, steps and seed; held-out evaluation):")
     for R, row in summary["per_loop"].items():

@@ -16,18 +16,21 @@ from pathlib import Path
 import torch
 
 from loopcoder.checkpoint import load_model
+from loopcoder.data.shards import read_index
 from loopcoder.diagnostics import diagnose, load_sequences, recommend, write_report
 from loopcoder.diagnostics.report import check_out_dir
 from loopcoder.errors import LoopcoderError
 from loopcoder.runtime import DTYPES as TORCH_DTYPES
-from loopcoder.runtime import load_tokenizer, pick_device
+from loopcoder.runtime import add_threads_argument, apply_threads, check_vocab, load_tokenizer, pick_device
+from loopcoder.training.checkpoints import resolve_model_dir
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", action="append", required=True, metavar="DIR",
-                   help="model directory (released layout); repeat to compare models of different R")
+                   help="model directory (released layout) or a run directory (its newest checkpoint); repeat "
+                        "to compare models of different R")
     p.add_argument("--data", required=True, metavar="PATH",
                    help="held-out data: a text file, a JSONL file with a \"text\" field, or a data directory "
                         "from `loopcoder data build` (its validation split)")
@@ -45,6 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-per-sample", action="store_true",
                    help="leave the per-sample values out of diagnostics.json (smaller file)")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    add_threads_argument(p)
 
 
 def _names(models: list[str], names: list[str] | None) -> list[str]:
@@ -71,9 +75,7 @@ def run(args: argparse.Namespace) -> int:
         raise LoopcoderError(f"--samples must be >= 1, got {args.samples}")
     if args.seq_len < 2:
         raise LoopcoderError(f"--seq-len must be >= 2, got {args.seq_len}")
-    for m in args.model:
-        if not Path(m).is_dir():
-            raise LoopcoderError(f"model directory {m!r} does not exist")
+    model_dirs = [str(resolve_model_dir(m)) for m in args.model]
     data = Path(args.data)
     if not data.exists():
         raise LoopcoderError(f"data {args.data!r} does not exist")
@@ -81,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
         raise LoopcoderError(f"tokenizer directory {args.tokenizer!r} does not exist")
     check_out_dir(Path(args.out))
     names = _names(args.model, args.name)
+    apply_threads(args.threads)
     device = pick_device(args.device)
     dtype = None if args.dtype == "auto" else TORCH_DTYPES[args.dtype]  # auto: as saved
 
@@ -90,20 +93,24 @@ def run(args: argparse.Namespace) -> int:
         return None if data.is_dir() else (args.tokenizer or model_dir)
 
     samples: dict[str | None, list] = {}
-    for key in map(tokenizer_dir, args.model):
+    vocab: dict[str | None, int] = {}  # the tokenizer's, or the data directory's
+    for key in map(tokenizer_dir, model_dirs):
         if key not in samples:
             tokenizer = None if key is None else load_tokenizer(key)
             samples[key] = load_sequences(data, tokenizer, args.seq_len, args.samples)
+            vocab[key] = len(tokenizer) if tokenizer is not None else read_index(data)["vocab_size"]
             if not samples[key]:
                 raise LoopcoderError(f"{args.data!r} gave no sample of at least 2 tokens")
     results = []
-    for model_dir, name in zip(args.model, names):
-        seqs = samples[tokenizer_dir(model_dir)]
+    for model_dir, name in zip(model_dirs, names):
+        key = tokenizer_dir(model_dir)
+        seqs = samples[key]
         if len(seqs) < args.samples and not args.quiet:
             print(f"diagnose {name}: {args.data} has only {len(seqs)} sample(s) of the {args.samples} "
                   "asked for", file=sys.stderr)
         model = load_model(model_dir, dtype=dtype, device=device)
-        results.append(diagnose(model, seqs, args.samples, name=name, source=str(model_dir),
+        check_vocab(model.config.vocab_size, vocab[key], key or str(data))
+        results.append(diagnose(model, seqs, args.samples, name=name, source=model_dir,
                                 progress=not args.quiet))
         del model
         gc.collect()

@@ -7,17 +7,23 @@ import sys
 
 from loopcoder.data.reasoning import parse_steps
 from loopcoder.errors import LoopcoderError
-from loopcoder.evaluation.runner import evaluate, parse_tasks, summary_table
+from loopcoder.evaluation.runner import evaluate, parse_data, parse_tasks, summary_table
 from loopcoder.evaluation.tasks import EvalSettings
-from loopcoder.runtime import int_list
+from loopcoder.runtime import add_threads_argument, apply_threads, int_list
 from loopcoder.sampling import SamplingParams
+from loopcoder.training.checkpoints import resolve_model_dir
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="model directory")
+    p.add_argument("--model", required=True, help="model directory, or a run directory (its newest checkpoint)")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's)")
-    p.add_argument("--tasks", default="humaneval,reasoning,bpb", help="comma-separated: humaneval,reasoning,bpb")
-    p.add_argument("--data", default=None, help="data directory from `loopcoder data build` (for bpb)")
+    p.add_argument("--tasks", default="humaneval,reasoning,bpb",
+                   help="comma-separated: humaneval,reasoning,bpb and the file benchmarks humaneval+,mbpp+,"
+                        "cruxeval-o,cruxeval-i,lcb-codegen,lcb-execution")
+    p.add_argument("--data", action="append", default=None, metavar="DIR|TASK=FILE",
+                   help="data directory from `loopcoder data build` (for bpb), and TASK=FILE for each file benchmark "
+                        "(repeatable), e.g. --data humaneval+=HumanEvalPlus.jsonl.gz")
+    p.add_argument("--limit", type=int, default=None, help="only the first N problems of each benchmark file")
     p.add_argument("--n-samples", type=int, default=1, help="completions per HumanEval problem")
     p.add_argument("--k", type=int_list, default=(1,), help="pass@k for these k (each <= n-samples), e.g. 1,10")
     p.add_argument("--temperature", type=float, default=0.0)
@@ -27,7 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-style", choices=["auto", "completion", "chat"], default="auto",
                    help="auto: the chat template for instruction-tuned checkpoints, completion prompts otherwise")
     p.add_argument("--humaneval-limit", type=int, default=None, help="only the first N problems")
-    p.add_argument("--max-new-tokens", type=int, default=384, help="HumanEval completion length")
+    p.add_argument("--max-new-tokens", type=int, default=384,
+                   help="completion length of the code-writing tasks (humaneval, humaneval+, mbpp+, lcb-codegen)")
     p.add_argument("--reasoning-n", type=int, default=50, help="held-out programs per difficulty")
     p.add_argument("--reasoning-steps", default="1-6", help="difficulties, e.g. 1-6 or 1,3,5")
     p.add_argument("--reasoning-family", choices=["mixed", "digits", "chains"], default="mixed",
@@ -41,10 +48,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fresh", action="store_true", help="ignore an existing --out instead of resuming it")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
+    add_threads_argument(p)
 
 
 def run(args: argparse.Namespace) -> int:
     tasks = parse_tasks(args.tasks)
+    data_dir, data_files = parse_data(args.data)
+    if args.limit is not None and args.limit < 1:
+        raise LoopcoderError("--limit must be >= 1")
     SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed).validate()
     for name in ("batch_size", "reasoning_n", "max_new_tokens"):
         if getattr(args, name) < 1:
@@ -60,10 +71,13 @@ def run(args: argparse.Namespace) -> int:
     settings = EvalSettings(n_samples=args.n_samples, ks=tuple(args.k), temperature=args.temperature,
                             top_p=args.top_p, seed=args.seed, batch_size=args.batch_size,
                             humaneval_limit=args.humaneval_limit, humaneval_max_new_tokens=args.max_new_tokens,
+                            file_limit=args.limit,
                             reasoning_n=args.reasoning_n, reasoning_steps=steps,
                             reasoning_family=args.reasoning_family,
                             reasoning_styles=styles, bpb_rows=args.bpb_rows, workers=args.workers)
-    results = evaluate(args.model, tasks, settings, args.out, data_dir=args.data,
+    model_dir = str(resolve_model_dir(args.model))
+    apply_threads(args.threads)
+    results = evaluate(model_dir, tasks, settings, args.out, data_dir=data_dir, data_files=data_files,
                        allow_code_execution=args.allow_code_execution, fresh=args.fresh, device=args.device,
                        dtype=args.dtype, prompt_style=args.prompt_style, tokenizer_dir=args.tokenizer)
     print(summary_table(results))

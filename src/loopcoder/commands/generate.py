@@ -8,12 +8,14 @@ import time
 
 from loopcoder.engine import Engine
 from loopcoder.errors import LoopcoderError
-from loopcoder.runtime import chat_stop_ids, load_for_inference
+from loopcoder.runtime import add_threads_argument, apply_threads, chat_stop_ids, load_for_inference
 from loopcoder.sampling import SamplingParams
+from loopcoder.training.checkpoints import resolve_model_dir
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="model directory (released LoopCoder-V2 layout)")
+    p.add_argument("--model", required=True,
+                   help="model directory (released LoopCoder-V2 layout) or a run directory (its newest checkpoint)")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's)")
     p.add_argument("--prompt", default=None, help="prompt text (default: read from stdin)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn of the chat template")
@@ -28,6 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="parallel: all loops in one pass per token (PLT); sequential: one pass per loop")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
+    add_threads_argument(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -36,7 +39,8 @@ def run(args: argparse.Namespace) -> int:
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     if not prompt:
         raise LoopcoderError("the prompt is empty (give --prompt TEXT or text on stdin)")
-    model, tok = load_for_inference(args.model, args.tokenizer, args.device, args.dtype)
+    threads = apply_threads(args.threads)
+    model, tok = load_for_inference(str(resolve_model_dir(args.model)), args.tokenizer, args.device, args.dtype)
     if args.chat:
         if not getattr(tok, "chat_template", None):
             raise LoopcoderError("--chat: this tokenizer has no chat template")
@@ -60,5 +64,5 @@ def run(args: argparse.Namespace) -> int:
     print("" if args.stream else out.text)
     n = len(out.token_ids)
     print(f"[{n} tokens in {elapsed:.2f}s, {n / max(elapsed, 1e-9):.1f} tokens/s, R={model.config.plt_num_loops}, "
-          f"mode={args.mode}, finish={out.finish_reason}]", file=sys.stderr)
+          f"mode={args.mode}, threads={threads}, finish={out.finish_reason}]", file=sys.stderr)
     return 0

@@ -1,6 +1,7 @@
 """`loopcoder plan`: parameters, FLOPs per token, memory and the largest micro-batch that fits.
 
     loopcoder plan --preset 7b --memory 80GiB --gpus 8
+    loopcoder plan --preset 7b --loops 2
     loopcoder plan --config tiny model.loops=3 --json
 """
 
@@ -35,6 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, help="a YAML config or preset name")
     p.add_argument("--memory", default="80GiB", help="memory per GPU (default 80GiB)")
     p.add_argument("--gpus", type=int, default=1, help="GPUs the model states are sharded over (FSDP)")
+    p.add_argument("--loops", type=int, default=None, metavar="R", help="loop count (the same as model.loops=R)")
     p.add_argument("--seq-len", type=int, default=None, help="sequence length (default: the config's)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. model.loops=3")
@@ -45,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
         raise LoopcoderError("give --config or --preset, not both")
     if args.gpus < 1:
         raise LoopcoderError(f"--gpus {args.gpus} must be >= 1")
-    cfg = load_config(args.config or args.preset or "tiny", args.overrides)
+    overrides = [*args.overrides, *([f"model.loops={args.loops}"] if args.loops is not None else [])]
+    cfg = load_config(args.config or args.preset or "tiny", overrides)
     vocab, seq_len, notes = _data_shape(cfg)
     seq_len = args.seq_len or seq_len
     if seq_len < 1:

@@ -5,15 +5,26 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
-
-import torch
+from pathlib import Path
 
 from loopcoder.errors import LoopcoderError
-from loopcoder.serving.server import api_key_from_env, bind, is_loopback, load_app, make_server
+from loopcoder.runtime import add_threads_argument, apply_threads
+from loopcoder.serving.app import ServerSettings
+from loopcoder.serving.server import (
+    HEADER_TIMEOUT,
+    MAX_CONNECTIONS,
+    api_key_from_env,
+    bind,
+    is_loopback,
+    load_app,
+    make_server,
+)
+from loopcoder.training.checkpoints import resolve_model_dir
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="model directory (released LoopCoder-V2 layout)")
+    p.add_argument("--model", required=True,
+                   help="model directory (released LoopCoder-V2 layout) or a run directory (its newest checkpoint)")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     p.add_argument("--port", type=int, default=8000, help="port (0: any free port, printed at start)")
@@ -27,6 +38,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-prompt-tokens", type=int, default=None, help="default: the model's context minus one")
     p.add_argument("--max-tokens", type=int, default=2048, help="cap on a request's max_tokens")
     p.add_argument("--max-body-bytes", type=int, default=2 * 2**20, help="larger request bodies get 413")
+    p.add_argument("--header-timeout", type=float, default=HEADER_TIMEOUT,
+                   help="seconds a client may take to send a request's headers (then 408 and the connection closes)")
+    p.add_argument("--body-timeout", type=float, default=ServerSettings.body_timeout,
+                   help="seconds a client may take to send a request's body (then 408)")
+    p.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS,
+                   help="open connections at most; more are answered 503 and closed")
     p.add_argument("--grace", type=float, default=30.0,
                    help="on SIGINT/SIGTERM, seconds in-flight requests may take to finish before being aborted")
     p.add_argument("--tool-parser", default="hermes",
@@ -34,14 +51,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", choices=["parallel", "sequential"], default="parallel")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for torch (default: torch's choice; on a shared machine 1 is often fastest)")
+    add_threads_argument(p)
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.add_argument("--access-log", action="store_true", help="log every request")
 
 
 def run(args: argparse.Namespace) -> int:
-    for name in ("max_batch", "max_tokens", "max_body_bytes"):
+    for name in ("max_batch", "max_tokens", "max_body_bytes", "max_connections"):
         if getattr(args, name) < 1:
             raise LoopcoderError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.max_queue < 0:
@@ -50,20 +66,23 @@ def run(args: argparse.Namespace) -> int:
         raise LoopcoderError(f"--max-prompt-tokens must be >= 1, got {args.max_prompt_tokens}")
     if not args.queue_timeout > 0 or not args.grace >= 0:
         raise LoopcoderError("--queue-timeout must be > 0 and --grace >= 0")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise LoopcoderError(f"--threads must be >= 1, got {args.threads}")
-
-        torch.set_num_threads(args.threads)
+    for name in ("header_timeout", "body_timeout"):
+        if not getattr(args, name) > 0:
+            raise LoopcoderError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    model_dir = resolve_model_dir(args.model)
+    apply_threads(args.threads)
     api_key = args.api_key or api_key_from_env()
     sock = bind(args.host, args.port)  # before loading the model: a taken port fails fast
     try:
+        # a run directory serves its newest checkpoint under the run's name, not "step-000300"
         app, scheduler = load_app(
-            args.model, args.tokenizer, device=args.device, dtype=args.dtype, mode=args.mode,
+            str(model_dir), args.tokenizer, device=args.device, dtype=args.dtype, mode=args.mode,
             max_batch=args.max_batch, max_queue=args.max_queue, queue_timeout=args.queue_timeout,
-            model_name=args.served_model_name, tool_parser=args.tool_parser, api_key=api_key,
-            max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens, max_body_bytes=args.max_body_bytes)
-        server = make_server(app, scheduler, grace=args.grace, log_level=args.log_level, access_log=args.access_log)
+            model_name=args.served_model_name or Path(args.model).resolve().name, tool_parser=args.tool_parser,
+            api_key=api_key, max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens,
+            max_body_bytes=args.max_body_bytes, body_timeout=args.body_timeout)
+        server = make_server(app, scheduler, grace=args.grace, log_level=args.log_level, access_log=args.access_log,
+                             header_timeout=args.header_timeout, max_connections=args.max_connections)
         host, port = sock.getsockname()[:2]
         model_name = app.state.service.settings.model_name
         print(f"loopcoder serve: {model_name} on http://{_url_host(host)}:{port}/v1 (max batch {args.max_batch}, "

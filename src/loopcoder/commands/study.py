@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from loopcoder.errors import LoopcoderError
-from loopcoder.runtime import int_list
+from loopcoder.runtime import add_threads_argument, apply_threads, int_list
 from loopcoder.study import Study, get_preset
 
 
@@ -17,10 +17,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--source", default=None, help="code corpus for `data build` (default: the stdlib sources)")
     p.add_argument("--loops", type=int_list, default=None, help="loop counts to compare (R=1 always included)")
     p.add_argument("--device", default=None, help="auto, cpu or cuda")
+    add_threads_argument(p)
 
 
 def run(args: argparse.Namespace) -> int:
     preset = get_preset(args.preset, source=args.source, loops=args.loops, device=args.device)
+    apply_study_threads(preset, args.threads)
     if args.source and args.source != "stdlib" and not args.source.startswith("hf:") \
             and not Path(args.source).exists():
         raise LoopcoderError(f"--source {args.source!r} does not exist")
@@ -29,3 +31,11 @@ def run(args: argparse.Namespace) -> int:
     report = Study(preset, args.out).run()
     print(f"\nreport: {report}")
     return 0
+
+
+def apply_study_threads(preset, threads: int | None) -> None:
+    """`--threads N` for every stage: training (the preset's `train.threads`) and what runs in this process
+    (evaluation, diagnostics, timing). Without it, training keeps the preset's setting."""
+    apply_threads(threads)
+    if threads is not None:
+        preset.pretrain["train.threads"] = preset.sft["train.threads"] = threads

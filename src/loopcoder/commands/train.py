@@ -28,6 +28,9 @@ def add_arguments(p: argparse.ArgumentParser, stage: str = "pretrain") -> None:
                    help="continue from the newest complete checkpoint in `out` (without --config: with the "
                         "config saved there)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads for torch: the same as train.threads=N (default: $OMP_NUM_THREADS, else the "
+                        "cores the load average shows free, at least 1; see docs/benchmarks.md)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="dotted overrides, e.g. optim.lr=3e-4 model.loops=2 out=runs/x (unknown keys are errors)")
 
@@ -47,7 +50,8 @@ def run_stage(args: argparse.Namespace, stage: str) -> int:
             raise LoopcoderError("--resume without --config needs out=RUN_DIR of a run that saved config.yaml")
         source = str(saved)
     extra = {"init": args.init} if getattr(args, "init", None) else {}
-    cfg = load_config(source, args.overrides, stage=stage, extra=extra)
+    overrides = [*args.overrides, *([f"train.threads={args.threads}"] if args.threads is not None else [])]
+    cfg = load_config(source, overrides, stage=stage, extra=extra)
     if args.print_config:
         sys.stdout.write(cfg.to_yaml())
         return 0

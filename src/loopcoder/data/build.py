@@ -33,6 +33,7 @@ from loopcoder.errors import LoopcoderError
 from loopcoder.progress import Progress
 
 MANIFEST_VERSION = 1
+_BUILT = {"tokenizer", "train", "validation", "token_bytes.npy", "index.json", "manifest.json"}  # what a build writes
 _ENCODE_BATCH_DOCS = 256
 _ENCODE_BATCH_BYTES = 8 << 20
 
@@ -94,10 +95,16 @@ def _up_to_date(out: Path, ihash: str) -> dict[str, Any] | None:
 
 
 def build(config: BuildConfig, out: str | os.PathLike, force: bool = False,
-          log: TextIO | None = None) -> dict[str, Any]:
-    """Build (or find up to date) the data directory `out`; returns its manifest (`skipped` says which)."""
+          log: TextIO | None = None, overwrite: bool | None = None) -> dict[str, Any]:
+    """Build (or find up to date) the data directory `out`; returns its manifest (`skipped` says which).
+
+    `force` rebuilds even an up-to-date directory. An existing data directory built from other inputs
+    is replaced only with `overwrite` (default: `force`), since everything in it goes, `instructions/`
+    included; a non-empty directory that is not a data directory is never replaced. The replacement is
+    atomic: until the new directory is complete, the old one stays as it was."""
     log = log if log is not None else sys.stderr
     out = Path(out)
+    overwrite = force if overwrite is None else overwrite
     config.validate()
     ihash = inputs_hash(config)
     if not force and (manifest := _up_to_date(out, ihash)) is not None:
@@ -105,6 +112,11 @@ def build(config: BuildConfig, out: str | os.PathLike, force: bool = False,
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "manifest.json").is_file())):
         raise LoopcoderError(f"--out {str(out)!r} exists and is not a loopcoder data directory; choose a new "
                              "path")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        extra = sorted(p.name for p in out.iterdir() if p.name not in _BUILT)
+        held = f" (and {', '.join(extra)}, which would be lost)" if extra else ""
+        raise LoopcoderError(f"--out {str(out)!r} holds a data directory built from other inputs{held}: pass "
+                             "--force to replace it, or choose a new --out")
     t0 = time.perf_counter()
     with atomic_directory(out) as tmp:
         timing: dict[str, float] = {}

@@ -145,6 +145,7 @@ class ShardDataset:
         self.eot_id: int = index["eot_id"]
         self.info = entry
         self._shards = []
+        self._files: list[Path] = []
         for s in entry["shards"]:
             f = root / s["file"]
             if not f.is_file():
@@ -154,6 +155,7 @@ class ShardDataset:
                 raise LoopcoderError(f"shard {f} has shape {arr.shape}, index says ({s['sequences']}, "
                                      f"{self.seq_len})")
             self._shards.append(arr)
+            self._files.append(f)
         self._ends = np.cumsum([a.shape[0] for a in self._shards], dtype=np.int64)
         tb = root / "token_bytes.npy"
         self.token_bytes: np.ndarray = np.load(tb) if tb.is_file() else np.zeros(0, np.int32)
@@ -171,6 +173,13 @@ class ShardDataset:
         for k, (i, s) in enumerate(zip(idx, shard_of)):
             start = self._ends[s - 1] if s else 0
             out[k] = self._shards[s][i - start]
+        if out.size and out.max() >= self.vocab_size:  # a corrupted shard: name it, not an embedding IndexError
+            k = int(np.argmax(out.max(axis=1) >= self.vocab_size))
+            s = int(shard_of[k])
+            row = int(idx[k] - (self._ends[s - 1] if s else 0))
+            raise LoopcoderError(f"shard {self._files[s]} is corrupted: row {row} holds token id {int(out[k].max())}, "
+                                 f"outside the vocabulary [0, {self.vocab_size}); rebuild the data directory "
+                                 "(`loopcoder data build --force`)")
         return out
 
     def get(self, indices: Sequence[int] | np.ndarray) -> dict[str, Any]:

@@ -17,10 +17,15 @@ import loopcoder
 from loopcoder.atomic import atomic_write_text
 from loopcoder.engine import Engine
 from loopcoder.errors import LoopcoderError
+from loopcoder.evaluation.file_tasks import TASKS as FILE_TASK_SPECS
+from loopcoder.evaluation.file_tasks import run_file_task
 from loopcoder.evaluation.tasks import EvalSettings, bits_per_byte, run_humaneval, run_reasoning
 from loopcoder.runtime import load_for_inference
 
-TASKS = ("humaneval", "reasoning", "bpb")
+BUILTIN_TASKS = ("humaneval", "reasoning", "bpb")
+FILE_TASKS = tuple(FILE_TASK_SPECS)  # humaneval+, mbpp+, cruxeval-o/-i, lcb-codegen, lcb-execution
+TASKS = BUILTIN_TASKS + FILE_TASKS
+CODE_RUNNING = ("humaneval", *FILE_TASKS)
 RESULTS_VERSION = 1
 
 
@@ -43,6 +48,11 @@ def config_hash(model_dir: str) -> str:
     for f in sorted(root.glob("*.safetensors")):
         h.update(f"{f.name}:{f.stat().st_size}".encode())
     return h.hexdigest()[:16]
+
+
+def file_hash(path: str) -> str:
+    """sha256 of a benchmark file: a resumed run must score the same problems."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
 def detect_prompt_style(model_dir: str, tokenizer: Any) -> str:
@@ -76,12 +86,37 @@ def load_results(path: Path, identity: dict[str, Any]) -> dict[str, Any] | None:
     return data
 
 
+def parse_data(values: list[str] | None) -> tuple[str | None, dict[str, str]]:
+    """`--data` values: a data directory (for bpb) and/or TASK=FILE for the file benchmarks."""
+    data_dir, data_files = None, {}
+    for value in values or []:
+        task, sep, path = value.partition("=")
+        if sep and task in TASKS:
+            if task not in FILE_TASKS:
+                raise LoopcoderError(f"--data {value!r}: {task} reads no file (file tasks: {', '.join(FILE_TASKS)})")
+            data_files[task] = path
+        elif data_dir is not None:
+            raise LoopcoderError(f"--data {value!r}: a second data directory (give TASK=FILE for a benchmark file)")
+        else:
+            data_dir = value
+    return data_dir, data_files
+
+
 def evaluate(model_dir: str, tasks: list[str], settings: EvalSettings, out: str, *, data_dir: str | None = None,
              allow_code_execution: bool = False, fresh: bool = False, device: str = "auto", dtype: str = "auto",
-             prompt_style: str = "auto", tokenizer_dir: str | None = None, bpb_per_row: bool = False) -> dict[str, Any]:
-    if "humaneval" in tasks and not allow_code_execution:
-        raise LoopcoderError("humaneval runs model-written code: pass --allow-code-execution to allow it "
+             prompt_style: str = "auto", tokenizer_dir: str | None = None, bpb_per_row: bool = False,
+             data_files: dict[str, str] | None = None) -> dict[str, Any]:
+    data_files = dict(data_files or {})
+    running = [t for t in tasks if t in CODE_RUNNING]
+    if running and not allow_code_execution:
+        raise LoopcoderError(f"{running[0]} runs model-written code: pass --allow-code-execution to allow it "
                              "(it runs in the sandbox, see docs/sandbox.md)")
+    for task in tasks:
+        if task in FILE_TASKS and task not in data_files:
+            raise LoopcoderError(f"{task} reads its problems from a file: pass --data {task}=FILE "
+                                 f"({FILE_TASK_SPECS[task].source}; docs/evaluation.md says where to get it)")
+        if task in data_files and not Path(data_files[task]).is_file():
+            raise LoopcoderError(f"--data {task}={data_files[task]}: no such file")
     if "bpb" in tasks and not data_dir:
         raise LoopcoderError("the bpb task needs --data DIR (a directory from `loopcoder data build`)")
     if "bpb" in tasks and not (Path(data_dir) / "index.json").is_file():
@@ -98,7 +133,9 @@ def evaluate(model_dir: str, tasks: list[str], settings: EvalSettings, out: str,
     # what the scores depend on (not batch size, workers or chunking), checked before resuming
     scored = {k: v for k, v in asdict(settings).items() if k not in ("batch_size", "workers", "chunk")}
     identity = {"model": str(Path(model_dir).resolve()), "config_hash": config_hash(model_dir),
-                "settings": json.loads(json.dumps(scored))}
+                "settings": json.loads(json.dumps(scored)),
+                **({"data_files": {t: file_hash(f) for t, f in sorted(data_files.items()) if t in tasks}}
+                   if any(t in data_files for t in tasks) else {})}
     path = Path(out)
     results = None if fresh else load_results(path, identity)
     if results is None:
@@ -122,6 +159,9 @@ def evaluate(model_dir: str, tasks: list[str], settings: EvalSettings, out: str,
             run_humaneval(engine, tokenizer, settings, done, save, allow_code_execution)
         elif task == "reasoning":
             run_reasoning(engine, tokenizer, settings, done, save)
+        elif task in FILE_TASKS:
+            run_file_task(engine, tokenizer, settings, done, save, allow_code_execution, FILE_TASK_SPECS[task],
+                          data_files[task])
         else:
             done.update(bits_per_byte(model, data_dir, batch_size=max(1, min(settings.batch_size, 8)),
                                       max_rows=settings.bpb_rows, per_row=bpb_per_row))
@@ -147,6 +187,13 @@ def summary_table(results: dict[str, Any]) -> str:
             o = res["overall"]
             lines.append(f"  reasoning ({style}): {100 * o['accuracy']:.1f}% "
                          f"[{100 * o['ci95'][0]:.1f}, {100 * o['ci95'][1]:.1f}] of {o['n']}; by steps {per}")
+    for name in FILE_TASKS:
+        if name in tasks:
+            res = tasks[name]
+            scores = "; ".join(f"{v} " + ", ".join(f"{k} {100 * x:.1f}%" for k, x in ks.items())
+                               for v, ks in res["pass_at_k"].items())
+            lines.append(f"  {name}: {scores} over {res['problems_total']} problems "
+                         f"({res['skipped_prompts']} prompts too long), {results['timings'][name]:.0f}s")
     if "bpb" in tasks:
         b = tasks["bpb"]
         lines.append(f"  bits per byte: {b['bits_per_byte']:.4f} (loss {b['loss']:.4f} nats/token, {b['rows']} rows)")

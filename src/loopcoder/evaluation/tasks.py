@@ -38,6 +38,7 @@ class EvalSettings:
     batch_size: int = 16
     prompt_style: str = "completion"  # resolved: "completion" (base model) or "chat" (instruction-tuned)
     humaneval_limit: int | None = None  # first N problems only
+    file_limit: int | None = None  # first N problems of each benchmark file (humaneval+, mbpp+, ...)
     humaneval_max_new_tokens: int = 384
     reasoning_n: int = 50  # examples per difficulty
     reasoning_steps: tuple[int, ...] = (1, 2, 3, 4, 5, 6)

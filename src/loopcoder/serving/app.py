@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -54,6 +55,7 @@ class ServerSettings:
     max_tokens: int = 2048  # cap on a request's max_tokens
     default_completion_tokens: int = 16  # /v1/completions without max_tokens (OpenAI's default)
     max_body_bytes: int = 2 * 2**20
+    body_timeout: float = 30.0  # seconds a client may take to send a request body (then 408)
     tool_parser: ToolCallParser = field(default_factory=HermesToolCallParser)
 
 
@@ -193,10 +195,25 @@ class Service:
         if size.isdigit() and int(size) > limit:
             raise APIError(413, f"the request body has {size} bytes; the limit is {limit}", code="body_too_large")
         body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                raise APIError(413, f"the request body is over the limit of {limit} bytes", code="body_too_large")
+        timeout = self.settings.body_timeout
+
+        async def receive_body() -> None:
+            async for chunk in request.stream():
+                body.extend(chunk)
+                if len(body) > limit:
+                    raise APIError(413, f"the request body is over the limit of {limit} bytes", code="body_too_large")
+
+        try:
+            await asyncio.wait_for(receive_body(), timeout)  # a slow body must not hold a connection for ever
+        except asyncio.TimeoutError:
+            log.warning("%s %s: the request body did not arrive within %g s (%d bytes received)", request.method,
+                        request.url.path, timeout, len(body))
+            raise APIError(408, f"the request body did not arrive within {timeout:g} s",
+                           code="body_timeout") from None
+        except ClientDisconnect:
+            log.info("%s %s: the client disconnected while sending its request body (%d bytes received)",
+                     request.method, request.url.path, len(body))
+            raise ClientGone from None
         req = parse_request(model, bytes(body))
         req.check_supported()
         if req.model is not None and req.model != self.settings.model_name:
@@ -435,7 +452,8 @@ def create_app(scheduler: Scheduler, tokenizer: Any, settings: ServerSettings) -
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-        return JSONResponse(exc.body(), exc.status)
+        # after a 408 the rest of the body may still be on its way: close rather than read it
+        return JSONResponse(exc.body(), exc.status, headers={"Connection": "close"} if exc.status == 408 else None)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

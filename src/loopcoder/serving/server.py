@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import copy
 import errno
 import os
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +17,12 @@ from loopcoder.engine import Engine
 from loopcoder.errors import LoopcoderError
 from loopcoder.runtime import load_for_inference
 from loopcoder.serving.app import ServerSettings, create_app
+from loopcoder.serving.limits import guarded_protocol
 from loopcoder.serving.scheduler import Scheduler
 from loopcoder.serving.tool_calls import get_tool_parser
+
+HEADER_TIMEOUT = 10.0  # seconds a client may take to send a request's line and headers
+MAX_CONNECTIONS = 512  # open connections; more are refused with 503
 
 
 def load_app(model_dir: str, tokenizer_dir: str | None = None, *, device: str = "auto", dtype: str = "auto",
@@ -34,9 +41,11 @@ def load_app(model_dir: str, tokenizer_dir: str | None = None, *, device: str = 
 class GracefulServer(uvicorn.Server):
     """uvicorn's server, whose shutdown (SIGINT, SIGTERM, `should_exit`) first drains the scheduler.
 
-    uvicorn stops accepting connections and waits for open ones; meanwhile the scheduler refuses new
-    requests (503), lets running and queued ones finish for `grace` seconds, then aborts the rest, whose
-    responses end cleanly (an error event and `[DONE]` on a stream, a 503 otherwise).
+    The scheduler refuses new requests (503 `shutting_down`), lets running and queued ones finish for
+    `grace` seconds, then aborts the rest, whose responses end cleanly (an error event and `[DONE]` on a
+    stream, a 503 otherwise). The server keeps listening while it drains, so that `/health` answers 503
+    to a load balancer's probe; once the engine thread has stopped, uvicorn closes the listener and
+    waits for the open connections to finish their responses.
     """
 
     def __init__(self, config: uvicorn.Config, scheduler: Scheduler, grace: float) -> None:
@@ -46,6 +55,9 @@ class GracefulServer(uvicorn.Server):
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         self.scheduler.begin_shutdown(self.grace)
+        deadline = time.monotonic() + self.grace + 10  # the scheduler aborts at `grace`: a backstop only
+        while not self.scheduler.join(0) and not self.force_exit and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
         await super().shutdown(sockets)
 
 
@@ -72,10 +84,15 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def make_server(app: Any, scheduler: Scheduler, *, grace: float = 30.0, log_level: str = "info",
-                access_log: bool = False) -> GracefulServer:
+                access_log: bool = False, header_timeout: float = HEADER_TIMEOUT,
+                max_connections: int = MAX_CONNECTIONS) -> GracefulServer:
     # uvicorn's own graceful timeout is the backstop: by then the scheduler has aborted everything
-    config = uvicorn.Config(app, log_level=log_level, access_log=access_log, lifespan="on",
-                            timeout_graceful_shutdown=grace + 10, timeout_keep_alive=5)
+    # our own log lines ("loopcoder.serve") go where uvicorn's go, formatted alike, at the same level
+    log_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+    log_config["loggers"]["loopcoder"] = {"handlers": ["default"], "level": log_level.upper()}
+    config = uvicorn.Config(app, log_level=log_level, access_log=access_log, lifespan="on", log_config=log_config,
+                            timeout_graceful_shutdown=grace + 10, timeout_keep_alive=5,
+                            http=guarded_protocol(header_timeout, max_connections))
     return GracefulServer(config, scheduler, grace)
 
 

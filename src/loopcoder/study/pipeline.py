@@ -127,7 +127,8 @@ class Study:
                          lambda e: {"messages": reasoning.to_chat_messages(e)})
         built = work / "build"
         manifest = build(BuildConfig(corpus=CorpusSpec(sources=(p.source, str(pre_file))),
-                                     vocab_size=p.vocab_size, seq_len=p.build_seq_len), built, log=self.log)
+                                     vocab_size=p.vocab_size, seq_len=p.build_seq_len), built, log=self.log,
+                         overwrite=True)  # the study's own directory: a rerun of this stage replaces it
         stats = write_instruction_set(built, max_tokens=p.instruction_max_tokens, log=self.log)
         return {"dir": str(built), "sft_reasoning": str(chat_file), "sft_validation": str(val_file),
                 "manifest": _small_manifest(manifest),

@@ -18,6 +18,7 @@ checkpoint resumes at any world size.
 from __future__ import annotations
 
 import datetime
+import errno
 import json
 import re
 import shutil
@@ -63,7 +64,8 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def resolve_model_dir(path: str | Path) -> Path:
-    """A model directory as given, or a run directory's (or its checkpoints/') latest checkpoint."""
+    """A model directory as given, or a run directory's (or its checkpoints/') latest checkpoint: what
+    every command's `--model` (and `sft --init`) accepts."""
     p = Path(path)
     if (p / "config.json").is_file():
         return p
@@ -71,9 +73,12 @@ def resolve_model_dir(path: str | Path) -> Path:
         if run is not None and (ckpt := latest_checkpoint(run)) is not None:
             return ckpt
     if not p.exists():
-        raise LoopcoderError(f"{str(path)!r} does not exist")
+        raise LoopcoderError(f"model directory {str(path)!r} does not exist")
+    if (p / CHECKPOINTS).is_dir():
+        raise LoopcoderError(f"run directory {str(path)!r} has no complete checkpoint in {CHECKPOINTS}/ yet "
+                             "(a checkpoint is a step-N directory with checkpoint.json)")
     raise LoopcoderError(f"{str(path)!r} is neither a model directory (config.json) nor a run directory with "
-                         "a complete checkpoint")
+                         f"a complete checkpoint ({CHECKPOINTS}/step-N)")
 
 
 def write_checkpoint(run_dir: str | Path, step: int, model_config: Any, weights: dict[str, torch.Tensor],
@@ -82,19 +87,54 @@ def write_checkpoint(run_dir: str | Path, step: int, model_config: Any, weights:
     """Write checkpoint `step` atomically, point `latest` at it, drop all but the newest `keep`."""
     root = Path(run_dir) / CHECKPOINTS
     final = root / step_name(step)
-    with atomic_directory(final) as tmp:
-        save_weights(model_config, weights, tmp, max_shard_size)
-        if tokenizer_dir is not None:
-            for name in TOKENIZER_FILES:
-                if (tokenizer_dir / name).is_file():
-                    shutil.copyfile(tokenizer_dir / name, tmp / name)
-        torch.save(state, tmp / STATE)
-        marker = {"step": step, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                  **info}
-        atomic_write_text(tmp / MARKER, json.dumps(marker, indent=1) + "\n")
+    try:
+        with atomic_directory(final) as tmp:
+            save_weights(model_config, weights, tmp, max_shard_size)
+            if tokenizer_dir is not None:
+                for name in TOKENIZER_FILES:
+                    if (tokenizer_dir / name).is_file():
+                        shutil.copyfile(tokenizer_dir / name, tmp / name)
+            torch.save(state, tmp / STATE)
+            marker = {"step": step,
+                      "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **info}
+            atomic_write_text(tmp / MARKER, json.dumps(marker, indent=1) + "\n")
+    except Exception as e:  # the temporary directory is gone: earlier checkpoints and `latest` are intact
+        space = _out_of_space(e, run_dir, final, _nbytes(weights) + _nbytes(state))
+        if space is None:
+            raise
+        raise space from e
     atomic_write_text(root / LATEST, final.name + "\n")
     prune(run_dir, keep)
     return final
+
+
+def _nbytes(obj: Any) -> int:
+    """Bytes of the tensors in a nested state (what a checkpoint of it takes on disk, roughly)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(v) for v in obj)
+    return 0
+
+
+def _out_of_space(error: BaseException, run_dir: str | Path, final: Path, needed: int) -> LoopcoderError | None:
+    """A one-line error if a checkpoint write failed for want of space (safetensors and torch.save do not
+    always say so: it is ENOSPC, or less free space than the checkpoint needs), else None."""
+    root = final.parent
+    try:
+        free = shutil.disk_usage(root if root.exists() else Path(run_dir)).free
+    except OSError:
+        return None
+    enospc = isinstance(error, OSError) and error.errno == errno.ENOSPC
+    if not enospc and "No space left" not in str(error) and free >= needed:
+        return None
+    good = latest_checkpoint(run_dir)
+    kept = f"the earlier checkpoints and `latest` ({good.name}) are intact" if good else "no checkpoint was written"
+    return LoopcoderError(f"no space left to save checkpoint {final.name} in {root}: it needs about "
+                          f"{needed / 2**20:,.1f} MiB and {free / 2**20:,.1f} MiB are free; {kept}. Free some space "
+                          "(or lower checkpoint.keep), then continue with --resume")
 
 
 def save_weights(model_config: Any, weights: dict[str, torch.Tensor], out: Path, max_shard_size: str) -> None:

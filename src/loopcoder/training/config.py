@@ -59,7 +59,7 @@ class TrainSection:
     compile: bool = False  # torch.compile each decoder layer
     attention: str = "sdpa"  # sdpa | flex_attention (block-sparse causal and window masks, compiled on GPU)
     deterministic: bool = False  # torch.use_deterministic_algorithms
-    threads: int | None = None  # CPU threads per process (None: torch's default)
+    threads: int | None = None  # CPU threads per process (None: runtime.apply_threads's default)
 
 
 @dataclass

@@ -22,7 +22,7 @@ from loopcoder.config import PLTConfig
 from loopcoder.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from loopcoder.errors import LoopcoderError
 from loopcoder.model import PLTForCausalLM
-from loopcoder.runtime import pick_dtype, quiet_libraries
+from loopcoder.runtime import apply_threads, pick_dtype, quiet_libraries
 from loopcoder.training import checkpoints as ckpt
 from loopcoder.training import distributed as D
 from loopcoder.training.config import TrainConfig, load_config, parse_override, set_key
@@ -86,8 +86,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
     env = D.setup(cfg)
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     try:
-        if cfg.train.threads:
-            torch.set_num_threads(cfg.train.threads)
+        apply_threads(cfg.train.threads)
         if cfg.train.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)

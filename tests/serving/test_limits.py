@@ -1,0 +1,168 @@
+"""Connection limits, as a hostile or broken client meets them over raw sockets: a slow request line and
+headers (slowloris), a slow body, too many connections, and a client that leaves in the middle of its body."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import select
+import socket
+import time
+
+import httpx
+import pytest
+
+from loopcoder.runtime import load_for_inference
+from support.serving import LiveServer, build_model_dir, scripted_app
+
+TIMEOUT = 1.0  # the test servers' header and body timeouts (seconds)
+
+
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory):
+    return load_for_inference(str(build_model_dir(tmp_path_factory.mktemp("serve-model"))))
+
+
+@pytest.fixture(scope="module")
+def strict(loaded):
+    """Header and body timeouts of 1 s."""
+    app, scheduler, _ = scripted_app(*loaded, body_timeout=TIMEOUT)
+    with LiveServer(app, scheduler, header_timeout=TIMEOUT, log_level="info") as server:
+        yield server
+
+
+def connect(server: LiveServer) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", server.port), timeout=10)
+
+
+def trickle_until_answered(sock: socket.socket, head: bytes, limit: float = 8.0,
+                           start: float | None = None) -> tuple[bytes, float]:
+    """Send `head`, then one more byte every 0.2 s (never completing anything) until the server answers
+    and closes. Returns (everything it sent, seconds from `start` (default: now) until it closed)."""
+    start = time.monotonic() if start is None else start
+    sock.sendall(head)
+    got = b""
+    while time.monotonic() - start < limit:
+        readable, _, _ = select.select([sock], [], [], 0.2)
+        if readable:
+            try:
+                chunk = sock.recv(65536)
+            except ConnectionResetError:  # closed while our trickle was still arriving: as good as EOF
+                chunk = b""
+            if not chunk:
+                return got, time.monotonic() - start
+            got += chunk
+            continue
+        with contextlib.suppress(OSError):  # closed under us: read what came before
+            sock.sendall(b"a")
+    raise AssertionError(f"the server kept the connection open for {limit} s; it sent {got!r}")
+
+
+def status_and_body(raw: bytes) -> tuple[int, dict]:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)
+
+
+def test_slow_headers_get_408_and_the_connection_closes_in_bounded_time(strict):
+    socks = [(connect(strict), time.monotonic()) for _ in range(3)]
+    try:
+        for s, opened in socks:  # each deadline runs from its connection
+            raw, seconds = trickle_until_answered(s, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nX-Slow: ",
+                                                  start=opened)
+            assert TIMEOUT * 0.8 < seconds < TIMEOUT + 3, seconds
+            status, body = status_and_body(raw)
+            assert status == 408 and body["error"]["code"] == "header_timeout"
+    finally:
+        for s, _ in socks:
+            s.close()
+    # a connection that sends nothing at all is closed too, and the server goes on serving
+    with connect(strict) as idle:
+        assert trickle_until_answered(idle, b"")[1] < TIMEOUT + 3
+    assert httpx.get(strict.url + "/health", timeout=10).status_code == 200
+
+
+def test_a_slow_body_gets_408_naming_the_limit(strict):
+    head = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 1000\r\n\r\n{\"prompt\": \"")
+    with connect(strict) as s:
+        raw, seconds = trickle_until_answered(s, head)
+    assert TIMEOUT * 0.8 < seconds < TIMEOUT + 3, seconds
+    status, body = status_and_body(raw)
+    assert status == 408 and body["error"]["code"] == "body_timeout" and f"{TIMEOUT:g} s" in body["error"]["message"]
+    r = httpx.post(strict.url + "/v1/completions", json={"prompt": "x", "max_tokens": 2}, timeout=10)
+    assert r.status_code == 200 and r.json()["choices"][0]["text"]
+
+
+def test_a_request_that_takes_its_time_but_stays_within_the_limits_is_served(strict):
+    body = json.dumps({"prompt": "x", "max_tokens": 2}).encode()
+    with connect(strict) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n")
+        time.sleep(TIMEOUT / 2)
+        s.sendall(b"Content-Length: %d\r\n\r\n" % len(body) + body[:5])
+        time.sleep(TIMEOUT / 2)  # headers and body each within their own limit
+        s.sendall(body[5:])
+        raw = s.recv(65536)
+    assert raw.startswith(b"HTTP/1.1 200"), raw
+
+
+def test_connections_beyond_the_cap_get_503_at_once_and_the_rest_are_served(loaded):
+    app, scheduler, _ = scripted_app(*loaded)
+    with LiveServer(app, scheduler, max_connections=3) as server:
+        held = [connect(server) for _ in range(3)]
+        try:
+            time.sleep(0.2)  # accepted by the server
+            with connect(server) as extra:
+                start = time.monotonic()
+                raw = extra.recv(65536)
+                while chunk := extra.recv(65536):
+                    raw += chunk
+                assert time.monotonic() - start < 2
+            status, body = status_and_body(raw)
+            assert status == 503 and body["error"]["code"] == "too_many_connections"
+            held[0].sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")  # the held ones are served
+            assert held[0].recv(65536).startswith(b"HTTP/1.1 200")
+        finally:
+            for s in held:
+                s.close()
+        deadline = time.monotonic() + 5
+        while len(server.server.server_state.connections) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert httpx.get(server.url + "/health", timeout=10).status_code == 200  # room again
+
+
+class Lines(logging.Handler):
+    """Every line the server's loggers write (a traceback counts its lines)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+        self.setFormatter(logging.Formatter("%(levelname)s %(name)s %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines += self.format(record).splitlines()
+
+
+def test_a_client_that_leaves_mid_body_costs_one_log_line(strict):
+    lines = Lines()
+    loggers = [logging.getLogger(n) for n in ("uvicorn", "loopcoder")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.addHandler(lines)
+        lg.setLevel(logging.INFO)  # as `loopcoder serve` runs (another test's server may have set warning)
+    try:
+        with connect(strict) as s:
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 1000\r\n\r\n{\"prompt\": \"abc")
+            time.sleep(0.2)
+        deadline = time.monotonic() + 5
+        while not lines.lines and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)  # anything else it would log comes right after
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.removeHandler(lines)
+            lg.setLevel(level)
+    assert len(lines.lines) == 1, "\n".join(lines.lines)
+    assert "disconnected while sending its request body" in lines.lines[0]
+    assert strict.health()["failed"] == 0
