@@ -240,7 +240,7 @@ class Engine:
         budget = None if self.max_step_tokens is None else self.max_step_tokens - len(decoding)
         self._prefill_chunks(budget, events, progress=bool(decoding))
         self._release_finished()  # sequences that ended at their first token leave before the step
-        decoding = self._decoding()
+        decoding = self._reserve_decode()  # again: a prompt just prefilled decodes its next position now
         if decoding:
             logits = self._decode(decoding)
             self._sample(decoding, logits, events)
