@@ -55,6 +55,23 @@ DEFAULT_STEP_TOKENS = 256  # per-step token budget: decoding tokens plus prefill
 DEFAULT_BLOCK_SIZE = 16
 
 
+def check_cache_options(max_batch: int, *, paged: bool = True, block_size: int = DEFAULT_BLOCK_SIZE,
+                        kv_cache_tokens: int | None = None, prefix_caching: bool | None = None,
+                        max_step_tokens: int | None = DEFAULT_STEP_TOKENS) -> None:
+    """Raise a one-line `LoopcoderError` for cache and scheduling options the engine cannot run with."""
+    if max_batch < 1:
+        raise LoopcoderError(f"max_batch must be >= 1, got {max_batch}")
+    if max_step_tokens is not None and max_step_tokens <= max_batch:
+        raise LoopcoderError(f"max_step_tokens must exceed max_batch ({max_batch}): decoding sequences take one "
+                             f"token each and prefill needs the rest; got {max_step_tokens}")
+    if prefix_caching and not paged:
+        raise LoopcoderError("prefix caching needs the paged cache (paged=True)")
+    if block_size < 1:
+        raise LoopcoderError(f"block_size must be >= 1, got {block_size}")
+    if paged and kv_cache_tokens is not None and -(-kv_cache_tokens // block_size) < 2:
+        raise LoopcoderError(f"kv_cache_tokens must hold at least two blocks of {block_size}, got {kv_cache_tokens}")
+
+
 @dataclass(eq=False)
 class Request:
     id: str
@@ -131,15 +148,8 @@ class Engine:
                  prefix_caching: bool | None = None, max_step_tokens: int | None = DEFAULT_STEP_TOKENS) -> None:
         if mode not in MODES:
             raise LoopcoderError(f"mode must be one of {MODES}, got {mode!r}")
-        if max_batch < 1:
-            raise LoopcoderError(f"max_batch must be >= 1, got {max_batch}")
-        if max_step_tokens is not None and max_step_tokens <= max_batch:
-            raise LoopcoderError(f"max_step_tokens must exceed max_batch ({max_batch}): the decoding sequences "
-                                 f"take one token each, and prefill needs the rest; got {max_step_tokens}")
-        if prefix_caching and not paged:
-            raise LoopcoderError("prefix caching needs the paged cache (paged=True)")
-        if block_size < 1:
-            raise LoopcoderError(f"block_size must be >= 1, got {block_size}")
+        check_cache_options(max_batch, paged=paged, block_size=block_size, kv_cache_tokens=kv_cache_tokens,
+                            prefix_caching=prefix_caching, max_step_tokens=max_step_tokens)
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.config = cfg = model.config
@@ -150,9 +160,6 @@ class Engine:
         self.max_step_tokens = max_step_tokens
         if paged:
             blocks = None if kv_cache_tokens is None else -(-kv_cache_tokens // block_size)
-            if blocks is not None and blocks < 2:
-                raise LoopcoderError(f"kv_cache_tokens must hold at least two blocks of {block_size}, "
-                                     f"got {kv_cache_tokens}")
             self.cache: SlotCache = PagedSlotCache(cfg, max_batch, self.max_seq_len, self.dtype, self.device,
                                                    block_size=block_size, num_blocks=blocks,
                                                    prefix_caching=prefix_caching is not False)
@@ -340,7 +347,7 @@ class Engine:
     def _preempt(self, req: Request) -> None:
         """Free a request's slot and blocks; it goes back to the front of the queue and will be recomputed from
         its prompt and output so far (largely from the prefix cache, where its full blocks stay)."""
-        for f in ([req] + req.followers) if req.state != "follow" else [req]:
+        for f in [req, *req.followers] if req.state != "follow" else [req]:
             self._drop(f)
             f.state, f.slot, f.cached, f.leader, f.followers = "waiting", None, 0, None, []
             f.tokens = f.prompt_ids + f.output_ids

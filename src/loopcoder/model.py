@@ -483,7 +483,8 @@ class PLTModel(PLTPreTrainedModel):
             x = layer.decode(x, cos, sin, loops, step, cache)
         return x
 
-    def _positions(self, emb: torch.Tensor, attention_mask, position_ids, cache: PLTCache | SequenceCache | None) -> torch.Tensor:
+    def _positions(self, emb: torch.Tensor, attention_mask, position_ids,
+                   cache: PLTCache | SequenceCache | None) -> torch.Tensor:
         """True positions (B, S) of the new tokens; -1 marks padding (attention_mask == 0), whatever
         position `generate` made up for it, so that padded slots are never attended to."""
         b, s = emb.shape[:2]
