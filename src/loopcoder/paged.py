@@ -21,7 +21,9 @@ recently used first). A new prompt starts from the longest cached prefix it can 
   b reads a*E_b + b*P(r)_{b-1}). Neither can be recomputed from loop 1's K/V, so they are kept as a
   *snapshot* at the block boundary: `sk`, `sv` (L, R-1, kv_heads, w+1, hd) in ring order and `s_states`
   (R-1, hidden). Snapshots are taken every `snapshot_every` blocks (by default one ring's worth of positions,
-  ceil((w+1)/block_size) blocks), so a hit resumes at most that many blocks before the end of its match;
+  ceil((w+1)/block_size) blocks), so a hit resumes at most that many blocks before the end of its match. The
+  store holds `snapshots` of them (by default a quarter of what a full pool has boundaries for, plus two per
+  slot), evicted least recently used: a hit whose deepest snapshot was evicted resumes at an earlier one;
 - the vanilla looped transformer (every loop's K/V in the blocks, no CLP state) and R = 1 resume at any block.
 
 With the blocks and the snapshot the continuation computes exactly what one forward over the whole prompt
@@ -55,7 +57,8 @@ class PagedSlotCache(SlotCache):
 
     def __init__(self, config: PLTConfig, max_batch: int, max_len: int, dtype: torch.dtype,
                  device: torch.device | str, *, block_size: int = 16, num_blocks: int | None = None,
-                 prefix_caching: bool = True, snapshot_every: int | None = None) -> None:
+                 prefix_caching: bool = True, snapshot_every: int | None = None,
+                 snapshots: int | None = None) -> None:
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         self.block_size = block_size
@@ -67,7 +70,10 @@ class PagedSlotCache(SlotCache):
         self.table = torch.full((max_batch, self.max_blocks), NULL_BLOCK, dtype=torch.long, device=self.device)
         self.prefix_caching = prefix_caching
         self.snapshot_every = snapshot_every or -(-(self.window + 1) // B)
-        snapshots = -(-self.num_blocks // self.snapshot_every) if prefix_caching and self.has_rings else 0
+        if not (prefix_caching and self.has_rings):
+            snapshots = 0
+        elif snapshots is None:  # a quarter of a full pool's boundaries, plus a few per slot; evicted LRU
+            snapshots = -(-self.num_blocks // (4 * self.snapshot_every)) + 2 * max_batch
         self.pool = BlockPool(self.num_blocks, snapshots)
         L, hkv, hd = config.num_hidden_layers, config.num_key_value_heads, config.head_dim
         kw = dict(dtype=dtype, device=self.device)
