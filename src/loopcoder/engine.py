@@ -243,11 +243,11 @@ class Engine:
         ends that request (an `Event` with `error`)."""
         events: list[Event] = []
         self._admit()
-        decoding = self._reserve_decode()
+        decoding = self._reserve_decode(events)
         budget = None if self.max_step_tokens is None else self.max_step_tokens - len(decoding)
         self._prefill_chunks(budget, events, progress=bool(decoding))
         self._release_finished()  # sequences that ended at their first token leave before the step
-        decoding = self._reserve_decode()  # again: a prompt just prefilled decodes its next position now
+        decoding = self._reserve_decode(events)  # again: a prompt just prefilled decodes its next position now
         if decoding:
             logits = self._decode(decoding)
             self._sample(decoding, logits, events)
@@ -327,9 +327,10 @@ class Engine:
             n += 1
         return self._active[:n]
 
-    def _reserve_decode(self) -> list[Request]:
+    def _reserve_decode(self, events: list[Event]) -> list[Request]:
         """Room for the next position of every decoding sequence, oldest first; a sequence that cannot get it
-        preempts the latest admitted request (possibly itself). Returns the decoding requests."""
+        preempts the latest admitted request (possibly itself), or ends at this length when it is alone and the
+        whole pool is its own. Returns the decoding requests."""
         for req in list(self._decoding()):
             if req.slot is None:  # preempted while making room for an older one
                 continue
@@ -337,6 +338,7 @@ class Engine:
                 victim = max(self._active, key=lambda r: r.admitted)
                 if victim is req and len(self._active) == 1:  # alone and the pool is full: it cannot grow
                     req.finish_reason, req.finished_at = "length", time.perf_counter()
+                    events.append(Event(req, req.stream.take(final=True), [], True))
                     break
                 self._preempt(victim)
                 if victim is req:

@@ -153,6 +153,16 @@ def test_a_tiny_pool_makes_requests_wait_or_be_preempted_never_corrupted(loops, 
         assert engine.num_running == 0
 
 
+def test_a_sequence_that_outgrows_the_whole_pool_ends_at_its_length():
+    """16 positions hold the prompt and 6 tokens; the 7th is sampled from the last position's logits."""
+    model = model_for(2, "plt")
+    engine = Engine(model, max_batch=1, block_size=4, kv_cache_tokens=16)
+    events = []
+    out = engine.generate([prompt(10, 50)], SamplingParams(max_new_tokens=20), on_event=events.append)[0]
+    assert out.finish_reason == "length" and out.token_ids == full_recompute_greedy(model, prompt(10, 50), 7)
+    assert events[-1].finished and engine.cache_stats()["blocks_held"] == 0
+
+
 def test_static_shapes_with_paging_and_chunking_match_dynamic():
     model = model_for(3, "plt")
     prompts = [prompt(n, 30 + n) for n in (13, 5, 22)]
