@@ -14,6 +14,8 @@ shape (4 layers, 256 wide, PLT-2, window 64):
    its output and a tool result (`--tool` tokens), after a shared system prompt (`--system` tokens). Time to
    first token, generated tokens/s, the prefix hit rate, and K/V memory (peak in use) against the old
    preallocation (`max_batch x max_seq_len` per slot), with prefix caching and without.
+4. decode (not run by default): a decode step of 8 sequences at contexts 256 and 1024, paged against
+   preallocated (`--parts decode`).
 
     PYTHONPATH=src python3 benchmarks/agentic.py --threads 1 [--out benchmarks/results/agentic.json]
 """
@@ -150,6 +152,27 @@ def agents(model: PLTForCausalLM, args: argparse.Namespace) -> dict:
                     "longest_prompt": max(len(h) for h in history),
                     "kv_peak_in_use_bytes": peak, "snapshot_bytes_in_use": s["snapshots_in_use"] * s["snapshot_bytes"],
                     "kv_old_preallocation_bytes": old, "kv_pool_allocated_bytes": s["allocated_bytes"]}
+    return out
+
+
+def decode(model: PLTForCausalLM, args: argparse.Namespace) -> dict:
+    """The price of paging for decoding: one decode step of 8 sequences, paged against preallocated, rounds
+    taking turns (each reads every sequence's blocks through one gather per layer instead of a view)."""
+    out: dict = {}
+    for context in (256, 1024):
+        engines = {p: Engine(model, max_batch=8, max_seq_len=2048, paged=p) for p in (False, True)}
+        for e in engines.values():
+            e.cache.fill_random(8, context, torch.Generator().manual_seed(0))
+        tokens = torch.randint(3, VOCAB, (8,))
+        times: dict[bool, list[float]] = {False: [], True: []}
+        for _ in range(args.rounds + 1):
+            for paged, e in engines.items():
+                t = time.perf_counter()
+                for _ in range(10):
+                    e.decode_step(tokens, 8)
+                times[paged].append((time.perf_counter() - t) / 10)
+        pre, pag = statistics.median(times[False][1:]), statistics.median(times[True][1:])
+        out[f"context_{context}"] = {"preallocated_s": pre, "paged_s": pag, "paged_over_preallocated": pag / pre}
     return out
 
 

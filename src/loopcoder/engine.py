@@ -288,6 +288,7 @@ class Engine:
         """The cache's figures (blocks held, cached and free, prefix hits) and the scheduler's counters."""
         return {**self.cache.stats(), **self.counters}
 
+    @torch.inference_mode()
     def decode_step(self, tokens: torch.Tensor, n: int) -> torch.Tensor:
         """Logits (n, vocab) of the next token of the sequences in slots 0..n-1, whose last tokens are
         `tokens`; advances their caches by one position (taking blocks as needed)."""
