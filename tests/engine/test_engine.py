@@ -8,7 +8,7 @@ import torch
 from loopcoder.engine import Engine
 from loopcoder.errors import LoopcoderError
 from loopcoder.sampling import SamplingParams, filter_logits
-from support.models import ARCHS, tiny_model
+from support.models import ARCHS, full_recompute_greedy, tiny_model
 
 PROMPTS = [[5, 9, 11, 3, 7, 8, 2], [4, 6, 10], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12], [30]]
 
@@ -18,14 +18,6 @@ class LetterTokenizer:
 
     def decode(self, ids, skip_special_tokens=False):
         return "".join(chr(ord("a") + i % 26) for i in ids)
-
-
-def full_recompute_greedy(model, prompt, n):
-    seq = torch.tensor([prompt])
-    with torch.no_grad():
-        for _ in range(n):
-            seq = torch.cat([seq, model(seq).logits[:, -1].argmax(-1, keepdim=True)], 1)
-    return seq[0, len(prompt):].tolist()
 
 
 @pytest.mark.parametrize("loops", [1, 2, 3, 4])

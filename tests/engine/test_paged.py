@@ -15,7 +15,7 @@ import torch
 from loopcoder.engine import Engine
 from loopcoder.errors import LoopcoderError
 from loopcoder.sampling import SamplingParams
-from support.models import ARCHS, tiny_model
+from support.models import ARCHS, full_recompute_greedy, tiny_model
 from support.reference import reference_logits
 
 # (loops, architecture): R = 1, PLT-2, PLT-3, the vanilla looped transformer and PLT without CLP's offset
@@ -25,14 +25,6 @@ GEN = 6
 
 def model_for(loops: int, arch: str, **overrides):
     return tiny_model(dtype=torch.float32, plt_num_loops=loops, **ARCHS[arch], eos_token_id=None, **overrides)
-
-
-def full_recompute_greedy(model, prompt: list[int], n: int) -> list[int]:
-    seq = torch.tensor([prompt])
-    with torch.no_grad():
-        for _ in range(n):
-            seq = torch.cat([seq, model(seq).logits[:, -1].argmax(-1, keepdim=True)], 1)
-    return seq[0, len(prompt):].tolist()
 
 
 def prompt(n: int, seed: int) -> list[int]:
