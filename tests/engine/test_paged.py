@@ -155,6 +155,31 @@ def test_a_sequence_that_outgrows_the_whole_pool_ends_at_its_length():
     assert events[-1].finished and engine.cache_stats()["blocks_held"] == 0
 
 
+def test_samples_of_one_prompt_in_a_tiny_pool_with_prefix_caching():
+    """Followers of a prefill that is preempted prefill themselves; every sample is still exact."""
+    model = model_for(3, "plt")
+    p = prompt(13, 60)
+    engine = Engine(model, max_batch=3, block_size=4, kv_cache_tokens=32, max_step_tokens=5)
+    assert run(engine, [p, p, p], 10) == [full_recompute_greedy(model, p, 10)] * 3
+    stats = engine.cache_stats()
+    assert stats["preemptions"] > 0 and stats["forks"] > 0 and stats["blocks_held"] == 0, stats
+
+
+def test_abort_during_a_chunked_prefill_frees_its_blocks():
+    model = model_for(2, "plt")
+    engine = Engine(model, max_batch=2, block_size=4, max_step_tokens=6)
+    long = engine.add_request(prompt(40, 70), SamplingParams(max_new_tokens=5))
+    other = engine.add_request(prompt(7, 71), SamplingParams(max_new_tokens=8))
+    for _ in range(3):
+        engine.step()
+    assert not long.output_ids and engine.cache_stats()["blocks_held"] > 0
+    engine.abort(long.id)
+    while engine.has_work():
+        engine.step()
+    assert long.finish_reason == "abort" and other.output_ids == full_recompute_greedy(model, other.prompt_ids, 8)
+    assert engine.cache_stats()["blocks_held"] == 0
+
+
 def test_static_shapes_with_paging_and_chunking_match_dynamic():
     model = model_for(3, "plt")
     prompts = [prompt(n, 30 + n) for n in (13, 5, 22)]
