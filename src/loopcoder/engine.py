@@ -94,7 +94,7 @@ class Request:
     cached_tokens: int = 0  # prompt tokens the prefix cache served at the first admission
     leader: Request | None = None
     followers: list[Request] = field(default_factory=list)
-    admitted: int = -1  # admission order (the latest is preempted first)
+    admitted: int = -1  # admission order (the latest is preempted first); -1 until first admitted
     preemptions: int = 0
 
     @property
