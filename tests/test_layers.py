@@ -24,7 +24,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("blocks", "cache", "paged"),  # the engine's caches: block bookkeeping, slot caches, the paged one
     ("model", "loopcoder"),
     ("checkpoint", "export"),  # loads, saves and initialises models; writes the remote-code layout
-    ("runtime", "sampling", "textstream"),  # devices, dtypes, loading for inference; sampling; detokenising
+    ("runtime", "sampling", "textstream", "constraints"),  # devices, dtypes, loading for inference; sampling;
+    # detokenising; grammar-constrained decoding
     ("engine",),
     ("data",),
     ("training",),

@@ -14,8 +14,9 @@ What the engine does, every `step()`:
   new token in one pass with `mode="parallel"`, one pass per loop with `mode="sequential"`; vanilla
   looped models and the no-offset ablation always take R passes), on fixed shapes when asked, captured
   as a CUDA graph or compiled with `torch.compile`;
-- sampling, with each request's parameters and seeded generator, then stop tokens, lengths, and the
-  request's `TextStream` (detokenisation, stop strings, streaming);
+- sampling, with each request's parameters and seeded generator (a constrained request's logits masked first
+  by its grammar: `constraints.py`), then stop tokens, lengths, and the request's `TextStream`
+  (detokenisation, stop strings, streaming);
 - slots: decoding sequences stay packed in slots 0..n-1 (the decode step works on slices), prefilling ones
   after them; a finished one leaves and the others move up.
 
@@ -39,6 +40,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from loopcoder.cache import SlotCache
+from loopcoder.constraints import GrammarCompiler, GrammarMatcher, mask_logits
 from loopcoder.errors import LoopcoderError
 from loopcoder.model import PLTForCausalLM
 from loopcoder.paged import PagedSlotCache
@@ -80,8 +82,9 @@ class Request:
     generator: torch.Generator
     stream: TextStream
     stop_ids: frozenset[int]  # token ids that end the completion (not part of it)
+    grammar: GrammarMatcher | None = None  # a constrained request's parser (its end tokens also stop it)
     output_ids: list[int] = field(default_factory=list)
-    finish_reason: str | None = None  # "stop" (stop token or string), "length", "abort", "error"
+    finish_reason: str | None = None  # "stop" (stop token or string, grammar complete), "length", "abort", "error"
     error: str | None = None  # why the request failed (finish_reason "error")
     slot: int | None = None
     submitted: float = field(default_factory=time.perf_counter)
@@ -167,6 +170,8 @@ class Engine:
             self.cache = SlotCache(cfg, max_batch, self.max_seq_len, self.dtype, self.device)
         eos = cfg.eos_token_id if isinstance(cfg.eos_token_id, list) else [cfg.eos_token_id]
         self.eos_ids = {e for e in eos if e is not None}
+        # constrained decoding: grammars compiled once per constraint, shared by the requests that use it
+        self.grammars = GrammarCompiler(tokenizer, cfg.vocab_size) if tokenizer is not None else None
         if fuse:  # fused projections, oneDNN-prepacked on CPU: all loop rows for the price of ~one
             model.prepare_for_inference(pack=not compile)  # inductor prepacks weights itself
         # compiled steps and CUDA graphs want one shape: every slot, the full cache length
@@ -217,8 +222,15 @@ class Engine:
                                      f"(prompt plus at least one new token)")
         stop_ids = frozenset() if params.ignore_eos else frozenset(
             self.eos_ids if params.stop_token_ids is None else params.stop_token_ids)
+        grammar = None
+        if params.constraint is not None:
+            if self.grammars is None:
+                raise LoopcoderError("constrained decoding needs the engine's tokenizer")
+            # where the grammar may end, the request's stop tokens (or the model's end-of-text) end it
+            grammar = self.grammars.matcher(params.constraint, stop_ids or self.eos_ids)
         req = Request(request_id or f"req-{next(self._ids)}", list(prompt_ids), params,
-                      make_generator(params.seed, self.device), TextStream(self.tokenizer, params.stop), stop_ids)
+                      make_generator(params.seed, self.device), TextStream(self.tokenizer, params.stop), stop_ids,
+                      grammar)
         self._queue.append(req)
         return req
 
@@ -432,7 +444,9 @@ class Engine:
                 self._start_prefill(f)
         self._pack()
         ready = [req] + [f for f in followers if f.state == "decode"]
-        self._sample(ready, logits[None].expand(len(ready), -1), events)
+        # n samples of a prompt share its prefill logits: a grammar masks its own copy
+        rows = logits[None].expand(len(ready), -1)
+        self._sample(ready, rows.clone() if any(r.grammar is not None for r in ready) else rows, events)
 
     def _advance(self, req: Request, n: int) -> None:
         """`req`'s cache holds `n` more positions: enter its newly full blocks in the prefix cache."""
@@ -494,9 +508,15 @@ class Engine:
 
     # ------------------------------------------------------------------ sampling and bookkeeping
     def _sample(self, reqs: list[Request], logits: torch.Tensor, events: list[Event]) -> None:
-        """Sample one token per request (row of `logits`) and append it. Per request: a row that cannot be
-        sampled, or a failure in its bookkeeping, fails that request only."""
+        """Sample one token per request (row of `logits`, masked in place where the request has a grammar) and
+        append it. Per request: a grammar that fails, a row that cannot be sampled, or a failure in its
+        bookkeeping, fails that request only."""
+        failed = mask_logits(logits, [r.grammar for r in reqs])
         tokens, errors = sample_next(logits, [r.params for r in reqs], [r.generator for r in reqs])
+        for i in errors:
+            if reqs[i].grammar is not None:
+                errors[i] += " among the tokens its grammar allows"
+        errors.update(failed)
         for i, (req, token) in enumerate(zip(reqs, tokens)):
             if i in errors:
                 self._fail(req, errors[i], events)
@@ -509,12 +529,14 @@ class Engine:
     def _append(self, req: Request, token: int, events: list[Event]) -> None:
         now = time.perf_counter()
         req.first_token_at = req.first_token_at or now
-        stop_token = token in req.stop_ids
+        stop_token = token in req.stop_ids or (req.grammar is not None and token in req.grammar.end_ids)
         if stop_token:
             req.finish_reason = "stop"
         else:
+            if req.grammar is not None:
+                req.grammar.accept(token)  # raises if the token left the grammar (the mask prevents it)
             req.output_ids.append(token)
-            if req.stream.push(token):
+            if req.stream.push(token) or (req.grammar is not None and req.grammar.done):
                 req.finish_reason = "stop"
             elif len(req.output_ids) >= req.params.max_new_tokens \
                     or len(req.prompt_ids) + len(req.output_ids) >= self.max_seq_len:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from loopcoder.constraints import Constraint
 from loopcoder.errors import LoopcoderError
 
 
@@ -24,6 +25,7 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)  # stop strings (not included in the output)
     stop_token_ids: list[int] | None = None  # None: the model's eos ids
     ignore_eos: bool = False
+    constraint: Constraint | None = None  # the output must match this JSON schema, regex or grammar
 
     def validate(self) -> SamplingParams:
         """Raise `LoopcoderError` naming the first invalid value."""
@@ -44,6 +46,10 @@ class SamplingParams:
             raise LoopcoderError(f"seed must be an integer in [0, 2**64), got {self.seed!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise LoopcoderError("stop strings must be non-empty strings")
+        if self.constraint is not None:
+            if not isinstance(self.constraint, Constraint):
+                raise LoopcoderError(f"constraint must be a Constraint, got {type(self.constraint).__name__}")
+            self.constraint.validate()
         return self
 
     @property

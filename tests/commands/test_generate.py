@@ -82,3 +82,47 @@ def test_bad_input_is_one_line_and_exit_2(model_dir, tmp_path, capsys, argv, mes
     code, _, err = run_cli(["generate", *argv], capsys)
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and message in lines[0], err
+
+
+SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"enum": [1, 2, 3]}},
+          "required": ["ok", "n"], "additionalProperties": False}
+
+
+def test_json_schema_and_regex_constrain_the_output(model_dir, tmp_path, capsys):
+    import json
+
+    import jsonschema
+
+    from loopcoder.constraints import Constraint
+
+    path = tmp_path / "schema.json"
+    path.write_text(json.dumps(SCHEMA))
+    model, tok = load_for_inference(str(model_dir))
+    ids = tok("x = ", add_special_tokens=False)["input_ids"]
+    for seed in range(4):
+        code, out, _ = run_cli(["generate", "--model", str(model_dir), "--prompt", "x = ", "--json-schema", str(path),
+                                "--max-new-tokens", "30", "--temperature", "1", "--seed", str(seed)], capsys)
+        assert code == 0
+        jsonschema.validate(json.loads(out), SCHEMA)
+        params = SamplingParams(max_new_tokens=30, temperature=1.0, seed=seed,
+                                constraint=Constraint.json_schema(SCHEMA))
+        assert out == Engine(model, tok).generate([ids], params)[0].text + "\n"
+    code, out, _ = run_cli(["generate", "--model", str(model_dir), "--prompt", "x = ", "--regex", "(yes|no)-[0-9]",
+                            "--max-new-tokens", "10"], capsys)
+    assert code == 0 and out.strip() in {f"{w}-{d}" for w in ("yes", "no") for d in range(10)}
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (None, "--json-schema"),  # no such file
+    ("{not json", "not valid JSON"),
+    ('{"type": "foo"}', "Invalid type: foo"),
+    ('{"type": "integer", "minimum": 5, "maximum": 2}', "minimum"),
+])
+def test_a_bad_schema_file_is_one_line_and_exit_2(model_dir, tmp_path, capsys, content, message):
+    path = tmp_path / "schema.json"
+    if content is not None:
+        path.write_text(content)
+    code, out, err = run_cli(["generate", "--model", str(model_dir), "--prompt", "x", "--json-schema", str(path)],
+                             capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and out == "" and len(lines) == 1 and message in lines[0], err

@@ -68,15 +68,34 @@ def test_tools_reach_the_template_and_calls_come_back_as_tool_calls(live, client
     assert calls[0].id.startswith("call_") and chunks[-1].choices[0].finish_reason == "tool_calls"
 
 
-def test_a_malformed_call_comes_back_as_text_not_dropped(client, live):
-    bad = '<tool_call>\n{"name": get_weather, "arguments": {}}\n</tool_call>'
-    live.engine.script = bad
-    r = client.chat.completions.create(model="scripted", messages=USER, tools=TOOLS)
-    assert r.choices[0].message.content == bad and r.choices[0].message.tool_calls is None
-    assert r.choices[0].finish_reason == "stop"
-    chunks = list(client.chat.completions.create(model="scripted", messages=USER, tools=TOOLS, stream=True))
-    assert "".join(c.choices[0].delta.content or "" for c in chunks) == bad
+def test_a_call_cut_by_max_tokens_comes_back_as_text_not_dropped(client, live):
+    live.engine.script = CALL
+    r = client.chat.completions.create(model="scripted", messages=USER, tools=TOOLS, max_tokens=8)
+    text = r.choices[0].message.content
+    assert CALL.startswith(text) and text.startswith("<tool_call>") and len(text) < len(CALL)
+    assert r.choices[0].message.tool_calls is None and r.choices[0].finish_reason == "length"
+    chunks = list(client.chat.completions.create(model="scripted", messages=USER, tools=TOOLS, max_tokens=8,
+                                                 stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == text
     assert not any(c.choices[0].delta.tool_calls for c in chunks)
+
+
+@pytest.mark.parametrize("script", [
+    '<tool_call>\n{"name": get_weather, "arguments": {}}\n</tool_call>',  # not JSON
+    '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>',  # not one of the tools
+    '<tool_call>\n{"name": "get_weather", "arguments": {"town": "Oslo"}}\n</tool_call>',  # not its schema
+    'Sure: <tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call> done',  # text after
+])
+def test_with_tools_the_grammar_refuses_a_call_that_breaks_the_format(client, live, script):
+    """The scripted model can write nothing but its script: where the grammar refuses the script's next token,
+    no token is left, and the request fails (a real model's next allowed token would be sampled instead)."""
+    live.engine.script = script
+    with pytest.raises(openai.InternalServerError) as e:
+        client.chat.completions.create(model="scripted", messages=USER, tools=TOOLS)
+    assert e.value.body["code"] == "generation_failed" and "grammar" in e.value.body["message"]
+    live.engine.script = script.replace("<tool_call>", "").replace("</tool_call>", "")  # no call opened: free text
+    r = client.chat.completions.create(model="scripted", messages=USER, tools=TOOLS)
+    assert r.choices[0].message.content == live.engine.script and r.choices[0].finish_reason == "stop"
 
 
 def test_tool_choice_none_required_and_named(live, client):
@@ -85,21 +104,26 @@ def test_tool_choice_none_required_and_named(live, client):
     assert "<tools>" not in last_prompt(live)
     assert r.choices[0].message.content == CALL and r.choices[0].finish_reason == "stop"  # not parsed
 
-    live.engine.script = '{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
+    live.engine.script = CALL.replace("Paris", "Oslo")
     r = client.chat.completions.create(model="scripted", messages=USER, tools=TOOLS, tool_choice="required")
-    assert last_prompt(live).endswith("<|im_start|>assistant\n<tool_call>\n")
+    assert last_prompt(live).endswith("<|im_start|>assistant\n")  # the grammar opens the call, not the prompt
     assert json.loads(r.choices[0].message.tool_calls[0].function.arguments) == {"city": "Oslo"}
+    assert r.choices[0].finish_reason == "tool_calls"
 
-    live.engine.script = '{"city": "Rome"}}\n</tool_call>'
+    live.engine.script = CALL.replace("Paris", "Rome")
     named = {"type": "function", "function": {"name": "get_weather"}}
     r = client.chat.completions.create(model="scripted", messages=USER, tools=TOOLS, tool_choice=named)
-    assert last_prompt(live).endswith('<tool_call>\n{"name": "get_weather", "arguments": ')
     [call] = r.choices[0].message.tool_calls
     assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Rome"}
     chunks = list(client.chat.completions.create(model="scripted", messages=USER, tools=TOOLS, tool_choice=named,
                                                  stream=True))
     [call] = [tc for c in chunks for tc in c.choices[0].delta.tool_calls or []]
     assert json.loads(call.function.arguments) == {"city": "Rome"}
+
+    for choice in ("required", named):  # text instead of a call: refused from the first token
+        live.engine.script = "It is sunny."
+        with pytest.raises(openai.InternalServerError):
+            client.chat.completions.create(model="scripted", messages=USER, tools=TOOLS, tool_choice=choice)
 
 
 def test_a_tool_round_trip_renders_the_call_and_its_result(live, client):

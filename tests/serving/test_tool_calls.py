@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 
+import jsonschema
 import pytest
 
 from loopcoder.errors import LoopcoderError
@@ -82,22 +83,30 @@ def test_text_without_calls_is_unchanged():
         assert out.content == text and out.tool_calls == []
 
 
-def test_forced_prefix_opens_a_call_that_parses():
-    assert P.forced_prefix(None) == "<tool_call>\n"
-    prefix = P.forced_prefix("get_weather")
-    out = P.parse(prefix + '{"city": "Oslo"}}\n</tool_call>')
-    assert out.tool_calls[0].name == "get_weather"
-    assert json.loads(out.tool_calls[0].arguments) == {"city": "Oslo"}
+def test_a_call_written_in_the_call_format_parses_back():
+    fmt = P.call_format()
+    schema = fmt.body_schema("get_weather", {"type": "object", "properties": {"city": {"type": "string"}}})
+    body = {"name": "get_weather", "arguments": {"city": "Oslo"}}
+    jsonschema.validate(body, schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"name": "other", "arguments": {}}, schema)
+    out = P.parse(fmt.begin + json.dumps(body) + fmt.end + fmt.separator + fmt.begin + json.dumps(body) + fmt.end)
+    assert [(c.name, json.loads(c.arguments)) for c in out.tool_calls] == [("get_weather", {"city": "Oslo"})] * 2
+    assert out.content is None
+    assert fmt.body_schema("now", None)["properties"]["arguments"] == {"type": "object", "properties": {},
+                                                                       "additionalProperties": False}
 
 
 def _stream(text: str, cuts: list[int]) -> tuple[str, list]:
+    """Feed `text` cut at `cuts`, collecting calls as they complete: (content, calls)."""
     s = ToolCallStream(P)
-    streamed, pos = "", 0
+    streamed, pos, calls = "", 0, []
     for cut in [*cuts, len(text)]:
         streamed += s.feed(text[pos:cut])
+        calls += s.calls()
         pos = cut
     rest = s.finish()
-    return streamed + (rest.content or ""), rest.tool_calls
+    return streamed + (rest.content or ""), calls + rest.tool_calls
 
 
 @pytest.mark.parametrize("text", [
@@ -127,16 +136,20 @@ def test_streaming_sends_text_before_the_marker_early_and_holds_a_partial_marker
     assert s.feed("ld <tool") == "ld"  # " <tool" could open a call: held back
     assert s.feed("box>") == " <toolbox>"  # it did not
     assert s.feed("\n<tool_call>{\"name\": \"f\"}") == ""
+    assert s.calls() == []
     assert s.feed("</tool_call>") == ""
+    [call] = s.calls()  # complete: sent before the choice ends
+    assert call.name == "f" and s.calls() == []
     rest = s.finish()
-    assert rest.content == "" and [c.name for c in rest.tool_calls] == ["f"]
+    assert rest.content == "" and rest.tool_calls == []
 
 
 def test_parsers_are_pluggable_by_name_or_import_path():
     assert isinstance(get_tool_parser("hermes"), HermesToolCallParser)
-    custom = get_tool_parser("support.serving:UpperParser")
+    custom = get_tool_parser("support.serving:CallLineParser")
     assert isinstance(custom, ToolCallParser)
-    assert [c.name for c in custom.parse("CALL f\nCALL g").tool_calls] == ["f", "g"]
+    assert [c.name for c in custom.parse('CALL {"name": "f", "arguments": {}}\nCALL {"name": "g", '
+                                         '"arguments": {}}').tool_calls] == ["f", "g"]
     with pytest.raises(LoopcoderError, match="unknown tool parser"):
         get_tool_parser("nope")
     with pytest.raises(LoopcoderError, match="cannot import"):

@@ -18,10 +18,10 @@ from loopcoder.engine import Engine
 
 KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-CONTEXT = 1024  # the tiny model's max positions (a tools system prompt is ~500 of its tokens)
+CONTEXT = 1024  # the tiny model's max positions, by default (a tools system prompt is ~500 of its tokens)
 
 
-def build_model_dir(out: Path) -> Path:
+def build_model_dir(out: Path, context: int = CONTEXT) -> Path:
     """A random 2-loop PLT (hidden 32) with a byte-level BPE tokenizer (vocab 400, ChatML + tools template)
     trained on this package's engine/model source: a few hundred KB, built in about a second."""
     from loopcoder import engine, model, sampling
@@ -32,9 +32,9 @@ def build_model_dir(out: Path) -> Path:
     tok = T.train_tokenizer((text[i:i + 2000] for i in range(0, len(text), 2000)), vocab_size=400)
     with contextlib.redirect_stdout(io.StringIO()):
         assert main(["init", "--out", str(out), "--hidden-size", "32", "--layers", "2", "--heads", "4",
-                     "--kv-heads", "2", "--vocab-size", "400", "--window", "4", "--max-positions", str(CONTEXT),
+                     "--kv-heads", "2", "--vocab-size", "400", "--window", "4", "--max-positions", str(context),
                      "--loops", "2", "--seed", "0"]) == 0
-    T.save_tokenizer(tok, out, model_max_length=CONTEXT)  # after init, which writes the directory anew
+    T.save_tokenizer(tok, out, model_max_length=context)  # after init, which writes the directory anew
     return out
 
 
@@ -168,16 +168,23 @@ def sse_events(response: httpx.Response) -> list:
     return out
 
 
-class UpperParser:
-    """A toy parser for the registry test: `CALL name` lines."""
+class CallLineParser:
+    """A toy parser for the registry and grammar tests: `CALL {"name": ..., "arguments": {...}}` lines. Its start
+    marker is plain text (Hermes' is a special token)."""
 
     start_marker = "CALL "
 
     def parse(self, text):
         from loopcoder.serving.tool_calls import ParsedOutput, ToolCall
 
-        calls = [ToolCall(line[5:], "{}") for line in text.splitlines() if line.startswith("CALL ")]
+        calls = []
+        for line in text.splitlines():
+            if line.startswith(self.start_marker):
+                body = json.loads(line[len(self.start_marker):])
+                calls.append(ToolCall(body["name"], json.dumps(body["arguments"])))
         return ParsedOutput(None if calls else text, calls)
 
-    def forced_prefix(self, name):
-        return "CALL " + (name or "")
+    def call_format(self):
+        from loopcoder.serving.tool_calls import CallFormat
+
+        return CallFormat(self.start_marker, "\n", separator="")

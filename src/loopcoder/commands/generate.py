@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
+from loopcoder.constraints import Constraint
 from loopcoder.engine import Engine
 from loopcoder.errors import LoopcoderError
 from loopcoder.runtime import add_threads_argument, apply_threads, chat_stop_ids, load_for_inference
@@ -26,6 +28,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--stream", action="store_true", help="print tokens as they are produced")
+    c = p.add_mutually_exclusive_group()
+    c.add_argument("--json-schema", metavar="FILE", help="the output is JSON that validates against this schema")
+    c.add_argument("--json-object", action="store_true", help="the output is a JSON object")
+    c.add_argument("--regex", metavar="PATTERN", help="the output matches this regular expression")
+    c.add_argument("--grammar", metavar="FILE", help="the output matches this Lark grammar (llguidance's dialect)")
     p.add_argument("--mode", choices=["parallel", "sequential"], default="parallel",
                    help="parallel: all loops in one pass per token (PLT); sequential: one pass per loop")
     p.add_argument("--device", default="auto")
@@ -33,9 +40,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_threads_argument(p)
 
 
+def read_text(path: str, what: str) -> str:
+    try:
+        return Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise LoopcoderError(f"{what} {path}: cannot read it ({e})") from None
+
+
+def constraint(args: argparse.Namespace) -> Constraint | None:
+    if args.json_schema:
+        return Constraint.json_schema(read_text(args.json_schema, "--json-schema"))
+    if args.json_object:
+        return Constraint.json_object()
+    if args.regex is not None:
+        return Constraint.regex(args.regex)
+    if args.grammar:
+        return Constraint.grammar(read_text(args.grammar, "--grammar"))
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                            top_k=args.top_k, seed=args.seed, stop=args.stop).validate()
+                            top_k=args.top_k, seed=args.seed, stop=args.stop, constraint=constraint(args)).validate()
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     if not prompt:
         raise LoopcoderError("the prompt is empty (give --prompt TEXT or text on stdin)")
@@ -50,6 +76,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         ids = tok(prompt, add_special_tokens=False)["input_ids"]
     engine = Engine(model, tok, max_batch=1, mode=args.mode)
+    if params.constraint is not None:
+        engine.grammars.compile(params.constraint)  # a bad schema or grammar: one line, before generating
 
     def show(event) -> None:
         if event.text:

@@ -14,7 +14,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -26,6 +26,7 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from loopcoder.constraints import Constraint, ConstraintError, lark_json
 from loopcoder.errors import LoopcoderError
 from loopcoder.runtime import chat_stop_ids
 from loopcoder.sampling import SamplingParams
@@ -34,11 +35,18 @@ from loopcoder.serving.protocol import (
     ChatRequest,
     CompletionRequest,
     NamedToolChoice,
+    ResponseFormat,
     bad_request,
     parse_request,
 )
 from loopcoder.serving.scheduler import Job, Scheduler, Update
-from loopcoder.serving.tool_calls import HermesToolCallParser, ParsedOutput, ToolCallParser, ToolCallStream
+from loopcoder.serving.tool_calls import (
+    HermesToolCallParser,
+    ParsedOutput,
+    ToolCallParser,
+    ToolCallStream,
+    tool_call_grammar,
+)
 
 log = logging.getLogger("loopcoder.serve")
 T = TypeVar("T")
@@ -184,6 +192,7 @@ class Service:
         self.created = int(time.time())
         # chat turns end with <|im_end|> (if the tokenizer has it) as well as at the model's end-of-text
         self.chat_stop_ids = chat_stop_ids(engine.eos_ids, tokenizer)
+        self.grammars = engine.grammars  # thread-safe: handlers compile constraints, the engine reuses them
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="loopcoder-tokenizer")
 
     async def off_loop(self, fn: Callable[[], T]) -> T:
@@ -233,7 +242,7 @@ class Service:
             raise bad_request(f"token id {bad} is outside the vocabulary (size {self.vocab_size})", param)
 
     def jobs(self, req: Any, prompts: list[list[int]], limit: int | None, default: int,
-             stop_ids: list[int] | None) -> list[Job]:
+             stop_ids: list[int] | None, constraint: Constraint | None = None) -> list[Job]:
         """One job per choice: prompt k, sample j is choice k * n + j and samples with seed + that index."""
         total = len(prompts) * req.n
         if total > self.max_n:
@@ -247,7 +256,8 @@ class Service:
                 i = k * req.n + j
                 params = SamplingParams(max_new_tokens=max_new, temperature=temperature, top_p=req.top_p,
                                         top_k=max(req.top_k, 0), seed=None if req.seed is None else req.seed + i,
-                                        stop=req.stop_list, stop_token_ids=stop_ids, ignore_eos=req.ignore_eos)
+                                        stop=req.stop_list, stop_token_ids=stop_ids, ignore_eos=req.ignore_eos,
+                                        constraint=constraint)
                 try:
                     params.validate()
                 except LoopcoderError as e:
@@ -258,7 +268,7 @@ class Service:
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def render_chat(self, req: ChatRequest, tools_on: bool, prefix: str) -> list[int]:
+    def render_chat(self, req: ChatRequest, tools_on: bool) -> list[int]:
         if not getattr(self.tokenizer, "chat_template", None):
             raise bad_request("this model's tokenizer has no chat template; use /v1/completions")
         messages = [m.for_template() for m in req.messages]
@@ -269,7 +279,51 @@ class Service:
         except Exception as e:  # jinja errors, raise_exception() in a template, bad message shapes
             raise bad_request(f"the chat template cannot render these messages ({type(e).__name__}: {e})",
                               "messages") from None
-        return self.encode(text + prefix)
+        return self.encode(text)
+
+    # ------------------------------------------------------------------ constraints (on the tokenizer thread)
+    def compiled(self, constraint: Constraint | None, param: str) -> Constraint | None:
+        """`constraint`, compiled now (the engine reuses the cached grammar); a 400 naming `param` if it cannot be."""
+        if constraint is not None:
+            try:
+                self.grammars.compile(constraint)
+            except ConstraintError as e:
+                raise bad_request(f"'{param}': {e}", param) from None
+        return constraint
+
+    def content_constraint(self, fmt: ResponseFormat | None) -> Constraint | None:
+        """What `response_format` asks of the output: none for text, else a JSON schema."""
+        if fmt is None or fmt.type == "text":
+            return None
+        spec = fmt.json_schema
+        try:
+            if fmt.type == "json_object" or spec.schema_ is None:
+                return Constraint.json_object()
+            return Constraint.json_schema(spec.schema_, strict=bool(spec.strict))
+        except ConstraintError as e:
+            raise bad_request(f"'response_format': {e}", "response_format") from None
+
+    def chat_constraint(self, req: ChatRequest, tools_on: bool) -> Constraint | None:
+        """The grammar of a chat turn: `response_format` for its content, and with tools, the call format of
+        the tool parser (`tool_choice` "auto": content or calls; "required" or a named function: calls only)."""
+        content = self.compiled(self.content_constraint(req.response_format), "response_format")
+        if not tools_on:
+            return content
+        indexed = list(enumerate(t.function.model_dump(exclude_none=True) for t in req.tools))
+        choice, parallel = req.tool_choice or "auto", req.parallel_tool_calls is not False
+        if isinstance(choice, NamedToolChoice):
+            indexed = [(i, f) for i, f in indexed if f["name"] == choice.function.name]
+            parallel = False
+        content_lark = None if content is None else lark_json(json.loads(content.source), content.strict)
+        try:
+            lark = tool_call_grammar(self.grammars, self.settings.tool_parser, [f for _, f in indexed],
+                                     required=choice != "auto", parallel=parallel, content=content_lark)
+            return self.compiled(Constraint.grammar(lark), "tools")
+        except APIError:  # name the tool whose parameters cannot be compiled
+            for i, f in indexed:
+                self.compiled(Constraint.json_schema(f.get("parameters") or {}, bool(f.get("strict"))),
+                              f"tools.{i}.function.parameters")
+            raise
 
 
 def _meta(svc: Service, prefix: str, kind: str) -> dict[str, Any]:
@@ -316,7 +370,9 @@ async def completions(svc: Service, request: Request) -> Response:
     prompts = await svc.off_loop(tokenize)
     for ids in prompts:
         svc.check_prompt(ids, "prompt")
-    jobs = svc.jobs(req, prompts, req.max_tokens, svc.settings.default_completion_tokens, None)
+    constraint = await svc.off_loop(lambda: svc.compiled(svc.content_constraint(req.response_format),
+                                                         "response_format"))
+    jobs = svc.jobs(req, prompts, req.max_tokens, svc.settings.default_completion_tokens, None, constraint)
     prompt_tokens = sum(map(len, prompts))
     meta = _meta(svc, "cmpl", "text_completion")
     pending = Pending(svc.scheduler, jobs, request)
@@ -348,25 +404,20 @@ async def chat_completions(svc: Service, request: Request) -> Response:
     req = await svc.read(request, ChatRequest)
     parser = svc.settings.tool_parser
     tools_on = bool(req.tools) and req.tool_choice != "none"
-    prefix = ""  # forcing a call: the assistant turn starts with the opening of one
-    if tools_on and req.tool_choice == "required":
-        prefix = parser.forced_prefix(None)
-    elif tools_on and isinstance(req.tool_choice, NamedToolChoice):
-        prefix = parser.forced_prefix(req.tool_choice.function.name)
-    ids = await svc.off_loop(lambda: svc.render_chat(req, tools_on, prefix))
+    ids, constraint = await svc.off_loop(lambda: (svc.render_chat(req, tools_on), svc.chat_constraint(req, tools_on)))
     svc.check_prompt(ids, "messages")
-    jobs = svc.jobs(req, [ids], req.output_limit, svc.max_tokens, svc.chat_stop_ids)
+    jobs = svc.jobs(req, [ids], req.output_limit, svc.max_tokens, svc.chat_stop_ids, constraint)
     meta = _meta(svc, "chatcmpl", "chat.completion")
     pending = Pending(svc.scheduler, jobs, request)
     if not req.stream:
         results = await pending.collect()
         choices = []
         for i, (text, _, reason) in enumerate(results):
-            parsed = parser.parse(prefix + text) if tools_on else ParsedOutput(text)
+            parsed = parser.parse(text) if tools_on else ParsedOutput(text)
             message: dict[str, Any] = {"role": "assistant", "content": parsed.content}
             if parsed.tool_calls:
                 message["tool_calls"] = [c.to_openai() for c in parsed.tool_calls]
-                reason = "tool_calls"
+                reason = "tool_calls" if reason == "stop" else reason  # a cut turn says so ("length")
             choices.append({"index": i, "message": message, "logprobs": None, "finish_reason": reason})
         return JSONResponse({**meta, "choices": choices,
                              "usage": _usage(len(ids), sum(k for _, k, _ in results))})
@@ -379,10 +430,16 @@ async def chat_completions(svc: Service, request: Request) -> Response:
 
     async def events() -> AsyncIterator[str]:
         streams = [ToolCallStream(parser) for _ in range(pending.n)]
-        for i in range(pending.n):
-            yield chunk(i, {"role": "assistant", "content": ""})
-            if tools_on and prefix:
-                streams[i].feed(prefix)
+        sent = [0] * pending.n  # tool calls sent per choice: the next one's index
+
+        def calls(i: int, found: list) -> Iterator[str]:
+            for c in found:  # one delta per call, as soon as it is complete: index, id, type, name, arguments
+                yield chunk(i, {"tool_calls": [{"index": sent[i], **c.to_openai()}]})
+                sent[i] += 1
+
+        calls_only = tools_on and req.tool_choice not in (None, "auto")  # "required" or a named function
+        for i in range(pending.n):  # as OpenAI: a reply that can only be calls has null content
+            yield chunk(i, {"role": "assistant", "content": None if calls_only else ""})
         ntok = 0
         async for u in pending.updates(first):
             if u.error is not None:
@@ -392,6 +449,9 @@ async def chat_completions(svc: Service, request: Request) -> Response:
             text = streams[u.index].feed(u.text) if tools_on else u.text
             if text:
                 yield chunk(u.index, {"content": text})
+            if tools_on:
+                for c in calls(u.index, streams[u.index].calls()):
+                    yield c
             if u.finish_reason is None:
                 continue
             reason = u.finish_reason
@@ -399,9 +459,9 @@ async def chat_completions(svc: Service, request: Request) -> Response:
                 rest = streams[u.index].finish()
                 if rest.content:
                     yield chunk(u.index, {"content": rest.content})
-                if rest.tool_calls:
-                    calls = [{"index": k, **c.to_openai()} for k, c in enumerate(rest.tool_calls)]
-                    yield chunk(u.index, {"tool_calls": calls})
+                for c in calls(u.index, rest.tool_calls):
+                    yield c
+                if sent[u.index] and reason == "stop":  # a cut turn says so ("length")
                     reason = "tool_calls"
             yield chunk(u.index, {}, reason)
         if req.include_usage:

@@ -55,6 +55,24 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+class JSONSchemaFormat(_Strict):
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9_\-]{1,64}$")  # OpenAI requires it; we do not use it
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")  # none: any JSON object
+    strict: bool | None = None  # true: a keyword the grammar cannot enforce is a 400 (else it is ignored)
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type 'json_schema' needs 'json_schema': {\"name\": ..., \"schema\": {...}}")
+        return self
+
+
 class _SamplingRequest(_Strict):
     model: str | None = None  # default: the served model
     max_tokens: int | None = Field(None, ge=1)  # capped by the server's --max-tokens
@@ -71,6 +89,7 @@ class _SamplingRequest(_Strict):
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
+    response_format: ResponseFormat | None = None  # chat, and an extension (vLLM) for completions
 
     @field_validator("stop")
     @classmethod
@@ -216,18 +235,12 @@ class NamedToolChoice(_Strict):
     function: NamedFunction
 
 
-class ResponseFormat(_Strict):
-    type: Literal["text", "json_object", "json_schema"]
-    json_schema: dict[str, Any] | None = None
-
-
 class ChatRequest(_SamplingRequest):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
-    parallel_tool_calls: bool | None = None  # accepted; the model decides how many calls it writes
-    response_format: ResponseFormat | None = None
+    parallel_tool_calls: bool | None = None  # false: at most one call (default: any number)
     logprobs: bool | None = None
     top_logprobs: int | None = None
 
@@ -235,9 +248,6 @@ class ChatRequest(_SamplingRequest):
         super().check_supported()
         if self.logprobs or self.top_logprobs:
             raise bad_request("'logprobs' is not supported by this server", "logprobs")
-        if self.response_format is not None and self.response_format.type != "text":
-            raise bad_request("'response_format' other than text is not supported by this server",
-                              "response_format")
         for i, m in enumerate(self.messages):
             if m.role in ("system", "developer", "user", "tool") and m.content is None:
                 raise bad_request(f"messages[{i}] ({m.role}) has no content", f"messages.{i}.content")

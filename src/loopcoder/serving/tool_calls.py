@@ -1,8 +1,11 @@
-"""Tool calls in model output: a pluggable parser, the default Hermes/Qwen one, and its streaming wrapper.
+"""Tool calls in model output: a pluggable parser, the default Hermes/Qwen one, its streaming wrapper, and the
+grammar that constrains decoding to a parser's call format.
 
 A parser turns the assistant's raw text into `content` plus `tool_calls`. Valid calls leave the text;
 malformed ones stay in `content` verbatim, so the client sees everything the model wrote. The server
-picks a parser by name (`--tool-parser`), from the registry or as `package.module:Class`.
+picks a parser by name (`--tool-parser`), from the registry or as `package.module:Class`. Its `call_format`
+says how a call is written, and `tool_call_grammar` turns that and the request's tools into a Lark grammar
+(`tool_choice` "required", a named function, or "auto": free text until the call's opening marker).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
+from loopcoder.constraints import GrammarCompiler, lark_json, lark_text_without
 from loopcoder.errors import LoopcoderError
 
 
@@ -38,21 +42,40 @@ class ParsedOutput:
     tool_calls: list[ToolCall] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class CallFormat:
+    """How a parser's tool calls are written, so that decoding can be constrained to them: `begin` (which starts
+    with the parser's `start_marker`), a JSON object {name_key: the function's name, arguments_key: its
+    arguments}, then `end`; several calls are separated by `separator`."""
+
+    begin: str
+    end: str
+    separator: str = "\n"
+    name_key: str = "name"
+    arguments_key: str = "arguments"
+
+    def body_schema(self, name: str, parameters: dict | None) -> dict:
+        """The JSON schema of one call to `name` (no `parameters`: a function that takes none)."""
+        args = parameters if parameters is not None else {"type": "object", "properties": {},
+                                                          "additionalProperties": False}
+        return {"type": "object", "properties": {self.name_key: {"const": name}, self.arguments_key: args},
+                "required": [self.name_key, self.arguments_key], "additionalProperties": False}
+
+
 @runtime_checkable
 class ToolCallParser(Protocol):
     """Splits assistant text into content and tool calls.
 
     `start_marker` is where a call can begin: the streaming path sends text before it as content as
-    soon as it is final, and hands everything from it on to `parse` when generation ends.
-    `forced_prefix` is the text that opens a call (to `name` if given); the server appends it to the
-    prompt for `tool_choice` "required" or a named function.
+    soon as it is final, and hands everything from it on to `parse` (calls are sent as they close).
+    `call_format()` is how a call is written: the server constrains decoding to it (`tool_call_grammar`).
     """
 
     start_marker: str
 
     def parse(self, text: str) -> ParsedOutput: ...
 
-    def forced_prefix(self, name: str | None) -> str: ...
+    def call_format(self) -> CallFormat: ...
 
 
 class HermesToolCallParser:
@@ -95,10 +118,8 @@ class HermesToolCallParser:
         content = "".join(pieces)
         return ParsedOutput(content or None, calls)
 
-    def forced_prefix(self, name: str | None) -> str:
-        if name is None:
-            return self.start_marker + "\n"
-        return self.start_marker + "\n" + '{"name": ' + json.dumps(name) + ', "arguments": '
+    def call_format(self) -> CallFormat:
+        return CallFormat(self.start_marker + "\n", "\n" + self.end_marker)  # as the chat template renders calls
 
     @staticmethod
     def _call(body: str) -> ToolCall | None:
@@ -129,14 +150,27 @@ class ToolCallStream:
 
     `feed(text)` returns the content that is safe to send now: text before the parser's start marker,
     holding back trailing whitespace and a possible partial marker. Once the marker appears, the rest
-    is buffered and `finish()` parses it. The streamed content plus `finish().content`, and the tool
-    calls, equal what `parse` returns on the whole text.
+    is buffered; `calls()` returns the calls completed since its last call (a call is final once the
+    parser finds it: what follows cannot change it), and `finish()` parses the rest. The streamed
+    content plus `finish().content`, and the calls from `calls()` and `finish()`, equal what `parse`
+    returns on the whole text.
     """
 
     def __init__(self, parser: ToolCallParser) -> None:
         self.parser = parser
         self._held = ""  # not yet sent: whitespace or a partial marker at the end of the text so far
         self._buffer: str | None = None  # from the first marker on
+        self._sent = 0  # calls already returned by calls()
+        self._checked = 0  # length of the buffer when calls() last parsed it
+
+    def calls(self) -> list[ToolCall]:
+        """The tool calls completed since the last call of `calls()`."""
+        if self._buffer is None or len(self._buffer) == self._checked:
+            return []
+        self._checked = len(self._buffer)
+        found = self.parser.parse(self._buffer).tool_calls
+        new, self._sent = found[self._sent:], len(found)
+        return new
 
     def feed(self, text: str) -> str:
         if self._buffer is not None:
@@ -158,10 +192,11 @@ class ToolCallStream:
         return out
 
     def finish(self) -> ParsedOutput:
+        """The content not yet sent, and the calls `calls()` has not returned."""
         if self._buffer is None:
             return ParsedOutput(self._held)
         parsed = self.parser.parse(self._buffer)
-        return ParsedOutput(parsed.content or "", parsed.tool_calls)
+        return ParsedOutput(parsed.content or "", parsed.tool_calls[self._sent:])
 
 
 def _partial_suffix(text: str, marker: str) -> int:
@@ -170,6 +205,31 @@ def _partial_suffix(text: str, marker: str) -> int:
         if text.endswith(marker[:k]):
             return k
     return 0
+
+
+def tool_call_grammar(compiler: GrammarCompiler, parser: ToolCallParser, functions: list[dict], *, required: bool,
+                      parallel: bool, content: str | None = None) -> str:
+    """A Lark grammar for an assistant turn that calls `functions` (OpenAI function objects: name, parameters,
+    strict) in the parser's call format.
+
+    `required`: the turn is one call (several with `parallel`) and nothing else. Otherwise ("auto") it is content
+    or calls, and free content may be followed by calls: the text may not spell out the start marker, so a call
+    can only begin with its opening, from which on it is constrained. `content`: a Lark expression the content
+    must match instead of free text (`response_format` beside tools). Nothing follows the calls."""
+    fmt, literal = parser.call_format(), compiler.lark_literal
+    bodies = [lark_json(fmt.body_schema(f["name"], f.get("parameters")), bool(f.get("strict")))
+              for f in functions]
+    lines = [f"call: {literal(fmt.begin)} body {literal(fmt.end)}",
+             "body: " + " | ".join(f"body_{i}" for i in range(len(bodies))),
+             *(f"body_{i}: {b}" for i, b in enumerate(bodies)),
+             f"calls: call ({literal(fmt.separator)} call)*" if parallel else "calls: call"]
+    if required:
+        lines.insert(0, "start: calls")
+    elif content is not None:
+        lines[:0] = ["start: content | calls", f"content: {content}"]
+    else:
+        lines[:0] = ["start: TEXT | TEXT calls", f"TEXT: {lark_text_without(parser.start_marker)}"]
+    return "\n".join(lines) + "\n"
 
 
 TOOL_PARSERS: dict[str, Callable[[], ToolCallParser]] = {"hermes": HermesToolCallParser}
@@ -193,5 +253,5 @@ def get_tool_parser(name: str) -> ToolCallParser:
         raise LoopcoderError(f"tool parser {name!r}: cannot import it ({e})") from None
     parser = factory()
     if not isinstance(parser, ToolCallParser):
-        raise LoopcoderError(f"tool parser {name!r} lacks start_marker, parse() or forced_prefix()")
+        raise LoopcoderError(f"tool parser {name!r} lacks start_marker, parse() or call_format()")
     return parser
