@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("errors", "atomic", "stats", "progress"),  # utilities that know nothing of models
     ("config",),
     ("fastlinear", "flex"),
-    ("cache",),
+    ("blocks", "cache", "paged"),  # the engine's caches: block bookkeeping, slot caches, the paged one
     ("model", "loopcoder"),
     ("checkpoint", "export"),  # loads, saves and initialises models; writes the remote-code layout
     ("runtime", "sampling", "textstream", "constraints"),  # devices, dtypes, loading for inference; sampling;

@@ -1,16 +1,24 @@
-"""The decode engine: continuous batching over a preallocated `SlotCache`. It schedules; the model computes.
+"""The decode engine: continuous batching over the engine's cache. It schedules; the model computes.
 
-What the engine does:
-- admission: a queued request gets a free slot, its prompt is prefilled by the model's own `forward`
-  (n samples of one prompt share one prefill) and the `PLTCache` it leaves is loaded into the slot;
-- one decode step for every running sequence: `PLTForCausalLM.decode_step` (spec 1.3: all loops of a
+What the engine does, every `step()`:
+- admission: a queued request gets a free slot. With a paged cache and prefix caching it starts from the
+  longest cached prefix of its prompt (`PagedSlotCache.attach`); a request whose prompt equals one being
+  prefilled follows it and forks its cache when it is done (n samples of one prompt share one prefill);
+- decode blocks: every decoding sequence gets room for its next position (a new block every `block_size`
+  tokens); when the pool has none, the latest admitted request is preempted (its blocks freed, recomputed
+  later from its prompt and output so far, largely from the prefix cache);
+- chunked prefill: prompts are prefilled in chunks under a per-step token budget (`max_step_tokens`, the
+  decoding sequences' tokens included), each chunk written straight into the engine's cache by the model
+  (`PLTForCausalLM.prefill_chunk`), so a long prompt no longer stalls the running streams;
+- one decode step for every decoding sequence: `PLTForCausalLM.decode_step` (spec 1.3: all loops of a
   new token in one pass with `mode="parallel"`, one pass per loop with `mode="sequential"`; vanilla
   looped models and the no-offset ablation always take R passes), on fixed shapes when asked, captured
   as a CUDA graph or compiled with `torch.compile`;
 - sampling, with each request's parameters and seeded generator (a constrained request's logits masked first
   by its grammar: `constraints.py`), then stop tokens, lengths, and the request's `TextStream`
   (detokenisation, stop strings, streaming);
-- slots: running sequences stay packed in slots 0..n-1; a finished one leaves and the last moves in.
+- slots: decoding sequences stay packed in slots 0..n-1 (the decode step works on slices), prefilling ones
+  after them; a finished one leaves and the others move up.
 
 The model is called in two places only, `_prefill` and `_decode` (a test double replaces them to script
 outputs). Requests are isolated in the shared step: what belongs to one request (its prefill, its logits, its
@@ -31,10 +39,11 @@ from typing import Any
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from loopcoder.cache import PLTCache, SlotCache
+from loopcoder.cache import SlotCache
 from loopcoder.constraints import GrammarCompiler, GrammarMatcher, mask_logits
 from loopcoder.errors import LoopcoderError
 from loopcoder.model import PLTForCausalLM
+from loopcoder.paged import PagedSlotCache
 from loopcoder.sampling import SamplingParams, make_generator, sample_next
 from loopcoder.textstream import TextStream
 
@@ -44,9 +53,28 @@ MODES = ("parallel", "sequential")
 # cuDNN's SDPA builds an execution plan on the host for every new shape (~4 ms per call measured on an
 # H200), and a decode step's key length changes every step: decode on flash / memory-efficient / math.
 DECODE_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+DEFAULT_STEP_TOKENS = 256  # per-step token budget: decoding tokens plus prefill chunks
+DEFAULT_BLOCK_SIZE = 16
 
 
-@dataclass
+def check_cache_options(max_batch: int, *, paged: bool = True, block_size: int = DEFAULT_BLOCK_SIZE,
+                        kv_cache_tokens: int | None = None, prefix_caching: bool | None = None,
+                        max_step_tokens: int | None = DEFAULT_STEP_TOKENS) -> None:
+    """Raise a one-line `LoopcoderError` for cache and scheduling options the engine cannot run with."""
+    if max_batch < 1:
+        raise LoopcoderError(f"max_batch must be >= 1, got {max_batch}")
+    if max_step_tokens is not None and max_step_tokens <= max_batch:
+        raise LoopcoderError(f"max_step_tokens must exceed max_batch ({max_batch}): decoding sequences take one "
+                             f"token each and prefill needs the rest; got {max_step_tokens}")
+    if prefix_caching and not paged:
+        raise LoopcoderError("prefix caching needs the paged cache (paged=True)")
+    if block_size < 1:
+        raise LoopcoderError(f"block_size must be >= 1, got {block_size}")
+    if paged and kv_cache_tokens is not None and -(-kv_cache_tokens // block_size) < 2:
+        raise LoopcoderError(f"kv_cache_tokens must hold at least two blocks of {block_size}, got {kv_cache_tokens}")
+
+
+@dataclass(eq=False)
 class Request:
     id: str
     prompt_ids: list[int]
@@ -62,6 +90,15 @@ class Request:
     submitted: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
     finished_at: float | None = None
+    # scheduling: "waiting" (queued), "prefill", "follow" (waits for `leader`'s prefill of the same tokens), "decode"
+    state: str = "waiting"
+    tokens: list[int] = field(default_factory=list)  # what the cache must hold before decoding: the prompt (and,
+    cached: int = 0  # after a preemption, the output so far); positions the cache holds of prompt + output
+    cached_tokens: int = 0  # prompt tokens the prefix cache served at the first admission
+    leader: Request | None = None
+    followers: list[Request] = field(default_factory=list)
+    admitted: int = -1  # admission order (the latest is preempted first); -1 until first admitted
+    preemptions: int = 0
 
     @property
     def finished(self) -> bool:
@@ -97,17 +134,25 @@ class Engine:
     """Continuous-batching generation with single-pass parallel-loop decoding.
 
     Requests join (`add_request`) and leave (finish or `abort`) between steps; each `step()` admits
-    queued requests into free slots (prefill), then decodes one token for every running sequence.
-    `num_running`, `num_waiting`, `steps` and `decoded` describe its load.
+    queued requests into free slots, prefills prompts in chunks, then decodes one token for every
+    decoding sequence. `num_running`, `num_waiting`, `steps`, `decoded` and `cache_stats()` describe its load.
+
+    The cache: `paged=True` keeps the full stores in blocks of `block_size` positions from one pool of
+    `kv_cache_tokens` positions (default: `max_batch * max_seq_len`, the old preallocation), shared by every
+    sequence, with prefix caching (`prefix_caching`, on by default); `paged=False` preallocates
+    `max_seq_len` positions per slot (`SlotCache`). `max_step_tokens` is the per-step token budget (decoding
+    tokens plus prefill chunks); None prefills every prompt in one piece.
     """
 
     def __init__(self, model: PLTForCausalLM, tokenizer: Any = None, *, max_batch: int = 8,
                  max_seq_len: int | None = None, mode: str = "parallel", fuse: bool = True,
-                 static_shapes: bool = False, compile: bool = False, cuda_graphs: bool = False) -> None:
+                 static_shapes: bool = False, compile: bool = False, cuda_graphs: bool = False,
+                 paged: bool = True, block_size: int = DEFAULT_BLOCK_SIZE, kv_cache_tokens: int | None = None,
+                 prefix_caching: bool | None = None, max_step_tokens: int | None = DEFAULT_STEP_TOKENS) -> None:
         if mode not in MODES:
             raise LoopcoderError(f"mode must be one of {MODES}, got {mode!r}")
-        if max_batch < 1:
-            raise LoopcoderError(f"max_batch must be >= 1, got {max_batch}")
+        check_cache_options(max_batch, paged=paged, block_size=block_size, kv_cache_tokens=kv_cache_tokens,
+                            prefix_caching=prefix_caching, max_step_tokens=max_step_tokens)
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.config = cfg = model.config
@@ -115,7 +160,14 @@ class Engine:
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.max_seq_len = min(max_seq_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
-        self.cache = SlotCache(cfg, max_batch, self.max_seq_len, self.dtype, self.device)
+        self.max_step_tokens = max_step_tokens
+        if paged:
+            blocks = None if kv_cache_tokens is None else -(-kv_cache_tokens // block_size)
+            self.cache: SlotCache = PagedSlotCache(cfg, max_batch, self.max_seq_len, self.dtype, self.device,
+                                                   block_size=block_size, num_blocks=blocks,
+                                                   prefix_caching=prefix_caching is not False)
+        else:
+            self.cache = SlotCache(cfg, max_batch, self.max_seq_len, self.dtype, self.device)
         eos = cfg.eos_token_id if isinstance(cfg.eos_token_id, list) else [cfg.eos_token_id]
         self.eos_ids = {e for e in eos if e is not None}
         # constrained decoding: grammars compiled once per constraint, shared by the requests that use it
@@ -129,11 +181,14 @@ class Engine:
         self.cuda_graphs = cuda_graphs
         self._graphs: dict[str, tuple] = {}  # mode -> (graph, its input tokens, live mask, output logits)
         self._core = torch.compile(self._decode_core, dynamic=False) if compile else self._decode_core
-        self._active: list[Request] = []  # slot i holds _active[i]
+        self._active: list[Request] = []  # slot i holds _active[i]: decoding requests first
         self._queue: deque[Request] = deque()
+        self._leaders: dict[tuple[int, ...], Request] = {}  # tokens being prefilled -> the request doing it
         self._ids = count()
+        self._admissions = count()
         self.steps = 0  # decode steps taken
-        self.decoded = 0  # sequences decoded, summed over decode steps (admission's first token not counted)
+        self.decoded = 0  # sequences decoded, summed over decode steps (a prefill's first token not counted)
+        self.counters = dict.fromkeys(("prefill_chunks", "prefill_tokens", "preemptions", "forks"), 0)
 
     # ------------------------------------------------------------------ public API
     @property
@@ -142,7 +197,7 @@ class Engine:
 
     @property
     def num_running(self) -> int:
-        """Requests holding a slot."""
+        """Requests holding a slot (decoding or being prefilled)."""
         return len(self._active)
 
     @property
@@ -160,6 +215,11 @@ class Engine:
         bad = [t for t in prompt_ids if not 0 <= t < self.config.vocab_size]
         if bad:
             raise LoopcoderError(f"token id {bad[0]} is outside the vocabulary (size {self.config.vocab_size})")
+        if isinstance(self.cache, PagedSlotCache):
+            capacity = self.cache.pool.capacity * self.cache.block_size
+            if len(prompt_ids) + 1 > capacity:
+                raise LoopcoderError(f"the prompt has {len(prompt_ids)} tokens; the KV cache holds {capacity} "
+                                     f"(prompt plus at least one new token)")
         stop_ids = frozenset() if params.ignore_eos else frozenset(
             self.eos_ids if params.stop_token_ids is None else params.stop_token_ids)
         grammar = None
@@ -190,16 +250,23 @@ class Engine:
 
     @torch.inference_mode()
     def step(self) -> list[Event]:
-        """Admit what fits, then decode one token for every running sequence. Raises only if the shared
-        decode step fails; a failure that belongs to one request ends that request (an `Event` with `error`)."""
+        """Admit what fits, prefill the next chunks within the token budget, then decode one token for every
+        decoding sequence. Raises only if the shared decode step fails; a failure that belongs to one request
+        ends that request (an `Event` with `error`)."""
         events: list[Event] = []
-        self._admit(events)
+        self._admit()
+        decoding = self._reserve_decode(events)
+        budget = None if self.max_step_tokens is None else self.max_step_tokens - len(decoding)
+        self._prefill_chunks(budget, events, progress=bool(decoding))
         self._release_finished()  # sequences that ended at their first token leave before the step
-        if self._active:
-            logits = self._decode(self._active)
-            self._sample(self._active, logits, events)
+        decoding = self._reserve_decode(events)  # again: a prompt just prefilled decodes its next position now
+        if decoding:
+            logits = self._decode(decoding)
+            self._sample(decoding, logits, events)
             self.steps += 1
             self.decoded += len(logits)
+            for req in decoding:
+                self._advance(req, 1)
         self._release_finished()
         return events
 
@@ -226,11 +293,180 @@ class Engine:
             raise LoopcoderError(f"generation failed: {req.error}")
 
     def kv_bytes(self) -> int:
+        """Bytes allocated for K/V (for a paged cache: the pool, the rings and the snapshot store)."""
         return self.cache.nbytes()
 
+    def cache_stats(self) -> dict[str, Any]:
+        """The cache's figures (blocks held, cached and free, prefix hits) and the scheduler's counters."""
+        return {**self.cache.stats(), **self.counters}
+
+    @torch.inference_mode()
     def decode_step(self, tokens: torch.Tensor, n: int) -> torch.Tensor:
         """Logits (n, vocab) of the next token of the sequences in slots 0..n-1, whose last tokens are
-        `tokens`; advances their caches by one position."""
+        `tokens`; advances their caches by one position (taking blocks as needed)."""
+        for slot, length in enumerate(self.cache.lengths[:n].tolist()):
+            if not self.cache.reserve(slot, length + 1):
+                raise LoopcoderError(f"the KV cache has no room for slot {slot}'s next token")
+        return self._run_decode(tokens, n)
+
+    # ------------------------------------------------------------------ admission
+    def _admit(self) -> None:
+        while self._queue and len(self._active) < self.max_batch:
+            req = self._queue.popleft()
+            req.slot = len(self._active)
+            req.admitted = next(self._admissions)
+            if not req.tokens:
+                req.tokens = list(req.prompt_ids)
+            self._active.append(req)
+            leader = self._leaders.get(tuple(req.tokens))
+            if leader is not None:  # the same tokens are being prefilled: fork that cache when it is done
+                req.state, req.leader, req.cached = "follow", leader, 0
+                leader.followers.append(req)
+            else:
+                self._start_prefill(req)
+
+    def _start_prefill(self, req: Request) -> None:
+        """Start `req`'s prefill in its (empty) slot, from the longest cached prefix of its tokens."""
+        req.state, req.leader = "prefill", None
+        req.cached = self.cache.attach(req.slot, req.tokens)
+        if req.preemptions == 0 and not req.output_ids:
+            req.cached_tokens = req.cached
+        self._leaders.setdefault(tuple(req.tokens), req)
+
+    # ------------------------------------------------------------------ blocks and preemption
+    def _decoding(self) -> list[Request]:
+        n = 0
+        while n < len(self._active) and self._active[n].state == "decode":
+            n += 1
+        return self._active[:n]
+
+    def _reserve_decode(self, events: list[Event]) -> list[Request]:
+        """Room for the next position of every decoding sequence, oldest first; a sequence that cannot get it
+        preempts the latest admitted request (possibly itself), or ends at this length when it is alone and the
+        whole pool is its own. Returns the decoding requests."""
+        for req in list(self._decoding()):
+            if req.slot is None:  # preempted while making room for an older one
+                continue
+            while not self.cache.reserve(req.slot, req.cached + 1):
+                victim = max(self._active, key=lambda r: r.admitted)
+                if victim is req and len(self._active) == 1:  # alone and the pool is full: it cannot grow
+                    req.finish_reason, req.finished_at = "length", time.perf_counter()
+                    events.append(Event(req, req.stream.take(final=True), [], True))
+                    break
+                self._preempt(victim)
+                if victim is req:
+                    break
+        self._release_finished()
+        return self._decoding()
+
+    def _preempt(self, req: Request) -> None:
+        """Free a request's slot and blocks; it goes back to the front of the queue and will be recomputed from
+        its prompt and output so far (largely from the prefix cache, where its full blocks stay)."""
+        for f in [req, *req.followers] if req.state != "follow" else [req]:
+            self._drop(f)
+            f.state, f.slot, f.cached, f.leader, f.followers = "waiting", None, 0, None, []
+            f.tokens = f.prompt_ids + f.output_ids
+            f.preemptions += 1
+            self.counters["preemptions"] += 1
+            self._queue.appendleft(f)
+        self._pack()
+
+    def _drop(self, req: Request) -> None:
+        """Take a request out of its slot (finished, failed or preempted): free the slot, hand over or undo
+        what depended on it."""
+        if req.slot is not None:
+            self.cache.release(req.slot)
+        if self._leaders.get(tuple(req.tokens)) is req:
+            del self._leaders[tuple(req.tokens)]
+        if req.leader is not None and req in req.leader.followers:
+            req.leader.followers.remove(req)
+        for f in req.followers:  # they prefill themselves
+            if not f.finished and f.slot is not None:
+                self._start_prefill(f)
+        req.followers = []
+        if req in self._active:
+            self._active.remove(req)
+
+    def _pack(self) -> None:
+        """Slots follow `_active`: decoding requests first, in order, then the others."""
+        order = [r for r in self._active if r.state == "decode"] + [r for r in self._active if r.state != "decode"]
+        self.cache.reorder([r.slot for r in order])
+        for i, r in enumerate(order):
+            r.slot = i
+        self._active = order
+
+    # ------------------------------------------------------------------ chunked prefill
+    def _prefill_chunks(self, budget: int | None, events: list[Event], progress: bool) -> None:
+        """Prefill chunks in admission order while the budget lasts (None: whole prompts). If nothing at all can
+        run (no decoding, no room for any chunk), the latest prefilling request is preempted to make room."""
+        for req in [r for r in self._active if r.state == "prefill"]:
+            if req.finished or req.slot is None:
+                continue
+            n = len(req.tokens) - req.cached
+            if budget is not None:
+                n = min(n, budget)
+            if n <= 0:
+                break
+            if not self.cache.reserve(req.slot, req.cached + n):
+                n = self.cache.room(req.slot) - req.cached
+                if n <= 0 or not self.cache.reserve(req.slot, req.cached + n):
+                    break
+            self._prefill_chunk(req, n, events)
+            progress = True
+            if budget is not None:
+                budget -= n
+        if not progress:
+            prefilling = [r for r in self._active if r.state == "prefill"]
+            if len(prefilling) > 1:
+                self._preempt(max(prefilling, key=lambda r: r.admitted))
+
+    def _prefill_chunk(self, req: Request, n: int, events: list[Event]) -> None:
+        try:
+            logits = self._prefill(req, n)
+        except Exception as e:  # this request's prefill (e.g. out of memory for its prompt): it alone fails
+            self._fail(req, e, events)
+            return
+        self.counters["prefill_chunks"] += 1
+        self.counters["prefill_tokens"] += n
+        self._advance(req, n)
+        if req.cached < len(req.tokens):
+            return
+        req.state = "decode"
+        if self._leaders.get(tuple(req.tokens)) is req:
+            del self._leaders[tuple(req.tokens)]
+        followers, req.followers = req.followers, []
+        for f in followers:
+            f.leader = None
+            if self.cache.fork(req.slot, f.slot):
+                f.state, f.cached = "decode", req.cached
+                self.counters["forks"] += 1
+            else:
+                self._start_prefill(f)
+        self._pack()
+        ready = [req] + [f for f in followers if f.state == "decode"]
+        # n samples of a prompt share its prefill logits: a grammar masks its own copy
+        rows = logits[None].expand(len(ready), -1)
+        self._sample(ready, rows.clone() if any(r.grammar is not None for r in ready) else rows, events)
+
+    def _advance(self, req: Request, n: int) -> None:
+        """`req`'s cache holds `n` more positions: enter its newly full blocks in the prefix cache."""
+        req.cached += n
+        if req.slot is not None and getattr(self.cache, "prefix_caching", False) \
+                and req.cached // self.cache.block_size > len(self.cache.entries[req.slot]):
+            self.cache.commit(req.slot, req.prompt_ids + req.output_ids)
+
+    def _prefill(self, req: Request, n: int) -> torch.Tensor:
+        """Prefill the next `n` of `req`'s tokens into its slot; the next-token logits (vocab,) after them."""
+        ids = torch.tensor(req.tokens[req.cached:req.cached + n], device=self.device)
+        return self.model.prefill_chunk(ids, self.cache.chunk(req.slot))
+
+    # ------------------------------------------------------------------ the decode step
+    def _decode(self, reqs: list[Request]) -> torch.Tensor:
+        """Next-token logits (n, vocab) of the decoding requests, which hold slots 0..n-1 in order."""
+        tokens = torch.tensor([r.output_ids[-1] for r in reqs], device=self.device)
+        return self._run_decode(tokens, len(reqs))
+
+    def _run_decode(self, tokens: torch.Tensor, n: int) -> torch.Tensor:
         with sdpa_kernel(DECODE_ATTENTION):
             if not self.static_shapes:
                 return self._core(tokens, n, None)
@@ -243,40 +479,6 @@ class Engine:
             if self.cuda_graphs:
                 return self._graph_step(full, live)[:n]
             return self._core(full, c.max_batch, live)[:n]
-
-    # ------------------------------------------------------------------ admission and prefill
-    def _admit(self, events: list[Event]) -> None:
-        prefilled: dict[tuple[int, ...], tuple[PLTCache, torch.Tensor]] = {}
-        while self._queue and len(self._active) < self.max_batch:
-            req = self._queue.popleft()
-            req.slot = len(self._active)
-            try:
-                logits = self._prefill(req, prefilled)
-            except Exception as e:  # this request's prefill (e.g. out of memory for its prompt): it alone fails
-                req.slot = None
-                self._fail(req, e, events)
-                continue
-            self._active.append(req)
-            # n samples of a prompt share its prefill logits: a grammar masks a copy
-            self._sample([req], logits[None] if req.grammar is None else logits[None].clone(), events)
-
-    def _prefill(self, req: Request, prefilled: dict) -> torch.Tensor:
-        """Prefill `req`'s prompt into its slot; the next-token logits (vocab,). `prefilled` holds this
-        admission round's prefills by prompt, so that n samples of one prompt share one forward."""
-        key = tuple(req.prompt_ids)
-        if key not in prefilled:
-            ids = torch.tensor([req.prompt_ids], device=self.device)
-            out = self.model(ids, cache=PLTCache(self.config), logits_to_keep=1)
-            prefilled[key] = (out.cache, out.logits[0, -1])
-        cache, logits = prefilled[key]
-        self.cache.load(req.slot, cache)
-        return logits
-
-    # ------------------------------------------------------------------ the decode step
-    def _decode(self, reqs: list[Request]) -> torch.Tensor:
-        """Next-token logits (n, vocab) of the running requests, which hold slots 0..n-1 in order."""
-        tokens = torch.tensor([r.output_ids[-1] for r in reqs], device=self.device)
-        return self.decode_step(tokens, len(reqs))
 
     def _decode_core(self, tokens: torch.Tensor, n: int, live: torch.Tensor | None) -> torch.Tensor:
         step = self.cache.begin_step(n, live)
@@ -355,13 +557,11 @@ class Engine:
         events.append(Event(req, "", [], True, why))
 
     def _release_finished(self) -> None:
-        """Free finished sequences' slots, keeping the running ones packed in slots 0..n-1."""
-        keep = [r for r in self._active if not r.finished]
-        for dst, req in enumerate(keep):
-            if req.slot != dst:
-                self.cache.copy_slot(req.slot, dst)
-                req.slot = dst
-        for r in self._active:
-            if r.finished:
-                r.slot = None
-        self._active = keep
+        """Free finished sequences' slots, keeping the others packed (decoding ones first)."""
+        done = [r for r in self._active if r.finished]
+        if not done:
+            return
+        for r in done:
+            self._drop(r)
+            r.slot = None
+        self._pack()

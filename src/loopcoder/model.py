@@ -41,7 +41,7 @@ from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from loopcoder.cache import KV, PLTCache, SlotCache, SlotStep
+from loopcoder.cache import KV, PLTCache, SequenceCache, SlotCache, SlotStep
 from loopcoder.config import PLTConfig
 from loopcoder.errors import check_loading_info
 from loopcoder.fastlinear import FastLinear, active, can_pack
@@ -395,9 +395,12 @@ class PLTModel(PLTPreTrainedModel):
 
     # -- the loop schedule -------------------------------------------------------------------------
     def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.LongTensor | None = None, cache: PLTCache | None = None,
+                position_ids: torch.LongTensor | None = None, cache: PLTCache | SequenceCache | None = None,
                 inputs_embeds: torch.Tensor | None = None, use_cache: bool | None = None,
                 output_loop_states: bool = False, **kwargs: Any) -> PLTModelOutput:
+        """h(R) over a chunk of positions, loop by loop. With a `cache` the chunk continues the cached sequences:
+        a `PLTCache` (training-free decoding with `generate`, prefill), or one slot of the engine's cache
+        (`SlotCache.chunk`: a chunked prefill straight into the engine's K/V, see `PLTForCausalLM.prefill_chunk`)."""
         cfg = self.config
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
@@ -432,7 +435,7 @@ class PLTModel(PLTPreTrainedModel):
             if output_loop_states:
                 loop_states.append(h)
             if cache is not None and plt and r < R - 1:
-                cache.states[r] = self.loop_state(h)[:, -1].detach()
+                cache.save_loop_states(r, self.loop_state(h))
         if cache is not None:
             cache.advance(positions)
         return PLTModelOutput(h, cache, tuple(loop_states) if output_loop_states else None)
@@ -480,7 +483,8 @@ class PLTModel(PLTPreTrainedModel):
             x = layer.decode(x, cos, sin, loops, step, cache)
         return x
 
-    def _positions(self, emb: torch.Tensor, attention_mask, position_ids, cache: PLTCache | None) -> torch.Tensor:
+    def _positions(self, emb: torch.Tensor, attention_mask, position_ids,
+                   cache: PLTCache | SequenceCache | None) -> torch.Tensor:
         """True positions (B, S) of the new tokens; -1 marks padding (attention_mask == 0), whatever
         position `generate` made up for it, so that padded slots are never attended to."""
         b, s = emb.shape[:2]
@@ -496,7 +500,7 @@ class PLTModel(PLTPreTrainedModel):
             pos = pos.masked_fill(attention_mask[:, -s:] == 0, -1)
         return pos.to(torch.long)
 
-    def _masks(self, positions: torch.Tensor, cache: PLTCache | None, attention_mask) -> Masks:
+    def _masks(self, positions: torch.Tensor, cache: PLTCache | SequenceCache | None, attention_mask) -> Masks:
         cfg = self.config
         w = cfg.window if (cfg.plt_num_loops > 1 and not cfg.is_vanilla) else None
         fresh = cache is None or cache.get_seq_length() == 0
@@ -578,6 +582,14 @@ class PLTForCausalLM(PLTPreTrainedModel, GenerationMixin):
                     parallel: bool = True) -> torch.Tensor:
         """Next-token logits (n, vocab) of one new token per sequence; see `PLTModel.decode_step`."""
         return self.logits(self.model.decode_step(tokens, cache, step, parallel))
+
+    def prefill_chunk(self, tokens: torch.Tensor, cache: SequenceCache) -> torch.Tensor:
+        """Next-token logits (vocab,) after a chunk of one sequence's prompt, `tokens` (S,), that continues the
+        positions `cache` holds (`SlotCache.chunk(slot)`: the engine's cache, paged or not; its K/V, rings and
+        CLP states are read and written in place). The sequence schedule (`PLTModel.forward`) over S positions:
+        any split of a prompt into chunks gives the numbers of one forward over the whole prompt."""
+        h = self.model(tokens[None], cache=cache).last_hidden_state
+        return self.logits(h[0, -1])
 
     fast_head: FastLinear | None = None
 

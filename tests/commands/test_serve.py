@@ -35,6 +35,11 @@ def test_bad_arguments_are_one_line_errors(model_dir, capsys):
         (["--model", str(model_dir), "--port", str(taken.getsockname()[1])], "it is in use"),
         (["--model", str(model_dir), "--max-batch", "0"], "--max-batch must be >= 1"),
         (["--model", str(model_dir), "--max-queue", "-1"], "--max-queue must be >= 0"),
+        (["--model", str(model_dir), "--max-step-tokens", "-1"], "--max-step-tokens must be >= 0"),
+        (["--model", str(model_dir), "--max-step-tokens", "8"], "--max-step-tokens must exceed --max-batch (8)"),
+        (["--model", str(model_dir), "--block-size", "0"], "--block-size must be >= 1"),
+        (["--model", str(model_dir), "--kv-cache-tokens", "0"], "--kv-cache-tokens must be >= 1"),
+        (["--model", str(model_dir), "--kv-cache-tokens", "16"], "--kv-cache-tokens must hold at least two blocks"),
         (["--model", str(model_dir), "--port", "0", "--tool-parser", "nope"], "unknown tool parser"),
         (["--model", str(model_dir), "--host", "no-such-host.invalid", "--port", "0"], "cannot resolve"),
     ]

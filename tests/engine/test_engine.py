@@ -8,7 +8,7 @@ import torch
 from loopcoder.engine import Engine
 from loopcoder.errors import LoopcoderError
 from loopcoder.sampling import SamplingParams, filter_logits
-from support.models import ARCHS, tiny_model
+from support.models import ARCHS, full_recompute_greedy, tiny_model
 
 PROMPTS = [[5, 9, 11, 3, 7, 8, 2], [4, 6, 10], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12], [30]]
 
@@ -18,14 +18,6 @@ class LetterTokenizer:
 
     def decode(self, ids, skip_special_tokens=False):
         return "".join(chr(ord("a") + i % 26) for i in ids)
-
-
-def full_recompute_greedy(model, prompt, n):
-    seq = torch.tensor([prompt])
-    with torch.no_grad():
-        for _ in range(n):
-            seq = torch.cat([seq, model(seq).logits[:, -1].argmax(-1, keepdim=True)], 1)
-    return seq[0, len(prompt):].tolist()
 
 
 @pytest.mark.parametrize("loops", [1, 2, 3, 4])
@@ -117,7 +109,7 @@ def test_fused_projection_outputs_start_on_aligned_offsets():
 def test_kv_bytes_follow_the_formula():
     for arch, per_slot_entries in (("plt", 50 + 3 * 4), ("vanilla", 4 * 50)):
         model = tiny_model(dtype=torch.float32, plt_num_loops=4, loop_architecture=arch)
-        engine = Engine(model, max_batch=2, max_seq_len=50)
+        engine = Engine(model, max_batch=2, max_seq_len=50, paged=False)
         c = model.config
         assert engine.kv_bytes() == 2 * 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * 4 \
             * per_slot_entries

@@ -61,3 +61,12 @@ def released_style_dir(tmp_path, **overrides):
     (tmp_path / "config.json").write_text(json.dumps(config))
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "model.safetensors"))
     return model
+
+
+def full_recompute_greedy(model: PLTForCausalLM, prompt: list[int], n: int) -> list[int]:
+    """`n` greedy tokens after `prompt`, the whole sequence recomputed for each (no cache at all)."""
+    seq = torch.tensor([prompt])
+    with torch.no_grad():
+        for _ in range(n):
+            seq = torch.cat([seq, model(seq).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    return seq[0, len(prompt):].tolist()

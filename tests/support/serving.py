@@ -102,6 +102,8 @@ class ScriptedEngine(Engine):
     POISON = "POISON"
 
     def __init__(self, model, tokenizer, script: str = "hello", delay: float = 0.0, **kw) -> None:
+        kw.setdefault("max_step_tokens", None)  # one `_prefill` per prompt: it records the prompt
+        kw.setdefault("prefix_caching", False)  # nothing is written to the cache that a later prompt could reuse
         super().__init__(model, tokenizer, **kw)
         self.delay = delay
         self.fail_next = False
@@ -126,7 +128,7 @@ class ScriptedEngine(Engine):
         row[ids[len(req.output_ids) % len(ids)]] = 0.0
         return row
 
-    def _prefill(self, req, prefilled):
+    def _prefill(self, req, n):
         self.prompts.append(req.prompt_ids)
         if self.POISON in self.tokenizer.decode(req.prompt_ids):
             self.poisoned.add(req.id)

@@ -141,8 +141,10 @@ class EngineTimer:
         if share is not None:  # another mode of the same model: same engine and cache, switched per run
             self.engine = share.engine
         else:
+            # the preallocated cache, as the recorded figures: the paged one gathers each layer's blocks per step
+            # (docs/benchmarks.md, "Agentic serving")
             self.engine = Engine(model, max_batch=batch, max_seq_len=context + s.steps_per_engine(), mode=mode,
-                                 cuda_graphs=s.cuda_graphs and self.device.type == "cuda")
+                                 cuda_graphs=s.cuda_graphs and self.device.type == "cuda", paged=False)
             self.engine.cache.fill_random(batch, context, torch.Generator().manual_seed(s.seed))
         self.tokens = torch.randint(0, model.config.vocab_size, (batch,), device=self.device)
         self.times: list[float] = []

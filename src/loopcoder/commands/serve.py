@@ -7,6 +7,7 @@ import signal
 import sys
 from pathlib import Path
 
+from loopcoder.engine import DEFAULT_BLOCK_SIZE, DEFAULT_STEP_TOKENS, check_cache_options
 from loopcoder.errors import LoopcoderError
 from loopcoder.runtime import add_threads_argument, apply_threads
 from loopcoder.serving.app import ServerSettings
@@ -49,11 +50,45 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tool-parser", default="hermes",
                    help="tool-call parser: hermes (<tool_call>{json}</tool_call>) or package.module:Class")
     p.add_argument("--mode", choices=["parallel", "sequential"], default="parallel")
+    add_cache_arguments(p)
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     add_threads_argument(p)
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.add_argument("--access-log", action="store_true", help="log every request")
+
+
+def add_cache_arguments(p: argparse.ArgumentParser) -> None:
+    """The engine's K/V cache and prefill scheduling (docs/serving.md, "Long prompts and shared prefixes")."""
+    p.add_argument("--max-step-tokens", type=int, default=DEFAULT_STEP_TOKENS, metavar="N",
+                   help="tokens per engine step, decoding sequences included: longer prompts are prefilled in "
+                        "chunks between decode steps (0: every prompt in one piece)")
+    p.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE, help="positions per K/V block")
+    p.add_argument("--kv-cache-tokens", type=int, default=None, metavar="N",
+                   help="positions in the shared K/V block pool (default: max batch x the model's context)")
+    p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
+                   help="do not keep finished sequences' blocks for later prompts that share their prefix")
+    p.add_argument("--no-paged-kv", dest="paged", action="store_false",
+                   help="preallocate the model's context of K/V per slot instead of a block pool "
+                        "(no prefix caching)")
+
+
+def cache_options(args: argparse.Namespace) -> dict:
+    """The `Engine` options of `add_cache_arguments`, checked (one-line errors)."""
+    if args.max_step_tokens < 0:
+        raise LoopcoderError(f"--max-step-tokens must be >= 0, got {args.max_step_tokens}")
+    opts = dict(paged=args.paged, block_size=args.block_size, kv_cache_tokens=args.kv_cache_tokens,
+                prefix_caching=args.prefix_caching and args.paged, max_step_tokens=args.max_step_tokens or None)
+    if args.kv_cache_tokens is not None and args.kv_cache_tokens < 1:
+        raise LoopcoderError(f"--kv-cache-tokens must be >= 1, got {args.kv_cache_tokens}")
+    try:
+        check_cache_options(args.max_batch, **opts)
+    except LoopcoderError as e:  # the engine's names, the command line's spelling
+        message = str(e)
+        for name in ("max_step_tokens", "max_batch", "block_size", "kv_cache_tokens"):
+            message = message.replace(name, "--" + name.replace("_", "-"))
+        raise LoopcoderError(message) from None
+    return opts
 
 
 def run(args: argparse.Namespace) -> int:
@@ -69,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
     for name in ("header_timeout", "body_timeout"):
         if not getattr(args, name) > 0:
             raise LoopcoderError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    engine_options = cache_options(args)
     model_dir = resolve_model_dir(args.model)
     apply_threads(args.threads)
     api_key = args.api_key or api_key_from_env()
@@ -80,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
             max_batch=args.max_batch, max_queue=args.max_queue, queue_timeout=args.queue_timeout,
             model_name=args.served_model_name or Path(args.model).resolve().name, tool_parser=args.tool_parser,
             api_key=api_key, max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens,
-            max_body_bytes=args.max_body_bytes, body_timeout=args.body_timeout)
+            max_body_bytes=args.max_body_bytes, body_timeout=args.body_timeout, engine_options=engine_options)
         server = make_server(app, scheduler, grace=args.grace, log_level=args.log_level, access_log=args.access_log,
                              header_timeout=args.header_timeout, max_connections=args.max_connections)
         host, port = sock.getsockname()[:2]

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from loopcoder.engine import Engine
+from loopcoder.engine import Engine, Request
 from loopcoder.errors import LoopcoderError
 from loopcoder.sampling import SamplingParams
 from loopcoder.serving.protocol import APIError
@@ -67,7 +67,8 @@ class _Ticket:
     deliver: Callable[[Update], None]
     submitted: float
     live: set[int] = field(default_factory=set)  # choices still running or waiting
-    started: set[int] = field(default_factory=set)  # choices that got a slot (produced a token)
+    started: set[int] = field(default_factory=set)  # choices that produced a token
+    requests: dict[int, Request] = field(default_factory=dict)  # the engine's request of each choice
 
 
 def shutting_down() -> APIError:
@@ -206,7 +207,7 @@ class Scheduler:
         for i, job in enumerate(t.jobs):
             rid = f"{t.id}-{i}"
             try:
-                self.engine.add_request(job.prompt_ids, job.params, rid)
+                t.requests[i] = self.engine.add_request(job.prompt_ids, job.params, rid)
             except LoopcoderError as e:  # the handler validated; this is the engine's last word
                 t.live |= set(range(i, len(t.jobs)))
                 self._end(t, APIError(400, str(e)), "failed")
@@ -234,8 +235,9 @@ class Scheduler:
         self.counters[counter] += 1
 
     def _expire(self, now: float) -> None:
-        for t in list(self._tickets.values()):
-            if len(t.started) < len(t.jobs) and now - t.submitted > self.queue_timeout:
+        for t in list(self._tickets.values()):  # a slot is enough: a long prompt's chunked prefill takes steps
+            admitted = t.started | {i for i, r in t.requests.items() if r.admitted >= 0}
+            if len(admitted) < len(t.jobs) and now - t.submitted > self.queue_timeout:
                 self._end(t, APIError(503, f"the request waited more than {self.queue_timeout:g} s for a free slot; "
                                            "retry later", code="queue_timeout"), "timed_out")
 

@@ -27,11 +27,14 @@ MAX_CONNECTIONS = 512  # open connections; more are refused with 503
 
 def load_app(model_dir: str, tokenizer_dir: str | None = None, *, device: str = "auto", dtype: str = "auto",
              mode: str = "parallel", max_batch: int = 8, max_queue: int = 64, queue_timeout: float = 30.0,
-             model_name: str | None = None, tool_parser: str = "hermes", **settings: Any) -> tuple[Any, Scheduler]:
-    """(FastAPI app, its scheduler) serving the model in `model_dir`. `settings`: `ServerSettings` fields."""
+             model_name: str | None = None, tool_parser: str = "hermes", engine_options: dict | None = None,
+             **settings: Any) -> tuple[Any, Scheduler]:
+    """(FastAPI app, its scheduler) serving the model in `model_dir`. `engine_options`: the `Engine`'s cache and
+    scheduling options (`paged`, `block_size`, `kv_cache_tokens`, `prefix_caching`, `max_step_tokens`);
+    `settings`: `ServerSettings` fields."""
     parser = get_tool_parser(tool_parser)
     model, tokenizer = load_for_inference(model_dir, tokenizer_dir, device, dtype)
-    engine = Engine(model, tokenizer, max_batch=max_batch, mode=mode)
+    engine = Engine(model, tokenizer, max_batch=max_batch, mode=mode, **(engine_options or {}))
     scheduler = Scheduler(engine, max_queue=max_queue, queue_timeout=queue_timeout)
     name = model_name or Path(model_dir).resolve().name
     app = create_app(scheduler, tokenizer, ServerSettings(model_name=name, tool_parser=parser, **settings))
