@@ -597,8 +597,10 @@ def reachable_by_everyone(path: Path) -> bool:
 def outside_dir():
     """A directory outside every temporary directory (so the program sees it) that every uid can reach
     (so the run's own uid can pass through), removed afterwards."""
+    private = [Path(d) for d in ("/tmp", "/var/tmp", "/dev/shm")]  # the program gets its own copies of these
     for parent in (PROJECT, Path("/run")):
-        if parent.is_dir() and os.access(parent, os.W_OK) and reachable_by_everyone(parent):
+        inside_private = any(parent.resolve().is_relative_to(d.resolve()) for d in private if d.exists())
+        if not inside_private and parent.is_dir() and os.access(parent, os.W_OK) and reachable_by_everyone(parent):
             break
     else:
         pytest.skip("no directory outside /tmp that every uid can reach (the checkout is private)")
