@@ -39,8 +39,8 @@ def _decode(x):
 """
 
 _LOAD = """\
-def _load(source, name, namespace=None):
-    namespace = {"__name__": name, "__builtins__": _builtins} if namespace is None else namespace
+def _load(source, name):
+    namespace = {"__name__": name, "__builtins__": _builtins}
     exec(compile(source, "<" + name + ">", "exec"), namespace)
     return namespace
 """
@@ -173,7 +173,6 @@ import json as _json
 import sys as _sys
 from decimal import Decimal as _Decimal, InvalidOperation as _InvalidOperation
 
-{load}
 _sys.set_int_max_str_digits(50000)
 _TESTS = _json.loads({tests})
 _FUNC_NAME = {func_name}
@@ -244,5 +243,5 @@ else:
 
 def tests_program(task_id: str, solution: str, tests: Sequence[dict[str, str]], func_name: str | None) -> str:
     """LiveCodeBench's checks of a generated program: stdin/stdout tests, or calls of `func_name`."""
-    return _TESTS.format(task_id=task_id, load=_LOAD, tests=repr(json.dumps(list(tests))),
+    return _TESTS.format(task_id=task_id, tests=repr(json.dumps(list(tests))),
                          func_name=repr(func_name), prelude=repr(LCB_PRELUDE), solution=repr(solution + "\n"))

@@ -204,6 +204,16 @@ def _crux_input_answer(reply: str, problem: dict[str, Any], chat: bool) -> str |
     return answer if "f(" in answer else None
 
 
+def _assertion_programs(prelude: str = "") -> Callable[[dict[str, Any], str], dict[str, str]]:
+    """`assert OUTPUT == ANSWER` after the problem's code (and `prelude`): CRUXEval's and LiveCodeBench
+    execution's one program."""
+    return lambda pr, answer: {"pass": checks.assertion_program(pr["task_id"], pr["code"], pr["output"], answer,
+                                                                prelude)}
+
+
+_PREDICTION_LIMITS = Limits(cpu_seconds=3, wall_seconds=6)
+
+
 def _as_chat(text: str, chat: bool) -> Prompt:
     return [{"role": "user", "content": text}] if chat else text
 
@@ -250,15 +260,12 @@ TASKS: dict[str, FileTask] = {
         "cruxeval-o", "CRUXEval cruxeval.jsonl", files.load_cruxeval,
         lambda pr, chat: _as_chat(CRUX_OUTPUT.format(code=pr["code"], call=f"f({pr['input']})", **_CRUX_EXAMPLES),
                                   chat),
-        ("[/ANSWER]",), lambda r, pr, chat: _predicted_output(r, f"f({pr['input']})"),
-        lambda pr, answer: {"pass": checks.assertion_program(pr["task_id"], pr["code"], pr["output"], answer)},
-        ("pass",), Limits(cpu_seconds=3, wall_seconds=6), False),
+        ("[/ANSWER]",), lambda r, pr, chat: _predicted_output(r, f"f({pr['input']})"), _assertion_programs(),
+        ("pass",), _PREDICTION_LIMITS, False),
     "cruxeval-i": FileTask(
         "cruxeval-i", "CRUXEval cruxeval.jsonl", files.load_cruxeval,
         lambda pr, chat: _as_chat(CRUX_INPUT.format(code=pr["code"], output=pr["output"]), chat),
-        ("[/ANSWER]",), _crux_input_answer,
-        lambda pr, answer: {"pass": checks.assertion_program(pr["task_id"], pr["code"], pr["output"], answer)},
-        ("pass",), Limits(cpu_seconds=3, wall_seconds=6), False),
+        ("[/ANSWER]",), _crux_input_answer, _assertion_programs(), ("pass",), _PREDICTION_LIMITS, False),
     "lcb-codegen": FileTask(
         "lcb-codegen", "a LiveCodeBench code-generation .jsonl", files.load_lcb_codegen, _lcb_prompt, (),
         _lcb_code,
@@ -268,9 +275,7 @@ TASKS: dict[str, FileTask] = {
         "lcb-execution", "a LiveCodeBench execution .jsonl", files.load_lcb_execution,
         lambda pr, chat: _as_chat(CRUX_OUTPUT.format(code=pr["code"], call=pr["input"], **_LCB_EXAMPLES), chat),
         ("[/ANSWER]",), lambda r, pr, chat: _predicted_output(r, pr["input"]),
-        lambda pr, answer: {"pass": checks.assertion_program(pr["task_id"], pr["code"], pr["output"], answer,
-                                                             LCB_EXECUTION_PRELUDE)},
-        ("pass",), Limits(cpu_seconds=3, wall_seconds=6), False),
+        _assertion_programs(LCB_EXECUTION_PRELUDE), ("pass",), _PREDICTION_LIMITS, False),
 }
 PREDICTION_MAX_NEW_TOKENS = 128  # an [ANSWER] line
 
@@ -322,12 +327,12 @@ def run_file_task(engine: Engine, tokenizer: Any, s: EvalSettings, done: dict[st
                 "skipped": next((outs[k]["skipped"] for k in rows if outs[k]["skipped"]), None),
             }
         save()
-    names = ("base", "plus") if task.verdicts == ("base", "plus") else ("pass",)
     done.update({
         "file": str(path), "problems_total": len(problems),
         "skipped_prompts": sum(1 for i in ids if per_problem[i]["skipped"]),
         "pass_at_k": {v: {f"pass@{k}": x for k, x in mean_pass_at_k(
-            [(per_problem[i]["n"], sum(per_problem[i]["correct"][v])) for i in ids], s.ks).items()} for v in names},
+            [(per_problem[i]["n"], sum(per_problem[i]["correct"][v])) for i in ids], s.ks).items()}
+            for v in task.verdicts},
         "sandbox": isolation_report(),
     })
     return done
