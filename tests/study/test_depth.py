@@ -137,10 +137,14 @@ def test_report_leads_with_the_depth_probe_and_its_claims_match_the_intervals(st
 
 @pytest.mark.slow
 def test_a_second_run_trains_nothing(study_run):
-    preset, out, _, _ = study_run
+    preset, out, _, first_log = study_run
+    # the pool's announcement (`Study.parallel`): present in the first run, so its absence below means something
+    trained = re.compile(r"training \d+ runs, \d+ at a time")
+    assert trained.search(first_log) and "depth-plt2-s0: finished" in first_log
     log = io.StringIO()
     Study(preset, out, log=log).run()
     assert "depth probe: training" not in log.getvalue()
+    assert not trained.search(log.getvalue()) and "depth-plt2-s0: done earlier, skipped" in log.getvalue()
     assert "depth-eval: done earlier, skipped" in log.getvalue()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from loopcoder.errors import LoopcoderError
@@ -39,5 +40,6 @@ def apply_study_threads(preset, threads: int | None) -> None:
     """`--threads N` for every stage: training (the preset's `train.threads`) and what runs in this process
     (evaluation, diagnostics, timing). Without it, training keeps the preset's setting."""
     apply_threads(threads)
-    if threads is not None:
-        preset.pretrain["train.threads"] = preset.sft["train.threads"] = threads
+    if threads is not None:  # the presets are TrainConfig objects now, no longer mappings of dotted keys
+        for cfg in (preset.pretrain, preset.sft):
+            cfg.train = replace(cfg.train, threads=threads)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from loopcoder.stats import Difference, wilson_interval
 from loopcoder.study.figures import pyplot, save
 from loopcoder.study.presets import DepthModel, DepthSettings
 from loopcoder.study.stats import compare_in_words, crossed_difference, effective_depth
+from loopcoder.training.metrics import read_metrics
 
 COLORS = ["#4477aa", "#ee6677", "#228833", "#ccbb44", "#66ccee", "#aa3377", "#bbbbbb"]
 
@@ -39,6 +41,11 @@ class DepthData:
                               for k in s.eval_lengths}
         train = {m.key: [results[f"depth-{m.key}-s{seed}"] for seed in s.seeds] for m in s.models}
         return cls(s, correct, train, results["depth-cost"], results["depth-diagnostics"])
+
+    @cached_property
+    def val_curves(self) -> dict[str, list[dict[int, float]]]:
+        """Per model: each seed's validation loss by step (runs that logged none left out), read once."""
+        return {key: [c for c in (_val_curve(r["run_dir"]) for r in runs) if c] for key, runs in self.train.items()}
 
     def model(self, key: str) -> DepthModel:
         return next(m for m in self.s.models if m.key == key)
@@ -79,7 +86,8 @@ def comparisons(d: DepthData) -> list[tuple[str, str, str]]:
     return [(a, b, why) for a, b, why in pairs if d.has(a) and d.has(b)]
 
 
-def _pct(p: float, low: float | None = None, high: float | None = None) -> str:
+def percent(p: float, low: float | None = None, high: float | None = None) -> str:
+    """A share as a percentage, with its interval when given: `61.2% [55.0, 67.1]`."""
     return f"{100 * p:.1f}%" + ("" if low is None else f" [{100 * low:.1f}, {100 * high:.1f}]")
 
 
@@ -147,8 +155,7 @@ def write_plot(d: DepthData, out: Path) -> str:
         axes[0].errorbar(ks, [100 * a for a, _, _ in acc], yerr=[[100 * (a - lo) for a, lo, _ in acc],
                                                                 [100 * (hi - a) for a, _, hi in acc]],
                          marker="o", capsize=3, linestyle=style, color=COLORS[i % len(COLORS)], label=m.name)
-        curves = [_val_curve(r["run_dir"]) for r in d.train[m.key]]
-        curves = [c for c in curves if c]
+        curves = d.val_curves.get(m.key, [])
         if curves:
             steps = sorted(set.intersection(*(set(c) for c in curves)))
             axes[1].plot(steps, [np.mean([c[s] for c in curves]) for s in steps], marker=".", linestyle=style,
@@ -168,7 +175,7 @@ def convergence(d: DepthData) -> dict[str, tuple[float, float, bool]]:
     the end, and whether it fell by more than 5 % in between."""
     out = {}
     for m in d.s.models:
-        curves = [c for c in (_val_curve(r["run_dir"]) for r in d.train.get(m.key, [])) if c]
+        curves = d.val_curves.get(m.key, [])
         if not curves:
             continue
         steps = sorted(set.intersection(*(set(c) for c in curves)))
@@ -182,11 +189,7 @@ def convergence(d: DepthData) -> dict[str, tuple[float, float, bool]]:
 
 
 def _val_curve(run_dir: str) -> dict[int, float]:
-    f = Path(run_dir) / "metrics.jsonl"
-    if not f.is_file():
-        return {}
-    rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
-    return {r["step"]: r["val_loss"] for r in rows if r.get("kind") == "val"}
+    return {r["step"]: r["val_loss"] for r in read_metrics(run_dir) if r.get("kind") == "val"}
 
 
 def depth_section(d: DepthData, out: Path) -> tuple[list[str], dict[str, Any]]:
@@ -218,7 +221,7 @@ def depth_section(d: DepthData, out: Path) -> tuple[list[str], dict[str, Any]]:
     for m in s.models:
         acc = [d.accuracy(m.key, k) for k in ks]
         seeds = ", ".join(str(d.depth(m.key, i)) for i in range(len(s.seeds)))
-        rows.append([m.name] + [_pct(*a) for a in acc] + [f"{d.depth(m.key)} ({seeds})"])
+        rows.append([m.name] + [percent(*a) for a in acc] + [f"{d.depth(m.key)} ({seeds})"])
     lines += markdown_table(["model"] + [f"k={k}" for k in ks] + ["effective depth"], rows)
     conv = convergence(d)
     if conv:
@@ -229,8 +232,9 @@ def depth_section(d: DepthData, out: Path) -> tuple[list[str], dict[str, Any]]:
                      "by more than 5 %) when training stopped: the comparisons describe this budget, and longer "
                      "training could change them." if still else
                      "No model's loss fell by more than 5 % over that span.")]
+    stated = findings(d, diffs)
     lines += ["", "### In words", ""]
-    lines += [f"- {f}" for f in findings(d, diffs)]
+    lines += [f"- {f}" for f in stated]
     lines += ["", "Each difference is b − a on the same items and seeds, in points, with a 95 % bootstrap interval "
               "that resamples seeds and items together (so it carries the seed-to-seed spread); ✓ marks an "
               "interval that excludes 0. With this many k and comparisons, expect about one spurious ✓ in twenty "
@@ -253,7 +257,7 @@ def depth_section(d: DepthData, out: Path) -> tuple[list[str], dict[str, Any]]:
                                       for i, seed in enumerate(s.seeds)} for m in s.models},
         "effective_depth": {m.key: d.depth(m.key) for m in s.models},
         "comparisons": {f"{b} - {a}": {str(k): v.to_dict() for k, v in diffs[(a, b)].items()} for a, b, _ in pairs},
-        "findings": findings(d, diffs), "cost": cost, "diagnostics": diag, "plot": plot,
+        "findings": stated, "cost": cost, "diagnostics": diag, "plot": plot,
         "convergence": {name: {"loss_at_three_quarters": a, "loss_at_end": b, "still_falling": f}
                         for name, (a, b, f) in conv.items()},
     }

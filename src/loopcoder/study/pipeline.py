@@ -201,18 +201,18 @@ class Study:
         for seed in s.seeds:
             results = {}
             for m in s.models:
-                model = load_model(D.model_path(self.results, m, seed), device=_device(self.p.device))
-                results[m.key] = diagnose(model, rows, len(rows), name=m.name, source=str(
-                    D.model_path(self.results, m, seed)), progress=False)
+                path = D.model_path(self.results, m, seed)
+                model = load_model(path, device=_device(self.p.device))
+                results[m.key] = diagnose(model, rows, len(rows), name=m.name, source=str(path), progress=False)
             plt_family = [results[m.key] for m in s.models if m.architecture == "plt" and m.loop_offset]
-            entry: dict[str, Any] = {"recommendation": recommend(plt_family).to_dict() if plt_family else None,
-                                     "verdicts": {}}
+            rec = recommend(plt_family) if plt_family else None
+            entry: dict[str, Any] = {"recommendation": rec.to_dict() if rec else None, "verdicts": {}}
             for m in s.models:  # each model's own verdict (loops worth it), controls included
                 if m.loops > 1:
                     entry["verdicts"][m.key] = recommend([results[m.key]]).per_model[m.name]
             if seed == s.seeds[0]:
-                report = write_report(list(results.values()), self.out / "depth" / "diagnostics",
-                                      recommend(plt_family) if plt_family else None, plots=True, per_sample=False)
+                report = write_report(list(results.values()), self.out / "depth" / "diagnostics", rec, plots=True,
+                                      per_sample=False)
                 entry["dir"] = str(report)
             per_seed[str(seed)] = entry
         return {"per_seed": per_seed}

@@ -18,8 +18,9 @@ from typing import Any
 from loopcoder.atomic import atomic_write_text
 from loopcoder.diagnostics.report import markdown_table
 from loopcoder.stats import Difference, paired_difference, trend
-from loopcoder.study.depth_report import DepthData, depth_section
+from loopcoder.study.depth_report import DepthData, depth_section, percent
 from loopcoder.study.figures import pyplot, save
+from loopcoder.training.metrics import read_metrics
 
 DIAG_ROWS = [("effective_rank", "erank"), ("step_size", "step δ"), ("update_cosine", "cos θ"),
              ("offset_cost", "Ω"), ("delta_p", "Δp (nats)"), ("attention_kl", "attn KL (nats)"),
@@ -30,11 +31,6 @@ def _fmt(x: Any, digits: int = 3) -> str:
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
         return "–"
     return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
-
-
-def _pct(p: float, ci: list[float] | None = None) -> str:
-    text = f"{100 * p:.1f}%"
-    return text + (f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else "")
 
 
 class StudyData:
@@ -151,10 +147,7 @@ def write_plots(d: StudyData, out: Path) -> list[str]:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for R in d.loops:
         for ax, stage in zip(axes, (d.pretrain, d.sft)):
-            metrics = Path(stage[R]["run_dir"]) / "metrics.jsonl"
-            if not metrics.is_file():
-                continue
-            rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+            rows = read_metrics(stage[R]["run_dir"])
             train = [(r["step"], r["loss"]) for r in rows if r.get("kind") == "train"]
             val = [(r["step"], r["val_loss"]) for r in rows if r.get("kind") == "val"]
             if train:
@@ -265,7 +258,7 @@ def code_section(study: Any) -> tuple[list[str], dict[str, Any]]:
         if d.has_reasoning:
             rs = d.reasoning(R)["overall"]
             nll = rs["answer_nll"]
-            row[3:3] = [_pct(rs["accuracy"], rs["ci95"]),
+            row[3:3] = [percent(rs["accuracy"], *rs["ci95"]),
                         f"{nll['mean']:.3f} [{nll['ci95'][0]:.3f}, {nll['ci95'][1]:.3f}]"]
         rows.append(row)
     lines += [*markdown_table(header, rows), ""]
@@ -276,8 +269,9 @@ def code_section(study: Any) -> tuple[list[str], dict[str, Any]]:
                   "Chance is about 10 % (one-digit answers).", ""]
         steps = sorted(d.reasoning(d.loops[0])["by_steps"], key=int)
         lines += markdown_table(["steps"] + [f"R={R}" for R in d.loops],
-                                [[s] + [_pct(d.reasoning(R)["by_steps"][s]["accuracy"],
-                                             d.reasoning(R)["by_steps"][s]["ci95"]) for R in d.loops] for s in steps])
+                                [[s] + [percent(d.reasoning(R)["by_steps"][s]["accuracy"],
+                                                *d.reasoning(R)["by_steps"][s]["ci95"]) for R in d.loops]
+                                 for s in steps])
         lines += ["", "![reasoning](plots/reasoning.png)", ""]
     lines += ["### Does each extra loop help? Paired comparisons", "",
               "Differences are taken item by item on the same held-out items (bootstrap interval for "
