@@ -146,7 +146,7 @@ class PermutationTask:
         return np.concatenate(parts + ([np.full((n, 1), EQ_ID)] if self.equals else []), axis=1).astype(np.int64)
 
     def item_tokens(self, k: int, split: str) -> np.ndarray:
-        """(items, k + 3) uint8: `x a_1 .. a_k = y` of every item of `k` steps in `split`."""
+        """(items, k + 3) uint8: `x a_1 .. a_k = y` of every item of `k` steps in `split` (k + 2 without `=`)."""
         x, ops = self.decode_index(k, self.split_index(k, split))
         y = FIRST_SYMBOL + self.answers(x, ops)
         return np.concatenate([self.prompt_tokens(x, ops), y[:, None]], axis=1).astype(np.uint8)

@@ -45,8 +45,8 @@ def train_run(s: DepthSettings, model: DepthModel, seed: int, out: str, device: 
 
 @torch.inference_mode()
 def evaluate(model: Any, task: PermutationTask, lengths: tuple[int, ...], n: int) -> dict[str, Any]:
-    """Per k: each held-out item's correctness (greedy answer at `=`) and the answer's NLL, in the
-    fixed item order of `task.eval_items`."""
+    """Per k: each held-out item's correctness (the greedy token after the prompt, `=` or a_k) and the
+    answer's NLL, in the fixed item order of `task.eval_items`."""
     model.eval()
     device = next(model.parameters()).device
     out: dict[str, Any] = {}
