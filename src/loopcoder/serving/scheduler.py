@@ -67,7 +67,6 @@ class _Ticket:
     deliver: Callable[[Update], None]
     submitted: float
     live: set[int] = field(default_factory=set)  # choices still running or waiting
-    started: set[int] = field(default_factory=set)  # choices that produced a token
     requests: dict[int, Request] = field(default_factory=dict)  # the engine's request of each choice
 
 
@@ -236,8 +235,8 @@ class Scheduler:
 
     def _expire(self, now: float) -> None:
         for t in list(self._tickets.values()):  # a slot is enough: a long prompt's chunked prefill takes steps
-            admitted = t.started | {i for i, r in t.requests.items() if r.admitted >= 0}
-            if len(admitted) < len(t.jobs) and now - t.submitted > self.queue_timeout:
+            admitted = sum(r.admitted >= 0 for r in t.requests.values())  # the engine's events come only from these
+            if admitted < len(t.jobs) and now - t.submitted > self.queue_timeout:
                 self._end(t, APIError(503, f"the request waited more than {self.queue_timeout:g} s for a free slot; "
                                            "retry later", code="queue_timeout"), "timed_out")
 
@@ -260,7 +259,6 @@ class Scheduler:
             if owner is None:
                 continue
             t, i = owner
-            t.started.add(i)
             if ev.error is not None:  # this request alone failed: its ticket ends, the others go on
                 self._end(t, APIError(500, f"generation failed: {ev.error}", code="generation_failed"), "failed")
                 continue
