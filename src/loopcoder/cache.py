@@ -237,6 +237,7 @@ class SlotCache:
     """
 
     paged = False
+    prefix_caching = False  # only `PagedSlotCache` has a prefix cache
 
     def __init__(self, config: PLTConfig, max_batch: int, max_len: int, dtype: torch.dtype,
                  device: torch.device | str) -> None:

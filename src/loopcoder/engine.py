@@ -362,7 +362,8 @@ class Engine:
     def _preempt(self, req: Request) -> None:
         """Free a request's slot and blocks; it goes back to the front of the queue and will be recomputed from
         its prompt and output so far (largely from the prefix cache, where its full blocks stay)."""
-        for f in [req, *req.followers] if req.state != "follow" else [req]:
+        group, req.followers = [req, *req.followers], []  # its followers go too: none starts a prefill of its own
+        for f in group:
             self._drop(f)
             f.state, f.slot, f.cached, f.leader, f.followers = "waiting", None, 0, None, []
             f.tokens = f.prompt_ids + f.output_ids
@@ -451,7 +452,7 @@ class Engine:
     def _advance(self, req: Request, n: int) -> None:
         """`req`'s cache holds `n` more positions: enter its newly full blocks in the prefix cache."""
         req.cached += n
-        if req.slot is not None and getattr(self.cache, "prefix_caching", False) \
+        if req.slot is not None and self.cache.prefix_caching \
                 and req.cached // self.cache.block_size > len(self.cache.entries[req.slot]):
             self.cache.commit(req.slot, req.prompt_ids + req.output_ids)
 

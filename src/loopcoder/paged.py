@@ -85,6 +85,8 @@ class PagedSlotCache(SlotCache):
         self.entries: list[list[Entry]] = [[] for _ in range(max_batch)]  # index entries of each slot's full blocks
         self.pending: list[dict[int, int | None]] = [{} for _ in range(max_batch)]  # boundary -> snapshot slot
         self._scratch = [torch.empty(0, dtype=dtype), torch.empty(0, dtype=dtype)]  # `_gather`'s K and V buffers
+        # first pool row of each kv head, (1, kv_heads, 1): a step's gather rows are these plus its block tables
+        self._head_rows = torch.arange(hkv, device=self.device)[None, :, None] * self.num_blocks
         self._zeroed = 1  # blocks below this id have been written (or zeroed) once: their contents are finite
 
     def _full_stores(self, L: int, hkv: int, hd: int, kw: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -189,9 +191,14 @@ class PagedSlotCache(SlotCache):
             t[:, dst] = t[:, src]
         for t in (self.ring_pos, self.states, self.lengths):
             t[dst] = t[src]
-        self.table[dst] = NULL_BLOCK
-        self.table[dst, :len(self.tables[dst])] = torch.tensor(self.tables[dst], dtype=torch.long, device=self.device)
+        self._write_table(dst)
         return True
+
+    def _write_table(self, slot: int) -> None:
+        """The device row of `slot`'s block table from its list (the null block past its end)."""
+        blocks = self.tables[slot]
+        self.table[slot] = NULL_BLOCK
+        self.table[slot, :len(blocks)] = torch.tensor(blocks, dtype=torch.long, device=self.device)
 
     def copy_slot(self, src: int, dst: int) -> None:
         raise NotImplementedError("a paged cache moves sequences with reorder and copies them with fork")
@@ -211,27 +218,29 @@ class PagedSlotCache(SlotCache):
                 return j
         return 0
 
+    def _resume_entries(self, tokens: list[int]) -> list[Entry]:
+        """The index entries of the longest cached prefix of `tokens` a sequence can resume after (at most
+        len(tokens) - 1 tokens: the last prompt position is always computed)."""
+        entries = self.pool.match(tokens, self.block_size, (len(tokens) - 1) // self.block_size)
+        return entries[:self._resumable(entries)]
+
     def match(self, tokens: list[int]) -> int:
         if not self.prefix_caching:
             return 0
-        entries = self.pool.match(tokens, self.block_size, (len(tokens) - 1) // self.block_size)
-        return self._resumable(entries) * self.block_size
+        return len(self._resume_entries(tokens)) * self.block_size
 
     def attach(self, slot: int, tokens: list[int]) -> int:
         if not self.prefix_caching:
             return 0
         self.pool.stats.queried_tokens += len(tokens)
-        entries = self.pool.match(tokens, self.block_size, (len(tokens) - 1) // self.block_size)
-        entries = entries[:self._resumable(entries)]
+        entries = self._resume_entries(tokens)
         if not entries:
             return 0
         for e in entries:
             self.pool.hold(e.block)
-        blocks = [e.block for e in entries]
-        self.tables[slot], self.entries[slot] = blocks, list(entries)
-        self.table[slot] = NULL_BLOCK
-        self.table[slot, :len(blocks)] = torch.tensor(blocks, dtype=torch.long, device=self.device)
-        b = len(blocks) * self.block_size
+        self.tables[slot], self.entries[slot] = [e.block for e in entries], list(entries)
+        self._write_table(slot)
+        b = len(entries) * self.block_size
         self.lengths[slot] = b
         self.ring_pos[slot] = -1
         if self.has_rings:
@@ -335,9 +344,7 @@ class PagedSlotCache(SlotCache):
         if live is None and n == 1 and self._is_run(0, nb):
             step.run = (self.tables[0][0], nb)
         else:
-            hkv = self.k.shape[2]
-            heads = torch.arange(hkv, device=self.device)[None, :, None] * self.num_blocks
-            step.gather = (heads + self.table[:n, None, :nb]).flatten()
+            step.gather = (self._head_rows + self.table[:n, None, :nb]).flatten()
         return step
 
     def write_full(self, layer: int, loop: int, step: SlotStep, kv: KV) -> None:

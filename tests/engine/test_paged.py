@@ -210,3 +210,23 @@ def test_a_prompt_larger_than_the_pool_is_refused():
     engine = Engine(model_for(2, "plt"), block_size=4, kv_cache_tokens=16)
     with pytest.raises(LoopcoderError, match="the KV cache holds 16"):
         engine.add_request(prompt(16, 1), SamplingParams())
+
+
+def test_preempting_a_prefill_sends_its_followers_back_without_starting_their_prefills():
+    """A preempted leader's followers are queued with it: none attaches the prefix cache (or takes blocks) on the
+    way out, and all three still get the exact tokens."""
+    model = model_for(3, "plt")
+    p = prompt(21, 80)
+    engine = Engine(model, max_batch=3, block_size=4, max_step_tokens=8)
+    reqs = [engine.add_request(p, SamplingParams(max_new_tokens=4)) for _ in range(3)]
+    engine.step()
+    leader = reqs[0]
+    assert leader.state == "prefill" and [r.state for r in reqs[1:]] == ["follow", "follow"]
+    queried = engine.cache_stats()["prefix_queried_tokens"]
+    engine._preempt(leader)
+    stats = engine.cache_stats()
+    assert stats["prefix_queried_tokens"] == queried and stats["blocks_held"] == 0, stats
+    assert engine.num_running == 0 and all(r.state == "waiting" and r.slot is None for r in reqs)
+    while engine.has_work():
+        engine.step()
+    assert [r.output_ids for r in reqs] == [full_recompute_greedy(model, p, 4)] * 3
