@@ -47,7 +47,10 @@ def test_a_random_model_constrained_always_validates(engine, loaded):
     tok = loaded[1]
     for name, schema in SCHEMAS.items():
         c = Constraint.json_schema(schema)
-        out = engine.generate([prompt(tok)] * 6, [params(None, c)] + [params(s, c) for s in range(5)])
+        # A budget every schema fits in: its strings are bounded in characters, but a random model may spell
+        # each character as up to 4 byte tokens (nested: 40 characters of strings, ~160 tokens, plus syntax).
+        budget = [params(None, c, max_new_tokens=1000)] + [params(s, c, max_new_tokens=1000) for s in range(5)]
+        out = engine.generate([prompt(tok)] * 6, budget)
         for o in out:
             assert o.finish_reason == "stop", (name, o.text)
             jsonschema.validate(json.loads(o.text), schema)
