@@ -345,15 +345,7 @@ class SlotCache:
             t[dst] = t[src]
         return True
 
-    def copy_slot(self, src: int, dst: int) -> None:
-        """Move a sequence to another slot."""
-        self.fork(src, dst)
-
     # -- the prefix cache (only `PagedSlotCache` has one) --------------------------------------------------
-    def match(self, tokens: list[int]) -> int:
-        """Tokens of the longest cached prefix of `tokens` that a sequence can resume from (< len(tokens))."""
-        return 0
-
     def attach(self, slot: int, tokens: list[int]) -> int:
         """Start `slot`'s sequence from the longest cached prefix of `tokens`; the tokens it covers."""
         return 0

@@ -200,9 +200,6 @@ class PagedSlotCache(SlotCache):
         self.table[slot] = NULL_BLOCK
         self.table[slot, :len(blocks)] = torch.tensor(blocks, dtype=torch.long, device=self.device)
 
-    def copy_slot(self, src: int, dst: int) -> None:
-        raise NotImplementedError("a paged cache moves sequences with reorder and copies them with fork")
-
     def _is_run(self, slot: int, nb: int) -> bool:
         t = self.tables[slot]
         return len(t) >= nb and t[nb - 1] - t[0] == nb - 1 and all(t[j + 1] == t[j] + 1 for j in range(nb - 1))
@@ -223,11 +220,6 @@ class PagedSlotCache(SlotCache):
         len(tokens) - 1 tokens: the last prompt position is always computed)."""
         entries = self.pool.match(tokens, self.block_size, (len(tokens) - 1) // self.block_size)
         return entries[:self._resumable(entries)]
-
-    def match(self, tokens: list[int]) -> int:
-        if not self.prefix_caching:
-            return 0
-        return len(self._resume_entries(tokens)) * self.block_size
 
     def attach(self, slot: int, tokens: list[int]) -> int:
         if not self.prefix_caching:
