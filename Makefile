@@ -28,8 +28,8 @@ lock: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/loopcoder demo --out runs/study
 
-test: $(STAMP)
-	$(VENV)/bin/ruff check src tests benchmarks
+# The suite starts with the lint: one code style, enforced (ruff check and ruff format --check).
+test: lint
 	$(PY) -m pytest tests
 
 lint: $(STAMP)

@@ -43,8 +43,16 @@ VOCAB = 4096
 
 def build_model(loops: int) -> PLTForCausalLM:
     torch.manual_seed(0)
-    shape = ModelShape(loops=loops, hidden_size=256, layers=4, heads=4, kv_heads=2, vocab_size=VOCAB, window=64,
-                       max_position_embeddings=8192)
+    shape = ModelShape(
+        loops=loops,
+        hidden_size=256,
+        layers=4,
+        heads=4,
+        kv_heads=2,
+        vocab_size=VOCAB,
+        window=64,
+        max_position_embeddings=8192,
+    )
     return PLTForCausalLM(shape.plt_config()).eval()
 
 
@@ -74,9 +82,12 @@ def ttft(model: PLTForCausalLM, args: argparse.Namespace) -> dict:
             cold.append(first_token_time(engine, prompt))
             warm.append(first_token_time(engine, prompt + tokens(rng, args.line)))
         key = "prefix_caching" if caching else "no_prefix_caching"
-        out[key] = {"cold_s": statistics.median(cold), "prompt_plus_line_s": statistics.median(warm),
-                    "speedup": statistics.median(c / w for c, w in zip(cold, warm)),
-                    "hit_tokens": engine.cache_stats()["prefix_hit_tokens"]}
+        out[key] = {
+            "cold_s": statistics.median(cold),
+            "prompt_plus_line_s": statistics.median(warm),
+            "speedup": statistics.median(c / w for c, w in zip(cold, warm)),
+            "hit_tokens": engine.cache_stats()["prefix_hit_tokens"],
+        }
     return out
 
 
@@ -84,11 +95,18 @@ def gaps(model: PLTForCausalLM, args: argparse.Namespace) -> dict:
     out: dict = {}
     budgets = [int(b) for b in args.step_tokens.split(",")]
     for name, budget in [("one_piece", None)] + [(f"chunked_{b}", b) for b in budgets]:
-        engine = Engine(model, max_batch=args.streams + 1, max_seq_len=args.max_seq_len, max_step_tokens=budget,
-                        prefix_caching=False)
+        engine = Engine(
+            model,
+            max_batch=args.streams + 1,
+            max_seq_len=args.max_seq_len,
+            max_step_tokens=budget,
+            prefix_caching=False,
+        )
         rng = random.Random(7)
-        streams = [engine.add_request(tokens(rng, 64), SamplingParams(max_new_tokens=10_000, ignore_eos=True))
-                   for _ in range(args.streams)]
+        streams = [
+            engine.add_request(tokens(rng, 64), SamplingParams(max_new_tokens=10_000, ignore_eos=True))
+            for _ in range(args.streams)
+        ]
         times: list[float] = []
         for _ in range(30):  # decode only
             engine.step()
@@ -105,11 +123,17 @@ def gaps(model: PLTForCausalLM, args: argparse.Namespace) -> dict:
         for r in streams:
             engine.abort(r.id)
         g = sorted(b - a for a, b in itertools.pairwise(during))
-        out[name] = {"max_step_tokens": budget, "median_gap_before_s": statistics.median(before),
-                     "median_gap_s": statistics.median(g), "p99_gap_s": g[min(len(g) - 1, int(0.99 * len(g)))],
-                     "max_gap_s": g[-1], "max_over_median": g[-1] / statistics.median(g),
-                     "max_over_median_before": g[-1] / statistics.median(before),
-                     "gaps": len(g), "prompt_ttft_s": during[-1] - arrived}
+        out[name] = {
+            "max_step_tokens": budget,
+            "median_gap_before_s": statistics.median(before),
+            "median_gap_s": statistics.median(g),
+            "p99_gap_s": g[min(len(g) - 1, int(0.99 * len(g)))],
+            "max_gap_s": g[-1],
+            "max_over_median": g[-1] / statistics.median(g),
+            "max_over_median_before": g[-1] / statistics.median(before),
+            "gaps": len(g),
+            "prompt_ttft_s": during[-1] - arrived,
+        }
     return out
 
 
@@ -146,12 +170,20 @@ def agents(model: PLTForCausalLM, args: argparse.Namespace) -> dict:
         rings = engine.cache.rk.numel() * engine.cache.rk.element_size() * 2
         peak = s["peak_blocks_held"] * s["block_bytes"] + rings
         key = "prefix_caching" if caching else "no_prefix_caching"
-        out[key] = {"requests": len(ttfts), "ttft_mean_s": statistics.mean(ttfts),
-                    "ttft_p50_s": statistics.median(ttfts), "generated_tokens_per_s": generated / wall,
-                    "wall_s": wall, "prefix_hit_rate": s["prefix_hit_rate"], "prefill_tokens": s["prefill_tokens"],
-                    "longest_prompt": max(len(h) for h in history),
-                    "kv_peak_in_use_bytes": peak, "snapshot_bytes_in_use": s["snapshots_in_use"] * s["snapshot_bytes"],
-                    "kv_old_preallocation_bytes": old, "kv_pool_allocated_bytes": s["allocated_bytes"]}
+        out[key] = {
+            "requests": len(ttfts),
+            "ttft_mean_s": statistics.mean(ttfts),
+            "ttft_p50_s": statistics.median(ttfts),
+            "generated_tokens_per_s": generated / wall,
+            "wall_s": wall,
+            "prefix_hit_rate": s["prefix_hit_rate"],
+            "prefill_tokens": s["prefill_tokens"],
+            "longest_prompt": max(len(h) for h in history),
+            "kv_peak_in_use_bytes": peak,
+            "snapshot_bytes_in_use": s["snapshots_in_use"] * s["snapshot_bytes"],
+            "kv_old_preallocation_bytes": old,
+            "kv_pool_allocated_bytes": s["allocated_bytes"],
+        }
     return out
 
 
@@ -196,8 +228,12 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     model = build_model(args.loops)
-    result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "threads": args.threads,
-              "load_average_before": os.getloadavg(), "settings": vars(args)}
+    result = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "threads": args.threads,
+        "load_average_before": os.getloadavg(),
+        "settings": vars(args),
+    }
     with torch.inference_mode():
         for part in args.parts.split(","):
             result[part] = globals()[part](model, args)

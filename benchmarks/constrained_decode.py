@@ -35,22 +35,52 @@ from loopcoder.model import PLTForCausalLM
 from loopcoder.sampling import SamplingParams
 from loopcoder.serving.tool_calls import HermesToolCallParser, tool_call_grammar
 
-TOOLS = {"anyOf": [
-    {"type": "object", "properties": {"name": {"const": "get_weather"}, "arguments": {
-        "type": "object", "properties": {"city": {"type": "string", "maxLength": 24},
-                                         "unit": {"enum": ["celsius", "fahrenheit"]},
-                                         "days": {"type": "integer", "minimum": 1, "maximum": 14}},
-        "required": ["city"], "additionalProperties": False}},
-     "required": ["name", "arguments"], "additionalProperties": False},
-    {"type": "object", "properties": {"name": {"const": "run_tests"}, "arguments": {
-        "type": "object", "properties": {"paths": {"type": "array", "items": {"type": "string", "maxLength": 40},
-                                                   "maxItems": 4},
-                                         "timeout": {"type": "number", "minimum": 0, "maximum": 600}},
-        "required": ["paths"], "additionalProperties": False}},
-     "required": ["name", "arguments"], "additionalProperties": False}]}
+TOOLS = {
+    "anyOf": [
+        {
+            "type": "object",
+            "properties": {
+                "name": {"const": "get_weather"},
+                "arguments": {
+                    "type": "object",
+                    "properties": {
+                        "city": {"type": "string", "maxLength": 24},
+                        "unit": {"enum": ["celsius", "fahrenheit"]},
+                        "days": {"type": "integer", "minimum": 1, "maximum": 14},
+                    },
+                    "required": ["city"],
+                    "additionalProperties": False,
+                },
+            },
+            "required": ["name", "arguments"],
+            "additionalProperties": False,
+        },
+        {
+            "type": "object",
+            "properties": {
+                "name": {"const": "run_tests"},
+                "arguments": {
+                    "type": "object",
+                    "properties": {
+                        "paths": {"type": "array", "items": {"type": "string", "maxLength": 40}, "maxItems": 4},
+                        "timeout": {"type": "number", "minimum": 0, "maximum": 600},
+                    },
+                    "required": ["paths"],
+                    "additionalProperties": False,
+                },
+            },
+            "required": ["name", "arguments"],
+            "additionalProperties": False,
+        },
+    ]
+}
 COMPILE_SCHEMAS = {
-    "object, 2 fields": {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
-                         "required": ["name", "age"], "additionalProperties": False},
+    "object, 2 fields": {
+        "type": "object",
+        "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+        "required": ["name", "age"],
+        "additionalProperties": False,
+    },
     "2 tools (anyOf)": TOOLS,
     "any JSON object": {"type": "object"},
 }
@@ -108,16 +138,20 @@ def compile_times(tok, vocab: int) -> dict:
                 with Clock() as k:
                     c.matcher(Constraint.json_schema(schema), [tok.eos_token_id]).fill(mask)
                 times.append(k)
-        out[name] = {"cold_ms": median_ms([k.wall for k in cold]), "cold_cpu_ms": median_ms([k.cpu for k in cold]),
-                     "cached_ms": median_ms([k.wall for k in warm]),
-                     "cached_cpu_ms": median_ms([k.cpu for k in warm])}
+        out[name] = {
+            "cold_ms": median_ms([k.wall for k in cold]),
+            "cold_cpu_ms": median_ms([k.cpu for k in cold]),
+            "cached_ms": median_ms([k.wall for k in warm]),
+            "cached_cpu_ms": median_ms([k.cpu for k in warm]),
+        }
     return out
 
 
 def auto_constraint(compiler: GrammarCompiler) -> Constraint:
     """`tool_choice` "auto" with the two tools of TOOLS: free text (without the call marker), then calls."""
-    functions = [{"name": b["properties"]["name"]["const"], "parameters": b["properties"]["arguments"]}
-                 for b in TOOLS["anyOf"]]
+    functions = [
+        {"name": b["properties"]["name"]["const"], "parameters": b["properties"]["arguments"]} for b in TOOLS["anyOf"]
+    ]
     lark = tool_call_grammar(compiler, HermesToolCallParser(), functions, required=False, parallel=True)
     return Constraint.grammar(lark)
 
@@ -154,22 +188,38 @@ def mask_parts(tok, vocab: int, batch: int, kind: str, tokens: int = 400) -> dic
     for _ in range(1000):
         mask_logits(logits, none)
     free = (time.perf_counter() - t) / 1000
-    return {"fill_cpu_ms": median_ms(fill), "apply_cpu_ms": median_ms(apply), "accept_cpu_ms": median_ms(accept),
-            "no grammar in the batch (mask_logits) us": round(1e6 * free, 3)}
+    return {
+        "fill_cpu_ms": median_ms(fill),
+        "apply_cpu_ms": median_ms(apply),
+        "accept_cpu_ms": median_ms(accept),
+        "no grammar in the batch (mask_logits) us": round(1e6 * free, 3),
+    }
 
 
 class Runner:
     """An engine kept at `batch` running requests, `constrained` of them with the tools grammar."""
 
-    def __init__(self, model, tok, compiler: GrammarCompiler, batch: int, constrained: int, prompt: list[int],
-                 max_seq_len: int, kind: str = "json") -> None:
+    def __init__(
+        self,
+        model,
+        tok,
+        compiler: GrammarCompiler,
+        batch: int,
+        constrained: int,
+        prompt: list[int],
+        max_seq_len: int,
+        kind: str = "json",
+    ) -> None:
         self.engine = Engine(model, tok, max_batch=batch, max_seq_len=max_seq_len)
         self.engine.grammars = compiler  # one compiler for all: compiled once, as in a server
         self.batch, self.constrained, self.prompt = batch, constrained, prompt
         self.free = SamplingParams(max_new_tokens=max_seq_len, temperature=1.0, ignore_eos=True, seed=0)
-        self.json = SamplingParams(max_new_tokens=max_seq_len, temperature=1.0, seed=0,
-                                   constraint=Constraint.json_schema(TOOLS) if kind == "json"
-                                   else auto_constraint(compiler))
+        self.json = SamplingParams(
+            max_new_tokens=max_seq_len,
+            temperature=1.0,
+            seed=0,
+            constraint=Constraint.json_schema(TOOLS) if kind == "json" else auto_constraint(compiler),
+        )
         self.reqs: list = []
         self.replaced = 0
 
@@ -211,8 +261,13 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="JSON report path")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    report: dict = {"threads": args.threads, "date": time.strftime("%Y-%m-%d %H:%M %Z"),
-                    "load_before": os.getloadavg(), "torch": torch.__version__, "args": vars(args)}
+    report: dict = {
+        "threads": args.threads,
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+        "load_before": os.getloadavg(),
+        "torch": torch.__version__,
+        "args": vars(args),
+    }
     t = time.perf_counter()
     tok = build_tokenizer(args.vocab, args.files)
     vocab = len(tok)
@@ -220,12 +275,12 @@ def main() -> None:
     print(json.dumps(report["tokenizer"]), file=sys.stderr, flush=True)
     report["compile"] = compile_times(tok, vocab)
     print(json.dumps(report["compile"]), file=sys.stderr, flush=True)
-    report["mask_parts"] = {f"{kind} batch {b}": mask_parts(tok, vocab, b, kind)
-                            for kind in ("json", "auto") for b in args.batches}
+    report["mask_parts"] = {
+        f"{kind} batch {b}": mask_parts(tok, vocab, b, kind) for kind in ("json", "auto") for b in args.batches
+    }
     print(json.dumps(report["mask_parts"]), file=sys.stderr, flush=True)
 
-    s = DecodeBenchSettings(hidden_size=args.hidden_size, num_layers=args.layers, vocab_size=vocab,
-                            contexts=(2048,))
+    s = DecodeBenchSettings(hidden_size=args.hidden_size, num_layers=args.layers, vocab_size=vocab, contexts=(2048,))
     model = build_model(PLTForCausalLM, s.model_config(args.loops), torch.device("cpu"), torch.float32, 0)
     prompt = tok("Call a tool for the weather in Paris: ", add_special_tokens=False)["input_ids"]
     compiler = GrammarCompiler(tok, model.config.vocab_size)
@@ -247,16 +302,26 @@ def main() -> None:
     for name, (w, c) in times.items():
         b = name.split()[0]
         base_w, base_c = times[f"{b} constrained=0"]
-        steps[name] = {"step_ms": median_ms(w), "cpu_ms": median_ms(c),
-                       # per round: this configuration over its batch's free one, then the median (paired)
-                       "ratio_wall": round(statistics.median(x / y for x, y in zip(w, base_w)), 4),
-                       "ratio_cpu": round(statistics.median(x / y for x, y in zip(c, base_c)), 4),
-                       "ratio_cpu_range": [round(min(x / y for x, y in zip(c, base_c)), 4),
-                                           round(max(x / y for x, y in zip(c, base_c)), 4)],
-                       "requests_started": configs[name].replaced}
+        steps[name] = {
+            "step_ms": median_ms(w),
+            "cpu_ms": median_ms(c),
+            # per round: this configuration over its batch's free one, then the median (paired)
+            "ratio_wall": round(statistics.median(x / y for x, y in zip(w, base_w)), 4),
+            "ratio_cpu": round(statistics.median(x / y for x, y in zip(c, base_c)), 4),
+            "ratio_cpu_range": [
+                round(min(x / y for x, y in zip(c, base_c)), 4),
+                round(max(x / y for x, y in zip(c, base_c)), 4),
+            ],
+            "requests_started": configs[name].replaced,
+        }
     report["steps"] = steps
-    report["model"] = {"hidden": args.hidden_size, "layers": args.layers, "loops": args.loops, "vocab": vocab,
-                       "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 1)}
+    report["model"] = {
+        "hidden": args.hidden_size,
+        "layers": args.layers,
+        "loops": args.loops,
+        "vocab": vocab,
+        "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
+    }
     report["load_after"] = os.getloadavg()
     text = json.dumps(report, indent=1)
     print(text)

@@ -1,6 +1,6 @@
 """Decode benchmark script: the same measurement as `loopcoder bench decode` (see its --help).
 
-    python benchmarks/decode.py --batches 1,32 --contexts 512,2048
+python benchmarks/decode.py --batches 1,32 --contexts 512,2048
 """
 
 import sys

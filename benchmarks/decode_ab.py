@@ -31,21 +31,31 @@ def worker(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     shape = json.loads(args.shape)
-    s = DecodeBenchSettings(**shape, contexts=tuple(args.contexts), batches=tuple(args.batches), steps=args.steps,
-                            rounds=args.rounds, warmup=args.warmup, loops=(args.loops,))
+    s = DecodeBenchSettings(
+        **shape,
+        contexts=tuple(args.contexts),
+        batches=tuple(args.batches),
+        steps=args.steps,
+        rounds=args.rounds,
+        warmup=args.warmup,
+        loops=(args.loops,),
+    )
     dev = torch.device("cpu")
     R = args.loops
-    models = {"R=1": build_model(PLTForCausalLM, s.model_config(1), dev, torch.float32, s.seed),
-              f"PLT-{R}": build_model(PLTForCausalLM, s.model_config(R), dev, torch.float32, s.seed),
-              f"vanilla-{R}": build_model(PLTForCausalLM, s.model_config(R, "vanilla"), dev, torch.float32, s.seed)}
+    models = {
+        "R=1": build_model(PLTForCausalLM, s.model_config(1), dev, torch.float32, s.seed),
+        f"PLT-{R}": build_model(PLTForCausalLM, s.model_config(R), dev, torch.float32, s.seed),
+        f"vanilla-{R}": build_model(PLTForCausalLM, s.model_config(R, "vanilla"), dev, torch.float32, s.seed),
+    }
     timers: dict[str, EngineTimer] = {}
     for b in s.batches:
         for c in s.contexts:
             single = EngineTimer(models[f"PLT-{R}"], "parallel", b, c, s)
             timers[f"R=1 b={b} ctx={c}"] = EngineTimer(models["R=1"], "parallel", b, c, s)
             timers[f"PLT-{R} single-pass b={b} ctx={c}"] = single
-            timers[f"PLT-{R} sequential b={b} ctx={c}"] = EngineTimer(models[f"PLT-{R}"], "sequential", b, c, s,
-                                                                      share=single)
+            timers[f"PLT-{R} sequential b={b} ctx={c}"] = EngineTimer(
+                models[f"PLT-{R}"], "sequential", b, c, s, share=single
+            )
             timers[f"vanilla-{R} b={b} ctx={c}"] = EngineTimer(models[f"vanilla-{R}"], "sequential", b, c, s)
     print(json.dumps({"ready": list(timers)}), flush=True)
     for line in sys.stdin:
@@ -74,14 +84,38 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
-    fwd = ["--threads", str(args.threads), "--batches", ",".join(map(str, args.batches)), "--contexts",
-           ",".join(map(str, args.contexts)), "--loops", str(args.loops), "--steps", str(args.steps), "--rounds",
-           str(args.rounds), "--warmup", str(args.warmup), "--shape", args.shape, "--a", args.a, "--b", args.b]
+    fwd = [
+        "--threads",
+        str(args.threads),
+        "--batches",
+        ",".join(map(str, args.batches)),
+        "--contexts",
+        ",".join(map(str, args.contexts)),
+        "--loops",
+        str(args.loops),
+        "--steps",
+        str(args.steps),
+        "--rounds",
+        str(args.rounds),
+        "--warmup",
+        str(args.warmup),
+        "--shape",
+        args.shape,
+        "--a",
+        args.a,
+        "--b",
+        args.b,
+    ]
     procs = {}
     for side in ("a", "b"):
         env = {**os.environ, "PYTHONPATH": os.path.abspath(getattr(args, side)), "OMP_NUM_THREADS": str(args.threads)}
-        procs[side] = subprocess.Popen([sys.executable, __file__, "--worker", *fwd], stdin=subprocess.PIPE,
-                                       stdout=subprocess.PIPE, text=True, env=env)
+        procs[side] = subprocess.Popen(
+            [sys.executable, __file__, "--worker", *fwd],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
     names = None
     for p in procs.values():
         got = json.loads(p.stdout.readline())["ready"]
@@ -90,7 +124,7 @@ def main() -> None:
     medians: dict[str, dict[str, list[float]]] = {n: {"a": [], "b": [], "a_cpu": [], "b_cpu": []} for n in names}
     for rnd in range(args.rounds):
         for k, name in enumerate(names):
-            for side in (("a", "b") if (rnd + k) % 2 == 0 else ("b", "a")):
+            for side in ("a", "b") if (rnd + k) % 2 == 0 else ("b", "a"):
                 procs[side].stdin.write(json.dumps({"run": name}) + "\n")
                 procs[side].stdin.flush()
                 got = json.loads(procs[side].stdout.readline())
@@ -101,22 +135,36 @@ def main() -> None:
         p.stdin.close()
         p.wait()
     rows = []
-    print(f"{'configuration':<36} {'A ms':>8} {'B ms':>8} {'B/A':>6} {'range over rounds':>17} {'CPU-time B/A':>13} "
-          f"{'range':>13}")
+    print(
+        f"{'configuration':<36} {'A ms':>8} {'B ms':>8} {'B/A':>6} {'range over rounds':>17} {'CPU-time B/A':>13} "
+        f"{'range':>13}"
+    )
     for name, m in medians.items():
         ratios = sorted(b / a for a, b in zip(m["a"], m["b"]))
         cpu = sorted(b / a for a, b in zip(m["a_cpu"], m["b_cpu"]))
-        row = {"config": name, "a_ms": statistics.median(m["a"]) * 1e3, "b_ms": statistics.median(m["b"]) * 1e3,
-               "ratio": statistics.median(ratios), "ratio_min": ratios[0], "ratio_max": ratios[-1],
-               "cpu_ratio": statistics.median(cpu), "cpu_ratio_min": cpu[0], "cpu_ratio_max": cpu[-1],
-               "rounds": m}
+        row = {
+            "config": name,
+            "a_ms": statistics.median(m["a"]) * 1e3,
+            "b_ms": statistics.median(m["b"]) * 1e3,
+            "ratio": statistics.median(ratios),
+            "ratio_min": ratios[0],
+            "ratio_max": ratios[-1],
+            "cpu_ratio": statistics.median(cpu),
+            "cpu_ratio_min": cpu[0],
+            "cpu_ratio_max": cpu[-1],
+            "rounds": m,
+        }
         rows.append(row)
-        print(f"{name:<36} {row['a_ms']:>8.2f} {row['b_ms']:>8.2f} {row['ratio']:>6.3f} {ratios[0]:>8.3f} - "
-              f"{ratios[-1]:.3f} {row['cpu_ratio']:>13.3f} {cpu[0]:>6.3f} - {cpu[-1]:.3f}")
+        print(
+            f"{name:<36} {row['a_ms']:>8.2f} {row['b_ms']:>8.2f} {row['ratio']:>6.3f} {ratios[0]:>8.3f} - "
+            f"{ratios[-1]:.3f} {row['cpu_ratio']:>13.3f} {cpu[0]:>6.3f} - {cpu[-1]:.3f}"
+        )
     every = [r["ratio"] for r in rows]
     every_cpu = [r["cpu_ratio"] for r in rows]
-    print(f"median over configurations: B/A {statistics.median(every):.3f}, "
-          f"CPU-time B/A {statistics.median(every_cpu):.3f}")
+    print(
+        f"median over configurations: B/A {statistics.median(every):.3f}, "
+        f"CPU-time B/A {statistics.median(every_cpu):.3f}"
+    )
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"settings": vars(args), "results": rows}, f, indent=1)

@@ -35,9 +35,19 @@ CONFIGS = {  # name: (loops, config overrides, engine mode)
 def step_ops(loops: int, layers: int, overrides: dict, mode: str, batch: int, context: int) -> tuple:
     """(ops, top-level ops, top-level ops that compute, Counter of those) of one decode step after a prefill."""
     torch.manual_seed(0)
-    cfg = PLTConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
-                    plt_num_loops=loops, plt_window_size=[8, 0], **overrides)
+    cfg = PLTConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=256,
+        plt_num_loops=loops,
+        plt_window_size=[8, 0],
+        **overrides,
+    )
     model = PLTForCausalLM(cfg).eval()
     engine = Engine(model, max_batch=batch, mode=mode)
     for b in range(batch):
@@ -55,10 +65,37 @@ def step_ops(loops: int, layers: int, overrides: dict, mode: str, batch: int, co
 
 
 # ops that only make a view, allocate, or return their input: no kernel of their own
-VIEWS = {"aten::" + n for n in ("view", "as_strided", "alias", "empty", "empty_strided", "unsqueeze", "squeeze",
-                               "select", "slice", "transpose", "expand", "t", "permute", "detach", "reshape",
-                               "_reshape_alias", "flatten", "split_with_sizes", "split", "to", "lift_fresh",
-                               "result_type", "_unsafe_view", "chunk", "narrow", "unflatten")}
+VIEWS = {
+    "aten::" + n
+    for n in (
+        "view",
+        "as_strided",
+        "alias",
+        "empty",
+        "empty_strided",
+        "unsqueeze",
+        "squeeze",
+        "select",
+        "slice",
+        "transpose",
+        "expand",
+        "t",
+        "permute",
+        "detach",
+        "reshape",
+        "_reshape_alias",
+        "flatten",
+        "split_with_sizes",
+        "split",
+        "to",
+        "lift_fresh",
+        "result_type",
+        "_unsafe_view",
+        "chunk",
+        "narrow",
+        "unflatten",
+    )
+}
 
 
 def _only_views(e) -> bool:
@@ -86,8 +123,10 @@ def main() -> None:
     ap.add_argument("--names", action="store_true", help="list the top-level ops of one layer")
     a = ap.parse_args()
     torch.set_num_threads(1)
-    print(f"{'configuration':<18} {'per layer: all':>15} {'top-level':>10} {'compute':>8} "
-          f"{'per step: all':>14} {'top-level':>10} {'compute':>8}")
+    print(
+        f"{'configuration':<18} {'per layer: all':>15} {'top-level':>10} {'compute':>8} "
+        f"{'per step: all':>14} {'top-level':>10} {'compute':>8}"
+    )
     for name, (loops, overrides, mode) in CONFIGS.items():
         small = step_ops(loops, 2, overrides, mode, a.batch, a.context)
         large = step_ops(loops, 4, overrides, mode, a.batch, a.context)
@@ -98,6 +137,7 @@ def main() -> None:
             n2, n4 = small[3], large[3]
             per_layer = sorted(((k, (n4[k] - n2[k]) / 2) for k in n4 if n4[k] != n2[k]), key=lambda kv: -kv[1])
             print("   ", ", ".join(f"{k.split('::')[-1]} {v:g}" for k, v in per_layer))
+
 
 if __name__ == "__main__":
     main()

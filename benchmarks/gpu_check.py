@@ -109,8 +109,17 @@ def correctness(limit: float, check: Check) -> bool:
 
     def tiny(R: int, dtype=torch.float32) -> PLTForCausalLM:
         torch.manual_seed(0)
-        cfg = ModelShape(loops=R, hidden_size=64, layers=2, heads=4, kv_heads=2, intermediate_size=128, window=8,
-                         vocab_size=97, max_position_embeddings=128).plt_config(eos_token_id=None)
+        cfg = ModelShape(
+            loops=R,
+            hidden_size=64,
+            layers=2,
+            heads=4,
+            kv_heads=2,
+            intermediate_size=128,
+            window=8,
+            vocab_size=97,
+            max_position_embeddings=128,
+        ).plt_config(eos_token_id=None)
         model = PLTForCausalLM(cfg)
         with torch.no_grad():  # gates away from their zero init, so the local branch matters
             for layer in model.model.layers:
@@ -130,7 +139,7 @@ def correctness(limit: float, check: Check) -> bool:
                 seq = torch.tensor([p], device=dev)
                 for _ in range(12):
                     seq = torch.cat([seq, model(seq).logits[:, -1].argmax(-1, keepdim=True)], 1)
-                expected.append(seq[0, len(p):].tolist())
+                expected.append(seq[0, len(p) :].tolist())
         for name, kw in modes.items():
             try:
                 engine = Engine(tiny(R), max_batch=2, max_seq_len=96, **kw)
@@ -170,8 +179,17 @@ def flex_matches_sdpa() -> dict[str, object]:
     out: dict[str, object] = {}
     try:
         torch.manual_seed(0)
-        cfg = ModelShape(loops=2, hidden_size=256, layers=2, heads=4, kv_heads=2, intermediate_size=512, window=64,
-                         vocab_size=256, max_position_embeddings=1024).plt_config()
+        cfg = ModelShape(
+            loops=2,
+            hidden_size=256,
+            layers=2,
+            heads=4,
+            kv_heads=2,
+            intermediate_size=512,
+            window=64,
+            vocab_size=256,
+            max_position_embeddings=1024,
+        ).plt_config()
         model = PLTForCausalLM(cfg).cuda()
         ids = torch.randint(0, 256, (2, 512), device="cuda")
         got = {}
@@ -180,8 +198,7 @@ def flex_matches_sdpa() -> dict[str, object]:
             model.zero_grad(set_to_none=True)
             loss = model(ids, labels=ids).loss
             loss.backward()
-            got[impl] = (loss.item(), torch.cat([p.grad.flatten() for p in model.parameters()
-                                                 if p.grad is not None]))
+            got[impl] = (loss.item(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
         model.config._attn_implementation = "sdpa"
         (a, ga), (b, gb) = got["sdpa"], got["flex_attention"]
         rel = ((ga - gb).norm() / ga.norm()).item()
@@ -194,14 +211,76 @@ def flex_matches_sdpa() -> dict[str, object]:
 
 
 # ----------------------------------------------------------------------------- benchmarks and commands
-DECODE_SHAPE = ["--hidden-size", "4096", "--layers", "8", "--heads", "32", "--kv-heads", "8", "--head-dim", "128",
-                "--intermediate-size", "11008", "--vocab-size", "32000"]
-TRAIN_SHAPE = ["--hidden-size", "2048", "--layers", "8", "--heads", "16", "--kv-heads", "4",
-               "--intermediate-size", "5632", "--vocab-size", "32000", "--batch", "8", "--seq-len", "2048"]
-SMOKE_DECODE = ["--hidden-size", "64", "--layers", "2", "--heads", "4", "--kv-heads", "2", "--head-dim", "16",
-                "--intermediate-size", "128", "--vocab-size", "256", "--loops", "2"]
-SMOKE_TRAIN = ["--hidden-size", "64", "--layers", "2", "--heads", "4", "--kv-heads", "2", "--intermediate-size",
-               "128", "--vocab-size", "256", "--batch", "2", "--seq-len", "64"]
+DECODE_SHAPE = [
+    "--hidden-size",
+    "4096",
+    "--layers",
+    "8",
+    "--heads",
+    "32",
+    "--kv-heads",
+    "8",
+    "--head-dim",
+    "128",
+    "--intermediate-size",
+    "11008",
+    "--vocab-size",
+    "32000",
+]
+TRAIN_SHAPE = [
+    "--hidden-size",
+    "2048",
+    "--layers",
+    "8",
+    "--heads",
+    "16",
+    "--kv-heads",
+    "4",
+    "--intermediate-size",
+    "5632",
+    "--vocab-size",
+    "32000",
+    "--batch",
+    "8",
+    "--seq-len",
+    "2048",
+]
+SMOKE_DECODE = [
+    "--hidden-size",
+    "64",
+    "--layers",
+    "2",
+    "--heads",
+    "4",
+    "--kv-heads",
+    "2",
+    "--head-dim",
+    "16",
+    "--intermediate-size",
+    "128",
+    "--vocab-size",
+    "256",
+    "--loops",
+    "2",
+]
+SMOKE_TRAIN = [
+    "--hidden-size",
+    "64",
+    "--layers",
+    "2",
+    "--heads",
+    "4",
+    "--kv-heads",
+    "2",
+    "--intermediate-size",
+    "128",
+    "--vocab-size",
+    "256",
+    "--batch",
+    "2",
+    "--seq-len",
+    "64",
+]
 
 
 def decode_bench(limit: float, check: Check, batches: str, contexts: str, name: str) -> int | str:
@@ -211,16 +290,57 @@ def decode_bench(limit: float, check: Check, batches: str, contexts: str, name: 
     if not check.smoke and graphs_ok:  # a failed capture would sink the whole benchmark: time it without
         extra.append("--cuda-graphs")
     check.summary.setdefault("decode_cuda_graphs", {})[name] = "--cuda-graphs" in extra
-    return check.command(limit, [PY, "-m", "loopcoder", "bench", "decode", "--device", check.device, *extra,
-                                 "--batches", batches, "--contexts", contexts, *shape, "--steps", "10",
-                                 "--rounds", "3", "--warmup", "5", "--out", str(check.out / name)])
+    return check.command(
+        limit,
+        [
+            PY,
+            "-m",
+            "loopcoder",
+            "bench",
+            "decode",
+            "--device",
+            check.device,
+            *extra,
+            "--batches",
+            batches,
+            "--contexts",
+            contexts,
+            *shape,
+            "--steps",
+            "10",
+            "--rounds",
+            "3",
+            "--warmup",
+            "5",
+            "--out",
+            str(check.out / name),
+        ],
+    )
 
 
 def train_bench(limit: float, check: Check, attention: str, name: str) -> int | str:
     shape = SMOKE_TRAIN if check.smoke else TRAIN_SHAPE
-    return check.command(limit, [PY, "-m", "loopcoder", "bench", "train", "--device", check.device, *shape,
-                                 "--attention", attention, "--steps", "5", "--rounds", "2",
-                                 "--out", str(check.out / name)])
+    return check.command(
+        limit,
+        [
+            PY,
+            "-m",
+            "loopcoder",
+            "bench",
+            "train",
+            "--device",
+            check.device,
+            *shape,
+            "--attention",
+            attention,
+            "--steps",
+            "5",
+            "--rounds",
+            "2",
+            "--out",
+            str(check.out / name),
+        ],
+    )
 
 
 def commands(limit: float, check: Check) -> int | str:
@@ -228,23 +348,55 @@ def commands(limit: float, check: Check) -> int | str:
     end = time.monotonic() + limit
     work = Path("/tmp/gpu_check_work")
     data, run = work / "data", work / "train"
-    rc = check.command(end - time.monotonic(), [PY, "-m", "loopcoder", "data", "build", "--source", "stdlib",
-                                                "--out", str(data), "--vocab-size", "4096"])
+    rc = check.command(
+        end - time.monotonic(),
+        [PY, "-m", "loopcoder", "data", "build", "--source", "stdlib", "--out", str(data), "--vocab-size", "4096"],
+    )
     if rc != 0:
         return f"data build: {rc}"
     attention = "sdpa" if check.smoke else "flex_attention"
-    rc = check.command(end - time.monotonic(), [
-        PY, "-m", "loopcoder", "train", "--preset", "tiny", f"data.dir={data}", f"out={run}", "model.loops=2",
-        "train.steps=60", f"train.device={check.device}", f"train.attention={attention}", "eval.every=30",
-        "checkpoint.every=30", "logging.progress=lines"])
+    rc = check.command(
+        end - time.monotonic(),
+        [
+            PY,
+            "-m",
+            "loopcoder",
+            "train",
+            "--preset",
+            "tiny",
+            f"data.dir={data}",
+            f"out={run}",
+            "model.loops=2",
+            "train.steps=60",
+            f"train.device={check.device}",
+            f"train.attention={attention}",
+            "eval.every=30",
+            "checkpoint.every=30",
+            "logging.progress=lines",
+        ],
+    )
     if rc != 0:
         return f"train: {rc}"
     summary = json.loads((run / "summary.json").read_text())
     (check.out / "train_run_summary.json").write_text(json.dumps(summary, indent=1))
     check.summary["train_run"] = summary
-    return check.command(end - time.monotonic(), [
-        PY, "-m", "loopcoder", "generate", "--model", summary["final_checkpoint"], "--prompt", "def parse(",
-        "--max-new-tokens", "32", "--device", check.device])
+    return check.command(
+        end - time.monotonic(),
+        [
+            PY,
+            "-m",
+            "loopcoder",
+            "generate",
+            "--model",
+            summary["final_checkpoint"],
+            "--prompt",
+            "def parse(",
+            "--max-new-tokens",
+            "32",
+            "--device",
+            check.device,
+        ],
+    )
 
 
 def main() -> int:
@@ -252,8 +404,12 @@ def main() -> int:
     ap.add_argument("--out", default=os.environ.get("OUT", "runs/gpu"))
     ap.add_argument("--budget", type=float, default=300, help="seconds for all stages together")
     ap.add_argument("--smoke", action="store_true", help="rehearse on CPU with tiny shapes")
-    ap.add_argument("--stages", default="", help="comma-separated stages to run (default: all): correctness, "
-                    "decode-small, train-sdpa, commands, decode-256, train-flex")
+    ap.add_argument(
+        "--stages",
+        default="",
+        help="comma-separated stages to run (default: all): correctness, "
+        "decode-small, train-sdpa, commands, decode-256, train-flex",
+    )
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -271,8 +427,7 @@ def main() -> int:
     check.stage("train-sdpa", 70, train_bench, check, "sdpa", "train_gpu.json")
     check.stage("commands", 90, commands, check)
     # batch 256 at context 1024: vanilla-4's K/V alone would be 71 GB at 2048
-    check.stage("decode-256", 60, decode_bench, check, "2" if args.smoke else "256", "512,1024",
-                "decode_gpu_b256.json")
+    check.stage("decode-256", 60, decode_bench, check, "2" if args.smoke else "256", "512,1024", "decode_gpu_b256.json")
     if not args.smoke:
         check.stage("train-flex", 60, train_bench, check, "flex_attention", "train_gpu_flex.json")
     (out / "gpu_check.json").write_text(json.dumps(check.summary, indent=2, default=str))

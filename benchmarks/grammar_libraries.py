@@ -29,8 +29,12 @@ import time
 import torch
 
 SCHEMAS = {
-    "flat": {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
-             "required": ["name", "age"], "additionalProperties": False},
+    "flat": {
+        "type": "object",
+        "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+        "required": ["name", "age"],
+        "additionalProperties": False,
+    },
     "nested": {
         "type": "object",
         "properties": {
@@ -38,26 +42,64 @@ SCHEMAS = {
             "status": {"enum": ["open", "closed", "merged"]},
             "score": {"type": "number", "minimum": -1, "maximum": 1},
             "tags": {"type": "array", "items": {"type": "string", "maxLength": 8}, "maxItems": 4},
-            "author": {"type": "object", "properties": {"login": {"type": "string", "maxLength": 16},
-                                                        "admin": {"type": "boolean"}},
-                       "required": ["login"], "additionalProperties": False},
-            "files": {"type": "array", "maxItems": 3, "items": {
-                "type": "object", "properties": {"path": {"type": "string", "maxLength": 24},
-                                                 "lines": {"type": "integer", "minimum": 1}},
-                "required": ["path", "lines"], "additionalProperties": False}},
+            "author": {
+                "type": "object",
+                "properties": {"login": {"type": "string", "maxLength": 16}, "admin": {"type": "boolean"}},
+                "required": ["login"],
+                "additionalProperties": False,
+            },
+            "files": {
+                "type": "array",
+                "maxItems": 3,
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "path": {"type": "string", "maxLength": 24},
+                        "lines": {"type": "integer", "minimum": 1},
+                    },
+                    "required": ["path", "lines"],
+                    "additionalProperties": False,
+                },
+            },
         },
-        "required": ["id", "status", "author"], "additionalProperties": False},
-    "tools": {"anyOf": [
-        {"type": "object", "properties": {"name": {"const": "get_weather"}, "arguments": {
-            "type": "object", "properties": {"city": {"type": "string"},
-                                             "unit": {"enum": ["celsius", "fahrenheit"]}},
-            "required": ["city"], "additionalProperties": False}},
-         "required": ["name", "arguments"], "additionalProperties": False},
-        {"type": "object", "properties": {"name": {"const": "run_tests"}, "arguments": {
-            "type": "object", "properties": {"paths": {"type": "array", "items": {"type": "string"}},
-                                             "timeout": {"type": "number", "minimum": 0, "maximum": 600}},
-            "required": ["paths"], "additionalProperties": False}},
-         "required": ["name", "arguments"], "additionalProperties": False}]},
+        "required": ["id", "status", "author"],
+        "additionalProperties": False,
+    },
+    "tools": {
+        "anyOf": [
+            {
+                "type": "object",
+                "properties": {
+                    "name": {"const": "get_weather"},
+                    "arguments": {
+                        "type": "object",
+                        "properties": {"city": {"type": "string"}, "unit": {"enum": ["celsius", "fahrenheit"]}},
+                        "required": ["city"],
+                        "additionalProperties": False,
+                    },
+                },
+                "required": ["name", "arguments"],
+                "additionalProperties": False,
+            },
+            {
+                "type": "object",
+                "properties": {
+                    "name": {"const": "run_tests"},
+                    "arguments": {
+                        "type": "object",
+                        "properties": {
+                            "paths": {"type": "array", "items": {"type": "string"}},
+                            "timeout": {"type": "number", "minimum": 0, "maximum": 600},
+                        },
+                        "required": ["paths"],
+                        "additionalProperties": False,
+                    },
+                },
+                "required": ["name", "arguments"],
+                "additionalProperties": False,
+            },
+        ]
+    },
 }
 # CPU time of this process (all its threads): on a shared, loaded machine far steadier than wall time. A library's
 # batch call with several threads is counted as the work of all of them, not as its latency.
@@ -128,13 +170,14 @@ class LLGuidance:
 
     def batch_filler(self, threads: int):
         executor = self.llg.LLExecutor(num_threads=threads)
-        return lambda ms, mask: self.llg.torch.fill_next_token_bitmask_par(executor, list(zip(ms, range(len(ms)))),
-                                                                          mask)
+        return lambda ms, mask: self.llg.torch.fill_next_token_bitmask_par(
+            executor, list(zip(ms, range(len(ms)))), mask
+        )
 
 
 def apply_mask(logits: torch.Tensor, mask: torch.Tensor) -> None:
     bits = (mask[:, :, None] >> torch.arange(32, dtype=torch.int32)) & 1
-    logits.masked_fill_(bits.view(mask.shape[0], -1)[:, :logits.shape[1]] == 0, float("-inf"))
+    logits.masked_fill_(bits.view(mask.shape[0], -1)[:, : logits.shape[1]] == 0, float("-inf"))
 
 
 def walk(lib, compiled, vocab: int, seed: int, stop_at: int = MAX_WALK):
@@ -172,10 +215,13 @@ def bench(lib, vocab: int, seeds: int, threads: int) -> dict:
             _, f, a = walk(lib, compiled, vocab, s)
             fills += f
             accepts += a
-        out[name] = {"compile_ms": 1e3 * statistics.median(compile_s), "tokens": len(fills),
-                     "fill_us": 1e6 * statistics.median(fills),
-                     "fill_p99_us": 1e6 * sorted(fills)[int(.99 * len(fills))],
-                     "accept_us": 1e6 * statistics.median(accepts)}
+        out[name] = {
+            "compile_ms": 1e3 * statistics.median(compile_s),
+            "tokens": len(fills),
+            "fill_us": 1e6 * statistics.median(fills),
+            "fill_p99_us": 1e6 * sorted(fills)[int(0.99 * len(fills))],
+            "accept_us": 1e6 * statistics.median(accepts),
+        }
     # batch 32: matchers at different depths of different schemas
     compiled = {n: lib.compile(s) for n, s in SCHEMAS.items()}
     names = list(SCHEMAS)
@@ -198,9 +244,12 @@ def bench(lib, vocab: int, seeds: int, threads: int) -> dict:
         t = clock()
         apply_mask(logits, mask)
         apply_s.append(clock() - t)
-    out["batch"] = {"rows": len(ms), "fill_rows_one_by_one_ms": 1e3 * statistics.median(seq),
-                    f"fill_batch_call_{threads}_threads_ms": 1e3 * statistics.median(par),
-                    "apply_ms": 1e3 * statistics.median(apply_s)}
+    out["batch"] = {
+        "rows": len(ms),
+        "fill_rows_one_by_one_ms": 1e3 * statistics.median(seq),
+        f"fill_batch_call_{threads}_threads_ms": 1e3 * statistics.median(par),
+        "apply_ms": 1e3 * statistics.median(apply_s),
+    }
     return out
 
 
@@ -223,8 +272,10 @@ def main() -> None:
             t = clock()
             lib = libs[name](tok, vocab)
             setup = clock() - t
-            report[f"{name} vocab={vocab}"] = {"tokenizer_setup_ms": 1e3 * setup,
-                                               **bench(lib, vocab, args.seeds, args.threads)}
+            report[f"{name} vocab={vocab}"] = {
+                "tokenizer_setup_ms": 1e3 * setup,
+                **bench(lib, vocab, args.seeds, args.threads),
+            }
             print(json.dumps({f"{name} vocab={vocab}": report[f"{name} vocab={vocab}"]}, indent=1), flush=True)
     print(json.dumps(report))
 

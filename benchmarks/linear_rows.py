@@ -41,8 +41,10 @@ def main() -> None:
     if not can_pack(lin.weight):
         raise SystemExit("oneDNN prepacking is not available here")
     fast = FastLinear([lin], pack=True)
-    print(f"{torch.get_num_threads()} threads, weight {a.d_out} x {a.d_in} fp32 "
-          f"({lin.weight.numel() * 4 / 2**20:.1f} MiB)")
+    print(
+        f"{torch.get_num_threads()} threads, weight {a.d_out} x {a.d_in} fp32 "
+        f"({lin.weight.numel() * 4 / 2**20:.1f} MiB)"
+    )
     print(f"{'rows M':>7}{'sgemm us':>10}{'x M=1':>7}{'oneDNN us':>11}{'x M=1':>7}")
     base = {}
     with torch.no_grad():
@@ -52,8 +54,9 @@ def main() -> None:
             t_dnn = timed(fast, x, a.reps)
             base.setdefault("mkl", t_mkl)
             base.setdefault("dnn", t_dnn)
-            print(f"{m:>7}{t_mkl * 1e6:>10.0f}{t_mkl / base['mkl']:>7.2f}{t_dnn * 1e6:>11.0f}"
-                  f"{t_dnn / base['dnn']:>7.2f}")
+            print(
+                f"{m:>7}{t_mkl * 1e6:>10.0f}{t_mkl / base['mkl']:>7.2f}{t_dnn * 1e6:>11.0f}{t_dnn / base['dnn']:>7.2f}"
+            )
 
 
 if __name__ == "__main__":

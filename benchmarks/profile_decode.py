@@ -30,28 +30,58 @@ def main() -> None:
     ap.add_argument("--cuda-graphs", action="store_true")
     a = ap.parse_args()
     if a.small:
-        shape = dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, intermediate_size=128,
-                     vocab_size=256)
+        shape = dict(
+            hidden_size=64,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+            head_dim=16,
+            intermediate_size=128,
+            vocab_size=256,
+        )
     elif a.device == "cpu":
         shape = {}  # `loopcoder bench decode`'s default CPU shape
     else:  # gpu_check.py's shape
-        shape = dict(hidden_size=4096, num_layers=8, num_heads=32, num_kv_heads=8, head_dim=128,
-                     intermediate_size=11008, vocab_size=32000)
-    s = DecodeBenchSettings(**shape, contexts=(a.context,), batches=(a.batch,), steps=a.steps, rounds=1, warmup=10,
-                            device=a.device, dtype=a.dtype, cuda_graphs=a.cuda_graphs)
+        shape = dict(
+            hidden_size=4096,
+            num_layers=8,
+            num_heads=32,
+            num_kv_heads=8,
+            head_dim=128,
+            intermediate_size=11008,
+            vocab_size=32000,
+        )
+    s = DecodeBenchSettings(
+        **shape,
+        contexts=(a.context,),
+        batches=(a.batch,),
+        steps=a.steps,
+        rounds=1,
+        warmup=10,
+        device=a.device,
+        dtype=a.dtype,
+        cuda_graphs=a.cuda_graphs,
+    )
     device = pick_device(a.device)
     dtype = pick_dtype(a.dtype, device)
     models = {}
-    for name, R, arch in (("R=1", 1, "plt"), (f"PLT-{a.loops}", a.loops, "plt"), (f"vanilla-{a.loops}", a.loops,
-                                                                                     "vanilla")):
+    for name, R, arch in (
+        ("R=1", 1, "plt"),
+        (f"PLT-{a.loops}", a.loops, "plt"),
+        (f"vanilla-{a.loops}", a.loops, "vanilla"),
+    ):
         models[name] = build_model(PLTForCausalLM, s.model_config(R, arch), device, dtype, s.seed)
-    timers = {"R=1": EngineTimer(models["R=1"], "parallel", a.batch, a.context, s),
-              f"PLT-{a.loops} single-pass": EngineTimer(models[f"PLT-{a.loops}"], "parallel", a.batch, a.context, s),
-              f"vanilla-{a.loops}": EngineTimer(models[f"vanilla-{a.loops}"], "sequential", a.batch, a.context, s)}
+    timers = {
+        "R=1": EngineTimer(models["R=1"], "parallel", a.batch, a.context, s),
+        f"PLT-{a.loops} single-pass": EngineTimer(models[f"PLT-{a.loops}"], "parallel", a.batch, a.context, s),
+        f"vanilla-{a.loops}": EngineTimer(models[f"vanilla-{a.loops}"], "sequential", a.batch, a.context, s),
+    }
     for name, t in timers.items():
         t.run(a.steps)
-        print(f"{name:<24} median {statistics.median(t.times) * 1e3:8.2f} ms  min {min(t.times) * 1e3:8.2f} ms",
-              flush=True)
+        print(
+            f"{name:<24} median {statistics.median(t.times) * 1e3:8.2f} ms  min {min(t.times) * 1e3:8.2f} ms",
+            flush=True,
+        )
     target = timers[f"PLT-{a.loops} single-pass"]
     if device.type == "cuda":
         torch.cuda.set_sync_debug_mode("warn")
@@ -64,8 +94,9 @@ def main() -> None:
         print(f"host synchronisations in one PLT step: {len(caught)}")
         for w in caught[:5]:
             print("  ", str(w.message)[:200])
-    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA]
-                                                    if device.type == "cuda" else [])
+    acts = [torch.profiler.ProfilerActivity.CPU] + (
+        [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else []
+    )
     for name in (f"PLT-{a.loops} single-pass", "R=1"):
         with torch.profiler.profile(activities=acts) as prof:
             t0 = time.perf_counter()

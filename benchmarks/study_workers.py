@@ -27,8 +27,11 @@ from loopcoder.study.presets import PLT2, R1
 
 def _settings(steps: int, threads: int):
     s = get_preset("tiny").depth
-    train = dataclasses.replace(s.train, train=dataclasses.replace(s.train.train, steps=steps, threads=threads),
-                                eval=dataclasses.replace(s.train.eval, every=0, at_end=False))
+    train = dataclasses.replace(
+        s.train,
+        train=dataclasses.replace(s.train.train, steps=steps, threads=threads),
+        eval=dataclasses.replace(s.train.eval, every=0, at_end=False),
+    )
     return dataclasses.replace(s, train=train)
 
 
@@ -66,17 +69,27 @@ def main() -> None:
             [f.result() for f in futures]
             pool_s.append(time.perf_counter() - t0)
             loads.append(os.getloadavg()[0])
-            print(f"round {r}: one after another, 2 threads: {serial_s[-1]:.1f} s; two at a time, 1 thread: "
-                  f"{pool_s[-1]:.1f} s (load average {loads[-1]:.1f})", flush=True)
-            result = {"steps": args.steps, "runs": ["r1", "plt2"], "serial_2_threads_s": serial_s,
-                      "pool_1_thread_s": pool_s, "speedup_median": statistics.median(s / p for s, p in
-                                                                                     zip(serial_s, pool_s)),
-                      "loadavg_1min_after_each_round": loads, "cpus": os.cpu_count(),
-                      "when": time.strftime("%Y-%m-%d %H:%M")}
+            print(
+                f"round {r}: one after another, 2 threads: {serial_s[-1]:.1f} s; two at a time, 1 thread: "
+                f"{pool_s[-1]:.1f} s (load average {loads[-1]:.1f})",
+                flush=True,
+            )
+            result = {
+                "steps": args.steps,
+                "runs": ["r1", "plt2"],
+                "serial_2_threads_s": serial_s,
+                "pool_1_thread_s": pool_s,
+                "speedup_median": statistics.median(s / p for s, p in zip(serial_s, pool_s)),
+                "loadavg_1min_after_each_round": loads,
+                "cpus": os.cpu_count(),
+                "when": time.strftime("%Y-%m-%d %H:%M"),
+            }
             if args.out:  # after every round: a long measurement keeps what it has
                 Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    print(f"two at a time, one thread each, is {result['speedup_median']:.2f}x the throughput "
-          f"(load average {loads[-1]:.1f} on {os.cpu_count()} CPUs)")
+    print(
+        f"two at a time, one thread each, is {result['speedup_median']:.2f}x the throughput "
+        f"(load average {loads[-1]:.1f} on {os.cpu_count()} CPUs)"
+    )
 
 
 if __name__ == "__main__":

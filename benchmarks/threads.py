@@ -57,8 +57,17 @@ def main() -> None:
             time.sleep(2)
             for _ in range(args.rounds):
                 for name, flags in settings.items():
-                    r = loopcoder("generate", "--model", str(model), "--prompt", "def fibonacci(n):",
-                                  "--max-new-tokens", str(args.tokens), *flags, env=env)
+                    r = loopcoder(
+                        "generate",
+                        "--model",
+                        str(model),
+                        "--prompt",
+                        "def fibonacci(n):",
+                        "--max-new-tokens",
+                        str(args.tokens),
+                        *flags,
+                        env=env,
+                    )
                     m = re.search(r"\[(\d+) tokens in ([0-9.]+)s.*threads=(\d+)", r.stderr)
                     assert r.returncode == 0 and m, r.stderr
                     times[name].append(float(m.group(2)))
@@ -68,17 +77,29 @@ def main() -> None:
             for p in load:
                 p.kill()
                 p.wait()
-    report = {"cpus": cpus, "load_processes": args.load, "tokens": args.tokens, "rounds": args.rounds,
-              "default_threads_chosen": chosen, "seconds": times,
-              "median_s": {k: statistics.median(v) for k, v in times.items()},
-              "median_ratio_to_default": {k: statistics.median(a / b for a, b in zip(v, times["default"]))
-                                          for k, v in times.items()},
-              "date": time.strftime("%Y-%m-%d %H:%M"), "loadavg_end": os.getloadavg()}
-    print(f"generate, {args.tokens} tokens, {cpus} CPUs, {args.load} busy processes, {args.rounds} rounds "
-          f"(default chose {', '.join(chosen)} threads)")
+    report = {
+        "cpus": cpus,
+        "load_processes": args.load,
+        "tokens": args.tokens,
+        "rounds": args.rounds,
+        "default_threads_chosen": chosen,
+        "seconds": times,
+        "median_s": {k: statistics.median(v) for k, v in times.items()},
+        "median_ratio_to_default": {
+            k: statistics.median(a / b for a, b in zip(v, times["default"])) for k, v in times.items()
+        },
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "loadavg_end": os.getloadavg(),
+    }
+    print(
+        f"generate, {args.tokens} tokens, {cpus} CPUs, {args.load} busy processes, {args.rounds} rounds "
+        f"(default chose {', '.join(chosen)} threads)"
+    )
     for name in settings:
-        print(f"  threads {name:<8} median {report['median_s'][name]:7.2f} s   per-round ratio to default "
-              f"{report['median_ratio_to_default'][name]:6.2f}   all: {', '.join(f'{t:.2f}' for t in times[name])}")
+        print(
+            f"  threads {name:<8} median {report['median_s'][name]:7.2f} s   per-round ratio to default "
+            f"{report['median_ratio_to_default'][name]:6.2f}   all: {', '.join(f'{t:.2f}' for t in times[name])}"
+        )
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
 

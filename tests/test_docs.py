@@ -94,7 +94,7 @@ def blocks(page: Path) -> list[Block]:
             directives.insert(0, (d.group(1), d.group(2)))
             j -= 1
         end = next(k for k in range(i + 1, len(lines)) if lines[k].startswith(m.group(1)))
-        out.append(Block(page.name, i + 1, m.group(2).strip(), "\n".join(lines[i + 1:end]) + "\n", directives))
+        out.append(Block(page.name, i + 1, m.group(2).strip(), "\n".join(lines[i + 1 : end]) + "\n", directives))
         i = end + 1
     return out
 
@@ -146,11 +146,19 @@ def environment(scratch: Path, sock: Path) -> dict[str, str]:
     for f in bin_dir.iterdir():
         f.chmod(0o755)
     env = {k: v for k, v in os.environ.items() if not k.startswith("DOCTEST_")}
-    env.update(PATH=os.pathsep.join([str(bin_dir), str(Path(sys.executable).parent), env.get("PATH", "")]),
-               OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"), DOCTEST_CORPUS=str(ROOT / "src" / "loopcoder"),
-               DOCTEST_TINY=str(scratch / "doctest-tiny.yaml"), DOCTEST_PORT=str(free_port()),
-               DOCTEST_MODELS=str(bin_dir / "doctest-models"), DOCTEST_SOCKET=str(sock),
-               HF_HUB_OFFLINE="1", HF_HOME=str(scratch / ".hf"), MPLBACKEND="Agg")
+    env.update(
+        PATH=os.pathsep.join([str(bin_dir), str(Path(sys.executable).parent), env.get("PATH", "")]),
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=str(ROOT / "src"),
+        DOCTEST_CORPUS=str(ROOT / "src" / "loopcoder"),
+        DOCTEST_TINY=str(scratch / "doctest-tiny.yaml"),
+        DOCTEST_PORT=str(free_port()),
+        DOCTEST_MODELS=str(bin_dir / "doctest-models"),
+        DOCTEST_SOCKET=str(sock),
+        HF_HUB_OFFLINE="1",
+        HF_HOME=str(scratch / ".hf"),
+        MPLBACKEND="Agg",
+    )
     return env
 
 
@@ -172,11 +180,20 @@ def run_code(block: Block, code: str, scratch: Path, env: dict[str, str], backgr
     else:
         cmd = ["bash", "-e", "-o", "pipefail", "-c", code]
     if background:
-        return subprocess.Popen(cmd, cwd=scratch, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                text=True, start_new_session=True)
+        return subprocess.Popen(
+            cmd,
+            cwd=scratch,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
     r = subprocess.run(cmd, cwd=scratch, env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, f"{block.where()} ({block.lang}) failed:\n{code}\n--- stdout\n{r.stdout[-3000:]}" \
-                              f"\n--- stderr\n{r.stderr[-3000:]}"
+    assert r.returncode == 0, (
+        f"{block.where()} ({block.lang}) failed:\n{code}\n--- stdout\n{r.stdout[-3000:]}"
+        f"\n--- stderr\n{r.stderr[-3000:]}"
+    )
     return None
 
 
@@ -289,7 +306,7 @@ def _alternatives(span: str) -> list[str]:
     words = shlex.split(span)
     for i, w in enumerate(words):
         if "|" in w and not w.startswith("-"):
-            return [x for alt in w.split("|") for x in _alternatives(shlex.join([*words[:i], alt, *words[i + 1:]]))]
+            return [x for alt in w.split("|") for x in _alternatives(shlex.join([*words[:i], alt, *words[i + 1 :]]))]
     return [shlex.join(words)]
 
 

@@ -118,12 +118,24 @@ def test_every_module_has_a_layer():
 
 def test_no_module_imports_from_a_higher_layer():
     upward = {(i.importer, i.imported): i for i in INTERNAL if layer(i.imported) > layer(i.importer)}
-    forbidden = {(i.importer, i.imported): i for i in INTERNAL
-                 for a, b, _ in FORBIDDEN if i.importer.startswith(a) and i.imported.startswith(b)}
-    bad = [f"{imp}: {LAYERS[layer(imp.importer)][0]} may not import {LAYERS[layer(imp.imported)][0]}"
-           for key, imp in upward.items() if key not in KNOWN_EXCEPTIONS]
-    bad += [f"{imp}: {why}" for key, imp in forbidden.items() if key not in KNOWN_EXCEPTIONS
-            for a, b, why in FORBIDDEN if imp.importer.startswith(a) and imp.imported.startswith(b)]
+    forbidden = {
+        (i.importer, i.imported): i
+        for i in INTERNAL
+        for a, b, _ in FORBIDDEN
+        if i.importer.startswith(a) and i.imported.startswith(b)
+    }
+    bad = [
+        f"{imp}: {LAYERS[layer(imp.importer)][0]} may not import {LAYERS[layer(imp.imported)][0]}"
+        for key, imp in upward.items()
+        if key not in KNOWN_EXCEPTIONS
+    ]
+    bad += [
+        f"{imp}: {why}"
+        for key, imp in forbidden.items()
+        if key not in KNOWN_EXCEPTIONS
+        for a, b, why in FORBIDDEN
+        if imp.importer.startswith(a) and imp.imported.startswith(b)
+    ]
     assert not bad, "imports against the layers:\n" + "\n".join(sorted(bad))
 
 
@@ -172,8 +184,11 @@ def test_no_import_cycles():
     for component in cycles():
         edges = [imp for imp in INTERNAL if imp.importer in component and imp.imported in component]
         # every cycle has an edge that does not go down a layer: those close it
-        closing = [e for e in edges if layer(e.imported) >= layer(e.importer)
-                   and (e.importer, e.imported) not in KNOWN_EXCEPTIONS]
+        closing = [
+            e
+            for e in edges
+            if layer(e.imported) >= layer(e.importer) and (e.importer, e.imported) not in KNOWN_EXCEPTIONS
+        ]
         if closing:
             bad.append(f"{', '.join(component)}; closed by:\n    " + "\n    ".join(map(str, closing)))
     assert not bad, "import cycles:\n" + "\n".join(bad)
@@ -189,10 +204,15 @@ def test_function_local_imports_only_where_documented():
     def owned_elsewhere(module: str) -> bool:
         return any(module == m or module.startswith(m + ".") for m in LOCAL_IMPORTS_OWNED_ELSEWHERE)
 
-    bad = [str(i) for i in ALL_IMPORTS if i.local and not owned_elsewhere(i.importer)
-           and i.imported.split(".")[0] not in LOCAL_IMPORTS_ALLOWED]
-    assert not bad, ("function-local imports (move them to the top of the module, or add the reason to "
-                     "LOCAL_IMPORTS_ALLOWED and docs/architecture.md):\n" + "\n".join(bad))
+    bad = [
+        str(i)
+        for i in ALL_IMPORTS
+        if i.local and not owned_elsewhere(i.importer) and i.imported.split(".")[0] not in LOCAL_IMPORTS_ALLOWED
+    ]
+    assert not bad, (
+        "function-local imports (move them to the top of the module, or add the reason to "
+        "LOCAL_IMPORTS_ALLOWED and docs/architecture.md):\n" + "\n".join(bad)
+    )
 
 
 def test_the_checker_sees_violations():

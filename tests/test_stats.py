@@ -48,8 +48,9 @@ def test_wilson_interval_equals_scipy(k, n):
 
 def test_bootstrap_equals_scipy_percentile_bootstrap():
     x = np.random.default_rng(1).integers(-1, 2, 57).astype(np.float64)
-    want = sst.bootstrap((x,), np.mean, n_resamples=4000, method="percentile", rng=np.random.default_rng(7),
-                         vectorized=True).confidence_interval
+    want = sst.bootstrap(
+        (x,), np.mean, n_resamples=4000, method="percentile", rng=np.random.default_rng(7), vectorized=True
+    ).confidence_interval
     assert S.bootstrap_mean_ci(x, seed=7, resamples=4000) == pytest.approx((want.low, want.high), abs=1e-12)
 
 

@@ -155,7 +155,7 @@ class BlockPool:
         out: list[Entry] = []
         parent = None
         for j in range(min(max_blocks, len(tokens) // block_size)):
-            entry = self.find(parent, tuple(tokens[j * block_size:(j + 1) * block_size]))
+            entry = self.find(parent, tuple(tokens[j * block_size : (j + 1) * block_size]))
             if entry is None:
                 break
             out.append(entry)

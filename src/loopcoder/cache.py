@@ -117,7 +117,7 @@ class PLTCache(Cache):
         self.global_positions = g
         if self.window is not None:
             w = positions if self.window_positions is None else torch.cat([self.window_positions, positions], 1)
-            self.window_positions = w[:, -(self.window + 1):]
+            self.window_positions = w[:, -(self.window + 1) :]
 
     def next_positions(self, batch_size: int, device: torch.device) -> torch.Tensor:
         """(B,) position of the next token of each sequence."""
@@ -239,8 +239,9 @@ class SlotCache:
     paged = False
     prefix_caching = False  # only `PagedSlotCache` has a prefix cache
 
-    def __init__(self, config: PLTConfig, max_batch: int, max_len: int, dtype: torch.dtype,
-                 device: torch.device | str) -> None:
+    def __init__(
+        self, config: PLTConfig, max_batch: int, max_len: int, dtype: torch.dtype, device: torch.device | str
+    ) -> None:
         L, R, hkv, hd = config.num_hidden_layers, config.plt_num_loops, config.num_key_value_heads, config.head_dim
         self.plt = not config.is_vanilla
         self.num_loops, self.max_batch, self.max_len = R, max_batch, max_len
@@ -427,7 +428,7 @@ class SlotCache:
     def end_step(self, step: SlotStep) -> None:
         """Close a step: each running slot now holds one more token."""
         grow = 1 if step.live is None else step.live.to(self.lengths.dtype)
-        self.lengths[:step.n] += grow
+        self.lengths[: step.n] += grow
 
     def write_full(self, layer: int, loop: int, step: SlotStep, kv: KV) -> None:
         """Store the new token's K/V (n, kv_heads, 1, hd) of `loop` at its position: loop 0's for PLT (the
@@ -440,7 +441,7 @@ class SlotCache:
         """The full-store K/V a loop's causal attention reads (mask: `step.full_mask`): loop 0's for PLT (the
         global branch of every loop), the loop's own for the vanilla looped transformer."""
         store = self._store_index(loop)
-        return KV(self.k[layer, store, :step.n, :, :step.length], self.v[layer, store, :step.n, :, :step.length])
+        return KV(self.k[layer, store, : step.n, :, : step.length], self.v[layer, store, : step.n, :, : step.length])
 
     def write_ring(self, layer: int, loops: range, step: SlotStep, kv: KV) -> None:
         """Store the new token's K/V (n, kv_heads, len(loops), hd) of PLT loops `loops` (>= 1) in their rings."""
@@ -451,19 +452,19 @@ class SlotCache:
     def ring_kv(self, layer: int, loops: range, step: SlotStep) -> tuple[KV, torch.Tensor]:
         """The rings of PLT loops `loops` as (n * len(loops), kv_heads, w+1, hd), sequence-major, and their mask."""
         a, b = loops.start - 1, loops.stop - 1
-        kv = KV(self.rk[layer, :step.n, a:b].flatten(0, 1), self.rv[layer, :step.n, a:b].flatten(0, 1))
+        kv = KV(self.rk[layer, : step.n, a:b].flatten(0, 1), self.rv[layer, : step.n, a:b].flatten(0, 1))
         return kv, step.ring_rows(loops)[1]
 
     def saved_states(self, step: SlotStep) -> torch.Tensor:
         """(n, R-1, hidden): P(r)_{t-1}, r = 1..R-1, saved by the previous step (or the prefill)."""
-        return self.states[:step.n]
+        return self.states[: step.n]
 
     def save_states(self, step: SlotStep, states: torch.Tensor) -> None:
         """Keep P(r)_t (n, R-1, hidden) of the new tokens for the next step's CLP rows."""
         if step.live is None:
-            self.states[:step.n] = states
+            self.states[: step.n] = states
         else:
-            self.states[:step.n] = torch.where(step.live[:, None, None], states, self.states[:step.n])
+            self.states[: step.n] = torch.where(step.live[:, None, None], states, self.states[: step.n])
 
 
 class SlotChunk:
@@ -512,7 +513,9 @@ class SlotChunk:
         """`kv` (1, kv_heads, past + S, hd) is the loop's K/V over the cached entries and the chunk."""
         c = self.cache
         if not self._is_ring(loop):
-            c._write_positions(layer, loop, self.slot, self.start, KV(kv.k[0, :, self.start:], kv.v[0, :, self.start:]))
+            c._write_positions(
+                layer, loop, self.slot, self.start, KV(kv.k[0, :, self.start :], kv.v[0, :, self.start :])
+            )
             return
         w1 = c.window + 1
         first = self.start - (0 if self._ring_order is None else len(self._ring_order))  # position of kv's entry 0

@@ -24,8 +24,9 @@ from loopcoder.model import PLTForCausalLM
 __all__ = ["CheckpointError", "load_model", "save_model", "write_random_model"]
 
 
-def save_model(model: Any, out_dir: str | os.PathLike, max_shard_size: str | int | None = None,
-               tokenizer: Any = None) -> Path:
+def save_model(
+    model: Any, out_dir: str | os.PathLike, max_shard_size: str | int | None = None, tokenizer: Any = None
+) -> Path:
     """`save_pretrained` in the released layout, atomically."""
     with atomic_directory(out_dir) as tmp:
         kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
@@ -62,16 +63,37 @@ def load_model(path: str | os.PathLike, dtype: Any = None, device: Any = None) -
     return model.eval()
 
 
-def write_random_model(out: str | Path, *, loops: int = 2, hidden_size: int = 256, layers: int = 4, heads: int = 4,
-                       kv_heads: int = 2, intermediate_size: int | None = None, vocab_size: int = 4096,
-                       window: int = 64, max_positions: int = 4096, architecture: str = "plt", seed: int = 0) -> int:
+def write_random_model(
+    out: str | Path,
+    *,
+    loops: int = 2,
+    hidden_size: int = 256,
+    layers: int = 4,
+    heads: int = 4,
+    kv_heads: int = 2,
+    intermediate_size: int | None = None,
+    vocab_size: int = 4096,
+    window: int = 64,
+    max_positions: int = 4096,
+    architecture: str = "plt",
+    seed: int = 0,
+) -> int:
     """Write a randomly initialised PLT model directory to `out` (the defaults are `init`'s); its parameter count.
     The config comes from `ModelShape`, like a training run's."""
     if hidden_size % heads:
         raise LoopcoderError(f"--hidden-size {hidden_size} is not a multiple of --heads {heads}")
-    shape = ModelShape(loops=loops, hidden_size=hidden_size, layers=layers, heads=heads, kv_heads=kv_heads,
-                       intermediate_size=intermediate_size, vocab_size=vocab_size, window=window,
-                       architecture=architecture, max_position_embeddings=max_positions)
+    shape = ModelShape(
+        loops=loops,
+        hidden_size=hidden_size,
+        layers=layers,
+        heads=heads,
+        kv_heads=kv_heads,
+        intermediate_size=intermediate_size,
+        vocab_size=vocab_size,
+        window=window,
+        architecture=architecture,
+        max_position_embeddings=max_positions,
+    )
     torch.manual_seed(seed)
     model = PLTForCausalLM(shape.plt_config())
     save_model(model, out)

@@ -54,8 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         if argv and argv[0] not in ("-h", "--help"):
             top.print_usage(sys.stderr)
-            print(f"loopcoder: error: unknown command {argv[0]!r} (choose from {', '.join(COMMANDS)})",
-                  file=sys.stderr)
+            print(f"loopcoder: error: unknown command {argv[0]!r} (choose from {', '.join(COMMANDS)})", file=sys.stderr)
             return 2
         top.print_help()
         return 0

@@ -25,13 +25,43 @@ LOOP_ARCHITECTURES = ("plt", "vanilla")
 
 # Keys a transformers-written config.json carries besides the model's own fields.
 _BASE_KEYS = {
-    "architectures", "dtype", "torch_dtype", "transformers_version", "model_type", "use_cache",
-    "output_attentions", "output_hidden_states", "return_dict", "is_encoder_decoder", "tokenizer_class",
-    "name_or_path", "_name_or_path", "id2label", "label2id", "problem_type", "chunk_size_feed_forward",
-    "pretraining_tp", "attention_dropout", "initializer_range", "pad_token_id", "bos_token_id",
-    "eos_token_id", "sep_token_id", "decoder_start_token_id", "task_specific_params", "finetuning_task",
-    "prefix", "tie_encoder_decoder", "is_decoder", "add_cross_attention", "cross_attention_hidden_size",
-    "torchscript", "rope_scaling", "rope_parameters", "auto_map", "quantization_config",
+    "architectures",
+    "dtype",
+    "torch_dtype",
+    "transformers_version",
+    "model_type",
+    "use_cache",
+    "output_attentions",
+    "output_hidden_states",
+    "return_dict",
+    "is_encoder_decoder",
+    "tokenizer_class",
+    "name_or_path",
+    "_name_or_path",
+    "id2label",
+    "label2id",
+    "problem_type",
+    "chunk_size_feed_forward",
+    "pretraining_tp",
+    "attention_dropout",
+    "initializer_range",
+    "pad_token_id",
+    "bos_token_id",
+    "eos_token_id",
+    "sep_token_id",
+    "decoder_start_token_id",
+    "task_specific_params",
+    "finetuning_task",
+    "prefix",
+    "tie_encoder_decoder",
+    "is_decoder",
+    "add_cross_attention",
+    "cross_attention_hidden_size",
+    "torchscript",
+    "rope_scaling",
+    "rope_parameters",
+    "auto_map",
+    "quantization_config",
 }
 
 
@@ -116,34 +146,51 @@ class PLTConfig(PreTrainedConfig):
             if not ok:
                 raise ConfigError(f"{field}={getattr(self, field)!r}: {why}")
 
-        for f in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                  "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings"):
+        for f in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "max_position_embeddings",
+        ):
             need(isinstance(getattr(self, f), int) and getattr(self, f) >= 1, f, "must be an integer >= 1")
-        need(self.num_attention_heads % self.num_key_value_heads == 0, "num_key_value_heads",
-             f"must divide num_attention_heads={self.num_attention_heads}")
+        need(
+            self.num_attention_heads % self.num_key_value_heads == 0,
+            "num_key_value_heads",
+            f"must divide num_attention_heads={self.num_attention_heads}",
+        )
         need(self.head_dim % 2 == 0, "head_dim", "must be even (RoPE rotates pairs)")
         need(self.hidden_act in ("silu", "swish"), "hidden_act", "only SwiGLU ('silu') is supported")
         need(self.rope_theta > 0, "rope_theta", "must be > 0")
         need(self.rms_norm_eps > 0, "rms_norm_eps", "must be > 0")
-        need(isinstance(self.plt_num_loops, int) and not isinstance(self.plt_num_loops, bool)
-             and self.plt_num_loops >= 1, "plt_num_loops", "must be an integer >= 1")
+        need(
+            isinstance(self.plt_num_loops, int)
+            and not isinstance(self.plt_num_loops, bool)
+            and self.plt_num_loops >= 1,
+            "plt_num_loops",
+            "must be an integer >= 1",
+        )
         ws = self.plt_window_size
-        need(len(ws) == 2 and all(isinstance(x, int) for x in ws), "plt_window_size",
-             "must be [left, right] integers")
+        need(len(ws) == 2 and all(isinstance(x, int) for x in ws), "plt_window_size", "must be [left, right] integers")
         need(ws[0] >= 0, "plt_window_size", "left window must be >= 0")
         need(ws[1] == 0, "plt_window_size", "right window must be 0 (attention is causal)")
         for f in ("plt_emb_scale", "plt_hidden_scale"):
             v = getattr(self, f)
             need(v is None or (isinstance(v, (int, float)) and v == v), f, "must be a number or null")
-        need(self.loop_architecture in LOOP_ARCHITECTURES, "loop_architecture",
-             f"must be one of {LOOP_ARCHITECTURES}")
+        need(self.loop_architecture in LOOP_ARCHITECTURES, "loop_architecture", f"must be one of {LOOP_ARCHITECTURES}")
         need(isinstance(self.plt_loop_offset, bool), "plt_loop_offset", "must be true or false")
         for f in ("bos_token_id", "pad_token_id"):
             v = getattr(self, f)
             need(v is None or 0 <= v < self.vocab_size, f, f"must be in [0, vocab_size={self.vocab_size})")
         eos = self.eos_token_id if isinstance(self.eos_token_id, list) else [self.eos_token_id]
-        need(all(e is None or 0 <= e < self.vocab_size for e in eos), "eos_token_id",
-             f"must be in [0, vocab_size={self.vocab_size})")
+        need(
+            all(e is None or 0 <= e < self.vocab_size for e in eos),
+            "eos_token_id",
+            f"must be in [0, vocab_size={self.vocab_size})",
+        )
 
     # ------------------------------------------------------------------ derived values
     @property
@@ -229,8 +276,15 @@ class ModelShape:
     tie_embeddings: bool = False
     init_std: float = 0.02  # initializer_range
 
-    def plt_config(self, tokenizer_vocab: int | None = None, seq_len: int = 0, *, pad_token_id: int | None = None,
-                   bos_token_id: int | None = 1, eos_token_id: int | None = 2) -> PLTConfig:
+    def plt_config(
+        self,
+        tokenizer_vocab: int | None = None,
+        seq_len: int = 0,
+        *,
+        pad_token_id: int | None = None,
+        bos_token_id: int | None = 1,
+        eos_token_id: int | None = 2,
+    ) -> PLTConfig:
         """The `PLTConfig` of this shape. `tokenizer_vocab` sizes the vocabulary when `vocab_size` is None
         (and must fit in it otherwise); `seq_len` is the longest sequence trained on."""
         if self.vocab_size is None and tokenizer_vocab is None:
@@ -239,14 +293,26 @@ class ModelShape:
         if tokenizer_vocab is not None and vocab < tokenizer_vocab:
             raise LoopcoderError(f"model.vocab_size={vocab} is smaller than the tokenizer's {tokenizer_vocab}")
         return PLTConfig(
-            vocab_size=vocab, hidden_size=self.hidden_size,
+            vocab_size=vocab,
+            hidden_size=self.hidden_size,
             intermediate_size=self.intermediate_size or mlp_width(self.hidden_size),
-            num_hidden_layers=self.layers, num_attention_heads=self.heads,
-            num_key_value_heads=self.kv_heads or self.heads, head_dim=self.head_dim or self.hidden_size // self.heads,
+            num_hidden_layers=self.layers,
+            num_attention_heads=self.heads,
+            num_key_value_heads=self.kv_heads or self.heads,
+            head_dim=self.head_dim or self.hidden_size // self.heads,
             max_position_embeddings=self.max_position_embeddings or max(seq_len, 4096),
-            rope_theta=self.rope_theta, initializer_range=self.init_std, tie_word_embeddings=self.tie_embeddings,
-            plt_num_loops=self.loops, plt_window_size=[self.window, 0], plt_emb_scale=self.emb_scale,
-            plt_hidden_scale=self.hidden_scale, plt_normalize_per_loop=self.normalize_per_loop,
-            plt_gate_use_hidden_states=self.gate_from_hidden, loop_architecture=self.architecture,
-            plt_loop_offset=self.loop_offset, pad_token_id=pad_token_id, bos_token_id=bos_token_id,
-            eos_token_id=eos_token_id)
+            rope_theta=self.rope_theta,
+            initializer_range=self.init_std,
+            tie_word_embeddings=self.tie_embeddings,
+            plt_num_loops=self.loops,
+            plt_window_size=[self.window, 0],
+            plt_emb_scale=self.emb_scale,
+            plt_hidden_scale=self.hidden_scale,
+            plt_normalize_per_loop=self.normalize_per_loop,
+            plt_gate_use_hidden_states=self.gate_from_hidden,
+            loop_architecture=self.architecture,
+            plt_loop_offset=self.loop_offset,
+            pad_token_id=pad_token_id,
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+        )

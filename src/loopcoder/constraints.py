@@ -154,8 +154,9 @@ class GrammarCompiler:
         if getattr(tok, "eos_token_id", None) is None:
             raise ConstraintError("constrained decoding needs a tokenizer with an end-of-text token")
         if len(tok) > self.vocab_size:
-            raise ConstraintError(f"the tokenizer has {len(tok)} tokens, more than the model's vocabulary "
-                                  f"({self.vocab_size})")
+            raise ConstraintError(
+                f"the tokenizer has {len(tok)} tokens, more than the model's vocabulary ({self.vocab_size})"
+            )
         try:
             return llguidance.hf.from_tokenizer(tok, n_vocab=self.vocab_size, eos_token=tok.eos_token_id)
         except ValueError as e:  # not a fast (Rust) tokenizer
@@ -177,12 +178,14 @@ class GrammarCompiler:
         try:
             grammar = constraint.llguidance_grammar()
         except ValueError as e:
-            raise ConstraintError(f"cannot compile the {constraint.kind.replace('_', ' ')}: {_one_line(str(e))}") \
-                from None
+            raise ConstraintError(
+                f"cannot compile the {constraint.kind.replace('_', ' ')}: {_one_line(str(e))}"
+            ) from None
         template = llguidance.LLMatcher(self.lltokenizer, grammar, log_level=0)  # drops the GIL while it builds
         if template.is_error():
-            raise ConstraintError(f"cannot compile the {constraint.kind.replace('_', ' ')}: "
-                                  f"{_one_line(template.get_error())}")
+            raise ConstraintError(
+                f"cannot compile the {constraint.kind.replace('_', ' ')}: {_one_line(template.get_error())}"
+            )
         with self._lock:
             self._templates[key] = template
             self.compiled += 1
@@ -245,8 +248,11 @@ class GrammarMatcher:
             else:
                 bits[word] &= ~np.uint32(1 << bit)
         if not bits.any():
-            raise ConstraintError("the grammar allows no next token (it can only end here, and this request has "
-                                  "no stop token)" if can_end else "the grammar allows no next token")
+            raise ConstraintError(
+                "the grammar allows no next token (it can only end here, and this request has no stop token)"
+                if can_end
+                else "the grammar allows no next token"
+            )
 
     def accept(self, token: int) -> None:
         if not self._m.consume_token(token):
@@ -262,8 +268,9 @@ def _bias_table(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     table = _BIAS.get((device, dtype))
     if table is None:
         bits = (torch.arange(256)[:, None] >> torch.arange(8)) & 1
-        table = _BIAS[(device, dtype)] = torch.zeros(256, 8, dtype=dtype).masked_fill_(bits == 0, float("-inf")) \
-            .to(device)
+        table = _BIAS[(device, dtype)] = (
+            torch.zeros(256, 8, dtype=dtype).masked_fill_(bits == 0, float("-inf")).to(device)
+        )
     return table
 
 

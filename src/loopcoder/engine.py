@@ -57,15 +57,23 @@ DEFAULT_STEP_TOKENS = 256  # per-step token budget: decoding tokens plus prefill
 DEFAULT_BLOCK_SIZE = 16
 
 
-def check_cache_options(max_batch: int, *, paged: bool = True, block_size: int = DEFAULT_BLOCK_SIZE,
-                        kv_cache_tokens: int | None = None, prefix_caching: bool | None = None,
-                        max_step_tokens: int | None = DEFAULT_STEP_TOKENS) -> None:
+def check_cache_options(
+    max_batch: int,
+    *,
+    paged: bool = True,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    kv_cache_tokens: int | None = None,
+    prefix_caching: bool | None = None,
+    max_step_tokens: int | None = DEFAULT_STEP_TOKENS,
+) -> None:
     """Raise a one-line `LoopcoderError` for cache and scheduling options the engine cannot run with."""
     if max_batch < 1:
         raise LoopcoderError(f"max_batch must be >= 1, got {max_batch}")
     if max_step_tokens is not None and max_step_tokens <= max_batch:
-        raise LoopcoderError(f"max_step_tokens must exceed max_batch ({max_batch}): decoding sequences take one "
-                             f"token each and prefill needs the rest; got {max_step_tokens}")
+        raise LoopcoderError(
+            f"max_step_tokens must exceed max_batch ({max_batch}): decoding sequences take one "
+            f"token each and prefill needs the rest; got {max_step_tokens}"
+        )
     if prefix_caching and not paged:
         raise LoopcoderError("prefix caching needs the paged cache (paged=True)")
     if block_size < 1:
@@ -144,15 +152,34 @@ class Engine:
     tokens plus prefill chunks); None prefills every prompt in one piece.
     """
 
-    def __init__(self, model: PLTForCausalLM, tokenizer: Any = None, *, max_batch: int = 8,
-                 max_seq_len: int | None = None, mode: str = "parallel", fuse: bool = True,
-                 static_shapes: bool = False, compile: bool = False, cuda_graphs: bool = False,
-                 paged: bool = True, block_size: int = DEFAULT_BLOCK_SIZE, kv_cache_tokens: int | None = None,
-                 prefix_caching: bool | None = None, max_step_tokens: int | None = DEFAULT_STEP_TOKENS) -> None:
+    def __init__(
+        self,
+        model: PLTForCausalLM,
+        tokenizer: Any = None,
+        *,
+        max_batch: int = 8,
+        max_seq_len: int | None = None,
+        mode: str = "parallel",
+        fuse: bool = True,
+        static_shapes: bool = False,
+        compile: bool = False,
+        cuda_graphs: bool = False,
+        paged: bool = True,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        kv_cache_tokens: int | None = None,
+        prefix_caching: bool | None = None,
+        max_step_tokens: int | None = DEFAULT_STEP_TOKENS,
+    ) -> None:
         if mode not in MODES:
             raise LoopcoderError(f"mode must be one of {MODES}, got {mode!r}")
-        check_cache_options(max_batch, paged=paged, block_size=block_size, kv_cache_tokens=kv_cache_tokens,
-                            prefix_caching=prefix_caching, max_step_tokens=max_step_tokens)
+        check_cache_options(
+            max_batch,
+            paged=paged,
+            block_size=block_size,
+            kv_cache_tokens=kv_cache_tokens,
+            prefix_caching=prefix_caching,
+            max_step_tokens=max_step_tokens,
+        )
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.config = cfg = model.config
@@ -163,9 +190,16 @@ class Engine:
         self.max_step_tokens = max_step_tokens
         if paged:
             blocks = None if kv_cache_tokens is None else -(-kv_cache_tokens // block_size)
-            self.cache: SlotCache = PagedSlotCache(cfg, max_batch, self.max_seq_len, self.dtype, self.device,
-                                                   block_size=block_size, num_blocks=blocks,
-                                                   prefix_caching=prefix_caching is not False)
+            self.cache: SlotCache = PagedSlotCache(
+                cfg,
+                max_batch,
+                self.max_seq_len,
+                self.dtype,
+                self.device,
+                block_size=block_size,
+                num_blocks=blocks,
+                prefix_caching=prefix_caching is not False,
+            )
         else:
             self.cache = SlotCache(cfg, max_batch, self.max_seq_len, self.dtype, self.device)
         eos = cfg.eos_token_id if isinstance(cfg.eos_token_id, list) else [cfg.eos_token_id]
@@ -210,27 +244,40 @@ class Engine:
         if not prompt_ids:
             raise LoopcoderError("the prompt is empty")
         if len(prompt_ids) >= self.max_seq_len:
-            raise LoopcoderError(f"the prompt has {len(prompt_ids)} tokens; this model's maximum is "
-                                 f"{self.max_seq_len} (prompt plus at least one new token)")
+            raise LoopcoderError(
+                f"the prompt has {len(prompt_ids)} tokens; this model's maximum is "
+                f"{self.max_seq_len} (prompt plus at least one new token)"
+            )
         bad = [t for t in prompt_ids if not 0 <= t < self.config.vocab_size]
         if bad:
             raise LoopcoderError(f"token id {bad[0]} is outside the vocabulary (size {self.config.vocab_size})")
         if isinstance(self.cache, PagedSlotCache):
             capacity = self.cache.pool.capacity * self.cache.block_size
             if len(prompt_ids) + 1 > capacity:
-                raise LoopcoderError(f"the prompt has {len(prompt_ids)} tokens; the KV cache holds {capacity} "
-                                     f"(prompt plus at least one new token)")
-        stop_ids = frozenset() if params.ignore_eos else frozenset(
-            self.eos_ids if params.stop_token_ids is None else params.stop_token_ids)
+                raise LoopcoderError(
+                    f"the prompt has {len(prompt_ids)} tokens; the KV cache holds {capacity} "
+                    f"(prompt plus at least one new token)"
+                )
+        stop_ids = (
+            frozenset()
+            if params.ignore_eos
+            else frozenset(self.eos_ids if params.stop_token_ids is None else params.stop_token_ids)
+        )
         grammar = None
         if params.constraint is not None:
             if self.grammars is None:
                 raise LoopcoderError("constrained decoding needs the engine's tokenizer")
             # where the grammar may end, the request's stop tokens (or the model's end-of-text) end it
             grammar = self.grammars.matcher(params.constraint, stop_ids or self.eos_ids)
-        req = Request(request_id or f"req-{next(self._ids)}", list(prompt_ids), params,
-                      make_generator(params.seed, self.device), TextStream(self.tokenizer, params.stop), stop_ids,
-                      grammar)
+        req = Request(
+            request_id or f"req-{next(self._ids)}",
+            list(prompt_ids),
+            params,
+            make_generator(params.seed, self.device),
+            TextStream(self.tokenizer, params.stop),
+            stop_ids,
+            grammar,
+        )
         self._queue.append(req)
         return req
 
@@ -270,8 +317,12 @@ class Engine:
         self._release_finished()
         return events
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
-                 on_event: Callable[[Event], None] | None = None) -> list[Completion]:
+    def generate(
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams | list[SamplingParams],
+        on_event: Callable[[Event], None] | None = None,
+    ) -> list[Completion]:
         """Run prompts to completion (more prompts than slots queue up). Results in prompt order."""
         plist = params if isinstance(params, list) else [params] * len(prompts)
         reqs = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
@@ -279,8 +330,7 @@ class Engine:
             for ev in self.step():
                 if on_event is not None:
                     on_event(ev)
-        return [Completion(r.text, r.output_ids, r.finish_reason or "stop", len(r.prompt_ids), r.error)
-                for r in reqs]
+        return [Completion(r.text, r.output_ids, r.finish_reason or "stop", len(r.prompt_ids), r.error) for r in reqs]
 
     def stream(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[str]:
         """Yield text pieces of one completion as they become final; a failed request raises `LoopcoderError`."""
@@ -452,13 +502,16 @@ class Engine:
     def _advance(self, req: Request, n: int) -> None:
         """`req`'s cache holds `n` more positions: enter its newly full blocks in the prefix cache."""
         req.cached += n
-        if req.slot is not None and self.cache.prefix_caching \
-                and req.cached // self.cache.block_size > len(self.cache.entries[req.slot]):
+        if (
+            req.slot is not None
+            and self.cache.prefix_caching
+            and req.cached // self.cache.block_size > len(self.cache.entries[req.slot])
+        ):
             self.cache.commit(req.slot, req.prompt_ids + req.output_ids)
 
     def _prefill(self, req: Request, n: int) -> torch.Tensor:
         """Prefill the next `n` of `req`'s tokens into its slot; the next-token logits (vocab,) after them."""
-        ids = torch.tensor(req.tokens[req.cached:req.cached + n], device=self.device)
+        ids = torch.tensor(req.tokens[req.cached : req.cached + n], device=self.device)
         return self.model.prefill_chunk(ids, self.cache.chunk(req.slot))
 
     # ------------------------------------------------------------------ the decode step
@@ -539,8 +592,10 @@ class Engine:
             req.output_ids.append(token)
             if req.stream.push(token) or (req.grammar is not None and req.grammar.done):
                 req.finish_reason = "stop"
-            elif len(req.output_ids) >= req.params.max_new_tokens \
-                    or len(req.prompt_ids) + len(req.output_ids) >= self.max_seq_len:
+            elif (
+                len(req.output_ids) >= req.params.max_new_tokens
+                or len(req.prompt_ids) + len(req.output_ids) >= self.max_seq_len
+            ):
                 req.finish_reason = "length"
         if req.finished:
             req.finished_at = now

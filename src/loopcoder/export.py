@@ -55,7 +55,7 @@ def module_file(name: str, package: str = PACKAGE) -> str:
     """The flat file name (no .py) a package module is exported as."""
     if name in ROOT_FILES and package == PACKAGE:
         return ROOT_FILES[name]
-    return package + "_" + name[len(package) + 1:].replace(".", "_")
+    return package + "_" + name[len(package) + 1 :].replace(".", "_")
 
 
 def _source_path(name: str, package_dir: Path, package: str) -> Path | None:
@@ -71,8 +71,9 @@ def _is_stdlib(top: str) -> bool:
     return top in sys.stdlib_module_names or top == "__future__"
 
 
-def _internal_targets(node: ast.Import | ast.ImportFrom, module: str, package_dir: Path,
-                      package: str) -> list[tuple[str, bool]] | None:
+def _internal_targets(
+    node: ast.Import | ast.ImportFrom, module: str, package_dir: Path, package: str
+) -> list[tuple[str, bool]] | None:
     """(package module, whether the imported name is that module itself) per name an import statement
     brings in from the package; None when it imports nothing from the package."""
     if isinstance(node, ast.Import):
@@ -90,8 +91,12 @@ def _internal_targets(node: ast.Import | ast.ImportFrom, module: str, package_di
     return targets
 
 
-def collect(roots: tuple[str, ...] = tuple(ROOT_FILES), package: str = PACKAGE,
-            package_dir: Path | None = None, allowed: frozenset[str] = ALLOWED_THIRD_PARTY) -> list[SourceModule]:
+def collect(
+    roots: tuple[str, ...] = tuple(ROOT_FILES),
+    package: str = PACKAGE,
+    package_dir: Path | None = None,
+    allowed: frozenset[str] = ALLOWED_THIRD_PARTY,
+) -> list[SourceModule]:
     """The import closure of `roots` inside the package; raises `ExportError` on any import outside
     the package, the standard library and `allowed`."""
     package_dir = Path(package_dir or Path(__file__).resolve().parent)
@@ -112,25 +117,37 @@ def collect(roots: tuple[str, ...] = tuple(ROOT_FILES), package: str = PACKAGE,
                 continue
             targets = _internal_targets(node, name, package_dir, package)
             if targets is None:
-                tops = [a.name.split(".")[0] for a in node.names] if isinstance(node, ast.Import) \
+                tops = (
+                    [a.name.split(".")[0] for a in node.names]
+                    if isinstance(node, ast.Import)
                     else [(node.module or "").split(".")[0]]
+                )
                 bad = [t for t in tops if not _is_stdlib(t) and t not in allowed]
                 if bad:
-                    raise ExportError(f"{path.name}:{node.lineno} imports {bad[0]!r}: the exported model code may "
-                                      f"only import the standard library, {', '.join(sorted(allowed))} and "
-                                      f"{package} modules")
+                    raise ExportError(
+                        f"{path.name}:{node.lineno} imports {bad[0]!r}: the exported model code may "
+                        f"only import the standard library, {', '.join(sorted(allowed))} and "
+                        f"{package} modules"
+                    )
                 continue
             for target, _ in targets:
                 if target == package:
-                    raise ExportError(f"{path.name}:{node.lineno} imports from the package root ({package}); "
-                                      "import from the module that defines the name instead")
+                    raise ExportError(
+                        f"{path.name}:{node.lineno} imports from the package root ({package}); "
+                        "import from the module that defines the name instead"
+                    )
                 todo.append(target)
         out.append(SourceModule(name, path, module_file(name, package)))
     return out
 
 
-def rewrite(module: SourceModule, files: dict[str, str], package: str = PACKAGE,
-            package_dir: Path | None = None, version: str = "") -> str:
+def rewrite(
+    module: SourceModule,
+    files: dict[str, str],
+    package: str = PACKAGE,
+    package_dir: Path | None = None,
+    version: str = "",
+) -> str:
     """The module's source with every package import made relative to the flat exported files."""
     package_dir = Path(package_dir or Path(__file__).resolve().parent)
     source = module.path.read_text(encoding="utf-8")
@@ -148,8 +165,10 @@ def rewrite(module: SourceModule, files: dict[str, str], package: str = PACKAGE,
             continue
         if isinstance(node, ast.Import):
             if any(a.asname is None for a in node.names):
-                raise ExportError(f"{module.path.name}:{node.lineno}: `import {node.names[0].name}` cannot be "
-                                  "made relative; use `from ... import ...` or `import ... as name`")
+                raise ExportError(
+                    f"{module.path.name}:{node.lineno}: `import {node.names[0].name}` cannot be "
+                    "made relative; use `from ... import ...` or `import ... as name`"
+                )
             text = "; ".join(f"from . import {files[a.name]} as {a.asname}" for a in node.names)
         else:
             modules, names = [], {}
@@ -165,13 +184,16 @@ def rewrite(module: SourceModule, files: dict[str, str], package: str = PACKAGE,
     for start, end, text in sorted(edits, reverse=True):
         source = source[:start] + text + source[end:]
     rel = module.path.relative_to(package_dir.parent)
-    header = (f"{GENERATED_MARK} from {rel.as_posix()}{f' (loopcoder {version})' if version else ''}.\n"
-              "# Do not edit: export again from the package instead.\n")
+    header = (
+        f"{GENERATED_MARK} from {rel.as_posix()}{f' (loopcoder {version})' if version else ''}.\n"
+        "# Do not edit: export again from the package instead.\n"
+    )
     return header + source
 
 
-def remote_code_files(package: str = PACKAGE, package_dir: Path | None = None,
-                      roots: tuple[str, ...] = tuple(ROOT_FILES)) -> dict[str, str]:
+def remote_code_files(
+    package: str = PACKAGE, package_dir: Path | None = None, roots: tuple[str, ...] = tuple(ROOT_FILES)
+) -> dict[str, str]:
     """{file name: source} of the remote-code modules, generated from the package."""
     modules = collect(roots, package, package_dir)
     files = {m.name: m.file for m in modules}
@@ -202,16 +224,18 @@ def _stale_code(model_dir: Path) -> list[Path]:
     return [p for p in model_dir.glob("*.py") if p.read_text(errors="replace").startswith(GENERATED_MARK)]
 
 
-def export(model_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None,
-           in_place: bool = False) -> Path:
+def export(model_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None, in_place: bool = False) -> Path:
     """Write the remote-code layout: a copy of `model_dir` (or `model_dir` itself with `in_place`) with
     the generated modeling, configuration and cache files and `auto_map` in config.json."""
     src = Path(model_dir)
     if not src.is_dir():
         raise ExportError(f"model directory {str(model_dir)!r} does not exist")
     if in_place == (out_dir is not None):
-        raise ExportError("give either an output directory or in_place, not both" if in_place
-                          else "give an output directory (or in_place=True)")
+        raise ExportError(
+            "give either an output directory or in_place, not both"
+            if in_place
+            else "give an output directory (or in_place=True)"
+        )
     if not any(src.glob("*.safetensors")):
         raise ExportError(f"{str(model_dir)!r} has no *.safetensors weights")
     config = _config_with_auto_map(src)
@@ -245,5 +269,8 @@ def export(model_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
 def describe(out: Path) -> dict[str, Any]:
     """What an exported directory holds: the generated files and the auto_map."""
     config = json.loads((out / "config.json").read_text())
-    return {"directory": str(out), "files": sorted(p.name for p in out.glob("*.py")),
-            "auto_map": config.get("auto_map", {})}
+    return {
+        "directory": str(out),
+        "files": sorted(p.name for p in out.glob("*.py")),
+        "auto_map": config.get("auto_map", {}),
+    }

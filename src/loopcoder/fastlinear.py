@@ -56,7 +56,7 @@ class FastLinear:
     def split(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The outputs of the fused linears (and the extra rows), in order; the padding is dropped."""
         parts = self(x).split([*self.sizes, self.pad] if self.pad else self.sizes, -1)
-        return parts[:len(self.sizes)]
+        return parts[: len(self.sizes)]
 
 
 def active(fast: FastLinear | None) -> bool:
@@ -72,6 +72,6 @@ def _fuse(params: list[nn.Parameter], tail: torch.Tensor) -> torch.Tensor:
     fused = torch.cat([p.detach() for p in params] + [tail])
     start = 0
     for p in params:
-        p.data = fused[start:start + p.shape[0]]
+        p.data = fused[start : start + p.shape[0]]
         start += p.shape[0]
     return fused

@@ -36,6 +36,5 @@ def block_masks(seq_len: int, window: int | None, device: torch.device):
     def sliding(b, h, q, kv):
         return (q >= kv) & (q - kv <= window)
 
-    make = functools.partial(_flex.create_block_mask, B=None, H=None, Q_LEN=seq_len, KV_LEN=seq_len,
-                             device=device)
+    make = functools.partial(_flex.create_block_mask, B=None, H=None, Q_LEN=seq_len, KV_LEN=seq_len, device=device)
     return make(causal), None if window is None else make(sliding)

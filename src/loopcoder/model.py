@@ -225,14 +225,24 @@ class PLTAttention(nn.Module):
         same matmul, unless the layer norm has weights too close to 0 to divide by."""
         gate = self.plt_gate
         extra = None
-        if gate is not None and gate.use_hidden_states and input_norm is not None \
-                and float(input_norm.detach().abs().min()) > 1e-3:
+        if (
+            gate is not None
+            and gate.use_hidden_states
+            and input_norm is not None
+            and float(input_norm.detach().abs().min()) > 1e-3
+        ):
             extra = gate.weight.detach() * (gate.gate_norm.weight.detach() / input_norm.detach())[None, :]
         self.fast_qkv = FastLinear([self.q_proj, self.k_proj, self.v_proj], pack, extra)
         self.fast_o = FastLinear([self.o_proj], pack)
 
-    def mix(self, x: torch.Tensor, q: torch.Tensor, y_global: torch.Tensor, y_local: torch.Tensor,
-            gate_logits: torch.Tensor | None = None) -> tuple:
+    def mix(
+        self,
+        x: torch.Tensor,
+        q: torch.Tensor,
+        y_global: torch.Tensor,
+        y_local: torch.Tensor,
+        gate_logits: torch.Tensor | None = None,
+    ) -> tuple:
         """G-SWA's gated sum of the two branches; returns (y, g). `gate_logits` (B, S, H): precomputed
         W_g . RMSNorm_g(x) from the fused projection."""
         if gate_logits is None:
@@ -247,8 +257,17 @@ class PLTAttention(nn.Module):
         y = y.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim)
         return self.fast_o(y) if active(self.fast_o) else self.o_proj(y)
 
-    def forward(self, x: torch.Tensor, xn: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, loop: int,
-                past: KV | None, shared: KV | None, masks: Masks) -> tuple:
+    def forward(
+        self,
+        x: torch.Tensor,
+        xn: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        loop: int,
+        past: KV | None,
+        shared: KV | None,
+        masks: Masks,
+    ) -> tuple:
         """One loop's attention over a chunk of S positions.
 
         x is the layer input (for the gate), xn its `input_layernorm`. `past` holds the K/V this loop
@@ -269,8 +288,16 @@ class PLTAttention(nn.Module):
             self._observe(loop, "local", q, own, masks.window, gate=g)
         return self.output(y), own
 
-    def decode(self, x: torch.Tensor, xn: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, loops: range,
-               step: SlotStep, cache: SlotCache) -> torch.Tensor:
+    def decode(
+        self,
+        x: torch.Tensor,
+        xn: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        loops: range,
+        step: SlotStep,
+        cache: SlotCache,
+    ) -> torch.Tensor:
         """One new token per sequence, rows x (n, len(loops), hidden) for loops `loops` (0 = loop 1).
 
         What `forward` does for one position, with the K/V in `cache`: the loop-1 row (or a vanilla loop's)
@@ -315,14 +342,23 @@ class PLTDecoderLayer(GradientCheckpointingLayer):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, loop: int,
-                past: KV | None, shared: KV | None, masks: Masks) -> tuple:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        loop: int,
+        past: KV | None,
+        shared: KV | None,
+        masks: Masks,
+    ) -> tuple:
         """One loop over a chunk of positions (`PLTModel.forward`); returns (output, own K/V)."""
         attn, own = self.self_attn(x, self.input_layernorm(x), cos, sin, loop, past, shared, masks)
         return self.residual_mlp(x, attn), own
 
-    def decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, loops: range, step: SlotStep,
-               cache: SlotCache) -> torch.Tensor:
+    def decode(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, loops: range, step: SlotStep, cache: SlotCache
+    ) -> torch.Tensor:
         """Loop rows of one new token per sequence (`PLTModel.decode_step`)."""
         return self.residual_mlp(x, self.self_attn.decode(x, self.input_layernorm(x), cos, sin, loops, step, cache))
 
@@ -378,8 +414,9 @@ class PLTModel(PLTPreTrainedModel):
         """CLP input of loop r >= 2: B(r)_t = a * E_t + b * P(r-1)_{t-1}, `pred` being P(r-1)_{t-1}."""
         return self.config.emb_scale * emb + self.config.hidden_scale * pred
 
-    def loop_predecessor(self, prev: torch.Tensor, first: torch.Tensor | None,
-                         positions: torch.Tensor | None) -> torch.Tensor:
+    def loop_predecessor(
+        self, prev: torch.Tensor, first: torch.Tensor | None, positions: torch.Tensor | None
+    ) -> torch.Tensor:
         """P(r-1)_{t-1} for every position t of a chunk: `prev` is P(r-1) over the chunk, `first` the saved
         P(r-1) of the position before it (None at the start of a sequence).
 
@@ -394,10 +431,17 @@ class PLTModel(PLTPreTrainedModel):
         return pred.masked_fill((positions <= 0)[..., None], 0.0)  # position 0 has no predecessor
 
     # -- the loop schedule -------------------------------------------------------------------------
-    def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.LongTensor | None = None, cache: PLTCache | SequenceCache | None = None,
-                inputs_embeds: torch.Tensor | None = None, use_cache: bool | None = None,
-                output_loop_states: bool = False, **kwargs: Any) -> PLTModelOutput:
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: PLTCache | SequenceCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_loop_states: bool = False,
+        **kwargs: Any,
+    ) -> PLTModelOutput:
         """h(R) over a chunk of positions, loop by loop. With a `cache` the chunk continues the cached sequences:
         a `PLTCache` (training-free decoding with `generate`, prefill), or one slot of the engine's cache
         (`SlotCache.chunk`: a chunked prefill straight into the engine's K/V, see `PLTForCausalLM.prefill_chunk`)."""
@@ -441,8 +485,9 @@ class PLTModel(PLTPreTrainedModel):
         return PLTModelOutput(h, cache, tuple(loop_states) if output_loop_states else None)
 
     # -- the decode schedule (spec 1.3) ----------------------------------------------------------------
-    def decode_step(self, tokens: torch.Tensor, cache: SlotCache, step: SlotStep,
-                    parallel: bool = True) -> torch.Tensor:
+    def decode_step(
+        self, tokens: torch.Tensor, cache: SlotCache, step: SlotStep, parallel: bool = True
+    ) -> torch.Tensor:
         """h(R) (n, hidden) of one new token per sequence: `tokens` (n,) at `step.positions`, in slots 0..n-1
         of `cache` (opened by `cache.begin_step`; this closes it). Advances the cache by one position.
 
@@ -462,8 +507,9 @@ class PLTModel(PLTPreTrainedModel):
             if parallel:
                 h = self._decode_layers(x, range(R), cos, sin, step, cache)
             else:
-                h = torch.cat([self._decode_layers(x[:, r:r + 1], range(r, r + 1), cos, sin, step, cache)
-                               for r in range(R)], 1)
+                h = torch.cat(
+                    [self._decode_layers(x[:, r : r + 1], range(r, r + 1), cos, sin, step, cache) for r in range(R)], 1
+                )
             if R > 1:
                 cache.save_states(step, self.loop_state(h[:, :-1]))
         else:  # loop r reads loop r-1 of the same token (as `forward` does): R dependent passes
@@ -474,8 +520,9 @@ class PLTModel(PLTPreTrainedModel):
         cache.end_step(step)
         return h[:, -1]
 
-    def _decode_layers(self, x: torch.Tensor, loops: range, cos: torch.Tensor, sin: torch.Tensor, step: SlotStep,
-                       cache: SlotCache) -> torch.Tensor:
+    def _decode_layers(
+        self, x: torch.Tensor, loops: range, cos: torch.Tensor, sin: torch.Tensor, step: SlotStep, cache: SlotCache
+    ) -> torch.Tensor:
         """Rows x (n, len(loops), hidden) of loops `loops` of the new tokens through every layer."""
         n, rows = x.shape[:2]
         cos, sin = cos.expand(n, rows, -1), sin.expand(n, rows, -1)
@@ -483,8 +530,9 @@ class PLTModel(PLTPreTrainedModel):
             x = layer.decode(x, cos, sin, loops, step, cache)
         return x
 
-    def _positions(self, emb: torch.Tensor, attention_mask, position_ids,
-                   cache: PLTCache | SequenceCache | None) -> torch.Tensor:
+    def _positions(
+        self, emb: torch.Tensor, attention_mask, position_ids, cache: PLTCache | SequenceCache | None
+    ) -> torch.Tensor:
         """True positions (B, S) of the new tokens; -1 marks padding (attention_mask == 0), whatever
         position `generate` made up for it, so that padded slots are never attended to."""
         b, s = emb.shape[:2]
@@ -557,15 +605,30 @@ class PLTForCausalLM(PLTPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
-    def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.LongTensor | None = None, cache: PLTCache | None = None,
-                inputs_embeds: torch.Tensor | None = None, labels: torch.LongTensor | None = None,
-                use_cache: bool | None = None, logits_to_keep: int | torch.Tensor = 0,
-                output_loop_states: bool = False, past_key_values: PLTCache | None = None,
-                **kwargs: Any) -> PLTCausalLMOutput:
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: PLTCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        output_loop_states: bool = False,
+        past_key_values: PLTCache | None = None,
+        **kwargs: Any,
+    ) -> PLTCausalLMOutput:
         cache = cache if cache is not None else past_key_values
-        out = self.model(input_ids, attention_mask, position_ids, cache, inputs_embeds, use_cache,
-                         output_loop_states=output_loop_states)
+        out = self.model(
+            input_ids,
+            attention_mask,
+            position_ids,
+            cache,
+            inputs_embeds,
+            use_cache,
+            output_loop_states=output_loop_states,
+        )
         h = out.last_hidden_state
         if isinstance(logits_to_keep, int) and logits_to_keep > 0:
             h = h[:, -logits_to_keep:]
@@ -575,11 +638,11 @@ class PLTForCausalLM(PLTPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = causal_lm_loss(logits, labels)
-        return PLTCausalLMOutput(loss=loss, logits=logits, cache=out.cache,
-                                 loop_hidden_states=out.loop_hidden_states)
+        return PLTCausalLMOutput(loss=loss, logits=logits, cache=out.cache, loop_hidden_states=out.loop_hidden_states)
 
-    def decode_step(self, tokens: torch.Tensor, cache: SlotCache, step: SlotStep,
-                    parallel: bool = True) -> torch.Tensor:
+    def decode_step(
+        self, tokens: torch.Tensor, cache: SlotCache, step: SlotStep, parallel: bool = True
+    ) -> torch.Tensor:
         """Next-token logits (n, vocab) of one new token per sequence; see `PLTModel.decode_step`."""
         return self.logits(self.model.decode_step(tokens, cache, step, parallel))
 
@@ -606,8 +669,11 @@ class PLTForCausalLM(PLTPreTrainedModel, GenerationMixin):
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args, **kwargs) -> None:
         """`generate` gets a PLT cache (transformers would otherwise make a DynamicCache)."""
-        if model_kwargs.get("cache") is None and model_kwargs.get("past_key_values") is None \
-                and generation_config.use_cache is not False:
+        if (
+            model_kwargs.get("cache") is None
+            and model_kwargs.get("past_key_values") is None
+            and generation_config.use_cache is not False
+        ):
             model_kwargs["cache"] = PLTCache(self.config)
 
     @classmethod

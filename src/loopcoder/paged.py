@@ -55,10 +55,20 @@ class PagedSlotCache(SlotCache):
 
     paged = True
 
-    def __init__(self, config: PLTConfig, max_batch: int, max_len: int, dtype: torch.dtype,
-                 device: torch.device | str, *, block_size: int = 16, num_blocks: int | None = None,
-                 prefix_caching: bool = True, snapshot_every: int | None = None,
-                 snapshots: int | None = None) -> None:
+    def __init__(
+        self,
+        config: PLTConfig,
+        max_batch: int,
+        max_len: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        *,
+        block_size: int = 16,
+        num_blocks: int | None = None,
+        prefix_caching: bool = True,
+        snapshot_every: int | None = None,
+        snapshots: int | None = None,
+    ) -> None:
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         self.block_size = block_size
@@ -78,8 +88,11 @@ class PagedSlotCache(SlotCache):
         L, hkv, hd = config.num_hidden_layers, config.num_key_value_heads, config.head_dim
         kw = dict(dtype=dtype, device=self.device)
         # lazily committed on CPU (never-touched pages take no memory): snapshots are written before they are read
-        self.sk = torch.empty(snapshots, L, config.plt_num_loops - 1, hkv, self.window + 1, hd, **kw) \
-            if snapshots else torch.empty(0, **kw)
+        self.sk = (
+            torch.empty(snapshots, L, config.plt_num_loops - 1, hkv, self.window + 1, hd, **kw)
+            if snapshots
+            else torch.empty(0, **kw)
+        )
         self.sv = torch.empty_like(self.sk)
         self.s_states = torch.empty(snapshots, *self.states.shape[1:], **kw)
         self.entries: list[list[Entry]] = [[] for _ in range(max_batch)]  # index entries of each slot's full blocks
@@ -113,13 +126,22 @@ class PagedSlotCache(SlotCache):
     def stats(self) -> dict:
         p, s = self.pool, self.pool.stats
         return {
-            "paged": True, "block_size": self.block_size, "blocks": p.capacity, "blocks_held": p.held,
-            "blocks_cached": p.cached, "blocks_free": p.available() - p.cached, "peak_blocks_held": s.peak_held,
-            "block_bytes": self.block_bytes(), "allocated_bytes": self.nbytes(),
-            "prefix_caching": self.prefix_caching, "prefix_queried_tokens": s.queried_tokens,
+            "paged": True,
+            "block_size": self.block_size,
+            "blocks": p.capacity,
+            "blocks_held": p.held,
+            "blocks_cached": p.cached,
+            "blocks_free": p.available() - p.cached,
+            "peak_blocks_held": s.peak_held,
+            "block_bytes": self.block_bytes(),
+            "allocated_bytes": self.nbytes(),
+            "prefix_caching": self.prefix_caching,
+            "prefix_queried_tokens": s.queried_tokens,
             "prefix_hit_tokens": s.hit_tokens,
             "prefix_hit_rate": s.hit_tokens / s.queried_tokens if s.queried_tokens else 0.0,
-            "evicted_blocks": s.evicted_blocks, "snapshots": p.num_snapshots, "snapshots_in_use": p.snapshots_in_use,
+            "evicted_blocks": s.evicted_blocks,
+            "snapshots": p.num_snapshots,
+            "snapshots_in_use": p.snapshots_in_use,
             "snapshot_bytes": self.snapshot_bytes(),
         }
 
@@ -136,11 +158,11 @@ class PagedSlotCache(SlotCache):
             return False
         top = max(blocks) + 1
         if top > self._zeroed:  # first use of these blocks: zero them (masked entries must be finite)
-            self.k[:, :, :, self._zeroed:top] = 0
-            self.v[:, :, :, self._zeroed:top] = 0
+            self.k[:, :, :, self._zeroed : top] = 0
+            self.v[:, :, :, self._zeroed : top] = 0
             self._zeroed = top
         self.tables[slot].extend(blocks)
-        self.table[slot, have:have + need] = torch.tensor(blocks, device=self.device)
+        self.table[slot, have : have + need] = torch.tensor(blocks, device=self.device)
         return True
 
     def room(self, slot: int) -> int:
@@ -198,7 +220,7 @@ class PagedSlotCache(SlotCache):
         """The device row of `slot`'s block table from its list (the null block past its end)."""
         blocks = self.tables[slot]
         self.table[slot] = NULL_BLOCK
-        self.table[slot, :len(blocks)] = torch.tensor(blocks, dtype=torch.long, device=self.device)
+        self.table[slot, : len(blocks)] = torch.tensor(blocks, dtype=torch.long, device=self.device)
 
     def _is_run(self, slot: int, nb: int) -> bool:
         t = self.tables[slot]
@@ -219,7 +241,7 @@ class PagedSlotCache(SlotCache):
         """The index entries of the longest cached prefix of `tokens` a sequence can resume after (at most
         len(tokens) - 1 tokens: the last prompt position is always computed)."""
         entries = self.pool.match(tokens, self.block_size, (len(tokens) - 1) // self.block_size)
-        return entries[:self._resumable(entries)]
+        return entries[: self._resumable(entries)]
 
     def attach(self, slot: int, tokens: list[int]) -> int:
         if not self.prefix_caching:
@@ -258,7 +280,7 @@ class PagedSlotCache(SlotCache):
         entries, pending = self.entries[slot], self.pending[slot]
         for j in range(len(entries), min(length, len(tokens)) // B):
             parent = entries[-1] if entries else None
-            entry = self.pool.register(parent, tuple(tokens[j * B:(j + 1) * B]), self.tables[slot][j])
+            entry = self.pool.register(parent, tuple(tokens[j * B : (j + 1) * B]), self.tables[slot][j])
             entries.append(entry)
             boundary = (j + 1) * B
             if not self._snapshot_boundary(boundary):
@@ -312,7 +334,7 @@ class PagedSlotCache(SlotCache):
         k, v = self.k[layer, f], self.v[layer, f]
         if self._is_run(slot, nb):
             s = self.tables[slot][0]
-            k, v = k[:, s:s + nb], v[:, s:s + nb]
+            k, v = k[:, s : s + nb], v[:, s : s + nb]
         else:
             idx = self.table[slot, :nb]
             k, v = k[:, idx], v[:, idx]
@@ -350,7 +372,7 @@ class PagedSlotCache(SlotCache):
         hkv, hd = k.shape[0], k.shape[-1]
         if step.run is not None:
             s, nb = step.run
-            return KV(k[:, s:s + nb].flatten(1, 2)[None], v[:, s:s + nb].flatten(1, 2)[None])
+            return KV(k[:, s : s + nb].flatten(1, 2)[None], v[:, s : s + nb].flatten(1, 2)[None])
         shape = (step.n, hkv, step.length, hd)
         return KV(self._gather(k, step, shape, 0), self._gather(v, step, shape, 1))
 

@@ -51,9 +51,19 @@ class Progress:
     length): its rate is shown, and with `total_amount` it drives the ETA. `start` is where a resumed job
     began (the ETA counts only the work done since)."""
 
-    def __init__(self, label: str, total: int | None = None, unit: str = "items", *,
-                 amount_unit: str | None = None, total_amount: float | None = None, start: int = 0,
-                 mode: str = "lines", every_s: float = 2.0, stream: TextIO | None = None) -> None:
+    def __init__(
+        self,
+        label: str,
+        total: int | None = None,
+        unit: str = "items",
+        *,
+        amount_unit: str | None = None,
+        total_amount: float | None = None,
+        start: int = 0,
+        mode: str = "lines",
+        every_s: float = 2.0,
+        stream: TextIO | None = None,
+    ) -> None:
         if mode not in MODES:
             raise ValueError(f"progress mode {mode!r}: choose from {', '.join(MODES)}")
         if amount_unit not in (None, "bytes", "tokens"):
@@ -75,8 +85,9 @@ class Progress:
         """`items` more done, carrying `amount` more bytes or tokens."""
         self.update(self.done + items, self.amount + amount)
 
-    def update(self, done: int, amount: float | None = None, *, rate: float | None = None, info: str = "",
-               force: bool = False) -> None:
+    def update(
+        self, done: int, amount: float | None = None, *, rate: float | None = None, info: str = "", force: bool = False
+    ) -> None:
         """`done` items so far (and `amount` bytes or tokens). `rate` overrides the measured one (e.g. a
         trainer's recent tokens/s); `info` is shown after the count (e.g. the loss)."""
         self.done = done

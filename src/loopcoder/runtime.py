@@ -15,8 +15,14 @@ from transformers.utils import logging as hf_logging
 from loopcoder.checkpoint import load_model
 from loopcoder.errors import LoopcoderError
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -64,9 +70,14 @@ def apply_threads(threads: int | None = None) -> int:
 
 def add_threads_argument(parser: Any) -> None:
     """The `--threads N` option of every command that computes (applied with `apply_threads`)."""
-    parser.add_argument("--threads", type=int, default=None, metavar="N",
-                        help="CPU threads for torch (default: $OMP_NUM_THREADS, else the cores the load average "
-                             "shows free, at least 1; see docs/benchmarks.md)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="CPU threads for torch (default: $OMP_NUM_THREADS, else the cores the load average "
+        "shows free, at least 1; see docs/benchmarks.md)",
+    )
 
 
 def load_tokenizer(path: str | os.PathLike, required: bool = True) -> Any:
@@ -88,16 +99,21 @@ def check_vocab(model_vocab: int, tokenizer_vocab: int, where: str) -> None:
     ids the model would map to the wrong tokens."""
     gap = model_vocab - tokenizer_vocab
     if gap < 0:
-        raise LoopcoderError(f"{where}: the model's vocabulary ({model_vocab}) is smaller than its tokenizer's "
-                             f"({tokenizer_vocab}); pass the tokenizer it was trained with (--tokenizer DIR)")
+        raise LoopcoderError(
+            f"{where}: the model's vocabulary ({model_vocab}) is smaller than its tokenizer's "
+            f"({tokenizer_vocab}); pass the tokenizer it was trained with (--tokenizer DIR)"
+        )
     if gap >= 128 and gap > tokenizer_vocab // 8:
-        raise LoopcoderError(f"{where}: the model's vocabulary ({model_vocab}) does not match its tokenizer's "
-                             f"({tokenizer_vocab}), more than padding explains; pass the tokenizer it was trained "
-                             "with (--tokenizer DIR)")
+        raise LoopcoderError(
+            f"{where}: the model's vocabulary ({model_vocab}) does not match its tokenizer's "
+            f"({tokenizer_vocab}), more than padding explains; pass the tokenizer it was trained "
+            "with (--tokenizer DIR)"
+        )
 
 
-def load_for_inference(model_dir: str, tokenizer_dir: str | None = None, device: str = "auto",
-                       dtype: str = "auto") -> tuple[Any, Any]:
+def load_for_inference(
+    model_dir: str, tokenizer_dir: str | None = None, device: str = "auto", dtype: str = "auto"
+) -> tuple[Any, Any]:
     """(model, tokenizer) ready for decoding: strict checkpoint load, eval mode, on the device."""
     dev = pick_device(device)
     model = load_model(model_dir, dtype=pick_dtype(dtype, dev), device=dev)

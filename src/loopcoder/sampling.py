@@ -34,10 +34,15 @@ class SamplingParams:
         # Sampling divides by the temperature in float32, where a positive value below float32's smallest
         # normal (1e-300, say) is 0. (A top_p that rounds to 0 is fine: the most likely token is kept.)
         min_temperature = float(torch.finfo(torch.float32).tiny)
-        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
-                and (self.temperature == 0 or self.temperature >= min_temperature)):
-            raise LoopcoderError(f"temperature must be 0 (greedy) or a finite number >= {min_temperature:.3g} "
-                                 f"(smaller values are 0 in float32), got {self.temperature!r}")
+        if not (
+            isinstance(self.temperature, (int, float))
+            and math.isfinite(self.temperature)
+            and (self.temperature == 0 or self.temperature >= min_temperature)
+        ):
+            raise LoopcoderError(
+                f"temperature must be 0 (greedy) or a finite number >= {min_temperature:.3g} "
+                f"(smaller values are 0 in float32), got {self.temperature!r}"
+            )
         if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
             raise LoopcoderError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not isinstance(self.top_k, int) or self.top_k < 0:
@@ -86,8 +91,9 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: f
     return logits
 
 
-def sample_next(logits: torch.Tensor, params: list[SamplingParams],
-                generators: list[torch.Generator]) -> tuple[list[int], dict[int, str]]:
+def sample_next(
+    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]
+) -> tuple[list[int], dict[int, str]]:
     """One next token per row of `logits` (n, vocab), each row with its own params and generator.
 
     Returns the tokens and {row: why} for rows that cannot be sampled (their token is -1): logits that

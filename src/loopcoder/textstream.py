@@ -41,7 +41,7 @@ class TextStream:
             start = max(0, len(self.text) - self.hold)  # a new match ends in the new text
             hits = [i for i in (text.find(s, start) for s in self.stop) if i >= 0]
             if hits:
-                text, self.stopped = text[:min(hits)], True
+                text, self.stopped = text[: min(hits)], True
         self.text = text
         return self.stopped
 
@@ -53,6 +53,6 @@ class TextStream:
                 end -= 1
             if self.hold:
                 end = max(self.emitted, end - (self.hold - 1))
-        piece = self.text[self.emitted:end]
+        piece = self.text[self.emitted : end]
         self.emitted = max(self.emitted, end)
         return piece

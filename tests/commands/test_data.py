@@ -17,8 +17,21 @@ def corpus(tmp_path_factory):
 
 
 def _build_args(src, out, *extra):
-    return ["data", "build", "--source", str(src), "--out", str(out), "--vocab-size", "400", "--seq-len", "64",
-            "--val-fraction", "0.25", *extra]
+    return [
+        "data",
+        "build",
+        "--source",
+        str(src),
+        "--out",
+        str(out),
+        "--vocab-size",
+        "400",
+        "--seq-len",
+        "64",
+        "--val-fraction",
+        "0.25",
+        *extra,
+    ]
 
 
 def test_build_prints_statistics_and_rerun_is_up_to_date(corpus, tmp_path, capsys):
@@ -57,18 +70,40 @@ def test_build_refuses_to_replace_a_data_directory_built_from_other_inputs_unles
 def test_build_from_jsonl_with_a_text_field(tmp_path, capsys):
     f = tmp_path / "c.jsonl"
     f.write_text("".join(json.dumps({"code": f"def f{i}(x):\n    return x * {i}\n" * 5}) + "\n" for i in range(80)))
-    assert main(["data", "build", "--source", str(f), "--out", str(tmp_path / "d"), "--vocab-size", "300",
-                 "--seq-len", "32", "--text-field", "code", "--val-fraction", "0.1"]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "build",
+                "--source",
+                str(f),
+                "--out",
+                str(tmp_path / "d"),
+                "--vocab-size",
+                "300",
+                "--seq-len",
+                "32",
+                "--text-field",
+                "code",
+                "--val-fraction",
+                "0.1",
+            ]
+        )
+        == 0
+    )
     assert "80 kept" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("case, message", [
-    ("missing", "source '{tmp}/missing' does not exist"),
-    ("empty", "has no usable documents (1 seen; skipped: 0 duplicate, 0 too large, 1 empty"),
-    ("field", "c.jsonl:1: no text field 'text' (fields: body); choose one with --text-field"),
-    ("vocab", "vocabulary size 100 is too small: 12 special/added tokens + 256 byte tokens need at least 268"),
-    ("fraction", "val_fraction 1.5 must be in [0, 1)"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing", "source '{tmp}/missing' does not exist"),
+        ("empty", "has no usable documents (1 seen; skipped: 0 duplicate, 0 too large, 1 empty"),
+        ("field", "c.jsonl:1: no text field 'text' (fields: body); choose one with --text-field"),
+        ("vocab", "vocabulary size 100 is too small: 12 special/added tokens + 256 byte tokens need at least 268"),
+        ("fraction", "val_fraction 1.5 must be in [0, 1)"),
+    ],
+)
 def test_build_bad_input_exits_2_with_one_line(case, message, corpus, tmp_path, capsys):
     src, extra = corpus, []
     if case == "missing":
@@ -102,8 +137,10 @@ def test_instructions_and_reasoning_commands(corpus, tmp_path, capsys):
     assert json.loads((out / "instructions" / "train.jsonl").read_text().splitlines()[0])["messages"]
 
     f = tmp_path / "r.jsonl"
-    assert main(["data", "reasoning", "--n", "12", "--steps", "2-3", "--split", "eval", "--seed", "4",
-                 "--out", str(f)]) == 0
+    assert (
+        main(["data", "reasoning", "--n", "12", "--steps", "2-3", "--split", "eval", "--seed", "4", "--out", str(f)])
+        == 0
+    )
     assert "wrote 12 eval examples" in capsys.readouterr().out
     recs = [json.loads(line) for line in f.read_text().splitlines()]
     assert len(recs) == 12 and {r["steps"] for r in recs} <= {2, 3} and all(r["split"] == "eval" for r in recs)

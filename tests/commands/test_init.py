@@ -28,8 +28,9 @@ def test_init_then_generate_works_and_the_vocabulary_matches_the_tokenizer(tmp_p
     text = "def add(a, b):\n    return a + b\n"
     assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text  # byte-level: lossless
     assert tok.chat_template  # `generate --chat` and the server's chat endpoint work too
-    code, printed, err = run(["generate", "--model", str(out), "--prompt", "def f(", "--max-new-tokens", "4",
-                              "--threads", "1"], capsys)
+    code, printed, err = run(
+        ["generate", "--model", str(out), "--prompt", "def f(", "--max-new-tokens", "4", "--threads", "1"], capsys
+    )
     assert code == 0 and "4 tokens" in err, err
 
 

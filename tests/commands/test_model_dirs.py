@@ -31,8 +31,24 @@ def dirs(tmp_path_factory):
     (run / "checkpoints" / "step-000001" / "model.safetensors").write_bytes(b"")  # only the newest is read
     (run / "checkpoints" / "latest").write_text("step-000002\n")
     with contextlib.redirect_stdout(io.StringIO()):  # a model of another vocabulary, with its own tokenizer
-        assert main(["init", "--out", str(tmp / "big"), "--hidden-size", "32", "--layers", "1", "--heads", "4",
-                     "--vocab-size", "1024"]) == 0
+        assert (
+            main(
+                [
+                    "init",
+                    "--out",
+                    str(tmp / "big"),
+                    "--hidden-size",
+                    "32",
+                    "--layers",
+                    "1",
+                    "--heads",
+                    "4",
+                    "--vocab-size",
+                    "1024",
+                ]
+            )
+            == 0
+        )
     return {"model": model, "data": data, "run": run, "big": tmp / "big", "tmp": tmp}
 
 
@@ -43,8 +59,18 @@ def command(name: str, model, d: dict, *extra: str) -> list[str]:
         "generate": ["--prompt", "def f(", "--max-new-tokens", "3"],
         "eval": ["--tasks", "bpb", "--data", str(d["data"]), "--bpb-rows", "2", "--out", str(out / "r.json")],
         "serve": ["--port", "0"],
-        "diagnose": ["--data", str(d["data"]), "--samples", "2", "--seq-len", "16", "--out", str(out), "--no-plots",
-                     "--quiet"],
+        "diagnose": [
+            "--data",
+            str(d["data"]),
+            "--samples",
+            "2",
+            "--seq-len",
+            "16",
+            "--out",
+            str(out),
+            "--no-plots",
+            "--quiet",
+        ],
     }[name]
     return [name, "--model", str(model), "--threads", "1", *args, *extra]
 

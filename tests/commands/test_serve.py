@@ -55,9 +55,26 @@ def test_bad_arguments_are_one_line_errors(model_dir, capsys):
 @pytest.mark.slow
 def test_a_server_process_serves_and_stops_cleanly_on_sigterm(model_dir):
     env = {**os.environ, "LOOPCODER_API_KEY": "from-env"}
-    proc = subprocess.Popen([sys.executable, "-m", "loopcoder", "serve", "--model", str(model_dir), "--port", "0",
-                             "--log-level", "warning", "--grace", "30"],
-                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "loopcoder",
+            "serve",
+            "--model",
+            str(model_dir),
+            "--port",
+            "0",
+            "--log-level",
+            "warning",
+            "--grace",
+            "30",
+        ],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
     lines: list[str] = []
     ready = threading.Event()
 
@@ -79,8 +96,9 @@ def test_a_server_process_serves_and_stops_cleanly_on_sigterm(model_dir):
         assert client.completions.create(model=name, prompt="def f(", max_tokens=5).usage.completion_tokens > 0
         assert httpx.post(url + "/v1/completions", json={"prompt": "x"}).status_code == 401
         # a stream in flight when SIGTERM arrives still ends properly
-        stream = client.completions.create(model=name, prompt="def f(", max_tokens=200, stream=True,
-                                           extra_body={"ignore_eos": True})
+        stream = client.completions.create(
+            model=name, prompt="def f(", max_tokens=200, stream=True, extra_body={"ignore_eos": True}
+        )
         chunks = [next(stream)]
         proc.send_signal(signal.SIGTERM)
         chunks += list(stream)

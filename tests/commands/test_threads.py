@@ -13,8 +13,7 @@ from loopcoder.cli import COMMANDS, main
 
 # every command that runs torch (data build runs the tokenizers library only; plan and init compute nothing
 # worth threads)
-COMPUTING = ["generate", "eval", "serve", "diagnose", "train", "sft", "study", "demo", "bench decode",
-             "bench train"]
+COMPUTING = ["generate", "eval", "serve", "diagnose", "train", "sft", "study", "demo", "bench decode", "bench train"]
 
 
 @pytest.fixture(autouse=True)
@@ -39,13 +38,16 @@ def test_every_computing_command_takes_threads(command):
     assert "--threads" in options
 
 
-@pytest.mark.parametrize(("cpus", "load", "expected"), [
-    (8, 0.2, 8),  # an idle machine: every core
-    (8, 3.4, 5),  # three cores busy elsewhere
-    (8, 7.6, 1),
-    (2, 11.0, 1),  # this project's shared 2-core machine on a busy day
-    (2, 0.0, 2),
-])
+@pytest.mark.parametrize(
+    ("cpus", "load", "expected"),
+    [
+        (8, 0.2, 8),  # an idle machine: every core
+        (8, 3.4, 5),  # three cores busy elsewhere
+        (8, 7.6, 1),
+        (2, 11.0, 1),  # this project's shared 2-core machine on a busy day
+        (2, 0.0, 2),
+    ],
+)
 def test_the_default_is_the_cores_the_load_average_shows_free(monkeypatch, cpus, load, expected):
     monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda pid: set(range(cpus)))
     monkeypatch.setattr(runtime.os, "getloadavg", lambda: (load, load, load))
@@ -72,6 +74,19 @@ def test_generate_applies_threads_and_refuses_zero(tmp_path, capsys):
 def test_train_threads_is_train_threads_in_the_config(tmp_path, capsys):
     from support.training import data_dir
 
-    assert main(["train", "--config", "tiny", f"data.dir={data_dir()}", f"out={tmp_path}", "--threads", "3",
-                 "--print-config"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                "tiny",
+                f"data.dir={data_dir()}",
+                f"out={tmp_path}",
+                "--threads",
+                "3",
+                "--print-config",
+            ]
+        )
+        == 0
+    )
     assert "threads: 3" in capsys.readouterr().out

@@ -30,10 +30,20 @@ def test_directory_cleaning_counts_every_skip(tmp_path):
     docs, st = _docs(CorpusSpec(sources=(str(root),)))
     ids = [d.id for d in docs]
     # 10 modules + the vendored file; the copy is a duplicate, __pycache__ and notes.txt are never seen.
-    assert sorted(ids) == sorted([f"pkg/mod{k}.py" for k in range(1, 10, 2)]
-                                 + [f"pkg/sub/mod{k}.py" for k in range(0, 10, 2)] + ["pkg/vendored/lib.py"])
+    assert sorted(ids) == sorted(
+        [f"pkg/mod{k}.py" for k in range(1, 10, 2)]
+        + [f"pkg/sub/mod{k}.py" for k in range(0, 10, 2)]
+        + ["pkg/vendored/lib.py"]
+    )
     assert (st.seen, st.kept, st.duplicates, st.binary, st.undecodable, st.empty, st.too_large) == (
-        16, 11, 1, 1, 1, 1, 1)
+        16,
+        11,
+        1,
+        1,
+        1,
+        1,
+        1,
+    )
     assert st.bytes_kept == sum(d.nbytes for d in docs) == sum(len(d.text.encode()) for d in docs)
     assert all(d.sha256 == hashlib.sha256(d.text.encode()).hexdigest() for d in docs)
     assert ids == [d.id for d in iter_documents(CorpusSpec(sources=(str(root),)))]  # a fixed order
@@ -70,8 +80,9 @@ def test_split_of_a_file_does_not_depend_on_other_files(tmp_path):
         (root / "pkg" / f"mod{k}.py").unlink(missing_ok=True)
     after = {d.id: d.split for d in iter_documents(spec)}
     assert after and all(before[i] == s for i, s in after.items())
-    assert list(iter_documents(spec, split="validation")) == [d for d in iter_documents(spec)
-                                                              if d.split == "validation"]
+    assert list(iter_documents(spec, split="validation")) == [
+        d for d in iter_documents(spec) if d.split == "validation"
+    ]
 
 
 def test_jsonl_source_and_its_errors(tmp_path):
@@ -114,10 +125,12 @@ def test_huggingface_dataset_by_path(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     path = tmp_path / "ds"
-    datasets.DatasetDict({
-        "train": datasets.Dataset.from_dict({"content": ["print(1)\n", "print(2)\n", "print(1)\n"]}),
-        "test": datasets.Dataset.from_dict({"content": ["print(3)\n"]}),
-    }).save_to_disk(str(path))
+    datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_dict({"content": ["print(1)\n", "print(2)\n", "print(1)\n"]}),
+            "test": datasets.Dataset.from_dict({"content": ["print(3)\n"]}),
+        }
+    ).save_to_disk(str(path))
     docs, st = _docs(CorpusSpec(sources=(f"hf:{path}",), text_field="content"))
     assert [d.text for d in docs] == ["print(1)\n", "print(2)\n"] and st.duplicates == 1
     assert docs[0].id == f"hf:{path}[0]"

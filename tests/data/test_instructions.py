@@ -61,10 +61,12 @@ class Box:
 def test_extract_functions_exact_source():
     fns = {f["qualname"]: f for f in extract_functions(SOURCE, "pkg.mod")}
     assert set(fns) == {"documented", "Box.area", "Box.fetch"}
-    assert fns["documented"]["code"] == SOURCE[SOURCE.index("def documented"):SOURCE.index("\n\n\nclass")] + "\n"
+    assert fns["documented"]["code"] == SOURCE[SOURCE.index("def documented") : SOURCE.index("\n\n\nclass")] + "\n"
     area = fns["Box.area"]
-    assert area["code"] == ('@functools.cache\ndef area(self, w: int, h: int) -> int:\n    """The area."""\n'
-                            "    # a comment\n    return w * h\n")
+    assert area["code"] == (
+        '@functools.cache\ndef area(self, w: int, h: int) -> int:\n    """The area."""\n'
+        "    # a comment\n    return w * h\n"
+    )
     assert area["stub"] == '@functools.cache\ndef area(self, w: int, h: int) -> int:\n    """The area."""\n'
     user, assistant = to_messages(area)
     assert user["role"] == "user" and "the method `area` of class `Box` (module `pkg.mod`)" in user["content"]
@@ -76,9 +78,11 @@ def test_extract_functions_exact_source():
 
 def test_records_follow_the_file_split_and_drop_leaks_and_long_ones():
     other = SOURCE.replace("def documented", "def documented_too")
-    docs = [Document("a.py", SOURCE, "h1", len(SOURCE), "train"),
-            Document("b.py", other, "h2", len(other), "validation"),
-            Document("c.py", "def broken(:\n", "h3", 13, "train")]
+    docs = [
+        Document("a.py", SOURCE, "h1", len(SOURCE), "train"),
+        Document("b.py", other, "h2", len(other), "validation"),
+        Document("c.py", "def broken(:\n", "h3", 13, "train"),
+    ]
     records, stats = build_instruction_set(docs, tokenizer=None)
     assert [r["id"] for r in records["train"]] == ["a.py::documented", "a.py::Box.area", "a.py::Box.fetch"]
     # b.py's methods are the same code as a.py's (train): only its renamed function stays in validation.

@@ -114,9 +114,18 @@ print(json.dumps({"perms": t.perms.tolist(), "rows": r.get(np.arange(20))["input
 
 
 def test_deterministic_across_processes():
-    outs = [json.loads(subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True,
-                                      check=True, env={"PYTHONHASHSEED": str(seed), "PATH": ""}).stdout)
-            for seed in (1, 2)]
+    outs = [
+        json.loads(
+            subprocess.run(
+                [sys.executable, "-c", _PROBE],
+                capture_output=True,
+                text=True,
+                check=True,
+                env={"PYTHONHASHSEED": str(seed), "PATH": ""},
+            ).stdout
+        )
+        for seed in (1, 2)
+    ]
     assert outs[0] == outs[1]
     t = P.PermutationTask(seed=5)
     here = P.PermutationRows(t, rows=20, seq_len=40, lengths=(1, 2, 3, 4), seed=2).get(np.arange(20))

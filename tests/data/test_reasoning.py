@@ -92,10 +92,12 @@ def test_same_seed_same_examples_in_another_process_with_another_hash_seed():
     assert here != R.generate_examples(25, "1-5", seed=10, split="eval", distractors=1)
     # A bare `loopcoder` package object keeps the child from importing torch (the package __init__).
     src = os.path.dirname(os.path.dirname(R.__file__))
-    code = ("import json, sys, types; pkg = types.ModuleType('loopcoder'); "
-            f"pkg.__path__ = [{src!r}]; sys.modules['loopcoder'] = pkg; "
-            "from loopcoder.data.reasoning import generate_examples; "
-            "print(json.dumps(generate_examples(25, '1-5', seed=9, split='eval', distractors=1)))")
+    code = (
+        "import json, sys, types; pkg = types.ModuleType('loopcoder'); "
+        f"pkg.__path__ = [{src!r}]; sys.modules['loopcoder'] = pkg; "
+        "from loopcoder.data.reasoning import generate_examples; "
+        "print(json.dumps(generate_examples(25, '1-5', seed=9, split='eval', distractors=1)))"
+    )
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert json.loads(out.stdout) == here
@@ -180,7 +182,7 @@ def test_chains_family_needs_every_hop():
     for ex in train + evals:
         assert R.run_program(ex["program"]).strip() == ex["answer"]
         lines = ex["program"].splitlines()
-        var = lines[-1][len("print("):-1]
+        var = lines[-1][len("print(") : -1]
         hops = 0
         while True:  # follow the printed variable back through its copies to a root
             rhs = next(ln.split(" = ")[1] for ln in lines if ln.startswith(f"{var} = "))

@@ -23,9 +23,13 @@ def tok(tmp_path_factory):
 
 
 def _conv(i: int, answer_len: int = 1) -> list[dict]:
-    return [{"role": "system", "content": "Answer."}, {"role": "user", "content": f"What is {i} + {i}?"},
-            {"role": "assistant", "content": " ".join([str(2 * i)] * answer_len)},
-            {"role": "user", "content": "And times two?"}, {"role": "assistant", "content": str(4 * i)}]
+    return [
+        {"role": "system", "content": "Answer."},
+        {"role": "user", "content": f"What is {i} + {i}?"},
+        {"role": "assistant", "content": " ".join([str(2 * i)] * answer_len)},
+        {"role": "user", "content": "And times two?"},
+        {"role": "assistant", "content": str(4 * i)},
+    ]
 
 
 def _labelled_spans(ids: list[int], labels: list[int]) -> list[list[int]]:
@@ -49,15 +53,23 @@ def test_labels_cover_exactly_the_assistant_turns(tok):
 
 
 def test_tool_calls_are_trained_tool_responses_are_not(tok):
-    msgs = [{"role": "user", "content": "Add 1 and 2."},
-            {"role": "assistant", "content": None,
-             "tool_calls": [{"type": "function", "function": {"name": "add", "arguments": {"a": 1, "b": 2}}}]},
-            {"role": "tool", "content": "3"}, {"role": "assistant", "content": "It is 3."}]
+    msgs = [
+        {"role": "user", "content": "Add 1 and 2."},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [{"type": "function", "function": {"name": "add", "arguments": {"a": 1, "b": 2}}}],
+        },
+        {"role": "tool", "content": "3"},
+        {"role": "assistant", "content": "It is 3."},
+    ]
     tools = [{"type": "function", "function": {"name": "add", "parameters": {}}}]
     ids, labels = tokenize_chat(msgs, tok, tools)
     spans = [tok.decode(s) for s in _labelled_spans(ids, labels)]
-    assert spans == ['<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call><|im_end|>',
-                     "It is 3.<|im_end|>"]
+    assert spans == [
+        '<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call><|im_end|>',
+        "It is 3.<|im_end|>",
+    ]
 
 
 def test_loss_is_computed_on_assistant_targets_only(tok):
@@ -65,8 +77,12 @@ def test_loss_is_computed_on_assistant_targets_only(tok):
     logits = torch.randn(*batch["input_ids"].shape, len(tok), generator=torch.Generator().manual_seed(0))
     loss = causal_lm_loss(logits, batch["labels"])
     ids, labels = batch["input_ids"], batch["labels"]
-    terms = [torch.nn.functional.cross_entropy(logits[b, t - 1], ids[b, t])
-             for b in range(ids.shape[0]) for t in range(1, ids.shape[1]) if labels[b, t] != IGNORE_INDEX]
+    terms = [
+        torch.nn.functional.cross_entropy(logits[b, t - 1], ids[b, t])
+        for b in range(ids.shape[0])
+        for t in range(1, ids.shape[1])
+        if labels[b, t] != IGNORE_INDEX
+    ]
     assert torch.allclose(loss, torch.stack(terms).mean())
     lengths = [len(tokenize_chat(_conv(i), tok)[0]) for i in (3, 12)]
     assert batch["attention_mask"].sum(1).tolist() == lengths
@@ -95,8 +111,11 @@ def test_packed_rows(tok):
 
 
 def test_padded_rows_truncation_and_drops(tok):
-    convs = [_conv(1), _conv(2, answer_len=200),
-             [{"role": "user", "content": "x " * 400}, {"role": "assistant", "content": "y"}]]
+    convs = [
+        _conv(1),
+        _conv(2, answer_len=200),
+        [{"role": "user", "content": "x " * 400}, {"role": "assistant", "content": "y"}],
+    ]
     assert len(tokenize_chat(convs[0], tok)[0]) < 128
     ds = SFTDataset.build(convs, tok, seq_len=128, packing=False)
     assert len(ds) == 2 and ds.stats.truncated == 2 and ds.stats.dropped == 1

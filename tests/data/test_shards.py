@@ -28,8 +28,14 @@ def built(tmp_path_factory):
 
 def test_build_writes_tokenizer_shards_index_and_manifest(built):
     tmp, out, m = built
-    assert {p.name for p in out.iterdir()} >= {"tokenizer", "train", "validation", "index.json", "manifest.json",
-                                               "token_bytes.npy"}
+    assert {p.name for p in out.iterdir()} >= {
+        "tokenizer",
+        "train",
+        "validation",
+        "index.json",
+        "manifest.json",
+        "token_bytes.npy",
+    }
     index = json.loads((out / "index.json").read_text())
     assert index["dtype"] == "uint16" and index["seq_len"] == 64 and index["eot_id"] == EOS_ID
     assert len(index["splits"]["train"]["shards"]) > 1
@@ -54,7 +60,7 @@ def test_shards_hold_the_documents_joined_with_end_of_text(built):
     stream = np.concatenate([np.r_[ids, EOS_ID] for ids in encode_documents(tok, [d.text for d in docs])])
     ds = ShardDataset(out, "train")
     rows = ds.rows(np.arange(len(ds)))
-    assert np.array_equal(rows.reshape(-1), stream[:rows.size])
+    assert np.array_equal(rows.reshape(-1), stream[: rows.size])
     assert stream.size - rows.size == ds.info["dropped_tokens"]
 
 
@@ -102,8 +108,7 @@ def test_rerun_is_skipped_unless_forced_and_other_inputs_need_force_to_replace_i
     assert read_manifest(tmp_path / "d")["content_hash"] == m1["content_hash"]
     assert (tmp_path / "d" / "instructions").is_dir()
     with pytest.raises(LoopcoderError, match="fewer than one sequence"):  # a forced rebuild that fails ...
-        build(data_config(src, seq_len=100_000, shard_tokens=1 << 20), tmp_path / "d", log=io.StringIO(),
-              force=True)
+        build(data_config(src, seq_len=100_000, shard_tokens=1 << 20), tmp_path / "d", log=io.StringIO(), force=True)
     assert read_manifest(tmp_path / "d")["content_hash"] == m1["content_hash"]  # ... loses nothing
     assert (tmp_path / "d" / "instructions").is_dir() and sorted(os.listdir(tmp_path)) == ["corpus", "d"]
     m4 = build(cfg, tmp_path / "d", log=io.StringIO(), overwrite=True)
@@ -117,7 +122,8 @@ def test_reused_tokenizer(built, tmp_path):
     m2 = build(cfg, tmp_path / "d", log=io.StringIO())
     assert m2["tokenizer"]["trained"] is False
     assert (tmp_path / "d" / "tokenizer" / "tokenizer.json").read_bytes() == (
-        out / "tokenizer" / "tokenizer.json").read_bytes()
+        out / "tokenizer" / "tokenizer.json"
+    ).read_bytes()
     assert m2["statistics"]["total"]["tokens"] == m["statistics"]["total"]["tokens"]
 
 
@@ -127,8 +133,15 @@ def test_uint32_shards_for_large_vocabularies(tmp_path):
     for d in docs:
         w.add(d)
     entry = w.close()
-    index = {"format": "loopcoder-shards", "version": 1, "seq_len": 4, "dtype": "uint32", "vocab_size": 70_000,
-             "eot_id": 2, "splits": {"train": entry}}
+    index = {
+        "format": "loopcoder-shards",
+        "version": 1,
+        "seq_len": 4,
+        "dtype": "uint32",
+        "vocab_size": 70_000,
+        "eot_id": 2,
+        "splits": {"train": entry},
+    }
     (tmp_path / "index.json").write_text(json.dumps(index))
     ds = ShardDataset(tmp_path, "train")
     assert ds._shards[0].dtype == np.uint32 and len(entry["shards"]) == 2
@@ -224,8 +237,11 @@ def test_build_errors(tmp_path):
     only_bad.mkdir()
     (only_bad / "a.py").write_bytes(b"\0\1\2")
     (only_bad / "b.py").write_text("")
-    with pytest.raises(LoopcoderError, match=r"has no usable documents \(2 seen; skipped: 0 duplicate, "
-                                             r"0 too large, 1 empty, 1 binary, 0 undecodable\)"):
+    with pytest.raises(
+        LoopcoderError,
+        match=r"has no usable documents \(2 seen; skipped: 0 duplicate, "
+        r"0 too large, 1 empty, 1 binary, 0 undecodable\)",
+    ):
         build(data_config(only_bad), tmp_path / "b", log=io.StringIO())
     with pytest.raises(LoopcoderError, match="too small"):
         build(data_config(src, vocab_size=100), tmp_path / "c", log=io.StringIO())

@@ -57,8 +57,9 @@ def test_special_token_ids_are_fixed_and_tool_tokens_decode_as_text(stdlib_tok):
     assert [tok.token_to_id(t) for t in T.ALL_ADDED] == list(range(12))
     hf = T.load_tokenizer(path)
     assert (hf.pad_token_id, hf.bos_token_id, hf.eos_token_id) == (0, 1, 2)
-    assert hf.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>", "<|fim_prefix|>", "<|fim_middle|>",
-                                     "<|fim_suffix|>"]) == [3, 4, 5, 6, 7]
+    assert hf.convert_tokens_to_ids(
+        ["<|im_start|>", "<|im_end|>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>"]
+    ) == [3, 4, 5, 6, 7]
     text = '<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call><|im_end|>'
     ids = hf.encode(text, add_special_tokens=False)
     assert ids[0] == 8 and 9 in ids and ids[-1] == 4
@@ -67,8 +68,7 @@ def test_special_token_ids_are_fixed_and_tool_tokens_decode_as_text(stdlib_tok):
     # No BOS/EOS is added by encode.
     assert hf.encode("a", add_special_tokens=True) == hf.encode("a", add_special_tokens=False)
     assert T.stop_token_ids(hf) == [2, 4] == T.stop_token_ids()
-    assert T.model_config_fields(hf) == {"vocab_size": 1024, "pad_token_id": 0, "bos_token_id": 1,
-                                         "eos_token_id": 2}
+    assert T.model_config_fields(hf) == {"vocab_size": 1024, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
     assert T.model_config_fields(tok, pad_to_multiple_of=1000)["vocab_size"] == 2000
 
 
@@ -96,35 +96,53 @@ def test_saved_directory_loads_offline_with_autotokenizer(stdlib_tok, monkeypatc
 
 def test_chat_template_chatml(stdlib_tok):
     hf = T.load_tokenizer(stdlib_tok[1])
-    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-            {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"}]
+    msgs = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "Bye"},
+    ]
     assert hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == (
         "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
-        "<|im_start|>assistant\nHello.<|im_end|>\n<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\n")
+        "<|im_start|>assistant\nHello.<|im_end|>\n<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\n"
+    )
     assert hf.apply_chat_template(msgs[1:2], tokenize=False) == "<|im_start|>user\nHi<|im_end|>\n"
 
 
 def test_chat_template_tools(stdlib_tok):
     hf = T.load_tokenizer(stdlib_tok[1])
-    tools = [{"type": "function", "function": {"name": "add", "description": "Add.",
-                                               "parameters": {"type": "object", "properties": {}}}}]
+    tools = [
+        {
+            "type": "function",
+            "function": {"name": "add", "description": "Add.", "parameters": {"type": "object", "properties": {}}},
+        }
+    ]
     msgs = [
         {"role": "user", "content": "1+2?"},
-        {"role": "assistant", "content": "",
-         "tool_calls": [{"type": "function", "function": {"name": "add", "arguments": '{"a": 1, "b": 2}'}},
-                        {"name": "add", "arguments": {"a": 3, "b": 4}}]},
-        {"role": "tool", "content": "3"}, {"role": "tool", "content": {"sum": 7}},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [
+                {"type": "function", "function": {"name": "add", "arguments": '{"a": 1, "b": 2}'}},
+                {"name": "add", "arguments": {"a": 3, "b": 4}},
+            ],
+        },
+        {"role": "tool", "content": "3"},
+        {"role": "tool", "content": {"sum": 7}},
         {"role": "assistant", "content": "3 and 7."},
     ]
     text = hf.apply_chat_template(msgs, tools=tools, tokenize=False)
     assert text.startswith("<|im_start|>system\n# Tools\n")
     assert "<tools>\n" + json.dumps(tools[0]) + "\n</tools>" in text
-    assert ('<|im_start|>assistant\n<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>\n'
-            '<tool_call>\n{"name": "add", "arguments": {"a": 3, "b": 4}}\n</tool_call><|im_end|>\n') in text
-    assert ("<|im_start|>user\n<tool_response>\n3\n</tool_response>\n<tool_response>\n"
-            '{"sum": 7}\n</tool_response><|im_end|>\n<|im_start|>assistant\n3 and 7.<|im_end|>\n') in text
-    with_system = hf.apply_chat_template([{"role": "system", "content": "S."}, *msgs[:1]], tools=tools,
-                                         tokenize=False)
+    assert (
+        '<|im_start|>assistant\n<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>\n'
+        '<tool_call>\n{"name": "add", "arguments": {"a": 3, "b": 4}}\n</tool_call><|im_end|>\n'
+    ) in text
+    assert (
+        "<|im_start|>user\n<tool_response>\n3\n</tool_response>\n<tool_response>\n"
+        '{"sum": 7}\n</tool_response><|im_end|>\n<|im_start|>assistant\n3 and 7.<|im_end|>\n'
+    ) in text
+    with_system = hf.apply_chat_template([{"role": "system", "content": "S."}, *msgs[:1]], tools=tools, tokenize=False)
     assert with_system.startswith("<|im_start|>system\nS.\n\n# Tools\n") and with_system.count("S.") == 1
 
 

@@ -123,9 +123,13 @@ def test_output_entropy_and_delta_p():
 
 
 def test_peak_loop_on_a_made_up_delta_p_table():
-    dp = torch.tensor([[0.1, 0.5, 0.3],   # loop 2
-                       [0.4, 0.2, 0.3],   # loop 3
-                       [0.2, 0.1, 0.3]])  # loop 4
+    dp = torch.tensor(
+        [
+            [0.1, 0.5, 0.3],  # loop 2
+            [0.4, 0.2, 0.3],  # loop 3
+            [0.2, 0.1, 0.3],
+        ]
+    )  # loop 4
     assert M.peak_loop(dp).tolist() == [3, 2, 2]  # column 3 is a three-way tie: the earliest loop
 
 

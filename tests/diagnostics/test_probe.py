@@ -16,10 +16,20 @@ VOCAB = 96
 
 
 def tiny(R, arch="plt", seed=0, **kw):
-    fields = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=8, plt_num_loops=R,
-                  plt_window_size=[3, 0], max_position_embeddings=256, loop_architecture=arch,
-                  initializer_range=0.2)
+    fields = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        plt_num_loops=R,
+        plt_window_size=[3, 0],
+        max_position_embeddings=256,
+        loop_architecture=arch,
+        initializer_range=0.2,
+    )
     fields.update(kw)
     torch.manual_seed(seed)
     model = PLTForCausalLM(PLTConfig(**fields)).eval()

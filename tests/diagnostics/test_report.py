@@ -32,17 +32,31 @@ def tokenizer():
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<pad>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tok.train_from_iterator(CODE * 10, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 
 def make_model(R, arch="plt"):
-    cfg = PLTConfig(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                    num_attention_heads=4, num_key_value_heads=2, head_dim=8, plt_num_loops=R,
-                    plt_window_size=[4, 0], max_position_embeddings=256, loop_architecture=arch,
-                    initializer_range=0.2, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    cfg = PLTConfig(
+        vocab_size=320,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        plt_num_loops=R,
+        plt_window_size=[4, 0],
+        max_position_embeddings=256,
+        loop_architecture=arch,
+        initializer_range=0.2,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     torch.manual_seed(R)
     return PLTForCausalLM(cfg)
 
@@ -81,9 +95,24 @@ def test_released_layout_checkpoints_load(workdir):
 @pytest.mark.slow
 def test_cli_compares_r1_to_r4_in_one_report(workdir, tmp_path, capsys):
     out = tmp_path / "report"
-    rc = run_cli("--model", workdir / "r1", "--model", workdir / "r2", "--model", workdir / "r3",
-                 "--model", workdir / "r4", "--data", workdir / "val.jsonl", "--samples", 3, "--out", out,
-                 "--seq-len", 24)
+    rc = run_cli(
+        "--model",
+        workdir / "r1",
+        "--model",
+        workdir / "r2",
+        "--model",
+        workdir / "r3",
+        "--model",
+        workdir / "r4",
+        "--data",
+        workdir / "val.jsonl",
+        "--samples",
+        3,
+        "--out",
+        out,
+        "--seq-len",
+        24,
+    )
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     assert "samples/s" in captured.err and "ETA" in captured.err  # progress
@@ -113,8 +142,12 @@ def test_cli_compares_r1_to_r4_in_one_report(workdir, tmp_path, capsys):
     assert "## Recommendation: R = " in md and "| measure | model | loop 1 | loop 2 | loop 3 | loop 4 |" in md
     assert "R = 1: no loop r ≥ 2 to compare" in md and "offset cost Ω(r)" in md
     plots = sorted(p.name for p in (out / "plots").iterdir())
-    expected = [*[f"trajectories_{g}.png" for g in ("hidden", "attention", "output")], "scissors.png",
-                "gates.png", *[f"head_similarity_r{R}.png" for R in (1, 2, 3, 4)]]
+    expected = [
+        *[f"trajectories_{g}.png" for g in ("hidden", "attention", "output")],
+        "scissors.png",
+        "gates.png",
+        *[f"head_similarity_r{R}.png" for R in (1, 2, 3, 4)],
+    ]
     assert plots == sorted(expected)
     for name in plots:
         assert (out / "plots" / name).read_bytes()[:8] == PNG
@@ -145,8 +178,21 @@ def test_single_model_report_builds_for_each_r(workdir, tmp_path, R):
 
 def test_vanilla_model_and_text_data_without_plots(workdir, tmp_path, capsys):
     out = tmp_path / "v"
-    rc = run_cli("--model", workdir / "vanilla2", "--data", workdir / "val.txt", "--samples", 2, "--out", out,
-                 "--seq-len", 16, "--no-plots", "--no-per-sample", "--quiet")
+    rc = run_cli(
+        "--model",
+        workdir / "vanilla2",
+        "--data",
+        workdir / "val.txt",
+        "--samples",
+        2,
+        "--out",
+        out,
+        "--seq-len",
+        16,
+        "--no-plots",
+        "--no-per-sample",
+        "--quiet",
+    )
     assert rc == 0, capsys.readouterr().err
     data = json.loads((out / "diagnostics.json").read_text())
     m = data["models"][0]
@@ -155,14 +201,27 @@ def test_vanilla_model_and_text_data_without_plots(workdir, tmp_path, capsys):
     assert m["measures"]["attention_kl"]["per_loop"][1]["mean"] >= 0
     assert not (out / "plots").exists() and "## Plots" not in (out / "report.md").read_text()
     # a second run replaces the report in place
-    rc = run_cli("--model", workdir / "vanilla2", "--data", workdir / "val.txt", "--samples", 1, "--out", out,
-                 "--seq-len", 16, "--no-plots", "--quiet")
+    rc = run_cli(
+        "--model",
+        workdir / "vanilla2",
+        "--data",
+        workdir / "val.txt",
+        "--samples",
+        1,
+        "--out",
+        out,
+        "--seq-len",
+        16,
+        "--no-plots",
+        "--quiet",
+    )
     assert rc == 0 and json.loads((out / "diagnostics.json").read_text())["models"][0]["samples"] == 1
 
 
 # ----------------------------------------------------------------------------- bad input
-@pytest.mark.parametrize("case", ["no-model", "no-data", "zero-samples", "bad-seq-len", "out-not-report",
-                                  "no-tokenizer", "names"])
+@pytest.mark.parametrize(
+    "case", ["no-model", "no-data", "zero-samples", "bad-seq-len", "out-not-report", "no-tokenizer", "names"]
+)
 def test_cli_bad_input_exits_2_with_one_line(workdir, tmp_path, capsys, case):
     model, data, samples, out, extra = workdir / "r2", workdir / "val.jsonl", 2, tmp_path / "o", []
     if case == "no-model":
@@ -209,8 +268,16 @@ def test_load_sequences(workdir, tokenizer, tmp_path):
 def test_data_directory_validation_split(workdir, tmp_path, capsys):
     shards = pytest.importorskip("loopcoder.data.shards")
     root = tmp_path / "data"
-    index = {"format": shards.INDEX_FORMAT, "version": shards.INDEX_VERSION, "seq_len": 32, "dtype": "uint16",
-             "vocab_size": 320, "eot_id": 2, "pad_id": 0, "splits": {}}
+    index = {
+        "format": shards.INDEX_FORMAT,
+        "version": shards.INDEX_VERSION,
+        "seq_len": 32,
+        "dtype": "uint16",
+        "vocab_size": 320,
+        "eot_id": 2,
+        "pad_id": 0,
+        "splits": {},
+    }
     for split, n in (("train", 2), ("validation", 5)):
         writer = shards.ShardWriter(root, split, 32, 320, eot_id=2)
         for d in range(n * 3):
@@ -221,8 +288,23 @@ def test_data_directory_validation_split(workdir, tmp_path, capsys):
     assert len(seqs) == 3 and all(len(s) == 20 for s in seqs)
     assert seqs[0].tolist() == shards.ShardDataset(root, "validation").rows([0])[0, :20].tolist()
     out = tmp_path / "report"
-    assert run_cli("--model", workdir / "r2", "--data", root, "--samples", 2, "--out", out, "--seq-len", 16,
-                   "--no-plots", "--quiet") == 0, capsys.readouterr().err
+    assert (
+        run_cli(
+            "--model",
+            workdir / "r2",
+            "--data",
+            root,
+            "--samples",
+            2,
+            "--out",
+            out,
+            "--seq-len",
+            16,
+            "--no-plots",
+            "--quiet",
+        )
+        == 0
+    ), capsys.readouterr().err
     assert json.loads((out / "diagnostics.json").read_text())["models"][0]["tokens"] == 32
 
 
@@ -244,17 +326,35 @@ def synthetic(R, erank, delta_p=None, kl=None, cos=None, omega=None, n=12, name=
         return a
 
     none1 = lambda xs: [None, *xs] if xs is not None else None
-    per_sample = {"effective_rank": col(erank, 0.05), "delta_p": col(none1(delta_p), 0.01),
-                  "attention_kl": col(none1(kl), 0.01), "update_cosine": col(none1(cos), 0.01),
-                  "offset_cost": col(none1(omega), 0.01), "gold_nll": col([3.0] * R, 0.01)}
-    return DiagnosticsResult(name or f"R{R}", R, "plt", {}, per_sample,
-                             head_cosine_matrix=np.zeros((1, R, 1, 1)), gate_histogram=np.zeros((1, R, 2)))
+    per_sample = {
+        "effective_rank": col(erank, 0.05),
+        "delta_p": col(none1(delta_p), 0.01),
+        "attention_kl": col(none1(kl), 0.01),
+        "update_cosine": col(none1(cos), 0.01),
+        "offset_cost": col(none1(omega), 0.01),
+        "gold_nll": col([3.0] * R, 0.01),
+    }
+    return DiagnosticsResult(
+        name or f"R{R}",
+        R,
+        "plt",
+        {},
+        per_sample,
+        head_cosine_matrix=np.zeros((1, R, 1, 1)),
+        gate_histogram=np.zeros((1, R, 2)),
+    )
 
 
 def test_rule_stops_where_erank_falls_and_names_the_signals():
     # the published R = 4 pattern (erank 174.6 / 172.5 / 158.2 at loops 2-4) with a rise from loop 1
-    res = synthetic(4, erank=[160.0, 174.6, 172.5, 158.2], delta_p=[1.75, 0.5, 0.3], kl=[1.0, 0.3, 0.2],
-                    cos=[-0.72, -0.46, 0.04], omega=[10.0, 10.2, 10.1])
+    res = synthetic(
+        4,
+        erank=[160.0, 174.6, 172.5, 158.2],
+        delta_p=[1.75, 0.5, 0.3],
+        kl=[1.0, 0.3, 0.2],
+        cos=[-0.72, -0.46, 0.04],
+        omega=[10.0, 10.2, 10.1],
+    )
     rec = recommend([res])
     assert rec.loops == 2
     text = "\n".join(rec.reasons)
@@ -266,23 +366,27 @@ def test_rule_stops_where_erank_falls_and_names_the_signals():
 
 
 def test_rule_keeps_loops_while_erank_rises_and_flat_erank_uses_the_stop_signals():
-    rising = synthetic(3, erank=[100.0, 110.0, 120.0], delta_p=[1.0, 0.9], kl=[1.0, 0.9], cos=[0.2, 0.1],
-                       omega=[5.0, 7.0])
+    rising = synthetic(
+        3, erank=[100.0, 110.0, 120.0], delta_p=[1.0, 0.9], kl=[1.0, 0.9], cos=[0.2, 0.1], omega=[5.0, 7.0]
+    )
     rec = recommend([rising])
     assert rec.loops == 3 and "still pays off" in rec.reasons[-1]
-    flat_quiet = synthetic(3, erank=[100.0, 110.0, 110.0], delta_p=[1.0, 0.9], kl=[1.0, 0.9], cos=[0.2, 0.1],
-                           omega=[5.0, 7.0])
+    flat_quiet = synthetic(
+        3, erank=[100.0, 110.0, 110.0], delta_p=[1.0, 0.9], kl=[1.0, 0.9], cos=[0.2, 0.1], omega=[5.0, 7.0]
+    )
     assert recommend([flat_quiet]).loops == 3  # flat erank, no stop signal: still worth it
-    flat_loud = synthetic(3, erank=[100.0, 110.0, 110.0], delta_p=[1.0, 0.1], kl=[1.0, 0.1], cos=[0.2, -0.5],
-                          omega=[5.0, 5.1])
+    flat_loud = synthetic(
+        3, erank=[100.0, 110.0, 110.0], delta_p=[1.0, 0.1], kl=[1.0, 0.1], cos=[0.2, -0.5], omega=[5.0, 5.1]
+    )
     assert recommend([flat_loud]).loops == 2
 
 
 def test_rule_across_models_lets_the_largest_r_decide():
     r1 = synthetic(1, erank=[100.0])
     r2 = synthetic(2, erank=[100.0, 110.0], delta_p=[1.0], kl=[1.0], cos=[-0.5])
-    r3 = synthetic(3, erank=[100.0, 112.0, 105.0], delta_p=[1.0, 0.2], kl=[1.0, 0.2], cos=[-0.5, -0.3],
-                   omega=[5.0, 5.1])
+    r3 = synthetic(
+        3, erank=[100.0, 112.0, 105.0], delta_p=[1.0, 0.2], kl=[1.0, 0.2], cos=[-0.5, -0.3], omega=[5.0, 5.1]
+    )
     rec = recommend([r1, r2, r3])
     assert rec.loops == 2 and rec.per_model == {"R1": 1, "R2": 2, "R3": 2}
     assert rec.reasons[0].startswith("R3 (R = 3) has the most loops")

@@ -53,8 +53,11 @@ def test_the_mask_is_exactly_the_tokens_that_keep_a_match_possible(compiler, tok
     m = compiler.matcher(Constraint.regex("[ab]{2,3}"), [EOS, IM_END])
     for t in tok(text, add_special_tokens=False)["input_ids"]:
         m.accept(t)
-    expected = {t for t in range(len(tok)) if t not in (EOS, IM_END)
-                and any(s.startswith(text + tok.decode([t])) for s in language) and tok.decode([t])}
+    expected = {
+        t
+        for t in range(len(tok))
+        if t not in (EOS, IM_END) and any(s.startswith(text + tok.decode([t])) for s in language) and tok.decode([t])
+    }
     if text in language:
         expected |= {EOS, IM_END}
     assert allowed(compiler, m) == expected
@@ -81,8 +84,11 @@ def test_apply_masks_sets_exactly_the_disallowed_logits_to_minus_inf():
     g = torch.Generator().manual_seed(0)
     for vocab, rows in [(61, [0, 2]), (400, [1]), (400, [0, 1, 2]), (77, [2, 0])]:
         logits = torch.randn(3, vocab, generator=g)
-        masks = torch.randint(-2**31, 2**31 - 1, (len(rows), (vocab + 31) // 32), generator=g,
-                              dtype=torch.int64).to(torch.int32).numpy()
+        masks = (
+            torch.randint(-(2**31), 2**31 - 1, (len(rows), (vocab + 31) // 32), generator=g, dtype=torch.int64)
+            .to(torch.int32)
+            .numpy()
+        )
         got = logits.clone()
         apply_masks(got, rows, masks)
         expected = logits.clone()
@@ -135,7 +141,7 @@ def one_layout(text: str) -> bool:
 
 def test_one_layout():
     assert one_layout('{"a": [1, 2], "b": "x  \\" y"}')
-    assert not one_layout('{"a":  1}') and not one_layout('{"a": 1 }') and not one_layout('[1,\n2]')
+    assert not one_layout('{"a":  1}') and not one_layout('{"a": 1 }') and not one_layout("[1,\n2]")
 
 
 def test_regex_and_lark_walks_match(compiler, tok):
@@ -144,8 +150,9 @@ def test_regex_and_lark_walks_match(compiler, tok):
     for seed in range(8):
         tokens, _ = random_walk(compiler, Constraint.regex(r"(yes|no)-[0-9]{2}"), seed)
         assert re.fullmatch(r"(yes|no)-[0-9]{2}", tok.decode(tokens))
-        tokens, _ = random_walk(compiler, Constraint.grammar('start: "sum(" NUM ("," NUM)* ")"\nNUM: /[0-9]{1,3}/'),
-                                seed)
+        tokens, _ = random_walk(
+            compiler, Constraint.grammar('start: "sum(" NUM ("," NUM)* ")"\nNUM: /[0-9]{1,3}/'), seed
+        )
         assert re.fullmatch(r"sum\([0-9]{1,3}(,[0-9]{1,3})*\)", tok.decode(tokens))
 
 
@@ -189,8 +196,12 @@ def test_a_constraint_is_compiled_once_and_the_cache_is_lru(tok):
 
 
 def test_key_order_is_part_of_the_key_and_of_the_output(compiler, tok):
-    ab = {"type": "object", "properties": {"a": {"const": 1}, "b": {"const": 2}}, "required": ["a", "b"],
-          "additionalProperties": False}
+    ab = {
+        "type": "object",
+        "properties": {"a": {"const": 1}, "b": {"const": 2}},
+        "required": ["a", "b"],
+        "additionalProperties": False,
+    }
     ba = {**ab, "properties": {"b": {"const": 2}, "a": {"const": 1}}}
     assert Constraint.json_schema(ab).key != Constraint.json_schema(ba).key
     assert tok.decode(random_walk(compiler, Constraint.json_schema(ab), 0)[0]) == '{"a": 1, "b": 2}'
@@ -217,19 +228,22 @@ def test_compiling_from_several_threads_at_once(tok):
     assert not errors and 5 <= c.compiled <= 20 and c.compiled + c.hits == 40
 
 
-@pytest.mark.parametrize(("constraint", "message"), [
-    (lambda: Constraint.json_schema({"type": "foo"}), "Invalid type: foo"),
-    (lambda: Constraint.json_schema({"type": "integer", "minimum": 5, "maximum": 2}), "minimum"),
-    (lambda: Constraint.json_schema({"type": "string", "pattern": "(a"}), "unclosed group"),
-    (lambda: Constraint.json_schema({"not": {"type": "string"}}), "not"),  # strict: cannot be enforced
-    (lambda: Constraint.json_schema({"$ref": "#/$defs/x"}), "does not exist"),
-    (lambda: Constraint.regex("(a"), "unclosed group"),
-    (lambda: Constraint.grammar("start: nothing"), "nothing"),
-    (lambda: Constraint.json_schema("{not json"), "not valid JSON"),
-    (lambda: Constraint.json_schema("[1, 2]"), "must be a JSON object"),
-    (lambda: Constraint("xml", "<a/>"), "kind"),
-    (lambda: Constraint.regex(""), "empty"),
-])
+@pytest.mark.parametrize(
+    ("constraint", "message"),
+    [
+        (lambda: Constraint.json_schema({"type": "foo"}), "Invalid type: foo"),
+        (lambda: Constraint.json_schema({"type": "integer", "minimum": 5, "maximum": 2}), "minimum"),
+        (lambda: Constraint.json_schema({"type": "string", "pattern": "(a"}), "unclosed group"),
+        (lambda: Constraint.json_schema({"not": {"type": "string"}}), "not"),  # strict: cannot be enforced
+        (lambda: Constraint.json_schema({"$ref": "#/$defs/x"}), "does not exist"),
+        (lambda: Constraint.regex("(a"), "unclosed group"),
+        (lambda: Constraint.grammar("start: nothing"), "nothing"),
+        (lambda: Constraint.json_schema("{not json"), "not valid JSON"),
+        (lambda: Constraint.json_schema("[1, 2]"), "must be a JSON object"),
+        (lambda: Constraint("xml", "<a/>"), "kind"),
+        (lambda: Constraint.regex(""), "empty"),
+    ],
+)
 def test_a_constraint_that_cannot_be_compiled_is_one_line_naming_the_problem(compiler, constraint, message):
     with pytest.raises(LoopcoderError) as e:
         compiler.compile(constraint())
@@ -237,9 +251,12 @@ def test_a_constraint_that_cannot_be_compiled_is_one_line_naming_the_problem(com
 
 
 def test_strict_false_ignores_what_cannot_be_enforced(compiler, tok):
-    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9,
-                                                     "not": {"const": 3}}},
-              "required": ["n"], "additionalProperties": False}
+    schema = {
+        "type": "object",
+        "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9, "not": {"const": 3}}},
+        "required": ["n"],
+        "additionalProperties": False,
+    }
     with pytest.raises(ConstraintError, match="not"):
         compiler.compile(Constraint.json_schema(schema))
     tokens, why = random_walk(compiler, Constraint.json_schema(schema, strict=False), 0)

@@ -29,7 +29,7 @@ def test_engine_greedy_equals_generate_and_full_recompute(loops, arch):
     for prompt, completion in zip(PROMPTS, out):
         with torch.no_grad():
             hf = model.generate(torch.tensor([prompt]), max_new_tokens=9, do_sample=False, pad_token_id=0)
-        assert completion.token_ids == hf[0, len(prompt):].tolist()
+        assert completion.token_ids == hf[0, len(prompt) :].tolist()
         assert completion.token_ids == full_recompute_greedy(model, prompt, 9)
         assert completion.finish_reason == "length"
 
@@ -111,8 +111,9 @@ def test_kv_bytes_follow_the_formula():
         model = tiny_model(dtype=torch.float32, plt_num_loops=4, loop_architecture=arch)
         engine = Engine(model, max_batch=2, max_seq_len=50, paged=False)
         c = model.config
-        assert engine.kv_bytes() == 2 * 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * 4 \
-            * per_slot_entries
+        assert (
+            engine.kv_bytes() == 2 * 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * 4 * per_slot_entries
+        )
 
 
 def test_seeded_sampling_is_reproducible_and_independent_of_the_batch():
@@ -120,10 +121,12 @@ def test_seeded_sampling_is_reproducible_and_independent_of_the_batch():
     sp = SamplingParams(max_new_tokens=10, temperature=1.2, top_p=0.9, top_k=20, seed=123)
     alone = Engine(model).generate([PROMPTS[0]], sp)[0].token_ids
     mixed = Engine(model, max_batch=4).generate(
-        PROMPTS, [sp, SamplingParams(max_new_tokens=5, temperature=0.7, seed=1), SamplingParams(), sp])
+        PROMPTS, [sp, SamplingParams(max_new_tokens=5, temperature=0.7, seed=1), SamplingParams(), sp]
+    )
     assert mixed[0].token_ids == alone
-    other_seed = Engine(model).generate([PROMPTS[0]], SamplingParams(max_new_tokens=10, temperature=1.2,
-                                                                     top_p=0.9, top_k=20, seed=124))[0]
+    other_seed = Engine(model).generate(
+        [PROMPTS[0]], SamplingParams(max_new_tokens=10, temperature=1.2, top_p=0.9, top_k=20, seed=124)
+    )[0]
     assert other_seed.token_ids != alone
 
 
@@ -145,12 +148,10 @@ def test_eos_stop_strings_and_streaming():
     # a stop string taken from the middle of the free-running text: output ends right before it
     stop = free.text[5:7]
     cut = free.text.index(stop)
-    stopped = Engine(model, LetterTokenizer()).generate([PROMPTS[0]], SamplingParams(max_new_tokens=12,
-                                                                                     stop=[stop]))[0]
+    stopped = Engine(model, LetterTokenizer()).generate([PROMPTS[0]], SamplingParams(max_new_tokens=12, stop=[stop]))[0]
     assert stopped.text == free.text[:cut] and stopped.finish_reason == "stop"
     # streaming yields exactly the final text
-    pieces = list(Engine(model, LetterTokenizer()).stream(PROMPTS[0], SamplingParams(max_new_tokens=12,
-                                                                                     stop=[stop])))
+    pieces = list(Engine(model, LetterTokenizer()).stream(PROMPTS[0], SamplingParams(max_new_tokens=12, stop=[stop])))
     assert "".join(pieces) == stopped.text
     # an eos id: generation ends before it, the eos token is not part of the output
     eos_tok = free.token_ids[4]
@@ -175,8 +176,14 @@ def test_abort_frees_the_slot():
 
 @pytest.mark.parametrize(
     "params",
-    [SamplingParams(max_new_tokens=0), SamplingParams(temperature=-1), SamplingParams(top_p=0),
-     SamplingParams(top_p=1.5), SamplingParams(top_k=-2), SamplingParams(seed=-1)],
+    [
+        SamplingParams(max_new_tokens=0),
+        SamplingParams(temperature=-1),
+        SamplingParams(top_p=0),
+        SamplingParams(top_p=1.5),
+        SamplingParams(top_k=-2),
+        SamplingParams(seed=-1),
+    ],
 )
 def test_invalid_sampling_values_are_clear_errors(params):
     engine = Engine(tiny_model(dtype=torch.float32))

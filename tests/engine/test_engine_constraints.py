@@ -39,8 +39,9 @@ def prompt(tok, text="Answer in JSON: "):
 
 def params(seed=None, constraint=None, max_new_tokens=200, **kw):
     temperature = 0.0 if seed is None else 1.0
-    return SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, constraint=constraint,
-                          **kw)
+    return SamplingParams(
+        max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, constraint=constraint, **kw
+    )
 
 
 def test_a_random_model_constrained_always_validates(engine, loaded):
@@ -94,9 +95,14 @@ def test_constrained_and_free_requests_in_one_batch_get_what_they_get_alone(load
     model, tok = loaded
     json_c = Constraint.json_schema(SCHEMAS["flat"])
     regex_c = Constraint.regex("(yes|no), [a-z]{1,8}")
-    jobs = [(prompt(tok, "a"), params(None, json_c)), (prompt(tok, "bb"), params(3, None, max_new_tokens=30)),
-            (prompt(tok, "a"), params(5, regex_c)), (prompt(tok, "def f("), params(None, None, max_new_tokens=25)),
-            (prompt(tok, "a"), params(7, json_c)), (prompt(tok, "z"), params(1, regex_c))]
+    jobs = [
+        (prompt(tok, "a"), params(None, json_c)),
+        (prompt(tok, "bb"), params(3, None, max_new_tokens=30)),
+        (prompt(tok, "a"), params(5, regex_c)),
+        (prompt(tok, "def f("), params(None, None, max_new_tokens=25)),
+        (prompt(tok, "a"), params(7, json_c)),
+        (prompt(tok, "z"), params(1, regex_c)),
+    ]
     alone = [Engine(model, tok, max_batch=1).generate([p], sp)[0] for p, sp in jobs]
     together = Engine(model, tok, max_batch=4).generate([p for p, _ in jobs], [sp for _, sp in jobs])
     for a, b in zip(alone, together):
@@ -110,8 +116,11 @@ def test_samples_sharing_a_prefill_each_get_their_own_mask(loaded):
     """n samples of one prompt share its prefill logits; masking one sample's copy must not touch another's."""
     model, tok = loaded
     p = prompt(tok)
-    jobs = [params(None, Constraint.regex("[0-9]{3}")), params(None, None, max_new_tokens=5),
-            params(None, Constraint.regex("[a-f]{3}"))]
+    jobs = [
+        params(None, Constraint.regex("[0-9]{3}")),
+        params(None, None, max_new_tokens=5),
+        params(None, Constraint.regex("[a-f]{3}")),
+    ]
     together = Engine(model, tok, max_batch=3).generate([p] * 3, jobs)
     alone = [Engine(model, tok, max_batch=1).generate([p], sp)[0] for sp in jobs]
     assert [o.token_ids for o in together] == [o.token_ids for o in alone]
@@ -123,8 +132,11 @@ def test_a_grammar_that_fails_fails_its_request_alone(loaded, monkeypatch):
     engine = Engine(model, tok, max_batch=3)
     c = Constraint.json_schema(SCHEMAS["flat"])
     clean = Engine(model, tok, max_batch=3).generate([prompt(tok)] * 2, [params(1, c), params(2, None)])
-    reqs = [engine.add_request(prompt(tok), params(1, c)), engine.add_request(prompt(tok), params(2, None)),
-            engine.add_request(prompt(tok), params(3, c))]
+    reqs = [
+        engine.add_request(prompt(tok), params(1, c)),
+        engine.add_request(prompt(tok), params(2, None)),
+        engine.add_request(prompt(tok), params(3, c)),
+    ]
     broken = reqs[2].grammar
     calls = {"n": 0}
     real_fill = type(broken).fill

@@ -90,8 +90,13 @@ def test_tiny_temperature_does_not_overflow():
 def test_rows_that_cannot_be_sampled_fail_alone():
     nan, inf = float("nan"), float("inf")
     logits = torch.tensor([[1.0, nan, 0.0], [0.0, 2.0, 1.0], [-inf, -inf, -inf], [0.0, inf, 1.0], [3.0, 1.0, 0.0]])
-    params = [SamplingParams(), SamplingParams(), SamplingParams(temperature=1.0, seed=0),
-              SamplingParams(temperature=1.0, seed=0), SamplingParams(temperature=0.5, top_p=0.1, seed=0)]
+    params = [
+        SamplingParams(),
+        SamplingParams(),
+        SamplingParams(temperature=1.0, seed=0),
+        SamplingParams(temperature=1.0, seed=0),
+        SamplingParams(temperature=0.5, top_p=0.1, seed=0),
+    ]
     tokens, errors = sample_next(logits, params, [make_generator(0) for _ in params])
     assert sorted(errors) == [0, 2, 3] and all("not finite" in e for e in errors.values())
     assert tokens == [-1, 1, -1, -1, 0]

@@ -98,7 +98,7 @@ def test_prefix_hit_matches_the_explicit_loop_reference():
     seq = list(p)
     for _ in range(4):
         seq.append(int(reference_logits(model.config, state, seq)[-1].argmax()))
-    assert got == seq[len(p):]
+    assert got == seq[len(p) :]
 
 
 def test_samples_of_one_prompt_share_its_chunked_prefill():
@@ -137,8 +137,7 @@ def test_a_tiny_pool_makes_requests_wait_or_be_preempted_never_corrupted(loops, 
     prompts = [prompt(n, 20 + n) for n in (17, 11, 21, 6)]
     want = [full_recompute_greedy(model, p, 12) for p in prompts]
     for caching in (True, False):
-        engine = Engine(model, max_batch=4, block_size=4, kv_cache_tokens=48, max_step_tokens=9,
-                        prefix_caching=caching)
+        engine = Engine(model, max_batch=4, block_size=4, kv_cache_tokens=48, max_step_tokens=9, prefix_caching=caching)
         assert run(engine, prompts, 12) == want
         stats = engine.cache_stats()
         assert stats["preemptions"] > 0 and stats["blocks_held"] == 0, stats
@@ -195,12 +194,15 @@ def test_paged_memory_follows_real_lengths():
     assert stats["peak_blocks_held"] == 4 and stats["blocks"] == 4 * 128 // 4
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    (dict(max_step_tokens=2, max_batch=2), "max_step_tokens must exceed max_batch"),
-    (dict(block_size=0), "block_size must be >= 1"),
-    (dict(kv_cache_tokens=4, block_size=4), "kv_cache_tokens must hold at least two blocks"),
-    (dict(paged=False, prefix_caching=True), "prefix caching needs the paged cache"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(max_step_tokens=2, max_batch=2), "max_step_tokens must exceed max_batch"),
+        (dict(block_size=0), "block_size must be >= 1"),
+        (dict(kv_cache_tokens=4, block_size=4), "kv_cache_tokens must hold at least two blocks"),
+        (dict(paged=False, prefix_caching=True), "prefix caching needs the paged cache"),
+    ],
+)
 def test_bad_cache_options_are_one_line_errors(kwargs, message):
     with pytest.raises(LoopcoderError, match=message):
         Engine(model_for(2, "plt"), **kwargs)

@@ -31,7 +31,7 @@ def run(text: str, stop: list[str]) -> tuple[list[str], TextStream]:
 
 def cut(text: str, stop: list[str]) -> str:
     hits = [i for i in (text.find(s) for s in stop) if i >= 0]
-    return text[:min(hits)] if hits else text
+    return text[: min(hits)] if hits else text
 
 
 def test_stop_string_ends_the_text_before_it():

@@ -229,8 +229,7 @@ WRONG = "    return True\n"  # has_close_elements: wrong for half the checks
 
 CHEATS = {
     "redefines check": WRONG + "\n\ndef check(candidate):\n    pass\n",
-    "patches AssertionError": WRONG
-    + "\n\nimport builtins\nbuiltins.AssertionError = type('X', (Exception,), {})\n",
+    "patches AssertionError": WRONG + "\n\nimport builtins\nbuiltins.AssertionError = type('X', (Exception,), {})\n",
     "swallows the test in a string": WRONG + "\n\ndef check(candidate):\n    pass\n\n\n_ = '''\n",
     "exits 0 at import": WRONG + "\n\nimport sys\nsys.exit(0)\n",
     "exits 0 inside the function": "    import os\n    os._exit(0)\n",

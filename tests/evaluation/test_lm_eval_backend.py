@@ -29,15 +29,21 @@ from loopcoder.evaluation.lm_eval_backend import LoopcoderLM  # noqa: E402
 from loopcoder.runtime import load_for_inference  # noqa: E402
 from support.data import tiny_model_dir  # noqa: E402
 
-GEN_DOCS = [{"prompt": "def add(a, b):", "target": "    return a + b"},
-            {"prompt": "class Thing:\n    def __init__(self, size):", "target": "        self.size = size"},
-            {"prompt": "import os\n\n\ndef total(items):", "target": "    return sum(items)"},
-            {"prompt": "x = 1", "target": ""}]
-MC_DOCS = [{"question": "def count(items):\n    return", "choices": ["len(items)", "items", "None"], "label": 0},
-           {"question": "for i in", "choices": ["range(10):", "x", "print"], "label": 0},
-           {"question": "import", "choices": ["os", "sys", "re", "json"], "label": 1}]
-PPL_DOCS = [{"text": "def alpha_beta(alpha, beta=None):\n    beta = beta or 3\n    return alpha + beta\n"},
-            {"text": "class Thing1:\n    \"\"\"A thing number 1.\"\"\"\n"}]
+GEN_DOCS = [
+    {"prompt": "def add(a, b):", "target": "    return a + b"},
+    {"prompt": "class Thing:\n    def __init__(self, size):", "target": "        self.size = size"},
+    {"prompt": "import os\n\n\ndef total(items):", "target": "    return sum(items)"},
+    {"prompt": "x = 1", "target": ""},
+]
+MC_DOCS = [
+    {"question": "def count(items):\n    return", "choices": ["len(items)", "items", "None"], "label": 0},
+    {"question": "for i in", "choices": ["range(10):", "x", "print"], "label": 0},
+    {"question": "import", "choices": ["os", "sys", "re", "json"], "label": 1},
+]
+PPL_DOCS = [
+    {"text": "def alpha_beta(alpha, beta=None):\n    beta = beta or 3\n    return alpha + beta\n"},
+    {"text": 'class Thing1:\n    """A thing number 1."""\n'},
+]
 
 
 def write_tasks(root, cache):
@@ -46,22 +52,56 @@ def write_tasks(root, cache):
 
     def task(name, docs, **fields):
         (root / f"{name}.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
-        spec = {"task": name, **common, "dataset_kwargs": {"data_files": str(root / f"{name}.jsonl"),
-                                                           "cache_dir": str(cache)}, **fields}
+        spec = {
+            "task": name,
+            **common,
+            "dataset_kwargs": {"data_files": str(root / f"{name}.jsonl"), "cache_dir": str(cache)},
+            **fields,
+        }
         (root / f"{name}.yaml").write_text(json.dumps(spec))  # JSON is YAML
 
-    task("lc_gen", GEN_DOCS, output_type="generate_until", doc_to_text="{{prompt}}", doc_to_target="{{target}}",
-         generation_kwargs={"until": ["\n\n"], "max_gen_toks": 10, "do_sample": False},
-         metric_list=[{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}])
-    task("lc_sample", GEN_DOCS[:1], output_type="generate_until", doc_to_text="{{prompt}}",
-         doc_to_target="{{target}}",
-         generation_kwargs={"until": ["\nclass"], "max_gen_toks": 10, "do_sample": True, "temperature": 0.8,
-                            "top_p": 0.9, "seed": 5},
-         metric_list=[{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}])
-    task("lc_mc", MC_DOCS, output_type="multiple_choice", doc_to_text="{{question}}", doc_to_choice="{{choices}}",
-         doc_to_target="{{label}}", metric_list=[{"metric": "acc", "aggregation": "mean", "higher_is_better": True}])
-    task("lc_ppl", PPL_DOCS, output_type="loglikelihood_rolling", doc_to_text="", doc_to_target="{{text}}",
-         metric_list=[{"metric": "word_perplexity"}, {"metric": "bits_per_byte"}])
+    task(
+        "lc_gen",
+        GEN_DOCS,
+        output_type="generate_until",
+        doc_to_text="{{prompt}}",
+        doc_to_target="{{target}}",
+        generation_kwargs={"until": ["\n\n"], "max_gen_toks": 10, "do_sample": False},
+        metric_list=[{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}],
+    )
+    task(
+        "lc_sample",
+        GEN_DOCS[:1],
+        output_type="generate_until",
+        doc_to_text="{{prompt}}",
+        doc_to_target="{{target}}",
+        generation_kwargs={
+            "until": ["\nclass"],
+            "max_gen_toks": 10,
+            "do_sample": True,
+            "temperature": 0.8,
+            "top_p": 0.9,
+            "seed": 5,
+        },
+        metric_list=[{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}],
+    )
+    task(
+        "lc_mc",
+        MC_DOCS,
+        output_type="multiple_choice",
+        doc_to_text="{{question}}",
+        doc_to_choice="{{choices}}",
+        doc_to_target="{{label}}",
+        metric_list=[{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
+    )
+    task(
+        "lc_ppl",
+        PPL_DOCS,
+        output_type="loglikelihood_rolling",
+        doc_to_text="",
+        doc_to_target="{{text}}",
+        metric_list=[{"metric": "word_perplexity"}, {"metric": "bits_per_byte"}],
+    )
     return root
 
 
@@ -89,8 +129,13 @@ def next_token_logprobs(model, ids: list[int]) -> torch.Tensor:
 def evaluate(setup, tasks, **model_args):
     model_dir, task_dir, _ = setup
     args = {"pretrained": str(model_dir), "dtype": "float32", "batch_size": 2, **model_args}
-    return lm_eval.simple_evaluate(model="loopcoder", model_args=args, tasks=tasks, log_samples=True,
-                                   task_manager=TaskManager(include_path=str(task_dir), include_defaults=False))
+    return lm_eval.simple_evaluate(
+        model="loopcoder",
+        model_args=args,
+        tasks=tasks,
+        log_samples=True,
+        task_manager=TaskManager(include_path=str(task_dir), include_defaults=False),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -117,11 +162,11 @@ def test_loglikelihoods_are_the_models_own_next_token_logprobs(results, referenc
         for (context, continuation), ((ll, greedy),) in zip(s["arguments"], s["resps"]):
             ctx = tok(context, add_special_tokens=False)["input_ids"]
             whole = tok(context + continuation, add_special_tokens=False)["input_ids"]
-            lp = next_token_logprobs(model, whole)[len(ctx) - 1:]
+            lp = next_token_logprobs(model, whole)[len(ctx) - 1 :]
             assert ll == pytest.approx(float(lp.sum()), abs=1e-4)
             with torch.no_grad():
-                argmax = model(torch.tensor([whole])).logits[0, len(ctx) - 1:-1].argmax(-1)
-            assert greedy == bool((argmax == torch.tensor(whole[len(ctx):])).all())
+                argmax = model(torch.tensor([whole])).logits[0, len(ctx) - 1 : -1].argmax(-1)
+            assert greedy == bool((argmax == torch.tensor(whole[len(ctx) :])).all())
             lls.append(float(lp.sum()))
         correct += max(range(len(lls)), key=lls.__getitem__) == s["doc"]["label"]
     assert out["results"]["lc_mc"]["acc,none"] == pytest.approx(correct / len(MC_DOCS))
@@ -140,7 +185,7 @@ def test_rolling_loglikelihood_sums_each_token_once(setup, results, reference, m
         else:  # disjoint windows, each an unpadded forward here
             windows = [make_disjoint_window(w) for w in get_rolling_token_windows(ids, tok.bos_token_id, 16, 1)]
             assert sum(len(cont) for _, cont in windows) == len(ids) and len(windows) > 1
-            expected = sum(float(next_token_logprobs(model, ctx + cont)[-len(cont):].sum()) for ctx, cont in windows)
+            expected = sum(float(next_token_logprobs(model, ctx + cont)[-len(cont) :].sum()) for ctx, cont in windows)
         assert total == pytest.approx(expected, abs=1e-4)
 
 
@@ -156,11 +201,24 @@ def test_greedy_and_seeded_generations_equal_loopcoder_generate(setup, results):
     model_dir = setup[0]
     out = results
     gen = sorted(out["samples"]["lc_gen"], key=lambda s: s["doc_id"])
-    assert [s["resps"][0][0] for s in gen] == \
-        [generate_cli(model_dir, d["prompt"], "--max-new-tokens", "10", "--stop", "\n\n") for d in GEN_DOCS]
+    assert [s["resps"][0][0] for s in gen] == [
+        generate_cli(model_dir, d["prompt"], "--max-new-tokens", "10", "--stop", "\n\n") for d in GEN_DOCS
+    ]
     (sample,) = out["samples"]["lc_sample"]
-    expected = generate_cli(model_dir, GEN_DOCS[0]["prompt"], "--max-new-tokens", "10", "--stop", "\nclass",
-                            "--temperature", "0.8", "--top-p", "0.9", "--seed", "5")
+    expected = generate_cli(
+        model_dir,
+        GEN_DOCS[0]["prompt"],
+        "--max-new-tokens",
+        "10",
+        "--stop",
+        "\nclass",
+        "--temperature",
+        "0.8",
+        "--top-p",
+        "0.9",
+        "--seed",
+        "5",
+    )
     assert sample["resps"][0][0] == expected
     assert expected != generate_cli(model_dir, GEN_DOCS[0]["prompt"], "--max-new-tokens", "10", "--stop", "\nclass")
     em = sum(s["resps"][0][0].strip() == d["target"].strip() for s, d in zip(gen, GEN_DOCS)) / len(GEN_DOCS)
@@ -170,9 +228,24 @@ def test_greedy_and_seeded_generations_equal_loopcoder_generate(setup, results):
 @pytest.mark.slow
 def test_the_loopcoder_lm_eval_command_runs_lm_evals_cli(setup, capsys):
     model_dir, task_dir, tmp = setup
-    code = main(["lm-eval", "run", "--model", "loopcoder", "--model_args", f"pretrained={model_dir}",
-                 "--batch_size", "3", "--tasks", "lc_mc", "--include_path", str(task_dir),
-                 "--output_path", str(tmp / "out")])
+    code = main(
+        [
+            "lm-eval",
+            "run",
+            "--model",
+            "loopcoder",
+            "--model_args",
+            f"pretrained={model_dir}",
+            "--batch_size",
+            "3",
+            "--tasks",
+            "lc_mc",
+            "--include_path",
+            str(task_dir),
+            "--output_path",
+            str(tmp / "out"),
+        ]
+    )
     assert code == 0
     (result,) = list((tmp / "out").rglob("results_*.json"))
     assert "acc,none" in json.loads(result.read_text())["results"]["lc_mc"]

@@ -34,10 +34,20 @@ def fake_complete(answer_of):
 def test_full_run_on_a_tiny_model(model_and_data, tmp_path):
     model_dir, data = model_and_data
     out = tmp_path / "results.json"
-    s = EvalSettings(n_samples=2, ks=(1, 2), temperature=0.8, humaneval_limit=3, humaneval_max_new_tokens=16,
-                     reasoning_n=4, reasoning_steps=(1, 2), reasoning_styles=("cruxeval",), bpb_rows=4)
-    res = runner.evaluate(str(model_dir), ["humaneval", "reasoning", "bpb"], s, str(out), data_dir=str(data),
-                          allow_code_execution=True)
+    s = EvalSettings(
+        n_samples=2,
+        ks=(1, 2),
+        temperature=0.8,
+        humaneval_limit=3,
+        humaneval_max_new_tokens=16,
+        reasoning_n=4,
+        reasoning_steps=(1, 2),
+        reasoning_styles=("cruxeval",),
+        bpb_rows=4,
+    )
+    res = runner.evaluate(
+        str(model_dir), ["humaneval", "reasoning", "bpb"], s, str(out), data_dir=str(data), allow_code_execution=True
+    )
     saved = json.loads(out.read_text())
     assert saved["complete"] and saved["loops"] == 2 and saved["prompt_style"] == "completion"
     he = saved["tasks"]["humaneval"]
@@ -122,8 +132,9 @@ def test_resume_refuses_different_settings(model_and_data, tmp_path):
     out = tmp_path / "r.json"
     runner.evaluate(str(model_dir), ["reasoning"], EvalSettings(reasoning_n=2, reasoning_steps=(1,)), str(out))
     with pytest.raises(Exception, match="temperature"):
-        runner.evaluate(str(model_dir), ["reasoning"], EvalSettings(reasoning_n=2, reasoning_steps=(1,),
-                                                                    temperature=0.5), str(out))
+        runner.evaluate(
+            str(model_dir), ["reasoning"], EvalSettings(reasoning_n=2, reasoning_steps=(1,), temperature=0.5), str(out)
+        )
 
 
 @pytest.mark.parametrize(
@@ -141,8 +152,12 @@ def test_bad_input_is_one_line_and_exit_2(model_and_data, tmp_path, capsys, argv
     model_dir, _ = model_and_data
     args = ["eval", "--model", str(model_dir), "--out", str(tmp_path / "r.json"), *argv]
     if "MISSING" in argv:
-        args = ["eval", *[str(tmp_path / "nope") if a == "MISSING" else a for a in argv],
-                "--out", str(tmp_path / "r.json")]
+        args = [
+            "eval",
+            *[str(tmp_path / "nope") if a == "MISSING" else a for a in argv],
+            "--out",
+            str(tmp_path / "r.json"),
+        ]
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
@@ -152,11 +167,29 @@ def test_corrupt_results_file_is_a_clear_error(model_and_data, tmp_path, capsys)
     model_dir, _ = model_and_data
     out = tmp_path / "r.json"
     out.write_text("{not json")
-    assert main(["eval", "--model", str(model_dir), "--tasks", "reasoning", "--reasoning-n", "1",
-                 "--out", str(out)]) == 2
+    assert (
+        main(["eval", "--model", str(model_dir), "--tasks", "reasoning", "--reasoning-n", "1", "--out", str(out)]) == 2
+    )
     assert "cannot resume" in capsys.readouterr().err
-    assert main(["eval", "--model", str(model_dir), "--tasks", "reasoning", "--reasoning-n", "1",
-                 "--reasoning-steps", "1", "--out", str(out), "--fresh"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                str(model_dir),
+                "--tasks",
+                "reasoning",
+                "--reasoning-n",
+                "1",
+                "--reasoning-steps",
+                "1",
+                "--out",
+                str(out),
+                "--fresh",
+            ]
+        )
+        == 0
+    )
 
 
 def test_answer_nll_is_teacher_forced_and_independent_of_batching(model_and_data):

@@ -17,9 +17,17 @@ from loopcoder.model import PLTForCausalLM
 from support.models import released_style_dir, tiny_config, tiny_model
 
 RELEASED_PER_LAYER = {
-    "input_layernorm.weight", "post_attention_layernorm.weight", "self_attn.q_proj.weight",
-    "self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.o_proj.weight", "self_attn.plt_gate.weight",
-    "self_attn.plt_gate.bias", "self_attn.plt_gate.gate_norm.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight",
+    "input_layernorm.weight",
+    "post_attention_layernorm.weight",
+    "self_attn.q_proj.weight",
+    "self_attn.k_proj.weight",
+    "self_attn.v_proj.weight",
+    "self_attn.o_proj.weight",
+    "self_attn.plt_gate.weight",
+    "self_attn.plt_gate.bias",
+    "self_attn.plt_gate.gate_norm.weight",
+    "mlp.gate_proj.weight",
+    "mlp.up_proj.weight",
     "mlp.down_proj.weight",
 }
 
@@ -28,7 +36,8 @@ def test_released_layout_loads_with_no_renaming(tmp_path):
     ref = released_style_dir(tmp_path)
     names = set(load_file(str(tmp_path / "model.safetensors")))
     expected = {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"} | {
-        f"model.layers.{i}.{n}" for i in range(2) for n in RELEASED_PER_LAYER}
+        f"model.layers.{i}.{n}" for i in range(2) for n in RELEASED_PER_LAYER
+    }
     assert names == expected
     for loader in (AutoModelForCausalLM.from_pretrained, PLTForCausalLM.from_pretrained):
         model = loader(str(tmp_path), dtype=torch.float32)
@@ -51,8 +60,17 @@ def test_save_pretrained_round_trip_in_released_layout(tmp_path, shard):
         assert "model.safetensors.index.json" in files and sum(f.endswith(".safetensors") for f in files) > 1
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["architectures"] == ["IQuestPLTCoderForCausalLM"] and saved["model_type"] == "iquestpltcoder"
-    for key in ("plt_num_loops", "plt_window_size", "plt_emb_scale", "plt_hidden_scale", "plt_normalize_per_loop",
-                "plt_gate_use_hidden_states", "rope_theta", "num_key_value_heads", "head_dim"):
+    for key in (
+        "plt_num_loops",
+        "plt_window_size",
+        "plt_emb_scale",
+        "plt_hidden_scale",
+        "plt_normalize_per_loop",
+        "plt_gate_use_hidden_states",
+        "rope_theta",
+        "num_key_value_heads",
+        "head_dim",
+    ):
         assert key in saved, key
     loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32)
     for (n1, p1), (n2, p2) in zip(model.state_dict().items(), loaded.state_dict().items()):
@@ -121,17 +139,46 @@ def test_config_json_with_bad_value_is_a_clear_error(tmp_path):
 
 def test_released_7b_config_defaults():
     cfg = PLTConfig()
-    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads,
-            cfg.head_dim, cfg.intermediate_size, cfg.vocab_size) == (5120, 14, 40, 8, 128, 27648, 76800)
-    assert (cfg.plt_num_loops, cfg.plt_window_size, cfg.plt_emb_scale, cfg.plt_hidden_scale) == (2, [64, 0], 0.707,
-                                                                                                  0.053)
+    assert (
+        cfg.hidden_size,
+        cfg.num_hidden_layers,
+        cfg.num_attention_heads,
+        cfg.num_key_value_heads,
+        cfg.head_dim,
+        cfg.intermediate_size,
+        cfg.vocab_size,
+    ) == (5120, 14, 40, 8, 128, 27648, 76800)
+    assert (cfg.plt_num_loops, cfg.plt_window_size, cfg.plt_emb_scale, cfg.plt_hidden_scale) == (
+        2,
+        [64, 0],
+        0.707,
+        0.053,
+    )
     assert cfg.rope_theta == 500000 and cfg.bos_token_id == 1 and cfg.eos_token_id == 2
 
 
 def test_cli_init_writes_a_loadable_model_and_errors_exit_2(tmp_path, capsys):
     out = tmp_path / "m"
-    assert main(["init", "--out", str(out), "--loops", "3", "--hidden-size", "64", "--layers", "2", "--heads", "4",
-                 "--vocab-size", "300"]) == 0
+    assert (
+        main(
+            [
+                "init",
+                "--out",
+                str(out),
+                "--loops",
+                "3",
+                "--hidden-size",
+                "64",
+                "--layers",
+                "2",
+                "--heads",
+                "4",
+                "--vocab-size",
+                "300",
+            ]
+        )
+        == 0
+    )
     model = load_model(out)
     assert model.config.plt_num_loops == 3
     capsys.readouterr()

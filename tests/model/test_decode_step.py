@@ -57,10 +57,17 @@ def test_decode_step_after_prefill_equals_full_forward(loops, arch):
         torch.testing.assert_close(got, full_forward(model, seq, p), **TOL)
 
 
-@pytest.mark.parametrize("overrides", [dict(plt_gate_use_hidden_states=False), dict(plt_normalize_per_loop=False),
-                                       dict(plt_window_size=[0, 0]), dict(num_key_value_heads=1),
-                                       dict(attention_bias=True, mlp_bias=True)],
-                         ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(plt_gate_use_hidden_states=False),
+        dict(plt_normalize_per_loop=False),
+        dict(plt_window_size=[0, 0]),
+        dict(num_key_value_heads=1),
+        dict(attention_bias=True, mlp_bias=True),
+    ],
+    ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()),
+)
 def test_decode_step_in_other_settings(overrides):
     model = tiny_model(plt_num_loops=3, **overrides)
     for seq, p, got in zip(SEQS, PREFILL, decode(model, SEQS, PREFILL)):

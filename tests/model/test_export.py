@@ -65,8 +65,14 @@ def load_without_loopcoder(model_dir, ids, tmp_path) -> dict:
     env.update(HF_MODULES_CACHE=str(tmp_path / "hf-modules"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     script = tmp_path / "load.py"
     script.write_text(LOADER)
-    proc = subprocess.run([sys.executable, "-I", str(script), str(model_dir), json.dumps(ids)], cwd=tmp_path,
-                          env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-I", str(script), str(model_dir), json.dumps(ids)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -81,9 +87,10 @@ def check_loaded_standalone(out: dict, model_dir, ids) -> None:
     package = load_model(model_dir, dtype=torch.float64)
     x = torch.tensor([ids])
     with torch.no_grad():
-        torch.testing.assert_close(torch.tensor(out["logits"], dtype=torch.float64), package(x).logits[0],
-                                   rtol=1e-12, atol=1e-12)
-        expected = package.generate(x, max_new_tokens=6, do_sample=False, pad_token_id=0)[0, len(ids):]
+        torch.testing.assert_close(
+            torch.tensor(out["logits"], dtype=torch.float64), package(x).logits[0], rtol=1e-12, atol=1e-12
+        )
+        expected = package.generate(x, max_new_tokens=6, do_sample=False, pad_token_id=0)[0, len(ids) :]
     assert out["generated"] == expected.tolist()
 
 
@@ -123,8 +130,11 @@ def test_an_import_outside_the_allowed_set_fails_naming_module_and_line(tmp_path
         collect(("fakepkg.model",), package="fakepkg", package_dir=pkg)
     (pkg / "helpers.py").write_text("def f():\n    from . import other\n    from .other import g\n")
     (pkg / "other.py").write_text("import os\n\n\ndef g():\n    return os\n")
-    assert [m.file for m in collect(("fakepkg.model",), package="fakepkg", package_dir=pkg)] == \
-        ["fakepkg_model", "fakepkg_helpers", "fakepkg_other"]
+    assert [m.file for m in collect(("fakepkg.model",), package="fakepkg", package_dir=pkg)] == [
+        "fakepkg_model",
+        "fakepkg_helpers",
+        "fakepkg_other",
+    ]
 
 
 @pytest.mark.slow

@@ -59,13 +59,21 @@ def test_r1_equals_transformers_llama():
 
     model = tiny_model(dtype=torch.float32, plt_num_loops=1)
     c = model.config
-    llama = LlamaForCausalLM(LlamaConfig(
-        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-        num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
-        num_key_value_heads=c.num_key_value_heads, head_dim=c.head_dim, rms_norm_eps=c.rms_norm_eps,
-        max_position_embeddings=c.max_position_embeddings, rope_parameters={"rope_type": "default",
-                                                                           "rope_theta": c.rope_theta},
-        tie_word_embeddings=False)).eval()
+    llama = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=c.vocab_size,
+            hidden_size=c.hidden_size,
+            intermediate_size=c.intermediate_size,
+            num_hidden_layers=c.num_hidden_layers,
+            num_attention_heads=c.num_attention_heads,
+            num_key_value_heads=c.num_key_value_heads,
+            head_dim=c.head_dim,
+            rms_norm_eps=c.rms_norm_eps,
+            max_position_embeddings=c.max_position_embeddings,
+            rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta},
+            tie_word_embeddings=False,
+        )
+    ).eval()
     missing, unexpected = llama.load_state_dict(model.state_dict(), strict=False)
     assert not missing and not unexpected
     ids = torch.randint(0, c.vocab_size, (2, 17))
@@ -81,11 +89,12 @@ def test_full_sequence_equals_token_by_token_decoding(loops, arch):
     with torch.no_grad():
         full = model(ids).logits
         cache = PLTCache(model.config)
-        steps = [model(ids[:, t:t + 1], cache=cache).logits for t in range(ids.shape[1])]
+        steps = [model(ids[:, t : t + 1], cache=cache).logits for t in range(ids.shape[1])]
         # a prefill chunk then single tokens: the same cache, mixed chunk sizes
         cache2 = PLTCache(model.config)
-        mixed = [model(ids[:, :6], cache=cache2).logits] + [model(ids[:, t:t + 1], cache=cache2).logits
-                                                             for t in range(6, ids.shape[1])]
+        mixed = [model(ids[:, :6], cache=cache2).logits] + [
+            model(ids[:, t : t + 1], cache=cache2).logits for t in range(6, ids.shape[1])
+        ]
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=5e-5)
     torch.testing.assert_close(torch.cat(mixed, 1), full, rtol=1e-4, atol=5e-5)
 
@@ -107,8 +116,9 @@ def test_cache_holds_what_the_spec_says(arch):
     # bytes follow the spec's formula: 2 * L * kv_heads * head_dim * (T + (R-1)(w+1)) * dtype_bytes
     assert cache.nbytes() == cfg.kv_cache_bytes(T, batch_size=2, dtype_bytes=4)
     expected_entries = T + 2 * 4 if arch == "plt" else 3 * T
-    assert cache.nbytes() == 2 * 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim \
-        * expected_entries * 4
+    assert (
+        cache.nbytes() == 2 * 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * expected_entries * 4
+    )
 
 
 def test_released_shape_kv_overhead_matches_spec():
@@ -145,7 +155,7 @@ def test_generate_batch_with_left_padding_equals_each_prompt_alone():
         batch = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
         for i, p in enumerate(prompts):
             alone = model.generate(torch.tensor([p]), max_new_tokens=10, do_sample=False, pad_token_id=0)
-            assert batch[i, width:].tolist() == alone[0, len(p):].tolist()
+            assert batch[i, width:].tolist() == alone[0, len(p) :].tolist()
 
 
 def test_generate_sampling_is_seeded():
@@ -155,14 +165,21 @@ def test_generate_sampling_is_seeded():
     for _ in range(2):
         torch.manual_seed(7)
         with torch.no_grad():
-            outs.append(model.generate(prompt, max_new_tokens=8, do_sample=True, top_p=0.9, temperature=1.3,
-                                       pad_token_id=0))
+            outs.append(
+                model.generate(prompt, max_new_tokens=8, do_sample=True, top_p=0.9, temperature=1.3, pad_token_id=0)
+            )
     assert torch.equal(outs[0], outs[1])
 
 
-@pytest.mark.parametrize("overrides", [dict(plt_num_loops=2), dict(plt_num_loops=3, plt_gate_use_hidden_states=False),
-                                       dict(plt_num_loops=2, tie_word_embeddings=True),
-                                       dict(plt_num_loops=3, loop_architecture="vanilla")])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(plt_num_loops=2),
+        dict(plt_num_loops=3, plt_gate_use_hidden_states=False),
+        dict(plt_num_loops=2, tie_word_embeddings=True),
+        dict(plt_num_loops=3, loop_architecture="vanilla"),
+    ],
+)
 def test_gradients_reach_every_parameter(overrides):
     model = tiny_model(dtype=torch.float32, **overrides).train()
     ids = torch.randint(1, model.config.vocab_size, (2, 10))

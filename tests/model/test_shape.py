@@ -31,18 +31,58 @@ def test_mlp_width_is_8_3_hidden_rounded_up_to_32():
 
 @pytest.mark.parametrize("intermediate", [None, 320])
 def test_init_training_and_benchmarks_build_the_same_config(tmp_path, intermediate):
-    write_random_model(tmp_path, loops=2, hidden_size=128, layers=2, heads=4, kv_heads=2,
-                       intermediate_size=intermediate, vocab_size=512, window=16, max_positions=256)
+    write_random_model(
+        tmp_path,
+        loops=2,
+        hidden_size=128,
+        layers=2,
+        heads=4,
+        kv_heads=2,
+        intermediate_size=intermediate,
+        vocab_size=512,
+        window=16,
+        max_positions=256,
+    )
     init = PLTConfig.from_pretrained(tmp_path)
-    train = model_config(load_config(None, {"model.loops": 2, "model.hidden_size": 128, "model.layers": 2,
-                                            "model.heads": 4, "model.kv_heads": 2, "model.vocab_size": 512,
-                                            "model.intermediate_size": intermediate, "model.window": 16,
-                                            "model.max_position_embeddings": 256}), vocab_size=500, seq_len=64)
-    bench_train = TrainBenchSettings(hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32,
-                                     intermediate_size=intermediate, vocab_size=512, window=16,
-                                     seq_len=256).model_config(2)
-    decode = DecodeBenchSettings(hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32,
-                                 intermediate_size=intermediate or mlp_width(128), vocab_size=512, window=16)
+    train = model_config(
+        load_config(
+            None,
+            {
+                "model.loops": 2,
+                "model.hidden_size": 128,
+                "model.layers": 2,
+                "model.heads": 4,
+                "model.kv_heads": 2,
+                "model.vocab_size": 512,
+                "model.intermediate_size": intermediate,
+                "model.window": 16,
+                "model.max_position_embeddings": 256,
+            },
+        ),
+        vocab_size=500,
+        seq_len=64,
+    )
+    bench_train = TrainBenchSettings(
+        hidden_size=128,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=32,
+        intermediate_size=intermediate,
+        vocab_size=512,
+        window=16,
+        seq_len=256,
+    ).model_config(2)
+    decode = DecodeBenchSettings(
+        hidden_size=128,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=32,
+        intermediate_size=intermediate or mlp_width(128),
+        vocab_size=512,
+        window=16,
+    )
     decode.contexts = (256 - decode.steps_per_engine(),)  # the engine's cache length is the positions' limit
     want = fields(init)
     assert want["intermediate_size"] == (intermediate or 352) and want["rope_theta"] == 10000.0
@@ -61,11 +101,14 @@ def test_the_tokenizer_sizes_the_vocabulary_unless_the_shape_does():
         ModelShape().plt_config()
 
 
-@pytest.mark.parametrize(("which", "settings", "renamed"), [
-    ("decode", DecodeBenchSettings, {"layers": "num_layers", "heads": "num_heads", "kv_heads": "num_kv_heads"}),
-    ("train", TrainBenchSettings, {"layers": "num_layers", "heads": "num_heads", "kv_heads": "num_kv_heads"}),
-    ("serve", ServeBenchSettings, {}),
-])
+@pytest.mark.parametrize(
+    ("which", "settings", "renamed"),
+    [
+        ("decode", DecodeBenchSettings, {"layers": "num_layers", "heads": "num_heads", "kv_heads": "num_kv_heads"}),
+        ("train", TrainBenchSettings, {"layers": "num_layers", "heads": "num_heads", "kv_heads": "num_kv_heads"}),
+        ("serve", ServeBenchSettings, {}),
+    ],
+)
 def test_bench_command_defaults_are_the_settings_defaults(which, settings, renamed):
     parser = argparse.ArgumentParser()
     bench_command.add_arguments(parser)

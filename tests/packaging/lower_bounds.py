@@ -20,8 +20,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from support.packaging import ROOT, lower_bound, pins, requirements
 
-DEFAULT_TESTS = ["tests/packaging", "tests/model", "tests/engine", "tests/evaluation", "tests/commands", "-m",
-                 "not slow", "-x", "-q"]
+DEFAULT_TESTS = [
+    "tests/packaging",
+    "tests/model",
+    "tests/engine",
+    "tests/evaluation",
+    "tests/commands",
+    "-m",
+    "not slow",
+    "-x",
+    "-q",
+]
 
 
 def main(argv: list[str] | None = None) -> int:

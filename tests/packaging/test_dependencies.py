@@ -23,8 +23,9 @@ def test_constraints_cover_every_dependency_and_each_range_admits_the_pinned_ver
     for req in requirements():
         name = canonicalize_name(req.name)
         assert name in pinned, f"constraints.txt has no version for {req.name}: run `make lock`"
-        assert req.specifier.contains(pinned[name], prereleases=True), \
+        assert req.specifier.contains(pinned[name], prereleases=True), (
             f"{req} does not admit the tested {req.name}=={pinned[name]}"
+        )
         assert Version(lower_bound(req)) <= Version(pinned[name])
 
 

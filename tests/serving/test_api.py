@@ -25,8 +25,16 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def live(model_dir):
-    app, scheduler = load_app(str(model_dir), max_batch=4, max_queue=8, queue_timeout=30, model_name="tiny",
-                              api_key=KEY, max_tokens=MAX_TOKENS, max_body_bytes=64 * 1024)
+    app, scheduler = load_app(
+        str(model_dir),
+        max_batch=4,
+        max_queue=8,
+        queue_timeout=30,
+        model_name="tiny",
+        api_key=KEY,
+        max_tokens=MAX_TOKENS,
+        max_body_bytes=64 * 1024,
+    )
     with LiveServer(app, scheduler) as server:
         yield server
 
@@ -38,8 +46,9 @@ def client(live):
 
 def post(live, path, body, headers=AUTH, **kw):
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    return httpx.post(live.url + path, content=data, headers={"Content-Type": "application/json", **headers},
-                      timeout=60, **kw)
+    return httpx.post(
+        live.url + path, content=data, headers={"Content-Type": "application/json", **headers}, timeout=60, **kw
+    )
 
 
 # ---------------------------------------------------------------------------------------------- basics
@@ -57,8 +66,12 @@ def test_every_endpoint_but_health_needs_the_key(live):
     with pytest.raises(openai.AuthenticationError) as e:
         wrong.completions.create(model="tiny", prompt="x", max_tokens=2)
     assert e.value.status_code == 401
-    for method, path in [("GET", "/v1/models"), ("POST", "/v1/completions"), ("POST", "/v1/chat/completions"),
-                         ("GET", "/v1/nothing-here")]:
+    for method, path in [
+        ("GET", "/v1/models"),
+        ("POST", "/v1/completions"),
+        ("POST", "/v1/chat/completions"),
+        ("GET", "/v1/nothing-here"),
+    ]:
         for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": KEY}):
             r = httpx.request(method, live.url + path, headers=headers, content=b"{}")
             assert r.status_code == 401, (path, headers)
@@ -84,11 +97,14 @@ def test_greedy_completion_equals_loopcoder_generate(live, client, model_dir, ca
 
 def test_greedy_chat_equals_loopcoder_generate_chat(client, model_dir, capsys):
     capsys.readouterr()
-    assert main(["generate", "--model", str(model_dir), "--chat", "--prompt", "Write a loop.",
-                 "--max-new-tokens", "24"]) == 0
+    assert (
+        main(["generate", "--model", str(model_dir), "--chat", "--prompt", "Write a loop.", "--max-new-tokens", "24"])
+        == 0
+    )
     generated = capsys.readouterr().out[:-1]
-    r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Write a loop."}],
-                                       max_tokens=24, temperature=0)
+    r = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "Write a loop."}], max_tokens=24, temperature=0
+    )
     # the server also stops at the end of the assistant turn; `generate` stops only at end-of-text
     assert r.choices[0].message.content == generated.split("<|im_end|>")[0]
     assert r.choices[0].message.role == "assistant" and r.choices[0].message.tool_calls is None
@@ -97,8 +113,16 @@ def test_greedy_chat_equals_loopcoder_generate_chat(client, model_dir, capsys):
 
 def test_streaming_gives_the_same_text_as_non_streaming(client):
     full = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=40, temperature=0)
-    chunks = list(client.completions.create(model="tiny", prompt=PROMPT, max_tokens=40, temperature=0, stream=True,
-                                            stream_options={"include_usage": True}))
+    chunks = list(
+        client.completions.create(
+            model="tiny",
+            prompt=PROMPT,
+            max_tokens=40,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert "".join(c.choices[0].text for c in chunks if c.choices) == full.choices[0].text
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == full.choices[0].finish_reason
     assert all(c.choices[0].finish_reason is None for c in chunks[:-2])
@@ -107,8 +131,9 @@ def test_streaming_gives_the_same_text_as_non_streaming(client):
 
     messages = [{"role": "system", "content": "You write code."}, {"role": "user", "content": "hi"}]
     full = client.chat.completions.create(model="tiny", messages=messages, max_tokens=30, temperature=0)
-    chunks = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=30, temperature=0,
-                                                 stream=True))
+    chunks = list(
+        client.chat.completions.create(model="tiny", messages=messages, max_tokens=30, temperature=0, stream=True)
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == full.choices[0].message.content
     assert chunks[-1].choices[0].finish_reason == full.choices[0].finish_reason
@@ -119,11 +144,12 @@ def test_stop_sequences_cut_the_output_streaming_or_not(client):
     text = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=60, temperature=0).choices[0].text
     stop = text[20:24]
     assert len(stop) == 4
-    cut = text[:text.index(stop)]
+    cut = text[: text.index(stop)]
     r = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=60, temperature=0, stop=[stop, "\x00zz"])
     assert r.choices[0].text == cut and r.choices[0].finish_reason == "stop"
-    streamed = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=60, temperature=0, stop=stop,
-                                         stream=True)
+    streamed = client.completions.create(
+        model="tiny", prompt=PROMPT, max_tokens=60, temperature=0, stop=stop, stream=True
+    )
     assert "".join(c.choices[0].text for c in streamed) == cut
 
 
@@ -137,15 +163,18 @@ def test_n_samples_with_seed_are_reproducible_and_sample_i_uses_seed_plus_i(clie
     assert client.completions.create(n=1, seed=8, **kw).choices[0].text == texts[1]
     assert r.usage.prompt_tokens == client.completions.create(n=1, seed=7, **kw).usage.prompt_tokens  # once
     assert r.usage.completion_tokens == sum(  # counted over the choices
-        client.completions.create(n=1, seed=7 + i, **kw).usage.completion_tokens for i in range(3))
-    greedy = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "a"}], n=2,
-                                            max_tokens=8, temperature=0)
+        client.completions.create(n=1, seed=7 + i, **kw).usage.completion_tokens for i in range(3)
+    )
+    greedy = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "a"}], n=2, max_tokens=8, temperature=0
+    )
     assert greedy.choices[0].message.content == greedy.choices[1].message.content
 
 
 def test_max_tokens_is_capped_by_the_server(client):
-    r = client.completions.create(model="tiny", prompt="x", max_tokens=10**6, temperature=0,
-                                  extra_body={"ignore_eos": True})
+    r = client.completions.create(
+        model="tiny", prompt="x", max_tokens=10**6, temperature=0, extra_body={"ignore_eos": True}
+    )
     assert r.usage.completion_tokens == MAX_TOKENS and r.choices[0].finish_reason == "length"
     # without max_tokens: OpenAI's default of 16 for completions
     r = client.completions.create(model="tiny", prompt="x", temperature=0, extra_body={"ignore_eos": True})
@@ -164,14 +193,23 @@ def test_concurrent_requests_share_decode_steps(live, client):
     """Four clients at once: they run in one batch (far fewer engine steps than tokens), each with the
     output it gets alone."""
     prompts = ["def a(", "class B:", "import torch\n", "x = [i for"]
-    alone = [client.completions.create(model="tiny", prompt=p, max_tokens=40, temperature=0,
-                                       extra_body={"ignore_eos": True}).choices[0].text for p in prompts]
+    alone = [
+        client.completions.create(model="tiny", prompt=p, max_tokens=40, temperature=0, extra_body={"ignore_eos": True})
+        .choices[0]
+        .text
+        for p in prompts
+    ]
     before = live.health()["steps"]
     out = [None] * 4
 
     def one(i):
-        out[i] = client.completions.create(model="tiny", prompt=prompts[i], max_tokens=40, temperature=0,
-                                           extra_body={"ignore_eos": True}).choices[0].text
+        out[i] = (
+            client.completions.create(
+                model="tiny", prompt=prompts[i], max_tokens=40, temperature=0, extra_body={"ignore_eos": True}
+            )
+            .choices[0]
+            .text
+        )
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(4)]
     for t in threads:
@@ -185,8 +223,9 @@ def test_concurrent_requests_share_decode_steps(live, client):
 def stream_text(live, body: dict) -> tuple[str, list]:
     """A streaming completion over raw HTTP: its text and the finish reasons / errors it reported."""
     text, ends = "", []
-    with httpx.stream("POST", live.url + "/v1/completions", json={**body, "stream": True}, headers=AUTH,
-                      timeout=60) as r:
+    with httpx.stream(
+        "POST", live.url + "/v1/completions", json={**body, "stream": True}, headers=AUTH, timeout=60
+    ) as r:
         for line in r.iter_lines():
             if line.startswith("data: ") and line != "data: [DONE]":
                 event = json.loads(line[6:])
@@ -208,9 +247,10 @@ def test_an_extreme_top_p_neither_fails_nor_disturbs_the_streams_beside_it(live)
     alone = [stream_text(live, {"prompt": p, **body}) for p in prompts]
     before = live.wait_idle()
     out: list = [None] * 3
-    threads = [threading.Thread(target=lambda i=i: out.__setitem__(i, stream_text(live, {"prompt": prompts[i],
-                                                                                          **body})))
-               for i in range(3)]
+    threads = [
+        threading.Thread(target=lambda i=i: out.__setitem__(i, stream_text(live, {"prompt": prompts[i], **body})))
+        for i in range(3)
+    ]
     for t in threads:
         t.start()
     live.wait_for(lambda h: h["running"] == 3)
@@ -228,13 +268,36 @@ def test_an_extreme_top_p_neither_fails_nor_disturbs_the_streams_beside_it(live)
 
 
 def test_null_parameters_mean_their_defaults(live):
-    nulls = dict.fromkeys(["max_tokens", "temperature", "top_p", "n", "seed", "stop", "stream", "stream_options",
-                           "user", "logprobs", "suffix", "model"])
+    nulls = dict.fromkeys(
+        [
+            "max_tokens",
+            "temperature",
+            "top_p",
+            "n",
+            "seed",
+            "stop",
+            "stream",
+            "stream_options",
+            "user",
+            "logprobs",
+            "suffix",
+            "model",
+        ]
+    )
     r = post(live, "/v1/completions", {"prompt": PROMPT, **nulls})
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 16
     del nulls["suffix"]  # completions only
-    r = post(live, "/v1/chat/completions", {**nulls, "messages": [{"role": "user", "content": "a", "name": None}],
-                                            "tools": None, "tool_choice": None, "max_tokens": 4})
+    r = post(
+        live,
+        "/v1/chat/completions",
+        {
+            **nulls,
+            "messages": [{"role": "user", "content": "a", "name": None}],
+            "tools": None,
+            "tool_choice": None,
+            "max_tokens": 4,
+        },
+    )
     assert r.status_code == 200, r.text
     r = post(live, "/v1/completions", {"prompt": None})
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
@@ -286,13 +349,23 @@ BAD_CHAT = [
     ({"messages": [{"role": "robot", "content": "x"}]}, "messages.0.role"),
     ({"messages": [{"role": "user"}]}, "messages.0.content"),
     ({"messages": [{"role": "user", "content": "x", "mood": "happy"}]}, "messages.0.mood"),
-    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
-     "messages.0.content"),
+    (
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+        "messages.0.content",
+    ),
     ({"messages": [{"role": "user", "content": "x"}], "tool_choice": "auto"}, "tool_choice"),
-    ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function", "function": {"name": "a b"}}]},
-     "tools.0.function.name"),
-    ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function", "function": {"name": "f"}}],
-      "tool_choice": {"type": "function", "function": {"name": "g"}}}, "tool_choice"),
+    (
+        {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function", "function": {"name": "a b"}}]},
+        "tools.0.function.name",
+    ),
+    (
+        {
+            "messages": [{"role": "user", "content": "x"}],
+            "tools": [{"type": "function", "function": {"name": "f"}}],
+            "tool_choice": {"type": "function", "function": {"name": "g"}},
+        },
+        "tool_choice",
+    ),
     ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_schema"}}, "response_format"),
     ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "xml"}}, "response_format.type"),
     ({"messages": [{"role": "user", "content": "x"}], "logprobs": True}, "logprobs"),

@@ -36,8 +36,9 @@ def connect(server: LiveServer) -> socket.socket:
     return socket.create_connection(("127.0.0.1", server.port), timeout=10)
 
 
-def trickle_until_answered(sock: socket.socket, head: bytes, limit: float = 8.0,
-                           start: float | None = None) -> tuple[bytes, float]:
+def trickle_until_answered(
+    sock: socket.socket, head: bytes, limit: float = 8.0, start: float | None = None
+) -> tuple[bytes, float]:
     """Send `head`, then one more byte every 0.2 s (never completing anything) until the server answers
     and closes. Returns (everything it sent, seconds from `start` (default: now) until it closed)."""
     start = time.monotonic() if start is None else start
@@ -68,8 +69,9 @@ def test_slow_headers_get_408_and_the_connection_closes_in_bounded_time(strict):
     socks = [(connect(strict), time.monotonic()) for _ in range(3)]
     try:
         for s, opened in socks:  # each deadline runs from its connection
-            raw, seconds = trickle_until_answered(s, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nX-Slow: ",
-                                                  start=opened)
+            raw, seconds = trickle_until_answered(
+                s, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nX-Slow: ", start=opened
+            )
             assert TIMEOUT * 0.8 < seconds < TIMEOUT + 3, seconds
             status, body = status_and_body(raw)
             assert status == 408 and body["error"]["code"] == "header_timeout"
@@ -83,8 +85,10 @@ def test_slow_headers_get_408_and_the_connection_closes_in_bounded_time(strict):
 
 
 def test_a_slow_body_gets_408_naming_the_limit(strict):
-    head = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            b"Content-Length: 1000\r\n\r\n{\"prompt\": \"")
+    head = (
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b'Content-Length: 1000\r\n\r\n{"prompt": "'
+    )
     with connect(strict) as s:
         raw, seconds = trickle_until_answered(s, head)
     assert TIMEOUT * 0.8 < seconds < TIMEOUT + 3, seconds
@@ -152,8 +156,10 @@ def test_a_client_that_leaves_mid_body_costs_one_log_line(strict):
         lg.setLevel(logging.INFO)  # as `loopcoder serve` runs (another test's server may have set warning)
     try:
         with connect(strict) as s:
-            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                      b"Content-Length: 1000\r\n\r\n{\"prompt\": \"abc")
+            s.sendall(
+                b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b'Content-Length: 1000\r\n\r\n{"prompt": "abc'
+            )
             time.sleep(0.2)
         deadline = time.monotonic() + 5
         while not lines.lines and time.monotonic() < deadline:

@@ -15,9 +15,16 @@ from loopcoder.runtime import load_for_inference
 from support.serving import LiveServer, build_model_dir, scripted_app, sse_events
 
 CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
-TOOLS = [{"type": "function", "function": {
-    "name": "get_weather", "description": "Weather forecast for a city",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Weather forecast for a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+        },
+    }
+]
 USER = [{"role": "user", "content": "Weather in Paris?"}]
 
 
@@ -30,8 +37,9 @@ def loaded(tmp_path_factory):
 @pytest.fixture(scope="module")
 def live(loaded):
     """Two slots, one queue place, 1 s queue timeout, 10 ms per step."""
-    app, scheduler, engine = scripted_app(*loaded, delay=0.01, max_batch=2, max_queue=1, queue_timeout=1.0,
-                                          max_tokens=1000)
+    app, scheduler, engine = scripted_app(
+        *loaded, delay=0.01, max_batch=2, max_queue=1, queue_timeout=1.0, max_tokens=1000
+    )
     with LiveServer(app, scheduler) as server:
         server.engine = engine
         yield server
@@ -63,8 +71,9 @@ def test_tools_reach_the_template_and_calls_come_back_as_tool_calls(live, client
     content = "".join(c.choices[0].delta.content or "" for c in chunks)
     calls = [tc for c in chunks for tc in c.choices[0].delta.tool_calls or []]
     assert content == "Let me look."
-    assert [(tc.index, tc.function.name, json.loads(tc.function.arguments)) for tc in calls] == \
-        [(0, "get_weather", {"city": "Paris"})]
+    assert [(tc.index, tc.function.name, json.loads(tc.function.arguments)) for tc in calls] == [
+        (0, "get_weather", {"city": "Paris"})
+    ]
     assert calls[0].id.startswith("call_") and chunks[-1].choices[0].finish_reason == "tool_calls"
 
 
@@ -74,18 +83,22 @@ def test_a_call_cut_by_max_tokens_comes_back_as_text_not_dropped(client, live):
     text = r.choices[0].message.content
     assert CALL.startswith(text) and text.startswith("<tool_call>") and len(text) < len(CALL)
     assert r.choices[0].message.tool_calls is None and r.choices[0].finish_reason == "length"
-    chunks = list(client.chat.completions.create(model="scripted", messages=USER, tools=TOOLS, max_tokens=8,
-                                                 stream=True))
+    chunks = list(
+        client.chat.completions.create(model="scripted", messages=USER, tools=TOOLS, max_tokens=8, stream=True)
+    )
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == text
     assert not any(c.choices[0].delta.tool_calls for c in chunks)
 
 
-@pytest.mark.parametrize("script", [
-    '<tool_call>\n{"name": get_weather, "arguments": {}}\n</tool_call>',  # not JSON
-    '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>',  # not one of the tools
-    '<tool_call>\n{"name": "get_weather", "arguments": {"town": "Oslo"}}\n</tool_call>',  # not its schema
-    'Sure: <tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call> done',  # text after
-])
+@pytest.mark.parametrize(
+    "script",
+    [
+        '<tool_call>\n{"name": get_weather, "arguments": {}}\n</tool_call>',  # not JSON
+        '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>',  # not one of the tools
+        '<tool_call>\n{"name": "get_weather", "arguments": {"town": "Oslo"}}\n</tool_call>',  # not its schema
+        'Sure: <tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call> done',  # text after
+    ],
+)
 def test_with_tools_the_grammar_refuses_a_call_that_breaks_the_format(client, live, script):
     """The scripted model can write nothing but its script: where the grammar refuses the script's next token,
     no token is left, and the request fails (a real model's next allowed token would be sampled instead)."""
@@ -115,8 +128,9 @@ def test_tool_choice_none_required_and_named(live, client):
     r = client.chat.completions.create(model="scripted", messages=USER, tools=TOOLS, tool_choice=named)
     [call] = r.choices[0].message.tool_calls
     assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Rome"}
-    chunks = list(client.chat.completions.create(model="scripted", messages=USER, tools=TOOLS, tool_choice=named,
-                                                 stream=True))
+    chunks = list(
+        client.chat.completions.create(model="scripted", messages=USER, tools=TOOLS, tool_choice=named, stream=True)
+    )
     [call] = [tc for c in chunks for tc in c.choices[0].delta.tool_calls or []]
     assert json.loads(call.function.arguments) == {"city": "Rome"}
 
@@ -131,8 +145,11 @@ def test_a_tool_round_trip_renders_the_call_and_its_result(live, client):
     first = client.chat.completions.create(model="scripted", messages=USER, tools=TOOLS)
     call = first.choices[0].message.tool_calls[0]
     live.engine.script = "It is sunny."
-    messages = [*USER, first.choices[0].message,  # the client's own message object, sent back as is
-                {"role": "tool", "tool_call_id": call.id, "content": '{"sky": "clear"}'}]
+    messages = [
+        *USER,
+        first.choices[0].message,  # the client's own message object, sent back as is
+        {"role": "tool", "tool_call_id": call.id, "content": '{"sky": "clear"}'},
+    ]
     r = client.chat.completions.create(model="scripted", messages=messages, tools=TOOLS)
     prompt = last_prompt(live)
     assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>' in prompt
@@ -175,8 +192,7 @@ def test_a_full_queue_gets_429_and_a_long_wait_503(live, client):
 
     def queued() -> None:
         start = time.monotonic()
-        waited["response"] = httpx.post(live.url + "/v1/completions", json={"prompt": "y", "max_tokens": 3},
-                                        timeout=30)
+        waited["response"] = httpx.post(live.url + "/v1/completions", json={"prompt": "y", "max_tokens": 3}, timeout=30)
         waited["seconds"] = time.monotonic() - start
 
     t = threading.Thread(target=queued)
@@ -212,8 +228,9 @@ def test_a_client_that_gives_up_without_streaming_frees_its_slot(live):
     live.engine.script = "a b c d e f g h"
     before = live.wait_idle()
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(live.url + "/v1/completions", json={"prompt": "x", "max_tokens": 400, "ignore_eos": True},
-                   timeout=0.5)
+        httpx.post(
+            live.url + "/v1/completions", json={"prompt": "x", "max_tokens": 400, "ignore_eos": True}, timeout=0.5
+        )
     after = live.wait_idle(timeout=3)
     assert after["cancelled"] == before["cancelled"] + 1 and after["completed"] == before["completed"]
 
@@ -246,8 +263,9 @@ def test_a_request_that_fails_in_the_shared_step_fails_alone(live, client):
         beside = Streamer(live.url, **body)
         beside.start()
         live.wait_for(lambda h: h["running"] == 1)
-        r = httpx.post(live.url + "/v1/completions", json={"prompt": "POISON", "max_tokens": 20, "stream": stream},
-                       timeout=30)
+        r = httpx.post(
+            live.url + "/v1/completions", json={"prompt": "POISON", "max_tokens": 20, "stream": stream}, timeout=30
+        )
         if stream:
             events = [json.loads(x[6:]) for x in r.text.splitlines() if x.startswith("data: {")]
             assert r.status_code == 200 and events[-1]["error"]["code"] == "generation_failed"
@@ -295,8 +313,13 @@ def test_shutdown_aborts_what_is_left_after_the_grace_period_and_closes_cleanly(
     s = Streamer(server.url, max_tokens=400, ignore_eos=True)  # about 8 s of work
     s.start()
     plain: dict = {}
-    t = threading.Thread(target=lambda: plain.update(r=httpx.post(
-        server.url + "/v1/completions", json={"prompt": "x", "max_tokens": 400, "ignore_eos": True}, timeout=30)))
+    t = threading.Thread(
+        target=lambda: plain.update(
+            r=httpx.post(
+                server.url + "/v1/completions", json={"prompt": "x", "max_tokens": 400, "ignore_eos": True}, timeout=30
+            )
+        )
+    )
     t.start()
     server.wait_for(lambda h: h["running"] == 2)
     start = time.monotonic()
@@ -311,8 +334,10 @@ def test_shutdown_aborts_what_is_left_after_the_grace_period_and_closes_cleanly(
 
 def test_sse_wire_format(live):
     live.engine.script = "hi there, a b c d"  # at 10 ms a step, tokens arrive one by one
-    with httpx.Client() as h, h.stream("POST", live.url + "/v1/chat/completions",
-                                       json={"messages": USER, "stream": True}) as r:
+    with (
+        httpx.Client() as h,
+        h.stream("POST", live.url + "/v1/chat/completions", json={"messages": USER, "stream": True}) as r,
+    ):
         assert r.headers["content-type"].startswith("text/event-stream")
         assert r.headers["cache-control"] == "no-cache"
         events = sse_events(r)
@@ -327,7 +352,9 @@ def test_text_with_unicode_line_separators_stays_one_event_per_line(live):
     """httpx (like str.splitlines) also breaks lines at U+0085, U+2028, U+2029: they must be escaped."""
     text = "a\u2028b\u2029c\x85d\x1ce\r\nf\u00e9\U0001f40d"
     live.engine.script = text
-    with httpx.Client() as h, h.stream("POST", live.url + "/v1/completions",
-                                       json={"prompt": "x", "stream": True, "max_tokens": 100}) as r:
+    with (
+        httpx.Client() as h,
+        h.stream("POST", live.url + "/v1/completions", json={"prompt": "x", "stream": True, "max_tokens": 100}) as r,
+    ):
         events = sse_events(r)  # json.loads of every line: a split line would fail here
     assert "".join(e["choices"][0]["text"] for e in events[:-1]) == text

@@ -27,12 +27,15 @@ def test_one_call_becomes_a_tool_call_and_leaves_no_content():
     assert call.name == "get_weather"
     assert json.loads(call.arguments) == {"city": "Paris", "days": 2}
     assert call.id.startswith("call_") and len(call.id) == 29
-    assert call.to_openai() == {"id": call.id, "type": "function",
-                                "function": {"name": "get_weather", "arguments": call.arguments}}
+    assert call.to_openai() == {
+        "id": call.id,
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": call.arguments},
+    }
 
 
 def test_text_around_calls_is_content_and_several_calls_keep_their_order():
-    text = f"Let me check.\n{WEATHER}\n<tool_call>{{\"name\": \"now\"}}</tool_call>\n\nDone."
+    text = f'Let me check.\n{WEATHER}\n<tool_call>{{"name": "now"}}</tool_call>\n\nDone.'
     out = P.parse(text)
     assert [c.name for c in out.tool_calls] == ["get_weather", "now"]
     assert out.tool_calls[1].arguments == "{}"  # no arguments: an empty object
@@ -50,19 +53,22 @@ def test_unicode_arguments_survive():
     assert json.loads(out.tool_calls[0].arguments) == {"text": "héllo ✓"}
 
 
-@pytest.mark.parametrize("block", [
-    "<tool_call>{not json}</tool_call>",
-    '<tool_call>{"arguments": {}}</tool_call>',  # no name
-    '<tool_call>{"name": "", "arguments": {}}</tool_call>',
-    '<tool_call>{"name": 3, "arguments": {}}</tool_call>',
-    '<tool_call>{"name": "f", "arguments": [1, 2]}</tool_call>',
-    '<tool_call>{"name": "f", "arguments": "not json"}</tool_call>',
-    '<tool_call>{"name": "f", "arguments": "[1]"}</tool_call>',
-    '<tool_call>["f", {}]</tool_call>',
-    '<tool_call>{"name": "f"} {"name": "g"}</tool_call>',
-    "<tool_call></tool_call>",
-    '<tool_call>{"name": "f", "arguments": {}}',  # unterminated: generation stopped inside the call
-])
+@pytest.mark.parametrize(
+    "block",
+    [
+        "<tool_call>{not json}</tool_call>",
+        '<tool_call>{"arguments": {}}</tool_call>',  # no name
+        '<tool_call>{"name": "", "arguments": {}}</tool_call>',
+        '<tool_call>{"name": 3, "arguments": {}}</tool_call>',
+        '<tool_call>{"name": "f", "arguments": [1, 2]}</tool_call>',
+        '<tool_call>{"name": "f", "arguments": "not json"}</tool_call>',
+        '<tool_call>{"name": "f", "arguments": "[1]"}</tool_call>',
+        '<tool_call>["f", {}]</tool_call>',
+        '<tool_call>{"name": "f"} {"name": "g"}</tool_call>',
+        "<tool_call></tool_call>",
+        '<tool_call>{"name": "f", "arguments": {}}',  # unterminated: generation stopped inside the call
+    ],
+)
 def test_malformed_calls_stay_in_the_content_verbatim(block):
     text = f"before {block} after"
     out = P.parse(text)
@@ -93,8 +99,11 @@ def test_a_call_written_in_the_call_format_parses_back():
     out = P.parse(fmt.begin + json.dumps(body) + fmt.end + fmt.separator + fmt.begin + json.dumps(body) + fmt.end)
     assert [(c.name, json.loads(c.arguments)) for c in out.tool_calls] == [("get_weather", {"city": "Oslo"})] * 2
     assert out.content is None
-    assert fmt.body_schema("now", None)["properties"]["arguments"] == {"type": "object", "properties": {},
-                                                                       "additionalProperties": False}
+    assert fmt.body_schema("now", None)["properties"]["arguments"] == {
+        "type": "object",
+        "properties": {},
+        "additionalProperties": False,
+    }
 
 
 def _stream(text: str, cuts: list[int]) -> tuple[str, list]:
@@ -109,16 +118,19 @@ def _stream(text: str, cuts: list[int]) -> tuple[str, list]:
     return streamed + (rest.content or ""), calls + rest.tool_calls
 
 
-@pytest.mark.parametrize("text", [
-    "no calls at all, just text  \n",
-    f"Sure.\n\n{WEATHER}",
-    f"{WEATHER}\n{WEATHER}",
-    f"x <tool_call>{{bad}}</tool_call> y {WEATHER} z",
-    "ends with a partial marker <tool_",
-    "ends inside a call <tool_call>{\"name\": \"f\"",
-    "<<tool_call>{\"name\": \"f\"}</tool_call>>",
-    "   ",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "no calls at all, just text  \n",
+        f"Sure.\n\n{WEATHER}",
+        f"{WEATHER}\n{WEATHER}",
+        f"x <tool_call>{{bad}}</tool_call> y {WEATHER} z",
+        "ends with a partial marker <tool_",
+        'ends inside a call <tool_call>{"name": "f"',
+        '<<tool_call>{"name": "f"}</tool_call>>',
+        "   ",
+    ],
+)
 def test_streaming_in_any_pieces_equals_parsing_the_whole(text):
     whole = P.parse(text)
     rng = random.Random(0)
@@ -135,7 +147,7 @@ def test_streaming_sends_text_before_the_marker_early_and_holds_a_partial_marker
     assert s.feed(" wor") == " wor"
     assert s.feed("ld <tool") == "ld"  # " <tool" could open a call: held back
     assert s.feed("box>") == " <toolbox>"  # it did not
-    assert s.feed("\n<tool_call>{\"name\": \"f\"}") == ""
+    assert s.feed('\n<tool_call>{"name": "f"}') == ""
     assert s.calls() == []
     assert s.feed("</tool_call>") == ""
     [call] = s.calls()  # complete: sent before the choice ends
@@ -148,8 +160,10 @@ def test_parsers_are_pluggable_by_name_or_import_path():
     assert isinstance(get_tool_parser("hermes"), HermesToolCallParser)
     custom = get_tool_parser("support.serving:CallLineParser")
     assert isinstance(custom, ToolCallParser)
-    assert [c.name for c in custom.parse('CALL {"name": "f", "arguments": {}}\nCALL {"name": "g", '
-                                         '"arguments": {}}').tool_calls] == ["f", "g"]
+    assert [
+        c.name
+        for c in custom.parse('CALL {"name": "f", "arguments": {}}\nCALL {"name": "g", "arguments": {}}').tool_calls
+    ] == ["f", "g"]
     with pytest.raises(LoopcoderError, match="unknown tool parser"):
         get_tool_parser("nope")
     with pytest.raises(LoopcoderError, match="cannot import"):

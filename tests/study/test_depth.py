@@ -28,8 +28,7 @@ def test_compare_in_words_claims_only_what_the_intervals_support():
     assert text.endswith("within noise at k = 2")
     none = compare_in_words("PLT-3", "PLT-2", {2: straddles, 3: Difference(-0.08, -0.2, 0.01, 400)})
     assert "beyond noise" not in none.replace("do not differ beyond noise", "")
-    assert none == ("PLT-3 and PLT-2 do not differ beyond noise at any k (largest gap k=3: -8.0 points "
-                    "[-20.0, +1.0])")
+    assert none == ("PLT-3 and PLT-2 do not differ beyond noise at any k (largest gap k=3: -8.0 points [-20.0, +1.0])")
     # an interval touching 0 is not "beyond noise"
     edge = compare_in_words("b", "a", {3: Difference(0.2, 0.0, 0.4, 10)})
     assert "do not differ" in edge
@@ -68,14 +67,20 @@ def _config(run_dir: str) -> dict:
 def test_runs_are_matched_except_for_the_architecture(study_run):
     preset, out, _, _ = study_run
     s = preset.depth
-    results = {f"{m.key}-s{seed}": json.loads((out / "stages" / f"depth-{m.key}-s{seed}.json").read_text())["result"]
-               for m in s.models for seed in s.seeds}
+    results = {
+        f"{m.key}-s{seed}": json.loads((out / "stages" / f"depth-{m.key}-s{seed}.json").read_text())["result"]
+        for m in s.models
+        for seed in s.seeds
+    }
     for seed in s.seeds:
         configs = {m.key: _config(results[f"{m.key}-s{seed}"]["run_dir"]) for m in s.models}
         for m in s.models:
             c = configs[m.key]
-            assert (c["model"]["loops"], c["model"]["architecture"], c["model"]["loop_offset"]) == \
-                (m.loops, m.architecture, m.loop_offset)
+            assert (c["model"]["loops"], c["model"]["architecture"], c["model"]["loop_offset"]) == (
+                m.loops,
+                m.architecture,
+                m.loop_offset,
+            )
             assert c["seed"] == seed and c["stage"] == "pretrain"
             for key in ("loops", "architecture", "loop_offset"):
                 c["model"].pop(key)
@@ -94,8 +99,9 @@ def test_every_model_answers_the_same_held_out_items(study_run):
     s = preset.depth
     files = json.loads((out / "stages" / "depth-eval.json").read_text())["result"]["files"]
     assert set(files) == {f"{m.key}-s{seed}" for m in s.models for seed in s.seeds}
-    sizes = {key: {k: len(v["correct"]) for k, v in json.loads(Path(f).read_text()).items()}
-             for key, f in files.items()}
+    sizes = {
+        key: {k: len(v["correct"]) for k, v in json.loads(Path(f).read_text()).items()} for key, f in files.items()
+    }
     assert len({tuple(sorted(v.items())) for v in sizes.values()}) == 1
     assert set(next(iter(sizes.values()))) == {str(k) for k in s.eval_lengths}
 
@@ -126,8 +132,9 @@ def test_report_leads_with_the_depth_probe_and_its_claims_match_the_intervals(st
         assert finding in text
     comps = summary["comparisons"]
     claimed = re.search(r"PLT-2 beats R=1 beyond noise at k = ([\d, ]+)", text)
-    clear = sorted(int(k) for k, v in comps["plt2 - r1"].items() if k != "fresh" and v["distinguishable"]
-                   and v["mean"] > 0)
+    clear = sorted(
+        int(k) for k, v in comps["plt2 - r1"].items() if k != "fresh" and v["distinguishable"] and v["mean"] > 0
+    )
     assert (claimed is None and not clear) or [int(k) for k in claimed.group(1).split(", ")] == clear
     assert "**Does PLT-2 beat R = 1?**" in text and "**PLT-2 against its no-offset twin:**" in text
     assert "effective depth" in text and "passes per token" in text and "Convergence: validation answer loss" in text
@@ -157,8 +164,10 @@ def _made_up(acc: dict[str, dict[int, list[float]]], items: int = 200):
     s = DepthSettings(models=models, seeds=(0, 1, 2), eval_lengths=(1, 2, 3))
     correct = {}
     for key, by_k in acc.items():
-        correct[key] = {k: np.array([(np.arange(items) < share * items).astype(float) for share in shares])
-                        for k, shares in by_k.items()}
+        correct[key] = {
+            k: np.array([(np.arange(items) < share * items).astype(float) for share in shares])
+            for k, shares in by_k.items()
+        }
     cost = {m.key: {"latency_s": 1e-3 * (1 if m.single_pass else m.loops)} for m in models}
     return DepthData(s, correct, {}, cost, {})
 
@@ -166,12 +175,14 @@ def _made_up(acc: dict[str, dict[int, list[float]]], items: int = 200):
 def test_findings_on_made_up_results():
     from loopcoder.study.depth_report import comparisons, findings
 
-    d = _made_up({
-        "r1": {1: [1, 1, 1], 2: [0.9, 0.9, 0.9], 3: [0.2, 0.25, 0.2]},
-        "plt2": {1: [1, 1, 1], 2: [0.9, 0.95, 0.9], 3: [0.7, 0.6, 0.8]},  # better at k = 3 in every seed
-        "plt3": {1: [1, 1, 1], 2: [0.6, 0.5, 0.55], 3: [0.3, 0.3, 0.35]},  # worse than PLT-2
-        "plt2-no-offset": {1: [1, 1, 1], 2: [0.9, 0.95, 0.9], 3: [0.9, 0.2, 0.7]},  # seed-dependent
-    })
+    d = _made_up(
+        {
+            "r1": {1: [1, 1, 1], 2: [0.9, 0.9, 0.9], 3: [0.2, 0.25, 0.2]},
+            "plt2": {1: [1, 1, 1], 2: [0.9, 0.95, 0.9], 3: [0.7, 0.6, 0.8]},  # better at k = 3 in every seed
+            "plt3": {1: [1, 1, 1], 2: [0.6, 0.5, 0.55], 3: [0.3, 0.3, 0.35]},  # worse than PLT-2
+            "plt2-no-offset": {1: [1, 1, 1], 2: [0.9, 0.95, 0.9], 3: [0.9, 0.2, 0.7]},  # seed-dependent
+        }
+    )
     diffs = {(a, b): d.difference(a, b) for a, b, _ in comparisons(d)}
     text = "\n".join(findings(d, diffs))
     assert "PLT-2 beats R=1 beyond noise at k = 3 " in text and "within noise at k = 1, 2" in text

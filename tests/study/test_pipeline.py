@@ -16,16 +16,25 @@ from loopcoder.study import Study, get_preset
 
 pytestmark = pytest.mark.slow  # end-to-end: seconds each
 
+
 def test_every_stage_runs_and_the_report_has_every_section(study_run):
     preset, out, report, _log = study_run
     assert report == out / "report.md" and report.is_file()
     text = report.read_text()
-    sections = ["## What a second loop buys: the depth probe", "### Gain against cost",
-                "### The loop diagnostics on the depth models", "## The code language model",
-                "### Results per loop count", "### Code reasoning by number of dependent steps",
-                "### Does each extra loop help? Paired comparisons", "### Is the effect of R monotonic?",
-                "### What each loop count costs", "### Loop diagnostics, side by side",
-                "### Recommendation for the code model", "## Files"]
+    sections = [
+        "## What a second loop buys: the depth probe",
+        "### Gain against cost",
+        "### The loop diagnostics on the depth models",
+        "## The code language model",
+        "### Results per loop count",
+        "### Code reasoning by number of dependent steps",
+        "### Does each extra loop help? Paired comparisons",
+        "### Is the effect of R monotonic?",
+        "### What each loop count costs",
+        "### Loop diagnostics, side by side",
+        "### Recommendation for the code model",
+        "## Files",
+    ]
     at = [text.index(section) for section in sections]
     assert at == sorted(at)  # the depth probe leads
     assert "R=2 vs R=1" in text and ("distinguishable from noise" in text or "within noise" in text)
@@ -53,8 +62,10 @@ def test_models_are_matched_except_for_the_loop_count(study_run):
         assert len({configs[R][key] for R in configs}) == 1, key
     assert [configs[R]["plt_num_loops"] for R in (1, 2, 3)] == [1, 2, 3]
     items = [json.loads((out / "eval" / f"R{R}" / "results.json").read_text())["tasks"]["reasoning"] for R in (1, 2, 3)]
-    ids = [[row["id"] for k in sorted(t["styles"]["chat"]["examples"]) for row in t["styles"]["chat"]["examples"][k]]
-           for t in items]
+    ids = [
+        [row["id"] for k in sorted(t["styles"]["chat"]["examples"]) for row in t["styles"]["chat"]["examples"][k]]
+        for t in items
+    ]
     assert ids[0] == ids[1] == ids[2]  # the same held-out items for every R: paired comparisons are valid
 
 
@@ -85,8 +96,10 @@ def test_study_does_not_import_benchmarks():
     import subprocess
     import sys
 
-    code = "import sys, loopcoder.study.pipeline, loopcoder.study.report, loopcoder.study.cost; " \
-           "print([m for m in sys.modules if m.startswith('loopcoder.bench')])"
+    code = (
+        "import sys, loopcoder.study.pipeline, loopcoder.study.report, loopcoder.study.cost; "
+        "print([m for m in sys.modules if m.startswith('loopcoder.bench')])"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 

@@ -11,9 +11,15 @@ from loopcoder.constraints import Constraint, GrammarCompiler, mask_logits
 # they cover nested objects, arrays of objects, enums, consts, numbers with bounds, booleans, nulls, required
 # and optional properties, anyOf.
 SCHEMAS = {
-    "flat": {"type": "object", "properties": {"name": {"type": "string", "maxLength": 6},
-                                              "age": {"type": "integer", "minimum": 0, "maximum": 120}},
-             "required": ["name", "age"], "additionalProperties": False},
+    "flat": {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 6},
+            "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        },
+        "required": ["name", "age"],
+        "additionalProperties": False,
+    },
     "nested": {
         "type": "object",
         "properties": {
@@ -22,25 +28,58 @@ SCHEMAS = {
             "score": {"type": "number", "minimum": -1, "maximum": 1},
             "draft": {"type": "boolean"},
             "tags": {"type": "array", "items": {"type": "string", "maxLength": 4}, "maxItems": 3},
-            "author": {"type": "object", "properties": {"login": {"type": "string", "maxLength": 8},
-                                                        "admin": {"type": "boolean"}},
-                       "required": ["login"], "additionalProperties": False},
-            "files": {"type": "array", "minItems": 1, "maxItems": 2, "items": {
-                "type": "object", "properties": {"path": {"type": "string", "maxLength": 10},
-                                                 "lines": {"type": "integer", "minimum": 1, "maximum": 50}},
-                "required": ["path", "lines"], "additionalProperties": False}},
+            "author": {
+                "type": "object",
+                "properties": {"login": {"type": "string", "maxLength": 8}, "admin": {"type": "boolean"}},
+                "required": ["login"],
+                "additionalProperties": False,
+            },
+            "files": {
+                "type": "array",
+                "minItems": 1,
+                "maxItems": 2,
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "path": {"type": "string", "maxLength": 10},
+                        "lines": {"type": "integer", "minimum": 1, "maximum": 50},
+                    },
+                    "required": ["path", "lines"],
+                    "additionalProperties": False,
+                },
+            },
         },
-        "required": ["id", "status", "author", "files"], "additionalProperties": False},
-    "choice": {"type": "object", "properties": {
-        "kind": {"const": "answer"},
-        "value": {"anyOf": [{"type": "integer", "minimum": 0, "maximum": 9}, {"type": "null"},
-                            {"type": "array", "items": {"enum": [1, 2.5, "x"]}, "maxItems": 2}]}},
-        "required": ["kind", "value"], "additionalProperties": False},
+        "required": ["id", "status", "author", "files"],
+        "additionalProperties": False,
+    },
+    "choice": {
+        "type": "object",
+        "properties": {
+            "kind": {"const": "answer"},
+            "value": {
+                "anyOf": [
+                    {"type": "integer", "minimum": 0, "maximum": 9},
+                    {"type": "null"},
+                    {"type": "array", "items": {"enum": [1, 2.5, "x"]}, "maxItems": 2},
+                ]
+            },
+        },
+        "required": ["kind", "value"],
+        "additionalProperties": False,
+    },
 }
 
 
-def random_walk(compiler: GrammarCompiler, constraint: Constraint, seed: int, *, end_ids=(2,), prefix=(),
-                max_tokens: int = 200, scale: float = 3.0) -> tuple[list[int], str]:
+def random_walk(
+    compiler: GrammarCompiler,
+    constraint: Constraint,
+    seed: int,
+    *,
+    end_ids=(2,),
+    prefix=(),
+    max_tokens: int = 200,
+    scale: float = 3.0,
+) -> tuple[list[int], str]:
     """Sample tokens from random logits under the constraint's mask until it ends; (tokens, why it ended:
     "end" a stop token, "done" the grammar is complete, "length")."""
     m = compiler.matcher(constraint, end_ids)

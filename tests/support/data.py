@@ -76,7 +76,6 @@ def small_build(tmp: Path, name: str = "data", **overrides) -> tuple[Path, dict]
     return out, manifest
 
 
-
 def tiny_model_dir(tmp: Path, max_positions: int) -> tuple[Path, Path]:
     """A random 2-loop PLT (hidden 32) saved with the tokenizer of `small_build`: (model dir, data dir)."""
     import contextlib
@@ -87,8 +86,29 @@ def tiny_model_dir(tmp: Path, max_positions: int) -> tuple[Path, Path]:
     data, _ = small_build(tmp, seq_len=64)
     out = tmp / "model"
     with contextlib.redirect_stdout(io.StringIO()):
-        assert main(["init", "--out", str(out), "--hidden-size", "32", "--layers", "2", "--heads", "4",
-                     "--vocab-size", "400", "--window", "4", "--max-positions", str(max_positions),
-                     "--loops", "2"]) == 0
+        assert (
+            main(
+                [
+                    "init",
+                    "--out",
+                    str(out),
+                    "--hidden-size",
+                    "32",
+                    "--layers",
+                    "2",
+                    "--heads",
+                    "4",
+                    "--vocab-size",
+                    "400",
+                    "--window",
+                    "4",
+                    "--max-positions",
+                    str(max_positions),
+                    "--loops",
+                    "2",
+                ]
+            )
+            == 0
+        )
     T.save_tokenizer(T.load_raw_tokenizer(data), out, model_max_length=max_positions)
     return out, data

@@ -16,9 +16,20 @@ ARCHS = {"plt": {}, "vanilla": {"loop_architecture": "vanilla"}, "no-offset": {"
 
 def tiny_config(**overrides) -> PLTConfig:
     """A model small enough for explicit-loop references: GQA (4 heads over 2), window 3."""
-    fields = dict(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=8, max_position_embeddings=128, plt_num_loops=2,
-                  plt_window_size=[3, 0], rope_theta=10000.0, pad_token_id=0)
+    fields = dict(
+        vocab_size=61,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=128,
+        plt_num_loops=2,
+        plt_window_size=[3, 0],
+        rope_theta=10000.0,
+        pad_token_id=0,
+    )
     fields.update(overrides)
     return PLTConfig(**fields)
 
@@ -48,15 +59,31 @@ def released_style_dir(tmp_path, **overrides):
     model = tiny_model(dtype=torch.float32, **overrides)
     cfg = model.config
     config = {
-        "architectures": ["IQuestPLTCoderForCausalLM"], "model_type": "iquestpltcoder",
-        "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_hidden_layers,
-        "num_attention_heads": cfg.num_attention_heads, "num_key_value_heads": cfg.num_key_value_heads,
-        "head_dim": cfg.head_dim, "intermediate_size": cfg.intermediate_size, "vocab_size": cfg.vocab_size,
-        "max_position_embeddings": cfg.max_position_embeddings, "rope_theta": cfg.rope_theta, "rms_norm_eps": 1e-5,
-        "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False,
-        "plt_num_loops": cfg.plt_num_loops, "plt_window_size": [3, 0], "plt_emb_scale": 0.707,
-        "plt_hidden_scale": 0.053, "plt_normalize_per_loop": True, "plt_gate_use_hidden_states": True,
-        "bos_token_id": 1, "eos_token_id": 2, "dtype": "bfloat16",
+        "architectures": ["IQuestPLTCoderForCausalLM"],
+        "model_type": "iquestpltcoder",
+        "hidden_size": cfg.hidden_size,
+        "num_hidden_layers": cfg.num_hidden_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_key_value_heads,
+        "head_dim": cfg.head_dim,
+        "intermediate_size": cfg.intermediate_size,
+        "vocab_size": cfg.vocab_size,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "rope_theta": cfg.rope_theta,
+        "rms_norm_eps": 1e-5,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        "tie_word_embeddings": False,
+        "plt_num_loops": cfg.plt_num_loops,
+        "plt_window_size": [3, 0],
+        "plt_emb_scale": 0.707,
+        "plt_hidden_scale": 0.053,
+        "plt_normalize_per_loop": True,
+        "plt_gate_use_hidden_states": True,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "dtype": "bfloat16",
     }
     (tmp_path / "config.json").write_text(json.dumps(config))
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "model.safetensors"))
@@ -69,4 +96,4 @@ def full_recompute_greedy(model: PLTForCausalLM, prompt: list[int], n: int) -> l
     with torch.no_grad():
         for _ in range(n):
             seq = torch.cat([seq, model(seq).logits[:, -1].argmax(-1, keepdim=True)], 1)
-    return seq[0, len(prompt):].tolist()
+    return seq[0, len(prompt) :].tolist()

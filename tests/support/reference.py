@@ -41,8 +41,13 @@ def _silu(x: torch.Tensor) -> torch.Tensor:
 def reference_logits(cfg, state: dict[str, torch.Tensor], ids: list[int]) -> torch.Tensor:
     """Logits (S, vocab) of one sequence for a PLT or vanilla looped model with these weights."""
     W = {k: v.detach().double() for k, v in state.items()}
-    L, R, H, Hkv, hd = (cfg.num_hidden_layers, cfg.plt_num_loops, cfg.num_attention_heads,
-                        cfg.num_key_value_heads, cfg.head_dim)
+    L, R, H, Hkv, hd = (
+        cfg.num_hidden_layers,
+        cfg.plt_num_loops,
+        cfg.num_attention_heads,
+        cfg.num_key_value_heads,
+        cfg.head_dim,
+    )
     group = H // Hkv
     eps, theta, w = cfg.rms_norm_eps, cfg.rope_theta, cfg.plt_window_size[0]
     a = 1.0 if cfg.plt_emb_scale is None else cfg.plt_emb_scale
@@ -86,14 +91,19 @@ def reference_logits(cfg, state: dict[str, torch.Tensor], ids: list[int]) -> tor
                 for i in range(H):
                     j = i // group
                     if r == 0 or vanilla:  # causal over this loop's own keys 0..t
-                        y = _attend(q[i], [K[r][layer][s][j] for s in range(t + 1)],
-                                    [V[r][layer][s][j] for s in range(t + 1)])
+                        y = _attend(
+                            q[i], [K[r][layer][s][j] for s in range(t + 1)], [V[r][layer][s][j] for s in range(t + 1)]
+                        )
                     else:
-                        y_g = _attend(q[i], [K[0][layer][s][j] for s in range(t + 1)],
-                                      [V[0][layer][s][j] for s in range(t + 1)])
+                        y_g = _attend(
+                            q[i], [K[0][layer][s][j] for s in range(t + 1)], [V[0][layer][s][j] for s in range(t + 1)]
+                        )
                         lo = max(0, t - w)
-                        y_l = _attend(q[i], [K[r][layer][s][j] for s in range(lo, t + 1)],
-                                      [V[r][layer][s][j] for s in range(lo, t + 1)])
+                        y_l = _attend(
+                            q[i],
+                            [K[r][layer][s][j] for s in range(lo, t + 1)],
+                            [V[r][layer][s][j] for s in range(lo, t + 1)],
+                        )
                         gw, gb = W[p + "self_attn.plt_gate.weight"], W[p + "self_attn.plt_gate.bias"]
                         if cfg.plt_gate_use_hidden_states:
                             gx = _rms(x, W[p + "self_attn.plt_gate.gate_norm.weight"], eps)

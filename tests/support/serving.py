@@ -29,11 +29,36 @@ def build_model_dir(out: Path, context: int = CONTEXT) -> Path:
     from loopcoder.data import tokenizer as T
 
     text = "".join(inspect.getsource(m) for m in (engine, model, sampling))
-    tok = T.train_tokenizer((text[i:i + 2000] for i in range(0, len(text), 2000)), vocab_size=400)
+    tok = T.train_tokenizer((text[i : i + 2000] for i in range(0, len(text), 2000)), vocab_size=400)
     with contextlib.redirect_stdout(io.StringIO()):
-        assert main(["init", "--out", str(out), "--hidden-size", "32", "--layers", "2", "--heads", "4",
-                     "--kv-heads", "2", "--vocab-size", "400", "--window", "4", "--max-positions", str(context),
-                     "--loops", "2", "--seed", "0"]) == 0
+        assert (
+            main(
+                [
+                    "init",
+                    "--out",
+                    str(out),
+                    "--hidden-size",
+                    "32",
+                    "--layers",
+                    "2",
+                    "--heads",
+                    "4",
+                    "--kv-heads",
+                    "2",
+                    "--vocab-size",
+                    "400",
+                    "--window",
+                    "4",
+                    "--max-positions",
+                    str(context),
+                    "--loops",
+                    "2",
+                    "--seed",
+                    "0",
+                ]
+            )
+            == 0
+        )
     T.save_tokenizer(tok, out, model_max_length=context)  # after init, which writes the directory anew
     return out
 
@@ -147,8 +172,17 @@ class ScriptedEngine(Engine):
         return events
 
 
-def scripted_app(model, tokenizer, *, script: str = "hello", delay: float = 0.0, max_batch: int = 4,
-                 max_queue: int = 8, queue_timeout: float = 10.0, **settings):
+def scripted_app(
+    model,
+    tokenizer,
+    *,
+    script: str = "hello",
+    delay: float = 0.0,
+    max_batch: int = 4,
+    max_queue: int = 8,
+    queue_timeout: float = 10.0,
+    **settings,
+):
     from loopcoder.serving.app import ServerSettings, create_app
     from loopcoder.serving.scheduler import Scheduler
 
@@ -163,7 +197,7 @@ def sse_events(response: httpx.Response) -> list:
     out = []
     for line in response.iter_lines():
         if line.startswith("data: "):
-            data = line[len("data: "):]
+            data = line[len("data: ") :]
             out.append(data if data == "[DONE]" else json.loads(data))
     return out
 
@@ -180,7 +214,7 @@ class CallLineParser:
         calls = []
         for line in text.splitlines():
             if line.startswith(self.start_marker):
-                body = json.loads(line[len(self.start_marker):])
+                body = json.loads(line[len(self.start_marker) :])
                 calls.append(ToolCall(body["name"], json.dumps(body["arguments"])))
         return ParsedOutput(None if calls else text, calls)
 

@@ -37,9 +37,17 @@ def data_dir() -> Path:
         build(BuildConfig(corpus=spec, vocab_size=300, seq_len=64), out, log=quiet)
     (out / "instructions").mkdir()
     for split, n in (("train", 48), ("validation", 8)):
-        lines = [json.dumps({"messages": [
-            {"role": "user", "content": f"What is {i} + {i + 1}?"},
-            {"role": "assistant", "content": f"{i} + {i + 1} = {2 * i + 1}"}]}) for i in range(n)]
+        lines = [
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "user", "content": f"What is {i} + {i + 1}?"},
+                        {"role": "assistant", "content": f"{i} + {i + 1} = {2 * i + 1}"},
+                    ]
+                }
+            )
+            for i in range(n)
+        ]
         (out / "instructions" / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
     _CACHE["data"] = out
     return out
@@ -47,24 +55,51 @@ def data_dir() -> Path:
 
 def tiny_overrides(data: Path, out: Path, **extra: Any) -> list[str]:
     """A model of ~60k parameters on rows of 32 tokens: a step takes milliseconds."""
-    base = {"data.dir": str(data), "data.seq_len": 32, "out": str(out), "model.hidden_size": 32, "model.layers": 2,
-            "model.heads": 4, "model.kv_heads": 2, "model.intermediate_size": 64, "model.window": 8,
-            "model.loops": 2, "train.steps": 6, "train.global_batch_size": 4, "optim.lr": 3e-3,
-            "eval.every": 3, "eval.max_batches": 2, "checkpoint.every": 3, "checkpoint.keep": 0,
-            "logging.tensorboard": False, "logging.progress": "lines", "train.threads": 1,
-            "train.deterministic": True, "distributed.timeout_s": 60}
+    base = {
+        "data.dir": str(data),
+        "data.seq_len": 32,
+        "out": str(out),
+        "model.hidden_size": 32,
+        "model.layers": 2,
+        "model.heads": 4,
+        "model.kv_heads": 2,
+        "model.intermediate_size": 64,
+        "model.window": 8,
+        "model.loops": 2,
+        "train.steps": 6,
+        "train.global_batch_size": 4,
+        "optim.lr": 3e-3,
+        "eval.every": 3,
+        "eval.max_batches": 2,
+        "checkpoint.every": 3,
+        "checkpoint.keep": 0,
+        "logging.tensorboard": False,
+        "logging.progress": "lines",
+        "train.threads": 1,
+        "train.deterministic": True,
+        "distributed.timeout_s": 60,
+    }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
 
 
-def run_cli(args: list[str], env: dict[str, str] | None = None, timeout: float = 180,
-            torchrun: int = 0) -> subprocess.CompletedProcess:
+def run_cli(
+    args: list[str], env: dict[str, str] | None = None, timeout: float = 180, torchrun: int = 0
+) -> subprocess.CompletedProcess:
     """`python -m loopcoder ARGS` (or under torchrun with `torchrun` processes), one thread each."""
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(SRC),
-                **(env or {})}
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(SRC), **(env or {})}
     if torchrun:  # --standalone: the rendezvous binds a free port itself, no race for one
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(torchrun),
-               "-m", "loopcoder", *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            str(torchrun),
+            "-m",
+            "loopcoder",
+            *args,
+        ]
     else:
         cmd = [sys.executable, "-m", "loopcoder", *args]
     try:

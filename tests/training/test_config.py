@@ -12,8 +12,18 @@ from loopcoder.training.run import model_config
 
 
 def test_overrides_are_typed_and_dotted():
-    cfg = load_config("tiny", ["optim.lr=3e-4", "model.loops=3", "optim.betas=[0.8, 0.9]", "model.kv_heads=null",
-                               "train.compile=true", "out=runs/x", "data.sft_train=a.jsonl"])
+    cfg = load_config(
+        "tiny",
+        [
+            "optim.lr=3e-4",
+            "model.loops=3",
+            "optim.betas=[0.8, 0.9]",
+            "model.kv_heads=null",
+            "train.compile=true",
+            "out=runs/x",
+            "data.sft_train=a.jsonl",
+        ],
+    )
     assert cfg.optim.lr == 3e-4 and isinstance(cfg.optim.lr, float)  # YAML 1.1 reads 3e-4 as a string
     assert cfg.model.loops == 3 and cfg.optim.betas == [0.8, 0.9] and cfg.model.kv_heads is None
     assert cfg.train.compile is True and cfg.out == "runs/x" and cfg.data.sft_train == ["a.jsonl"]
@@ -23,21 +33,24 @@ def test_overrides_are_typed_and_dotted():
     assert words.logging.progress == "off" and words.train.compile is True and words.logging.tensorboard is False
 
 
-@pytest.mark.parametrize("override, message", [
-    ("optim.lrr=1", "unknown key 'optim.lrr'; valid keys of optim: optim.lr, optim.betas, optim.eps"),
-    ("optimizer.lr=1", "unknown section 'optimizer'"),
-    ("steps=3", "unknown key 'steps'; valid keys: out, seed"),
-    ("optim=1", "'optim' is a section"),
-    ("optim.lr=fast", "optim.lr: expected float, got 'fast'"),
-    ("train.steps=1.5", "train.steps: expected int, got 1.5"),
-    ("train.compile=maybe", "train.compile: expected bool"),
-    ("model.loops=0", "model.loops=0: must be >= 1"),
-    ("train.precision=fp8", "choose from auto, fp32, bf16"),
-    ("train.attention=flash", "choose from sdpa, flex_attention"),
-    ("schedule.decay=step", "choose from cosine, linear, constant"),
-    ("optim.betas=[0.9]", "optim.betas=[0.9]: must be two numbers"),
-    ("nonsense", "is not KEY=VALUE"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.lrr=1", "unknown key 'optim.lrr'; valid keys of optim: optim.lr, optim.betas, optim.eps"),
+        ("optimizer.lr=1", "unknown section 'optimizer'"),
+        ("steps=3", "unknown key 'steps'; valid keys: out, seed"),
+        ("optim=1", "'optim' is a section"),
+        ("optim.lr=fast", "optim.lr: expected float, got 'fast'"),
+        ("train.steps=1.5", "train.steps: expected int, got 1.5"),
+        ("train.compile=maybe", "train.compile: expected bool"),
+        ("model.loops=0", "model.loops=0: must be >= 1"),
+        ("train.precision=fp8", "choose from auto, fp32, bf16"),
+        ("train.attention=flash", "choose from sdpa, flex_attention"),
+        ("schedule.decay=step", "choose from cosine, linear, constant"),
+        ("optim.betas=[0.9]", "optim.betas=[0.9]: must be two numbers"),
+        ("nonsense", "is not KEY=VALUE"),
+    ],
+)
 def test_bad_overrides_are_one_line_errors_naming_the_key(override, message):
     with pytest.raises(ConfigKeyError) as e:
         load_config("tiny", [override])
@@ -57,10 +70,27 @@ def test_presets_load_and_the_7b_preset_is_the_released_shape():
         load_config(name, stage="sft", extra={"init": "x"})
     mc = model_config(load_config("7b"), vocab_size=76800, seq_len=4096)
     released = released_config()
-    for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                  "num_key_value_heads", "head_dim", "max_position_embeddings", "rope_theta", "rms_norm_eps",
-                  "tie_word_embeddings", "plt_num_loops", "plt_window_size", "plt_emb_scale", "plt_hidden_scale",
-                  "plt_normalize_per_loop", "plt_gate_use_hidden_states", "bos_token_id", "eos_token_id"):
+    for field in (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "max_position_embeddings",
+        "rope_theta",
+        "rms_norm_eps",
+        "tie_word_embeddings",
+        "plt_num_loops",
+        "plt_window_size",
+        "plt_emb_scale",
+        "plt_hidden_scale",
+        "plt_normalize_per_loop",
+        "plt_gate_use_hidden_states",
+        "bos_token_id",
+        "eos_token_id",
+    ):
         assert getattr(mc, field) == getattr(released, field), field
 
 

@@ -27,8 +27,12 @@ def single(tmp_path_factory):
 
 def _close(got: list[dict], want: list[dict], key: str) -> None:
     assert [m["step"] for m in got] == [m["step"] for m in want]
-    torch.testing.assert_close(torch.tensor([m[key] for m in got], dtype=torch.float64),
-                               torch.tensor([m[key] for m in want], dtype=torch.float64), rtol=2e-5, atol=1e-6)
+    torch.testing.assert_close(
+        torch.tensor([m[key] for m in got], dtype=torch.float64),
+        torch.tensor([m[key] for m in want], dtype=torch.float64),
+        rtol=2e-5,
+        atol=1e-6,
+    )
 
 
 def test_fsdp_two_processes_match_one_and_resume_in_one(single, tmp_path):
@@ -58,8 +62,7 @@ def test_fsdp_two_processes_match_one_and_resume_in_one(single, tmp_path):
 
 def test_ddp_two_processes_match_one(single, tmp_path):
     two = tmp_path / "ddp"
-    r = run_cli(["train", *tiny_overrides(data_dir(), two, **SETTINGS, **{"distributed.strategy": "ddp"})],
-                torchrun=2)
+    r = run_cli(["train", *tiny_overrides(data_dir(), two, **SETTINGS, **{"distributed.strategy": "ddp"})], torchrun=2)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "ddp" in r.stderr
     _close(read_metrics(two), read_metrics(single), "loss")

@@ -53,8 +53,10 @@ def test_a_full_disk_while_saving_is_one_line_naming_the_directory_and_the_space
         saves.append(f)
         if len(saves) > 1:
             monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda p: Usage(10 << 20, (10 << 20) - 4096, 4096))
-            raise RuntimeError("[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing "
-                               "file data/3: file write failed")
+            raise RuntimeError(
+                "[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing "
+                "file data/3: file write failed"
+            )
         return save(obj, f, *args, **kwargs)
 
     monkeypatch.setattr(ckpt.torch, "save", fills_the_disk)
@@ -102,13 +104,23 @@ def test_a_real_full_disk_ends_the_run_with_one_line(tmp_path):
     """A 1 MiB tmpfs (a private mount in a user namespace): the first checkpoint fits, a later one does not."""
     mnt = tmp_path / "small"
     mnt.mkdir()
-    args = tiny_overrides(data_dir(), mnt / "run", **{"train.steps": 20, "checkpoint.every": 1, "eval.every": 0,
-                                                         "logging.progress": "off"})
+    args = tiny_overrides(
+        data_dir(),
+        mnt / "run",
+        **{"train.steps": 20, "checkpoint.every": 1, "eval.every": 0, "logging.progress": "off"},
+    )
     python = f"PYTHONPATH={SRC} OMP_NUM_THREADS=1 {sys.executable} -m loopcoder"
-    script = (f"mount -t tmpfs -o size=1m tmpfs {mnt} && {python} train {' '.join(args)}; echo rc=$?; "
-              f"{python} generate --model {mnt / 'run'} --prompt x --max-new-tokens 2 >/dev/null && echo loads")
-    r = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "PYTHONPATH": str(SRC)})
+    script = (
+        f"mount -t tmpfs -o size=1m tmpfs {mnt} && {python} train {' '.join(args)}; echo rc=$?; "
+        f"{python} generate --model {mnt / 'run'} --prompt x --max-new-tokens 2 >/dev/null && echo loads"
+    )
+    r = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(SRC)},
+    )
     assert "rc=2" in r.stdout and "loads" in r.stdout, (r.stdout, r.stderr)  # the latest checkpoint still loads
     errors = [line for line in r.stderr.splitlines() if "error" in line.lower() or "Traceback" in line]
     assert len(errors) == 1 and "no space left to save checkpoint step-" in errors[0], r.stderr
@@ -128,8 +140,12 @@ def corrupt_copy(tmp_path):
 
 def test_a_corrupted_shard_ends_training_with_one_line_naming_the_file(tmp_path, capsys):
     data, shard = corrupt_copy(tmp_path)
-    argv = ["train", *tiny_overrides(data, tmp_path / "run", **{**IN_PROCESS, "train.steps": 200,
-                                                                "checkpoint.every": 0, "eval.every": 0})]
+    argv = [
+        "train",
+        *tiny_overrides(
+            data, tmp_path / "run", **{**IN_PROCESS, "train.steps": 200, "checkpoint.every": 0, "eval.every": 0}
+        ),
+    ]
     message = one_line_error(argv, capsys)
     assert f"shard {shard} is corrupted" in message and "outside the vocabulary [0, " in message
 

@@ -89,8 +89,14 @@ def test_pretraining_learns_and_writes_released_layout_checkpoints(pretrained, c
     final = pretrained.final_checkpoint
     assert final == run / "checkpoints" / "step-000008"
     names = {p.name for p in final.iterdir()}
-    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "trainer_state.pt",
-            "checkpoint.json"} <= names
+    assert {
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "trainer_state.pt",
+        "checkpoint.json",
+    } <= names
     assert json.loads((final / "config.json").read_text())["architectures"] == ["IQuestPLTCoderForCausalLM"]
     assert json.loads((run / "summary.json").read_text())["step"] == 8
     assert load_config(str(run / "config.yaml")).model.loops == 2
@@ -106,8 +112,12 @@ def test_pretraining_learns_and_writes_released_layout_checkpoints(pretrained, c
 
 def test_gradient_accumulation_gives_the_same_steps_as_one_big_batch(tmp_path):
     a = pretrain(None, overrides(tmp_path / "a", **{"train.steps": 3, "eval.every": 0, "eval.at_end": False}))
-    b = pretrain(None, overrides(tmp_path / "b", **{"train.steps": 3, "eval.every": 0, "eval.at_end": False,
-                                                  "train.micro_batch_size": 2}))
+    b = pretrain(
+        None,
+        overrides(
+            tmp_path / "b", **{"train.steps": 3, "eval.every": 0, "eval.at_end": False, "train.micro_batch_size": 2}
+        ),
+    )
     for x, y in zip(read_metrics(a.run_dir), read_metrics(b.run_dir)):
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-5)
         assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-4)
@@ -117,8 +127,10 @@ def test_flex_attention_training_needs_cuda_and_says_so(tmp_path, capsys):
     args = overrides(tmp_path / "f", **{"train.steps": 1, "train.device": "cpu", "train.attention": "flex_attention"})
     assert main(["train", "--preset", "tiny", *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].endswith("train.attention=flex_attention needs a CUDA device (torch's flex_attention has no "
-                            "backward on CPU); use train.attention=sdpa")
+    assert err[-1].endswith(
+        "train.attention=flex_attention needs a CUDA device (torch's flex_attention has no "
+        "backward on CPU); use train.attention=sdpa"
+    )
 
 
 def test_validation_loss_and_bits_per_byte_are_nll_over_tokens_and_bytes(pretrained):

@@ -22,11 +22,17 @@ from loopcoder.training.flops import (
 from support.models import tiny_config
 
 
-@pytest.mark.parametrize("overrides", [
-    {"plt_num_loops": 1}, {"plt_num_loops": 3}, {"plt_gate_use_hidden_states": False},
-    {"loop_architecture": "vanilla", "plt_num_loops": 2}, {"tie_word_embeddings": True},
-    {"attention_bias": True, "mlp_bias": True},
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"plt_num_loops": 1},
+        {"plt_num_loops": 3},
+        {"plt_gate_use_hidden_states": False},
+        {"loop_architecture": "vanilla", "plt_num_loops": 2},
+        {"tie_word_embeddings": True},
+        {"attention_bias": True, "mlp_bias": True},
+    ],
+)
 def test_parameter_counts_match_the_model(overrides):
     cfg = tiny_config(**overrides)
     model = PLTForCausalLM(cfg)
@@ -92,9 +98,41 @@ def test_plan_command(capsys):
 def test_bench_train_measures_every_loop_count_and_transformers(tmp_path, capsys):
     torch.manual_seed(0)
     out = tmp_path / "train.json"
-    assert main(["bench", "train", "--hidden-size", "32", "--layers", "2", "--heads", "4", "--kv-heads", "2",
-                 "--intermediate-size", "64", "--vocab-size", "128", "--window", "4", "--batch", "2", "--seq-len",
-                 "16", "--steps", "1", "--warmup", "1", "--rounds", "1", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "train",
+                "--hidden-size",
+                "32",
+                "--layers",
+                "2",
+                "--heads",
+                "4",
+                "--kv-heads",
+                "2",
+                "--intermediate-size",
+                "64",
+                "--vocab-size",
+                "128",
+                "--window",
+                "4",
+                "--batch",
+                "2",
+                "--seq-len",
+                "16",
+                "--steps",
+                "1",
+                "--warmup",
+                "1",
+                "--rounds",
+                "1",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     report = json.loads(out.read_text())
     assert [r["config"] for r in report["results"]] == ["PLT R=1", "PLT R=2", "PLT R=3", "llama (transformers)"]

@@ -60,10 +60,19 @@ class DecodeBenchSettings:
         return self.warmup + 2 * (self.rounds * self.steps + self.warmup) + 2
 
     def shape(self, loops: int, arch: str = "plt") -> ModelShape:
-        return ModelShape(loops=loops, hidden_size=self.hidden_size, layers=self.num_layers, heads=self.num_heads,
-                          kv_heads=self.num_kv_heads, head_dim=self.head_dim,
-                          intermediate_size=self.intermediate_size, vocab_size=self.vocab_size, window=self.window,
-                          architecture=arch, max_position_embeddings=max(self.contexts) + self.steps_per_engine())
+        return ModelShape(
+            loops=loops,
+            hidden_size=self.hidden_size,
+            layers=self.num_layers,
+            heads=self.num_heads,
+            kv_heads=self.num_kv_heads,
+            head_dim=self.head_dim,
+            intermediate_size=self.intermediate_size,
+            vocab_size=self.vocab_size,
+            window=self.window,
+            architecture=arch,
+            max_position_embeddings=max(self.contexts) + self.steps_per_engine(),
+        )
 
     def model_config(self, loops: int, arch: str = "plt") -> PLTConfig:
         return self.shape(loops, arch).plt_config()
@@ -134,8 +143,9 @@ def _step_cost(cfg: PLTConfig, mode: str, batch: int, context: int, dtype_bytes:
 class EngineTimer:
     """One engine with its cache filled to `context` for `batch` sequences, timed a few steps at a time."""
 
-    def __init__(self, model: Any, mode: str, batch: int, context: int, s: DecodeBenchSettings,
-                 share: EngineTimer | None = None) -> None:
+    def __init__(
+        self, model: Any, mode: str, batch: int, context: int, s: DecodeBenchSettings, share: EngineTimer | None = None
+    ) -> None:
         self.device = next(model.parameters()).device
         self.batch, self.mode = batch, mode
         if share is not None:  # another mode of the same model: same engine and cache, switched per run
@@ -143,8 +153,14 @@ class EngineTimer:
         else:
             # the preallocated cache, as the recorded figures: the paged one gathers each layer's blocks per step
             # (docs/benchmarks.md, "Agentic serving")
-            self.engine = Engine(model, max_batch=batch, max_seq_len=context + s.steps_per_engine(), mode=mode,
-                                 cuda_graphs=s.cuda_graphs and self.device.type == "cuda", paged=False)
+            self.engine = Engine(
+                model,
+                max_batch=batch,
+                max_seq_len=context + s.steps_per_engine(),
+                mode=mode,
+                cuda_graphs=s.cuda_graphs and self.device.type == "cuda",
+                paged=False,
+            )
             self.engine.cache.fill_random(batch, context, torch.Generator().manual_seed(s.seed))
         self.tokens = torch.randint(0, model.config.vocab_size, (batch,), device=self.device)
         self.times: list[float] = []
@@ -166,9 +182,14 @@ class EngineTimer:
             self.rounds.append(statistics.median(self.times[-steps:]))
 
     def result(self) -> dict[str, Any]:
-        return {"latency_s": statistics.median(self.times), "latency_min_s": min(self.times),
-                "round_latencies_s": self.rounds, "steps_timed": len(self.times), "kv_bytes": self.kv_bytes,
-                "kv_allocated_bytes": self.engine.kv_bytes()}
+        return {
+            "latency_s": statistics.median(self.times),
+            "latency_min_s": min(self.times),
+            "round_latencies_s": self.rounds,
+            "steps_timed": len(self.times),
+            "kv_bytes": self.kv_bytes,
+            "kv_allocated_bytes": self.engine.kv_bytes(),
+        }
 
 
 class TransformersTimer:
@@ -204,9 +225,16 @@ class TransformersTimer:
         length = self.cache.get_seq_length()
         ids = torch.randint(0, self.s.vocab_size, (self.batch, length + 1), device=device)
         with sdpa_kernel(DECODE_ATTENTION):  # the engine's attention kernels, so that only the rest differs
-            self.model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=self.cache,
-                                max_new_tokens=steps + 1, min_new_tokens=steps + 1, do_sample=False,
-                                logits_processor=LogitsProcessorList([Clock()]), pad_token_id=0)
+            self.model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                past_key_values=self.cache,
+                max_new_tokens=steps + 1,
+                min_new_tokens=steps + 1,
+                do_sample=False,
+                logits_processor=LogitsProcessorList([Clock()]),
+                pad_token_id=0,
+            )
         self.cache.crop(length - self.cache.get_seq_length())  # back to the context length for the next round
         if keep:
             diffs = [b - a for a, b in itertools.pairwise(stamps)]
@@ -214,8 +242,13 @@ class TransformersTimer:
             self.rounds.append(statistics.median(diffs))
 
     def result(self) -> dict[str, Any]:
-        return {"latency_s": statistics.median(self.times), "latency_min_s": min(self.times),
-                "round_latencies_s": self.rounds, "steps_timed": len(self.times), "kv_bytes": self.kv_bytes}
+        return {
+            "latency_s": statistics.median(self.times),
+            "latency_min_s": min(self.times),
+            "round_latencies_s": self.rounds,
+            "steps_timed": len(self.times),
+            "kv_bytes": self.kv_bytes,
+        }
 
 
 def configurations(s: DecodeBenchSettings) -> list[tuple[str, str, int, str]]:
@@ -235,16 +268,20 @@ def run_decode_bench(s: DecodeBenchSettings, log: Any = sys.stderr) -> dict[str,
     dtype = pick_dtype(s.dtype, device)
     dtype_bytes = torch.tensor([], dtype=dtype).element_size()
     machine = measure_machine(device, dtype)
-    groups = len(s.loops) * len(s.batches) * len(s.contexts) + (len(s.batches) * len(s.contexts)
-                                                                 if s.include_transformers else 0)
+    groups = len(s.loops) * len(s.batches) * len(s.contexts) + (
+        len(s.batches) * len(s.contexts) if s.include_transformers else 0
+    )
     done, start = 0, time.perf_counter()
 
     def progress(text: str) -> None:
         nonlocal done
         done += 1
         el = time.perf_counter() - start
-        print(f"  [{done}/{groups}] {text}  elapsed {el:.0f}s  eta {el / done * (groups - done):.0f}s", file=log,
-              flush=True)
+        print(
+            f"  [{done}/{groups}] {text}  elapsed {el:.0f}s  eta {el / done * (groups - done):.0f}s",
+            file=log,
+            flush=True,
+        )
 
     def measure(timers: dict[str, Any]) -> dict[str, dict[str, Any]]:
         for _ in range(s.rounds):
@@ -262,31 +299,39 @@ def run_decode_bench(s: DecodeBenchSettings, log: Any = sys.stderr) -> dict[str,
         for batch in s.batches:
             for context in s.contexts:
                 single = EngineTimer(plt, "parallel", batch, context, s)
-                timers = {"R=1": EngineTimer(base, "parallel", batch, context, s),
-                          f"PLT-{R} single-pass": single,
-                          f"PLT-{R} sequential": EngineTimer(plt, "sequential", batch, context, s, share=single),
-                          f"vanilla-{R}": EngineTimer(van, "sequential", batch, context, s)}
+                timers = {
+                    "R=1": EngineTimer(base, "parallel", batch, context, s),
+                    f"PLT-{R} single-pass": single,
+                    f"PLT-{R} sequential": EngineTimer(plt, "sequential", batch, context, s, share=single),
+                    f"vanilla-{R}": EngineTimer(van, "sequential", batch, context, s),
+                }
                 group = measure(timers)
                 groups_seen[(R, batch, context)] = group
                 del timers, single
                 _free(device)
                 got = {n: r["latency_s"] for n, r in group.items()}
-                progress(f"R={R} batch={batch} context={context}: " + ", ".join(
-                    f"{n} {got[n] * 1e3:.1f} ms" for n in ("R=1", f"PLT-{R} single-pass", f"vanilla-{R}")))
+                progress(
+                    f"R={R} batch={batch} context={context}: "
+                    + ", ".join(f"{n} {got[n] * 1e3:.1f} ms" for n in ("R=1", f"PLT-{R} single-pass", f"vanilla-{R}"))
+                )
         del plt, van
         _free(device)
     if s.include_transformers:
         llama = build_model(LlamaForCausalLM, llama_config(base_cfg), device, dtype, s.seed)
         for batch in s.batches:
             for context in s.contexts:
-                timers = {"R=1": EngineTimer(base, "parallel", batch, context, s),
-                          HF_NAME: TransformersTimer(llama, s, batch, context)}
+                timers = {
+                    "R=1": EngineTimer(base, "parallel", batch, context, s),
+                    HF_NAME: TransformersTimer(llama, s, batch, context),
+                }
                 group = measure(timers)
                 groups_seen[("hf", batch, context)] = group
                 del timers
                 _free(device)
-                progress(f"transformers batch={batch} context={context}: R=1 {group['R=1']['latency_s'] * 1e3:.1f} "
-                         f"ms, transformers {group[HF_NAME]['latency_s'] * 1e3:.1f} ms")
+                progress(
+                    f"transformers batch={batch} context={context}: R=1 {group['R=1']['latency_s'] * 1e3:.1f} "
+                    f"ms, transformers {group[HF_NAME]['latency_s'] * 1e3:.1f} ms"
+                )
         del llama
     results = []
     rows = configurations(s) + ([(HF_NAME, "llama", 1, "hf")] if s.include_transformers else [])
@@ -295,20 +340,38 @@ def run_decode_bench(s: DecodeBenchSettings, log: Any = sys.stderr) -> dict[str,
             for context in s.contexts:
                 # every group that measured this configuration here (R=1 is in each), in measuring order
                 runs = [g[name] for (_, b, c), g in groups_seen.items() if (b, c) == (batch, context) and name in g]
-                row = {"config": name, "architecture": arch, "loops": R, "mode": mode, "batch": batch,
-                       "context": context, "latency_s": statistics.median(r["latency_s"] for r in runs),
-                       "latency_min_s": min(r["latency_min_s"] for r in runs),
-                       "steps_timed": sum(r["steps_timed"] for r in runs), "kv_bytes": runs[0]["kv_bytes"]}
+                row = {
+                    "config": name,
+                    "architecture": arch,
+                    "loops": R,
+                    "mode": mode,
+                    "batch": batch,
+                    "context": context,
+                    "latency_s": statistics.median(r["latency_s"] for r in runs),
+                    "latency_min_s": min(r["latency_min_s"] for r in runs),
+                    "steps_timed": sum(r["steps_timed"] for r in runs),
+                    "kv_bytes": runs[0]["kv_bytes"],
+                }
                 cfg = s.model_config(R, "vanilla" if arch == "vanilla" else "plt")
-                row.update(_step_cost(cfg, "parallel" if mode in ("parallel", "hf") else "sequential", batch,
-                                      context, dtype_bytes))
+                row.update(
+                    _step_cost(
+                        cfg, "parallel" if mode in ("parallel", "hf") else "sequential", batch, context, dtype_bytes
+                    )
+                )
                 floor = row["bytes"] / machine["read_bandwidth"]
-                row.update(bandwidth_floor_s=floor, fraction_of_bandwidth_floor=floor / row["latency_s"],
-                           compute_floor_s=row["flops"] / machine["matmul_flops"],
-                           tokens_per_s=batch / row["latency_s"])
+                row.update(
+                    bandwidth_floor_s=floor,
+                    fraction_of_bandwidth_floor=floor / row["latency_s"],
+                    compute_floor_s=row["flops"] / machine["matmul_flops"],
+                    tokens_per_s=batch / row["latency_s"],
+                )
                 results.append(row)
-    return {"settings": asdict(s), "machine": {**machine, **machine_info(device)}, "results": results,
-            "ratios": ratios(groups_seen, s)}
+    return {
+        "settings": asdict(s),
+        "machine": {**machine, **machine_info(device)},
+        "results": results,
+        "ratios": ratios(groups_seen, s),
+    }
 
 
 HF_NAME = "transformers generate (R=1 shape)"
@@ -346,15 +409,21 @@ def ratios(groups: dict[tuple[Any, int, int], dict[str, dict[str, Any]]], s: Dec
 
 def format_report(report: dict[str, Any]) -> str:
     m = report["machine"]
-    lines = [f"Decode benchmark on {m.get('gpu') or m.get('cpu')} ({m['device']}, {m['threads']} threads), "
-             f"{m['date']}; matmul {m['matmul_flops'] / 1e9:.0f} GFLOP/s, read bandwidth "
-             f"{m['read_bandwidth'] / 1e9:.1f} GB/s", ""]
-    lines.append(f"{'configuration':<36}{'batch':>6}{'ctx':>6}{'ms/step':>10}{'tok/s':>9}{'KV MiB':>9}"
-                 f"{'% bw floor':>11}")
+    lines = [
+        f"Decode benchmark on {m.get('gpu') or m.get('cpu')} ({m['device']}, {m['threads']} threads), "
+        f"{m['date']}; matmul {m['matmul_flops'] / 1e9:.0f} GFLOP/s, read bandwidth "
+        f"{m['read_bandwidth'] / 1e9:.1f} GB/s",
+        "",
+    ]
+    lines.append(
+        f"{'configuration':<36}{'batch':>6}{'ctx':>6}{'ms/step':>10}{'tok/s':>9}{'KV MiB':>9}{'% bw floor':>11}"
+    )
     for r in report["results"]:
-        lines.append(f"{r['config']:<36}{r['batch']:>6}{r['context']:>6}{r['latency_s'] * 1e3:>10.2f}"
-                     f"{r['tokens_per_s']:>9.1f}{r['kv_bytes'] / 2**20:>9.1f}"
-                     f"{100 * r['fraction_of_bandwidth_floor']:>10.0f}%")
+        lines.append(
+            f"{r['config']:<36}{r['batch']:>6}{r['context']:>6}{r['latency_s'] * 1e3:>10.2f}"
+            f"{r['tokens_per_s']:>9.1f}{r['kv_bytes'] / 2**20:>9.1f}"
+            f"{100 * r['fraction_of_bandwidth_floor']:>10.0f}%"
+        )
     lines.append("")
     for e in report["ratios"]:
         head = f"batch {e['batch']}, context {e['context']}:"

@@ -58,8 +58,9 @@ def build_bench_model(out: str | Path, s: ServeBenchSettings) -> Path:
     source, in `out`."""
     texts = [p.read_text(encoding="utf-8") for p in sorted(Path(__file__).resolve().parents[1].rglob("*.py"))]
     tok = T.train_tokenizer(texts, vocab_size=1024)
-    write_random_model(out, hidden_size=s.hidden_size, layers=s.layers, loops=s.loops, vocab_size=1024,
-                       max_positions=2048, seed=s.seed)
+    write_random_model(
+        out, hidden_size=s.hidden_size, layers=s.layers, loops=s.loops, vocab_size=1024, max_positions=2048, seed=s.seed
+    )
     T.save_tokenizer(tok, out, model_max_length=2048)
     return Path(out)
 
@@ -67,13 +68,12 @@ def build_bench_model(out: str | Path, s: ServeBenchSettings) -> Path:
 def prompts(n: int, seed: int) -> list[str]:
     """Code prompts of varied length (50-600 characters of this package's source)."""
     rng = random.Random(seed)
-    text = "\n".join(p.read_text(encoding="utf-8")
-                     for p in sorted(Path(__file__).resolve().parents[1].glob("*.py")))
+    text = "\n".join(p.read_text(encoding="utf-8") for p in sorted(Path(__file__).resolve().parents[1].glob("*.py")))
     out = []
     for _ in range(n):
         size = rng.randint(50, 600)
         start = rng.randrange(0, len(text) - size)
-        out.append(text[start:start + size])
+        out.append(text[start : start + size])
     return out
 
 
@@ -89,9 +89,30 @@ class ServerProcess:
     """`loopcoder serve` in a subprocess on a free loopback port; its stderr is kept for the report."""
 
     def __init__(self, model: str, s: ServeBenchSettings) -> None:
-        cmd = [sys.executable, "-m", "loopcoder", "serve", "--model", model, "--host", "127.0.0.1", "--port", "0",
-               "--max-batch", str(s.max_batch), "--max-queue", str(4 * s.concurrency), "--max-tokens",
-               str(s.max_tokens), "--device", s.device, "--dtype", s.dtype, "--log-level", "warning"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "loopcoder",
+            "serve",
+            "--model",
+            model,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--max-batch",
+            str(s.max_batch),
+            "--max-queue",
+            str(4 * s.concurrency),
+            "--max-tokens",
+            str(s.max_tokens),
+            "--device",
+            s.device,
+            "--dtype",
+            s.dtype,
+            "--log-level",
+            "warning",
+        ]
         if s.server_threads:
             cmd += ["--threads", str(s.server_threads)]
         env = {k: v for k, v in os.environ.items() if k != "LOOPCODER_API_KEY"}
@@ -180,8 +201,15 @@ async def run_load(url: str, s: ServeBenchSettings, seconds: float, texts: list[
         async def worker() -> None:
             while time.perf_counter() < deadline:
                 i = next(counter)
-                body = {"prompt": texts[i % len(texts)], "max_tokens": s.max_tokens, "temperature": 0.8,
-                        "top_p": 0.95, "seed": s.seed + i, "ignore_eos": True, "stream": s.stream}
+                body = {
+                    "prompt": texts[i % len(texts)],
+                    "max_tokens": s.max_tokens,
+                    "temperature": 0.8,
+                    "top_p": 0.95,
+                    "seed": s.seed + i,
+                    "ignore_eos": True,
+                    "stream": s.stream,
+                }
                 if s.stream:
                     body["stream_options"] = {"include_usage": True}
                 records.append(await _one(client, url + "/v1/completions", body))
@@ -205,10 +233,20 @@ def summarize(records: list[dict[str, Any]], elapsed: float) -> dict[str, Any]:
     ttft = [r["ttft"] for r in ok if r.get("ttft") is not None]
     tokens = sum(r["tokens"] for r in ok)
     return {
-        "elapsed_s": elapsed, "requests": len(ok), "errors": len(errors), "error_samples": sorted(set(errors))[:5],
-        "requests_per_s": len(ok) / elapsed, "tokens": tokens, "tokens_per_s": tokens / elapsed,
-        "latency_s": {"mean": statistics.fmean(lat) if lat else None, "p50": _pct(lat, 50), "p90": _pct(lat, 90),
-                      "p99": _pct(lat, 99), "max": max(lat, default=None)},
+        "elapsed_s": elapsed,
+        "requests": len(ok),
+        "errors": len(errors),
+        "error_samples": sorted(set(errors))[:5],
+        "requests_per_s": len(ok) / elapsed,
+        "tokens": tokens,
+        "tokens_per_s": tokens / elapsed,
+        "latency_s": {
+            "mean": statistics.fmean(lat) if lat else None,
+            "p50": _pct(lat, 50),
+            "p90": _pct(lat, 90),
+            "p99": _pct(lat, 99),
+            "max": max(lat, default=None),
+        },
         "ttft_s": {"p50": _pct(ttft, 50), "p90": _pct(ttft, 90), "p99": _pct(ttft, 99)},
     }
 
@@ -232,8 +270,7 @@ def _wait_idle(url: str, timeout: float = 60) -> dict[str, Any]:
 
 def run_serve_bench(s: ServeBenchSettings, log: Any = sys.stderr) -> dict[str, Any]:
     if s.concurrency < 1 or s.duration <= 0 or s.warmup < 0 or s.max_tokens < 1 or s.max_batch < 1:
-        raise LoopcoderError("--concurrency, --duration, --max-tokens and --max-batch must be positive, "
-                             "--warmup >= 0")
+        raise LoopcoderError("--concurrency, --duration, --max-tokens and --max-batch must be positive, --warmup >= 0")
     try:
         import httpx  # noqa: F401
     except ImportError:
@@ -241,8 +278,7 @@ def run_serve_bench(s: ServeBenchSettings, log: Any = sys.stderr) -> dict[str, A
     with tempfile.TemporaryDirectory(prefix="loopcoder-bench-serve-") as tmp:
         model = s.model
         if model is None:
-            print(f"building a random model (hidden {s.hidden_size}, {s.layers} layers, R={s.loops}) ...",
-                  file=log)
+            print(f"building a random model (hidden {s.hidden_size}, {s.layers} layers, R={s.loops}) ...", file=log)
             model = str(build_bench_model(Path(tmp) / "model", s))
         print("starting the server ...", file=log)
         server = ServerProcess(model, s)
@@ -273,19 +309,26 @@ def run_serve_bench(s: ServeBenchSettings, log: Any = sys.stderr) -> dict[str, A
             engine_steps = idle["decode_steps"] - before["decode_steps"]
         finally:
             exit_code = server.stop()
-    result.update({
-        "rss_before_mb": rss_before / 2**20, "rss_after_mb": rss_after / 2**20,
-        "rss_growth_mb": (rss_after - rss_before) / 2**20,
-        "rss_under_load_mb": samples,  # every duration/20 seconds
-        "rss_growth_second_half_mb": (rss_after / 2**20 - samples[len(samples) // 2]) if samples else None,
-        "engine_steps": engine_steps,
-        "mean_sequences_per_step": (idle["decoded_sequences"] - before["decoded_sequences"]) / max(engine_steps, 1),
-        "engine_busy_fraction": (idle["step_seconds"] - before["step_seconds"]) / result["elapsed_s"],
-        "server_exit_code": exit_code, "server_idle_after": idle["running"] == 0 and idle["inflight"] == 0,
-    })
+    result.update(
+        {
+            "rss_before_mb": rss_before / 2**20,
+            "rss_after_mb": rss_after / 2**20,
+            "rss_growth_mb": (rss_after - rss_before) / 2**20,
+            "rss_under_load_mb": samples,  # every duration/20 seconds
+            "rss_growth_second_half_mb": (rss_after / 2**20 - samples[len(samples) // 2]) if samples else None,
+            "engine_steps": engine_steps,
+            "mean_sequences_per_step": (idle["decoded_sequences"] - before["decoded_sequences"]) / max(engine_steps, 1),
+            "engine_busy_fraction": (idle["step_seconds"] - before["step_seconds"]) / result["elapsed_s"],
+            "server_exit_code": exit_code,
+            "server_idle_after": idle["running"] == 0 and idle["inflight"] == 0,
+        }
+    )
     # this machine (the clients' and the server's), not `machine_info`'s torch process: the server is another one
-    return {"settings": asdict(s), "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "date": now()},
-            "result": result}
+    return {
+        "settings": asdict(s),
+        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "date": now()},
+        "result": result,
+    }
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -295,8 +338,11 @@ def format_report(report: dict[str, Any]) -> str:
         return "-" if x is None else f"{x * 1e3:.0f} ms"
 
     rows = [
-        ("clients", f"{s['concurrency']} ({'streaming' if s['stream'] else 'non-streaming'}), "
-                    f"{s['max_tokens']} tokens each, max batch {s['max_batch']}"),
+        (
+            "clients",
+            f"{s['concurrency']} ({'streaming' if s['stream'] else 'non-streaming'}), "
+            f"{s['max_tokens']} tokens each, max batch {s['max_batch']}",
+        ),
         ("server torch threads", str(s["server_threads"] or "default")),
         ("duration", f"{r['elapsed_s']:.1f} s after {s['warmup']:g} s warm-up"),
         ("requests", f"{r['requests']} ({r['requests_per_s']:.2f}/s)"),
@@ -306,10 +352,13 @@ def format_report(report: dict[str, Any]) -> str:
         ("sequences per decode step", f"{r['mean_sequences_per_step']:.1f}"),
         ("engine busy", f"{100 * r['engine_busy_fraction']:.0f}% of the time (inside engine.step)"),
         ("errors", f"{r['errors']}" + (f" (e.g. {r['error_samples'][0]})" if r["error_samples"] else "")),
-        ("server RSS before / after", f"{r['rss_before_mb']:.0f} / {r['rss_after_mb']:.0f} MiB "
-                                      f"({r['rss_growth_mb']:+.1f} MiB; second half of the run "
-                                      + ("-" if r["rss_growth_second_half_mb"] is None
-                                         else f"{r['rss_growth_second_half_mb']:+.1f} MiB") + ")"),
+        (
+            "server RSS before / after",
+            f"{r['rss_before_mb']:.0f} / {r['rss_after_mb']:.0f} MiB "
+            f"({r['rss_growth_mb']:+.1f} MiB; second half of the run "
+            + ("-" if r["rss_growth_second_half_mb"] is None else f"{r['rss_growth_second_half_mb']:+.1f} MiB")
+            + ")",
+        ),
         ("shutdown (SIGTERM)", "clean, exit 0" if r["server_exit_code"] == 0 else f"exit {r['server_exit_code']}"),
     ]
     width = max(len(k) for k, _ in rows)

@@ -58,10 +58,18 @@ class TrainBenchSettings:
             self.intermediate_size = mlp_width(self.hidden_size)
 
     def model_config(self, loops: int) -> PLTConfig:
-        return ModelShape(loops=loops, hidden_size=self.hidden_size, layers=self.num_layers, heads=self.num_heads,
-                          kv_heads=self.num_kv_heads, head_dim=self.head_dim, intermediate_size=self.intermediate_size,
-                          vocab_size=self.vocab_size, window=self.window,
-                          max_position_embeddings=max(self.seq_len, 128)).plt_config(pad_token_id=0)
+        return ModelShape(
+            loops=loops,
+            hidden_size=self.hidden_size,
+            layers=self.num_layers,
+            heads=self.num_heads,
+            kv_heads=self.num_kv_heads,
+            head_dim=self.head_dim,
+            intermediate_size=self.intermediate_size,
+            vocab_size=self.vocab_size,
+            window=self.window,
+            max_position_embeddings=max(self.seq_len, 128),
+        ).plt_config(pad_token_id=0)
 
 
 def llama_model(s: TrainBenchSettings) -> Any:
@@ -72,14 +80,16 @@ class _Runner:
     """One configuration: its model (and the PLT config its FLOPs are counted on), optimizer, batch and
     the training step."""
 
-    def __init__(self, name: str, loops: int, cfg: PLTConfig, model: Any, s: TrainBenchSettings,
-                 device: torch.device, bf16: bool) -> None:
+    def __init__(
+        self, name: str, loops: int, cfg: PLTConfig, model: Any, s: TrainBenchSettings, device: torch.device, bf16: bool
+    ) -> None:
         self.name, self.loops, self.cfg = name, loops, cfg
         self.model = model.to(device).train()
         if s.activation_checkpointing:
             self.model.activation_checkpointing_enable({"use_reentrant": False})
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1,
-                                     fused=device.type == "cuda" or None)
+        self.opt = torch.optim.AdamW(
+            self.model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=device.type == "cuda" or None
+        )
         g = torch.Generator().manual_seed(s.seed)
         self.ids = torch.randint(0, s.vocab_size, (s.batch, s.seq_len), generator=g).to(device)
         self.keep = torch.arange(s.seq_len - 1, device=device)
@@ -130,14 +140,22 @@ def run_train_bench(s: TrainBenchSettings, log: TextIO | None = None) -> dict[st
         step_s = statistics.median(r.times)
         flops = train_flops_per_token(r.cfg, s.seq_len)["total"]
         tps = tokens / step_s
-        results.append({"config": r.name, "loops": r.loops, "step_s": step_s, "step_s_min": min(r.times),
-                        "tokens_per_s": tps, "flops_per_token": flops, "flops_per_s": flops * tps,
-                        "mfu": mfu(flops, tps, peak)})
+        results.append(
+            {
+                "config": r.name,
+                "loops": r.loops,
+                "step_s": step_s,
+                "step_s_min": min(r.times),
+                "tokens_per_s": tps,
+                "flops_per_token": flops,
+                "flops_per_s": flops * tps,
+                "mfu": mfu(flops, tps, peak),
+            }
+        )
     del runners
     gc.collect()
     base = next(x for x in results if x["config"] == "PLT R=1")
-    ratios = {f"R{x['loops']}/R1": x["tokens_per_s"] / base["tokens_per_s"] for x in results
-              if x["config"] != LLAMA}
+    ratios = {f"R{x['loops']}/R1": x["tokens_per_s"] / base["tokens_per_s"] for x in results if x["config"] != LLAMA}
     llama = next((x for x in results if x["config"] == LLAMA), None)
     if llama is not None:
         ratios["R1/llama"] = base["tokens_per_s"] / llama["tokens_per_s"]
@@ -148,17 +166,21 @@ def run_train_bench(s: TrainBenchSettings, log: TextIO | None = None) -> dict[st
 
 def format_report(report: dict[str, Any]) -> str:
     m, s = report["machine"], report["settings"]
-    lines = [f"Training benchmark on {m.get('gpu') or m.get('cpu')} ({m['device']}, {m['threads']} threads), "
-             f"{m['date']}",
-             f"shape: {s['num_layers']} layers x {s['hidden_size']}, heads {s['num_heads']}/{s['num_kv_heads']}, "
-             f"MLP {s['intermediate_size']}, vocab {s['vocab_size']}, window {s['window']}, {s['attention']}; "
-             f"batch {s['batch']} x "
-             f"{s['seq_len']} tokens; median of {s['rounds']} x {s['steps']} steps", "",
-             f"{'configuration':<22}{'ms/step':>10}{'tokens/s':>11}{'GFLOP/token':>13}{'GFLOP/s':>10}{'MFU':>8}"]
+    lines = [
+        f"Training benchmark on {m.get('gpu') or m.get('cpu')} ({m['device']}, {m['threads']} threads), {m['date']}",
+        f"shape: {s['num_layers']} layers x {s['hidden_size']}, heads {s['num_heads']}/{s['num_kv_heads']}, "
+        f"MLP {s['intermediate_size']}, vocab {s['vocab_size']}, window {s['window']}, {s['attention']}; "
+        f"batch {s['batch']} x "
+        f"{s['seq_len']} tokens; median of {s['rounds']} x {s['steps']} steps",
+        "",
+        f"{'configuration':<22}{'ms/step':>10}{'tokens/s':>11}{'GFLOP/token':>13}{'GFLOP/s':>10}{'MFU':>8}",
+    ]
     for r in report["results"]:
         util = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
-        lines.append(f"{r['config']:<22}{r['step_s'] * 1e3:>10.1f}{r['tokens_per_s']:>11.0f}"
-                     f"{r['flops_per_token'] / 1e9:>13.4f}{r['flops_per_s'] / 1e9:>10.1f}{util:>8}")
+        lines.append(
+            f"{r['config']:<22}{r['step_s'] * 1e3:>10.1f}{r['tokens_per_s']:>11.0f}"
+            f"{r['flops_per_token'] / 1e9:>13.4f}{r['flops_per_s'] / 1e9:>10.1f}{util:>8}"
+        )
     lines.append("")
     lines.append("ratios (tokens/s): " + ", ".join(f"{k} {v:.2f}" for k, v in report["ratios"].items()))
     return "\n".join(lines)

@@ -35,15 +35,20 @@ def run(args: argparse.Namespace) -> int:
         print("  " + " " * 18 + "".join(f"{f'k={k}':>7}" for k in ks) + "  effective depth")
         for key, by_k in depth["accuracy"].items():
             name = depth["names"][key]
-            print(f"  {name:<18}" + "".join(f"{100 * by_k[str(k)][0]:6.1f}%" for k in ks)
-                  + f"  {depth['effective_depth'][key]}")
+            print(
+                f"  {name:<18}"
+                + "".join(f"{100 * by_k[str(k)][0]:6.1f}%" for k in ks)
+                + f"  {depth['effective_depth'][key]}"
+            )
         for finding in depth["findings"]:
             print("  - " + finding.replace("**", ""))
     if "per_loop" in summary:
         print("\nCode language model (matched data, steps and seed; held-out evaluation):")
         for R, row in summary["per_loop"].items():
-            print(f"  R={R}: bits/byte {row['bpb']:.3f}, HumanEval pass@1 {100 * row['humaneval']['pass@1']:.1f}%, "
-                  f"decode {row['cost']['latency_ms']['1']:.2f} ms/token")
+            print(
+                f"  R={R}: bits/byte {row['bpb']:.3f}, HumanEval pass@1 {100 * row['humaneval']['pass@1']:.1f}%, "
+                f"decode {row['cost']['latency_ms']['1']:.2f} ms/token"
+            )
         for name, comp in summary["comparisons"].items():
             clear = [m for m, d in comp.items() if d["distinguishable"]]
             print(f"  {name}: {'distinguishable on ' + ', '.join(clear) if clear else 'within noise on every metric'}")

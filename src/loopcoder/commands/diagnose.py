@@ -28,25 +28,42 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", action="append", required=True, metavar="DIR",
-                   help="model directory (released layout) or a run directory (its newest checkpoint); repeat "
-                        "to compare models of different R")
-    p.add_argument("--data", required=True, metavar="PATH",
-                   help="held-out data: a text file, a JSONL file with a \"text\" field, or a data directory "
-                        "from `loopcoder data build` (its validation split)")
+    p.add_argument(
+        "--model",
+        action="append",
+        required=True,
+        metavar="DIR",
+        help="model directory (released layout) or a run directory (its newest checkpoint); repeat "
+        "to compare models of different R",
+    )
+    p.add_argument(
+        "--data",
+        required=True,
+        metavar="PATH",
+        help='held-out data: a text file, a JSONL file with a "text" field, or a data directory '
+        "from `loopcoder data build` (its validation split)",
+    )
     p.add_argument("--samples", type=int, default=500, help="number of samples (default 500, as published)")
-    p.add_argument("--out", required=True, metavar="DIR",
-                   help="report directory to write (replaced atomically)")
+    p.add_argument("--out", required=True, metavar="DIR", help="report directory to write (replaced atomically)")
     p.add_argument("--seq-len", type=int, default=1024, help="tokens per sample at most (default 1024)")
-    p.add_argument("--tokenizer", metavar="DIR", default=None,
-                   help="tokenizer directory (default: the model directory's own)")
-    p.add_argument("--name", action="append", default=None, metavar="NAME",
-                   help="display name per --model, in the same order (default: the directory names)")
+    p.add_argument(
+        "--tokenizer", metavar="DIR", default=None, help="tokenizer directory (default: the model directory's own)"
+    )
+    p.add_argument(
+        "--name",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help="display name per --model, in the same order (default: the directory names)",
+    )
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", choices=DTYPES, default="auto", help="weights dtype (auto: as saved)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    p.add_argument("--no-per-sample", action="store_true",
-                   help="leave the per-sample values out of diagnostics.json (smaller file)")
+    p.add_argument(
+        "--no-per-sample",
+        action="store_true",
+        help="leave the per-sample values out of diagnostics.json (smaller file)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     add_threads_argument(p)
 
@@ -106,12 +123,13 @@ def run(args: argparse.Namespace) -> int:
         key = tokenizer_dir(model_dir)
         seqs = samples[key]
         if len(seqs) < args.samples and not args.quiet:
-            print(f"diagnose {name}: {args.data} has only {len(seqs)} sample(s) of the {args.samples} "
-                  "asked for", file=sys.stderr)
+            print(
+                f"diagnose {name}: {args.data} has only {len(seqs)} sample(s) of the {args.samples} asked for",
+                file=sys.stderr,
+            )
         model = load_model(model_dir, dtype=dtype, device=device)
         check_vocab(model.config.vocab_size, vocab[key], key or str(data))
-        results.append(diagnose(model, seqs, args.samples, name=name, source=model_dir,
-                                progress=not args.quiet))
+        results.append(diagnose(model, seqs, args.samples, name=name, source=model_dir, progress=not args.quiet))
         del model
         gc.collect()
         if device.type == "cuda":
@@ -120,8 +138,10 @@ def run(args: argparse.Namespace) -> int:
     rec = recommend(results)
     out = write_report(results, args.out, rec, plots=not args.no_plots, per_sample=not args.no_per_sample)
     for r in results:
-        print(f"{r.name}: R={r.num_loops} {r.architecture}, {r.num_samples} samples, {r.num_tokens} tokens, "
-              f"{r.seconds:.1f}s")
+        print(
+            f"{r.name}: R={r.num_loops} {r.architecture}, {r.num_samples} samples, {r.num_tokens} tokens, "
+            f"{r.seconds:.1f}s"
+        )
     print(f"recommendation: R = {rec.loops}")
     for reason in rec.reasons:
         print(f"  - {reason}")

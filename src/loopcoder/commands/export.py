@@ -10,13 +10,19 @@ from loopcoder.training.checkpoints import resolve_model_dir
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True,
-                   help="model directory (loopcoder's, or the released layout with only weights and config) "
-                        "or a training run directory (its latest checkpoint)")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="model directory (loopcoder's, or the released layout with only weights and config) "
+        "or a training run directory (its latest checkpoint)",
+    )
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--out", help="write a copy with the remote-code files here (replaced atomically)")
-    where.add_argument("--in-place", action="store_true",
-                       help="add the remote-code files and auto_map to --model itself (no copy of the weights)")
+    where.add_argument(
+        "--in-place",
+        action="store_true",
+        help="add the remote-code files and auto_map to --model itself (no copy of the weights)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -24,6 +30,7 @@ def run(args: argparse.Namespace) -> int:
     out = export(src, None if args.in_place else args.out, in_place=args.in_place)
     info = describe(out)
     print(f"{info['directory']}: {', '.join(info['files'])}; auto_map {', '.join(info['auto_map'])}")
-    print("load it without loopcoder: AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)",
-          file=sys.stderr)
+    print(
+        "load it without loopcoder: AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)", file=sys.stderr
+    )
     return 0

@@ -16,8 +16,11 @@ from loopcoder.training.checkpoints import resolve_model_dir
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True,
-                   help="model directory (released LoopCoder-V2 layout) or a run directory (its newest checkpoint)")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="model directory (released LoopCoder-V2 layout) or a run directory (its newest checkpoint)",
+    )
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's)")
     p.add_argument("--prompt", default=None, help="prompt text (default: read from stdin)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn of the chat template")
@@ -33,8 +36,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     c.add_argument("--json-object", action="store_true", help="the output is a JSON object")
     c.add_argument("--regex", metavar="PATTERN", help="the output matches this regular expression")
     c.add_argument("--grammar", metavar="FILE", help="the output matches this Lark grammar (llguidance's dialect)")
-    p.add_argument("--mode", choices=["parallel", "sequential"], default="parallel",
-                   help="parallel: all loops in one pass per token (PLT); sequential: one pass per loop")
+    p.add_argument(
+        "--mode",
+        choices=["parallel", "sequential"],
+        default="parallel",
+        help="parallel: all loops in one pass per token (PLT); sequential: one pass per loop",
+    )
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     add_threads_argument(p)
@@ -60,8 +67,15 @@ def constraint(args: argparse.Namespace) -> Constraint | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                            top_k=args.top_k, seed=args.seed, stop=args.stop, constraint=constraint(args)).validate()
+    params = SamplingParams(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        stop=args.stop,
+        constraint=constraint(args),
+    ).validate()
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     if not prompt:
         raise LoopcoderError("the prompt is empty (give --prompt TEXT or text on stdin)")
@@ -70,8 +84,9 @@ def run(args: argparse.Namespace) -> int:
     if args.chat:
         if not getattr(tok, "chat_template", None):
             raise LoopcoderError("--chat: this tokenizer has no chat template")
-        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                      tokenize=True, return_dict=False)
+        ids = tok.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, return_dict=False
+        )
         params.stop_token_ids = chat_stop_ids(model.config.eos_token_id, tok)  # a reply ends with its turn
     else:
         ids = tok(prompt, add_special_tokens=False)["input_ids"]
@@ -93,6 +108,9 @@ def run(args: argparse.Namespace) -> int:
         raise LoopcoderError(f"generation failed: {out.error}")
     print("" if args.stream else out.text)
     n = len(out.token_ids)
-    print(f"[{n} tokens in {elapsed:.2f}s, {n / max(elapsed, 1e-9):.1f} tokens/s, R={model.config.plt_num_loops}, "
-          f"mode={args.mode}, threads={threads}, finish={out.finish_reason}]", file=sys.stderr)
+    print(
+        f"[{n} tokens in {elapsed:.2f}s, {n / max(elapsed, 1e-9):.1f} tokens/s, R={model.config.plt_num_loops}, "
+        f"mode={args.mode}, threads={threads}, finish={out.finish_reason}]",
+        file=sys.stderr,
+    )
     return 0

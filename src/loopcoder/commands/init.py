@@ -20,19 +20,30 @@ from loopcoder.errors import LoopcoderError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", required=True,
-                   help="directory to write (config.json, model.safetensors, tokenizer); must be new or empty")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="directory to write (config.json, model.safetensors, tokenizer); must be new or empty",
+    )
     p.add_argument("--force", action="store_true", help="replace an existing model directory --out (atomically)")
-    p.add_argument("--tokenizer", default=None, metavar="DIR",
-                   help="use this tokenizer (a tokenizer or data directory) instead of training one")
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        metavar="DIR",
+        help="use this tokenizer (a tokenizer or data directory) instead of training one",
+    )
     p.add_argument("--loops", type=int, default=2, help="plt_num_loops R (1 = non-looped baseline)")
     p.add_argument("--hidden-size", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--intermediate-size", type=int, default=None, help="default: about 8/3 x hidden")
-    p.add_argument("--vocab-size", type=int, default=4096,
-                   help="of the trained tokenizer, and so of the model (ignored with --tokenizer)")
+    p.add_argument(
+        "--vocab-size",
+        type=int,
+        default=4096,
+        help="of the trained tokenizer, and so of the model (ignored with --tokenizer)",
+    )
     p.add_argument("--window", type=int, default=64, help="plt_window_size[0]")
     p.add_argument("--max-positions", type=int, default=4096)
     p.add_argument("--architecture", choices=["plt", "vanilla"], default="plt")
@@ -46,11 +57,13 @@ def run(args: argparse.Namespace) -> int:
     if out.is_dir() and any(out.iterdir()):
         what = ", ".join(sorted(p.name for p in out.iterdir())[:4])
         if not (out / "config.json").is_file():  # --force replaces a model directory, never anything else
-            raise LoopcoderError(f"--out {args.out!r} is not empty ({what}, ...) and is not a model directory; "
-                                 "choose a new directory")
+            raise LoopcoderError(
+                f"--out {args.out!r} is not empty ({what}, ...) and is not a model directory; choose a new directory"
+            )
         if not args.force:
-            raise LoopcoderError(f"--out {args.out!r} is not empty ({what}, ...): choose a new directory, or pass "
-                                 "--force to replace it")
+            raise LoopcoderError(
+                f"--out {args.out!r} is not empty ({what}, ...): choose a new directory, or pass --force to replace it"
+            )
     parent = out.absolute().parent
     while not parent.exists():
         parent = parent.parent
@@ -65,15 +78,25 @@ def run(args: argparse.Namespace) -> int:
     vocab = tok.get_vocab_size(with_added_tokens=True)
     try:
         with atomic_directory(out) as tmp:  # a failed write leaves an existing --out as it was
-            n = write_random_model(tmp, loops=args.loops, hidden_size=args.hidden_size, layers=args.layers,
-                                   heads=args.heads, kv_heads=args.kv_heads, intermediate_size=args.intermediate_size,
-                                   vocab_size=vocab, window=args.window, max_positions=args.max_positions,
-                                   architecture=args.architecture, seed=args.seed)
+            n = write_random_model(
+                tmp,
+                loops=args.loops,
+                hidden_size=args.hidden_size,
+                layers=args.layers,
+                heads=args.heads,
+                kv_heads=args.kv_heads,
+                intermediate_size=args.intermediate_size,
+                vocab_size=vocab,
+                window=args.window,
+                max_positions=args.max_positions,
+                architecture=args.architecture,
+                seed=args.seed,
+            )
             T.save_tokenizer(tok, tmp, model_max_length=args.max_positions)
     except OSError as e:
         raise LoopcoderError(f"cannot write --out {args.out!r}: {e.strerror or e}") from None
     note = "" if args.tokenizer or vocab == args.vocab_size else f" (the tokenizer's text gave {vocab} tokens)"
-    print(f"wrote {args.out}: {n / 1e6:.2f}M parameters, R={args.loops}, {args.architecture}, vocabulary {vocab}"
-          + note)
+    print(
+        f"wrote {args.out}: {n / 1e6:.2f}M parameters, R={args.loops}, {args.architecture}, vocabulary {vocab}" + note
+    )
     return 0
-

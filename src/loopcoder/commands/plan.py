@@ -1,8 +1,8 @@
 """`loopcoder plan`: parameters, FLOPs per token, memory and the largest micro-batch that fits.
 
-    loopcoder plan --preset 7b --memory 80GiB --gpus 8
-    loopcoder plan --preset 7b --loops 2
-    loopcoder plan --config tiny model.loops=3 --json
+loopcoder plan --preset 7b --memory 80GiB --gpus 8
+loopcoder plan --preset 7b --loops 2
+loopcoder plan --config tiny model.loops=3 --json
 """
 
 from __future__ import annotations
@@ -19,8 +19,22 @@ from loopcoder.training.config import load_config
 from loopcoder.training.flops import plan
 from loopcoder.training.run import model_config
 
-_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1e3,
+    "kb": 1e3,
+    "m": 1e6,
+    "mb": 1e6,
+    "g": 1e9,
+    "gb": 1e9,
+    "t": 1e12,
+    "tb": 1e12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
 
 
 def parse_bytes(text: str) -> float:
@@ -58,11 +72,20 @@ def run(args: argparse.Namespace) -> int:
     report: dict[str, Any] = {"config": cfg.model.__dict__, "notes": notes}
     for ck in (True, False):
         report["checkpointing" if ck else "no_checkpointing"] = plan(
-            mc, seq_len, memory, args.gpus, checkpointing=ck,
-            reshard_after_forward=cfg.distributed.reshard_after_forward)
+            mc,
+            seq_len,
+            memory,
+            args.gpus,
+            checkpointing=ck,
+            reshard_after_forward=cfg.distributed.reshard_after_forward,
+        )
     tokens = cfg.train.steps * cfg.train.global_batch_size * seq_len
-    report["run"] = {"steps": cfg.train.steps, "global_batch_size": cfg.train.global_batch_size, "tokens": tokens,
-                     "flops": tokens * report["checkpointing"]["flops_per_token"]["total"]}
+    report["run"] = {
+        "steps": cfg.train.steps,
+        "global_batch_size": cfg.train.global_batch_size,
+        "tokens": tokens,
+        "flops": tokens * report["checkpointing"]["flops_per_token"]["total"],
+    }
     if args.json:
         print(json.dumps(report, indent=1))
     else:
@@ -128,8 +151,10 @@ def format_plan(report: dict[str, Any], mc: Any) -> str:
         f"{no['max_micro_batch']} without",
     ]
     if ck["gpus"] > 1:
-        lines.append(f"  FSDP all-gathers per layer per step          {ck['fsdp_all_gathers_per_layer_per_step']} "
-                     f"({_gib(ck['fsdp_all_gather_bytes_per_step'])} received per GPU per step)")
+        lines.append(
+            f"  FSDP all-gathers per layer per step          {ck['fsdp_all_gathers_per_layer_per_step']} "
+            f"({_gib(ck['fsdp_all_gather_bytes_per_step'])} received per GPU per step)"
+        )
     lines += [
         "",
         f"KV cache at T={T} (bf16, per sequence): PLT {_size(kv['plt'])} (+{kv['plt'] / kv['r1'] - 1:.1%} over "

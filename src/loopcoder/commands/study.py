@@ -13,12 +13,15 @@ from loopcoder.study import Study, get_preset
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default="tiny", help="tiny (minutes on a CPU: `make demo`), full (tiny plus the R = 3 "
-                   "controls and five seeds of the depth probe) or small (one GPU, ~1 h)")
+    p.add_argument(
+        "--preset",
+        default="tiny",
+        help="tiny (minutes on a CPU: `make demo`), full (tiny plus the R = 3 "
+        "controls and five seeds of the depth probe) or small (one GPU, ~1 h)",
+    )
     p.add_argument("--out", default="runs/study", help="study directory (re-running skips finished stages)")
     p.add_argument("--source", default=None, help="code corpus for `data build` (default: the stdlib sources)")
-    p.add_argument("--loops", type=int_list, default=None,
-                   help="the code model's loop counts (R=1 always included)")
+    p.add_argument("--loops", type=int_list, default=None, help="the code model's loop counts (R=1 always included)")
     p.add_argument("--device", default=None, help="auto, cpu or cuda")
     add_threads_argument(p)
 
@@ -26,11 +29,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     preset = get_preset(args.preset, source=args.source, loops=args.loops, device=args.device)
     apply_study_threads(preset, args.threads)
-    if args.source and args.source != "stdlib" and not args.source.startswith("hf:") \
-            and not Path(args.source).exists():
+    if args.source and args.source != "stdlib" and not args.source.startswith("hf:") and not Path(args.source).exists():
         raise LoopcoderError(f"--source {args.source!r} does not exist")
-    print(f"loop-count study, preset {preset.name}: R = {', '.join(map(str, preset.loops))} -> {args.out}",
-          file=sys.stderr)
+    print(
+        f"loop-count study, preset {preset.name}: R = {', '.join(map(str, preset.loops))} -> {args.out}",
+        file=sys.stderr,
+    )
     report = Study(preset, args.out).run()
     print(f"\nreport: {report}")
     return 0

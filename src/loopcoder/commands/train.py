@@ -1,8 +1,8 @@
 """`loopcoder train`: pretrain from scratch on packed shards (docs/training.md).
 
-    loopcoder train --config tiny data.dir=data/stdlib model.loops=2 out=runs/r2
-    loopcoder train --config my.yaml --resume
-    torchrun --nproc_per_node 8 -m loopcoder train --config small
+loopcoder train --config tiny data.dir=data/stdlib model.loops=2 out=runs/r2
+loopcoder train --config my.yaml --resume
+torchrun --nproc_per_node 8 -m loopcoder train --config small
 """
 
 from __future__ import annotations
@@ -17,22 +17,40 @@ from loopcoder.training.run import train
 
 
 def add_arguments(p: argparse.ArgumentParser, stage: str = "pretrain") -> None:
-    p.add_argument("--config", default=None, metavar="FILE_OR_PRESET",
-                   help="a YAML config (may say `base: PRESET`) or a preset name (tiny, small, 7b)")
+    p.add_argument(
+        "--config",
+        default=None,
+        metavar="FILE_OR_PRESET",
+        help="a YAML config (may say `base: PRESET`) or a preset name (tiny, small, 7b)",
+    )
     p.add_argument("--preset", default=None, metavar="NAME", help="the same as --config NAME")
     if stage == "sft":
-        p.add_argument("--init", default=None, metavar="CHECKPOINT",
-                       help="the model to tune: a model directory or a pretraining run directory (its newest "
-                            "checkpoint)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from the newest complete checkpoint in `out` (without --config: with the "
-                        "config saved there)")
+        p.add_argument(
+            "--init",
+            default=None,
+            metavar="CHECKPOINT",
+            help="the model to tune: a model directory or a pretraining run directory (its newest checkpoint)",
+        )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest complete checkpoint in `out` (without --config: with the config saved there)",
+    )
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
-    p.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="CPU threads for torch: the same as train.threads=N (default: $OMP_NUM_THREADS, else the "
-                        "cores the load average shows free, at least 1; see docs/benchmarks.md)")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                   help="dotted overrides, e.g. optim.lr=3e-4 model.loops=2 out=runs/x (unknown keys are errors)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="CPU threads for torch: the same as train.threads=N (default: $OMP_NUM_THREADS, else the "
+        "cores the load average shows free, at least 1; see docs/benchmarks.md)",
+    )
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="dotted overrides, e.g. optim.lr=3e-4 model.loops=2 out=runs/x (unknown keys are errors)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -59,8 +59,7 @@ class BuildConfig:
         if self.seq_len < 2:
             raise LoopcoderError(f"sequence length {self.seq_len} must be at least 2")
         if self.shard_tokens < self.seq_len:
-            raise LoopcoderError(f"shard size {self.shard_tokens} tokens is smaller than one sequence "
-                                 f"({self.seq_len})")
+            raise LoopcoderError(f"shard size {self.shard_tokens} tokens is smaller than one sequence ({self.seq_len})")
         for s in self.corpus.sources:  # fail on a bad path before any work
             corpus_mod.resolve_source(s)
 
@@ -75,10 +74,13 @@ def read_manifest(data_dir: str | os.PathLike) -> dict[str, Any]:
 def inputs_hash(config: BuildConfig) -> str:
     tok_fp = None
     if config.tokenizer is not None:
-        tok_fp = hashlib.sha256(
-            (tok_mod.tokenizer_dir(config.tokenizer) / "tokenizer.json").read_bytes()).hexdigest()
-    parts = {"manifest_version": MANIFEST_VERSION, "config": config.to_dict(),
-             "corpus": corpus_mod.fingerprint(config.corpus), "tokenizer": tok_fp}
+        tok_fp = hashlib.sha256((tok_mod.tokenizer_dir(config.tokenizer) / "tokenizer.json").read_bytes()).hexdigest()
+    parts = {
+        "manifest_version": MANIFEST_VERSION,
+        "config": config.to_dict(),
+        "corpus": corpus_mod.fingerprint(config.corpus),
+        "tokenizer": tok_fp,
+    }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
@@ -94,8 +96,13 @@ def _up_to_date(out: Path, ihash: str) -> dict[str, Any] | None:
     return manifest if all((out / f).is_file() for f in files) else None
 
 
-def build(config: BuildConfig, out: str | os.PathLike, force: bool = False,
-          log: TextIO | None = None, overwrite: bool | None = None) -> dict[str, Any]:
+def build(
+    config: BuildConfig,
+    out: str | os.PathLike,
+    force: bool = False,
+    log: TextIO | None = None,
+    overwrite: bool | None = None,
+) -> dict[str, Any]:
     """Build (or find up to date) the data directory `out`; returns its manifest (`skipped` says which).
 
     `force` rebuilds even an up-to-date directory. An existing data directory built from other inputs
@@ -110,13 +117,14 @@ def build(config: BuildConfig, out: str | os.PathLike, force: bool = False,
     if not force and (manifest := _up_to_date(out, ihash)) is not None:
         return {**manifest, "skipped": True}
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "manifest.json").is_file())):
-        raise LoopcoderError(f"--out {str(out)!r} exists and is not a loopcoder data directory; choose a new "
-                             "path")
+        raise LoopcoderError(f"--out {str(out)!r} exists and is not a loopcoder data directory; choose a new path")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         extra = sorted(p.name for p in out.iterdir() if p.name not in _BUILT)
         held = f" (and {', '.join(extra)}, which would be lost)" if extra else ""
-        raise LoopcoderError(f"--out {str(out)!r} holds a data directory built from other inputs{held}: pass "
-                             "--force to replace it, or choose a new --out")
+        raise LoopcoderError(
+            f"--out {str(out)!r} holds a data directory built from other inputs{held}: pass "
+            "--force to replace it, or choose a new --out"
+        )
     t0 = time.perf_counter()
     with atomic_directory(out) as tmp:
         timing: dict[str, float] = {}
@@ -127,9 +135,16 @@ def build(config: BuildConfig, out: str | os.PathLike, force: bool = False,
         index_splits = _encode(config, tok, vocab, tmp, stats, log, timing, total)
         token_bytes = tok_mod.token_byte_lengths(tok)
         np.save(tmp / "token_bytes.npy", token_bytes)
-        index = {"format": INDEX_FORMAT, "version": INDEX_VERSION, "seq_len": config.seq_len,
-                 "dtype": shard_dtype(vocab).name, "vocab_size": vocab, "eot_id": tok_mod.EOS_ID,
-                 "pad_id": tok_mod.PAD_ID, "splits": index_splits}
+        index = {
+            "format": INDEX_FORMAT,
+            "version": INDEX_VERSION,
+            "seq_len": config.seq_len,
+            "dtype": shard_dtype(vocab).name,
+            "vocab_size": vocab,
+            "eot_id": tok_mod.EOS_ID,
+            "pad_id": tok_mod.PAD_ID,
+            "splits": index_splits,
+        }
         atomic_write_text(tmp / "index.json", json.dumps(index, indent=1) + "\n")
         content = hashlib.sha256((tmp / "tokenizer" / "tokenizer.json").read_bytes())
         content.update(json.dumps([config.seq_len, index["dtype"]]).encode())
@@ -144,10 +159,13 @@ def build(config: BuildConfig, out: str | os.PathLike, force: bool = False,
             "settings": config.to_dict(),
             "inputs_hash": ihash,
             "content_hash": content.hexdigest(),
-            "tokenizer": {"vocab_size": vocab, "trained": trained,
-                          "requested_vocab_size": None if config.tokenizer else config.vocab_size,
-                          "special_tokens": {t: i for i, t in enumerate(tok_mod.ALL_ADDED)},
-                          "stop_token_ids": tok_mod.stop_token_ids()},
+            "tokenizer": {
+                "vocab_size": vocab,
+                "trained": trained,
+                "requested_vocab_size": None if config.tokenizer else config.vocab_size,
+                "special_tokens": {t: i for i, t in enumerate(tok_mod.ALL_ADDED)},
+                "stop_token_ids": tok_mod.stop_token_ids(),
+            },
             "statistics": _statistics(stats, index_splits, config.seq_len),
             "timing_s": {k: round(v, 2) for k, v in timing.items()},
         }
@@ -157,15 +175,19 @@ def build(config: BuildConfig, out: str | os.PathLike, force: bool = False,
 
 def _no_documents(config: BuildConfig, stats: CleaningStats) -> LoopcoderError:
     if stats.kept:
-        return LoopcoderError(f"the train split is empty: all {stats.kept} documents went to validation; "
-                              "lower --val-fraction or add data")
-    return LoopcoderError(f"corpus {corpus_mod.describe(config.corpus)} has no usable documents "
-                          f"({stats.seen} seen; skipped: {stats.skipped_summary()})")
+        return LoopcoderError(
+            f"the train split is empty: all {stats.kept} documents went to validation; lower --val-fraction or add data"
+        )
+    return LoopcoderError(
+        f"corpus {corpus_mod.describe(config.corpus)} has no usable documents "
+        f"({stats.seen} seen; skipped: {stats.skipped_summary()})"
+    )
 
 
 def _train_texts(config: BuildConfig, log: TextIO, stats: CleaningStats, total: int | None) -> Iterator[str]:
-    progress = Progress("tokenizer: reading the train split", unit="documents", amount_unit="bytes",
-                        total_amount=total, stream=log)
+    progress = Progress(
+        "tokenizer: reading the train split", unit="documents", amount_unit="bytes", total_amount=total, stream=log
+    )
     cap = config.tokenizer_max_bytes
     for doc in corpus_mod.iter_documents(config.corpus, stats, split="train"):
         progress.advance(1, doc.nbytes)
@@ -175,8 +197,9 @@ def _train_texts(config: BuildConfig, log: TextIO, stats: CleaningStats, total: 
     progress.finish()
 
 
-def _tokenizer(config: BuildConfig, tmp: Path, log: TextIO, timing: dict[str, float],
-               total: int | None) -> tuple[Any, bool]:
+def _tokenizer(
+    config: BuildConfig, tmp: Path, log: TextIO, timing: dict[str, float], total: int | None
+) -> tuple[Any, bool]:
     t = time.perf_counter()
     if config.tokenizer is not None:
         tok = tok_mod.load_raw_tokenizer(config.tokenizer)
@@ -185,22 +208,34 @@ def _tokenizer(config: BuildConfig, tmp: Path, log: TextIO, timing: dict[str, fl
         print(f"tokenizer: training byte-level BPE, vocabulary {config.vocab_size}", file=log, flush=True)
         stats = CleaningStats()
         try:
-            tok = tok_mod.train_tokenizer(_train_texts(config, log, stats, total), config.vocab_size,
-                                          config.min_frequency)
+            tok = tok_mod.train_tokenizer(
+                _train_texts(config, log, stats, total), config.vocab_size, config.min_frequency
+            )
         except tok_mod.EmptyCorpusError:
             raise _no_documents(config, stats) from None
         trained = True
         got = tok.get_vocab_size(with_added_tokens=True)
         if got < config.vocab_size:
-            print(f"tokenizer: the corpus gave only {got} tokens of the {config.vocab_size} asked for",
-                  file=log, flush=True)
+            print(
+                f"tokenizer: the corpus gave only {got} tokens of the {config.vocab_size} asked for",
+                file=log,
+                flush=True,
+            )
     tok_mod.save_tokenizer(tok, tmp / "tokenizer")
     timing["tokenizer"] = time.perf_counter() - t
     return tok, trained
 
 
-def _encode(config: BuildConfig, tok: Any, vocab: int, tmp: Path, stats: CleaningStats, log: TextIO,
-            timing: dict[str, float], total: int | None) -> dict[str, dict[str, Any]]:
+def _encode(
+    config: BuildConfig,
+    tok: Any,
+    vocab: int,
+    tmp: Path,
+    stats: CleaningStats,
+    log: TextIO,
+    timing: dict[str, float],
+    total: int | None,
+) -> dict[str, dict[str, Any]]:
     t = time.perf_counter()
     writers = {s: ShardWriter(tmp, s, config.seq_len, vocab, tok_mod.EOS_ID, config.shard_tokens) for s in SPLITS}
     progress = Progress("encoding", unit="documents", amount_unit="bytes", total_amount=total, stream=log)
@@ -229,22 +264,30 @@ def _encode(config: BuildConfig, tok: Any, vocab: int, tmp: Path, stats: Cleanin
         if splits[s]["sequences"] == 0 and (s == "train" or config.corpus.val_fraction > 0):
             have = splits[s]["document_tokens"] + splits[s]["documents"]
             hint = "lower --seq-len or raise --val-fraction" if s == "validation" else "lower --seq-len"
-            raise LoopcoderError(f"the {s} split has {have} tokens ({splits[s]['documents']} documents), fewer "
-                                 f"than one sequence of {config.seq_len}: {hint}, or add data")
+            raise LoopcoderError(
+                f"the {s} split has {have} tokens ({splits[s]['documents']} documents), fewer "
+                f"than one sequence of {config.seq_len}: {hint}, or add data"
+            )
     timing["encode"] = time.perf_counter() - t
     return splits
 
 
 def _statistics(stats: CleaningStats, splits: dict[str, dict[str, Any]], seq_len: int) -> dict[str, Any]:
     def row(documents: int, nbytes: int, tokens: int, sequences: int, dropped: int) -> dict[str, Any]:
-        return {"documents": documents, "bytes": nbytes, "tokens": tokens,
-                "bytes_per_token": round(nbytes / tokens, 4) if tokens else None,
-                "sequences": sequences, "dropped_tokens": dropped}
+        return {
+            "documents": documents,
+            "bytes": nbytes,
+            "tokens": tokens,
+            "bytes_per_token": round(nbytes / tokens, 4) if tokens else None,
+            "sequences": sequences,
+            "dropped_tokens": dropped,
+        }
 
-    per = {s: row(e["documents"], e["document_bytes"], e["document_tokens"], e["sequences"], e["dropped_tokens"])
-           for s, e in splits.items()}
-    total = row(*(sum(per[s][k] for s in per) for k in ("documents", "bytes", "tokens", "sequences",
-                                                         "dropped_tokens")))
+    per = {
+        s: row(e["documents"], e["document_bytes"], e["document_tokens"], e["sequences"], e["dropped_tokens"])
+        for s, e in splits.items()
+    }
+    total = row(*(sum(per[s][k] for s in per) for k in ("documents", "bytes", "tokens", "sequences", "dropped_tokens")))
     return {"files": stats.to_dict(), "splits": per, "total": total, "seq_len": seq_len}
 
 
@@ -259,13 +302,13 @@ def format_statistics(manifest: dict[str, Any], out: str | os.PathLike | None = 
         f"files       {f['seen']} seen, {f['kept']} kept; skipped: {CleaningStats(**f).skipped_summary()}",
         f"tokenizer   byte-level BPE, vocabulary {tk['vocab_size']} ({how})",
         "",
-        f"{'split':<11} {'documents':>9} {'bytes':>13} {'tokens':>12} {'bytes/token':>11} "
-        f"{'sequences':>9}",
+        f"{'split':<11} {'documents':>9} {'bytes':>13} {'tokens':>12} {'bytes/token':>11} {'sequences':>9}",
     ]
     for name, r in [*st["splits"].items(), ("total", st["total"])]:
         bpt = f"{r['bytes_per_token']:.3f}" if r["bytes_per_token"] else "-"
-        lines.append(f"{name:<11} {r['documents']:>9,} {r['bytes']:>13,} {r['tokens']:>12,} {bpt:>11} "
-                     f"{r['sequences']:>9,}")
+        lines.append(
+            f"{name:<11} {r['documents']:>9,} {r['bytes']:>13,} {r['tokens']:>12,} {bpt:>11} {r['sequences']:>9,}"
+        )
     t = manifest.get("timing_s", {})
     lines += [
         "",

@@ -37,8 +37,20 @@ DEFAULT_IGNORE = (".*", "__pycache__", "node_modules", "site-packages", "dist-pa
 # tests are mostly boilerplate asserts, `encodings` and `pydoc_data` are generated data, idlelib and
 # turtledemo are applications (idlelib also ships its own tests), lib2to3 is deprecated and its test
 # data contains Python 2. `config-*` and `lib-dynload` hold build files, not library code.
-STDLIB_IGNORE = ("test", "tests", "idle_test", "idlelib", "turtledemo", "lib2to3", "pydoc_data", "encodings",
-                 "__phello__", "config-*", "lib-dynload", "_sysconfigdata*")
+STDLIB_IGNORE = (
+    "test",
+    "tests",
+    "idle_test",
+    "idlelib",
+    "turtledemo",
+    "lib2to3",
+    "pydoc_data",
+    "encodings",
+    "__phello__",
+    "config-*",
+    "lib-dynload",
+    "_sysconfigdata*",
+)
 SPLITS = ("train", "validation")
 
 
@@ -64,8 +76,9 @@ class CorpusSpec:
         if not 0.0 <= self.val_fraction < 1.0:
             raise LoopcoderError(f"val_fraction {self.val_fraction} must be in [0, 1)")
         if self.max_file_bytes < 1 or self.min_file_bytes < 0 or self.min_file_bytes > self.max_file_bytes:
-            raise LoopcoderError(f"size limits [{self.min_file_bytes}, {self.max_file_bytes}] bytes are empty "
-                                 "or negative")
+            raise LoopcoderError(
+                f"size limits [{self.min_file_bytes}, {self.max_file_bytes}] bytes are empty or negative"
+            )
         if self.max_documents is not None and self.max_documents < 1:
             raise LoopcoderError(f"max_documents {self.max_documents} must be positive")
         if not self.text_field:
@@ -109,8 +122,16 @@ class CleaningStats:
         return asdict(self)
 
     def skipped_summary(self) -> str:
-        parts = [f"{n} {name}" for name, n in (("duplicate", self.duplicates), ("too large", self.too_large),
-                 ("empty", self.empty), ("binary", self.binary), ("undecodable", self.undecodable))]
+        parts = [
+            f"{n} {name}"
+            for name, n in (
+                ("duplicate", self.duplicates),
+                ("too large", self.too_large),
+                ("empty", self.empty),
+                ("binary", self.binary),
+                ("undecodable", self.undecodable),
+            )
+        ]
         return ", ".join(parts)
 
 
@@ -123,7 +144,7 @@ def stdlib_root() -> Path:
 
 
 def split_of(sha256_hex: str, val_fraction: float, seed: int = 0) -> str:
-    """"validation" for a `val_fraction` share of all possible contents, chosen by hashing, else "train"."""
+    """ "validation" for a `val_fraction` share of all possible contents, chosen by hashing, else "train"."""
     if val_fraction <= 0:
         return "train"
     h = hashlib.sha256(f"{seed}:{sha256_hex}".encode()).digest()
@@ -269,8 +290,7 @@ def _text_field(record: Any, text_field: str, where: str) -> str:
         raise LoopcoderError(f"{where}: expected a JSON object with a {text_field!r} field")
     if text_field not in record:
         keys = ", ".join(sorted(map(str, record))[:10]) or "none"
-        raise LoopcoderError(f"{where}: no text field {text_field!r} (fields: {keys}); choose one with "
-                             "--text-field")
+        raise LoopcoderError(f"{where}: no text field {text_field!r} (fields: {keys}); choose one with --text-field")
     value = record[text_field]
     if not isinstance(value, str):
         raise LoopcoderError(f"{where}: field {text_field!r} is {type(value).__name__}, not a string")
@@ -285,8 +305,10 @@ class ParquetSource(JsonlSource):
             raise LoopcoderError(f"{self.path}: not a readable Parquet file ({str(e).splitlines()[0]})") from e
         names = pf.schema_arrow.names
         if spec.text_field not in names:
-            raise LoopcoderError(f"{self.path}: no text column {spec.text_field!r} (columns: "
-                                 f"{', '.join(names[:10])}); choose one with --text-field")
+            raise LoopcoderError(
+                f"{self.path}: no text column {spec.text_field!r} (columns: "
+                f"{', '.join(names[:10])}); choose one with --text-field"
+            )
         row = 0
         for batch in pf.iter_batches(columns=[spec.text_field], batch_size=1024):
             for value in batch.column(0).to_pylist():
@@ -295,8 +317,7 @@ class ParquetSource(JsonlSource):
                 if value is None:
                     yield where, ""
                 elif not isinstance(value, str):
-                    raise LoopcoderError(f"{where}: column {spec.text_field!r} is {type(value).__name__}, "
-                                         "not a string")
+                    raise LoopcoderError(f"{where}: column {spec.text_field!r} is {type(value).__name__}, not a string")
                 else:
                     yield where, value
 
@@ -313,8 +334,11 @@ class HFSource(Source):
     def fingerprint(self, spec: CorpusSpec) -> Any:
         p = Path(self.dataset)
         if p.exists():
-            stats = sorted((str(q.relative_to(p)) if p.is_dir() else q.name, q.stat().st_size, q.stat().st_mtime_ns)
-                           for q in ([p] if p.is_file() else p.rglob("*")) if q.is_file())
+            stats = sorted(
+                (str(q.relative_to(p)) if p.is_dir() else q.name, q.stat().st_size, q.stat().st_mtime_ns)
+                for q in ([p] if p.is_file() else p.rglob("*"))
+                if q.is_file()
+            )
             return [self.name, spec.hf_config, spec.hf_split, stats]
         return [self.name, spec.hf_config, spec.hf_split]
 
@@ -329,8 +353,10 @@ class HFSource(Source):
                 ds = datasets.load_from_disk(str(p))
                 if isinstance(ds, datasets.DatasetDict):
                     if spec.hf_split not in ds:
-                        raise LoopcoderError(f"{self.name}: no split {spec.hf_split!r} (splits: "
-                                             f"{', '.join(ds)}); choose one with --hf-split")
+                        raise LoopcoderError(
+                            f"{self.name}: no split {spec.hf_split!r} (splits: "
+                            f"{', '.join(ds)}); choose one with --hf-split"
+                        )
                     ds = ds[spec.hf_split]
                 return ds
             return datasets.load_dataset(self.dataset, spec.hf_config, split=spec.hf_split, streaming=True)
@@ -344,8 +370,10 @@ class HFSource(Source):
         ds = self._open(spec)
         names = getattr(ds, "column_names", None)
         if names and spec.text_field not in names:
-            raise LoopcoderError(f"{self.name}: no text field {spec.text_field!r} (columns: "
-                                 f"{', '.join(list(names)[:10])}); choose one with --text-field")
+            raise LoopcoderError(
+                f"{self.name}: no text field {spec.text_field!r} (columns: "
+                f"{', '.join(list(names)[:10])}); choose one with --text-field"
+            )
         for i, record in enumerate(ds):
             where = f"{self.name}[{i}]"
             if isinstance(record, dict) and spec.text_field in record and record[spec.text_field] is None:
@@ -362,8 +390,9 @@ def resolve_source(source: str) -> Source:
         return HFSource(source[3:])
     p = Path(source).expanduser()
     if not p.exists():
-        raise LoopcoderError(f"source {source!r} does not exist (expected stdlib, hf:NAME, a directory, "
-                             "a .jsonl or a .parquet file)")
+        raise LoopcoderError(
+            f"source {source!r} does not exist (expected stdlib, hf:NAME, a directory, a .jsonl or a .parquet file)"
+        )
     if p.is_dir():
         return DirectorySource(p)
     name = p.name.lower()
@@ -393,8 +422,9 @@ def total_bytes(spec: CorpusSpec) -> int | None:
 # Cleaning
 
 
-def iter_documents(spec: CorpusSpec, stats: CleaningStats | None = None,
-                   split: str | None = None) -> Iterator[Document]:
+def iter_documents(
+    spec: CorpusSpec, stats: CleaningStats | None = None, split: str | None = None
+) -> Iterator[Document]:
     """The cleaned, de-duplicated documents of a corpus, each with its split, in a deterministic order.
 
     With `split`, only that split's documents are yielded (the others are still cleaned and counted,
@@ -458,5 +488,6 @@ def _clean(doc_id: str, raw: Raw, spec: CorpusSpec, stats: CleaningStats, seen: 
         return None
     seen.add(digest)
     sha = digest.hex()
-    return Document(id=doc_id, text=text, sha256=sha, nbytes=len(data),
-                    split=split_of(sha, spec.val_fraction, spec.seed))
+    return Document(
+        id=doc_id, text=text, sha256=sha, nbytes=len(data), split=split_of(sha, spec.val_fraction, spec.seed)
+    )

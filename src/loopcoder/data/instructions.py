@@ -44,7 +44,7 @@ class InstructionStats:
 
 
 def module_name(doc_id: str) -> str:
-    """"json/decoder.py" -> "json.decoder", "json/__init__.py" -> "json"."""
+    """ "json/decoder.py" -> "json.decoder", "json/__init__.py" -> "json"."""
     path = doc_id.rsplit(":", 1)[-1] if doc_id.endswith(".py") else doc_id  # drop a "source:" prefix
     parts = Path(path).with_suffix("").parts
     if parts and parts[-1] == "__init__":
@@ -67,7 +67,7 @@ def _dedent(lines: list[str], indent: int) -> str:
     out = []
     for line in lines:
         k = len(line) - len(line.lstrip(" \t"))
-        out.append(line[min(k, indent):])
+        out.append(line[min(k, indent) :])
     return "\n".join(out).rstrip() + "\n"
 
 
@@ -85,14 +85,20 @@ def extract_functions(source: str, module: str) -> Iterator[dict[str, str]]:
             if _trivial(node.body[1:]):
                 continue
             first = min([node.lineno, *(d.lineno for d in node.decorator_list)])
-            stub = _dedent(lines[first - 1:node.body[0].end_lineno], node.col_offset)
-            code = _dedent(lines[first - 1:node.end_lineno], node.col_offset)
+            stub = _dedent(lines[first - 1 : node.body[0].end_lineno], node.col_offset)
+            code = _dedent(lines[first - 1 : node.end_lineno], node.col_offset)
             try:
                 ast.parse(code)
             except SyntaxError:  # dedenting changed a multi-line string's layout: skip it
                 continue
-            yield {"qualname": f"{cls}.{node.name}" if cls else node.name, "name": node.name,
-                   "cls": cls or "", "module": module, "stub": stub, "code": code}
+            yield {
+                "qualname": f"{cls}.{node.name}" if cls else node.name,
+                "name": node.name,
+                "cls": cls or "",
+                "module": module,
+                "stub": stub,
+                "code": code,
+            }
 
     yield from visit(tree.body, None)
 
@@ -111,8 +117,9 @@ def _chatml(messages: list[dict[str, str]]) -> str:
     return "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
 
 
-def build_instruction_set(documents: Iterable[Document], tokenizer: Any = None, max_tokens: int | None = 512,
-                          max_code_chars: int = 6000) -> tuple[dict[str, list[dict[str, Any]]], InstructionStats]:
+def build_instruction_set(
+    documents: Iterable[Document], tokenizer: Any = None, max_tokens: int | None = 512, max_code_chars: int = 6000
+) -> tuple[dict[str, list[dict[str, Any]]], InstructionStats]:
     """Records per split from (Python) documents; `tokenizer` (a `tokenizers.Tokenizer`) enables `max_tokens`."""
     stats = InstructionStats()
     out: dict[str, list[dict[str, Any]]] = {s: [] for s in SPLITS}
@@ -152,9 +159,13 @@ def build_instruction_set(documents: Iterable[Document], tokenizer: Any = None, 
     return out, stats
 
 
-def write_instruction_set(data_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None,
-                          max_tokens: int | None = None, max_code_chars: int = 6000,
-                          log: TextIO | None = None) -> dict[str, Any]:
+def write_instruction_set(
+    data_dir: str | os.PathLike,
+    out_dir: str | os.PathLike | None = None,
+    max_tokens: int | None = None,
+    max_code_chars: int = 6000,
+    log: TextIO | None = None,
+) -> dict[str, Any]:
     """Build the instruction set of a data directory's corpus into `out_dir` (default DATA/instructions)."""
     manifest = read_manifest(data_dir)
     spec = CorpusSpec.from_dict(manifest["settings"]["corpus"])
@@ -163,8 +174,13 @@ def write_instruction_set(data_dir: str | os.PathLike, out_dir: str | os.PathLik
     limit = max_tokens if max_tokens is not None else seq_len
     if limit < 16:
         raise LoopcoderError(f"max tokens {limit} is too small for any instruction record")
-    meter = Progress("instructions: parsing", unit="documents", amount_unit="bytes",
-                     total_amount=corpus_mod.total_bytes(spec), stream=log)
+    meter = Progress(
+        "instructions: parsing",
+        unit="documents",
+        amount_unit="bytes",
+        total_amount=corpus_mod.total_bytes(spec),
+        stream=log,
+    )
 
     def documents() -> Iterator[Document]:
         for doc in iter_documents(spec):

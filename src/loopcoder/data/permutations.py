@@ -56,8 +56,9 @@ class PermutationTask:
 
     def __post_init__(self) -> None:
         if self.symbols < 2 or self.functions < 1:
-            raise LoopcoderError(f"the task needs >= 2 symbols and >= 1 function, got {self.symbols} and "
-                                 f"{self.functions}")
+            raise LoopcoderError(
+                f"the task needs >= 2 symbols and >= 1 function, got {self.symbols} and {self.functions}"
+            )
         if not 0 < self.eval_share < 1:
             raise LoopcoderError(f"eval_share must be in (0, 1), got {self.eval_share}")
         rng = np.random.default_rng([self.seed, self.symbols, self.functions])
@@ -69,8 +70,14 @@ class PermutationTask:
         return FIRST_SYMBOL + self.symbols + self.functions
 
     def to_dict(self) -> dict[str, Any]:
-        return {"symbols": self.symbols, "functions": self.functions, "seed": self.seed,
-                "eval_share": self.eval_share, "equals": self.equals, "permutations": self.perms.tolist()}
+        return {
+            "symbols": self.symbols,
+            "functions": self.functions,
+            "seed": self.seed,
+            "eval_share": self.eval_share,
+            "equals": self.equals,
+            "permutations": self.perms.tolist(),
+        }
 
     # -- items: x (n,) and ops (n, k) as integer arrays ------------------------------------------------
     def answers(self, x: np.ndarray, ops: np.ndarray) -> np.ndarray:
@@ -141,8 +148,10 @@ class PermutationTask:
     def prompt_tokens(self, x: np.ndarray, ops: np.ndarray) -> np.ndarray:
         """(n, k + 2): `x a_1 .. a_k =` as token ids (k + 1 without `=`)."""
         n = len(x)
-        parts = [FIRST_SYMBOL + np.asarray(x).reshape(n, 1),
-                 FIRST_SYMBOL + self.symbols + np.asarray(ops).reshape(n, -1)]
+        parts = [
+            FIRST_SYMBOL + np.asarray(x).reshape(n, 1),
+            FIRST_SYMBOL + self.symbols + np.asarray(ops).reshape(n, -1),
+        ]
         return np.concatenate(parts + ([np.full((n, 1), EQ_ID)] if self.equals else []), axis=1).astype(np.int64)
 
     def item_tokens(self, k: int, split: str) -> np.ndarray:
@@ -182,8 +191,10 @@ class PermutationRows:
     def __post_init__(self) -> None:
         need = 1 + self.task.item_length(max(self.lengths))
         if self.seq_len < need:
-            raise LoopcoderError(f"seq_len={self.seq_len} cannot hold an item of {max(self.lengths)} steps "
-                                 f"(needs {need} tokens with BOS)")
+            raise LoopcoderError(
+                f"seq_len={self.seq_len} cannot hold an item of {max(self.lengths)} steps "
+                f"(needs {need} tokens with BOS)"
+            )
         if self.rows < 1 or min(self.lengths) < 1:
             raise LoopcoderError("rows and item lengths must be >= 1")
         # every training item of each length, drawn uniformly (so never a held-out one)
@@ -204,12 +215,14 @@ class PermutationRows:
         ids[0] = BOS_ID
         if len(ks):
             body = np.concatenate([self._items[k][j] for k, j in zip(ks.tolist(), pick.tolist())])
-            ids[1:1 + len(body)] = body
-            answers = ends[:len(ks)] - 1  # each item's last token
+            ids[1 : 1 + len(body)] = body
+            answers = ends[: len(ks)] - 1  # each item's last token
             labels[answers] = ids[answers]
         return ids, labels
 
     def get(self, indices: np.ndarray) -> dict[str, torch.Tensor]:
         rows = [self.row(i) for i in np.asarray(indices).tolist()]
-        return {"input_ids": torch.from_numpy(np.stack([r[0] for r in rows])),
-                "labels": torch.from_numpy(np.stack([r[1] for r in rows]))}
+        return {
+            "input_ids": torch.from_numpy(np.stack([r[0] for r in rows])),
+            "labels": torch.from_numpy(np.stack([r[1] for r in rows])),
+        }

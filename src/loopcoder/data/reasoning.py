@@ -61,10 +61,18 @@ def _rk(rng: random.Random, lo: int, hi: int) -> int:
 # --- step templates: (rng, u = input variable, v = output variable, value of u) -> (lines, helper) ----------
 # A helper is returned with the name "HELPER", replaced by a fresh name when the step is accepted.
 
+
 def _int_templates() -> list[Template]:
     def arith(rng, u, v, _):
-        op, k = rng.choice([("+", _rk(rng, 1, 9)), ("-", _rk(rng, 1, 9)), ("*", _rk(rng, 2, 4)),
-                            ("//", _rk(rng, 2, 4)), ("%", _rk(rng, 3, 9))])
+        op, k = rng.choice(
+            [
+                ("+", _rk(rng, 1, 9)),
+                ("-", _rk(rng, 1, 9)),
+                ("*", _rk(rng, 2, 4)),
+                ("//", _rk(rng, 2, 4)),
+                ("%", _rk(rng, 3, 9)),
+            ]
+        )
         return [f"{v} = {u} {op} {k}"], None
 
     def rsub(rng, u, v, _):
@@ -75,10 +83,12 @@ def _int_templates() -> list[Template]:
         return [rng.choice([f"{v} = max({u}, {k})", f"{v} = min({u}, {k})", f"{v} = abs({u} - {k})"])], None
 
     def if_block(rng, u, v, _):
-        cond = rng.choice([f"{u} > {_rk(rng, 0, 20)}", f"{u} % 2 == 0", f"{u} < {_rk(rng, 0, 20)}",
-                           f"{u} % 3 == {_rk(rng, 0, 2)}"])
-        a, b = rng.sample([f"{u} + {_rk(rng, 1, 9)}", f"{u} - {_rk(rng, 1, 9)}", f"{u} * {_rk(rng, 2, 3)}",
-                           f"{u} // 2"], 2)
+        cond = rng.choice(
+            [f"{u} > {_rk(rng, 0, 20)}", f"{u} % 2 == 0", f"{u} < {_rk(rng, 0, 20)}", f"{u} % 3 == {_rk(rng, 0, 2)}"]
+        )
+        a, b = rng.sample(
+            [f"{u} + {_rk(rng, 1, 9)}", f"{u} - {_rk(rng, 1, 9)}", f"{u} * {_rk(rng, 2, 3)}", f"{u} // 2"], 2
+        )
         return [f"if {cond}:", f"    {v} = {a}", "else:", f"    {v} = {b}"], None
 
     def if_expr(rng, u, v, _):
@@ -86,8 +96,9 @@ def _int_templates() -> list[Template]:
         return [f"{v} = {u} + {_rk(rng, 1, 9)} if {u} < {k} else {u} - {_rk(rng, 1, 9)}"], None
 
     def for_loop(rng, u, v, _):
-        body = rng.choice([f"{v} = {v} + i", f"{v} = {v} * 2", f"{v} = {v} - {_rk(rng, 1, 5)}",
-                           f"{v} += i * {_rk(rng, 2, 3)}"])
+        body = rng.choice(
+            [f"{v} = {v} + i", f"{v} = {v} * 2", f"{v} = {v} - {_rk(rng, 1, 5)}", f"{v} += i * {_rk(rng, 2, 3)}"]
+        )
         head = [] if v == u else [f"{v} = {u}"]
         return [*head, f"for i in range({_rk(rng, 2, 4)}):", f"    {body}"], None
 
@@ -98,40 +109,93 @@ def _int_templates() -> list[Template]:
         return [*head, f"while {v} > {k}:", f"    {body}"], None
 
     def call(rng, u, v, _):
-        helper = rng.choice([
-            ["def HELPER(n):", f"    return n * {_rk(rng, 2, 3)} + {_rk(rng, 1, 9)}"],
-            ["def HELPER(n):", "    if n % 2 == 0:", "        return n // 2", f"    return n + {_rk(rng, 1, 9)}"],
-            ["def HELPER(n):", "    total = 0", f"    for i in range({_rk(rng, 2, 4)}):",
-             "        total += n - i", "    return total"],
-        ])
+        helper = rng.choice(
+            [
+                ["def HELPER(n):", f"    return n * {_rk(rng, 2, 3)} + {_rk(rng, 1, 9)}"],
+                ["def HELPER(n):", "    if n % 2 == 0:", "        return n // 2", f"    return n + {_rk(rng, 1, 9)}"],
+                [
+                    "def HELPER(n):",
+                    "    total = 0",
+                    f"    for i in range({_rk(rng, 2, 4)}):",
+                    "        total += n - i",
+                    "    return total",
+                ],
+            ]
+        )
         return [f"{v} = HELPER({u})"], helper
 
     def to_str(rng, u, v, _):
         c = rng.choice(_LETTERS)
-        return [rng.choice([f"{v} = str({u})", f"{v} = str({u}) + '{c}'", f"{v} = '{c}' * ({u} % 4 + 1)",
-                            f"{v} = str({u})[::-1]"])], None
+        return [
+            rng.choice(
+                [f"{v} = str({u})", f"{v} = str({u}) + '{c}'", f"{v} = '{c}' * ({u} % 4 + 1)", f"{v} = str({u})[::-1]"]
+            )
+        ], None
 
     def to_list(rng, u, v, _):
         k = _rk(rng, 1, 5)
-        return [rng.choice([f"{v} = [{u}, {u} + {k}, {u} * 2]", f"{v} = list(range({u} % 5 + 1))",
-                            f"{v} = [x * {u} for x in range(3)]", f"{v} = [{u} % {k + 2}, {u} // {k + 2}]"])], None
+        return [
+            rng.choice(
+                [
+                    f"{v} = [{u}, {u} + {k}, {u} * 2]",
+                    f"{v} = list(range({u} % 5 + 1))",
+                    f"{v} = [x * {u} for x in range(3)]",
+                    f"{v} = [{u} % {k + 2}, {u} // {k + 2}]",
+                ]
+            )
+        ], None
 
-    return [arith, arith, arith, rsub, builtin, if_block, if_block, if_expr, for_loop, for_loop, while_loop,
-            call, call, to_str, to_list]
+    return [
+        arith,
+        arith,
+        arith,
+        rsub,
+        builtin,
+        if_block,
+        if_block,
+        if_expr,
+        for_loop,
+        for_loop,
+        while_loop,
+        call,
+        call,
+        to_str,
+        to_list,
+    ]
 
 
 def _str_templates() -> list[Template]:
     def transform(rng, u, v, val):
         c = rng.choice(val) if val else "a"
         d = rng.choice(_LETTERS)
-        return [rng.choice([f"{v} = {u}.upper()", f"{v} = {u}[::-1]", f"{v} = {u} + '{d}'", f"{v} = {u}[1:]",
-                            f"{v} = {u}[:3]", f"{v} = {u}.replace('{c}', '{d}')", f"{v} = {u} * 2",
-                            f"{v} = {u}[0] + {u}[-1]", f"{v} = ''.join(sorted({u}))"])], None
+        return [
+            rng.choice(
+                [
+                    f"{v} = {u}.upper()",
+                    f"{v} = {u}[::-1]",
+                    f"{v} = {u} + '{d}'",
+                    f"{v} = {u}[1:]",
+                    f"{v} = {u}[:3]",
+                    f"{v} = {u}.replace('{c}', '{d}')",
+                    f"{v} = {u} * 2",
+                    f"{v} = {u}[0] + {u}[-1]",
+                    f"{v} = ''.join(sorted({u}))",
+                ]
+            )
+        ], None
 
     def to_int(rng, u, v, val):
         c = rng.choice(val) if val else "a"
-        return [rng.choice([f"{v} = len({u})", f"{v} = {u}.count('{c}')", f"{v} = {u}.find('{c}')",
-                            f"{v} = len({u}) * {_rk(rng, 2, 5)}"])], None
+        return [
+            rng.choice(
+                [
+                    f"{v} = len({u})",
+                    f"{v} = {u}.count('{c}')",
+                    f"{v} = {u}.find('{c}')",
+                    f"{v} = len({u}) * {_rk(rng, 2, 5)}",
+                ]
+            )
+        ], None
 
     def if_block(rng, u, v, val):
         c = rng.choice(val) if val else "a"
@@ -147,11 +211,19 @@ def _str_templates() -> list[Template]:
         return [*head, f"for i in range({_rk(rng, 2, 3)}):", f"    {body}"], None
 
     def call(rng, u, v, _):
-        helper = rng.choice([
-            ["def HELPER(s):", f"    return s[::-1] + '{rng.choice(_LETTERS)}'"],
-            ["def HELPER(s):", "    result = ''", "    for x in s:", "        if x not in result:",
-             "            result += x", "    return result"],
-        ])
+        helper = rng.choice(
+            [
+                ["def HELPER(s):", f"    return s[::-1] + '{rng.choice(_LETTERS)}'"],
+                [
+                    "def HELPER(s):",
+                    "    result = ''",
+                    "    for x in s:",
+                    "        if x not in result:",
+                    "            result += x",
+                    "    return result",
+                ],
+            ]
+        )
         return [f"{v} = HELPER({u})"], helper
 
     return [transform, transform, transform, to_int, to_int, if_block, loop, call]
@@ -160,34 +232,84 @@ def _str_templates() -> list[Template]:
 def _list_templates() -> list[Template]:
     def transform(rng, u, v, _):
         k = _rk(rng, 1, 9)
-        return [rng.choice([f"{v} = {u} + [{k}]", f"{v} = sorted({u})", f"{v} = {u}[::-1]",
-                            f"{v} = [x * {_rk(rng, 2, 3)} for x in {u}]", f"{v} = [x + {k} for x in {u}]",
-                            f"{v} = [x for x in {u} if x % 2 == 0]", f"{v} = {u}[1:]", f"{v} = {u}[:2]"])], None
+        return [
+            rng.choice(
+                [
+                    f"{v} = {u} + [{k}]",
+                    f"{v} = sorted({u})",
+                    f"{v} = {u}[::-1]",
+                    f"{v} = [x * {_rk(rng, 2, 3)} for x in {u}]",
+                    f"{v} = [x + {k} for x in {u}]",
+                    f"{v} = [x for x in {u} if x % 2 == 0]",
+                    f"{v} = {u}[1:]",
+                    f"{v} = {u}[:2]",
+                ]
+            )
+        ], None
 
     def mutate(rng, u, v, _):
-        return [rng.choice([f"{u}.append({_rk(rng, 1, 9)})", f"{u}.reverse()", f"{u}.sort()",
-                            f"{u}.insert(0, {_rk(rng, 1, 9)})", f"{u}.pop()"])], None
+        return [
+            rng.choice(
+                [
+                    f"{u}.append({_rk(rng, 1, 9)})",
+                    f"{u}.reverse()",
+                    f"{u}.sort()",
+                    f"{u}.insert(0, {_rk(rng, 1, 9)})",
+                    f"{u}.pop()",
+                ]
+            )
+        ], None
 
     mutate.mutates = True  # in place: the chain continues in the same variable
 
     def to_int(rng, u, v, _):
-        return [rng.choice([f"{v} = sum({u})", f"{v} = len({u})", f"{v} = max({u})", f"{v} = min({u})",
-                            f"{v} = {u}[0]", f"{v} = {u}[-1]", f"{v} = {u}[0] + {u}[-1]"])], None
+        return [
+            rng.choice(
+                [
+                    f"{v} = sum({u})",
+                    f"{v} = len({u})",
+                    f"{v} = max({u})",
+                    f"{v} = min({u})",
+                    f"{v} = {u}[0]",
+                    f"{v} = {u}[-1]",
+                    f"{v} = {u}[0] + {u}[-1]",
+                ]
+            )
+        ], None
 
     def loop(rng, u, v, _):
-        return [f"{v} = 0", f"for x in {u}:", f"    if x > {_rk(rng, 0, 5)}:", f"        {v} += x",
-                "    else:", f"        {v} -= {_rk(rng, 1, 3)}"], None
+        return [
+            f"{v} = 0",
+            f"for x in {u}:",
+            f"    if x > {_rk(rng, 0, 5)}:",
+            f"        {v} += x",
+            "    else:",
+            f"        {v} -= {_rk(rng, 1, 3)}",
+        ], None
 
     def to_str(rng, u, v, _):
         return [f"{v} = ''.join(str(x) for x in {u})"], None
 
     def call(rng, u, v, _):
-        helper = rng.choice([
-            ["def HELPER(items):", "    total = 0", "    for x in items:", "        total += x",
-             f"    return total * {_rk(rng, 2, 3)}"],
-            ["def HELPER(items):", "    result = []", "    for x in items:", f"        if x > {_rk(rng, 0, 5)}:",
-             "            result.append(x)", "    return result"],
-        ])
+        helper = rng.choice(
+            [
+                [
+                    "def HELPER(items):",
+                    "    total = 0",
+                    "    for x in items:",
+                    "        total += x",
+                    f"    return total * {_rk(rng, 2, 3)}",
+                ],
+                [
+                    "def HELPER(items):",
+                    "    result = []",
+                    "    for x in items:",
+                    f"        if x > {_rk(rng, 0, 5)}:",
+                    "            result.append(x)",
+                    "    return result",
+                ],
+            ]
+        )
         return [f"{v} = HELPER({u})"], helper
 
     return [transform, transform, transform, mutate, to_int, to_int, loop, to_str, call]
@@ -196,6 +318,7 @@ def _list_templates() -> list[Template]:
 def _digit_templates() -> list[Template]:
     """The "digits" family: one-digit values, each step modular arithmetic on the previous one. Nothing
     to learn but the chain itself, so small models trained for minutes can show what depth buys."""
+
     def add(rng, u, v, _):
         return [f"{v} = ({u} + {_rk(rng, 1, 9)}) % 10"], None
 
@@ -209,8 +332,11 @@ def _digit_templates() -> list[Template]:
 
 
 _TEMPLATES: dict[type, list[Template]] = {int: _int_templates(), str: _str_templates(), list: _list_templates()}
-FAMILIES: dict[str, dict[type, list[Template]]] = {"mixed": _TEMPLATES, "digits": {int: _digit_templates()},
-                                                   "chains": {}}
+FAMILIES: dict[str, dict[type, list[Template]]] = {
+    "mixed": _TEMPLATES,
+    "digits": {int: _digit_templates()},
+    "chains": {},
+}
 
 
 def _in_bounds(val: Any) -> bool:
@@ -221,8 +347,9 @@ def _in_bounds(val: Any) -> bool:
     if isinstance(val, str):
         return 1 <= len(val) <= _MAX_STR and val.isalnum() and val.isascii()
     if isinstance(val, list):
-        return len(val) <= _MAX_LIST and all(isinstance(x, int) and not isinstance(x, bool)
-                                             and abs(x) <= _MAX_INT for x in val)
+        return len(val) <= _MAX_LIST and all(
+            isinstance(x, int) and not isinstance(x, bool) and abs(x) <= _MAX_INT for x in val
+        )
     return False
 
 
@@ -276,7 +403,7 @@ def program_hash(program: str) -> str:
 
 
 def split_of_program(program: str) -> str:
-    """"eval" for a fixed EVAL_SHARE of canonical programs, "train" for the rest (independent of any seed)."""
+    """ "eval" for a fixed EVAL_SHARE of canonical programs, "train" for the rest (independent of any seed)."""
     return _split_of_hash(program_hash(program))
 
 
@@ -287,7 +414,7 @@ def _split_of_hash(h: str) -> str:
 def _render(init_var: str, init_value: Any, helpers: list[list[str]], body: list[str], result: str) -> tuple[str, str]:
     head = "".join("\n".join(h) + "\n\n" for h in helpers)
     program = head + f"{init_var} = {init_value!r}\n" + "".join(line + "\n" for line in body) + f"print({result})\n"
-    function = (head + f"def f({init_var}):\n" + "".join(f"    {line}\n" for line in body) + f"    return {result}\n")
+    function = head + f"def f({init_var}):\n" + "".join(f"    {line}\n" for line in body) + f"    return {result}\n"
     return program, function
 
 
@@ -395,9 +522,11 @@ def _chain_program(rng: random.Random, steps: int, distractors: int) -> dict[str
     return {"program": program, "function": function, "input": repr(values[0]), "chain": None}
 
 
-def _every_step_matters(x0: str, init: Any, helpers: list[list[str]], blocks: list[list[str]],
-                        ablations: list[list[str]], result: str) -> bool:
+def _every_step_matters(
+    x0: str, init: Any, helpers: list[list[str]], blocks: list[list[str]], ablations: list[list[str]], result: str
+) -> bool:
     """True when replacing any one step by the identity changes the output (no step is undone later)."""
+
     def output(bs: list[list[str]]) -> str | None:
         try:
             return run_program(_render(x0, init, helpers, [ln for b in bs for ln in b], result)[0])
@@ -405,11 +534,12 @@ def _every_step_matters(x0: str, init: Any, helpers: list[list[str]], blocks: li
             return None
 
     full = output(blocks)
-    return all(output([*blocks[:i], ablations[i], *blocks[i + 1:]]) != full for i in range(len(blocks)))
+    return all(output([*blocks[:i], ablations[i], *blocks[i + 1 :]]) != full for i in range(len(blocks)))
 
 
-def _draw(rng: random.Random, u: str, v: str, val: Any, family: str = "mixed") -> tuple[list[str], list[str] | None,
-                                                                                     bool]:
+def _draw(
+    rng: random.Random, u: str, v: str, val: Any, family: str = "mixed"
+) -> tuple[list[str], list[str] | None, bool]:
     """A random step on `u`'s type: (lines, helper or None, whether it mutates `u` in place)."""
     template = rng.choice(FAMILIES[family][type(val)])
     lines, helper = template(rng, u, v, val)
@@ -436,8 +566,15 @@ def parse_steps(spec: str | int | Sequence[int]) -> list[int]:
     return values
 
 
-def generate_examples(n: int, steps: int | str | Sequence[int], seed: int = 0, split: str = "train",
-                      distractors: int = 0, progress: bool = False, family: str = "mixed") -> list[dict[str, Any]]:
+def generate_examples(
+    n: int,
+    steps: int | str | Sequence[int],
+    seed: int = 0,
+    split: str = "train",
+    distractors: int = 0,
+    progress: bool = False,
+    family: str = "mixed",
+) -> list[dict[str, Any]]:
     """`n` distinct examples {id, program, answer, steps, ...} of the given split; deterministic in the seed.
 
     `family` "mixed" (ints, strings, lists, conditionals, loops, helper functions), "digits" (one-digit
@@ -480,19 +617,30 @@ def generate_examples(n: int, steps: int | str | Sequence[int], seed: int = 0, s
         h = program_hash(prog["program"])
         # The cheap checks first: most candidates of the eval split fail the split test. (Chains need no
         # step check: the answer is reached only through every hop.)
-        if h in seen or _split_of_hash(h) != split or (prog["chain"] is not None
-                                                       and not _every_step_matters(*prog["chain"])):
+        if (
+            h in seen
+            or _split_of_hash(h) != split
+            or (prog["chain"] is not None and not _every_step_matters(*prog["chain"]))
+        ):
             continue
         seen.add(h)
         answer = run_program(prog["program"])
         env: dict[str, Any] = {"__builtins__": builtins.__dict__}
         _exec(prog["function"], env)
         value = env["f"](ast.literal_eval(prog["input"]))
-        out.append({
-            "id": f"{split}-s{k}-{h[:12]}", "split": split, "steps": k, "distractors": distractors,
-            "program": prog["program"], "answer": answer,
-            "function": prog["function"], "input": prog["input"], "answer_repr": repr(value),
-        })
+        out.append(
+            {
+                "id": f"{split}-s{k}-{h[:12]}",
+                "split": split,
+                "steps": k,
+                "distractors": distractors,
+                "program": prog["program"],
+                "answer": answer,
+                "function": prog["function"],
+                "input": prog["input"],
+                "answer_repr": repr(value),
+            }
+        )
         k = rng.choice(choices)
         if meter is not None:
             meter.advance()

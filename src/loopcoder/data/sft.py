@@ -73,22 +73,27 @@ def load_chat_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     return records
 
 
-def tokenize_chat(messages: list[dict[str, Any]], tokenizer: Any,
-                  tools: list[dict[str, Any]] | None = None) -> tuple[list[int], list[int]]:
+def tokenize_chat(
+    messages: list[dict[str, Any]], tokenizer: Any, tools: list[dict[str, Any]] | None = None
+) -> tuple[list[int], list[int]]:
     """(input_ids, labels) of one conversation; labels are -100 except on assistant-written tokens."""
     validate_messages(messages)
-    out = tokenizer.apply_chat_template(messages, tools=tools, tokenize=True, return_dict=True,
-                                        return_assistant_tokens_mask=True)
+    out = tokenizer.apply_chat_template(
+        messages, tools=tools, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
     ids = list(out["input_ids"])
     mask = out["assistant_masks"]
     if not any(mask):
-        raise LoopcoderError("the chat template marked no assistant tokens: the tokenizer's template lacks "
-                             "{% generation %} blocks (use a loopcoder tokenizer)")
+        raise LoopcoderError(
+            "the chat template marked no assistant tokens: the tokenizer's template lacks "
+            "{% generation %} blocks (use a loopcoder tokenizer)"
+        )
     return ids, [t if m else IGNORE_INDEX for t, m in zip(ids, mask)]
 
 
-def collate(examples: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int,
-            length: int | None = None) -> dict[str, Any]:
+def collate(
+    examples: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int, length: int | None = None
+) -> dict[str, Any]:
     """Right-pad (input_ids, labels) pairs to `length` (default: the longest) into LongTensors."""
     n = length or max(len(ids) for ids, _ in examples)
     input_ids = torch.full((len(examples), n), pad_id, dtype=torch.long)
@@ -112,15 +117,22 @@ class SFTStats:
     label_tokens: int = 0  # tokens with a label
 
     def to_dict(self) -> dict[str, Any]:
-        return {"conversations": self.conversations, "rows": self.rows, "truncated": self.truncated,
-                "dropped": self.dropped, "tokens": self.tokens, "label_tokens": self.label_tokens}
+        return {
+            "conversations": self.conversations,
+            "rows": self.rows,
+            "truncated": self.truncated,
+            "dropped": self.dropped,
+            "tokens": self.tokens,
+            "label_tokens": self.label_tokens,
+        }
 
 
 class SFTDataset:
     """Fixed-length SFT rows in memory: `get(indices)` gives input_ids, labels, attention_mask."""
 
-    def __init__(self, input_ids: np.ndarray, labels: np.ndarray, attention_mask: np.ndarray,
-                 stats: SFTStats | None = None) -> None:
+    def __init__(
+        self, input_ids: np.ndarray, labels: np.ndarray, attention_mask: np.ndarray, stats: SFTStats | None = None
+    ) -> None:
         if not input_ids.shape == labels.shape == attention_mask.shape or input_ids.ndim != 2:
             raise ValueError("input_ids, labels and attention_mask must have the same 2-d shape")
         self.input_ids = input_ids
@@ -137,13 +149,20 @@ class SFTDataset:
 
     def get(self, indices: Sequence[int] | np.ndarray) -> dict[str, Any]:
         idx = np.asarray(indices, dtype=np.int64)
-        return {"input_ids": torch.from_numpy(self.input_ids[idx].astype(np.int64)),
-                "labels": torch.from_numpy(self.labels[idx].astype(np.int64)),
-                "attention_mask": torch.from_numpy(self.attention_mask[idx].astype(np.int64))}
+        return {
+            "input_ids": torch.from_numpy(self.input_ids[idx].astype(np.int64)),
+            "labels": torch.from_numpy(self.labels[idx].astype(np.int64)),
+            "attention_mask": torch.from_numpy(self.attention_mask[idx].astype(np.int64)),
+        }
 
     @classmethod
-    def build(cls, conversations: Iterable[dict[str, Any] | list[dict[str, Any]]], tokenizer: Any,
-              seq_len: int = 512, packing: bool = True) -> SFTDataset:
+    def build(
+        cls,
+        conversations: Iterable[dict[str, Any] | list[dict[str, Any]]],
+        tokenizer: Any,
+        seq_len: int = 512,
+        packing: bool = True,
+    ) -> SFTDataset:
         """Tokenize conversations (records with "messages"/"tools", or bare message lists) into rows."""
         if seq_len < 2:
             raise LoopcoderError(f"sequence length {seq_len} must be at least 2")
@@ -162,8 +181,10 @@ class SFTDataset:
                 continue
             examples.append((ids, labels))
         if not examples:
-            raise LoopcoderError(f"no SFT conversation fits: {stats.conversations} given, {stats.dropped} dropped "
-                                 f"(nothing to train on within {seq_len} tokens)")
+            raise LoopcoderError(
+                f"no SFT conversation fits: {stats.conversations} given, {stats.dropped} dropped "
+                f"(nothing to train on within {seq_len} tokens)"
+            )
         rows = _pack(examples, seq_len) if packing else [[e] for e in examples]
         ids_a = np.full((len(rows), seq_len), pad_id, dtype=np.int32)
         lab_a = np.full((len(rows), seq_len), IGNORE_INDEX, dtype=np.int32)
@@ -171,9 +192,9 @@ class SFTDataset:
         for r, row in enumerate(rows):
             pos = 0
             for ids, labels in row:
-                ids_a[r, pos:pos + len(ids)] = ids
-                lab_a[r, pos:pos + len(ids)] = labels
-                att_a[r, pos:pos + len(ids)] = 1
+                ids_a[r, pos : pos + len(ids)] = ids
+                lab_a[r, pos : pos + len(ids)] = labels
+                att_a[r, pos : pos + len(ids)] = 1
                 pos += len(ids)
         stats.rows = len(rows)
         stats.tokens = int(att_a.sum())
@@ -181,8 +202,13 @@ class SFTDataset:
         return cls(ids_a, lab_a, att_a, stats)
 
     @classmethod
-    def from_jsonl(cls, paths: str | os.PathLike | Sequence[str | os.PathLike], tokenizer: Any,
-                   seq_len: int = 512, packing: bool = True) -> SFTDataset:
+    def from_jsonl(
+        cls,
+        paths: str | os.PathLike | Sequence[str | os.PathLike],
+        tokenizer: Any,
+        seq_len: int = 512,
+        packing: bool = True,
+    ) -> SFTDataset:
         paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
         records = [r for p in paths for r in load_chat_jsonl(p)]
         return cls.build(records, tokenizer, seq_len, packing)

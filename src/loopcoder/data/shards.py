@@ -42,8 +42,15 @@ def shard_dtype(vocab_size: int) -> np.dtype:
 class ShardWriter:
     """Packs one split's documents into rows of `seq_len` tokens and writes them as `.npy` shards."""
 
-    def __init__(self, root: str | os.PathLike, split: str, seq_len: int, vocab_size: int, eot_id: int,
-                 shard_tokens: int = DEFAULT_SHARD_TOKENS) -> None:
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        split: str,
+        seq_len: int,
+        vocab_size: int,
+        eot_id: int,
+        shard_tokens: int = DEFAULT_SHARD_TOKENS,
+    ) -> None:
         if seq_len < 2:
             raise LoopcoderError(f"sequence length {seq_len} must be at least 2")
         self.root = Path(root)
@@ -82,7 +89,7 @@ class ShardWriter:
         start = 0
         while stream.size - start >= (1 if final else rows_cap) * self.seq_len:
             rows = min(rows_cap, (stream.size - start) // self.seq_len)
-            block = stream[start:start + rows * self.seq_len].reshape(rows, self.seq_len)
+            block = stream[start : start + rows * self.seq_len].reshape(rows, self.seq_len)
             self._write(block)
             start += rows * self.seq_len
         rest = stream[start:]
@@ -102,9 +109,14 @@ class ShardWriter:
         self._pending, self._pending_tokens = [], 0
         sequences = sum(s["sequences"] for s in self.shards)
         return {
-            "shards": self.shards, "sequences": sequences, "tokens": sequences * self.seq_len,
-            "documents": self.documents, "document_tokens": self.doc_tokens, "document_bytes": self.doc_bytes,
-            "dropped_tokens": dropped, "sha256": self.hash.hexdigest(),
+            "shards": self.shards,
+            "sequences": sequences,
+            "tokens": sequences * self.seq_len,
+            "documents": self.documents,
+            "document_tokens": self.doc_tokens,
+            "document_bytes": self.doc_bytes,
+            "dropped_tokens": dropped,
+            "sha256": self.hash.hexdigest(),
         }
 
 
@@ -113,8 +125,10 @@ def read_index(data_dir: str | os.PathLike) -> dict[str, Any]:
     if not Path(data_dir).is_dir():
         raise LoopcoderError(f"data directory {str(data_dir)!r} does not exist")
     if not path.is_file():
-        raise LoopcoderError(f"{str(data_dir)!r} has no index.json: not a loopcoder data directory "
-                             "(build one with `loopcoder data build`)")
+        raise LoopcoderError(
+            f"{str(data_dir)!r} has no index.json: not a loopcoder data directory "
+            "(build one with `loopcoder data build`)"
+        )
     index = json.loads(path.read_text())
     if index.get("format") != INDEX_FORMAT or index.get("version") != INDEX_VERSION:
         raise LoopcoderError(f"{path}: unknown format {index.get('format')!r} version {index.get('version')!r}")
@@ -152,8 +166,7 @@ class ShardDataset:
                 raise LoopcoderError(f"shard {f} is missing: rebuild with `loopcoder data build --force`")
             arr = np.load(f, mmap_mode="r")
             if arr.ndim != 2 or arr.shape != (s["sequences"], self.seq_len):
-                raise LoopcoderError(f"shard {f} has shape {arr.shape}, index says ({s['sequences']}, "
-                                     f"{self.seq_len})")
+                raise LoopcoderError(f"shard {f} has shape {arr.shape}, index says ({s['sequences']}, {self.seq_len})")
             self._shards.append(arr)
             self._files.append(f)
         self._ends = np.cumsum([a.shape[0] for a in self._shards], dtype=np.int64)
@@ -177,9 +190,11 @@ class ShardDataset:
             k = int(np.argmax(out.max(axis=1) >= self.vocab_size))
             s = int(shard_of[k])
             row = int(idx[k] - (self._ends[s - 1] if s else 0))
-            raise LoopcoderError(f"shard {self._files[s]} is corrupted: row {row} holds token id {int(out[k].max())}, "
-                                 f"outside the vocabulary [0, {self.vocab_size}); rebuild the data directory "
-                                 "(`loopcoder data build --force`)")
+            raise LoopcoderError(
+                f"shard {self._files[s]} is corrupted: row {row} holds token id {int(out[k].max())}, "
+                f"outside the vocabulary [0, {self.vocab_size}); rebuild the data directory "
+                "(`loopcoder data build --force`)"
+            )
         return out
 
     def get(self, indices: Sequence[int] | np.ndarray) -> dict[str, Any]:
@@ -223,7 +238,7 @@ def iter_sequential(n: int, batch_size: int, rank: int = 0, world_size: int = 1)
     _check_ranks(batch_size, rank, world_size)
     mine = np.arange(rank, n, world_size, dtype=np.int64)
     for start in range(0, mine.size, batch_size):
-        yield mine[start:start + batch_size]
+        yield mine[start : start + batch_size]
 
 
 class BatchReader:
@@ -234,8 +249,7 @@ class BatchReader:
     random place in the next epoch's permutation, so nothing is systematically skipped).
     """
 
-    def __init__(self, dataset: RowDataset, batch_size: int, seed: int = 0, rank: int = 0,
-                 world_size: int = 1) -> None:
+    def __init__(self, dataset: RowDataset, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
         _check_ranks(batch_size, rank, world_size)
         self.dataset = dataset
         self.batch_size = batch_size
@@ -244,8 +258,9 @@ class BatchReader:
         self.world_size = world_size
         self.num_rows = len(dataset)
         if self.num_rows < batch_size * world_size:
-            raise LoopcoderError(f"the dataset has {self.num_rows} rows, fewer than one global batch "
-                                 f"({batch_size} x {world_size} ranks)")
+            raise LoopcoderError(
+                f"the dataset has {self.num_rows} rows, fewer than one global batch ({batch_size} x {world_size} ranks)"
+            )
         self.epoch = 0
         self.step = 0  # global batches already taken in this epoch
         self._perm_epoch = -1
@@ -269,7 +284,7 @@ class BatchReader:
             self.step = 0
         g = self.batch_size * self.world_size
         start = self.step * g + self.rank * self.batch_size
-        idx = self.permutation(self.epoch)[start:start + self.batch_size]
+        idx = self.permutation(self.epoch)[start : start + self.batch_size]
         self.step += 1
         return idx
 
@@ -282,14 +297,21 @@ class BatchReader:
 
     def state_dict(self) -> dict[str, int]:
         """The position (the same on every rank) plus what must match to resume."""
-        return {"seed": self.seed, "epoch": self.epoch, "step": self.step, "batch_size": self.batch_size,
-                "world_size": self.world_size, "num_rows": self.num_rows}
+        return {
+            "seed": self.seed,
+            "epoch": self.epoch,
+            "step": self.step,
+            "batch_size": self.batch_size,
+            "world_size": self.world_size,
+            "num_rows": self.num_rows,
+        }
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         for key in ("batch_size", "world_size", "num_rows"):
             if state.get(key) != getattr(self, key):
-                raise LoopcoderError(f"cannot resume: the saved reader has {key}={state.get(key)}, this one "
-                                     f"{getattr(self, key)}")
+                raise LoopcoderError(
+                    f"cannot resume: the saved reader has {key}={state.get(key)}, this one {getattr(self, key)}"
+                )
         self.seed = int(state["seed"])
         self.epoch = int(state["epoch"])
         self.step = int(state["step"])

@@ -31,8 +31,15 @@ from loopcoder.atomic import atomic_write_text
 from loopcoder.errors import LoopcoderError
 
 PAD, BOS, EOS, IM_START, IM_END, FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX = (
-    "<|pad|>", "<|startoftext|>", "<|endoftext|>", "<|im_start|>", "<|im_end|>",
-    "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>")
+    "<|pad|>",
+    "<|startoftext|>",
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|fim_prefix|>",
+    "<|fim_middle|>",
+    "<|fim_suffix|>",
+)
 SPECIAL_TOKENS = (PAD, BOS, EOS, IM_START, IM_END, FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX)
 TOOL_TOKENS = ("<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>")
 ALL_ADDED = SPECIAL_TOKENS + TOOL_TOKENS
@@ -50,7 +57,7 @@ CHAT_TEMPLATE = (
     "You are provided with function signatures within <tools></tools> XML tags:\\n<tools>' }}"
     "{%- for tool in tools %}{{- '\\n' }}{{- tool | tojson }}{%- endfor %}"
     "{{- '\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments "
-    "within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{\"name\": <function-name>, \"arguments\": "
+    'within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{"name": <function-name>, "arguments": '
     "<args-json-object>}\\n</tool_call><|im_end|>\\n' }}"
     "{%- elif messages[0].role == 'system' %}"
     "{{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}"
@@ -66,7 +73,7 @@ CHAT_TEMPLATE = (
     "{%- for tool_call in message.tool_calls or [] %}"
     "{%- if tool_call.function is defined %}{%- set tool_call = tool_call.function %}{%- endif %}"
     "{%- if message.content or not loop.first %}{{- '\\n' }}{%- endif %}"
-    "{{- '<tool_call>\\n{\"name\": \"' + tool_call.name + '\", \"arguments\": ' }}"
+    '{{- \'<tool_call>\\n{"name": "\' + tool_call.name + \'", "arguments": \' }}'
     "{%- if tool_call.arguments is string %}{{- tool_call.arguments }}"
     "{%- else %}{{- tool_call.arguments | tojson }}{%- endif %}"
     "{{- '}\\n</tool_call>' }}"
@@ -93,18 +100,22 @@ class EmptyCorpusError(LoopcoderError):
 
 def check_vocab_size(vocab_size: int) -> None:
     if vocab_size < MIN_VOCAB:
-        raise LoopcoderError(f"vocabulary size {vocab_size} is too small: {len(ALL_ADDED)} special/added tokens "
-                             f"+ {BYTE_ALPHABET} byte tokens need at least {MIN_VOCAB}")
+        raise LoopcoderError(
+            f"vocabulary size {vocab_size} is too small: {len(ALL_ADDED)} special/added tokens "
+            f"+ {BYTE_ALPHABET} byte tokens need at least {MIN_VOCAB}"
+        )
     if vocab_size > 2**32 - 1:
         raise LoopcoderError(f"vocabulary size {vocab_size} does not fit the uint32 shard format")
 
 
 def _new_tokenizer() -> Any:
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     return tok
 
@@ -122,7 +133,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 
 
     tok = _new_tokenizer()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, min_frequency=min_frequency, show_progress=False,
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        show_progress=False,
         special_tokens=[AddedToken(t, special=True, normalized=False) for t in ALL_ADDED],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
@@ -152,9 +165,13 @@ def save_tokenizer(tok: Any, out_dir: str | os.PathLike, model_max_length: int |
         # PreTrainedTokenizerFast is what older transformers releases and other tools know; transformers
         # 5 maps it to its tokenizers backend.
         "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": BOS, "eos_token": EOS, "pad_token": PAD, "unk_token": None,
+        "bos_token": BOS,
+        "eos_token": EOS,
+        "pad_token": PAD,
+        "unk_token": None,
         "additional_special_tokens": [IM_START, IM_END, FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX],
-        "add_bos_token": False, "add_eos_token": False,
+        "add_bos_token": False,
+        "add_eos_token": False,
         "clean_up_tokenization_spaces": False,  # True would rewrite " ." etc.: not lossless
         "model_max_length": model_max_length or 1_000_000,
         "chat_template": CHAT_TEMPLATE,

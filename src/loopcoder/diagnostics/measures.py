@@ -95,15 +95,14 @@ def kl_rows(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 def attention_kl(probs: torch.Tensor, probs_prev: torch.Tensor) -> float:
     """Inter-loop attention KL of one layer: (1/(H S)) sum_{h,t} KL(A(r)_{h,t} || A(r-1)_{h,t})."""
     if probs.shape != probs_prev.shape:
-        raise ValueError(f"attention KL needs the same keys: {tuple(probs.shape)} vs "
-                         f"{tuple(probs_prev.shape)}")
+        raise ValueError(f"attention KL needs the same keys: {tuple(probs.shape)} vs {tuple(probs_prev.shape)}")
     return kl_rows(probs, probs_prev).mean().item()
 
 
 def head_gram(probs: torch.Tensor) -> torch.Tensor:
     """Gram matrix G_ij = <A_i, A_j> of the heads' flattened attention maps (H, S*T), in fp64 (H, H)."""
     a = probs.double().flatten(1)  # fp64: the singular values are square roots of G's eigenvalues,
-    return a @ a.T                 # which would amplify fp32 rounding of near-zero ones
+    return a @ a.T  # which would amplify fp32 rounding of near-zero ones
 
 
 def head_similarity(probs: torch.Tensor) -> tuple[torch.Tensor, float, float]:

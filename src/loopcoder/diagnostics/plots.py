@@ -58,8 +58,15 @@ def plot_trajectories(results: list[DiagnosticsResult], out_dir: Path, group: st
             xs, ys, err = _series(res, key)
             if xs.size:
                 shift = 0.06 * (i - (len(results) - 1) / 2)  # side by side, so error bars stay visible
-                ax.errorbar(xs + shift, ys, yerr=err, marker="o", capsize=3, color=COLORS[i % len(COLORS)],
-                            label=f"{res.name} (R={res.num_loops})")
+                ax.errorbar(
+                    xs + shift,
+                    ys,
+                    yerr=err,
+                    marker="o",
+                    capsize=3,
+                    color=COLORS[i % len(COLORS)],
+                    label=f"{res.name} (R={res.num_loops})",
+                )
                 drawn = True
         ax.set_title(m.label, fontsize=10)
         _loop_axis(ax, max_r)
@@ -70,7 +77,7 @@ def plot_trajectories(results: list[DiagnosticsResult], out_dir: Path, group: st
         else:
             why = next((w for res in results if (w := res.not_applicable(key, res.num_loops))), "no data")
             _na(ax, f"not applicable:\n{why}")
-    for ax in axes[len(keys):]:
+    for ax in axes[len(keys) :]:
         ax.set_visible(False)
     path = out_dir / f"trajectories_{group}.png"
     fig.savefig(path, dpi=110)
@@ -95,8 +102,9 @@ def plot_scissors(results: list[DiagnosticsResult], out_dir: Path) -> Path:
         ax.grid(alpha=0.3)
         ax2 = ax.twinx()
         xs, ys, err = _series(res, "offset_cost")
-        b = ax2.errorbar(xs, ys, yerr=err, marker="s", capsize=3, color=COLORS[1], linestyle="--",
-                         label="Ω(r) (right, L2)")
+        b = ax2.errorbar(
+            xs, ys, yerr=err, marker="s", capsize=3, color=COLORS[1], linestyle="--", label="Ω(r) (right, L2)"
+        )
         ax2.set_ylabel("offset cost Ω(r)  [L2 norm]", color=COLORS[1])
         ax2.tick_params(axis="y", labelcolor=COLORS[1])
         ax.legend(handles=[a, b], fontsize=8, loc="best")
@@ -114,8 +122,10 @@ def plot_head_similarity(result: DiagnosticsResult, out_dir: Path) -> Path:
     L = grid.shape[0]
     layer = int(np.nanargmax(np.nanmax(grid, 1) - np.nanmin(grid, 1))) if R > 1 else L - 1
     fig = Figure(figsize=(3.2 + 3.0 * (R + 1), max(3.6, 0.28 * L + 1.8)), layout="constrained")
-    fig.suptitle(f"{result.name} (R={R}): head similarity (cosine of heads' attention maps; "
-                 f"{'global branch for loops ≥ 2' if result.is_plt and R > 1 else 'causal attention'})")
+    fig.suptitle(
+        f"{result.name} (R={R}): head similarity (cosine of heads' attention maps; "
+        f"{'global branch for loops ≥ 2' if result.is_plt and R > 1 else 'causal attention'})"
+    )
     axes = fig.subplots(1, R + 1, squeeze=False)[0]
     im = axes[0].imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=1, origin="lower")
     axes[0].set_xticks(range(R), [str(r) for r in range(1, R + 1)])
@@ -127,8 +137,15 @@ def plot_head_similarity(result: DiagnosticsResult, out_dir: Path) -> Path:
         for li in range(L):
             for r in range(R):
                 if np.isfinite(grid[li, r]):
-                    axes[0].text(r, li, f"{grid[li, r]:.2f}", ha="center", va="center", fontsize=7,
-                                 color="white" if grid[li, r] < 0.6 else "black")
+                    axes[0].text(
+                        r,
+                        li,
+                        f"{grid[li, r]:.2f}",
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="white" if grid[li, r] < 0.6 else "black",
+                    )
     fig.colorbar(im, ax=axes[0], label="cosine")
     for r in range(R):
         ax = axes[r + 1]
@@ -162,8 +179,9 @@ def plot_gates(results: list[DiagnosticsResult], out_dir: Path) -> Path:
             for r in range(1, res.num_loops):
                 counts = hist[r]
                 density = counts / max(counts.sum(), 1) / np.diff(edges)
-                row[0].plot(centers, density, drawstyle="steps-mid", color=COLORS[r % len(COLORS)],
-                            label=f"loop {r + 1}")
+                row[0].plot(
+                    centers, density, drawstyle="steps-mid", color=COLORS[r % len(COLORS)], label=f"loop {r + 1}"
+                )
             row[0].axvline(0.5, color="0.5", linestyle=":", label="g = 0.5")
             row[0].set_xlabel("gate value g")
             row[0].set_ylabel("density")
@@ -174,8 +192,15 @@ def plot_gates(results: list[DiagnosticsResult], out_dir: Path) -> Path:
                 ys = np.array([s[r].mean for s in stats])
                 lo = ys - np.array([s[r].low for s in stats])
                 hi = np.array([s[r].high for s in stats]) - ys
-                row[1].errorbar(np.arange(len(ys)), ys, yerr=np.nan_to_num(np.stack([lo, hi])), marker="o",
-                                capsize=3, color=COLORS[r % len(COLORS)], label=f"loop {r + 1}")
+                row[1].errorbar(
+                    np.arange(len(ys)),
+                    ys,
+                    yerr=np.nan_to_num(np.stack([lo, hi])),
+                    marker="o",
+                    capsize=3,
+                    color=COLORS[r % len(COLORS)],
+                    label=f"loop {r + 1}",
+                )
             row[1].axhline(0.5, color="0.5", linestyle=":")
             row[1].set_xlabel("layer")
             row[1].xaxis.set_major_locator(MaxNLocator(integer=True))

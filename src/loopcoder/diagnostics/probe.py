@@ -54,23 +54,32 @@ class LoopProbe:
     def begin(self, input_ids: torch.Tensor) -> None:
         """Start a sample: input_ids (1, S)."""
         if input_ids.dim() != 2 or input_ids.shape[0] != 1:
-            raise ValueError(f"the probe takes one sample at a time, got input_ids of shape "
-                             f"{tuple(input_ids.shape)}")
+            raise ValueError(f"the probe takes one sample at a time, got input_ids of shape {tuple(input_ids.shape)}")
         R, L, H = self.R, self.L, self.H
         self.ids = input_ids[0]
         self.S = int(input_ids.shape[1])
         nan = lambda *shape: np.full(shape, math.nan)
         self.cur = {
             # hidden states, index r-1 = loop r
-            "step_size": nan(R), "update_cosine": nan(R), "effective_rank": nan(R),
-            "fixed_point_gap": nan(R), "offset_cost": nan(R),
+            "step_size": nan(R),
+            "update_cosine": nan(R),
+            "effective_rank": nan(R),
+            "fixed_point_gap": nan(R),
+            "offset_cost": nan(R),
             # attention, primary branch (causal / global) and PLT's local branch
-            "attention_entropy": nan(L, H, R), "attention_kl": nan(L, R),
-            "head_cosine": nan(L, R), "head_effective_rank": nan(L, R),
-            "local_attention_entropy": nan(L, H, R), "local_head_cosine": nan(L, R),
-            "local_head_effective_rank": nan(L, R), "gate": nan(L, H, R),
+            "attention_entropy": nan(L, H, R),
+            "attention_kl": nan(L, R),
+            "head_cosine": nan(L, R),
+            "head_effective_rank": nan(L, R),
+            "local_attention_entropy": nan(L, H, R),
+            "local_head_cosine": nan(L, R),
+            "local_head_effective_rank": nan(L, R),
+            "gate": nan(L, H, R),
             # output (logit lens)
-            "output_entropy": nan(R), "gold_rank": nan(R), "gold_top1": nan(R), "gold_nll": nan(R),
+            "output_entropy": nan(R),
+            "gold_rank": nan(R),
+            "gold_top1": nan(R),
+            "gold_nll": nan(R),
             "delta_p": nan(R),
         }
         with torch.no_grad():  # h(0): the input of loop 1, B(1) = E (spec 1.1)
@@ -106,8 +115,7 @@ class LoopProbe:
         return {k: np.asarray(v, dtype=np.float64) for k, v in c.items()}
 
     # ------------------------------------------------------------------ hooks called by the model
-    def attention(self, layer_idx: int, loop: int, branch: str, probs: torch.Tensor,
-                  gate: torch.Tensor | None) -> None:
+    def attention(self, layer_idx: int, loop: int, branch: str, probs: torch.Tensor, gate: torch.Tensor | None) -> None:
         """probs (1, H, S, T) fp32 of one layer / loop / branch; gate (1, H, S, 1) or None."""
         if not self._active or loop >= self.R:  # the extra loop only serves the fixed-point gap
             return

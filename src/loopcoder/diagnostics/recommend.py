@@ -39,9 +39,14 @@ class LoopAssessment:
     reason: str
 
     def to_dict(self) -> dict[str, Any]:
-        return {"loop": self.loop, "erank_trend": self.erank_trend,
-                "erank_change": [None if not math.isfinite(x) else x for x in self.erank_change],
-                "stop_signals": self.stop_signals, "worth_it": self.worth_it, "reason": self.reason}
+        return {
+            "loop": self.loop,
+            "erank_trend": self.erank_trend,
+            "erank_change": [None if not math.isfinite(x) else x for x in self.erank_change],
+            "stop_signals": self.stop_signals,
+            "worth_it": self.worth_it,
+            "reason": self.reason,
+        }
 
 
 @dataclass
@@ -52,8 +57,12 @@ class Recommendation:
     assessments: dict[str, list[LoopAssessment]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"loops": self.loops, "reasons": self.reasons, "per_model": self.per_model,
-                "assessments": {k: [a.to_dict() for a in v] for k, v in self.assessments.items()}}
+        return {
+            "loops": self.loops,
+            "reasons": self.reasons,
+            "per_model": self.per_model,
+            "assessments": {k: [a.to_dict() for a in v] for k, v in self.assessments.items()},
+        }
 
 
 def _mean(result: DiagnosticsResult, key: str, loop: int) -> float:
@@ -70,8 +79,9 @@ def _collapse(result: DiagnosticsResult, key: str, loop: int, ratio: float, floo
     return value < ratio * ref, f"{value:.3g} nats, {value / ref:.0%} of the earlier peak {ref:.3g}"
 
 
-def assess(result: DiagnosticsResult, collapse_ratio: float = 0.5, collapse_floor: float = 0.01,
-           flat_tolerance: float = 0.10) -> list[LoopAssessment]:
+def assess(
+    result: DiagnosticsResult, collapse_ratio: float = 0.5, collapse_floor: float = 0.01, flat_tolerance: float = 0.10
+) -> list[LoopAssessment]:
     """Apply the rule to each loop r = 2..R of one model."""
     out = []
     for r in range(2, result.num_loops + 1):
@@ -86,8 +96,12 @@ def assess(result: DiagnosticsResult, collapse_ratio: float = 0.5, collapse_floo
         dp_c, dp_txt = _collapse(result, "delta_p", r, collapse_ratio, collapse_floor)
         kl_c, kl_txt = _collapse(result, "attention_kl", r, collapse_ratio, collapse_floor)
         cos = _mean(result, "update_cosine", r)
-        signals: dict[str, bool | None] = {"delta_p_collapses": dp_c, "attention_kl_collapses": kl_c,
-                                           "cos_theta_negative": bool(cos < 0), "omega_flat": None}
+        signals: dict[str, bool | None] = {
+            "delta_p_collapses": dp_c,
+            "attention_kl_collapses": kl_c,
+            "cos_theta_negative": bool(cos < 0),
+            "omega_flat": None,
+        }
         om_txt = ""
         if r >= 3:
             om_prev, om = _mean(result, "offset_cost", r - 1), _mean(result, "offset_cost", r)
@@ -97,13 +111,17 @@ def assess(result: DiagnosticsResult, collapse_ratio: float = 0.5, collapse_floo
         held = [k for k, v in signals.items() if v]
         available = sum(v is not None for v in signals.values())
         worth = trend == "rises" or (trend == "flat" and len(held) < available / 2)
-        words = {"delta_p_collapses": f"Δp collapses ({dp_txt})",
-                 "attention_kl_collapses": f"attention KL collapses ({kl_txt})",
-                 "cos_theta_negative": f"cos θ = {cos:.2f} < 0 (the update turns back)",
-                 "omega_flat": f"Ω flat ({om_txt})"}
+        words = {
+            "delta_p_collapses": f"Δp collapses ({dp_txt})",
+            "attention_kl_collapses": f"attention KL collapses ({kl_txt})",
+            "cos_theta_negative": f"cos θ = {cos:.2f} < 0 (the update turns back)",
+            "omega_flat": f"Ω flat ({om_txt})",
+        }
         stop = "; stop signals: " + ", ".join(words[k] for k in held) if held else "; no stop signal"
-        reason = (f"loop {r}: erank {trend} {e_prev:.4g} → {e_cur:.4g} ({ci}){stop}"
-                  f" → {'worth it' if worth else 'not worth it'}")
+        reason = (
+            f"loop {r}: erank {trend} {e_prev:.4g} → {e_cur:.4g} ({ci}){stop}"
+            f" → {'worth it' if worth else 'not worth it'}"
+        )
         out.append(LoopAssessment(r, trend, (d.mean, d.low, d.high), signals, worth, reason))
     return out
 
@@ -126,8 +144,10 @@ def recommend(results: list[DiagnosticsResult], **rule: float) -> Recommendation
     per_model = {r.name: verdict(assessments[r.name]) for r in results}
     primary = max(results, key=lambda r: r.num_loops)  # the first of the largest R
     if primary.num_loops == 1:
-        why = ("only R = 1 models: there is no loop r ≥ 2 to assess, so the rule cannot argue for more "
-               "loops; diagnose a model with R ≥ 2")
+        why = (
+            "only R = 1 models: there is no loop r ≥ 2 to assess, so the rule cannot argue for more "
+            "loops; diagnose a model with R ≥ 2"
+        )
         return Recommendation(1, [why], per_model, assessments)
     loops = per_model[primary.name]
     reasons = [f"{primary.name} (R = {primary.num_loops}) has the most loops and decides:"]
@@ -140,8 +160,13 @@ def recommend(results: list[DiagnosticsResult], **rule: float) -> Recommendation
         if r is primary or r.num_loops == 1:
             continue
         v = per_model[r.name]
-        agree = ("agrees" if v == loops else
-                 "cannot see further (all its loops pay off)" if v == r.num_loops < loops else "disagrees")
+        agree = (
+            "agrees"
+            if v == loops
+            else "cannot see further (all its loops pay off)"
+            if v == r.num_loops < loops
+            else "disagrees"
+        )
         reasons.append(f"cross-check {r.name} (R = {r.num_loops}): its own loops give {v} ({agree})")
     if len(results) > 1:
         finals = sorted(results, key=lambda r: r.num_loops)

@@ -21,10 +21,12 @@ JSON_NAME, MARKDOWN_NAME, PLOTS_DIR = "diagnostics.json", "report.md", "plots"
 PER_LAYER_TABLES = ("attention_kl", "head_cosine", "attention_entropy", "gate")
 
 
-def build_json(results: list[DiagnosticsResult], recommendation: Recommendation,
-               per_sample: bool = True) -> dict[str, Any]:
+def build_json(
+    results: list[DiagnosticsResult], recommendation: Recommendation, per_sample: bool = True
+) -> dict[str, Any]:
     return {
-        "format": FORMAT, "loopcoder_version": loopcoder.__version__,
+        "format": FORMAT,
+        "loopcoder_version": loopcoder.__version__,
         "definitions": "docs/diagnostics.md (spec section 3)",
         "confidence_interval": "95 % Student t interval of the mean over samples",
         "recommendation": recommendation.to_dict(),
@@ -61,29 +63,47 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
     return out + ["| " + " | ".join(row) + " |" for row in rows]
 
 
-def build_markdown(results: list[DiagnosticsResult], recommendation: Recommendation,
-                   plot_files: list[str]) -> str:
+def build_markdown(results: list[DiagnosticsResult], recommendation: Recommendation, plot_files: list[str]) -> str:
     max_r = max(r.num_loops for r in results)
     several = len(results) > 1
-    lines = ["# Loop diagnostics", "",
-             f"LoopCoder-v2 loop diagnostics (spec section 3), loopcoder {loopcoder.__version__}. Each cell: "
-             "mean over samples [95 % Student t confidence interval]. Definitions and the exact formulas: "
-             "`docs/diagnostics.md`.", "", "## Models", ""]
-    header = ["model", "R", "architecture", "layers", "heads", "hidden", "samples", "tokens", "time (s)",
-              "source"]
-    rows = [[r.name, str(r.num_loops), r.architecture,
-             *(str(r.model_info.get(k)) for k in ("layers", "heads", "hidden_size")),
-             str(r.num_samples), str(r.num_tokens), f"{r.seconds:.1f}", f"`{r.source}`" if r.source else ""]
-            for r in results]
+    lines = [
+        "# Loop diagnostics",
+        "",
+        f"LoopCoder-v2 loop diagnostics (spec section 3), loopcoder {loopcoder.__version__}. Each cell: "
+        "mean over samples [95 % Student t confidence interval]. Definitions and the exact formulas: "
+        "`docs/diagnostics.md`.",
+        "",
+        "## Models",
+        "",
+    ]
+    header = ["model", "R", "architecture", "layers", "heads", "hidden", "samples", "tokens", "time (s)", "source"]
+    rows = [
+        [
+            r.name,
+            str(r.num_loops),
+            r.architecture,
+            *(str(r.model_info.get(k)) for k in ("layers", "heads", "hidden_size")),
+            str(r.num_samples),
+            str(r.num_tokens),
+            f"{r.seconds:.1f}",
+            f"`{r.source}`" if r.source else "",
+        ]
+        for r in results
+    ]
     lines += markdown_table(header, rows)
     lines += ["", f"## Recommendation: R = {recommendation.loops}", ""]
     lines += [f"- {reason}" for reason in recommendation.reasons]
     if several:
-        lines += ["", "Each model's own verdict: "
-                  + ", ".join(f"{k}: {v}" for k, v in recommendation.per_model.items()) + "."]
-    lines += ["", "Rule (spec section 3): an extra loop is worth it while erank still rises; stop when it "
-              "falls (Δp and attention KL collapse, cos θ < 0 and Ω flat confirm). Thresholds: "
-              "`docs/diagnostics.md`, section Recommendation."]
+        lines += [
+            "",
+            "Each model's own verdict: " + ", ".join(f"{k}: {v}" for k, v in recommendation.per_model.items()) + ".",
+        ]
+    lines += [
+        "",
+        "Rule (spec section 3): an extra loop is worth it while erank still rises; stop when it "
+        "falls (Δp and attention KL collapse, cos θ < 0 and Ω flat confirm). Thresholds: "
+        "`docs/diagnostics.md`, section Recommendation.",
+    ]
     for group, title in GROUPS.items():
         notes = _Notes()
         header = ["measure", *(["model"] if several else []), *[f"loop {r}" for r in range(1, max_r + 1)]]
@@ -97,9 +117,13 @@ def build_markdown(results: list[DiagnosticsResult], recommendation: Recommendat
         lines += ["", f"## {title}", "", *markdown_table(header, rows)]
         if notes.items:
             lines += ["", *notes.render()]
-    lines += ["", "## Per layer", "",
-              "Attention measures per layer (heads averaged within each sample); primary branch: causal for "
-              "loop 1 and vanilla loops, global for PLT loops ≥ 2."]
+    lines += [
+        "",
+        "## Per layer",
+        "",
+        "Attention measures per layer (heads averaged within each sample); primary branch: causal for "
+        "loop 1 and vanilla loops, global for PLT loops ≥ 2.",
+    ]
     for res in results:
         for key in PER_LAYER_TABLES:
             table = res.layer_stats(key)
@@ -121,13 +145,18 @@ def check_out_dir(out: Path) -> None:
     """Refuse to replace a directory that is not a previous diagnostics report (the whole directory is
     swapped atomically, so anything else in it would be lost)."""
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / JSON_NAME).is_file())):
-        raise LoopcoderError(f"--out {str(out)!r} exists and is not a diagnostics report directory; "
-                             "choose a new or empty directory")
+        raise LoopcoderError(
+            f"--out {str(out)!r} exists and is not a diagnostics report directory; choose a new or empty directory"
+        )
 
 
-def write_report(results: list[DiagnosticsResult], out_dir: str | os.PathLike,
-                 recommendation: Recommendation | None = None, plots: bool = True,
-                 per_sample: bool = True) -> Path:
+def write_report(
+    results: list[DiagnosticsResult],
+    out_dir: str | os.PathLike,
+    recommendation: Recommendation | None = None,
+    plots: bool = True,
+    per_sample: bool = True,
+) -> Path:
     """Write `diagnostics.json`, `report.md` and (unless `plots=False`) `plots/*.png` into `out_dir`,
     replacing a previous report there in one rename. Model names must be distinct."""
     if not results:

@@ -40,32 +40,56 @@ class Measure:
     per_layer: bool = False  # the raw array is (L, R) or (L, H, R): has a per-layer breakdown
 
 
-MEASURES: dict[str, Measure] = {m.key: m for m in [
-    Measure("step_size", "step size δ(r)", "L2 norm", "hidden", 2),
-    Measure("update_cosine", "update cosine cos θ(r)", "cosine", "hidden", 2),
-    Measure("effective_rank", "effective rank erank(r)", "effective dims", "hidden", 1),
-    Measure("fixed_point_gap", "fixed-point gap ‖h(r) − f(h(r))‖", "L2 norm", "hidden", 1),
-    Measure("offset_cost", "offset cost Ω(r)", "L2 norm", "hidden", 2),
-    Measure("attention_entropy", "attention entropy", "nats", "attention", 1, per_layer=True),
-    Measure("attention_kl", "inter-loop attention KL", "nats", "attention", 2, per_layer=True),
-    Measure("head_effective_rank", "head effective rank", "effective heads", "attention", 1, per_layer=True),
-    Measure("head_cosine", "mean pairwise head cosine", "cosine", "attention", 1, per_layer=True),
-    Measure("gate", "mean gate g(r)", "gate value", "attention", 2, plt_only=True, per_layer=True),
-    Measure("local_attention_entropy", "local-branch attention entropy", "nats", "attention", 2,
-            plt_only=True, per_layer=True),
-    Measure("local_head_effective_rank", "local-branch head effective rank", "effective heads", "attention",
-            2, plt_only=True, per_layer=True),
-    Measure("local_head_cosine", "local-branch mean pairwise head cosine", "cosine", "attention", 2,
-            plt_only=True, per_layer=True),
-    Measure("gold_rank", "gold-token rank (logit lens)", "rank (1 = top)", "output", 1),
-    Measure("gold_top1", "gold token top-1 (logit lens)", "fraction", "output", 1),
-    Measure("gold_nll", "gold-token NLL (logit lens)", "nats", "output", 1),
-    Measure("output_entropy", "output entropy", "nats", "output", 1),
-    Measure("delta_p", "Δp(r) = KL(p(r) ‖ p(r−1))", "nats", "output", 2),
-    Measure("delta_p_share", "share of total Δp", "fraction", "output", 2),
-    Measure("attention_kl_share", "share of total attention KL", "fraction", "output", 2),
-    Measure("peak_loop_fraction", "tokens with peak loop r* = r", "fraction", "output", 2),
-]}
+MEASURES: dict[str, Measure] = {
+    m.key: m
+    for m in [
+        Measure("step_size", "step size δ(r)", "L2 norm", "hidden", 2),
+        Measure("update_cosine", "update cosine cos θ(r)", "cosine", "hidden", 2),
+        Measure("effective_rank", "effective rank erank(r)", "effective dims", "hidden", 1),
+        Measure("fixed_point_gap", "fixed-point gap ‖h(r) − f(h(r))‖", "L2 norm", "hidden", 1),
+        Measure("offset_cost", "offset cost Ω(r)", "L2 norm", "hidden", 2),
+        Measure("attention_entropy", "attention entropy", "nats", "attention", 1, per_layer=True),
+        Measure("attention_kl", "inter-loop attention KL", "nats", "attention", 2, per_layer=True),
+        Measure("head_effective_rank", "head effective rank", "effective heads", "attention", 1, per_layer=True),
+        Measure("head_cosine", "mean pairwise head cosine", "cosine", "attention", 1, per_layer=True),
+        Measure("gate", "mean gate g(r)", "gate value", "attention", 2, plt_only=True, per_layer=True),
+        Measure(
+            "local_attention_entropy",
+            "local-branch attention entropy",
+            "nats",
+            "attention",
+            2,
+            plt_only=True,
+            per_layer=True,
+        ),
+        Measure(
+            "local_head_effective_rank",
+            "local-branch head effective rank",
+            "effective heads",
+            "attention",
+            2,
+            plt_only=True,
+            per_layer=True,
+        ),
+        Measure(
+            "local_head_cosine",
+            "local-branch mean pairwise head cosine",
+            "cosine",
+            "attention",
+            2,
+            plt_only=True,
+            per_layer=True,
+        ),
+        Measure("gold_rank", "gold-token rank (logit lens)", "rank (1 = top)", "output", 1),
+        Measure("gold_top1", "gold token top-1 (logit lens)", "fraction", "output", 1),
+        Measure("gold_nll", "gold-token NLL (logit lens)", "nats", "output", 1),
+        Measure("output_entropy", "output entropy", "nats", "output", 1),
+        Measure("delta_p", "Δp(r) = KL(p(r) ‖ p(r−1))", "nats", "output", 2),
+        Measure("delta_p_share", "share of total Δp", "fraction", "output", 2),
+        Measure("attention_kl_share", "share of total attention KL", "fraction", "output", 2),
+        Measure("peak_loop_fraction", "tokens with peak loop r* = r", "fraction", "output", 2),
+    ]
+}
 GROUPS = {"hidden": "Hidden states", "attention": "Attention", "output": "Output (logit lens)"}
 
 
@@ -169,27 +193,42 @@ class DiagnosticsResult:
         """Every figure, JSON-ready (NaN -> null, not-applicable cells carry an "na" reason)."""
         R = self.num_loops
         d: dict[str, Any] = {
-            "name": self.name, "source": self.source, "num_loops": R, "architecture": self.architecture,
-            "model": self.model_info, "samples": self.num_samples, "tokens": self.num_tokens,
-            "seconds": round(self.seconds, 3), "measures": {}, "per_layer": {},
+            "name": self.name,
+            "source": self.source,
+            "num_loops": R,
+            "architecture": self.architecture,
+            "model": self.model_info,
+            "samples": self.num_samples,
+            "tokens": self.num_tokens,
+            "seconds": round(self.seconds, 3),
+            "measures": {},
+            "per_layer": {},
         }
         for key, m in MEASURES.items():
-            d["measures"][key] = {"label": m.label, "unit": m.unit, "group": m.group,
-                                  "per_loop": [s.to_dict(r + 1) for r, s in enumerate(self.stats(key))]}
+            d["measures"][key] = {
+                "label": m.label,
+                "unit": m.unit,
+                "group": m.group,
+                "per_loop": [s.to_dict(r + 1) for r, s in enumerate(self.stats(key))],
+            }
             if m.per_layer:
-                d["per_layer"][key] = [[s.to_dict(r + 1) for r, s in enumerate(row)]
-                                       for row in self.layer_stats(key)]
-        d["per_head"] = {k: _nested(_nanmean(self.per_sample[k], 0))
-                         for k in ("attention_entropy", "local_attention_entropy", "gate")}
+                d["per_layer"][key] = [[s.to_dict(r + 1) for r, s in enumerate(row)] for row in self.layer_stats(key)]
+        d["per_head"] = {
+            k: _nested(_nanmean(self.per_sample[k], 0))
+            for k in ("attention_entropy", "local_attention_entropy", "gate")
+        }
         d["per_head"]["layout"] = "[layer][head][loop], mean over samples"
-        d["head_cosine_matrix"] = {"layout": "[layer][loop][head][head], primary branch, mean over samples",
-                                   "values": _nested(self.head_cosine_matrix)}
-        d["gate_histogram"] = {"bin_edges": _nested(np.linspace(0, 1, GATE_BINS + 1)),
-                               "layout": "[layer][loop][bin], counts over heads, tokens and samples",
-                               "counts": self.gate_histogram.astype(np.int64).tolist()}
+        d["head_cosine_matrix"] = {
+            "layout": "[layer][loop][head][head], primary branch, mean over samples",
+            "values": _nested(self.head_cosine_matrix),
+        }
+        d["gate_histogram"] = {
+            "bin_edges": _nested(np.linspace(0, 1, GATE_BINS + 1)),
+            "layout": "[layer][loop][bin], counts over heads, tokens and samples",
+            "counts": self.gate_histogram.astype(np.int64).tolist(),
+        }
         if per_sample:
-            d["per_sample"] = {"layout": "[sample][loop]",
-                               **{k: _nested(self.values(k)) for k in MEASURES}}
+            d["per_sample"] = {"layout": "[sample][loop]", **{k: _nested(self.values(k)) for k in MEASURES}}
         return d
 
 
@@ -222,8 +261,15 @@ def extra_loop(model: Any) -> Iterator[None]:
         cfg._attn_implementation = impl
 
 
-def diagnose(model: Any, sequences: Iterable[Sequence[int] | torch.Tensor], samples: int | None = None, *,
-             name: str = "model", source: str = "", progress: bool = True) -> DiagnosticsResult:
+def diagnose(
+    model: Any,
+    sequences: Iterable[Sequence[int] | torch.Tensor],
+    samples: int | None = None,
+    *,
+    name: str = "model",
+    source: str = "",
+    progress: bool = True,
+) -> DiagnosticsResult:
     """Run every diagnostic of spec section 3 on up to `samples` token sequences (each one sample,
     at least 2 tokens) with `model` (a `PLTForCausalLM`, put in eval mode here). One forward of R + 1
     loops per sample with the probe attached; the model's own outputs are not changed."""
@@ -245,8 +291,10 @@ def diagnose(model: Any, sequences: Iterable[Sequence[int] | torch.Tensor], samp
             raise LoopcoderError(f"sample {len(rows)} has {ids.shape[1]} token(s); need at least 2")
         top = int(ids.max())
         if top >= cfg.vocab_size or int(ids.min()) < 0:
-            raise LoopcoderError(f"sample {len(rows)} has token id {top} outside the model's vocabulary "
-                                 f"(vocab_size={cfg.vocab_size}): wrong tokenizer?")
+            raise LoopcoderError(
+                f"sample {len(rows)} has token id {top} outside the model's vocabulary "
+                f"(vocab_size={cfg.vocab_size}): wrong tokenizer?"
+            )
         ids = ids.to(device)
         probe.begin(ids)
         with torch.inference_mode(), extra_loop(model), model.model.probed(probe):
@@ -257,20 +305,37 @@ def diagnose(model: Any, sequences: Iterable[Sequence[int] | torch.Tensor], samp
     bar.finish(f"{tokens} tokens")
     per_sample = {k: np.stack([row[k] for row in rows]) for k in rows[0]}
     counts = np.maximum(probe.head_cos_count, 1)[..., None, None]
-    info = {"layers": cfg.num_hidden_layers, "heads": cfg.num_attention_heads,
-            "kv_heads": cfg.num_key_value_heads,
-            "hidden_size": cfg.hidden_size, "vocab_size": cfg.vocab_size, "window": cfg.window,
-            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "device": str(device)}
+    info = {
+        "layers": cfg.num_hidden_layers,
+        "heads": cfg.num_attention_heads,
+        "kv_heads": cfg.num_key_value_heads,
+        "hidden_size": cfg.hidden_size,
+        "vocab_size": cfg.vocab_size,
+        "window": cfg.window,
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "device": str(device),
+    }
     return DiagnosticsResult(
-        name=name, source=source, num_loops=cfg.plt_num_loops, architecture=cfg.loop_architecture,
-        model_info=info, per_sample=per_sample, head_cosine_matrix=probe.head_cos_sum / counts,
-        gate_histogram=probe.gate_hist, num_tokens=tokens, seconds=time.monotonic() - t0,
+        name=name,
+        source=source,
+        num_loops=cfg.plt_num_loops,
+        architecture=cfg.loop_architecture,
+        model_info=info,
+        per_sample=per_sample,
+        head_cosine_matrix=probe.head_cos_sum / counts,
+        gate_histogram=probe.gate_hist,
+        num_tokens=tokens,
+        seconds=time.monotonic() - t0,
     )
 
 
 # ----------------------------------------------------------------------------- reading samples
-def load_sequences(data: str | Path, tokenizer: Any, seq_len: int = 1024, samples: int | None = None,
-                   ) -> list[torch.Tensor]:
+def load_sequences(
+    data: str | Path,
+    tokenizer: Any,
+    seq_len: int = 1024,
+    samples: int | None = None,
+) -> list[torch.Tensor]:
     """Samples of at most `seq_len` tokens from `data`:
     - a JSONL file (`.jsonl`/`.ndjson`): one sample per record, its "text" field, truncated;
     - any other file: plain text, tokenized as one stream and cut into consecutive windows;
@@ -288,8 +353,9 @@ def load_sequences(data: str | Path, tokenizer: Any, seq_len: int = 1024, sample
     if not path.is_file():
         raise LoopcoderError(f"data file {str(data)!r} does not exist")
     if tokenizer is None:
-        raise LoopcoderError(f"{str(data)!r} is text: a tokenizer is needed (the model directory has none; "
-                             "pass --tokenizer DIR)")
+        raise LoopcoderError(
+            f"{str(data)!r} is text: a tokenizer is needed (the model directory has none; pass --tokenizer DIR)"
+        )
     bos = getattr(tokenizer, "bos_token_id", None)
     prefix = [bos] if bos is not None else []
     body = seq_len - len(prefix)
@@ -310,7 +376,7 @@ def load_sequences(data: str | Path, tokenizer: Any, seq_len: int = 1024, sample
             except json.JSONDecodeError as e:
                 raise LoopcoderError(f"{path}:{n}: not JSON ({e.msg})") from None
             if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise LoopcoderError(f"{path}:{n}: a JSONL record needs a string \"text\" field")
+                raise LoopcoderError(f'{path}:{n}: a JSONL record needs a string "text" field')
             ids = prefix + encode(record["text"])[:body]
             if len(ids) >= 2:
                 out.append(torch.tensor(ids, dtype=torch.long))

@@ -73,10 +73,14 @@ def _tuples(x: Any) -> Any:
 # mbpp_deserialize_inputs, restated). Each rule maps one input (the list of arguments) to another.
 _ARGS_AS_TUPLES = lambda inp: [tuple(a) for a in inp]
 _RULES: list[tuple[set[int], Callable[[list], list]]] = [
-    ({2, 116, 132, 143, 222, 261, 273, 394, 399, 421, 424, 429, 470, 560, 579, 596, 616, 630, 726, 740, 744, 809},
-     _ARGS_AS_TUPLES),
-    ({63, 64, 70, 94, 120, 237, 272, 299, 400, 409, 417, 438, 473, 614, 780},
-     lambda inp: [[tuple(x) for x in a] for a in inp]),
+    (
+        {2, 116, 132, 143, 222, 261, 273, 394, 399, 421, 424, 429, 470, 560, 579, 596, 616, 630, 726, 740, 744, 809},
+        _ARGS_AS_TUPLES,
+    ),
+    (
+        {63, 64, 70, 94, 120, 237, 272, 299, 400, 409, 417, 438, 473, 614, 780},
+        lambda inp: [[tuple(x) for x in a] for a in inp],
+    ),
     ({75, 413, 444, 753}, lambda inp: [[tuple(x) for x in inp[0]], inp[1]]),
     ({106, 750}, lambda inp: [inp[0], tuple(inp[1])]),
     ({115}, lambda inp: [[set(i) if isinstance(i, list) and i else {} for i in inp[0]]]),
@@ -95,12 +99,26 @@ MBPP_PLUS_INPUTS = {n: rule for ids, rule in _RULES for n in ids}
 # entry point -> oracle name understood by `checks.differential_program`.
 EVALPLUS_ORACLES = {
     "humaneval": {"find_zero": "poly_root"},
-    "mbpp": {"are_equivalent": "always", "sum_div": "exact_or_zero", "surface_Area": "surface_area",
-             "digit_distance_nums": "digit_distance",
-             **{e: "set_equal" for e in ("similar_elements", "find_char_long", "common_in_nested_lists",
-                                         "extract_singly", "larg_nnum", "intersection_array", "find_dissimilar",
-                                         "Diff")},
-             **{e: "not_none" for e in ("check_str", "text_match_three", "text_starta_endb")}},
+    "mbpp": {
+        "are_equivalent": "always",
+        "sum_div": "exact_or_zero",
+        "surface_Area": "surface_area",
+        "digit_distance_nums": "digit_distance",
+        **{
+            e: "set_equal"
+            for e in (
+                "similar_elements",
+                "find_char_long",
+                "common_in_nested_lists",
+                "extract_singly",
+                "larg_nnum",
+                "intersection_array",
+                "find_dissimilar",
+                "Diff",
+            )
+        },
+        **{e: "not_none" for e in ("check_str", "text_match_three", "text_starta_endb")},
+    },
 }
 
 
@@ -154,8 +172,9 @@ def pickled_string(data: bytes) -> str:
             if op.name in _STRING_OPS:
                 strings.append(arg)
             elif op.name not in _FRAMING_OPS:
-                raise BenchmarkFileError(f"the private tests hold a pickle {op.name} opcode, not just a string: "
-                                         "refusing to read it")
+                raise BenchmarkFileError(
+                    f"the private tests hold a pickle {op.name} opcode, not just a string: refusing to read it"
+                )
     except ValueError as e:
         raise BenchmarkFileError(f"the private tests are not a valid pickle ({e})") from None
     if len(strings) != 1:
@@ -179,8 +198,9 @@ def decode_lcb_tests(value: Any, where: str) -> list[dict[str, str]]:
                 tests = json.loads(pickled_string(raw))
             except BenchmarkFileError as e:
                 raise BenchmarkFileError(f"{where}: {e}") from None
-    if not isinstance(tests, list) or any(not isinstance(t, dict) or not {"input", "output", "testtype"} <= set(t)
-                                          for t in tests):
+    if not isinstance(tests, list) or any(
+        not isinstance(t, dict) or not {"input", "output", "testtype"} <= set(t) for t in tests
+    ):
         raise BenchmarkFileError(f"{where}: test cases must be objects with input, output and testtype")
     bad = [t["testtype"] for t in tests if t["testtype"] not in ("stdin", "functional")]
     if bad:
@@ -201,10 +221,17 @@ def load_lcb_codegen(path: str | Path) -> list[dict[str, Any]]:
         functional = tests[0]["testtype"] == "functional"
         if functional and not meta.get("func_name"):
             raise BenchmarkFileError(f"{where}: functional tests but no metadata.func_name")
-        out.append({"task_id": str(r["question_id"]), "question_content": r["question_content"],
-                    "starter_code": r.get("starter_code") or "", "tests": tests,
-                    "func_name": meta.get("func_name") if functional else None,
-                    "difficulty": r.get("difficulty"), "contest_date": r.get("contest_date")})
+        out.append(
+            {
+                "task_id": str(r["question_id"]),
+                "question_content": r["question_content"],
+                "starter_code": r.get("starter_code") or "",
+                "tests": tests,
+                "func_name": meta.get("func_name") if functional else None,
+                "difficulty": r.get("difficulty"),
+                "contest_date": r.get("contest_date"),
+            }
+        )
     return out
 
 

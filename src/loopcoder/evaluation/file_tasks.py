@@ -35,8 +35,9 @@ Prompt = str | list[dict[str, str]]
 
 # EvalPlus's end-of-completion strings for MBPP+ base models (docstring prompt, then a whole function)
 MBPP_STOP_SEQUENCES = ('\n"""', "\nassert", "\nif __name__", "\ndef main(", "\nprint(")
-EVALPLUS_INSTRUCTION = ("Please provide a self-contained Python script that solves the following problem in a "
-                        "markdown code block:")
+EVALPLUS_INSTRUCTION = (
+    "Please provide a self-contained Python script that solves the following problem in a markdown code block:"
+)
 # LiveCodeBench's code-execution prelude (utils_execute.BASE_IMPORTS), without numpy and pandas, which the
 # sandbox's interpreter need not have
 LCB_EXECUTION_PRELUDE = """\
@@ -61,13 +62,19 @@ from itertools import (accumulate, permutations, combinations, product, groupby,
 from functools import lru_cache, reduce, partial
 from operator import iand
 """
-LCB_SYSTEM = ("You are an expert Python programmer. You will be given a question (problem specification) and will "
-              "generate a correct Python program that matches the specification and passes all tests.")
-LCB_WITH_STARTER = ("You will use the following starter code to write the solution to the problem and enclose your "
-                    "code within delimiters.")
-LCB_WITHOUT_STARTER = ("Read the inputs from stdin solve the problem and write the answer to stdout (do not directly "
-                       "test on the sample inputs). Enclose your code within delimiters as follows. Ensure that when "
-                       "the python program runs, it reads the inputs, runs the algorithm and writes output to STDOUT.")
+LCB_SYSTEM = (
+    "You are an expert Python programmer. You will be given a question (problem specification) and will "
+    "generate a correct Python program that matches the specification and passes all tests."
+)
+LCB_WITH_STARTER = (
+    "You will use the following starter code to write the solution to the problem and enclose your "
+    "code within delimiters."
+)
+LCB_WITHOUT_STARTER = (
+    "Read the inputs from stdin solve the problem and write the answer to stdout (do not directly "
+    "test on the sample inputs). Enclose your code within delimiters as follows. Ensure that when "
+    "the python program runs, it reads the inputs, runs the algorithm and writes output to STDOUT."
+)
 
 # CRUXEval's direct prompts (prompts.py): two worked examples, then the problem, answered in [ANSWER] tags
 CRUX_OUTPUT = """\
@@ -132,12 +139,22 @@ assert f(??) == {output}
 [/PYTHON]
 [ANSWER]
 """
-_CRUX_EXAMPLES = dict(example1="def f(n):\n    return n", call1="f(17)", answer1="17",
-                      example2='def f(s):\n    return s + "a"', call2='f("x9j")', answer2='"x9ja"')
-_LCB_EXAMPLES = dict(example1="def repeatNumber(number : int) -> int:\n    return number",
-                     call1="repeatNumber(number = 17)", answer1="17",
-                     example2='def addCharacterA(string : str) -> str:\n    return string + "a"',
-                     call2='addCharacterA(string = "x9j")', answer2='"x9ja"')
+_CRUX_EXAMPLES = dict(
+    example1="def f(n):\n    return n",
+    call1="f(17)",
+    answer1="17",
+    example2='def f(s):\n    return s + "a"',
+    call2='f("x9j")',
+    answer2='"x9ja"',
+)
+_LCB_EXAMPLES = dict(
+    example1="def repeatNumber(number : int) -> int:\n    return number",
+    call1="repeatNumber(number = 17)",
+    answer1="17",
+    example2='def addCharacterA(string : str) -> str:\n    return string + "a"',
+    call2='addCharacterA(string = "x9j")',
+    answer2='"x9ja"',
+)
 
 
 @dataclass(frozen=True)
@@ -159,10 +176,18 @@ class FileTask:
 # ----------------------------------------------------------------------------- EvalPlus
 def _evalplus_programs(problem: dict[str, Any], solution: str) -> dict[str, str]:
     reference = problem["prompt"] + problem["canonical_solution"]
-    return {split: checks.differential_program(f"{problem['task_id']} ({split})", reference, solution,
-                                               problem["entry_point"], problem[f"{split}_input"],
-                                               problem["atol"], problem["oracle"])
-            for split in ("base", "plus")}
+    return {
+        split: checks.differential_program(
+            f"{problem['task_id']} ({split})",
+            reference,
+            solution,
+            problem["entry_point"],
+            problem[f"{split}_input"],
+            problem["atol"],
+            problem["oracle"],
+        )
+        for split in ("base", "plus")
+    }
 
 
 def _humaneval_plus_extract(reply: str, problem: dict[str, Any], chat: bool) -> str:
@@ -207,8 +232,9 @@ def _crux_input_answer(reply: str, problem: dict[str, Any], chat: bool) -> str |
 def _assertion_programs(prelude: str = "") -> Callable[[dict[str, Any], str], dict[str, str]]:
     """`assert OUTPUT == ANSWER` after the problem's code (and `prelude`): CRUXEval's and LiveCodeBench
     execution's one program."""
-    return lambda pr, answer: {"pass": checks.assertion_program(pr["task_id"], pr["code"], pr["output"], answer,
-                                                                prelude)}
+    return lambda pr, answer: {
+        "pass": checks.assertion_program(pr["task_id"], pr["code"], pr["output"], answer, prelude)
+    }
 
 
 _PREDICTION_LIMITS = Limits(cpu_seconds=3, wall_seconds=6)
@@ -239,7 +265,7 @@ def _lcb_code(reply: str, problem: dict[str, Any], chat: bool) -> str | None:
     lines = reply.split("\n")
     fences = [i for i, line in enumerate(lines) if "```" in line]
     if len(fences) >= 2:
-        return "\n".join(lines[fences[-2] + 1:fences[-1]])
+        return "\n".join(lines[fences[-2] + 1 : fences[-1]])
     if chat:
         return None
     code = "\n".join(line for line in lines if "```" not in line)
@@ -248,34 +274,79 @@ def _lcb_code(reply: str, problem: dict[str, Any], chat: bool) -> str | None:
 
 TASKS: dict[str, FileTask] = {
     "humaneval+": FileTask(
-        "humaneval+", "EvalPlus HumanEvalPlus.jsonl.gz", lambda p: files.load_evalplus(p, "humaneval"),
+        "humaneval+",
+        "EvalPlus HumanEvalPlus.jsonl.gz",
+        lambda p: files.load_evalplus(p, "humaneval"),
         lambda pr, chat: humaneval.chat_messages(pr) if chat else humaneval.completion_prompt(pr),
-        humaneval.STOP_SEQUENCES, _humaneval_plus_extract, _evalplus_programs, ("base", "plus"),
-        Limits(cpu_seconds=20, wall_seconds=40, address_space_bytes=1 << 30), True),
+        humaneval.STOP_SEQUENCES,
+        _humaneval_plus_extract,
+        _evalplus_programs,
+        ("base", "plus"),
+        Limits(cpu_seconds=20, wall_seconds=40, address_space_bytes=1 << 30),
+        True,
+    ),
     "mbpp+": FileTask(
-        "mbpp+", "EvalPlus MbppPlus.jsonl.gz", lambda p: files.load_evalplus(p, "mbpp"), _mbpp_prompt,
-        MBPP_STOP_SEQUENCES, _mbpp_extract, _evalplus_programs, ("base", "plus"),
-        Limits(cpu_seconds=20, wall_seconds=40, address_space_bytes=1 << 30), True),
+        "mbpp+",
+        "EvalPlus MbppPlus.jsonl.gz",
+        lambda p: files.load_evalplus(p, "mbpp"),
+        _mbpp_prompt,
+        MBPP_STOP_SEQUENCES,
+        _mbpp_extract,
+        _evalplus_programs,
+        ("base", "plus"),
+        Limits(cpu_seconds=20, wall_seconds=40, address_space_bytes=1 << 30),
+        True,
+    ),
     "cruxeval-o": FileTask(
-        "cruxeval-o", "CRUXEval cruxeval.jsonl", files.load_cruxeval,
-        lambda pr, chat: _as_chat(CRUX_OUTPUT.format(code=pr["code"], call=f"f({pr['input']})", **_CRUX_EXAMPLES),
-                                  chat),
-        ("[/ANSWER]",), lambda r, pr, chat: _predicted_output(r, f"f({pr['input']})"), _assertion_programs(),
-        ("pass",), _PREDICTION_LIMITS, False),
+        "cruxeval-o",
+        "CRUXEval cruxeval.jsonl",
+        files.load_cruxeval,
+        lambda pr, chat: _as_chat(
+            CRUX_OUTPUT.format(code=pr["code"], call=f"f({pr['input']})", **_CRUX_EXAMPLES), chat
+        ),
+        ("[/ANSWER]",),
+        lambda r, pr, chat: _predicted_output(r, f"f({pr['input']})"),
+        _assertion_programs(),
+        ("pass",),
+        _PREDICTION_LIMITS,
+        False,
+    ),
     "cruxeval-i": FileTask(
-        "cruxeval-i", "CRUXEval cruxeval.jsonl", files.load_cruxeval,
+        "cruxeval-i",
+        "CRUXEval cruxeval.jsonl",
+        files.load_cruxeval,
         lambda pr, chat: _as_chat(CRUX_INPUT.format(code=pr["code"], output=pr["output"]), chat),
-        ("[/ANSWER]",), _crux_input_answer, _assertion_programs(), ("pass",), _PREDICTION_LIMITS, False),
+        ("[/ANSWER]",),
+        _crux_input_answer,
+        _assertion_programs(),
+        ("pass",),
+        _PREDICTION_LIMITS,
+        False,
+    ),
     "lcb-codegen": FileTask(
-        "lcb-codegen", "a LiveCodeBench code-generation .jsonl", files.load_lcb_codegen, _lcb_prompt, (),
+        "lcb-codegen",
+        "a LiveCodeBench code-generation .jsonl",
+        files.load_lcb_codegen,
+        _lcb_prompt,
+        (),
         _lcb_code,
         lambda pr, code: {"pass": checks.tests_program(pr["task_id"], code, pr["tests"], pr["func_name"])},
-        ("pass",), Limits(cpu_seconds=60, wall_seconds=90, address_space_bytes=2 << 30), True),
+        ("pass",),
+        Limits(cpu_seconds=60, wall_seconds=90, address_space_bytes=2 << 30),
+        True,
+    ),
     "lcb-execution": FileTask(
-        "lcb-execution", "a LiveCodeBench execution .jsonl", files.load_lcb_execution,
+        "lcb-execution",
+        "a LiveCodeBench execution .jsonl",
+        files.load_lcb_execution,
         lambda pr, chat: _as_chat(CRUX_OUTPUT.format(code=pr["code"], call=pr["input"], **_LCB_EXAMPLES), chat),
-        ("[/ANSWER]",), lambda r, pr, chat: _predicted_output(r, pr["input"]),
-        _assertion_programs(LCB_EXECUTION_PRELUDE), ("pass",), _PREDICTION_LIMITS, False),
+        ("[/ANSWER]",),
+        lambda r, pr, chat: _predicted_output(r, pr["input"]),
+        _assertion_programs(LCB_EXECUTION_PRELUDE),
+        ("pass",),
+        _PREDICTION_LIMITS,
+        False,
+    ),
 }
 PREDICTION_MAX_NEW_TOKENS = 128  # an [ANSWER] line
 
@@ -287,8 +358,16 @@ def _verdicts(task: FileTask, passed: dict[str, bool]) -> dict[str, bool]:
     return {"pass": passed["pass"]}
 
 
-def run_file_task(engine: Engine, tokenizer: Any, s: EvalSettings, done: dict[str, Any], save: Save,
-                  allow_code_execution: bool, task: FileTask, path: str) -> dict[str, Any]:
+def run_file_task(
+    engine: Engine,
+    tokenizer: Any,
+    s: EvalSettings,
+    done: dict[str, Any],
+    save: Save,
+    allow_code_execution: bool,
+    task: FileTask,
+    path: str,
+) -> dict[str, Any]:
     """Generate, extract and check every problem of `path`; pass@k per verdict. Resumes from `done`."""
     problems = task.load(path)[: s.file_limit]
     ids = [p["task_id"] for p in problems]
@@ -301,19 +380,24 @@ def run_file_task(engine: Engine, tokenizer: Any, s: EvalSettings, done: dict[st
     per_problem: dict[str, Any] = done.setdefault("problems", {})
     todo = [p for p in problems if p["task_id"] not in per_problem]
     for start in range(0, len(todo), s.chunk):
-        chunk = todo[start:start + s.chunk]
+        chunk = todo[start : start + s.chunk]
         prompts = [task.prompt(p, chat) for p in chunk for _ in range(s.n_samples)]
         params = [s.sampling(max_new, stops, stop_ids, i) for _ in chunk for i in range(s.n_samples)]
         outs = complete(engine, tokenizer, prompts, params, label=f"{task.name} {start + len(chunk)}/{len(todo)}")
         jobs, answers = [], []
         for j, p in enumerate(chunk):
-            for o in outs[j * s.n_samples:(j + 1) * s.n_samples]:
+            for o in outs[j * s.n_samples : (j + 1) * s.n_samples]:
                 answer = None if o["skipped"] else task.extract(o["text"], p, chat)
                 answers.append(answer)
                 if answer is not None:
                     jobs += [(len(answers) - 1, name, prog) for name, prog in task.programs(p, answer).items()]
-        batch = run_many([prog for *_, prog in jobs], task.limits, workers=s.workers,
-                         allow_code_execution=allow_code_execution) if jobs else None
+        batch = (
+            run_many(
+                [prog for *_, prog in jobs], task.limits, workers=s.workers, allow_code_execution=allow_code_execution
+            )
+            if jobs
+            else None
+        )
         status: list[dict[str, str]] = [{} for _ in answers]
         for (k, name, _), result in zip(jobs, batch.results if batch else []):
             status[k][name] = result.status
@@ -321,18 +405,29 @@ def run_file_task(engine: Engine, tokenizer: Any, s: EvalSettings, done: dict[st
             rows = range(j * s.n_samples, (j + 1) * s.n_samples)
             verdicts = [_verdicts(task, {n: status[k].get(n) == "passed" for n in task.verdicts}) for k in rows]
             per_problem[p["task_id"]] = {
-                "n": s.n_samples, "answers": [answers[k] for k in rows], "statuses": [status[k] for k in rows],
+                "n": s.n_samples,
+                "answers": [answers[k] for k in rows],
+                "statuses": [status[k] for k in rows],
                 "correct": {v: [x[v] for x in verdicts] for v in verdicts[0]},
                 "finish_reasons": [outs[k]["finish_reason"] for k in rows],
                 "skipped": next((outs[k]["skipped"] for k in rows if outs[k]["skipped"]), None),
             }
         save()
-    done.update({
-        "file": str(path), "problems_total": len(problems),
-        "skipped_prompts": sum(1 for i in ids if per_problem[i]["skipped"]),
-        "pass_at_k": {v: {f"pass@{k}": x for k, x in mean_pass_at_k(
-            [(per_problem[i]["n"], sum(per_problem[i]["correct"][v])) for i in ids], s.ks).items()}
-            for v in task.verdicts},
-        "sandbox": isolation_report(),
-    })
+    done.update(
+        {
+            "file": str(path),
+            "problems_total": len(problems),
+            "skipped_prompts": sum(1 for i in ids if per_problem[i]["skipped"]),
+            "pass_at_k": {
+                v: {
+                    f"pass@{k}": x
+                    for k, x in mean_pass_at_k(
+                        [(per_problem[i]["n"], sum(per_problem[i]["correct"][v])) for i in ids], s.ks
+                    ).items()
+                }
+                for v in task.verdicts
+            },
+            "sandbox": isolation_report(),
+        }
+    )
     return done

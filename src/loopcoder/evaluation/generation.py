@@ -20,8 +20,14 @@ def encode_prompt(tokenizer: Any, prompt: str | list[dict[str, str]]) -> list[in
     return list(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False))
 
 
-def complete(engine: Engine, tokenizer: Any, prompts: list[str | list[dict[str, str]]],
-             params: list[SamplingParams], label: str = "generating", quiet: bool = False) -> list[dict[str, Any]]:
+def complete(
+    engine: Engine,
+    tokenizer: Any,
+    prompts: list[str | list[dict[str, str]]],
+    params: list[SamplingParams],
+    label: str = "generating",
+    quiet: bool = False,
+) -> list[dict[str, Any]]:
     """Run every prompt; returns, per prompt, {text, tokens, finish_reason, skipped (why, or None)}.
 
     A prompt too long for the model is not an error for a whole benchmark: it is skipped and says so.
@@ -41,8 +47,12 @@ def complete(engine: Engine, tokenizer: Any, prompts: list[str | list[dict[str, 
             tokens += len(ev.token_ids)
             if ev.finished and ev.request.id in reqs:
                 r = ev.request
-                results[reqs[r.id]] = {"text": r.text, "tokens": len(r.output_ids), "finish_reason": r.finish_reason,
-                                       "skipped": None}
+                results[reqs[r.id]] = {
+                    "text": r.text,
+                    "tokens": len(r.output_ids),
+                    "finish_reason": r.finish_reason,
+                    "skipped": None,
+                }
                 done += 1
         meter.update(done, tokens)
     if reqs:
@@ -54,25 +64,28 @@ def complete(engine: Engine, tokenizer: Any, prompts: list[str | list[dict[str, 
 
 
 @torch.inference_mode()
-def answer_nll(model: Any, tokenizer: Any, prompts: list[str | list[dict[str, str]]], answers: list[str],
-               batch_size: int = 16) -> list[float]:
+def answer_nll(
+    model: Any, tokenizer: Any, prompts: list[str | list[dict[str, str]]], answers: list[str], batch_size: int = 16
+) -> list[float]:
     """Negative log-likelihood (nats) of each reference answer given its prompt, by teacher forcing: a
     graded measure of how close a model is to the answer, informative where exact-match accuracy is
     still near chance. Sequences are right-padded into batches."""
     device = next(model.parameters()).device
-    pairs = [(encode_prompt(tokenizer, p), tokenizer(a, add_special_tokens=False)["input_ids"])
-             for p, a in zip(prompts, answers)]
+    pairs = [
+        (encode_prompt(tokenizer, p), tokenizer(a, add_special_tokens=False)["input_ids"])
+        for p, a in zip(prompts, answers)
+    ]
     out: list[float] = []
     for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start:start + batch_size]
+        chunk = pairs[start : start + batch_size]
         width = max(len(p) + len(a) for p, a in chunk)
         ids = torch.zeros(len(chunk), width, dtype=torch.long)
         mask = torch.zeros_like(ids)
         labels = torch.full_like(ids, -100)  # only the answer's tokens are scored
         for i, (p, a) in enumerate(chunk):
-            ids[i, :len(p) + len(a)] = torch.tensor(p + a)
-            mask[i, :len(p) + len(a)] = 1
-            labels[i, len(p):len(p) + len(a)] = torch.tensor(a)
+            ids[i, : len(p) + len(a)] = torch.tensor(p + a)
+            mask[i, : len(p) + len(a)] = 1
+            labels[i, len(p) : len(p) + len(a)] = torch.tensor(a)
         logits = model(ids.to(device), attention_mask=mask.to(device)).logits
         nll = causal_lm_loss(logits, labels.to(device), reduction="none").view(len(chunk), -1)
         out += nll.sum(-1).tolist()

@@ -113,9 +113,7 @@ def _keep_definitions(code: str, entry_point: str) -> str:
     lines = code.splitlines()
     kept = []
     for node in tree.body:
-        keep = isinstance(
-            node, (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
-        )
+        keep = isinstance(node, (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
         if isinstance(node, (ast.Assign, ast.AnnAssign)):
             names = {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
             keep = not names & {entry_point, "print", "input"}
@@ -269,9 +267,7 @@ def evaluate(
         per_problem = [list(completions[p["task_id"]]) for p in problems]
     else:
         if len(completions) != len(problems):
-            raise LoopcoderError(
-                f"completions for {len(completions)} problems, but {len(problems)} problems given"
-            )
+            raise LoopcoderError(f"completions for {len(completions)} problems, but {len(problems)} problems given")
         per_problem = [list(c) for c in completions]
     for problem, samples in zip(problems, per_problem):
         if not samples:
@@ -280,9 +276,7 @@ def evaluate(
         if bad:
             raise LoopcoderError(f"completions for {problem['task_id']} must be strings, got {bad[0]}")
     programs = [check_program(p, c) for p, samples in zip(problems, per_problem) for c in samples]
-    batch = run_many(
-        programs, limits, workers=workers, allow_code_execution=allow_code_execution, progress=progress
-    )
+    batch = run_many(programs, limits, workers=workers, allow_code_execution=allow_code_execution, progress=progress)
     outcomes, at = [], 0
     for problem, samples in zip(problems, per_problem):
         outcomes.append(ProblemOutcome(problem["task_id"], samples, batch.results[at : at + len(samples)]))

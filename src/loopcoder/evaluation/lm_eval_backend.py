@@ -62,10 +62,21 @@ class LoopcoderLM(TemplateLM):
 
     backend = "causal"
 
-    def __init__(self, pretrained: str, tokenizer: str | None = None, device: str | None = None,
-                 dtype: str = "auto", batch_size: int | str = 8, max_batch_size: int | str | None = None,
-                 max_length: int | str | None = None, max_gen_toks: int | str = 256, mode: str = "parallel",
-                 seed: int | str = 1234, add_bos_token: bool | str = False, **unused: Any) -> None:
+    def __init__(
+        self,
+        pretrained: str,
+        tokenizer: str | None = None,
+        device: str | None = None,
+        dtype: str = "auto",
+        batch_size: int | str = 8,
+        max_batch_size: int | str | None = None,
+        max_length: int | str | None = None,
+        max_gen_toks: int | str = 256,
+        mode: str = "parallel",
+        seed: int | str = 1234,
+        add_bos_token: bool | str = False,
+        **unused: Any,
+    ) -> None:
         super().__init__()
         if unused:
             raise LoopcoderError(f"unknown lm-eval model arg(s) for loopcoder: {', '.join(sorted(unused))}")
@@ -86,8 +97,9 @@ class LoopcoderLM(TemplateLM):
         self.seed = int(seed)
         self.add_bos_token = _as_bool(add_bos_token)
         self.chat = False  # set when lm-eval applies the chat template (then replies also end at <|im_end|>)
-        self.engine = Engine(self.model, self.tokenizer, max_batch=self.batch_size, max_seq_len=self._max_length,
-                             mode=mode)
+        self.engine = Engine(
+            self.model, self.tokenizer, max_batch=self.batch_size, max_seq_len=self._max_length, mode=mode
+        )
 
     # ------------------------------------------------------------------ what lm-eval asks about the model
     @property
@@ -129,41 +141,49 @@ class LoopcoderLM(TemplateLM):
         if not getattr(self.tokenizer, "chat_template", None):
             raise LoopcoderError("--apply_chat_template: this model's tokenizer has no chat template")
         self.chat = True
-        return self.tokenizer.apply_chat_template(chat_history, tokenize=False,
-                                                  add_generation_prompt=add_generation_prompt)
+        return self.tokenizer.apply_chat_template(
+            chat_history, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
 
     def get_model_info(self) -> dict[str, Any]:
         cfg = self.model.config
-        return {"model_dir": self.model_dir, "loops": cfg.plt_num_loops, "architecture": cfg.loop_architecture,
-                "dtype": str(next(self.model.parameters()).dtype), "mode": self.engine.mode}
+        return {
+            "model_dir": self.model_dir,
+            "loops": cfg.plt_num_loops,
+            "architecture": cfg.loop_architecture,
+            "dtype": str(next(self.model.parameters()).dtype),
+            "mode": self.engine.mode,
+        }
 
     # ------------------------------------------------------------------ scoring
     @torch.inference_mode()
-    def _loglikelihood_tokens(self, requests: list[tuple[Any, list[int], list[int]]],
-                              disable_tqdm: bool = False, **kwargs: Any) -> list[tuple[float, bool]]:
+    def _loglikelihood_tokens(
+        self, requests: list[tuple[Any, list[int], list[int]]], disable_tqdm: bool = False, **kwargs: Any
+    ) -> list[tuple[float, bool]]:
         """(sum of log p(continuation | context), whether greedy decoding reproduces the continuation)."""
         rows = []
         for i, (_, context, continuation) in enumerate(requests):
             if not continuation or len(continuation) > self.max_length:
-                raise LoopcoderError(f"a continuation of {len(continuation)} tokens cannot be scored with "
-                                     f"max_length={self.max_length}")
-            ids = (context + continuation)[-(self.max_length + 1):][:-1]  # the last token is only predicted
+                raise LoopcoderError(
+                    f"a continuation of {len(continuation)} tokens cannot be scored with max_length={self.max_length}"
+                )
+            ids = (context + continuation)[-(self.max_length + 1) :][:-1]  # the last token is only predicted
             rows.append((i, ids, continuation))
         rows.sort(key=lambda r: -len(r[1]))  # similar lengths share a batch: less padding
         results: list[tuple[float, bool] | None] = [None] * len(requests)
         for start in range(0, len(rows), self.batch_size):
-            chunk = rows[start:start + self.batch_size]
+            chunk = rows[start : start + self.batch_size]
             width = len(chunk[0][1])
             ids = torch.zeros(len(chunk), width, dtype=torch.long)
             mask = torch.zeros_like(ids)
             for j, (_, seq, _) in enumerate(chunk):
-                ids[j, :len(seq)] = torch.tensor(seq)
-                mask[j, :len(seq)] = 1
+                ids[j, : len(seq)] = torch.tensor(seq)
+                mask[j, : len(seq)] = 1
             logits = self.model(ids.to(self._device), attention_mask=mask.to(self._device)).logits
             logprobs = F.log_softmax(logits.float(), dim=-1)
             for j, (i, seq, continuation) in enumerate(chunk):
                 n = len(continuation)
-                rows_lp = logprobs[j, len(seq) - n:len(seq)]  # the positions that predict the continuation
+                rows_lp = logprobs[j, len(seq) - n : len(seq)]  # the positions that predict the continuation
                 target = torch.tensor(continuation, device=rows_lp.device)
                 total = float(rows_lp.gather(-1, target[:, None]).sum())
                 greedy = bool((rows_lp.argmax(-1) == target).all())
@@ -176,9 +196,15 @@ class LoopcoderLM(TemplateLM):
         """Each string's full log-likelihood, in disjoint windows of at most `max_length` predicted tokens."""
         windows, owner = [], []
         for i, (string,) in enumerate(req.args for req in requests):
-            for context, continuation in map(make_disjoint_window, get_rolling_token_windows(
-                    token_list=self.tok_encode(string), prefix_token=self.prefix_token_id,
-                    max_seq_len=self.max_length, context_len=1)):
+            for context, continuation in map(
+                make_disjoint_window,
+                get_rolling_token_windows(
+                    token_list=self.tok_encode(string),
+                    prefix_token=self.prefix_token_id,
+                    max_seq_len=self.max_length,
+                    context_len=1,
+                ),
+            ):
                 windows.append((None, context, continuation))
                 owner.append(i)
         totals = [0.0] * len(requests)
@@ -205,7 +231,8 @@ class LoopcoderLM(TemplateLM):
         params = SamplingParams(
             max_new_tokens=_as_int("max_gen_toks", max_new),
             temperature=temperature if _as_bool(do_sample) else 0.0,
-            top_p=float(kw.pop("top_p", 1.0) or 1.0), top_k=int(kw.pop("top_k", 0) or 0),
+            top_p=float(kw.pop("top_p", 1.0) or 1.0),
+            top_k=int(kw.pop("top_k", 0) or 0),
             seed=int(seed) if seed is not None else self.seed + index,
             stop=[s for s in until if s],
         )
@@ -223,8 +250,9 @@ class LoopcoderLM(TemplateLM):
             p = self.sampling_params(gen_kwargs, index)
             room = self.max_length - p.max_new_tokens
             if room < 1:
-                raise LoopcoderError(f"max_gen_toks={p.max_new_tokens} leaves no room for a prompt in "
-                                     f"max_length={self.max_length}")
+                raise LoopcoderError(
+                    f"max_gen_toks={p.max_new_tokens} leaves no room for a prompt in max_length={self.max_length}"
+                )
             ids = self.tok_encode(context)[-room:] or [self.prefix_token_id]  # left-truncated, like lm-eval's hf
             prompts.append(ids)
             params.append(p)

@@ -43,9 +43,7 @@ def mean_pass_at_k(
     Every k must be at most every problem's n: one error names the k and the problem short of samples.
     """
     items = (
-        list(counts.items())
-        if isinstance(counts, Mapping)
-        else [(f"problem {i}", nc) for i, nc in enumerate(counts)]
+        list(counts.items()) if isinstance(counts, Mapping) else [(f"problem {i}", nc) for i, nc in enumerate(counts)]
     )
     ks = [_whole("k", k) for k in ks]
     if not items:

@@ -33,8 +33,11 @@ def parse_tasks(text: str) -> list[str]:
     tasks = [t.strip() for t in text.split(",") if t.strip()]
     unknown = [t for t in tasks if t not in TASKS]
     if unknown or not tasks:
-        raise LoopcoderError(f"unknown task {unknown[0]!r}: choose from {', '.join(TASKS)}" if unknown
-                             else f"no tasks given: choose from {', '.join(TASKS)}")
+        raise LoopcoderError(
+            f"unknown task {unknown[0]!r}: choose from {', '.join(TASKS)}"
+            if unknown
+            else f"no tasks given: choose from {', '.join(TASKS)}"
+        )
     return tasks
 
 
@@ -75,14 +78,17 @@ def load_results(path: Path, identity: dict[str, Any]) -> dict[str, Any] | None:
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise LoopcoderError(f"cannot resume from {path}: not a valid results file ({e}); "
-                             "pass --fresh to start over") from None
+        raise LoopcoderError(
+            f"cannot resume from {path}: not a valid results file ({e}); pass --fresh to start over"
+        ) from None
     if not isinstance(data, dict) or data.get("version") != RESULTS_VERSION or "identity" not in data:
         raise LoopcoderError(f"cannot resume from {path}: not a loopcoder results file; pass --fresh to start over")
     for key, value in identity.items():
         if data["identity"].get(key) != value:
-            raise LoopcoderError(f"cannot resume from {path}: it was made with {key}={data['identity'].get(key)!r},"
-                                 f" now {value!r}; pass --fresh to start over")
+            raise LoopcoderError(
+                f"cannot resume from {path}: it was made with {key}={data['identity'].get(key)!r},"
+                f" now {value!r}; pass --fresh to start over"
+            )
     return data
 
 
@@ -102,19 +108,35 @@ def parse_data(values: list[str] | None) -> tuple[str | None, dict[str, str]]:
     return data_dir, data_files
 
 
-def evaluate(model_dir: str, tasks: list[str], settings: EvalSettings, out: str, *, data_dir: str | None = None,
-             allow_code_execution: bool = False, fresh: bool = False, device: str = "auto", dtype: str = "auto",
-             prompt_style: str = "auto", tokenizer_dir: str | None = None, bpb_per_row: bool = False,
-             data_files: dict[str, str] | None = None) -> dict[str, Any]:
+def evaluate(
+    model_dir: str,
+    tasks: list[str],
+    settings: EvalSettings,
+    out: str,
+    *,
+    data_dir: str | None = None,
+    allow_code_execution: bool = False,
+    fresh: bool = False,
+    device: str = "auto",
+    dtype: str = "auto",
+    prompt_style: str = "auto",
+    tokenizer_dir: str | None = None,
+    bpb_per_row: bool = False,
+    data_files: dict[str, str] | None = None,
+) -> dict[str, Any]:
     data_files = dict(data_files or {})
     running = [t for t in tasks if t in CODE_RUNNING]
     if running and not allow_code_execution:
-        raise LoopcoderError(f"{running[0]} runs model-written code: pass --allow-code-execution to allow it "
-                             "(it runs in the sandbox, see docs/sandbox.md)")
+        raise LoopcoderError(
+            f"{running[0]} runs model-written code: pass --allow-code-execution to allow it "
+            "(it runs in the sandbox, see docs/sandbox.md)"
+        )
     for task in tasks:
         if task in FILE_TASKS and task not in data_files:
-            raise LoopcoderError(f"{task} reads its problems from a file: pass --data {task}=FILE "
-                                 f"({FILE_TASK_SPECS[task].source}; docs/evaluation.md says where to get it)")
+            raise LoopcoderError(
+                f"{task} reads its problems from a file: pass --data {task}=FILE "
+                f"({FILE_TASK_SPECS[task].source}; docs/evaluation.md says where to get it)"
+            )
         if task in data_files and not Path(data_files[task]).is_file():
             raise LoopcoderError(f"--data {task}={data_files[task]}: no such file")
     if "bpb" in tasks and not data_dir:
@@ -132,21 +154,37 @@ def evaluate(model_dir: str, tasks: list[str], settings: EvalSettings, out: str,
         raise LoopcoderError(f"--prompt-style must be auto, completion or chat, got {prompt_style!r}")
     # what the scores depend on (not batch size, workers or chunking), checked before resuming
     scored = {k: v for k, v in asdict(settings).items() if k not in ("batch_size", "workers", "chunk")}
-    identity = {"model": str(Path(model_dir).resolve()), "config_hash": config_hash(model_dir),
-                "settings": json.loads(json.dumps(scored)),
-                **({"data_files": {t: file_hash(f) for t, f in sorted(data_files.items()) if t in tasks}}
-                   if any(t in data_files for t in tasks) else {})}
+    identity = {
+        "model": str(Path(model_dir).resolve()),
+        "config_hash": config_hash(model_dir),
+        "settings": json.loads(json.dumps(scored)),
+        **(
+            {"data_files": {t: file_hash(f) for t, f in sorted(data_files.items()) if t in tasks}}
+            if any(t in data_files for t in tasks)
+            else {}
+        ),
+    }
     path = Path(out)
     results = None if fresh else load_results(path, identity)
     if results is None:
         results = {"version": RESULTS_VERSION, "identity": identity, "tasks": {}, "timings": {}}
-    results.update({
-        "model": str(model_dir), "loops": model.config.plt_num_loops,
-        "architecture": model.config.loop_architecture, "prompt_style": settings.prompt_style,
-        "sampling": {"temperature": settings.temperature, "top_p": settings.top_p, "n_samples": settings.n_samples,
-                     "seed": settings.seed, "ks": list(settings.ks)},
-        "versions": _versions(), "device": str(next(model.parameters()).device),
-    })
+    results.update(
+        {
+            "model": str(model_dir),
+            "loops": model.config.plt_num_loops,
+            "architecture": model.config.loop_architecture,
+            "prompt_style": settings.prompt_style,
+            "sampling": {
+                "temperature": settings.temperature,
+                "top_p": settings.top_p,
+                "n_samples": settings.n_samples,
+                "seed": settings.seed,
+                "ks": list(settings.ks),
+            },
+            "versions": _versions(),
+            "device": str(next(model.parameters()).device),
+        }
+    )
 
     def save() -> None:
         atomic_write_text(path, json.dumps(results, indent=1, default=str))
@@ -160,11 +198,19 @@ def evaluate(model_dir: str, tasks: list[str], settings: EvalSettings, out: str,
         elif task == "reasoning":
             run_reasoning(engine, tokenizer, settings, done, save)
         elif task in FILE_TASKS:
-            run_file_task(engine, tokenizer, settings, done, save, allow_code_execution, FILE_TASK_SPECS[task],
-                          data_files[task])
+            run_file_task(
+                engine, tokenizer, settings, done, save, allow_code_execution, FILE_TASK_SPECS[task], data_files[task]
+            )
         else:
-            done.update(bits_per_byte(model, data_dir, batch_size=max(1, min(settings.batch_size, 8)),
-                                      max_rows=settings.bpb_rows, per_row=bpb_per_row))
+            done.update(
+                bits_per_byte(
+                    model,
+                    data_dir,
+                    batch_size=max(1, min(settings.batch_size, 8)),
+                    max_rows=settings.bpb_rows,
+                    per_row=bpb_per_row,
+                )
+            )
         results["timings"][task] = results["timings"].get(task, 0.0) + time.perf_counter() - t0
         save()
     results["complete"] = True
@@ -173,27 +219,35 @@ def evaluate(model_dir: str, tasks: list[str], settings: EvalSettings, out: str,
 
 
 def summary_table(results: dict[str, Any]) -> str:
-    lines = [f"model {results['model']} (R={results['loops']}, {results['architecture']}, "
-             f"{results['prompt_style']} prompts)"]
+    lines = [
+        f"model {results['model']} (R={results['loops']}, {results['architecture']}, {results['prompt_style']} prompts)"
+    ]
     tasks = results["tasks"]
     if "humaneval" in tasks:
         he = tasks["humaneval"]
         scores = ", ".join(f"{k} {100 * v:.1f}%" for k, v in he["pass_at_k"].items())
-        lines.append(f"  humaneval: {scores} over {he['problems_total']} problems "
-                     f"({he['skipped_prompts']} prompts too long), {results['timings']['humaneval']:.0f}s")
+        lines.append(
+            f"  humaneval: {scores} over {he['problems_total']} problems "
+            f"({he['skipped_prompts']} prompts too long), {results['timings']['humaneval']:.0f}s"
+        )
     if "reasoning" in tasks:
         for style, res in tasks["reasoning"]["styles"].items():
             per = "  ".join(f"{k}:{100 * v['accuracy']:.0f}%" for k, v in res["by_steps"].items())
             o = res["overall"]
-            lines.append(f"  reasoning ({style}): {100 * o['accuracy']:.1f}% "
-                         f"[{100 * o['ci95'][0]:.1f}, {100 * o['ci95'][1]:.1f}] of {o['n']}; by steps {per}")
+            lines.append(
+                f"  reasoning ({style}): {100 * o['accuracy']:.1f}% "
+                f"[{100 * o['ci95'][0]:.1f}, {100 * o['ci95'][1]:.1f}] of {o['n']}; by steps {per}"
+            )
     for name in FILE_TASKS:
         if name in tasks:
             res = tasks[name]
-            scores = "; ".join(f"{v} " + ", ".join(f"{k} {100 * x:.1f}%" for k, x in ks.items())
-                               for v, ks in res["pass_at_k"].items())
-            lines.append(f"  {name}: {scores} over {res['problems_total']} problems "
-                         f"({res['skipped_prompts']} prompts too long), {results['timings'][name]:.0f}s")
+            scores = "; ".join(
+                f"{v} " + ", ".join(f"{k} {100 * x:.1f}%" for k, x in ks.items()) for v, ks in res["pass_at_k"].items()
+            )
+            lines.append(
+                f"  {name}: {scores} over {res['problems_total']} problems "
+                f"({res['skipped_prompts']} prompts too long), {results['timings'][name]:.0f}s"
+            )
     if "bpb" in tasks:
         b = tasks["bpb"]
         lines.append(f"  bits per byte: {b['bits_per_byte']:.4f} (loss {b['loss']:.4f} nats/token, {b['rows']} rows)")
@@ -201,5 +255,9 @@ def summary_table(results: dict[str, Any]) -> str:
 
 
 def _versions() -> dict[str, str]:
-    return {"loopcoder": loopcoder.__version__, "torch": torch.__version__,
-            "transformers": transformers.__version__, "python": platform.python_version()}
+    return {
+        "loopcoder": loopcoder.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }

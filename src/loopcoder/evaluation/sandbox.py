@@ -552,7 +552,10 @@ def _compile_launcher(python: str) -> bytes | None:
         try:
             done = subprocess.run(
                 [python, "-I", "-B", "-c", command, source, compiled],
-                capture_output=True, env=_scrubbed_env(d), cwd=d, timeout=60,
+                capture_output=True,
+                env=_scrubbed_env(d),
+                cwd=d,
+                timeout=60,
             )
             if done.returncode == 0:
                 with open(compiled, "rb") as f:
@@ -656,10 +659,7 @@ def run_many(
     # Threads suffice: each one only waits on its child process and copies its output.
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sandbox")
     try:
-        futures = {
-            pool.submit(_execute, source, limits, None, plan): i
-            for i, source in enumerate(programs)
-        }
+        futures = {pool.submit(_execute, source, limits, None, plan): i for i, source in enumerate(programs)}
         for done, future in enumerate(as_completed(futures), 1):
             results[futures[future]] = future.result()
             if progress is not None:
@@ -939,9 +939,7 @@ def _judge(launcher_rc: int, out: _Collected, nonce: bytes, limits: Limits, wall
     wait = next((c["wait"] for c in control if "wait" in c), None)
     isolation = {k: v for k, v in (info or {}).items() if k != "ready"}
 
-    def result(
-        status: Status, reason: str, returncode: int | None = None, sig: str | None = None
-    ) -> ExecResult:
+    def result(status: Status, reason: str, returncode: int | None = None, sig: str | None = None) -> ExecResult:
         return ExecResult(
             status=status,
             reason=reason,
@@ -963,9 +961,7 @@ def _judge(launcher_rc: int, out: _Collected, nonce: bytes, limits: Limits, wall
         )
     if out.overflowed is not None:
         cap = limits.output_bytes if out.overflowed in ("stdout", "stderr") else _CHANNEL_CAP
-        return result(
-            "output_limit", f"wrote more than {cap} bytes to {out.overflowed}; killed", sig="SIGKILL"
-        )
+        return result("output_limit", f"wrote more than {cap} bytes to {out.overflowed}; killed", sig="SIGKILL")
     if info is None:
         why = setup_error or f"the launcher exited with status {launcher_rc} before the program started"
         return result("error", f"sandbox setup failed: {why}")
@@ -989,9 +985,7 @@ def _judge(launcher_rc: int, out: _Collected, nonce: bytes, limits: Limits, wall
     if report == nonce + b"\n":
         return result("passed", "ran to the end and exited with status 0", code)
     if not report:
-        return result(
-            "failed", "exited with status 0 before its last statement ran (no completion evidence)", code
-        )
+        return result("failed", "exited with status 0 before its last statement ran (no completion evidence)", code)
     return result(
         "failed",
         "completion evidence was forged or corrupted (the program wrote to the launcher's pipe)",
@@ -1018,13 +1012,9 @@ def _main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--stdin", help="a file whose bytes are the program's standard input")
     parser.add_argument("--python", help="interpreter for the program (default: chosen and checked at start)")
-    parser.add_argument(
-        "--isolation", action="store_true", help="also print what is isolated on this machine"
-    )
+    parser.add_argument("--isolation", action="store_true", help="also print what is isolated on this machine")
     for name, value in asdict(defaults).items():
-        parser.add_argument(
-            "--" + name.replace("_", "-"), type=type(value), default=value, help=f"default {value}"
-        )
+        parser.add_argument("--" + name.replace("_", "-"), type=type(value), default=value, help=f"default {value}")
     args = parser.parse_args(argv)
     try:
         _require_opt_in(args.allow)

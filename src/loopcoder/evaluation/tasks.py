@@ -51,16 +51,29 @@ class EvalSettings:
     chunk: int = 32  # problems per save
     extra: dict = field(default_factory=dict)
 
-    def sampling(self, max_new_tokens: int, stop: list[str], stop_token_ids: list[int], sample: int,
-                 temperature: float | None = None) -> SamplingParams:
+    def sampling(
+        self,
+        max_new_tokens: int,
+        stop: list[str],
+        stop_token_ids: list[int],
+        sample: int,
+        temperature: float | None = None,
+    ) -> SamplingParams:
         temp = self.temperature if temperature is None else temperature
-        return SamplingParams(max_new_tokens=max_new_tokens, temperature=temp, top_p=self.top_p,
-                              seed=self.seed + sample, stop=stop, stop_token_ids=stop_token_ids)
+        return SamplingParams(
+            max_new_tokens=max_new_tokens,
+            temperature=temp,
+            top_p=self.top_p,
+            seed=self.seed + sample,
+            stop=stop,
+            stop_token_ids=stop_token_ids,
+        )
 
 
 # ----------------------------------------------------------------------------- HumanEval
-def run_humaneval(engine: Engine, tokenizer: Any, s: EvalSettings, done: dict[str, Any], save: Save,
-                  allow_code_execution: bool) -> dict[str, Any]:
+def run_humaneval(
+    engine: Engine, tokenizer: Any, s: EvalSettings, done: dict[str, Any], save: Save, allow_code_execution: bool
+) -> dict[str, Any]:
     problems = humaneval.load_problems()[: s.humaneval_limit]
     chat = s.prompt_style == "chat"
     stops = [] if chat else list(humaneval.STOP_SEQUENCES)
@@ -70,7 +83,7 @@ def run_humaneval(engine: Engine, tokenizer: Any, s: EvalSettings, done: dict[st
     exec_seconds = 0.0
     programs = 0
     for start in range(0, len(todo), s.chunk):
-        chunk = todo[start:start + s.chunk]
+        chunk = todo[start : start + s.chunk]
         prompts, params = [], []
         for p in chunk:
             prompt = humaneval.chat_messages(p) if chat else humaneval.completion_prompt(p)
@@ -80,30 +93,35 @@ def run_humaneval(engine: Engine, tokenizer: Any, s: EvalSettings, done: dict[st
         outs = complete(engine, tokenizer, prompts, params, label=f"humaneval {start + len(chunk)}/{len(todo)}")
         completions = {}
         for j, p in enumerate(chunk):
-            texts = [o["text"] for o in outs[j * s.n_samples:(j + 1) * s.n_samples]]
-            completions[p["task_id"]] = [humaneval.extract_code(t, p) if chat else humaneval.truncate(t)
-                                         for t in texts]
+            texts = [o["text"] for o in outs[j * s.n_samples : (j + 1) * s.n_samples]]
+            completions[p["task_id"]] = [humaneval.extract_code(t, p) if chat else humaneval.truncate(t) for t in texts]
         ev = humaneval.evaluate(chunk, completions, workers=s.workers, allow_code_execution=allow_code_execution)
         exec_seconds += ev.seconds
         programs += ev.programs
         for j, (p, o) in enumerate(zip(chunk, ev.outcomes)):
-            gen = outs[j * s.n_samples:(j + 1) * s.n_samples]
+            gen = outs[j * s.n_samples : (j + 1) * s.n_samples]
             per_problem[p["task_id"]] = {
-                "n": o.n, "c": o.c, "completions": completions[p["task_id"]],
-                "statuses": [r.status for r in o.results], "finish_reasons": [g["finish_reason"] for g in gen],
+                "n": o.n,
+                "c": o.c,
+                "completions": completions[p["task_id"]],
+                "statuses": [r.status for r in o.results],
+                "finish_reasons": [g["finish_reason"] for g in gen],
                 "skipped": next((g["skipped"] for g in gen if g["skipped"]), None),
             }
         save()
     counts = [(per_problem[p["task_id"]]["n"], per_problem[p["task_id"]]["c"]) for p in problems]
     passk = mean_pass_at_k(counts, s.ks)
     solved = sum(1 for n, c in counts if c > 0)
-    done.update({
-        "problems_total": len(problems), "skipped_prompts": sum(1 for p in problems
-                                                                if per_problem[p["task_id"]]["skipped"]),
-        "pass_at_k": {f"pass@{k}": v for k, v in passk.items()},
-        "solved_any": solved, "sandbox": isolation_report(),
-        "programs_per_second": programs / exec_seconds if exec_seconds else None,
-    })
+    done.update(
+        {
+            "problems_total": len(problems),
+            "skipped_prompts": sum(1 for p in problems if per_problem[p["task_id"]]["skipped"]),
+            "pass_at_k": {f"pass@{k}": v for k, v in passk.items()},
+            "solved_any": solved,
+            "sandbox": isolation_report(),
+            "programs_per_second": programs / exec_seconds if exec_seconds else None,
+        }
+    )
     return done
 
 
@@ -118,8 +136,9 @@ def run_reasoning(engine: Engine, tokenizer: Any, s: EvalSettings, done: dict[st
             key = str(steps)
             if key in res["examples"]:
                 continue
-            examples = reasoning.generate_examples(s.reasoning_n, steps, seed=s.reasoning_seed, split="eval",
-                                                   family=s.reasoning_family)
+            examples = reasoning.generate_examples(
+                s.reasoning_n, steps, seed=s.reasoning_seed, split="eval", family=s.reasoning_family
+            )
             prompts = [reasoning.format_prompt(ex, style) for ex in examples]
             stop = [] if style == "chat" else (["[/ANSWER]", "\n"] if style == "cruxeval" else ["\n"])
             params = [s.sampling(s.reasoning_max_new_tokens, stop, ids, 0, temperature=0.0) for _ in examples]
@@ -127,13 +146,20 @@ def run_reasoning(engine: Engine, tokenizer: Any, s: EvalSettings, done: dict[st
             answers = [ex["answer"] if style != "cruxeval" else ex["answer_repr"] for ex in examples]
             nlls = answer_nll(engine.model, tokenizer, prompts, answers)
             res["examples"][key] = [
-                {"id": ex["id"], "answer": ans, "completion": o["text"],
-                 "correct": bool(reasoning.is_correct(ex, o["text"], style)), "answer_nll": nll,
-                 "skipped": o["skipped"]}
-                for ex, o, ans, nll in zip(examples, outs, answers, nlls)]
+                {
+                    "id": ex["id"],
+                    "answer": ans,
+                    "completion": o["text"],
+                    "correct": bool(reasoning.is_correct(ex, o["text"], style)),
+                    "answer_nll": nll,
+                    "skipped": o["skipped"],
+                }
+                for ex, o, ans, nll in zip(examples, outs, answers, nlls)
+            ]
             save()
-        res["by_steps"] = {key: _accuracy(rows)
-                           for key, rows in sorted(res["examples"].items(), key=lambda kv: int(kv[0]))}
+        res["by_steps"] = {
+            key: _accuracy(rows) for key, rows in sorted(res["examples"].items(), key=lambda kv: int(kv[0]))
+        }
         res["overall"] = _accuracy([r for rows in res["examples"].values() for r in rows])
     done["primary_style"] = s.prompt_style
     done["family"] = s.reasoning_family
@@ -143,14 +169,25 @@ def run_reasoning(engine: Engine, tokenizer: Any, s: EvalSettings, done: dict[st
 def _accuracy(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Exact-match accuracy with its Wilson interval, and the mean answer NLL, of some reasoning rows."""
     k = sum(r["correct"] for r in rows)
-    return {"accuracy": k / len(rows) if rows else float("nan"), "correct": k, "n": len(rows),
-            "ci95": list(wilson_interval(k, len(rows))), "answer_nll": _mean_ci_dict([r["answer_nll"] for r in rows])}
+    return {
+        "accuracy": k / len(rows) if rows else float("nan"),
+        "correct": k,
+        "n": len(rows),
+        "ci95": list(wilson_interval(k, len(rows))),
+        "answer_nll": _mean_ci_dict([r["answer_nll"] for r in rows]),
+    }
 
 
 # ----------------------------------------------------------------------------- bits per byte
 @torch.inference_mode()
-def bits_per_byte(model: Any, data_dir: str, batch_size: int = 8, max_rows: int | None = None,
-                  split: str = "validation", per_row: bool = False) -> dict[str, Any]:
+def bits_per_byte(
+    model: Any,
+    data_dir: str,
+    batch_size: int = 8,
+    max_rows: int | None = None,
+    split: str = "validation",
+    per_row: bool = False,
+) -> dict[str, Any]:
     """Bits per UTF-8 byte of the model on a data directory's held-out split (every row, in order).
     With `per_row`, also each row's summed loss (nats) and byte count, for paired comparisons."""
     ds = ShardDataset(data_dir, split)
@@ -167,8 +204,15 @@ def bits_per_byte(model: Any, data_dir: str, batch_size: int = 8, max_rows: int 
         row_nll += nll.tolist()
         row_bytes += batch["target_bytes"][: ids.shape[0]].tolist()
     tokens = len(row_nll) * (ds.seq_len - 1)
-    out = {"bits_per_byte": to_bpb(sum(row_nll), sum(row_bytes)), "loss": sum(row_nll) / max(tokens, 1),
-           "tokens": tokens, "bytes": sum(row_bytes), "rows": len(row_nll), "split": split, "data": str(data_dir)}
+    out = {
+        "bits_per_byte": to_bpb(sum(row_nll), sum(row_bytes)),
+        "loss": sum(row_nll) / max(tokens, 1),
+        "tokens": tokens,
+        "bytes": sum(row_bytes),
+        "rows": len(row_nll),
+        "split": split,
+        "data": str(data_dir),
+    }
     if per_row:
         out.update(row_nll=row_nll, row_bytes=row_bytes)
     return out

@@ -215,49 +215,79 @@ class Service:
         try:
             await asyncio.wait_for(receive_body(), timeout)  # a slow body must not hold a connection for ever
         except asyncio.TimeoutError:
-            log.warning("%s %s: the request body did not arrive within %g s (%d bytes received)", request.method,
-                        request.url.path, timeout, len(body))
-            raise APIError(408, f"the request body did not arrive within {timeout:g} s",
-                           code="body_timeout") from None
+            log.warning(
+                "%s %s: the request body did not arrive within %g s (%d bytes received)",
+                request.method,
+                request.url.path,
+                timeout,
+                len(body),
+            )
+            raise APIError(408, f"the request body did not arrive within {timeout:g} s", code="body_timeout") from None
         except ClientDisconnect:
-            log.info("%s %s: the client disconnected while sending its request body (%d bytes received)",
-                     request.method, request.url.path, len(body))
+            log.info(
+                "%s %s: the client disconnected while sending its request body (%d bytes received)",
+                request.method,
+                request.url.path,
+                len(body),
+            )
             raise ClientGone from None
         req = parse_request(model, bytes(body))
         req.check_supported()
         if req.model is not None and req.model != self.settings.model_name:
-            raise APIError(404, f"The model '{req.model}' does not exist (this server has "
-                                f"'{self.settings.model_name}')", param="model", code="model_not_found")
+            raise APIError(
+                404,
+                f"The model '{req.model}' does not exist (this server has '{self.settings.model_name}')",
+                param="model",
+                code="model_not_found",
+            )
         return req
 
     def check_prompt(self, ids: list[int], param: str) -> None:
         if not ids:
             raise bad_request("the prompt is empty", param)
         if len(ids) > self.max_prompt_tokens:
-            raise bad_request(f"the prompt has {len(ids)} tokens; this server's maximum prompt length is "
-                              f"{self.max_prompt_tokens} tokens (model context {self.context})", param,
-                              "context_length_exceeded")
+            raise bad_request(
+                f"the prompt has {len(ids)} tokens; this server's maximum prompt length is "
+                f"{self.max_prompt_tokens} tokens (model context {self.context})",
+                param,
+                "context_length_exceeded",
+            )
         bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
         if bad is not None:
             raise bad_request(f"token id {bad} is outside the vocabulary (size {self.vocab_size})", param)
 
-    def jobs(self, req: Any, prompts: list[list[int]], limit: int | None, default: int,
-             stop_ids: list[int] | None, constraint: Constraint | None = None) -> list[Job]:
+    def jobs(
+        self,
+        req: Any,
+        prompts: list[list[int]],
+        limit: int | None,
+        default: int,
+        stop_ids: list[int] | None,
+        constraint: Constraint | None = None,
+    ) -> list[Job]:
         """One job per choice: prompt k, sample j is choice k * n + j and samples with seed + that index."""
         total = len(prompts) * req.n
         if total > self.max_n:
-            raise bad_request(f"{total} choices requested; this server runs at most {self.max_n} per request "
-                              "(its --max-batch)", "n")
+            raise bad_request(
+                f"{total} choices requested; this server runs at most {self.max_n} per request (its --max-batch)", "n"
+            )
         max_new = min(limit or default, self.max_tokens)
         temperature = 0.0 if req.temperature < GREEDY_BELOW else req.temperature
         out = []
         for k, ids in enumerate(prompts):
             for j in range(req.n):
                 i = k * req.n + j
-                params = SamplingParams(max_new_tokens=max_new, temperature=temperature, top_p=req.top_p,
-                                        top_k=max(req.top_k, 0), seed=None if req.seed is None else req.seed + i,
-                                        stop=req.stop_list, stop_token_ids=stop_ids, ignore_eos=req.ignore_eos,
-                                        constraint=constraint)
+                params = SamplingParams(
+                    max_new_tokens=max_new,
+                    temperature=temperature,
+                    top_p=req.top_p,
+                    top_k=max(req.top_k, 0),
+                    seed=None if req.seed is None else req.seed + i,
+                    stop=req.stop_list,
+                    stop_token_ids=stop_ids,
+                    ignore_eos=req.ignore_eos,
+                    constraint=constraint,
+                )
                 try:
                     params.validate()
                 except LoopcoderError as e:
@@ -274,11 +304,11 @@ class Service:
         messages = [m.for_template() for m in req.messages]
         tools = [t.model_dump(exclude_none=True) for t in req.tools or []] if tools_on else None
         try:
-            text = self.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True,
-                                                      tokenize=False)
+            text = self.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
         except Exception as e:  # jinja errors, raise_exception() in a template, bad message shapes
-            raise bad_request(f"the chat template cannot render these messages ({type(e).__name__}: {e})",
-                              "messages") from None
+            raise bad_request(
+                f"the chat template cannot render these messages ({type(e).__name__}: {e})", "messages"
+            ) from None
         return self.encode(text)
 
     # ------------------------------------------------------------------ constraints (on the tokenizer thread)
@@ -316,25 +346,40 @@ class Service:
             parallel = False
         content_lark = None if content is None else lark_json(json.loads(content.source), content.strict)
         try:
-            lark = tool_call_grammar(self.grammars, self.settings.tool_parser, [f for _, f in indexed],
-                                     required=choice != "auto", parallel=parallel, content=content_lark)
+            lark = tool_call_grammar(
+                self.grammars,
+                self.settings.tool_parser,
+                [f for _, f in indexed],
+                required=choice != "auto",
+                parallel=parallel,
+                content=content_lark,
+            )
             return self.compiled(Constraint.grammar(lark), "tools")
         except APIError:  # name the tool whose parameters cannot be compiled
             for i, f in indexed:
-                self.compiled(Constraint.json_schema(f.get("parameters") or {}, bool(f.get("strict"))),
-                              f"tools.{i}.function.parameters")
+                self.compiled(
+                    Constraint.json_schema(f.get("parameters") or {}, bool(f.get("strict"))),
+                    f"tools.{i}.function.parameters",
+                )
             raise
 
 
 def _meta(svc: Service, prefix: str, kind: str) -> dict[str, Any]:
     """The fields every response (or chunk) of one request shares."""
-    return {"id": f"{prefix}-{uuid.uuid4().hex}", "object": kind, "created": int(time.time()),
-            "model": svc.settings.model_name}
+    return {
+        "id": f"{prefix}-{uuid.uuid4().hex}",
+        "object": kind,
+        "created": int(time.time()),
+        "model": svc.settings.model_name,
+    }
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
 # Characters that JSON leaves raw but line readers such as httpx's (str.splitlines) treat as line breaks:
@@ -355,8 +400,9 @@ def _event_stream(events: AsyncIterator[str], pending: Pending) -> StreamingResp
         finally:  # also when the client disconnects (the response task is cancelled) or we fail
             pending.close()
 
-    return StreamingResponse(body(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return StreamingResponse(
+        body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )
 
 
 # ---------------------------------------------------------------------------------------------- routes
@@ -370,18 +416,20 @@ async def completions(svc: Service, request: Request) -> Response:
     prompts = await svc.off_loop(tokenize)
     for ids in prompts:
         svc.check_prompt(ids, "prompt")
-    constraint = await svc.off_loop(lambda: svc.compiled(svc.content_constraint(req.response_format),
-                                                         "response_format"))
+    constraint = await svc.off_loop(
+        lambda: svc.compiled(svc.content_constraint(req.response_format), "response_format")
+    )
     jobs = svc.jobs(req, prompts, req.max_tokens, svc.settings.default_completion_tokens, None, constraint)
     prompt_tokens = sum(map(len, prompts))
     meta = _meta(svc, "cmpl", "text_completion")
     pending = Pending(svc.scheduler, jobs, request)
     if not req.stream:
         results = await pending.collect()
-        choices = [{"index": i, "text": text, "logprobs": None, "finish_reason": reason}
-                   for i, (text, _, reason) in enumerate(results)]
-        return JSONResponse({**meta, "choices": choices,
-                             "usage": _usage(prompt_tokens, sum(k for _, k, _ in results))})
+        choices = [
+            {"index": i, "text": text, "logprobs": None, "finish_reason": reason}
+            for i, (text, _, reason) in enumerate(results)
+        ]
+        return JSONResponse({**meta, "choices": choices, "usage": _usage(prompt_tokens, sum(k for _, k, _ in results))})
     first = await pending.started()
 
     async def events() -> AsyncIterator[str]:
@@ -392,8 +440,14 @@ async def completions(svc: Service, request: Request) -> Response:
                 return
             ntok += len(u.token_ids)
             if u.text or u.finish_reason:
-                yield _sse({**meta, "choices": [{"index": u.index, "text": u.text, "logprobs": None,
-                                                 "finish_reason": u.finish_reason}]})
+                yield _sse(
+                    {
+                        **meta,
+                        "choices": [
+                            {"index": u.index, "text": u.text, "logprobs": None, "finish_reason": u.finish_reason}
+                        ],
+                    }
+                )
         if req.include_usage:
             yield _sse({**meta, "choices": [], "usage": _usage(prompt_tokens, ntok)})
 
@@ -419,14 +473,14 @@ async def chat_completions(svc: Service, request: Request) -> Response:
                 message["tool_calls"] = [c.to_openai() for c in parsed.tool_calls]
                 reason = "tool_calls" if reason == "stop" else reason  # a cut turn says so ("length")
             choices.append({"index": i, "message": message, "logprobs": None, "finish_reason": reason})
-        return JSONResponse({**meta, "choices": choices,
-                             "usage": _usage(len(ids), sum(k for _, k, _ in results))})
+        return JSONResponse({**meta, "choices": choices, "usage": _usage(len(ids), sum(k for _, k, _ in results))})
     first = await pending.started()
     chunk_meta = {**meta, "object": "chat.completion.chunk"}
 
     def chunk(index: int, delta: dict[str, Any], finish: str | None = None) -> str:
-        return _sse({**chunk_meta, "choices": [{"index": index, "delta": delta, "logprobs": None,
-                                                "finish_reason": finish}]})
+        return _sse(
+            {**chunk_meta, "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+        )
 
     async def events() -> AsyncIterator[str]:
         streams = [ToolCallStream(parser) for _ in range(pending.n)]
@@ -482,8 +536,9 @@ class APIKeyMiddleware:
         if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
             given = dict(scope["headers"]).get(b"authorization", b"")
             if not hmac.compare_digest(given, self.expected):
-                err = APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer KEY'",
-                               code="invalid_api_key")
+                err = APIError(
+                    401, "Incorrect or missing API key: send 'Authorization: Bearer KEY'", code="invalid_api_key"
+                )
                 response = JSONResponse(err.body(), 401, headers={"WWW-Authenticate": "Bearer"})
                 await response(scope, receive, send)
                 return
@@ -534,12 +589,18 @@ def create_app(scheduler: Scheduler, tokenizer: Any, settings: ServerSettings) -
     async def health() -> JSONResponse:
         stats = scheduler.stats()
         ok = stats["accepting"]
-        return JSONResponse({"status": "ok" if ok else "shutting_down", "model": settings.model_name, **stats},
-                            200 if ok else 503)
+        return JSONResponse(
+            {"status": "ok" if ok else "shutting_down", "model": settings.model_name, **stats}, 200 if ok else 503
+        )
 
     def model_card() -> dict[str, Any]:
-        return {"id": settings.model_name, "object": "model", "created": svc.created, "owned_by": "loopcoder",
-                "max_model_len": svc.context}
+        return {
+            "id": settings.model_name,
+            "object": "model",
+            "created": svc.created,
+            "owned_by": "loopcoder",
+            "max_model_len": svc.context,
+        }
 
     @app.get("/v1/models")
     async def list_models() -> JSONResponse:

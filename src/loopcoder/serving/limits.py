@@ -27,8 +27,10 @@ LINGER = 1.0  # seconds a closing connection is drained before its socket closes
 
 def _raw_response(status: int, reason: str, err: APIError) -> bytes:
     body = json.dumps(err.body()).encode()
-    return (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
-            "connection: close\r\n\r\n").encode() + body
+    return (
+        f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
+        "connection: close\r\n\r\n"
+    ).encode() + body
 
 
 class _RateLimitedLog:
@@ -81,10 +83,18 @@ class LingeringTransport:
 def guarded_protocol(header_timeout: float, max_connections: int) -> type[H11Protocol]:
     """uvicorn's h11 protocol class with a header deadline, a connection cap and lingering closes (pass it
     as `http=`)."""
-    timeout_response = _raw_response(408, "Request Timeout", APIError(
-        408, f"the request headers did not arrive within {header_timeout:g} s", code="header_timeout"))
-    full_response = _raw_response(503, "Service Unavailable", APIError(
-        503, f"too many open connections (at most {max_connections}); retry later", code="too_many_connections"))
+    timeout_response = _raw_response(
+        408,
+        "Request Timeout",
+        APIError(408, f"the request headers did not arrive within {header_timeout:g} s", code="header_timeout"),
+    )
+    full_response = _raw_response(
+        503,
+        "Service Unavailable",
+        APIError(
+            503, f"too many open connections (at most {max_connections}); retry later", code="too_many_connections"
+        ),
+    )
     slow_log, full_log = _RateLimitedLog(), _RateLimitedLog()
 
     class GuardedH11Protocol(H11Protocol):
@@ -94,8 +104,9 @@ def guarded_protocol(header_timeout: float, max_connections: int) -> type[H11Pro
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(LingeringTransport(transport, self.loop))  # type: ignore[arg-type]
             if len(self.connections) > max_connections:
-                full_log.warning("connection limit reached (%d open): refusing new connections with 503",
-                                 max_connections)
+                full_log.warning(
+                    "connection limit reached (%d open): refusing new connections with 503", max_connections
+                )
                 self.transport.write(full_response)
                 self.transport.close()
                 return
@@ -124,8 +135,11 @@ def guarded_protocol(header_timeout: float, max_connections: int) -> type[H11Pro
         def _header_deadline_passed(self) -> None:
             self._header_timer = None
             if self.cycle is self._header_cycle and not self.transport.is_closing():
-                slow_log.warning("closed a connection from %s: no complete request headers within %g s",
-                                 f"{self.client[0]}:{self.client[1]}" if self.client else "?", header_timeout)
+                slow_log.warning(
+                    "closed a connection from %s: no complete request headers within %g s",
+                    f"{self.client[0]}:{self.client[1]}" if self.client else "?",
+                    header_timeout,
+                )
                 self.transport.write(timeout_response)
                 self.transport.close()
 

@@ -20,8 +20,9 @@ MAX_STOP_CHARS = 256
 class APIError(Exception):
     """An HTTP error with an OpenAI-style body: {"error": {"message", "type", "param", "code"}}."""
 
-    def __init__(self, status: int, message: str, *, type: str | None = None, param: str | None = None,
-                 code: str | None = None) -> None:
+    def __init__(
+        self, status: int, message: str, *, type: str | None = None, param: str | None = None, code: str | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
@@ -204,9 +205,14 @@ class Message(_Strict):
         if text is not None:
             out["content"] = text
         if self.tool_calls:
-            out["tool_calls"] = [{"id": c.id, "type": "function",
-                                  "function": {"name": c.function.name, "arguments": c.function.arguments}}
-                                 for c in self.tool_calls]
+            out["tool_calls"] = [
+                {
+                    "id": c.id,
+                    "type": "function",
+                    "function": {"name": c.function.name, "arguments": c.function.arguments},
+                }
+                for c in self.tool_calls
+            ]
         if self.tool_call_id is not None:
             out["tool_call_id"] = self.tool_call_id
         if self.name is not None:
@@ -252,15 +258,18 @@ class ChatRequest(_SamplingRequest):
             if m.role in ("system", "developer", "user", "tool") and m.content is None:
                 raise bad_request(f"messages[{i}] ({m.role}) has no content", f"messages.{i}.content")
             if m.role == "assistant" and m.content is None and not m.tool_calls:
-                raise bad_request(f"messages[{i}] (assistant) has neither content nor tool_calls",
-                                  f"messages.{i}.content")
+                raise bad_request(
+                    f"messages[{i}] (assistant) has neither content nor tool_calls", f"messages.{i}.content"
+                )
         if self.tool_choice is not None and not self.tools and self.tool_choice != "none":
             raise bad_request("'tool_choice' needs 'tools'", "tool_choice")
         if isinstance(self.tool_choice, NamedToolChoice):
             names = {t.function.name for t in self.tools or []}
             if self.tool_choice.function.name not in names:
-                raise bad_request(f"tool_choice names function {self.tool_choice.function.name!r}, which is "
-                                  "not in 'tools'", "tool_choice")
+                raise bad_request(
+                    f"tool_choice names function {self.tool_choice.function.name!r}, which is not in 'tools'",
+                    "tool_choice",
+                )
 
     @property
     def output_limit(self) -> int | None:
@@ -268,15 +277,19 @@ class ChatRequest(_SamplingRequest):
 
 
 # ---------------------------------------------------------------------------------------------- errors
-_MODEL_NAMES = {cls.__name__ for cls in list(globals().values())
-                if isinstance(cls, type) and issubclass(cls, BaseModel)}
+_MODEL_NAMES = {
+    cls.__name__ for cls in list(globals().values()) if isinstance(cls, type) and issubclass(cls, BaseModel)
+}
 _TYPE_NAMES = {"str", "int", "float", "bool", "dict", "list", "none"}
 
 
 def _clean_loc(loc: tuple) -> tuple:
     """The field path of a validation error, without pydantic's union-member tags ('str', 'list[int]')."""
-    return tuple(x for x in loc if not (isinstance(x, str) and (x in _MODEL_NAMES or x in _TYPE_NAMES
-                                                                 or re.search(r"[\[\]'(]", x))))
+    return tuple(
+        x
+        for x in loc
+        if not (isinstance(x, str) and (x in _MODEL_NAMES or x in _TYPE_NAMES or re.search(r"[\[\]'(]", x)))
+    )
 
 
 def validation_error(e: ValidationError) -> APIError:

@@ -97,9 +97,22 @@ class Scheduler:
         self._tickets: dict[str, _Ticket] = {}
         self._owner: dict[str, tuple[_Ticket, int]] = {}
         self._running = self._waiting = 0
-        self.counters = dict.fromkeys(("requests", "completed", "cancelled", "timed_out", "failed", "rejected",
-                                       "aborted_at_shutdown", "tokens", "steps", "decode_steps",
-                                       "decoded_sequences"), 0)
+        self.counters = dict.fromkeys(
+            (
+                "requests",
+                "completed",
+                "cancelled",
+                "timed_out",
+                "failed",
+                "rejected",
+                "aborted_at_shutdown",
+                "tokens",
+                "steps",
+                "decode_steps",
+                "decoded_sequences",
+            ),
+            0,
+        )
         self.counters["step_seconds"] = 0.0  # time inside engine.step(): busy fraction = step_seconds / wall
 
     # ------------------------------------------------------------------ any thread
@@ -118,9 +131,13 @@ class Scheduler:
                 raise shutting_down()
             if self._inflight + len(jobs) > self.capacity:
                 self.counters["rejected"] += 1
-                raise APIError(429, f"the server is busy ({self._running} running, {self._waiting} waiting; at most "
-                                    f"{self.max_batch} + {self.max_queue}); retry later",
-                               type="rate_limit_error", code="queue_full")
+                raise APIError(
+                    429,
+                    f"the server is busy ({self._running} running, {self._waiting} waiting; at most "
+                    f"{self.max_batch} + {self.max_queue}); retry later",
+                    type="rate_limit_error",
+                    code="queue_full",
+                )
             tid = f"t{next(self._ids)}"
             self._inflight += len(jobs)
             self.counters["requests"] += 1
@@ -155,10 +172,16 @@ class Scheduler:
     def stats(self) -> dict[str, Any]:
         with self._cond:
             pending = sum(len(t.jobs) for kind, t in self._inbox if kind == "add")
-            return {"running": self._running, "waiting": self._waiting + pending, "inflight": self._inflight,
-                    "max_batch": self.max_batch, "max_queue": self.max_queue, "accepting": self.accepting,
-                    "engine_thread_alive": self._thread is not None and self._thread.is_alive(),
-                    **self.counters}
+            return {
+                "running": self._running,
+                "waiting": self._waiting + pending,
+                "inflight": self._inflight,
+                "max_batch": self.max_batch,
+                "max_queue": self.max_queue,
+                "accepting": self.accepting,
+                "engine_thread_alive": self._thread is not None and self._thread.is_alive(),
+                **self.counters,
+            }
 
     # ------------------------------------------------------------------ engine thread
     def _run(self) -> None:
@@ -237,8 +260,15 @@ class Scheduler:
         for t in list(self._tickets.values()):  # a slot is enough: a long prompt's chunked prefill takes steps
             admitted = sum(r.admitted >= 0 for r in t.requests.values())  # the engine's events come only from these
             if admitted < len(t.jobs) and now - t.submitted > self.queue_timeout:
-                self._end(t, APIError(503, f"the request waited more than {self.queue_timeout:g} s for a free slot; "
-                                           "retry later", code="queue_timeout"), "timed_out")
+                self._end(
+                    t,
+                    APIError(
+                        503,
+                        f"the request waited more than {self.queue_timeout:g} s for a free slot; retry later",
+                        code="queue_timeout",
+                    ),
+                    "timed_out",
+                )
 
     def _step(self) -> None:
         start = time.perf_counter()

@@ -25,10 +25,21 @@ HEADER_TIMEOUT = 10.0  # seconds a client may take to send a request's line and 
 MAX_CONNECTIONS = 512  # open connections; more are refused with 503
 
 
-def load_app(model_dir: str, tokenizer_dir: str | None = None, *, device: str = "auto", dtype: str = "auto",
-             mode: str = "parallel", max_batch: int = 8, max_queue: int = 64, queue_timeout: float = 30.0,
-             model_name: str | None = None, tool_parser: str = "hermes", engine_options: dict | None = None,
-             **settings: Any) -> tuple[Any, Scheduler]:
+def load_app(
+    model_dir: str,
+    tokenizer_dir: str | None = None,
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    mode: str = "parallel",
+    max_batch: int = 8,
+    max_queue: int = 64,
+    queue_timeout: float = 30.0,
+    model_name: str | None = None,
+    tool_parser: str = "hermes",
+    engine_options: dict | None = None,
+    **settings: Any,
+) -> tuple[Any, Scheduler]:
     """(FastAPI app, its scheduler) serving the model in `model_dir`. `engine_options`: the `Engine`'s cache and
     scheduling options (`paged`, `block_size`, `kv_cache_tokens`, `prefix_caching`, `max_step_tokens`);
     `settings`: `ServerSettings` fields."""
@@ -86,16 +97,30 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def make_server(app: Any, scheduler: Scheduler, *, grace: float = 30.0, log_level: str = "info",
-                access_log: bool = False, header_timeout: float = HEADER_TIMEOUT,
-                max_connections: int = MAX_CONNECTIONS) -> GracefulServer:
+def make_server(
+    app: Any,
+    scheduler: Scheduler,
+    *,
+    grace: float = 30.0,
+    log_level: str = "info",
+    access_log: bool = False,
+    header_timeout: float = HEADER_TIMEOUT,
+    max_connections: int = MAX_CONNECTIONS,
+) -> GracefulServer:
     # uvicorn's own graceful timeout is the backstop: by then the scheduler has aborted everything
     # our own log lines ("loopcoder.serve") go where uvicorn's go, formatted alike, at the same level
     log_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
     log_config["loggers"]["loopcoder"] = {"handlers": ["default"], "level": log_level.upper()}
-    config = uvicorn.Config(app, log_level=log_level, access_log=access_log, lifespan="on", log_config=log_config,
-                            timeout_graceful_shutdown=grace + 10, timeout_keep_alive=5,
-                            http=guarded_protocol(header_timeout, max_connections))
+    config = uvicorn.Config(
+        app,
+        log_level=log_level,
+        access_log=access_log,
+        lifespan="on",
+        log_config=log_config,
+        timeout_graceful_shutdown=grace + 10,
+        timeout_keep_alive=5,
+        http=guarded_protocol(header_timeout, max_connections),
+    )
     return GracefulServer(config, scheduler, grace)
 
 

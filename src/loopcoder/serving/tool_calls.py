@@ -56,10 +56,17 @@ class CallFormat:
 
     def body_schema(self, name: str, parameters: dict | None) -> dict:
         """The JSON schema of one call to `name` (no `parameters`: a function that takes none)."""
-        args = parameters if parameters is not None else {"type": "object", "properties": {},
-                                                          "additionalProperties": False}
-        return {"type": "object", "properties": {self.name_key: {"const": name}, self.arguments_key: args},
-                "required": [self.name_key, self.arguments_key], "additionalProperties": False}
+        args = (
+            parameters
+            if parameters is not None
+            else {"type": "object", "properties": {}, "additionalProperties": False}
+        )
+        return {
+            "type": "object",
+            "properties": {self.name_key: {"const": name}, self.arguments_key: args},
+            "required": [self.name_key, self.arguments_key],
+            "additionalProperties": False,
+        }
 
 
 @runtime_checkable
@@ -99,7 +106,7 @@ class HermesToolCallParser:
         calls: list[ToolCall] = []
         pos, strip_next = 0, False
         for m in self._block.finditer(text):
-            before = text[pos:m.start()]
+            before = text[pos : m.start()]
             call = self._call(m.group(1)) if m.group(1) is not None else None
             if call is None:  # malformed or unterminated: keep it as the model wrote it
                 pieces.append(before.lstrip() if strip_next else before)
@@ -169,7 +176,7 @@ class ToolCallStream:
             return []
         self._checked = len(self._buffer)
         found = self.parser.parse(self._buffer).tool_calls
-        new, self._sent = found[self._sent:], len(found)
+        new, self._sent = found[self._sent :], len(found)
         return new
 
     def feed(self, text: str) -> str:
@@ -182,13 +189,13 @@ class ToolCallStream:
         if at >= 0:
             head = held[:at]
             out = head.rstrip()
-            self._buffer = head[len(out):] + held[at:]
+            self._buffer = head[len(out) :] + held[at:]
             self._held = ""
             return out
         keep = _partial_suffix(held, marker)
-        head = held[:len(held) - keep]
+        head = held[: len(held) - keep]
         out = head.rstrip()
-        self._held = held[len(out):]
+        self._held = held[len(out) :]
         return out
 
     def finish(self) -> ParsedOutput:
@@ -196,7 +203,7 @@ class ToolCallStream:
         if self._buffer is None:
             return ParsedOutput(self._held)
         parsed = self.parser.parse(self._buffer)
-        return ParsedOutput(parsed.content or "", parsed.tool_calls[self._sent:])
+        return ParsedOutput(parsed.content or "", parsed.tool_calls[self._sent :])
 
 
 def _partial_suffix(text: str, marker: str) -> int:
@@ -207,8 +214,15 @@ def _partial_suffix(text: str, marker: str) -> int:
     return 0
 
 
-def tool_call_grammar(compiler: GrammarCompiler, parser: ToolCallParser, functions: list[dict], *, required: bool,
-                      parallel: bool, content: str | None = None) -> str:
+def tool_call_grammar(
+    compiler: GrammarCompiler,
+    parser: ToolCallParser,
+    functions: list[dict],
+    *,
+    required: bool,
+    parallel: bool,
+    content: str | None = None,
+) -> str:
     """A Lark grammar for an assistant turn that calls `functions` (OpenAI function objects: name, parameters,
     strict) in the parser's call format.
 
@@ -217,12 +231,13 @@ def tool_call_grammar(compiler: GrammarCompiler, parser: ToolCallParser, functio
     can only begin with its opening, from which on it is constrained. `content`: a Lark expression the content
     must match instead of free text (`response_format` beside tools). Nothing follows the calls."""
     fmt, literal = parser.call_format(), compiler.lark_literal
-    bodies = [lark_json(fmt.body_schema(f["name"], f.get("parameters")), bool(f.get("strict")))
-              for f in functions]
-    lines = [f"call: {literal(fmt.begin)} body {literal(fmt.end)}",
-             "body: " + " | ".join(f"body_{i}" for i in range(len(bodies))),
-             *(f"body_{i}: {b}" for i, b in enumerate(bodies)),
-             f"calls: call ({literal(fmt.separator)} call)*" if parallel else "calls: call"]
+    bodies = [lark_json(fmt.body_schema(f["name"], f.get("parameters")), bool(f.get("strict"))) for f in functions]
+    lines = [
+        f"call: {literal(fmt.begin)} body {literal(fmt.end)}",
+        "body: " + " | ".join(f"body_{i}" for i in range(len(bodies))),
+        *(f"body_{i}: {b}" for i, b in enumerate(bodies)),
+        f"calls: call ({literal(fmt.separator)} call)*" if parallel else "calls: call",
+    ]
     if required:
         lines.insert(0, "start: calls")
     elif content is not None:
@@ -244,8 +259,9 @@ def get_tool_parser(name: str) -> ToolCallParser:
     if name in TOOL_PARSERS:
         return TOOL_PARSERS[name]()
     if ":" not in name:
-        raise LoopcoderError(f"unknown tool parser {name!r} (choose from {', '.join(TOOL_PARSERS)}, "
-                             "or give package.module:Class)")
+        raise LoopcoderError(
+            f"unknown tool parser {name!r} (choose from {', '.join(TOOL_PARSERS)}, or give package.module:Class)"
+        )
     module, _, attr = name.partition(":")
     try:
         factory = getattr(importlib.import_module(module), attr)

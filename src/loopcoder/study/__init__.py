@@ -1,7 +1,7 @@
 """The loop-count study: LoopCoder-v2's R = 1, 2, 3 comparison in miniature (docs/study.md).
 
-    from loopcoder.study import Study, get_preset
-    report = Study(get_preset("tiny"), "runs/study").run()   # -> runs/study/report.md
+from loopcoder.study import Study, get_preset
+report = Study(get_preset("tiny"), "runs/study").run()   # -> runs/study/report.md
 """
 
 from loopcoder.study.pipeline import Study

@@ -19,8 +19,16 @@ from loopcoder.engine import Engine
 from loopcoder.sampling import SamplingParams
 
 
-def decode_latency(models: dict[str, Any], context: int, batch: int = 1, steps: int = 16, rounds: int = 5,
-                   warmup: int = 2, threads: int | None = 1, seed: int = 0) -> dict[str, dict[str, Any]]:
+def decode_latency(
+    models: dict[str, Any],
+    context: int,
+    batch: int = 1,
+    steps: int = 16,
+    rounds: int = 5,
+    warmup: int = 2,
+    threads: int | None = 1,
+    seed: int = 0,
+) -> dict[str, dict[str, Any]]:
     """Per model: median seconds per decode step (all `batch` sequences), each round's median, the KV
     bytes the engine allocated and the number of passes per token. The models are modified for
     inference (fused weights): pass copies you do not need for anything else."""
@@ -48,10 +56,17 @@ def decode_latency(models: dict[str, Any], context: int, batch: int = 1, steps: 
                     engine.step()
                     times[name].append(time.perf_counter() - t0)
                 rounds_median[name].append(statistics.median(times[name][-steps:]))
-        return {name: {"latency_s": statistics.median(times[name]), "round_latencies_s": rounds_median[name],
-                       "kv_allocated_bytes": engine.kv_bytes(), "batch": batch, "context": context,
-                       "passes": 1 if engine.config.single_pass else engine.config.plt_num_loops,
-                       "threads": torch.get_num_threads()}
-                for name, engine in engines.items()}
+        return {
+            name: {
+                "latency_s": statistics.median(times[name]),
+                "round_latencies_s": rounds_median[name],
+                "kv_allocated_bytes": engine.kv_bytes(),
+                "batch": batch,
+                "context": context,
+                "passes": 1 if engine.config.single_pass else engine.config.plt_num_loops,
+                "threads": torch.get_num_threads(),
+            }
+            for name, engine in engines.items()
+        }
     finally:
         torch.set_num_threads(saved)

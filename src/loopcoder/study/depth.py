@@ -32,15 +32,29 @@ def task_of(s: DepthSettings) -> PermutationTask:
 def train_run(s: DepthSettings, model: DepthModel, seed: int, out: str, device: str = "auto") -> dict[str, Any]:
     """Train one run (resuming one that was interrupted). Runs in a worker process."""
     cfg = s.train_config(model, seed, out, device)
-    source = permutation_source(task_of(s), cfg.train.steps * cfg.train.global_batch_size, s.seq_len,
-                                s.train_lengths, seed=seed, validation_rows=s.validation_rows)
+    source = permutation_source(
+        task_of(s),
+        cfg.train.steps * cfg.train.global_batch_size,
+        s.seq_len,
+        s.train_lengths,
+        seed=seed,
+        validation_rows=s.validation_rows,
+    )
     cpu0, wall0 = time.process_time(), time.perf_counter()
     r = pretrain(cfg, resume=True, source=source)
     if r.final_checkpoint is None:
         raise LoopcoderError(f"training in {out} produced no checkpoint")
-    return {"final_checkpoint": str(r.final_checkpoint), "run_dir": out, "step": r.step, "train_loss": r.train_loss,
-            "val_loss": r.val_loss, "train_s": r.train_s, "cpu_s": time.process_time() - cpu0,
-            "wall_s": time.perf_counter() - wall0, "threads": cfg.train.threads}
+    return {
+        "final_checkpoint": str(r.final_checkpoint),
+        "run_dir": out,
+        "step": r.step,
+        "train_loss": r.train_loss,
+        "val_loss": r.val_loss,
+        "train_s": r.train_s,
+        "cpu_s": time.process_time() - cpu0,
+        "wall_s": time.perf_counter() - wall0,
+        "threads": cfg.train.threads,
+    }
 
 
 @torch.inference_mode()
@@ -56,8 +70,10 @@ def evaluate(model: Any, task: PermutationTask, lengths: tuple[int, ...], n: int
         logits = model(input_ids=torch.from_numpy(prompts).to(device)).logits[:, -1].float()
         target = torch.from_numpy(FIRST_SYMBOL + task.answers(x, ops)).to(device)
         nll = torch.nn.functional.cross_entropy(logits, target, reduction="none")
-        out[str(k)] = {"correct": (logits.argmax(-1) == target).int().tolist(),
-                       "answer_nll": [round(v, 5) for v in nll.tolist()]}
+        out[str(k)] = {
+            "correct": (logits.argmax(-1) == target).int().tolist(),
+            "answer_nll": [round(v, 5) for v in nll.tolist()],
+        }
     return out
 
 

@@ -37,8 +37,9 @@ class DepthData:
         correct: dict[str, dict[int, np.ndarray]] = {}
         for m in s.models:
             per_seed = [json.loads(Path(files[f"{m.key}-s{seed}"]).read_text()) for seed in s.seeds]
-            correct[m.key] = {k: np.array([r[str(k)]["correct"] for r in per_seed], dtype=np.float64)
-                              for k in s.eval_lengths}
+            correct[m.key] = {
+                k: np.array([r[str(k)]["correct"] for r in per_seed], dtype=np.float64) for k in s.eval_lengths
+            }
         train = {m.key: [results[f"depth-{m.key}-s{seed}"] for seed in s.seeds] for m in s.models}
         return cls(s, correct, train, results["depth-cost"], results["depth-diagnostics"])
 
@@ -64,14 +65,14 @@ class DepthData:
         return np.concatenate([self.correct[key][k] for k in self.s.eval_lengths if k >= 2], axis=1)
 
     def depth(self, key: str, seed_index: int | None = None) -> int:
-        acc = {k: float(c.mean() if seed_index is None else c[seed_index].mean())
-               for k, c in self.correct[key].items()}
+        acc = {k: float(c.mean() if seed_index is None else c[seed_index].mean()) for k, c in self.correct[key].items()}
         return effective_depth(acc)
 
     def difference(self, a: str, b: str) -> dict[Any, Difference]:
         """b - a per k and over all fresh items ("fresh")."""
-        out: dict[Any, Difference] = {k: crossed_difference(self.correct[a][k], self.correct[b][k])
-                                      for k in self.s.eval_lengths}
+        out: dict[Any, Difference] = {
+            k: crossed_difference(self.correct[a][k], self.correct[b][k]) for k in self.s.eval_lengths
+        }
         out["fresh"] = crossed_difference(self.fresh(a), self.fresh(b))
         return out
 
@@ -92,8 +93,11 @@ def percent(p: float, low: float | None = None, high: float | None = None) -> st
 
 
 def _points(diff: Difference) -> str:
-    return diff.describe(unit="", scale=100, digits=1).replace(" (distinguishable from noise)", " ✓").replace(
-        " (within noise)", "")
+    return (
+        diff.describe(unit="", scale=100, digits=1)
+        .replace(" (distinguishable from noise)", " ✓")
+        .replace(" (within noise)", "")
+    )
 
 
 def findings(d: DepthData, diffs: dict[tuple[str, str], dict[Any, Difference]]) -> list[str]:
@@ -104,34 +108,56 @@ def findings(d: DepthData, diffs: dict[tuple[str, str], dict[Any, Difference]]) 
 
     def overall(a: str, b: str) -> str:
         f = diffs[(a, b)]["fresh"]
-        verdict = ("higher beyond noise" if f.clear and f.mean > 0 else
-                   "lower beyond noise" if f.clear else "not distinguishable from noise")
+        verdict = (
+            "higher beyond noise"
+            if f.clear and f.mean > 0
+            else "lower beyond noise"
+            if f.clear
+            else "not distinguishable from noise"
+        )
         return f"over all fresh items (k ≥ 2) {name[b]} is {verdict}: {_points(f)} points"
 
     if ("r1", "plt2") in diffs:
-        out.append(f"**Does PLT-2 beat R = 1?** {compare_in_words('PLT-2', 'R=1', by_k('r1', 'plt2'))}; "
-                   f"{overall('r1', 'plt2')}.")
+        out.append(
+            f"**Does PLT-2 beat R = 1?** {compare_in_words('PLT-2', 'R=1', by_k('r1', 'plt2'))}; "
+            f"{overall('r1', 'plt2')}."
+        )
     if ("plt2", "plt3") in diffs:
         f = diffs[("plt2", "plt3")]["fresh"]
-        verdict = ("adds to PLT-2" if f.clear and f.mean > 0 else "regresses from PLT-2" if f.clear
-                   else "neither adds to nor regresses from PLT-2 beyond noise")
-        out.append(f"**Does PLT-3 add to PLT-2?** Over all fresh items PLT-3 {verdict} ({_points(f)} points). "
-                   f"By k: {compare_in_words('PLT-3', 'PLT-2', by_k('plt2', 'plt3'))}.")
+        verdict = (
+            "adds to PLT-2"
+            if f.clear and f.mean > 0
+            else "regresses from PLT-2"
+            if f.clear
+            else "neither adds to nor regresses from PLT-2 beyond noise"
+        )
+        out.append(
+            f"**Does PLT-3 add to PLT-2?** Over all fresh items PLT-3 {verdict} ({_points(f)} points). "
+            f"By k: {compare_in_words('PLT-3', 'PLT-2', by_k('plt2', 'plt3'))}."
+        )
     for R in (2, 3):
         a, b = f"plt{R}-no-offset", f"plt{R}"
         if (a, b) in diffs:
             f = diffs[(a, b)]["fresh"]
-            cost = ("the offset costs accuracy beyond noise" if f.clear and f.mean < 0 else
-                    "the offset gains accuracy beyond noise" if f.clear else
-                    "the offset's cost in accuracy is within noise")
+            cost = (
+                "the offset costs accuracy beyond noise"
+                if f.clear and f.mean < 0
+                else "the offset gains accuracy beyond noise"
+                if f.clear
+                else "the offset's cost in accuracy is within noise"
+            )
             lat = _latency_ratio(d, a, b)
-            out.append(f"**PLT-{R} against its no-offset twin:** {cost} ({_points(f)} points over fresh items; "
-                       f"{compare_in_words(f'PLT-{R}', f'PLT-{R} no offset', by_k(a, b))}). In exchange, PLT-{R} "
-                       f"decodes all {R} loops in one pass, the twin in {R} passes{lat}.")
+            out.append(
+                f"**PLT-{R} against its no-offset twin:** {cost} ({_points(f)} points over fresh items; "
+                f"{compare_in_words(f'PLT-{R}', f'PLT-{R} no offset', by_k(a, b))}). In exchange, PLT-{R} "
+                f"decodes all {R} loops in one pass, the twin in {R} passes{lat}."
+            )
         a = f"vanilla{R}"
         if (a, b) in diffs:
-            out.append(f"**PLT-{R} against vanilla-{R}:** {compare_in_words(f'PLT-{R}', f'vanilla-{R}', by_k(a, b))}; "
-                       f"{overall(a, b)}.")
+            out.append(
+                f"**PLT-{R} against vanilla-{R}:** {compare_in_words(f'PLT-{R}', f'vanilla-{R}', by_k(a, b))}; "
+                f"{overall(a, b)}."
+            )
     if ("r1", "vanilla2") in diffs:
         out.append(f"**Vanilla-2 against R = 1:** {overall('r1', 'vanilla2')}.")
     return out
@@ -152,20 +178,38 @@ def write_plot(d: DepthData, out: Path) -> str:
     for i, m in enumerate(d.s.models):
         acc = [d.accuracy(m.key, k) for k in ks]
         style = "-" if m.architecture == "plt" and m.loop_offset else ("--" if m.architecture == "plt" else ":")
-        axes[0].errorbar(ks, [100 * a for a, _, _ in acc], yerr=[[100 * (a - lo) for a, lo, _ in acc],
-                                                                [100 * (hi - a) for a, _, hi in acc]],
-                         marker="o", capsize=3, linestyle=style, color=COLORS[i % len(COLORS)], label=m.name)
+        axes[0].errorbar(
+            ks,
+            [100 * a for a, _, _ in acc],
+            yerr=[[100 * (a - lo) for a, lo, _ in acc], [100 * (hi - a) for a, _, hi in acc]],
+            marker="o",
+            capsize=3,
+            linestyle=style,
+            color=COLORS[i % len(COLORS)],
+            label=m.name,
+        )
         curves = d.val_curves.get(m.key, [])
         if curves:
             steps = sorted(set.intersection(*(set(c) for c in curves)))
-            axes[1].plot(steps, [np.mean([c[s] for c in curves]) for s in steps], marker=".", linestyle=style,
-                         color=COLORS[i % len(COLORS)], label=m.name)
+            axes[1].plot(
+                steps,
+                [np.mean([c[s] for c in curves]) for s in steps],
+                marker=".",
+                linestyle=style,
+                color=COLORS[i % len(COLORS)],
+                label=m.name,
+            )
     axes[0].axhline(100 / d.s.symbols, color="grey", linewidth=0.8, linestyle=":")
     axes[0].axvline(1.5, color="grey", linewidth=0.5)
-    axes[0].set(xlabel="steps k (k = 1: trained items; k ≥ 2: held out)", ylabel="accuracy (%)",
-                title=f"Permutation composition: accuracy by k ({len(d.s.seeds)} seeds, 95 % Wilson)", ylim=(0, 102))
-    axes[1].set(xlabel="training step", ylabel="answer loss on validation rows (nats)",
-                title="Training (mean over seeds)")
+    axes[0].set(
+        xlabel="steps k (k = 1: trained items; k ≥ 2: held out)",
+        ylabel="accuracy (%)",
+        title=f"Permutation composition: accuracy by k ({len(d.s.seeds)} seeds, 95 % Wilson)",
+        ylim=(0, 102),
+    )
+    axes[1].set(
+        xlabel="training step", ylabel="answer loss on validation rows (nats)", title="Training (mean over seeds)"
+    )
     save(fig, axes, out / "depth.png")
     return "plots/depth.png"
 
@@ -201,7 +245,8 @@ def depth_section(d: DepthData, out: Path) -> tuple[list[str], dict[str, Any]]:
     plot = write_plot(d, out / "plots")
     ks = list(s.eval_lengths)
     lines = [
-        "## What a second loop buys: the depth probe", "",
+        "## What a second loop buys: the depth probe",
+        "",
         f"The task (docs/study.md): {s.functions} fixed random permutations of {s.symbols} symbols, never shown "
         f"in context; an item `x a_1 … a_k{' =' if s.equals else ''}` asks for f_(a_k)(…f_(a_1)(x)), so each step "
         f"needs the previous one's result. Items of k = 1 are the permutation tables (all trained on); every item "
@@ -211,11 +256,14 @@ def depth_section(d: DepthData, out: Path) -> tuple[list[str], dict[str, Any]]:
         f"training engine for {t.train.steps} steps of {t.train.global_batch_size} × {s.seq_len} tokens "
         f"(items of k = {min(s.train_lengths)}–{max(s.train_lengths)}, loss on answers only, peak LR "
         f"{t.optim.lr:g}), with seeds {', '.join(map(str, s.seeds))}: each seed fixes the initialisation, the "
-        f"training rows and their order, the same for every model. Only the loop architecture differs.", "",
-        f"![accuracy by k]({plot})", "",
+        f"training rows and their order, the same for every model. Only the loop architecture differs.",
+        "",
+        f"![accuracy by k]({plot})",
+        "",
         f"Accuracy over {len(s.seeds)} seeds × up to {s.eval_items} items per k, with its 95 % Wilson interval; "
         f"effective depth is the largest k up to which every k is solved at ≥ 90 % (per seed in brackets). "
-        f"Chance is {100 / s.symbols:.1f} %.", "",
+        f"Chance is {100 / s.symbols:.1f} %.",
+        "",
     ]
     rows = []
     for m in s.models:
@@ -226,40 +274,72 @@ def depth_section(d: DepthData, out: Path) -> tuple[list[str], dict[str, Any]]:
     conv = convergence(d)
     if conv:
         still = [name for name, (_, _, falling) in conv.items() if falling]
-        lines += ["", "Convergence: validation answer loss over the last quarter of training, mean over seeds: "
-                  + "; ".join(f"{name} {a:.3f} → {b:.3f}" for name, (a, b, _) in conv.items()) + ". "
-                  + (f"{', '.join(still)} {'was' if len(still) == 1 else 'were'} still improving (the loss fell "
-                     "by more than 5 %) when training stopped: the comparisons describe this budget, and longer "
-                     "training could change them." if still else
-                     "No model's loss fell by more than 5 % over that span.")]
+        lines += [
+            "",
+            "Convergence: validation answer loss over the last quarter of training, mean over seeds: "
+            + "; ".join(f"{name} {a:.3f} → {b:.3f}" for name, (a, b, _) in conv.items())
+            + ". "
+            + (
+                f"{', '.join(still)} {'was' if len(still) == 1 else 'were'} still improving (the loss fell "
+                "by more than 5 %) when training stopped: the comparisons describe this budget, and longer "
+                "training could change them."
+                if still
+                else "No model's loss fell by more than 5 % over that span."
+            ),
+        ]
     stated = findings(d, diffs)
     lines += ["", "### In words", ""]
     lines += [f"- {f}" for f in stated]
-    lines += ["", "Each difference is b − a on the same items and seeds, in points, with a 95 % bootstrap interval "
-              "that resamples seeds and items together (so it carries the seed-to-seed spread); ✓ marks an "
-              "interval that excludes 0. With this many k and comparisons, expect about one spurious ✓ in twenty "
-              "cells: a claim resting on a single k is weak.", ""]
+    lines += [
+        "",
+        "Each difference is b − a on the same items and seeds, in points, with a 95 % bootstrap interval "
+        "that resamples seeds and items together (so it carries the seed-to-seed spread); ✓ marks an "
+        "interval that excludes 0. With this many k and comparisons, expect about one spurious ✓ in twenty "
+        "cells: a claim resting on a single k is weak.",
+        "",
+    ]
     header = ["b − a", "why"] + [f"k={k}" for k in ks] + ["all fresh (k ≥ 2)"]
     name = {m.key: m.name for m in s.models}
-    lines += markdown_table(header, [[f"{name[b]} − {name[a]}", why] + [_points(diffs[(a, b)][k]) for k in ks]
-                                     + [_points(diffs[(a, b)]["fresh"])] for a, b, why in pairs])
+    lines += markdown_table(
+        header,
+        [
+            [f"{name[b]} − {name[a]}", why]
+            + [_points(diffs[(a, b)][k]) for k in ks]
+            + [_points(diffs[(a, b)]["fresh"])]
+            for a, b, why in pairs
+        ],
+    )
     lines += ["", "Accuracy per seed (a seed is one initialisation and data order, shared by the models):", ""]
-    seed_rows = [[m.name, str(seed)] + [f"{100 * d.correct[m.key][k][i].mean():.0f}" for k in ks]
-                 for m in s.models for i, seed in enumerate(s.seeds)]
+    seed_rows = [
+        [m.name, str(seed)] + [f"{100 * d.correct[m.key][k][i].mean():.0f}" for k in ks]
+        for m in s.models
+        for i, seed in enumerate(s.seeds)
+    ]
     lines += markdown_table(["model", "seed"] + [f"k={k}" for k in ks], seed_rows)
     cost_lines, cost = cost_table(d)
     diag_lines, diag = diagnostics_section(d, diffs)
     lines += ["", *cost_lines, *diag_lines]
     summary = {
-        "eval_lengths": list(ks), "seeds": list(s.seeds), "names": {m.key: m.name for m in s.models},
+        "eval_lengths": list(ks),
+        "seeds": list(s.seeds),
+        "names": {m.key: m.name for m in s.models},
         "accuracy": {m.key: {str(k): d.accuracy(m.key, k) for k in ks} for m in s.models},
-        "accuracy_per_seed": {m.key: {str(seed): {str(k): float(d.correct[m.key][k][i].mean()) for k in ks}
-                                      for i, seed in enumerate(s.seeds)} for m in s.models},
+        "accuracy_per_seed": {
+            m.key: {
+                str(seed): {str(k): float(d.correct[m.key][k][i].mean()) for k in ks} for i, seed in enumerate(s.seeds)
+            }
+            for m in s.models
+        },
         "effective_depth": {m.key: d.depth(m.key) for m in s.models},
         "comparisons": {f"{b} - {a}": {str(k): v.to_dict() for k, v in diffs[(a, b)].items()} for a, b, _ in pairs},
-        "findings": stated, "cost": cost, "diagnostics": diag, "plot": plot,
-        "convergence": {name: {"loss_at_three_quarters": a, "loss_at_end": b, "still_falling": f}
-                        for name, (a, b, f) in conv.items()},
+        "findings": stated,
+        "cost": cost,
+        "diagnostics": diag,
+        "plot": plot,
+        "convergence": {
+            name: {"loss_at_three_quarters": a, "loss_at_end": b, "still_falling": f}
+            for name, (a, b, f) in conv.items()
+        },
     }
     return lines, summary
 
@@ -274,33 +354,69 @@ def cost_table(d: DepthData) -> tuple[list[str], dict[str, Any]]:
         cpu = float(np.mean([r["cpu_s"] for r in d.train[m.key]]))
         wall = float(np.mean([r["train_s"] for r in d.train[m.key]]))
         fresh = d.fresh(m.key).mean()
-        cost[m.key] = {"params": c["params"], "effective_depth": d.depth(m.key), "fresh_accuracy": float(fresh),
-                       "train_cpu_s": cpu, "train_wall_s": wall, "decode_ms": 1e3 * c["latency_s"],
-                       "passes": c["passes"], "kv_bytes": c["kv_bytes_per_sequence"]}
-        rows.append([m.name, f"{c['params'] / 1e3:.1f}k", str(d.depth(m.key)), f"{100 * fresh:.1f}%",
-                     f"{cpu:.0f} s ({cpu / base_cpu:.2f}×)", f"{wall:.0f} s", f"{1e3 * c['latency_s']:.2f} ms",
-                     str(c["passes"]), f"{c['kv_bytes_per_sequence'] / 1024:.1f} KiB"])
-    lines = ["### Gain against cost", "",
-             f"Training time is per run, the mean over seeds: CPU seconds (one thread; the figure a quiet "
-             f"machine's wall time approaches) and wall seconds (runs shared the machine, "
-             f"{base[0].get('pool_size', 1)} at a time). "
-             f"Decode is the engine's median step for one sequence after a {s.decode_context}-token prompt (one "
-             f"thread, the models taking turns for {s.decode_rounds} rounds); KV is the cache one sequence needs "
-             f"at that length (fp32).", ""]
-    lines += markdown_table(["model", "parameters", "effective depth", "fresh accuracy (k ≥ 2)",
-                             "training CPU", "training wall", "decode step", "passes per token",
-                             f"KV at T={s.decode_context}"], rows)
+        cost[m.key] = {
+            "params": c["params"],
+            "effective_depth": d.depth(m.key),
+            "fresh_accuracy": float(fresh),
+            "train_cpu_s": cpu,
+            "train_wall_s": wall,
+            "decode_ms": 1e3 * c["latency_s"],
+            "passes": c["passes"],
+            "kv_bytes": c["kv_bytes_per_sequence"],
+        }
+        rows.append(
+            [
+                m.name,
+                f"{c['params'] / 1e3:.1f}k",
+                str(d.depth(m.key)),
+                f"{100 * fresh:.1f}%",
+                f"{cpu:.0f} s ({cpu / base_cpu:.2f}×)",
+                f"{wall:.0f} s",
+                f"{1e3 * c['latency_s']:.2f} ms",
+                str(c["passes"]),
+                f"{c['kv_bytes_per_sequence'] / 1024:.1f} KiB",
+            ]
+        )
+    lines = [
+        "### Gain against cost",
+        "",
+        f"Training time is per run, the mean over seeds: CPU seconds (one thread; the figure a quiet "
+        f"machine's wall time approaches) and wall seconds (runs shared the machine, "
+        f"{base[0].get('pool_size', 1)} at a time). "
+        f"Decode is the engine's median step for one sequence after a {s.decode_context}-token prompt (one "
+        f"thread, the models taking turns for {s.decode_rounds} rounds); KV is the cache one sequence needs "
+        f"at that length (fp32).",
+        "",
+    ]
+    lines += markdown_table(
+        [
+            "model",
+            "parameters",
+            "effective depth",
+            "fresh accuracy (k ≥ 2)",
+            "training CPU",
+            "training wall",
+            "decode step",
+            "passes per token",
+            f"KV at T={s.decode_context}",
+        ],
+        rows,
+    )
     return [*lines, ""], cost
 
 
-def diagnostics_section(d: DepthData, diffs: dict[tuple[str, str], dict[Any, Difference]]
-                        ) -> tuple[list[str], dict[str, Any]]:
+def diagnostics_section(
+    d: DepthData, diffs: dict[tuple[str, str], dict[Any, Difference]]
+) -> tuple[list[str], dict[str, Any]]:
     """Does the paper's diagnostic rule pick the loop count that wins on accuracy?"""
     per_seed = d.diag["per_seed"]
     family = [m for m in d.s.models if m.architecture == "plt" and m.loop_offset]
-    lines = ["### The loop diagnostics on the depth models", "",
-             "The paper's rule (spec section 3, docs/diagnostics.md) run on the same models, on rows of training "
-             "items; it is decided by the PLT model with the most loops, per seed."]
+    lines = [
+        "### The loop diagnostics on the depth models",
+        "",
+        "The paper's rule (spec section 3, docs/diagnostics.md) run on the same models, on rows of training "
+        "items; it is decided by the PLT model with the most loops, per seed.",
+    ]
     out: dict[str, Any] = {"per_seed": per_seed}
     if len(family) < 2:
         return [*lines, "", "(Fewer than two PLT loop counts: nothing to choose between.)", ""], out
@@ -310,21 +426,39 @@ def diagnostics_section(d: DepthData, diffs: dict[tuple[str, str], dict[Any, Dif
     winners = {m.loops for m in tied}
     agree = [seed for seed, r in picks.items() if r in winners]
     tied_names = ", ".join(m.name for m in tied if m is not best)
-    lines += ["", f"- On accuracy over fresh items, **{best.name}** is best"
-              + (f" ({tied_names} within noise of it)" if tied_names else " (beyond noise)") + ".",
-              "- The rule picks " + ", ".join(f"R = {r} (seed {seed})" for seed, r in picks.items())
-              + f": it picks a loop count that wins on accuracy in {len(agree)} of {len(picks)} seeds."]
-    verdicts = {m.key: [per_seed[str(seed)]["verdicts"].get(m.key) for seed in d.s.seeds] for m in d.s.models
-                if m.loops > 1}
-    lines += ["- Each model's own verdict (loops worth it, by seed): "
-              + "; ".join(f"{d.model(k).name}: {', '.join(map(str, v))}" for k, v in verdicts.items()) + "."]
+    lines += [
+        "",
+        f"- On accuracy over fresh items, **{best.name}** is best"
+        + (f" ({tied_names} within noise of it)" if tied_names else " (beyond noise)")
+        + ".",
+        "- The rule picks "
+        + ", ".join(f"R = {r} (seed {seed})" for seed, r in picks.items())
+        + f": it picks a loop count that wins on accuracy in {len(agree)} of {len(picks)} seeds.",
+    ]
+    verdicts = {
+        m.key: [per_seed[str(seed)]["verdicts"].get(m.key) for seed in d.s.seeds] for m in d.s.models if m.loops > 1
+    }
+    lines += [
+        "- Each model's own verdict (loops worth it, by seed): "
+        + "; ".join(f"{d.model(k).name}: {', '.join(map(str, v))}" for k, v in verdicts.items())
+        + "."
+    ]
     first = per_seed[str(d.s.seeds[0])]
     if first.get("dir"):
-        lines += [f"- The full diagnostics of seed {d.s.seeds[0]}'s models: "
-                  f"[depth/diagnostics/report.md](depth/diagnostics/report.md)."]
+        lines += [
+            f"- The full diagnostics of seed {d.s.seeds[0]}'s models: "
+            f"[depth/diagnostics/report.md](depth/diagnostics/report.md)."
+        ]
     lines.append("")
-    out.update({"accuracy_best": best.key, "within_noise_of_best": [m.key for m in tied], "rule_picks": picks,
-                "agreeing_seeds": agree, "verdicts": verdicts})
+    out.update(
+        {
+            "accuracy_best": best.key,
+            "within_noise_of_best": [m.key for m in tied],
+            "rule_picks": picks,
+            "agreeing_seeds": agree,
+            "verdicts": verdicts,
+        }
+    )
     return lines, out
 
 

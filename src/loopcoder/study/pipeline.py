@@ -95,8 +95,10 @@ class Study:
 
     def record(self, name: str, result: Any, seconds: float) -> Any:
         marker = self.out / "stages" / f"{name}.json"
-        atomic_write_text(marker, json.dumps({"key": self.keys[name], "seconds": seconds, "result": result},
-                                             indent=1, default=str) + "\n")
+        atomic_write_text(
+            marker,
+            json.dumps({"key": self.keys[name], "seconds": seconds, "result": result}, indent=1, default=str) + "\n",
+        )
         self.say(f"{name}: finished in {seconds / 60:.1f} min")
         self.results[name] = result
         return result
@@ -108,9 +110,21 @@ class Study:
         atomic_write_text(self.out / "preset.json", json.dumps(p.to_dict(), indent=1, default=str) + "\n")
         data = None
         if p.loops:
-            data = self.stage("data", [p.source, p.vocab_size, p.build_seq_len, p.family, p.reasoning_steps,
-                                       p.pretrain_reasoning, p.sft_reasoning, p.instruction_max_tokens], self._data,
-                              self.out / "data")
+            data = self.stage(
+                "data",
+                [
+                    p.source,
+                    p.vocab_size,
+                    p.build_seq_len,
+                    p.family,
+                    p.reasoning_steps,
+                    p.pretrain_reasoning,
+                    p.sft_reasoning,
+                    p.instruction_max_tokens,
+                ],
+                self._data,
+                self.out / "data",
+            )
         self.parallel(self._depth_jobs() + (self._pretrain_jobs(data) if data else []))
         if data:
             self.parallel(self._sft_jobs(data))
@@ -166,10 +180,22 @@ class Study:
         train_keys = [self.keys[f"depth-{m.key}-s{seed}"] for m in s.models for seed in s.seeds]
         task = D.task_of(s)
         self.stage("depth-eval", [train_keys, task.to_dict(), s.eval_lengths, s.eval_items], self._depth_eval)
-        self.stage("depth-cost", [[self.keys[f"depth-{m.key}-s{s.seeds[0]}"] for m in s.models], s.decode_context,
-                                  s.decode_steps, s.decode_rounds], self._depth_cost)
-        self.stage("depth-diagnostics", [train_keys, s.diag_samples, s.seq_len], self._depth_diagnostics,
-                   self.out / "depth" / "diagnostics")
+        self.stage(
+            "depth-cost",
+            [
+                [self.keys[f"depth-{m.key}-s{s.seeds[0]}"] for m in s.models],
+                s.decode_context,
+                s.decode_steps,
+                s.decode_rounds,
+            ],
+            self._depth_cost,
+        )
+        self.stage(
+            "depth-diagnostics",
+            [train_keys, s.diag_samples, s.seq_len],
+            self._depth_diagnostics,
+            self.out / "depth" / "diagnostics",
+        )
 
     def _depth_eval(self) -> dict[str, Any]:
         s = self.p.depth
@@ -186,8 +212,10 @@ class Study:
 
     def _depth_cost(self) -> dict[str, Any]:
         s = self.p.depth
-        models = {m.key: load_model(D.model_path(self.results, m, s.seeds[0]), device=_device(self.p.device))
-                  for m in s.models}
+        models = {
+            m.key: load_model(D.model_path(self.results, m, s.seeds[0]), device=_device(self.p.device))
+            for m in s.models
+        }
         out = decode_latency(models, s.decode_context, 1, s.decode_steps, s.decode_rounds)
         for key, model in models.items():
             out[key]["kv_bytes_per_sequence"] = model.config.kv_cache_bytes(s.decode_context, 1, 4)
@@ -211,8 +239,9 @@ class Study:
                 if m.loops > 1:
                     entry["verdicts"][m.key] = recommend([results[m.key]]).per_model[m.name]
             if seed == s.seeds[0]:
-                report = write_report(list(results.values()), self.out / "depth" / "diagnostics", rec, plots=True,
-                                      per_sample=False)
+                report = write_report(
+                    list(results.values()), self.out / "depth" / "diagnostics", rec, plots=True, per_sample=False
+                )
                 entry["dir"] = str(report)
             per_seed[str(seed)] = entry
         return {"per_seed": per_seed}
@@ -227,8 +256,16 @@ class Study:
             cfg.data = replace(cfg.data, dir=data["dir"])
             cfg.model = replace(cfg.model, loops=R)
             cfg.out = str(out)
-            jobs.append(Job(f"pretrain-R{R}", [self.keys["data"], p.pretrain.to_dict(), R], out, train_code_model,
-                            (self._on_device(cfg), None), _flops(cfg, cfg.data.seq_len or p.build_seq_len)))
+            jobs.append(
+                Job(
+                    f"pretrain-R{R}",
+                    [self.keys["data"], p.pretrain.to_dict(), R],
+                    out,
+                    train_code_model,
+                    (self._on_device(cfg), None),
+                    _flops(cfg, cfg.data.seq_len or p.build_seq_len),
+                )
+            )
         return jobs
 
     def _sft_jobs(self, data: dict[str, Any]) -> list[Job]:
@@ -244,21 +281,44 @@ class Study:
             cfg.out = str(out)
             init = self.results[f"pretrain-R{R}"]["final_checkpoint"]
             cost = _flops(replace(cfg, model=replace(cfg.model, loops=R)), cfg.data.seq_len or p.build_seq_len)
-            jobs.append(Job(f"sft-R{R}", [self.keys[f"pretrain-R{R}"], p.sft.to_dict()], out, train_code_model,
-                            (self._on_device(cfg), init), cost))
+            jobs.append(
+                Job(
+                    f"sft-R{R}",
+                    [self.keys[f"pretrain-R{R}"], p.sft.to_dict()],
+                    out,
+                    train_code_model,
+                    (self._on_device(cfg), init),
+                    cost,
+                )
+            )
         return jobs
 
     def _code_stages(self, data: dict[str, Any]) -> None:
         p = self.p
         for R in p.loops:
-            self.stage(f"eval-R{R}", [self.keys[f"sft-R{R}"], p.family, p.eval_reasoning_n, p.eval_steps,
-                                      p.humaneval_limit, p.humaneval_max_new_tokens, p.bpb_rows],
-                       lambda R=R: self._eval(R, data), self.out / "eval" / f"R{R}")
+            self.stage(
+                f"eval-R{R}",
+                [
+                    self.keys[f"sft-R{R}"],
+                    p.family,
+                    p.eval_reasoning_n,
+                    p.eval_steps,
+                    p.humaneval_limit,
+                    p.humaneval_max_new_tokens,
+                    p.bpb_rows,
+                ],
+                lambda R=R: self._eval(R, data),
+                self.out / "eval" / f"R{R}",
+            )
         for R in p.loops:
-            self.stage(f"cost-R{R}", [self.keys[f"sft-R{R}"], p.decode_context, p.decode_batches],
-                       lambda R=R: self._cost(R))
-        self.stage("diagnostics", [[self.keys[f"sft-R{R}"] for R in p.loops], p.diag_samples, p.diag_seq_len],
-                   lambda: self._diagnostics(data))
+            self.stage(
+                f"cost-R{R}", [self.keys[f"sft-R{R}"], p.decode_context, p.decode_batches], lambda R=R: self._cost(R)
+            )
+        self.stage(
+            "diagnostics",
+            [[self.keys[f"sft-R{R}"] for R in p.loops], p.diag_samples, p.diag_seq_len],
+            lambda: self._diagnostics(data),
+        )
 
     def model_dir(self, R: int) -> str:
         return self.results[f"sft-R{R}"]["final_checkpoint"]
@@ -269,27 +329,43 @@ class Study:
         work.mkdir(parents=True, exist_ok=True)
 
         def write(name: str, n: int, seed: int, record: Any, progress: bool = False) -> str:
-            examples = reasoning.generate_examples(n, p.reasoning_steps, seed=seed, split="train", family=p.family,
-                                                   progress=progress)
+            examples = reasoning.generate_examples(
+                n, p.reasoning_steps, seed=seed, split="train", family=p.family, progress=progress
+            )
             atomic_write_text(work / name, "".join(json.dumps(record(e)) + "\n" for e in examples))
             return str(work / name)
 
         sources, sft_files = [p.source], {}
         if p.pretrain_reasoning:
             self.say(f"data: {p.pretrain_reasoning} {p.family} programs for pretraining")
-            sources.append(write("reasoning-pretrain.jsonl", p.pretrain_reasoning, 1,
-                                 lambda e: {"text": reasoning.to_text(e)}, progress=True))
+            sources.append(
+                write(
+                    "reasoning-pretrain.jsonl",
+                    p.pretrain_reasoning,
+                    1,
+                    lambda e: {"text": reasoning.to_text(e)},
+                    progress=True,
+                )
+            )
         if p.sft_reasoning:
             self.say(f"data: {p.sft_reasoning} {p.family} programs for instruction tuning")
-            sft_files["sft_reasoning"] = write("reasoning-sft.jsonl", p.sft_reasoning, 2,
-                                               lambda e: {"messages": reasoning.to_chat_messages(e)})
+            sft_files["sft_reasoning"] = write(
+                "reasoning-sft.jsonl", p.sft_reasoning, 2, lambda e: {"messages": reasoning.to_chat_messages(e)}
+            )
             # SFT validation: more train-split programs (the eval split stays unseen until evaluation)
-            sft_files["sft_validation"] = write("reasoning-sft-validation.jsonl", max(20, p.sft_reasoning // 10), 3,
-                                                lambda e: {"messages": reasoning.to_chat_messages(e)})
+            sft_files["sft_validation"] = write(
+                "reasoning-sft-validation.jsonl",
+                max(20, p.sft_reasoning // 10),
+                3,
+                lambda e: {"messages": reasoning.to_chat_messages(e)},
+            )
         built = work / "build"
-        manifest = build(BuildConfig(corpus=CorpusSpec(sources=tuple(sources)), vocab_size=p.vocab_size,
-                                     seq_len=p.build_seq_len), built, log=self.log,
-                         overwrite=True)  # the study's own directory: a rerun of this stage replaces it
+        manifest = build(
+            BuildConfig(corpus=CorpusSpec(sources=tuple(sources)), vocab_size=p.vocab_size, seq_len=p.build_seq_len),
+            built,
+            log=self.log,
+            overwrite=True,
+        )  # the study's own directory: a rerun of this stage replaces it
         stats = write_instruction_set(built, max_tokens=p.instruction_max_tokens, log=self.log)
         return {"dir": str(built), **sft_files, "manifest": _small_manifest(manifest), "instructions": stats}
 
@@ -300,13 +376,27 @@ class Study:
 
     def _eval(self, R: int, data: dict[str, Any]) -> dict[str, Any]:
         p = self.p
-        settings = EvalSettings(batch_size=p.batch_size, humaneval_limit=p.humaneval_limit,
-                                humaneval_max_new_tokens=p.humaneval_max_new_tokens, reasoning_n=p.eval_reasoning_n,
-                                reasoning_steps=tuple(p.eval_steps), reasoning_family=p.family, bpb_rows=p.bpb_rows)
+        settings = EvalSettings(
+            batch_size=p.batch_size,
+            humaneval_limit=p.humaneval_limit,
+            humaneval_max_new_tokens=p.humaneval_max_new_tokens,
+            reasoning_n=p.eval_reasoning_n,
+            reasoning_steps=tuple(p.eval_steps),
+            reasoning_family=p.family,
+            bpb_rows=p.bpb_rows,
+        )
         out = self.out / "eval" / f"R{R}" / "results.json"
         tasks = ["reasoning", "bpb", "humaneval"] if p.reasoning else ["bpb", "humaneval"]
-        evaluate(self.model_dir(R), tasks, settings, str(out),
-                 data_dir=data["dir"], allow_code_execution=True, device=p.device, bpb_per_row=True)
+        evaluate(
+            self.model_dir(R),
+            tasks,
+            settings,
+            str(out),
+            data_dir=data["dir"],
+            allow_code_execution=True,
+            device=p.device,
+            bpb_per_row=True,
+        )
         return {"results": str(out)}
 
     def _cost(self, R: int) -> dict[str, Any]:
@@ -350,7 +440,7 @@ class Job:
 def _flops(cfg: Any, seq_len: int) -> float:
     """A run's training cost, up to a constant: tokens x loops x layers x width^2."""
     m = cfg.model
-    return float(cfg.train.steps * cfg.train.global_batch_size * seq_len * m.loops * m.layers * m.hidden_size ** 2)
+    return float(cfg.train.steps * cfg.train.global_batch_size * seq_len * m.loops * m.layers * m.hidden_size**2)
 
 
 def train_code_model(cfg: Any, init: str | None) -> dict[str, Any]:
@@ -366,13 +456,23 @@ def _device(device: str) -> str:
 
 def _small_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
     stats = manifest.get("statistics", {})
-    return {"content_hash": manifest.get("content_hash"), "splits": stats.get("splits", {}),
-            "total": stats.get("total", {})}
+    return {
+        "content_hash": manifest.get("content_hash"),
+        "splits": stats.get("splits", {}),
+        "total": stats.get("total", {}),
+    }
 
 
 def _train_result(r: Any, out: Path) -> dict[str, Any]:
     if r.final_checkpoint is None:
         raise LoopcoderError(f"training in {out} produced no checkpoint")
-    return {"final_checkpoint": str(r.final_checkpoint), "run_dir": str(out), "step": r.step,
-            "train_loss": r.train_loss, "val_loss": r.val_loss, "val_bpb": r.val_bpb, "tokens": r.tokens,
-            "train_s": r.train_s}
+    return {
+        "final_checkpoint": str(r.final_checkpoint),
+        "run_dir": str(out),
+        "step": r.step,
+        "train_loss": r.train_loss,
+        "val_loss": r.val_loss,
+        "val_bpb": r.val_bpb,
+        "tokens": r.tokens,
+        "train_s": r.train_s,
+    }

@@ -74,14 +74,16 @@ class DepthSettings:
     seq_len: int = 64  # tokens per training row (BOS + whole items + padding)
     validation_rows: int = 64  # training-split rows for the validation curve
     # training: everything but model.loops / architecture / loop_offset, seed and out
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        model=C.ModelSection(hidden_size=64, layers=1, heads=4, intermediate_size=192, window=16),
-        train=C.TrainSection(steps=2000, global_batch_size=16, threads=1),
-        optim=C.OptimSection(lr=1e-2),
-        eval=C.EvalSection(every=250, batch_size=64),
-        checkpoint=C.CheckpointSection(every=0, keep=1),
-        logging=C.LoggingSection(every=10, tensorboard=False, progress="off"),
-    ))
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(
+            model=C.ModelSection(hidden_size=64, layers=1, heads=4, intermediate_size=192, window=16),
+            train=C.TrainSection(steps=2000, global_batch_size=16, threads=1),
+            optim=C.OptimSection(lr=1e-2),
+            eval=C.EvalSection(every=250, batch_size=64),
+            checkpoint=C.CheckpointSection(every=0, keep=1),
+            logging=C.LoggingSection(every=10, tensorboard=False, progress="off"),
+        )
+    )
     # cost and diagnostics
     decode_context: int = 256  # prompt tokens before the timed decode steps
     decode_steps: int = 16  # timed steps per round (median)
@@ -94,11 +96,11 @@ class DepthSettings:
         if len({m.key for m in self.models}) != len(self.models):
             raise LoopcoderError("the depth probe's models must differ")
 
-
     def train_config(self, model: DepthModel, seed: int, out: str, device: str = "auto") -> TrainConfig:
         cfg = copy.deepcopy(self.train)
-        cfg.model = replace(cfg.model, loops=model.loops, architecture=model.architecture,
-                            loop_offset=model.loop_offset)
+        cfg.model = replace(
+            cfg.model, loops=model.loops, architecture=model.architecture, loop_offset=model.loop_offset
+        )
         cfg.seed, cfg.out = seed, out
         if device != "auto":
             cfg.train = replace(cfg.train, device=device)
@@ -170,13 +172,31 @@ def _tiny() -> StudyPreset:
     """`make demo`: minutes on a 2-core CPU (docs/study.md has the measured times)."""
     # one thread per run: the study trains its runs side by side (docs/study.md); it reports each one
     quiet = {"progress": "off"}
-    pretrain = _train(load_config("tiny"), train={"steps": 200, "threads": 1},
-                      checkpoint={"every": 100}, eval={"every": 50, "max_batches": 16}, logging=quiet)
-    sft = _train(_sft_config("tiny"), train={"steps": 40, "threads": 1},
-                 checkpoint={"every": 20}, eval={"every": 0, "max_batches": 8}, logging=quiet)
+    pretrain = _train(
+        load_config("tiny"),
+        train={"steps": 200, "threads": 1},
+        checkpoint={"every": 100},
+        eval={"every": 50, "max_batches": 16},
+        logging=quiet,
+    )
+    sft = _train(
+        _sft_config("tiny"),
+        train={"steps": 40, "threads": 1},
+        checkpoint={"every": 20},
+        eval={"every": 0, "max_batches": 8},
+        logging=quiet,
+    )
     depth = DepthSettings(models=(R1, PLT2, PLT3, PLT2_NO_OFFSET, VANILLA2))
-    return StudyPreset(name="tiny", depth=depth, loops=(1, 2), pretrain=pretrain, sft=sft, humaneval_limit=8,
-                       humaneval_max_new_tokens=96, diag_samples=32)
+    return StudyPreset(
+        name="tiny",
+        depth=depth,
+        loops=(1, 2),
+        pretrain=pretrain,
+        sft=sft,
+        humaneval_limit=8,
+        humaneval_max_new_tokens=96,
+        diag_samples=32,
+    )
 
 
 def _full() -> StudyPreset:
@@ -194,13 +214,27 @@ def _small() -> StudyPreset:
     is an estimate."""
     lines = {"progress": "lines"}
     return StudyPreset(
-        name="small", loops=(1, 2, 3), vocab_size=16384, build_seq_len=1024, instruction_max_tokens=1024,
+        name="small",
+        loops=(1, 2, 3),
+        vocab_size=16384,
+        build_seq_len=1024,
+        instruction_max_tokens=1024,
         pretrain=_train(load_config("small"), logging=lines),
         sft=_train(_sft_config("small"), logging=lines),
-        pretrain_reasoning=200000, sft_reasoning=20000, reasoning_steps="1-8", eval_steps=(1, 2, 3, 4, 5, 6, 7, 8),
-        eval_reasoning_n=200, humaneval_max_new_tokens=384, bpb_rows=None, batch_size=64, diag_samples=500,
-        diag_seq_len=1024, decode_context=1024, decode_batches=(1, 32),
-        depth=DepthSettings(seeds=(0, 1, 2, 3, 4)), workers=1,
+        pretrain_reasoning=200000,
+        sft_reasoning=20000,
+        reasoning_steps="1-8",
+        eval_steps=(1, 2, 3, 4, 5, 6, 7, 8),
+        eval_reasoning_n=200,
+        humaneval_max_new_tokens=384,
+        bpb_rows=None,
+        batch_size=64,
+        diag_samples=500,
+        diag_seq_len=1024,
+        decode_context=1024,
+        decode_batches=(1, 32),
+        depth=DepthSettings(seeds=(0, 1, 2, 3, 4)),
+        workers=1,
     )
 
 
@@ -208,22 +242,65 @@ def _smoke() -> StudyPreset:
     """Seconds: the test suite's end-to-end run of every stage (give it a small --source)."""
     quiet = {"progress": "off", "tensorboard": False}
     shape = {"hidden_size": 32, "layers": 2, "heads": 4, "kv_heads": 2, "window": 8}
-    pretrain = _train(load_config("tiny"), model=shape, data={"seq_len": 64},
-                      train={"steps": 6, "global_batch_size": 4, "threads": 1},
-                      eval={"every": 3, "max_batches": 2}, checkpoint={"every": 3}, logging=quiet)
-    sft = _train(_sft_config("tiny"), data={"seq_len": 128},
-                 train={"steps": 4, "global_batch_size": 4, "threads": 1},
-                 eval={"every": 0, "max_batches": 2}, checkpoint={"every": 2}, logging=quiet)
-    depth_train = _train(DepthSettings().train, model={"hidden_size": 16, "heads": 2, "intermediate_size": 32},
-                         train={"steps": 8, "global_batch_size": 4}, eval={"every": 4})
-    depth = DepthSettings(models=(R1, PLT2, PLT2_NO_OFFSET, VANILLA2), seeds=(0, 1), train=depth_train,
-                          train_lengths=(1, 2, 3), eval_lengths=(1, 2, 3), eval_items=12, seq_len=16,
-                          validation_rows=4, decode_context=8, decode_steps=2, decode_rounds=2, diag_samples=2)
+    pretrain = _train(
+        load_config("tiny"),
+        model=shape,
+        data={"seq_len": 64},
+        train={"steps": 6, "global_batch_size": 4, "threads": 1},
+        eval={"every": 3, "max_batches": 2},
+        checkpoint={"every": 3},
+        logging=quiet,
+    )
+    sft = _train(
+        _sft_config("tiny"),
+        data={"seq_len": 128},
+        train={"steps": 4, "global_batch_size": 4, "threads": 1},
+        eval={"every": 0, "max_batches": 2},
+        checkpoint={"every": 2},
+        logging=quiet,
+    )
+    depth_train = _train(
+        DepthSettings().train,
+        model={"hidden_size": 16, "heads": 2, "intermediate_size": 32},
+        train={"steps": 8, "global_batch_size": 4},
+        eval={"every": 4},
+    )
+    depth = DepthSettings(
+        models=(R1, PLT2, PLT2_NO_OFFSET, VANILLA2),
+        seeds=(0, 1),
+        train=depth_train,
+        train_lengths=(1, 2, 3),
+        eval_lengths=(1, 2, 3),
+        eval_items=12,
+        seq_len=16,
+        validation_rows=4,
+        decode_context=8,
+        decode_steps=2,
+        decode_rounds=2,
+        diag_samples=2,
+    )
     return StudyPreset(
-        name="smoke", depth=depth, loops=(1, 2, 3), vocab_size=320, build_seq_len=128, reasoning_steps="1-3",
-        pretrain_reasoning=300, sft_reasoning=100, instruction_max_tokens=512, eval_reasoning_n=6, eval_steps=(1, 2),
-        humaneval_limit=2, humaneval_max_new_tokens=8, bpb_rows=4, batch_size=8, diag_samples=3, diag_seq_len=32,
-        decode_context=32, decode_batches=(1, 2), pretrain=pretrain, sft=sft,
+        name="smoke",
+        depth=depth,
+        loops=(1, 2, 3),
+        vocab_size=320,
+        build_seq_len=128,
+        reasoning_steps="1-3",
+        pretrain_reasoning=300,
+        sft_reasoning=100,
+        instruction_max_tokens=512,
+        eval_reasoning_n=6,
+        eval_steps=(1, 2),
+        humaneval_limit=2,
+        humaneval_max_new_tokens=8,
+        bpb_rows=4,
+        batch_size=8,
+        diag_samples=3,
+        diag_seq_len=32,
+        decode_context=32,
+        decode_batches=(1, 2),
+        pretrain=pretrain,
+        sft=sft,
     )
 
 

@@ -22,9 +22,16 @@ from loopcoder.study.depth_report import DepthData, depth_section, percent
 from loopcoder.study.figures import pyplot, save
 from loopcoder.training.metrics import read_metrics
 
-DIAG_ROWS = [("effective_rank", "erank"), ("step_size", "step δ"), ("update_cosine", "cos θ"),
-             ("offset_cost", "Ω"), ("delta_p", "Δp (nats)"), ("attention_kl", "attn KL (nats)"),
-             ("gate", "gate g"), ("gold_nll", "logit-lens NLL")]
+DIAG_ROWS = [
+    ("effective_rank", "erank"),
+    ("step_size", "step δ"),
+    ("update_cosine", "cos θ"),
+    ("offset_cost", "Ω"),
+    ("delta_p", "Δp (nats)"),
+    ("attention_kl", "attn KL (nats)"),
+    ("gate", "gate g"),
+    ("gold_nll", "logit-lens NLL"),
+]
 
 
 def _fmt(x: Any, digits: int = 3) -> str:
@@ -81,8 +88,12 @@ def comparisons(d: StudyData) -> dict[str, dict[str, Difference]]:
     return out
 
 
-HIGHER_IS_BETTER = {"reasoning accuracy": True, "answer NLL (nats)": False, "bits per byte": False,
-                    "HumanEval pass@1": True}
+HIGHER_IS_BETTER = {
+    "reasoning accuracy": True,
+    "answer NLL (nats)": False,
+    "bits per byte": False,
+    "HumanEval pass@1": True,
+}
 
 
 def recommend_loops(d: StudyData, comps: dict[str, dict[str, Difference]]) -> tuple[int, list[str]]:
@@ -105,15 +116,19 @@ def recommend_loops(d: StudyData, comps: dict[str, dict[str, Difference]]) -> tu
             reasons.append(f"R={b} vs R={a}: no outcome metric differs beyond noise.")
     diag = d.diag.get("recommendation", {})
     if diag:
-        reasons.append(f"The paper's diagnostic rule (docs/diagnostics.md) recommends R={diag['loops']}: "
-                       + _rule_reasons(diag.get("reasons", [])[:2]))
+        reasons.append(
+            f"The paper's diagnostic rule (docs/diagnostics.md) recommends R={diag['loops']}: "
+            + _rule_reasons(diag.get("reasons", [])[:2])
+        )
     c1 = d.cost[d.loops[0]]["latency_ms"]
     lat = ", ".join(f"R={R} {d.cost[R]['latency_ms']['1'] / c1['1']:.2f}x" for R in d.loops)
     train = ", ".join(f"R={R} {d.pretrain[R]['train_s'] / d.pretrain[d.loops[0]]['train_s']:.2f}x" for R in d.loops)
     reasons.append(f"Cost relative to R=1: pretraining time {train}; decode latency at batch 1 {lat}.")
     if best == d.loops[0] and len(d.loops) > 1:
-        reasons.append("With no extra loop winning beyond noise here, the cheapest model is the recommendation "
-                       "at this scale; it says nothing about larger budgets (the paper's 7B result is R=2).")
+        reasons.append(
+            "With no extra loop winning beyond noise here, the cheapest model is the recommendation "
+            "at this scale; it says nothing about larger budgets (the paper's 7B result is R=2)."
+        )
     return best, reasons
 
 
@@ -130,17 +145,31 @@ def write_plots(d: StudyData, out: Path) -> list[str]:
             steps = sorted(table, key=int)
             x = [int(s) + (R - 2) * 0.08 for s in steps]
             acc = [100 * table[s]["accuracy"] for s in steps]
-            err = [[100 * (table[s]["accuracy"] - table[s]["ci95"][0]) for s in steps],
-                   [100 * (table[s]["ci95"][1] - table[s]["accuracy"]) for s in steps]]
+            err = [
+                [100 * (table[s]["accuracy"] - table[s]["ci95"][0]) for s in steps],
+                [100 * (table[s]["ci95"][1] - table[s]["accuracy"]) for s in steps],
+            ]
             axes[0].errorbar(x, acc, yerr=err, marker="o", capsize=3, label=f"R={R}", color=colors[R])
             nll = [table[s]["answer_nll"] for s in steps]
-            axes[1].errorbar(x, [v["mean"] for v in nll], yerr=[[v["mean"] - v["ci95"][0] for v in nll],
-                                                                [v["ci95"][1] - v["mean"] for v in nll]],
-                             marker="o", capsize=3, label=f"R={R}", color=colors[R])
-        axes[0].set(xlabel="dependent steps in the program", ylabel="exact-match accuracy (%)",
-                    title="Held-out code reasoning (95 % CI)")
-        axes[1].set(xlabel="dependent steps in the program", ylabel="answer NLL (nats, lower is better)",
-                    title="Likelihood of the right answer (95 % CI)")
+            axes[1].errorbar(
+                x,
+                [v["mean"] for v in nll],
+                yerr=[[v["mean"] - v["ci95"][0] for v in nll], [v["ci95"][1] - v["mean"] for v in nll]],
+                marker="o",
+                capsize=3,
+                label=f"R={R}",
+                color=colors[R],
+            )
+        axes[0].set(
+            xlabel="dependent steps in the program",
+            ylabel="exact-match accuracy (%)",
+            title="Held-out code reasoning (95 % CI)",
+        )
+        axes[1].set(
+            xlabel="dependent steps in the program",
+            ylabel="answer NLL (nats, lower is better)",
+            title="Likelihood of the right answer (95 % CI)",
+        )
         save(fig, axes, out / "reasoning.png", legend=10)
         files.append("plots/reasoning.png")
 
@@ -152,8 +181,10 @@ def write_plots(d: StudyData, out: Path) -> list[str]:
             val = [(r["step"], r["val_loss"]) for r in rows if r.get("kind") == "val"]
             if train:
                 k = max(1, len(train) // 60)  # light smoothing: mean over windows
-                pts = [(train[i][0], sum(v for _, v in train[i:i + k]) / len(train[i:i + k]))
-                       for i in range(0, len(train), k)]
+                pts = [
+                    (train[i][0], sum(v for _, v in train[i : i + k]) / len(train[i : i + k]))
+                    for i in range(0, len(train), k)
+                ]
                 ax.plot(*zip(*pts), color=colors[R], alpha=0.6, label=f"R={R} train")
             if val:
                 ax.plot(*zip(*val), color=colors[R], marker="o", linestyle="--", label=f"R={R} validation")
@@ -168,13 +199,18 @@ def write_plots(d: StudyData, out: Path) -> list[str]:
     axes[0].set(ylabel="minutes", title="Pretraining time (same steps)")
     for i, b in enumerate(d.study.p.decode_batches):
         w = 0.8 / len(d.study.p.decode_batches)
-        axes[1].bar([j + i * w for j in range(len(d.loops))], [d.cost[R]["latency_ms"][str(b)] for R in d.loops],
-                    width=w, label=f"batch {b}")
+        axes[1].bar(
+            [j + i * w for j in range(len(d.loops))],
+            [d.cost[R]["latency_ms"][str(b)] for R in d.loops],
+            width=w,
+            label=f"batch {b}",
+        )
     axes[1].set_xticks([j + 0.4 - 0.4 / len(d.study.p.decode_batches) for j in range(len(d.loops))], names)
     axes[1].set(ylabel="ms per decode step", title="Decode latency (single-pass engine)")
     axes[1].legend(fontsize=8)
-    axes[2].bar(names, [d.cost[R]["kv_bytes_per_token_at_context"] / 1024 for R in d.loops],
-                color=[colors[R] for R in d.loops])
+    axes[2].bar(
+        names, [d.cost[R]["kv_bytes_per_token_at_context"] / 1024 for R in d.loops], color=[colors[R] for R in d.loops]
+    )
     axes[2].set(ylabel="KiB per token (bf16)", title=f"KV cache at T={d.study.p.decode_context}")
     save(fig, axes, out / "cost.png", legend=None, grid_axis="y")
     files.append("plots/cost.png")
@@ -185,9 +221,13 @@ def write_plots(d: StudyData, out: Path) -> list[str]:
 def write_study_report(study: Any) -> Path:
     p = study.p
     out = Path(study.out)
-    lines = [f"# Loop-count study (preset `{p.name}`)", "",
-             f"Written {time.strftime('%Y-%m-%d %H:%M')} on {platform.node() or 'this machine'} "
-             f"({platform.machine()}, Python {platform.python_version()}).", ""]
+    lines = [
+        f"# Loop-count study (preset `{p.name}`)",
+        "",
+        f"Written {time.strftime('%Y-%m-%d %H:%M')} on {platform.node() or 'this machine'} "
+        f"({platform.machine()}, Python {platform.python_version()}).",
+        "",
+    ]
     summary: dict[str, Any] = {"preset": p.to_dict()}
     if p.depth is not None:
         depth_lines, summary["depth"] = depth_section(DepthData.load(p.depth, study.results), out)
@@ -196,14 +236,20 @@ def write_study_report(study: Any) -> Path:
         code_lines, code_summary = code_section(study)
         lines += code_lines
         summary.update(code_summary)
-    files = ["`summary.json`: every figure above", "`stages/`: the cache that lets a re-run skip finished work",
-             "`runs/`: training runs (metrics, checkpoints in the released layout)"]
+    files = [
+        "`summary.json`: every figure above",
+        "`stages/`: the cache that lets a re-run skip finished work",
+        "`runs/`: training runs (metrics, checkpoints in the released layout)",
+    ]
     if p.depth is not None:
-        files.append("`depth/eval/*.json`: each depth model's per-item outcomes; `depth/diagnostics/`: the full "
-                     "diagnostics of the first seed's depth models")
+        files.append(
+            "`depth/eval/*.json`: each depth model's per-item outcomes; `depth/diagnostics/`: the full "
+            "diagnostics of the first seed's depth models"
+        )
     if p.loops:
-        files.append("`eval/R*/results.json`: the code models' per-item outcomes; `diagnostics/`: their full "
-                     "diagnostics report")
+        files.append(
+            "`eval/R*/results.json`: the code models' per-item outcomes; `diagnostics/`: their full diagnostics report"
+        )
     lines += ["## Files", "", *[f"- {f}" for f in files], ""]
     report = out / "report.md"
     atomic_write_text(report, "\n".join(lines))
@@ -222,14 +268,20 @@ def code_section(study: Any) -> tuple[list[str], dict[str, Any]]:
     manifest = study.results["data"]["manifest"]  # the build's split sizes, kept by the data stage
     extra = f" plus {p.pretrain_reasoning} synthetic `{p.family}` programs" if p.pretrain_reasoning else ""
     sft_extra = f" plus {p.sft_reasoning} `{p.family}` programs as chat" if p.sft_reasoning else ""
-    evals = [f"HumanEval pass@1 (greedy, sandboxed, {p.humaneval_limit or 164} problems)",
-             "bits per byte on the held-out code split"]
+    evals = [
+        f"HumanEval pass@1 (greedy, sandboxed, {p.humaneval_limit or 164} problems)",
+        "bits per byte on the held-out code split",
+    ]
     if d.has_reasoning:
-        evals.insert(0, f"{p.eval_reasoning_n} held-out `{p.family}` programs per difficulty "
-                        f"({', '.join(map(str, p.eval_steps))} dependent steps; disjoint from training by "
-                        f"construction)")
+        evals.insert(
+            0,
+            f"{p.eval_reasoning_n} held-out `{p.family}` programs per difficulty "
+            f"({', '.join(map(str, p.eval_steps))} dependent steps; disjoint from training by "
+            f"construction)",
+        )
     lines = [
-        "## The code language model", "",
+        "## The code language model",
+        "",
         f"Loop counts R = {', '.join(map(str, d.loops))}, matched in everything else: the same data in the same "
         f"order, the same steps, seed and optimiser, the same layers (weights are shared across loops; R >= 2 "
         f"adds one gate per layer), the same instruction tuning and the same held-out evaluation.",
@@ -242,40 +294,72 @@ def code_section(study: Any) -> tuple[list[str], dict[str, Any]]:
         f"per model.",
         f"- Evaluation: {'; '.join(evals)}.",
         "",
-        "### Results per loop count", "",
+        "### Results per loop count",
+        "",
     ]
-    header = ["R", "parameters", "pretrain val bpb", "HumanEval pass@1", "held-out bpb", "pretrain time",
-              "decode ms (b=1)", "KV KiB/token"]
+    header = [
+        "R",
+        "parameters",
+        "pretrain val bpb",
+        "HumanEval pass@1",
+        "held-out bpb",
+        "pretrain time",
+        "decode ms (b=1)",
+        "KV KiB/token",
+    ]
     if d.has_reasoning:
         header[3:3] = ["reasoning accuracy [95 % CI]", "answer NLL [95 % CI]"]
     rows = []
     for R in d.loops:
         he = d.eval[R]["tasks"]["humaneval"]
-        row = [f"{R}", f"{d.cost[R]['params'] / 1e6:.2f}M", _fmt(d.pretrain[R]["val_bpb"]),
-               f"{100 * he['pass_at_k']['pass@1']:.1f}% ({he['solved_any']}/{he['problems_total']})",
-               _fmt(d.eval[R]["tasks"]["bpb"]["bits_per_byte"]), f"{d.pretrain[R]['train_s'] / 60:.1f} min",
-               f"{d.cost[R]['latency_ms']['1']:.2f}", f"{d.cost[R]['kv_bytes_per_token_at_context'] / 1024:.1f}"]
+        row = [
+            f"{R}",
+            f"{d.cost[R]['params'] / 1e6:.2f}M",
+            _fmt(d.pretrain[R]["val_bpb"]),
+            f"{100 * he['pass_at_k']['pass@1']:.1f}% ({he['solved_any']}/{he['problems_total']})",
+            _fmt(d.eval[R]["tasks"]["bpb"]["bits_per_byte"]),
+            f"{d.pretrain[R]['train_s'] / 60:.1f} min",
+            f"{d.cost[R]['latency_ms']['1']:.2f}",
+            f"{d.cost[R]['kv_bytes_per_token_at_context'] / 1024:.1f}",
+        ]
         if d.has_reasoning:
             rs = d.reasoning(R)["overall"]
             nll = rs["answer_nll"]
-            row[3:3] = [percent(rs["accuracy"], *rs["ci95"]),
-                        f"{nll['mean']:.3f} [{nll['ci95'][0]:.3f}, {nll['ci95'][1]:.3f}]"]
+            row[3:3] = [
+                percent(rs["accuracy"], *rs["ci95"]),
+                f"{nll['mean']:.3f} [{nll['ci95'][0]:.3f}, {nll['ci95'][1]:.3f}]",
+            ]
         rows.append(row)
     lines += [*markdown_table(header, rows), ""]
     if d.has_reasoning:
-        lines += ["### Code reasoning by number of dependent steps", "",
-                  f"Exact-match accuracy on held-out programs (95 % Wilson interval), primary prompt style "
-                  f"`{d.eval[d.loops[0]]['tasks']['reasoning']['primary_style']}`. "
-                  "Chance is about 10 % (one-digit answers).", ""]
+        lines += [
+            "### Code reasoning by number of dependent steps",
+            "",
+            f"Exact-match accuracy on held-out programs (95 % Wilson interval), primary prompt style "
+            f"`{d.eval[d.loops[0]]['tasks']['reasoning']['primary_style']}`. "
+            "Chance is about 10 % (one-digit answers).",
+            "",
+        ]
         steps = sorted(d.reasoning(d.loops[0])["by_steps"], key=int)
-        lines += markdown_table(["steps"] + [f"R={R}" for R in d.loops],
-                                [[s] + [percent(d.reasoning(R)["by_steps"][s]["accuracy"],
-                                                *d.reasoning(R)["by_steps"][s]["ci95"]) for R in d.loops]
-                                 for s in steps])
+        lines += markdown_table(
+            ["steps"] + [f"R={R}" for R in d.loops],
+            [
+                [s]
+                + [
+                    percent(d.reasoning(R)["by_steps"][s]["accuracy"], *d.reasoning(R)["by_steps"][s]["ci95"])
+                    for R in d.loops
+                ]
+                for s in steps
+            ],
+        )
         lines += ["", "![reasoning](plots/reasoning.png)", ""]
-    lines += ["### Does each extra loop help? Paired comparisons", "",
-              "Differences are taken item by item on the same held-out items (bootstrap interval for "
-              "accuracy, t interval otherwise). For answer NLL and bits per byte, negative is better.", ""]
+    lines += [
+        "### Does each extra loop help? Paired comparisons",
+        "",
+        "Differences are taken item by item on the same held-out items (bootstrap interval for "
+        "accuracy, t interval otherwise). For answer NLL and bits per byte, negative is better.",
+        "",
+    ]
     for name, comp in comps.items():
         lines += [f"**{name}**", ""]
         for metric, diff in comp.items():
@@ -286,8 +370,11 @@ def code_section(study: Any) -> tuple[list[str], dict[str, Any]]:
     first = comps.get(f"R={d.loops[1]} vs R={d.loops[0]}") if len(d.loops) > 1 else None
     if first:
         clear = [m for m, diff in first.items() if diff.clear]
-        verdict = (f"distinguishable from noise on {', '.join(clear)}" if clear
-                   else "not distinguishable from noise on any metric")
+        verdict = (
+            f"distinguishable from noise on {', '.join(clear)}"
+            if clear
+            else "not distinguishable from noise on any metric"
+        )
         lines += [f"**R={d.loops[1]} vs R={d.loops[0]} is {verdict}** at this budget.", ""]
     if len(d.loops) > 2:
         lines += ["### Is the effect of R monotonic?", ""]
@@ -300,37 +387,65 @@ def code_section(study: Any) -> tuple[list[str], dict[str, Any]]:
     cost_rows = []
     for R in d.loops:
         c = d.cost[R]
-        cost_rows.append([f"{R}", f"{d.pretrain[R]['train_s'] / 60:.1f} min", f"{d.sft[R]['train_s'] / 60:.1f} min"]
-                         + [f"{c['latency_ms'][str(b)]:.2f} ms" for b in p.decode_batches]
-                         + [f"{c['kv_bytes_per_token_at_context'] / 1024:.1f} KiB"])
-    lines += markdown_table(["R", "pretraining", "instruction tuning"]
-                            + [f"decode step, batch {b}" for b in p.decode_batches]
-                            + [f"KV per token (bf16, T={p.decode_context})"], cost_rows)
-    lines += ["", "Decode latency is the single-pass engine on this machine (all loops of a token in one batched "
-              "pass); KV memory follows 2·L·kv_heads·head_dim·(T + (R−1)(w+1)) bytes per sequence.", "",
-              "![cost](plots/cost.png)", "", "### Training", "", "![training](plots/training.png)", ""]
+        cost_rows.append(
+            [f"{R}", f"{d.pretrain[R]['train_s'] / 60:.1f} min", f"{d.sft[R]['train_s'] / 60:.1f} min"]
+            + [f"{c['latency_ms'][str(b)]:.2f} ms" for b in p.decode_batches]
+            + [f"{c['kv_bytes_per_token_at_context'] / 1024:.1f} KiB"]
+        )
+    lines += markdown_table(
+        ["R", "pretraining", "instruction tuning"]
+        + [f"decode step, batch {b}" for b in p.decode_batches]
+        + [f"KV per token (bf16, T={p.decode_context})"],
+        cost_rows,
+    )
+    lines += [
+        "",
+        "Decode latency is the single-pass engine on this machine (all loops of a token in one batched "
+        "pass); KV memory follows 2·L·kv_heads·head_dim·(T + (R−1)(w+1)) bytes per sequence.",
+        "",
+        "![cost](plots/cost.png)",
+        "",
+        "### Training",
+        "",
+        "![training](plots/training.png)",
+        "",
+    ]
     lines += _diagnostics_section(d)
-    lines += ["### Recommendation for the code model", "",
-              f"**Recommended loop count at this scale: R = {best}.**", ""]
+    lines += ["### Recommendation for the code model", "", f"**Recommended loop count at this scale: R = {best}.**", ""]
     lines += [f"- {r}" for r in reasons] + [""]
     summary = {
-        "loops": d.loops, "recommended_loops": best, "reasons": reasons,
+        "loops": d.loops,
+        "recommended_loops": best,
+        "reasons": reasons,
         "comparisons": {k: {m: diff.to_dict() for m, diff in v.items()} for k, v in comps.items()},
-        "per_loop": {str(R): {"pretrain": d.pretrain[R], "sft": d.sft[R], "cost": d.cost[R],
-                              "reasoning": ({k: v for k, v in d.reasoning(R).items() if k != "examples"}
-                                            if d.has_reasoning else None),
-                              "humaneval": d.eval[R]["tasks"]["humaneval"]["pass_at_k"],
-                              "bpb": d.eval[R]["tasks"]["bpb"]["bits_per_byte"]} for R in d.loops},
-        "diagnostics": d.diag, "plots": plots,
+        "per_loop": {
+            str(R): {
+                "pretrain": d.pretrain[R],
+                "sft": d.sft[R],
+                "cost": d.cost[R],
+                "reasoning": (
+                    {k: v for k, v in d.reasoning(R).items() if k != "examples"} if d.has_reasoning else None
+                ),
+                "humaneval": d.eval[R]["tasks"]["humaneval"]["pass_at_k"],
+                "bpb": d.eval[R]["tasks"]["bpb"]["bits_per_byte"],
+            }
+            for R in d.loops
+        },
+        "diagnostics": d.diag,
+        "plots": plots,
     }
     return lines, summary
 
 
 def _diagnostics_section(d: StudyData) -> list[str]:
-    lines = ["### Loop diagnostics, side by side", "",
-             "Per loop r of each model, mean [95 % CI] over held-out samples (definitions: docs/diagnostics.md, "
-             "spec section 3). The full report with every measure and per-layer tables is "
-             "[diagnostics/report.md](diagnostics/report.md).", ""]
+    lines = [
+        "### Loop diagnostics, side by side",
+        "",
+        "Per loop r of each model, mean [95 % CI] over held-out samples (definitions: docs/diagnostics.md, "
+        "spec section 3). The full report with every measure and per-layer tables is "
+        "[diagnostics/report.md](diagnostics/report.md).",
+        "",
+    ]
     models = [m for m in d.diag_models if m["num_loops"] > 1]
     if not models:
         return [*lines, "(No model with more than one loop: per-loop measures do not apply.)", ""]
@@ -344,8 +459,13 @@ def _diagnostics_section(d: StudyData) -> list[str]:
         rows.append(row)
     lines += markdown_table(header, rows)
     rec = d.diag.get("recommendation", {})
-    lines += ["", f"The diagnostic rule recommends **R = {rec.get('loops', '?')}**: "
-              + _rule_reasons(rec.get("reasons", [])), "", "![scissors](diagnostics/plots/scissors.png)", ""]
+    lines += [
+        "",
+        f"The diagnostic rule recommends **R = {rec.get('loops', '?')}**: " + _rule_reasons(rec.get("reasons", [])),
+        "",
+        "![scissors](diagnostics/plots/scissors.png)",
+        "",
+    ]
     return lines
 
 

@@ -39,10 +39,10 @@ def effective_depth(accuracy: dict[int, float], threshold: float = 0.9) -> int:
     return depth
 
 
-def compare_in_words(b: str, a: str, diffs: dict[int, Difference], scale: float = 100,
-                     unit: str = " points") -> str:
+def compare_in_words(b: str, a: str, diffs: dict[int, Difference], scale: float = 100, unit: str = " points") -> str:
     """One sentence on b - a across k, claiming only what the intervals support: "beats ... beyond
     noise" only at the k whose interval lies above 0, "is worse ... beyond noise" only below."""
+
     def cells(ks: list[int]) -> str:
         return "; ".join(f"k={k}: {diffs[k].describe(unit=unit, scale=scale, digits=1).split(' (')[0]}" for k in ks)
 

@@ -16,5 +16,14 @@ from loopcoder.training.config import TrainConfig, load_config, preset_names
 from loopcoder.training.run import pretrain, sft, train
 from loopcoder.training.trainer import NonFiniteLoss, Trainer, TrainResult
 
-__all__ = ["NonFiniteLoss", "TrainConfig", "TrainResult", "Trainer", "load_config", "preset_names", "pretrain",
-           "sft", "train"]
+__all__ = [
+    "NonFiniteLoss",
+    "TrainConfig",
+    "TrainResult",
+    "Trainer",
+    "load_config",
+    "preset_names",
+    "pretrain",
+    "sft",
+    "train",
+]

@@ -75,15 +75,27 @@ def resolve_model_dir(path: str | Path) -> Path:
     if not p.exists():
         raise LoopcoderError(f"model directory {str(path)!r} does not exist")
     if (p / CHECKPOINTS).is_dir():
-        raise LoopcoderError(f"run directory {str(path)!r} has no complete checkpoint in {CHECKPOINTS}/ yet "
-                             "(a checkpoint is a step-N directory with checkpoint.json)")
-    raise LoopcoderError(f"{str(path)!r} is neither a model directory (config.json) nor a run directory with "
-                         f"a complete checkpoint ({CHECKPOINTS}/step-N)")
+        raise LoopcoderError(
+            f"run directory {str(path)!r} has no complete checkpoint in {CHECKPOINTS}/ yet "
+            "(a checkpoint is a step-N directory with checkpoint.json)"
+        )
+    raise LoopcoderError(
+        f"{str(path)!r} is neither a model directory (config.json) nor a run directory with "
+        f"a complete checkpoint ({CHECKPOINTS}/step-N)"
+    )
 
 
-def write_checkpoint(run_dir: str | Path, step: int, model_config: Any, weights: dict[str, torch.Tensor],
-                     state: dict[str, Any], tokenizer_dir: Path | None, keep: int, max_shard_size: str,
-                     info: dict[str, Any]) -> Path:
+def write_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    model_config: Any,
+    weights: dict[str, torch.Tensor],
+    state: dict[str, Any],
+    tokenizer_dir: Path | None,
+    keep: int,
+    max_shard_size: str,
+    info: dict[str, Any],
+) -> Path:
     """Write checkpoint `step` atomically, point `latest` at it, drop all but the newest `keep`."""
     root = Path(run_dir) / CHECKPOINTS
     final = root / step_name(step)
@@ -95,8 +107,11 @@ def write_checkpoint(run_dir: str | Path, step: int, model_config: Any, weights:
                     if (tokenizer_dir / name).is_file():
                         shutil.copyfile(tokenizer_dir / name, tmp / name)
             torch.save(state, tmp / STATE)
-            marker = {"step": step,
-                      "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **info}
+            marker = {
+                "step": step,
+                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                **info,
+            }
             atomic_write_text(tmp / MARKER, json.dumps(marker, indent=1) + "\n")
     except Exception as e:  # the temporary directory is gone: earlier checkpoints and `latest` are intact
         space = _out_of_space(e, run_dir, final, _nbytes(weights) + _nbytes(state))
@@ -132,9 +147,11 @@ def _out_of_space(error: BaseException, run_dir: str | Path, final: Path, needed
         return None
     good = latest_checkpoint(run_dir)
     kept = f"the earlier checkpoints and `latest` ({good.name}) are intact" if good else "no checkpoint was written"
-    return LoopcoderError(f"no space left to save checkpoint {final.name} in {root}: it needs about "
-                          f"{needed / 2**20:,.1f} MiB and {free / 2**20:,.1f} MiB are free; {kept}. Free some space "
-                          "(or lower checkpoint.keep), then continue with --resume")
+    return LoopcoderError(
+        f"no space left to save checkpoint {final.name} in {root}: it needs about "
+        f"{needed / 2**20:,.1f} MiB and {free / 2**20:,.1f} MiB are free; {kept}. Free some space "
+        "(or lower checkpoint.keep), then continue with --resume"
+    )
 
 
 def save_weights(model_config: Any, weights: dict[str, torch.Tensor], out: Path, max_shard_size: str) -> None:

@@ -149,8 +149,9 @@ class TrainConfig:
             raise ConfigKeyError(f"train.global_batch_size={g} is not divisible by the {world_size} ranks")
         micro = self.train.micro_batch_size or g // world_size
         if (g // world_size) % micro:
-            raise ConfigKeyError(f"train.global_batch_size={g} is not a multiple of train.micro_batch_size={micro}"
-                                 f" x {world_size} ranks")
+            raise ConfigKeyError(
+                f"train.global_batch_size={g} is not a multiple of train.micro_batch_size={micro} x {world_size} ranks"
+            )
         return micro, g // world_size // micro
 
     def warmup_steps(self) -> int:
@@ -160,8 +161,10 @@ class TrainConfig:
         return round(s.warmup_fraction * self.train.steps)
 
 
-SECTIONS: dict[str, type] = {name: typing.get_type_hints(TrainConfig)[name] for name in
-            ("model", "data", "train", "optim", "schedule", "eval", "checkpoint", "logging", "distributed")}
+SECTIONS: dict[str, type] = {
+    name: typing.get_type_hints(TrainConfig)[name]
+    for name in ("model", "data", "train", "optim", "schedule", "eval", "checkpoint", "logging", "distributed")
+}
 SCALARS = ("out", "seed", "stage", "init")
 
 
@@ -184,8 +187,7 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-_BOOL_WORDS = {"true": True, "false": False, "yes": True, "no": False, "on": True, "off": False, "1": True,
-               "0": False}
+_BOOL_WORDS = {"true": True, "false": False, "yes": True, "no": False, "on": True, "off": False, "1": True, "0": False}
 
 
 def coerce(value: Any, tp: Any, key: str) -> Any:
@@ -251,8 +253,9 @@ def _apply(cfg: TrainConfig, mapping: dict[str, Any], where: str) -> None:
         elif name in SCALARS:
             setattr(cfg, name, coerce(value, hints[name], name))
         else:
-            raise ConfigKeyError(f"{where}: unknown key {name!r}; valid top-level keys: "
-                                 f"{', '.join([*SCALARS, *SECTIONS])}")
+            raise ConfigKeyError(
+                f"{where}: unknown key {name!r}; valid top-level keys: {', '.join([*SCALARS, *SECTIONS])}"
+            )
 
 
 def set_key(cfg: TrainConfig, key: str, value: Any, where: str = "override") -> None:
@@ -262,18 +265,20 @@ def set_key(cfg: TrainConfig, key: str, value: Any, where: str = "override") -> 
             setattr(cfg, key, coerce(value, typing.get_type_hints(TrainConfig)[key], key))
             return
         if key in SECTIONS:
-            raise ConfigKeyError(f"{where}: {key!r} is a section; set its keys as {key}.KEY=VALUE "
-                                 f"({', '.join(valid_keys(key))})")
+            raise ConfigKeyError(
+                f"{where}: {key!r} is a section; set its keys as {key}.KEY=VALUE ({', '.join(valid_keys(key))})"
+            )
         raise ConfigKeyError(f"{where}: unknown key {key!r}; valid keys: {', '.join(valid_keys())}")
     section, name = key.split(".", 1)
     if section not in SECTIONS:
-        raise ConfigKeyError(f"{where}: unknown section {section!r} in {key!r}; sections: "
-                             f"{', '.join(SECTIONS)} (and top-level keys {', '.join(SCALARS)})")
+        raise ConfigKeyError(
+            f"{where}: unknown section {section!r} in {key!r}; sections: "
+            f"{', '.join(SECTIONS)} (and top-level keys {', '.join(SCALARS)})"
+        )
     cls = SECTIONS[section]
     hints = typing.get_type_hints(cls)
     if name not in hints:
-        raise ConfigKeyError(f"{where}: unknown key {key!r}; valid keys of {section}: "
-                             f"{', '.join(valid_keys(section))}")
+        raise ConfigKeyError(f"{where}: unknown key {key!r}; valid keys of {section}: {', '.join(valid_keys(section))}")
     setattr(getattr(cfg, section), name, coerce(value, hints[name], key))
 
 
@@ -340,8 +345,12 @@ def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load_config(source: str | dict[str, Any] | None = None, overrides: list[str] | dict[str, Any] | None = None,
-                stage: str = "pretrain", extra: dict[str, Any] | None = None) -> TrainConfig:
+def load_config(
+    source: str | dict[str, Any] | None = None,
+    overrides: list[str] | dict[str, Any] | None = None,
+    stage: str = "pretrain",
+    extra: dict[str, Any] | None = None,
+) -> TrainConfig:
     """Build a validated `TrainConfig`.
 
     `source`: a preset name, a YAML path or a mapping of sections (None: the defaults). Its `sft:`
@@ -351,8 +360,11 @@ def load_config(source: str | dict[str, Any] | None = None, overrides: list[str]
     if stage not in STAGES:
         raise ConfigKeyError(f"stage {stage!r}: choose from {', '.join(STAGES)}")
     cfg = TrainConfig()
-    data, where = ({}, "defaults") if source is None else (
-        (dict(source), "config") if isinstance(source, dict) else read_config_source(source))
+    data, where = (
+        ({}, "defaults")
+        if source is None
+        else ((dict(source), "config") if isinstance(source, dict) else read_config_source(source))
+    )
     sft_block = data.pop("sft", None) or {}
     _apply(cfg, data, where)
     if stage == "sft":
@@ -374,23 +386,44 @@ def validate(cfg: TrainConfig) -> None:
 
     m, t, o, s = cfg.model, cfg.train, cfg.optim, cfg.schedule
     need(cfg.stage in STAGES, "stage", f"choose from {', '.join(STAGES)}")
-    for key in ("model.loops", "model.hidden_size", "model.layers", "model.heads", "train.steps",
-                "train.global_batch_size"):
+    for key in (
+        "model.loops",
+        "model.hidden_size",
+        "model.layers",
+        "model.heads",
+        "train.steps",
+        "train.global_batch_size",
+    ):
         sec, name = key.split(".")
         need(getattr(getattr(cfg, sec), name) >= 1, key, "must be >= 1")
-    for key in ("model.kv_heads", "model.head_dim", "model.intermediate_size", "model.vocab_size",
-                "model.max_position_embeddings", "data.seq_len", "train.micro_batch_size", "train.threads",
-                "eval.max_batches", "eval.batch_size"):
+    for key in (
+        "model.kv_heads",
+        "model.head_dim",
+        "model.intermediate_size",
+        "model.vocab_size",
+        "model.max_position_embeddings",
+        "data.seq_len",
+        "train.micro_batch_size",
+        "train.threads",
+        "eval.max_batches",
+        "eval.batch_size",
+    ):
         sec, name = key.split(".")
         v = getattr(getattr(cfg, sec), name)
         need(v is None or v >= 1, key, "must be >= 1 (or null)")
-    need(m.head_dim is not None or m.hidden_size % m.heads == 0, "model.hidden_size",
-         f"must be divisible by model.heads={m.heads} (or set model.head_dim)")
+    need(
+        m.head_dim is not None or m.hidden_size % m.heads == 0,
+        "model.hidden_size",
+        f"must be divisible by model.heads={m.heads} (or set model.head_dim)",
+    )
     need(m.kv_heads is None or m.heads % m.kv_heads == 0, "model.kv_heads", f"must divide model.heads={m.heads}")
     need(m.window >= 0, "model.window", "must be >= 0")
     need(m.architecture in ("plt", "vanilla"), "model.architecture", "choose from plt, vanilla")
-    need(t.device == "auto" or t.device.split(":")[0] in ("cpu", "cuda"), "train.device",
-         "choose auto, cpu, cuda or cuda:N")
+    need(
+        t.device == "auto" or t.device.split(":")[0] in ("cpu", "cuda"),
+        "train.device",
+        "choose auto, cpu, cuda or cuda:N",
+    )
     need(t.precision in ("auto", "fp32", "bf16"), "train.precision", "choose from auto, fp32, bf16")
     need(t.attention in ("sdpa", "flex_attention"), "train.attention", "choose from sdpa, flex_attention")
     need(o.lr > 0, "optim.lr", "must be > 0")
@@ -399,24 +432,31 @@ def validate(cfg: TrainConfig) -> None:
     need(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
     need(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 disables clipping)")
     need(0 <= s.warmup_fraction < 1, "schedule.warmup_fraction", "must be in [0, 1)")
-    need(s.warmup_steps is None or 0 <= s.warmup_steps < t.steps, "schedule.warmup_steps",
-         f"must be in [0, train.steps={t.steps})")
+    need(
+        s.warmup_steps is None or 0 <= s.warmup_steps < t.steps,
+        "schedule.warmup_steps",
+        f"must be in [0, train.steps={t.steps})",
+    )
     need(s.decay in ("cosine", "linear", "constant"), "schedule.decay", "choose from cosine, linear, constant")
     need(0 <= s.min_lr_ratio <= 1, "schedule.min_lr_ratio", "must be in [0, 1]")
     need(cfg.eval.every >= 0, "eval.every", "must be >= 0")
     need(cfg.checkpoint.every >= 0, "checkpoint.every", "must be >= 0")
     need(cfg.checkpoint.keep >= 0, "checkpoint.keep", "must be >= 0")
     need(cfg.logging.every >= 1, "logging.every", "must be >= 1")
-    need(cfg.logging.progress in ("auto", "bar", "lines", "off"), "logging.progress",
-         "choose from auto, bar, lines, off")
+    need(
+        cfg.logging.progress in ("auto", "bar", "lines", "off"), "logging.progress", "choose from auto, bar, lines, off"
+    )
     need(cfg.logging.peak_flops is None or cfg.logging.peak_flops > 0, "logging.peak_flops", "must be > 0")
     d = cfg.distributed
     need(d.strategy in ("auto", "fsdp", "ddp"), "distributed.strategy", "choose from auto, fsdp, ddp")
     need(d.backend in ("auto", "gloo", "nccl"), "distributed.backend", "choose from auto, gloo, nccl")
     need(d.timeout_s >= 1, "distributed.timeout_s", "must be >= 1")
     micro = t.micro_batch_size
-    need(micro is None or t.global_batch_size % micro == 0, "train.micro_batch_size",
-         f"must divide train.global_batch_size={t.global_batch_size}")
+    need(
+        micro is None or t.global_batch_size % micro == 0,
+        "train.micro_batch_size",
+        f"must divide train.global_batch_size={t.global_batch_size}",
+    )
     need(bool(cfg.out), "out", "must be a directory path")
     if cfg.stage == "sft":
         need(cfg.init is not None, "init", "SFT needs a model to start from (--init CHECKPOINT)")

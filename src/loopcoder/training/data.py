@@ -28,8 +28,9 @@ class ChunkedRows:
 
     def __init__(self, dataset: ShardDataset, seq_len: int) -> None:
         if dataset.seq_len % seq_len:
-            raise LoopcoderError(f"data.seq_len={seq_len} must divide the shards' sequence length "
-                                 f"{dataset.seq_len} ({dataset.data_dir})")
+            raise LoopcoderError(
+                f"data.seq_len={seq_len} must divide the shards' sequence length {dataset.seq_len} ({dataset.data_dir})"
+            )
         self.dataset = dataset
         self.seq_len = seq_len
         self.k = dataset.seq_len // seq_len
@@ -59,8 +60,9 @@ class BatchSource:
     def reader(self, micro_batch: int, seed: int, rank: int, world_size: int) -> BatchReader:
         return BatchReader(self.train, micro_batch, seed, rank, world_size)
 
-    def validation_batches(self, batch_size: int, rank: int, world_size: int,
-                           max_batches: int | None = None) -> Iterator[dict[str, Any]]:
+    def validation_batches(
+        self, batch_size: int, rank: int, world_size: int, max_batches: int | None = None
+    ) -> Iterator[dict[str, Any]]:
         """Every validation row once; each rank gets full batches (rows past the end are masked out),
         so that every rank runs the same number of forwards (FSDP gathers weights in each)."""
         if self.validation is None:
@@ -94,8 +96,14 @@ def pretrain_source(cfg: TrainConfig) -> BatchSource:
     if cfg.data.validation_split in index["splits"] and index["splits"][cfg.data.validation_split]["sequences"]:
         val = ChunkedRows(ShardDataset(cfg.data.dir, cfg.data.validation_split), seq_len)
     tok = Path(cfg.data.dir) / "tokenizer"
-    return BatchSource(ChunkedRows(train, seq_len), val, seq_len, train.token_bytes,
-                       tok if (tok / "tokenizer.json").is_file() else None, int(index["vocab_size"]))
+    return BatchSource(
+        ChunkedRows(train, seq_len),
+        val,
+        seq_len,
+        train.token_bytes,
+        tok if (tok / "tokenizer.json").is_file() else None,
+        int(index["vocab_size"]),
+    )
 
 
 def sft_source(cfg: TrainConfig, init_dir: Path) -> BatchSource:
@@ -106,8 +114,9 @@ def sft_source(cfg: TrainConfig, init_dir: Path) -> BatchSource:
     elif (init_dir / "tokenizer.json").is_file():
         tok_dir = init_dir
     else:
-        raise LoopcoderError(f"no tokenizer: set data.dir to the data directory (the init model {init_dir} "
-                             "has no tokenizer.json)")
+        raise LoopcoderError(
+            f"no tokenizer: set data.dir to the data directory (the init model {init_dir} has no tokenizer.json)"
+        )
     seq_len = cfg.data.seq_len
     if seq_len is None and data_dir is not None and (data_dir / "index.json").is_file():
         seq_len = int(read_index(data_dir)["seq_len"])
@@ -121,8 +130,10 @@ def sft_source(cfg: TrainConfig, init_dir: Path) -> BatchSource:
             if split == "validation":
                 return []
             where = f"{data_dir}/instructions" if data_dir is not None else "data.dir/instructions"
-            raise LoopcoderError(f"no SFT data: set data.sft_train=FILE.jsonl, or build {where} with "
-                                 f"`loopcoder data instructions --data {data_dir or 'DIR'}`")
+            raise LoopcoderError(
+                f"no SFT data: set data.sft_train=FILE.jsonl, or build {where} with "
+                f"`loopcoder data instructions --data {data_dir or 'DIR'}`"
+            )
         return [str(default)]
 
     tokenizer = load_tokenizer(tok_dir)
@@ -133,8 +144,9 @@ def sft_source(cfg: TrainConfig, init_dir: Path) -> BatchSource:
     return BatchSource(train, val, seq_len, token_bytes, tok_dir, len(tokenizer))
 
 
-def permutation_source(task: PermutationTask, rows: int, seq_len: int, lengths: tuple[int, ...], seed: int = 0,
-                       validation_rows: int = 0) -> BatchSource:
+def permutation_source(
+    task: PermutationTask, rows: int, seq_len: int, lengths: tuple[int, ...], seed: int = 0, validation_rows: int = 0
+) -> BatchSource:
     """The depth task's rows (`loopcoder.data.permutations`): `rows` training rows drawn from `seed`, and
     `validation_rows` more from another seed (training-split items too: held-out items are for
     evaluation only). Every token counts as one byte, so bits per byte is bits per answer."""

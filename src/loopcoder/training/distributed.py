@@ -97,8 +97,11 @@ def wrap(model: nn.Module, cfg: TrainConfig, env: DistEnv, bf16: bool) -> nn.Mod
     how = strategy(cfg, env)
     if how == "fsdp":
         # bf16 weights in compute and all-gathers, fp32 master weights and gradient reduction.
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
+        mp = (
+            MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            if bf16
             else MixedPrecisionPolicy()
+        )
         for layer in model.model.layers:
             fully_shard(layer, reshard_after_forward=cfg.distributed.reshard_after_forward, mp_policy=mp)
         fully_shard(model, mp_policy=mp)
@@ -119,12 +122,12 @@ def full_model_state(module: nn.Module, env: DistEnv) -> dict[str, torch.Tensor]
 
 def full_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Optimizer state keyed by parameter name, unsharded, on CPU: loads at any world size. Collective."""
-    return get_optimizer_state_dict(module, optimizer,
-                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return get_optimizer_state_dict(module, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def load_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any],
-                         env: DistEnv) -> None:
+def load_optimizer_state(
+    module: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any], env: DistEnv
+) -> None:
     """Load a name-keyed full optimizer state (each rank keeps its shard under FSDP)."""
     set_optimizer_state_dict(module, optimizer, state, options=StateDictOptions(full_state_dict=env.distributed))
 

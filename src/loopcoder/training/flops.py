@@ -25,8 +25,17 @@ from loopcoder.config import PLTConfig
 
 # Dense bf16 tensor-core peaks (FLOP/s) by device name fragment, from the vendors' data sheets.
 GPU_PEAK_BF16 = {
-    "H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "B200": 2250e12, "A100": 312e12, "A800": 312e12,
-    "L40S": 362e12, "L40": 181e12, "L4": 121e12, "A10": 125e12, "RTX 4090": 165e12,
+    "H200": 989e12,
+    "H100 PCIe": 756e12,
+    "H100": 989e12,
+    "B200": 2250e12,
+    "A100": 312e12,
+    "A800": 312e12,
+    "L40S": 362e12,
+    "L40": 181e12,
+    "L4": 121e12,
+    "A10": 125e12,
+    "RTX 4090": 165e12,
 }
 
 
@@ -66,8 +75,17 @@ def param_counts(cfg: PLTConfig) -> ParamCounts:
     emb = V * d
     head = 0 if cfg.tie_word_embeddings else V * d
     total = emb + head + L * per_layer + d
-    return ParamCounts(emb, head, per_layer, L * per_layer, L * (d * hd * (2 * hq + 2 * hkv) + 3 * d * m),
-                       L * hq * gate_in if has_gate else 0, d, total, total - emb - head)
+    return ParamCounts(
+        emb,
+        head,
+        per_layer,
+        L * per_layer,
+        L * (d * hd * (2 * hq + 2 * hkv) + 3 * d * m),
+        L * hq * gate_in if has_gate else 0,
+        d,
+        total,
+        total - emb - head,
+    )
 
 
 def attention_keys_per_token(cfg: PLTConfig, seq_len: int) -> int:
@@ -80,8 +98,9 @@ def train_flops_per_token(cfg: PLTConfig, seq_len: int) -> dict[str, float]:
     p = param_counts(cfg)
     R, V, d = cfg.plt_num_loops, cfg.vocab_size, cfg.hidden_size
     matmul = 6 * (R * p.layer_matmul + (R - 1) * p.gate_matmul + V * d)
-    attention = 12 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * \
-        attention_keys_per_token(cfg, seq_len)
+    attention = (
+        12 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * attention_keys_per_token(cfg, seq_len)
+    )
     return {"matmul": float(matmul), "attention": float(attention), "total": float(matmul + attention)}
 
 
@@ -99,8 +118,13 @@ def activation_bytes_per_token(cfg: PLTConfig, checkpointing: bool, dtype_bytes:
     not counted: SDPA's fused kernels do not store them.
     """
     d, m, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
-    hq, hkv, hd, L, R = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, \
-        cfg.num_hidden_layers, cfg.plt_num_loops
+    hq, hkv, hd, L, R = (
+        cfg.num_attention_heads,
+        cfg.num_key_value_heads,
+        cfg.head_dim,
+        cfg.num_hidden_layers,
+        cfg.plt_num_loops,
+    )
     b = dtype_bytes
     loop1 = b * (3 * d + 2 * hq * hd + 2 * hkv * hd + d + 4 * m) + 4 * 2 * d + 4 * hq
     extra = b * (hq * hd + d + hq + hq * hd) + 4 * d + 4 * hq if (R > 1 and not cfg.is_vanilla) else 0
@@ -114,8 +138,15 @@ def activation_bytes_per_token(cfg: PLTConfig, checkpointing: bool, dtype_bytes:
     return {"layers": float(layers), "logits": float(logits), "total": float(layers + logits)}
 
 
-def plan(cfg: PLTConfig, seq_len: int, memory_bytes: float, gpus: int = 1, checkpointing: bool = True,
-         reshard_after_forward: bool = True, overhead_bytes: float = 2 * 2**30) -> dict[str, Any]:
+def plan(
+    cfg: PLTConfig,
+    seq_len: int,
+    memory_bytes: float,
+    gpus: int = 1,
+    checkpointing: bool = True,
+    reshard_after_forward: bool = True,
+    overhead_bytes: float = 2 * 2**30,
+) -> dict[str, Any]:
     """Parameters, FLOPs per token, memory and the largest micro-batch per GPU that fits `memory_bytes`.
 
     Model states: fp32 weights, fp32 gradients and Adam's two fp32 moments, 16 bytes per parameter,
@@ -127,8 +158,12 @@ def plan(cfg: PLTConfig, seq_len: int, memory_bytes: float, gpus: int = 1, check
     states = 16 * p.total / gpus
     gathered = 0.0
     if gpus > 1:
-        gathered = 2 * (p.per_layer * (2 if reshard_after_forward else cfg.num_hidden_layers)
-                        + p.embedding + p.lm_head + p.final_norm)
+        gathered = 2 * (
+            p.per_layer * (2 if reshard_after_forward else cfg.num_hidden_layers)
+            + p.embedding
+            + p.lm_head
+            + p.final_norm
+        )
     act = {ck: activation_bytes_per_token(cfg, ck) for ck in (False, True)}
     chosen = act[checkpointing]["total"]
     free = memory_bytes - states - gathered - overhead_bytes
@@ -152,9 +187,11 @@ def plan(cfg: PLTConfig, seq_len: int, memory_bytes: float, gpus: int = 1, check
         "max_tokens_per_gpu": int(max_tokens),
         "fsdp_all_gathers_per_layer_per_step": ag_per_layer if gpus > 1 else 0,
         "fsdp_all_gather_bytes_per_step": (2 * p.layers * ag_per_layer * (gpus - 1) / gpus) if gpus > 1 else 0,
-        "kv_cache_bytes": {"plt": cfg.kv_cache_bytes(seq_len),
-                           "vanilla": _with_loops(cfg, cfg.plt_num_loops, "vanilla").kv_cache_bytes(seq_len),
-                           "r1": _with_loops(cfg, 1).kv_cache_bytes(seq_len)},
+        "kv_cache_bytes": {
+            "plt": cfg.kv_cache_bytes(seq_len),
+            "vanilla": _with_loops(cfg, cfg.plt_num_loops, "vanilla").kv_cache_bytes(seq_len),
+            "r1": _with_loops(cfg, 1).kv_cache_bytes(seq_len),
+        },
     }
 
 

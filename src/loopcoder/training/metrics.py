@@ -19,13 +19,21 @@ from torch.utils.tensorboard import SummaryWriter
 
 from loopcoder.atomic import atomic_write_text
 
-_TB_KEYS = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
-            "tokens_per_s": "train/tokens_per_s", "mfu": "train/mfu", "val_loss": "val/loss", "val_bpb": "val/bpb"}
+_TB_KEYS = {
+    "loss": "train/loss",
+    "lr": "train/lr",
+    "grad_norm": "train/grad_norm",
+    "tokens_per_s": "train/tokens_per_s",
+    "mfu": "train/mfu",
+    "val_loss": "val/loss",
+    "val_bpb": "val/bpb",
+}
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, history: list[dict[str, Any]],
-                 resume_step: int) -> None:
+    def __init__(
+        self, run_dir: Path, enabled: bool, tensorboard: bool, history: list[dict[str, Any]], resume_step: int
+    ) -> None:
         self.enabled = enabled
         self.records = list(history)  # every record of this trajectory (saved in checkpoints)
         self.path = run_dir / "metrics.jsonl"

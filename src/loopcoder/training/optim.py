@@ -29,8 +29,7 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) ->
     o = cfg.optim
     fused = o.fused if o.fused is not None else device.type == "cuda"
     kwargs = {"fused": True} if fused else {}
-    return torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
-                             **kwargs)
+    return torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps, **kwargs)
 
 
 def lr_factor(step: int, total: int, warmup: int, decay: str, min_ratio: float) -> float:

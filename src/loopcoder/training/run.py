@@ -69,8 +69,11 @@ def _start_point(cfg: TrainConfig, env: D.DistEnv, resume: bool) -> Path | None:
         ckpt.remove_partial(run_dir)
         latest = ckpt.latest_checkpoint(run_dir)
         if latest is not None and not resume:
-            decision = ("error", f"{run_dir} already has checkpoints (latest {latest.name}): pass --resume to "
-                                 "continue that run, or choose another out=DIR")
+            decision = (
+                "error",
+                f"{run_dir} already has checkpoints (latest {latest.name}): pass --resume to "
+                "continue that run, or choose another out=DIR",
+            )
         elif latest is not None:
             decision = ("ok", str(latest))
     kind, value = D.broadcast_object(decision, env)
@@ -95,8 +98,10 @@ def train(cfg: TrainConfig, resume: bool = False, source: BatchSource | None = N
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)
         if cfg.train.attention == "flex_attention" and env.device.type != "cuda":
-            raise LoopcoderError("train.attention=flex_attention needs a CUDA device (torch's flex_attention "
-                                 "has no backward on CPU); use train.attention=sdpa")
+            raise LoopcoderError(
+                "train.attention=flex_attention needs a CUDA device (torch's flex_attention "
+                "has no backward on CPU); use train.attention=sdpa"
+            )
         start = _start_point(cfg, env, resume)
         state = ckpt.load_state(start) if start is not None else None
         if state is not None:
@@ -113,8 +118,10 @@ def train(cfg: TrainConfig, resume: bool = False, source: BatchSource | None = N
             model = PLTForCausalLM(model_config(cfg, source.vocab_size, source.seq_len))
         model.config._attn_implementation = cfg.train.attention  # not saved: each run chooses its own
         if model.config.vocab_size < source.vocab_size:
-            raise LoopcoderError(f"the model's vocabulary ({model.config.vocab_size}) is smaller than the "
-                                 f"tokenizer's ({source.vocab_size})")
+            raise LoopcoderError(
+                f"the model's vocabulary ({model.config.vocab_size}) is smaller than the "
+                f"tokenizer's ({source.vocab_size})"
+            )
         run_dir = Path(cfg.out)
         if env.is_main:
             atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
@@ -131,14 +138,27 @@ def train(cfg: TrainConfig, resume: bool = False, source: BatchSource | None = N
 
 
 def _write_summary(cfg: TrainConfig, env: D.DistEnv, result: TrainResult, mc: PLTConfig) -> None:
-    summary = {"stage": cfg.stage, "step": result.step, "final_checkpoint": str(result.final_checkpoint),
-               "train_loss": result.train_loss, "val_loss": result.val_loss, "val_bpb": result.val_bpb,
-               "tokens": result.tokens, "train_s": round(result.train_s, 2), "loops": mc.plt_num_loops,
-               "params": param_counts(mc).total, "world_size": env.world_size}
+    summary = {
+        "stage": cfg.stage,
+        "step": result.step,
+        "final_checkpoint": str(result.final_checkpoint),
+        "train_loss": result.train_loss,
+        "val_loss": result.val_loss,
+        "val_bpb": result.val_bpb,
+        "tokens": result.tokens,
+        "train_s": round(result.train_s, 2),
+        "loops": mc.plt_num_loops,
+        "params": param_counts(mc).total,
+        "world_size": env.world_size,
+    }
     atomic_write_text(Path(cfg.out) / "summary.json", json.dumps(summary, indent=1) + "\n")
-    _say(env, cfg, f"done: step {result.step}, train loss {_fmt(result.train_loss)}, val loss "
-                   f"{_fmt(result.val_loss)}, {_fmt(result.val_bpb)} bits/byte, {result.train_s:.0f} s; "
-                   f"final checkpoint {result.final_checkpoint}")
+    _say(
+        env,
+        cfg,
+        f"done: step {result.step}, train loss {_fmt(result.train_loss)}, val loss "
+        f"{_fmt(result.val_loss)}, {_fmt(result.val_bpb)} bits/byte, {result.train_s:.0f} s; "
+        f"final checkpoint {result.final_checkpoint}",
+    )
 
 
 def _fmt(x: float | None) -> str:
@@ -151,20 +171,26 @@ def _header(cfg: TrainConfig, env: D.DistEnv, mc: PLTConfig, source: BatchSource
     strategy = D.strategy(cfg, env)
     precision = "bf16" if pick_dtype(cfg.train.precision, env.device) is torch.bfloat16 else "fp32"
     where = f"resuming from {start}" if start else (f"from {cfg.init}" if cfg.stage == "sft" else "from scratch")
-    return (f"{cfg.stage} {where} -> {cfg.out}\n"
-            f"model: R={mc.plt_num_loops} ({mc.loop_architecture}), {mc.num_hidden_layers} layers x "
-            f"{mc.hidden_size}, {p.total / 1e6:.2f}M parameters ({p.non_embedding / 1e6:.2f}M non-embedding), "
-            f"vocab {mc.vocab_size}\n"
-            f"batch: {cfg.train.global_batch_size} x {source.seq_len} tokens per step = {micro} per rank x {accum} "
-            f"micro-steps x {env.world_size} rank(s); {cfg.train.steps} steps\n"
-            f"device: {env.device}, {precision}, {strategy if strategy != 'none' else 'single process'}"
-            f"{', activation checkpointing' if cfg.train.activation_checkpointing else ''}"
-            f"{', compiled' if cfg.train.compile else ''}"
-            f"{', flex_attention' if cfg.train.attention == 'flex_attention' else ''}")
+    return (
+        f"{cfg.stage} {where} -> {cfg.out}\n"
+        f"model: R={mc.plt_num_loops} ({mc.loop_architecture}), {mc.num_hidden_layers} layers x "
+        f"{mc.hidden_size}, {p.total / 1e6:.2f}M parameters ({p.non_embedding / 1e6:.2f}M non-embedding), "
+        f"vocab {mc.vocab_size}\n"
+        f"batch: {cfg.train.global_batch_size} x {source.seq_len} tokens per step = {micro} per rank x {accum} "
+        f"micro-steps x {env.world_size} rank(s); {cfg.train.steps} steps\n"
+        f"device: {env.device}, {precision}, {strategy if strategy != 'none' else 'single process'}"
+        f"{', activation checkpointing' if cfg.train.activation_checkpointing else ''}"
+        f"{', compiled' if cfg.train.compile else ''}"
+        f"{', flex_attention' if cfg.train.attention == 'flex_attention' else ''}"
+    )
 
 
-def prepare(config: TrainConfig | str | dict[str, Any] | None, overrides: list[str] | dict[str, Any] | None,
-            stage: str, init: str | os.PathLike | None = None) -> TrainConfig:
+def prepare(
+    config: TrainConfig | str | dict[str, Any] | None,
+    overrides: list[str] | dict[str, Any] | None,
+    stage: str,
+    init: str | os.PathLike | None = None,
+) -> TrainConfig:
     """A validated config for `stage` from a `TrainConfig` (copied), a preset name, a YAML path or a mapping."""
     if isinstance(config, TrainConfig):
         cfg = copy.deepcopy(config)
@@ -180,16 +206,23 @@ def prepare(config: TrainConfig | str | dict[str, Any] | None, overrides: list[s
     return cfg.validate()
 
 
-def pretrain(config: TrainConfig | str | dict[str, Any] | None = None,
-             overrides: list[str] | dict[str, Any] | None = None, resume: bool = False,
-             source: BatchSource | None = None) -> TrainResult:
+def pretrain(
+    config: TrainConfig | str | dict[str, Any] | None = None,
+    overrides: list[str] | dict[str, Any] | None = None,
+    resume: bool = False,
+    source: BatchSource | None = None,
+) -> TrainResult:
     """Pretrain from scratch on packed shards (or on `source`'s rows). `config`: a `TrainConfig`, a preset
     name, a YAML path or a mapping of sections; `overrides`: ["model.loops=2", ...] or {"model.loops": 2}."""
     return train(prepare(config, overrides, "pretrain"), resume, source)
 
 
-def sft(config: TrainConfig | str | dict[str, Any] | None = None, init: str | os.PathLike | None = None,
-        overrides: list[str] | dict[str, Any] | None = None, resume: bool = False) -> TrainResult:
+def sft(
+    config: TrainConfig | str | dict[str, Any] | None = None,
+    init: str | os.PathLike | None = None,
+    overrides: list[str] | dict[str, Any] | None = None,
+    resume: bool = False,
+) -> TrainResult:
     """Instruction-tune `init` (a model directory, or a run directory: its newest checkpoint) with the
     same engine; only assistant tokens carry loss. A preset's `sft:` block applies."""
     return train(prepare(config, overrides, "sft", init), resume)

@@ -64,8 +64,11 @@ class TrainResult:
 def rng_state(device: torch.device) -> dict[str, Any]:
     """Every RNG the process uses, as plain tensors and Python values (loadable with weights_only)."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
-             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss]}
+    state = {
+        "python": random.getstate(),
+        "torch": torch.get_rng_state(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+    }
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
     return state
@@ -93,15 +96,24 @@ def _reader_state_for(reader: Any, saved: dict[str, int]) -> dict[str, int]:
     g_now = reader.batch_size * reader.world_size
     rows = saved["step"] * g_saved
     if rows % g_now:
-        raise LoopcoderError(f"cannot resume: the checkpoint's data position ({rows} rows into epoch "
-                             f"{saved['epoch']}) is not a whole number of batches of {g_now} rows")
+        raise LoopcoderError(
+            f"cannot resume: the checkpoint's data position ({rows} rows into epoch "
+            f"{saved['epoch']}) is not a whole number of batches of {g_now} rows"
+        )
     return {**saved, "step": rows // g_now, "batch_size": reader.batch_size, "world_size": reader.world_size}
 
 
 # ----------------------------------------------------------------------------- the trainer
 class Trainer:
-    def __init__(self, cfg: TrainConfig, model: nn.Module, source: BatchSource, env: D.DistEnv,
-                 state: dict[str, Any] | None = None, run_dir: Path | None = None) -> None:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        model: nn.Module,
+        source: BatchSource,
+        env: D.DistEnv,
+        state: dict[str, Any] | None = None,
+        run_dir: Path | None = None,
+    ) -> None:
         self.cfg = cfg
         self.env = env
         self.source = source
@@ -121,8 +133,11 @@ class Trainer:
         self.module = model
         self.model = D.wrap(model, cfg, env, self.bf16)
         # FSDP2 computes in bf16 through its mixed-precision policy; elsewhere autocast does
-        self.autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if self.bf16 and self.strategy != "fsdp"
-                         else contextlib.nullcontext())
+        self.autocast = (
+            torch.autocast(device.type, dtype=torch.bfloat16)
+            if self.bf16 and self.strategy != "fsdp"
+            else contextlib.nullcontext()
+        )
         self.optimizer = build_optimizer(self.module, cfg, device)
         self.scheduler = build_scheduler(self.optimizer, cfg)
         self.reader = source.reader(self.micro_batch, cfg.seed, env.rank, env.world_size)
@@ -136,9 +151,15 @@ class Trainer:
             self._load_state(state)
             history = list(state.get("metrics", []))
         self.metrics = MetricsLogger(self.run_dir, env.is_main, cfg.logging.tensorboard, history, self.step)
-        self.progress = Progress("train", cfg.train.steps, "steps", amount_unit="tokens", start=self.step,
-                                 mode=cfg.logging.progress if env.is_main else "off",
-                                 every_s=cfg.logging.progress_every_s)
+        self.progress = Progress(
+            "train",
+            cfg.train.steps,
+            "steps",
+            amount_unit="tokens",
+            start=self.step,
+            mode=cfg.logging.progress if env.is_main else "off",
+            every_s=cfg.logging.progress_every_s,
+        )
         self.tokens_per_step = cfg.train.global_batch_size * source.seq_len
         self.flops_per_token = train_flops_per_token(self.model_config, source.seq_len)["total"]
         peak = cfg.logging.peak_flops
@@ -161,10 +182,18 @@ class Trainer:
             mask = None
         keep = torch.arange(ids.shape[1] - 1, device=dev)
         with self.autocast:
-            logits = self.model(input_ids=ids, attention_mask=None if mask is None else mask.to(dev),
-                                use_cache=False, logits_to_keep=keep).logits
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1),
-                               ignore_index=IGNORE_INDEX, reduction="sum")
+            logits = self.model(
+                input_ids=ids,
+                attention_mask=None if mask is None else mask.to(dev),
+                use_cache=False,
+                logits_to_keep=keep,
+            ).logits
+        return F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]).float(),
+            labels[:, 1:].reshape(-1),
+            ignore_index=IGNORE_INDEX,
+            reduction="sum",
+        )
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[float, float, float]:
         """Forward/backward over the micro-batches, clip, step. Returns (global mean loss, grad norm, the
@@ -211,17 +240,28 @@ class Trainer:
             sums[2] += self.source.label_bytes(batch["labels"])
         self.model.train()
         nll, tokens, nbytes = D.all_reduce_sum(sums, env).tolist()
-        return {"kind": "val", "step": self.step, "val_loss": nll / max(tokens, 1.0),
-                "val_bpb": nll / math.log(2) / max(nbytes, 1.0), "val_tokens": int(tokens), "val_bytes": int(nbytes)}
+        return {
+            "kind": "val",
+            "step": self.step,
+            "val_loss": nll / max(tokens, 1.0),
+            "val_bpb": nll / math.log(2) / max(nbytes, 1.0),
+            "val_tokens": int(tokens),
+            "val_bytes": int(nbytes),
+        }
 
     # -- checkpoints -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Everything but the weights (collective: every rank must call it)."""
         return {
-            "format": STATE_FORMAT, "step": self.step, "tokens": self.tokens, "elapsed_s": self.elapsed,
-            "config": self.cfg.to_dict(), "world_size": self.env.world_size,
+            "format": STATE_FORMAT,
+            "step": self.step,
+            "tokens": self.tokens,
+            "elapsed_s": self.elapsed,
+            "config": self.cfg.to_dict(),
+            "world_size": self.env.world_size,
             "optimizer": D.full_optimizer_state(self.module, self.optimizer),
-            "scheduler": self.scheduler.state_dict(), "reader": self.reader.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "reader": self.reader.state_dict(),
             "rng": D.gather_objects(rng_state(self.env.device), self.env),
             "metrics": list(self.metrics.records),
         }
@@ -248,9 +288,17 @@ class Trainer:
         path = None
         if self.env.is_main:
             info = {"tokens": self.tokens, "world_size": self.env.world_size, "stage": self.cfg.stage}
-            path = ckpt.write_checkpoint(self.run_dir, self.step, self.model_config, weights, state,
-                                         self.source.tokenizer_dir, self.cfg.checkpoint.keep,
-                                         self.cfg.checkpoint.max_shard_size, info)
+            path = ckpt.write_checkpoint(
+                self.run_dir,
+                self.step,
+                self.model_config,
+                weights,
+                state,
+                self.source.tokenizer_dir,
+                self.cfg.checkpoint.keep,
+                self.cfg.checkpoint.max_shard_size,
+                info,
+            )
         path = D.broadcast_object(str(path) if path else None, self.env)
         D.barrier(self.env)
         return Path(path)
@@ -288,9 +336,17 @@ class Trainer:
         finally:
             self.progress.close()
             self.metrics.close()
-        return TrainResult(self.run_dir, final, self.step, last_loss,
-                           last_val["val_loss"] if last_val else None, last_val["val_bpb"] if last_val else None,
-                           self.tokens, self.elapsed, list(self.metrics.records))
+        return TrainResult(
+            self.run_dir,
+            final,
+            self.step,
+            last_loss,
+            last_val["val_loss"] if last_val else None,
+            last_val["val_bpb"] if last_val else None,
+            self.tokens,
+            self.elapsed,
+            list(self.metrics.records),
+        )
 
     def _record_step(self, loss: float, grad_norm: float, lr: float, seconds: float, done: bool) -> None:
         """A train record every `logging.every` steps; tokens/s over the steps since the last one."""
@@ -300,8 +356,16 @@ class Trainer:
             return
         tps = self._window[0] / max(self._window[1], 1e-9)
         self._window = [0, 0.0]
-        record = {"kind": "train", "step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                  "tokens": self.tokens, "tokens_per_s": tps, "elapsed_s": self.elapsed}
+        record = {
+            "kind": "train",
+            "step": self.step,
+            "loss": loss,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens": self.tokens,
+            "tokens_per_s": tps,
+            "elapsed_s": self.elapsed,
+        }
         util = mfu(self.flops_per_token, tps, self.peak, self.env.world_size)
         if util is not None:
             record["mfu"] = util
@@ -314,14 +378,18 @@ class Trainer:
         val = self.validate()
         if val is not None:
             self.metrics.log(val)
-            self.progress.message(f"step {self.step}: val loss {val['val_loss']:.4f}, {val['val_bpb']:.4f} bits/byte "
-                                  f"({time.perf_counter() - t:.1f} s)")
+            self.progress.message(
+                f"step {self.step}: val loss {val['val_loss']:.4f}, {val['val_bpb']:.4f} bits/byte "
+                f"({time.perf_counter() - t:.1f} s)"
+            )
         return val
 
     def _non_finite(self, what: str) -> NonFiniteLoss:
         good = ckpt.latest_checkpoint(self.run_dir)
         keep = f"the last good checkpoint is {good}" if good else "no checkpoint was written yet"
-        msg = (f"non-finite training loss at step {self.step + 1} ({what}): stopped; {keep}. Lower optim.lr, "
-               "raise schedule.warmup_fraction or check the data, then resume")
+        msg = (
+            f"non-finite training loss at step {self.step + 1} ({what}): stopped; {keep}. Lower optim.lr, "
+            "raise schedule.warmup_fraction or check the data, then resume"
+        )
         self.metrics.log({"kind": "error", "step": self.step + 1, "error": msg})
         return NonFiniteLoss(msg)
