@@ -36,7 +36,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from typing import Literal
@@ -305,9 +305,11 @@ def _private_filesystem(cfg, pid_namespace):
         _mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing propagates to or from the host
     except OSError as e:
         return "no: mount namespace refused (%s)" % (e.strerror or e)
-    workdir = os.path.realpath(os.path.dirname(cfg["program"]))
-    with open(cfg["program"], "rb") as f:
-        source = f.read()
+    workdir = os.path.realpath(cfg["rundir"])
+    source = None
+    if cfg["program"] is not None:
+        with open(cfg["program"], "rb") as f:
+            source = f.read()
     mounted = []
     try:
         _private_tmpfs(cfg, workdir, source, mounted)
@@ -330,15 +332,28 @@ def _private_filesystem(cfg, pid_namespace):
     if refused:
         more = " and %d more" % (len(refused) - 5) if len(refused) > 5 else ""
         missing.append("still writable: " + ", ".join(refused[:5]) + more)
-    os.chdir(workdir)  # the new working directory, not the host's one under it
+    os.chdir(cfg["workspace"] or workdir)  # the new working directory, not the host's one under it
     status = "partly: " + "; ".join(missing) if missing else "yes"
     return status[:1000]  # the control pipe carries at most a few KiB
 
 
 def _private_tmpfs(cfg, workdir, source, mounted):
+    # A program gets the tmpfs's "work" folder as its working directory, holding a copy of it (source);
+    # a command gets the caller's workspace, bound read-write at its own path.
     rl = cfg["limits"]
+    workspace = cfg["workspace"]
+    # Opened before anything is mounted: the workspace may be under /tmp, which is about to be covered.
+    space = os.open(workspace, os.O_RDONLY | os.O_DIRECTORY) if workspace else None
+    try:
+        _private_tmpfs_in(cfg, rl, workdir, source, mounted, space)
+    finally:
+        if space is not None:
+            os.close(space)
+
+
+def _private_tmpfs_in(cfg, rl, workdir, source, mounted, space):
     _mount("tmpfs", workdir, "tmpfs", MS_NOSUID | MS_NODEV,
-           "mode=0755,size=%d,nr_inodes=%d" % (rl["tmp_bytes"] + len(source) + 65536, rl["tmp_files"] + 64))
+           "mode=0755,size=%d,nr_inodes=%d" % (rl["tmp_bytes"] + len(source or b"") + 65536, rl["tmp_files"] + 64))
     mounted.append(workdir)
     base = os.open(workdir, os.O_RDONLY | os.O_DIRECTORY)  # the tmpfs root, reachable once covered
     try:
@@ -355,22 +370,27 @@ def _private_tmpfs(cfg, workdir, source, mounted):
                 _mount(root + name, real, None, MS_BIND)
                 mounted.append(real)
                 done.append(real)
-        if not os.path.isdir(workdir):
-            os.makedirs(workdir)  # it was under /tmp: make it again in the private one
-        _mount(root + "work", workdir, None, MS_BIND)
-        mounted.append(workdir)
+        if space is not None:  # a command: the workspace, read-write, at its own path
+            here = cfg["workspace"]
+            source_dir = "/proc/self/fd/%d" % space
+        else:  # a program: the tmpfs's work folder, holding a copy of the program
+            here = workdir
+            source_dir = root + "work"
+            with open(root + "work/" + os.path.basename(cfg["program"]), "wb") as f:
+                f.write(source)
+                os.fchmod(f.fileno(), 0o644)
+            if cfg["uid"] is not None:
+                os.chown(root + "work", cfg["uid"], cfg["uid"])
+        if not os.path.isdir(here):
+            os.makedirs(here, 0o755)  # it was under /tmp: make its path again in the private one
+        _mount(source_dir, here, None, MS_BIND)
+        mounted.append(here)
+        # The caps count from here: what is already used (the program's copy) does not take from them.
+        st = os.fstatvfs(base)
+        _mount(None, root, None, MS_REMOUNT | MS_NOSUID | MS_NODEV, "size=%d,nr_inodes=%d" % (
+            (st.f_blocks - st.f_bfree) * st.f_frsize + rl["tmp_bytes"], st.f_files - st.f_ffree + rl["tmp_files"]))
     finally:
         os.close(base)
-    program = os.path.join(workdir, os.path.basename(cfg["program"]))
-    with open(program, "wb") as f:
-        f.write(source)
-    os.chmod(program, 0o644)
-    if cfg["uid"] is not None:
-        os.chown(workdir, cfg["uid"], cfg["uid"])
-    # The caps count from here: what is already used (the program's copy) does not take from them.
-    st = os.statvfs(workdir)
-    _mount(None, workdir, None, MS_REMOUNT | MS_NOSUID | MS_NODEV, "size=%d,nr_inodes=%d" % (
-        (st.f_blocks - st.f_bfree) * st.f_frsize + rl["tmp_bytes"], st.f_files - st.f_ffree + rl["tmp_files"]))
 
 
 def _read_only_elsewhere(ours):
@@ -433,6 +453,24 @@ def _run_program(cfg):
     os.write(report_fd, os.read(nonce_fd, 256) + b"\n")
 
 
+def _run_command(cfg):
+    # Replace this process with the command. Nothing of the launcher may reach it: its pipes are
+    # closed, and the signals Python ignores (SIGPIPE, SIGXFSZ) or the init ignores (SIGINT) get their
+    # default action back, since ignored signals stay ignored across exec.
+    import signal
+    argv = cfg["command"]
+    try:
+        for sig in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT):
+            signal.signal(sig, signal.SIG_DFL)
+        os.fchdir(cfg["workspace_fd"])  # opened while privileged: its parents may be closed to our uid
+        os.closerange(3, 1 << 16)
+        os.umask(0o022)  # files in the workspace as a shell makes them, readable by the caller
+        os.execve(argv[0], argv, os.environ)
+    except OSError as e:
+        os.write(2, ("sandbox: cannot run %s: %s\n" % (argv[0], e.strerror or e)).encode())
+    os._exit(127)
+
+
 def _fail(control_fd, e):
     os.write(control_fd, (json.dumps({"setup_error": "%s: %s" % (type(e).__name__, e)}) + "\n").encode())
     os._exit(70)
@@ -452,6 +490,8 @@ def _init(cfg, info, userns, launcher_dropped):
             info["filesystem"] = _private_filesystem(cfg, info["pid_namespace"] == "yes")
         else:
             info["filesystem"] = "no: switched off by the caller"
+        if cfg["command"] is not None:  # the workspace as the run sees it (bound, or the host's)
+            cfg["workspace_fd"] = os.open(cfg["workspace"], os.O_RDONLY | os.O_DIRECTORY)
         info["no_new_privs"] = _drop_privileges(cfg, userns)
         if cfg["uid"] is not None:
             info["uid"] = cfg["uid"]
@@ -464,6 +504,8 @@ def _init(cfg, info, userns, launcher_dropped):
     pid = os.fork()
     if pid == 0:
         os.close(control_fd)
+        if cfg["command"] is not None:
+            _run_command(cfg)
         _run_program(cfg)
         return
     os.close(cfg["nonce_fd"])
@@ -536,9 +578,9 @@ def _require_opt_in(allow_code_execution: bool) -> None:
         raise CodeExecutionNotAllowedError()
 
 
-def _scrubbed_env(workdir: str) -> dict[str, str]:
+def _scrubbed_env(home: str, tmpdir: str | None = None, path: str = _SAFE_PATH) -> dict[str, str]:
     # Nothing from the caller's environment: API keys and tokens there must not reach the program.
-    return {"PATH": _SAFE_PATH, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "HOME": workdir, "TMPDIR": workdir}
+    return {"PATH": path, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "HOME": home, "TMPDIR": tmpdir or home}
 
 
 def _compile_launcher(python: str) -> bytes | None:
@@ -583,7 +625,7 @@ def _plan(python: str | None) -> _Plan:
                 failures.append(f"{candidate}: not an executable file")
                 continue
             plan = _Plan(candidate, drop_root, {}, _compile_launcher(candidate))
-            probe = _execute(_PROBE_PROGRAM, Limits(wall_seconds=30.0), None, plan)
+            probe = _execute(_Job(_PROBE_PROGRAM), Limits(wall_seconds=30.0), None, plan)
             if probe.passed:
                 _plans[python] = _Plan(candidate, drop_root, probe.isolation, plan.launcher)
                 return _plans[python]
@@ -632,7 +674,76 @@ def run_program(
         raise LoopcoderError(f"a program must be Python source text (str), got {type(source).__name__}")
     limits = limits or Limits()
     plan = _plan(python)
-    return _execute(source, limits, stdin, plan)
+    return _execute(_Job(source), limits, stdin, plan)
+
+
+def run_command(
+    command: str,
+    limits: Limits | None = None,
+    *,
+    workspace: str | os.PathLike[str],
+    allow_code_execution: bool,
+    stdin: str | bytes | None = None,
+    env: Mapping[str, str] | None = None,
+    python: str | None = None,
+) -> ExecResult:
+    """Run `bash -c command` in the sandbox, with `workspace` as its one writable directory.
+
+    The command gets the same isolation and limits as a program. `workspace`, an existing directory,
+    is bound read-write at its own path and is the command's working directory and HOME; what the
+    command leaves there stays (and belongs to the workspace's owner again afterwards). Everything
+    else is read-only, /tmp, /var/tmp and /dev/shm are private to the call, and no process the command
+    started outlives the call. PATH has bash, coreutils, git and the sandbox's python3; the
+    environment holds nothing of the caller's but `env`. The status is the exit status: `passed` for
+    0, `failed` otherwise (`returncode`), or `timeout`, `killed`, `output_limit`, `error`.
+    """
+    _require_opt_in(allow_code_execution)
+    if not isinstance(command, str):
+        raise LoopcoderError(f"a command must be text (str), got {type(command).__name__}")
+    if "\0" in command:
+        raise LoopcoderError("a command cannot contain a NUL character")
+    limits = limits or Limits()
+    space = _checked_workspace(workspace)
+    plan = _plan(python)
+    extra = _checked_env(env)
+    bash = shutil.which("bash", path=_SAFE_PATH)
+    if bash is None:
+        raise SandboxUnavailableError(f"no bash on {_SAFE_PATH}: run_command needs one")
+    # python3 on PATH is the sandbox's interpreter (a virtual environment's bin first, as activating it does).
+    here = os.path.dirname(plan.python)
+    path = _SAFE_PATH if here in _SAFE_PATH.split(":") else f"{here}:{_SAFE_PATH}"
+    job = _Job(command=(bash, "-c", command), workspace=space, env={**_scrubbed_env(space, "/tmp", path), **extra})
+    return _execute(job, limits, stdin, plan)
+
+
+# Directories the sandbox sets up itself: a workspace may not be one of them or hold one.
+_SYSTEM_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/dev", "/proc", "/usr", "/etc", "/bin", "/lib", "/sys")
+
+
+def _checked_workspace(workspace: str | os.PathLike[str]) -> str:
+    if not isinstance(workspace, (str, os.PathLike)):
+        raise LoopcoderError(f"workspace must be a directory path, got {type(workspace).__name__}")
+    path = os.path.realpath(os.fspath(workspace))
+    if not os.path.isdir(path):
+        raise LoopcoderError(f"workspace {os.fspath(workspace)!r} is not an existing directory")
+    for system in _SYSTEM_DIRS:
+        real = os.path.realpath(system)
+        if real == path or real.startswith(path.rstrip("/") + "/"):
+            raise LoopcoderError(f"workspace {path!r} cannot be {system} or hold it: pick a directory of its own")
+    return path
+
+
+def _checked_env(env: Mapping[str, str] | None) -> dict[str, str]:
+    if env is None:
+        return {}
+    if not isinstance(env, Mapping):
+        raise LoopcoderError(f"env must be a mapping of names to values, got {type(env).__name__}")
+    for name, value in env.items():
+        if not isinstance(name, str) or not name or "=" in name or "\0" in name:
+            raise LoopcoderError(f"env: {name!r} is not a valid variable name")
+        if not isinstance(value, str) or "\0" in value:
+            raise LoopcoderError(f"env: the value of {name} must be text without NUL characters")
+    return dict(env)
 
 
 def run_many(
@@ -659,7 +770,7 @@ def run_many(
     # Threads suffice: each one only waits on its child process and copies its output.
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sandbox")
     try:
-        futures = {pool.submit(_execute, source, limits, None, plan): i for i, source in enumerate(programs)}
+        futures = {pool.submit(_execute, _Job(source), limits, None, plan): i for i, source in enumerate(programs)}
         for done, future in enumerate(as_completed(futures), 1):
             results[futures[future]] = future.result()
             if progress is not None:
@@ -674,22 +785,38 @@ def run_many(
 # The parent side of one run.
 
 
-def _execute(source: str, limits: Limits, stdin: str | bytes | None, plan: _Plan) -> ExecResult:
+@dataclass(frozen=True)
+class _Job:
+    """What one run executes: a Python program (source), or a command in a workspace."""
+
+    source: str | None = None
+    command: tuple[str, ...] | None = None  # argv, its first item an absolute path
+    workspace: str | None = None  # the command's one writable directory (a real path)
+    env: dict[str, str] | None = None  # the command's whole environment
+
+
+def _execute(job: _Job, limits: Limits, stdin: str | bytes | None, plan: _Plan) -> ExecResult:
     start = time.monotonic()
     workdir = tempfile.mkdtemp(prefix="loopcoder-sandbox-")
     own: list[int] = []  # our pipe ends, closed in `finally`
+    owner = None  # the workspace's owner, given it back afterwards
     try:
         uid = _UID_BASE + secrets.randbelow(_UID_SPAN) if plan.drop_root else None
-        program = os.path.join(workdir, "program.py")
+        program = None if job.source is None else os.path.join(workdir, "program.py")
         # A file, not -c: `ps` stays readable.
         launcher = os.path.join(workdir, ".launcher.py" if plan.launcher is None else ".launcher.pyc")
         launcher_bytes = _LAUNCHER.encode() if plan.launcher is None else plan.launcher
-        for path, data in ((program, source.encode()), (launcher, launcher_bytes)):
+        files = [(launcher, launcher_bytes)] + ([(program, job.source.encode())] if program else [])
+        for path, data in files:
             with open(path, "wb") as f:
                 f.write(data)
             os.chmod(path, 0o644)
         if uid is not None:
             os.chown(workdir, uid, uid)  # the program may write here, and nowhere it owns anything else
+        if job.workspace is not None and uid is not None:
+            st = os.stat(job.workspace)
+            owner = (st.st_uid, st.st_gid)
+            _chown_tree(job.workspace, uid, uid)  # the run's uid may write there, for this call
         stdin_file = None
         if stdin is not None:
             # A file, not a pipe: a program that never reads its input cannot block us.
@@ -705,7 +832,10 @@ def _execute(source: str, limits: Limits, stdin: str | bytes | None, plan: _Plan
         report_r, report_w = _pipe(own)
         control_r, control_w = _pipe(own)
         config = {
+            "rundir": workdir,
             "program": program,
+            "command": job.command,
+            "workspace": job.workspace,
             "uid": uid,
             "namespaces": _NAMESPACES,
             "private_filesystem": _PRIVATE_FILESYSTEM,
@@ -729,7 +859,7 @@ def _execute(source: str, limits: Limits, stdin: str | bytes | None, plan: _Plan
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 cwd=workdir,
-                env=_scrubbed_env(workdir),
+                env=job.env if job.env is not None else _scrubbed_env(workdir),
                 start_new_session=True,  # its own process group, so the whole group can be killed
                 close_fds=True,
                 pass_fds=(nonce_r, report_w, control_w),
@@ -753,13 +883,25 @@ def _execute(source: str, limits: Limits, stdin: str | bytes | None, plan: _Plan
         )
         proc.stdout.close()
         proc.stderr.close()
-        return _judge(proc.returncode, out, nonce, limits, time.monotonic() - start)
+        evidence = None if job.command is not None else nonce  # a command's verdict is its exit status
+        return _judge(proc.returncode, out, evidence, limits, time.monotonic() - start)
     finally:
         for fd in own:
             os.close(fd)
+        if owner is not None:  # every process of the run is dead: nothing can race the walk
+            _chown_tree(job.workspace, *owner)
         shutil.rmtree(workdir, ignore_errors=True)
         if os.path.exists(workdir):  # a last straggler was still writing; it is dead now
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _chown_tree(path: str, uid: int, gid: int) -> None:
+    """Give everything under `path` (itself included) to uid:gid, following no symbolic link."""
+    os.lchown(path, uid, gid)
+    for parent, dirs, names in os.walk(path):
+        for name in dirs + names:
+            with contextlib.suppress(FileNotFoundError):
+                os.lchown(os.path.join(parent, name), uid, gid)
 
 
 def _pipe(own: list[int]) -> tuple[int, int]:
@@ -929,7 +1071,9 @@ def _signal_name(signum: int) -> str:
         return f"signal {signum}"
 
 
-def _judge(launcher_rc: int, out: _Collected, nonce: bytes, limits: Limits, wall: float) -> ExecResult:
+def _judge(launcher_rc: int, out: _Collected, nonce: bytes | None, limits: Limits, wall: float) -> ExecResult:
+    """The run's result. With `nonce`, passing needs the completion evidence; without (a command),
+    the exit status alone decides."""
     control = []
     for line in bytes(out.data["control"]).decode("utf-8", "replace").splitlines():
         with contextlib.suppress(ValueError):
@@ -979,6 +1123,8 @@ def _judge(launcher_rc: int, out: _Collected, nonce: bytes, limits: Limits, wall
         return result("killed", f"killed by {sig}{cpu}", sig=sig)
     code = os.WEXITSTATUS(wait)
     report = bytes(out.data["report"])
+    if nonce is None:
+        return result("passed" if code == 0 else "failed", f"exited with status {code}", code)
     if code != 0:
         last = (bytes(out.data["stderr"]).decode("utf-8", "replace").strip().splitlines() or [""])[-1]
         return result("failed", f"exited with status {code}" + (f": {last[:200]}" if last else ""), code)
