@@ -32,6 +32,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("evaluation",),
     ("diagnostics",),
     ("serving",),
+    ("swe",),  # the SWE agent harness: its chat turns reuse the server's tool-call grammar and parser
     ("bench",),
     ("study",),
     ("commands", "cli", "__main__"),
@@ -50,6 +51,7 @@ FORBIDDEN = [("loopcoder.study", "loopcoder.bench", "the study does not use benc
 LOCAL_IMPORTS_ALLOWED = {
     "datasets": "only for `hf:` corpora, and importing it costs about half a second",
     "httpx": "a dev dependency, only for `bench serve`; its absence is a clear error",
+    "openai": "a dev dependency, only for `swe run --endpoint`; its absence is a clear error",
 }
 # Files whose function-local imports other branches are rewriting (they list theirs in the same section).
 LOCAL_IMPORTS_OWNED_ELSEWHERE: dict[str, str] = {}
