@@ -313,10 +313,12 @@ def validate(shell: Shell, root: Path, instance: dict[str, Any], python: str = "
     statuses; for two bugs, half of the gold patch must not resolve it."""
     sources = root / instance["source_dir"]
     empty_log = scoring.run_tests(shell, sources, instance, "", apply=False, python=python)
-    empty = scoring.instance_report(instance, "", empty_log)
-    if not empty["patch_successfully_applied"]:
-        return f"the empty patch gives no test results ({empty['error']})"
-    if empty["tests_status"]["FAIL_TO_PASS"]["success"] or empty["tests_status"]["PASS_TO_PASS"]["failure"]:
+    status, found = scoring.logs_eval(empty_log)
+    if not found:
+        return "the base gives no test results"
+    f2p, p2p = scoring.test_ids(instance, "FAIL_TO_PASS"), scoring.test_ids(instance, "PASS_TO_PASS")
+    empty = scoring.tests_report(status, f2p, p2p)
+    if empty["FAIL_TO_PASS"]["success"] or empty["PASS_TO_PASS"]["failure"]:
         return "the empty patch does not reproduce the bug's test results"
     runs = []
     for _ in range(2):

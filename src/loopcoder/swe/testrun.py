@@ -37,13 +37,17 @@ TRACE_END = "----- end of traceback"
 RUNNER = r"""
 import io, os, sys, traceback, unittest
 
+KEEP = {"tests", "unittest", "os", "sys", "io", "traceback"}  # the runner's own: never the repository's
+
 def main(argv):
     root, targets = argv[0], argv[1:]
     sys.path.insert(0, root)
     os.chdir(root)
     for name in os.listdir(root):  # the repository's modules, not the copies unittest already imported
         top = name[:-3] if name.endswith(".py") else name
-        if top != "tests" and (name.endswith(".py") or os.path.isfile(os.path.join(root, name, "__init__.py"))):
+        if top in KEEP:
+            continue
+        if name.endswith(".py") or os.path.isfile(os.path.join(root, name, "__init__.py")):
             for loaded in [m for m in sys.modules if m == top or m.startswith(top + ".")]:
                 del sys.modules[loaded]
     out = sys.stdout
