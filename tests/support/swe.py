@@ -71,7 +71,8 @@ def bash_block(command: str) -> str:
 
 
 class ScriptedChat:
-    """A chat model whose replies come from `script(turn, messages)`; it records what it was sent."""
+    """A chat model whose replies come from `script(call, messages)` (`call` counts every call it has
+    answered, over episodes); it records what it was sent."""
 
     def __init__(self, script: Callable[[int, list[dict[str, Any]]], Reply], name: str = "scripted") -> None:
         self.name = name
@@ -89,7 +90,7 @@ def oracle(instances: dict[str, dict[str, Any]]) -> ScriptedChat:
 
     def script(turn: int, messages: list[dict[str, Any]]) -> Reply:
         task = next(t for t in instances.values() if t["problem_statement"] in messages[1]["content"])
-        if turn == 0:
+        if len(messages) == 2:  # the episode's first turn
             return tool_reply(f"git apply --whitespace=nowarn <<'GOLD_PATCH_EOF'\n{task['patch']}GOLD_PATCH_EOF")
         return tool_reply(f"echo {SUBMIT}")
 
@@ -98,4 +99,4 @@ def oracle(instances: dict[str, dict[str, Any]]) -> ScriptedChat:
 
 def noop() -> ScriptedChat:
     """Looks around and submits without changing anything."""
-    return ScriptedChat(lambda turn, _: tool_reply("ls && git status" if turn == 0 else f"echo {SUBMIT}"), "no-op")
+    return ScriptedChat(lambda _, m: tool_reply("ls && git status" if len(m) == 2 else f"echo {SUBMIT}"), "no-op")
