@@ -16,7 +16,7 @@ import pytest
 from loopcoder.cli import main
 from loopcoder.engine import Engine
 from loopcoder.runtime import load_for_inference
-from loopcoder.swe import report, runs
+from loopcoder.swe import repo, report, runs
 from loopcoder.swe.agent import SUBMIT, AgentConfig
 from loopcoder.swe.chat import EngineChat
 from support.data import tiny_model_dir
@@ -205,3 +205,41 @@ def test_run_refuses_bad_input(built, tmp_path, capsys):
     assert "is not a task set" in capsys.readouterr().err
     assert main([*base, "--model", str(tmp_path), "--instances", "nope", "--allow-code-execution"]) == 2
     assert "has no 'nope'" in capsys.readouterr().err
+
+
+def test_checkout_then_score_the_workspace_another_agent_left(built, tmp_path, capsys):
+    root, _, instances = built
+    task = next(iter(instances.values()))
+    ws = tmp_path / "ws"
+    assert main(["swe", "checkout", "--tasks", str(root), "--instance", task["instance_id"], "--out", str(ws)]) == 0
+    assert capsys.readouterr().out.strip() == task["problem_statement"].strip()
+    assert main(["swe", "checkout", "--tasks", str(root), "--instance", task["instance_id"], "--out", str(ws)]) == 2
+    assert "exists" in capsys.readouterr().err
+    repo.apply_patch(ws, task["patch"])  # what the other agent did
+    argv = ["swe", "score", "--tasks", str(root), "--workspace", str(ws), "--out", str(tmp_path / "s")]
+    assert main([*argv, "--allow-code-execution"]) == 2  # which task is it?
+    assert "--instances ID" in capsys.readouterr().err
+    assert main([*argv, "--instances", task["instance_id"], "--name", "other", "--allow-code-execution"]) == 0
+    scored = json.loads((tmp_path / "s" / "report.json").read_text())
+    assert scored["resolved_ids"] == [task["instance_id"]]
+    row = json.loads((tmp_path / "s" / "predictions.jsonl").read_text())
+    assert row == {"instance_id": task["instance_id"], "model_name_or_path": "other", "model_patch": task["patch"]}
+    assert main(["swe", "score", "--tasks", str(root), "--out", str(tmp_path / "x"), "--allow-code-execution"]) == 2
+    assert "give --predictions FILE" in capsys.readouterr().err
+
+
+def test_report_of_two_runs_from_the_command_line(built, shell, tmp_path, capsys):
+    root, _, instances = built
+    tasks = list(instances.values())[:2]
+    for name, model in (("a", noop()), ("b", oracle(instances))):
+        runs.run_agent(tasks, root, model, AgentConfig(), shell, tmp_path / name, identity(name), quiet=True)
+    out, figures = tmp_path / "report.md", tmp_path / "report.json"
+    assert (
+        main(["swe", "report", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out), "--json", str(figures)])
+        == 0
+    )
+    assert capsys.readouterr().out == out.read_text()
+    data = json.loads(figures.read_text())
+    assert [r["overall"]["resolved"] for r in data["runs"]] == [0, 2]
+    assert data["paired"][0]["difference"]["mean"] == 1.0 and data["paired"][0]["difference"]["n"] == 2
+    assert main(["swe", "report", str(tmp_path / "nothing")]) == 2

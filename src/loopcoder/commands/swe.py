@@ -3,6 +3,7 @@
 loopcoder swe build --out tasks/stdlib --allow-code-execution
 loopcoder swe run --tasks tasks/stdlib --model DIR --out runs/swe-r2 --allow-code-execution
 loopcoder swe score --tasks tasks/stdlib --predictions preds.jsonl --out scored/ --allow-code-execution
+loopcoder swe checkout --tasks tasks/stdlib --instance ID --out ws/ID > ws/ID.md   (for another agent)
 loopcoder swe report runs/swe-r1 runs/swe-r2 --out report.md
 """
 
@@ -20,7 +21,7 @@ from loopcoder.errors import LoopcoderError
 from loopcoder.evaluation.runner import config_hash
 from loopcoder.evaluation.sandbox import ALLOW_FLAG, CodeExecutionNotAllowedError
 from loopcoder.runtime import add_threads_argument, apply_threads, load_for_inference
-from loopcoder.swe import catalog, report, runs, taskset
+from loopcoder.swe import catalog, repo, report, runs, taskset
 from loopcoder.swe.agent import PROTOCOLS, AgentConfig
 from loopcoder.swe.chat import EngineChat, OpenAIChat
 from loopcoder.swe.shell import SandboxShell
@@ -68,12 +69,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument(ALLOW_FLAG, **allow)
     add_threads_argument(r)
 
-    s = sub.add_parser("score", help="score a predictions file (or gold / empty) in the sandbox")
+    s = sub.add_parser("score", help="score a predictions file (or gold / empty, or a workspace) in the sandbox")
     s.add_argument("--tasks", required=True, help="a task set directory (`swe build`)")
-    s.add_argument("--predictions", required=True, help="predictions .jsonl/.json, or gold, or empty")
-    s.add_argument("--out", required=True, help="directory for report.json and the logs")
-    s.add_argument("--instances", default=None, help="comma list of instance ids (default: every prediction)")
+    s.add_argument("--predictions", default=None, help="predictions .jsonl/.json, or gold, or empty")
+    s.add_argument("--workspace", default=None, help="instead: the repository another agent worked on (`swe checkout`)")
+    s.add_argument("--out", required=True, help="directory for report.json, the logs (and predictions.jsonl)")
+    s.add_argument("--instances", default=None, help="comma list of instance ids (with --workspace: the one)")
+    s.add_argument("--name", default="agent", help="model_name_or_path of a workspace's prediction")
     s.add_argument(ALLOW_FLAG, **allow)
+
+    c = sub.add_parser("checkout", help="one task's repository at its base commit, for another agent")
+    c.add_argument("--tasks", required=True, help="a task set directory (`swe build`)")
+    c.add_argument("--instance", required=True, help="the instance id")
+    c.add_argument("--out", required=True, help="the directory to write the repository to (must not exist)")
 
     p_ = sub.add_parser("report", help="several runs on the same tasks: resolved rates, paired differences")
     p_.add_argument("runs", nargs="+", help="run directories (`swe run --out`); the first is the reference")
@@ -82,7 +90,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    return {"build": _build, "run": _run, "score": _score, "report": _report}[args.action](args)
+    actions = {"build": _build, "run": _run, "score": _score, "report": _report, "checkout": _checkout}
+    return actions[args.action](args)
 
 
 def _positive(args: argparse.Namespace, *names: str) -> None:
@@ -212,18 +221,47 @@ def _engine_model(args: argparse.Namespace, identity: dict, describe: dict) -> E
 
 def _score(args: argparse.Namespace) -> int:
     root, instances = taskset.load(args.tasks)
-    predictions = runs.read_predictions(args.predictions, instances)
+    if (args.predictions is None) == (args.workspace is None):
+        raise LoopcoderError("give --predictions FILE (or gold, or empty) or --workspace DIR, not both")
+    shell = _shell(args)
+    out = Path(args.out)
+    if args.workspace is not None:
+        chosen = _select(instances, args.instances, None) if args.instances else []
+        if len(chosen) != 1:
+            raise LoopcoderError("--workspace needs --instances ID, the one task the workspace holds")
+        task = chosen[0]
+        if not Path(args.workspace).is_dir():
+            raise LoopcoderError(f"--workspace {args.workspace}: no such directory")
+        patch, error = runs.workspace_patch(shell, Path(args.workspace).resolve(), task["base_commit"])
+        if error:
+            raise LoopcoderError(f"--workspace {args.workspace}: {error}")
+        predictions = {task["instance_id"]: patch}
+        row = {"instance_id": task["instance_id"], "model_name_or_path": args.name, "model_patch": patch}
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "predictions.jsonl", json.dumps(row) + "\n")
+    else:
+        predictions = runs.read_predictions(args.predictions, instances)
     if args.instances:
         keep = {t["instance_id"] for t in _select(instances, args.instances, None)}
         predictions = {i: p for i, p in predictions.items() if i in keep}
-    shell = _shell(args)
-    summary = runs.score_predictions(instances, root, predictions, shell, Path(args.out))
+    summary = runs.score_predictions(instances, root, predictions, shell, out)
     n = summary["submitted_instances"]
     print(
         f"resolved {summary['resolved_instances']}/{n}; completed {summary['completed_instances']}, empty patches "
         f"{summary['empty_patch_instances']}, errors {summary['error_instances']}; report: "
         f"{Path(args.out) / 'report.json'}"
     )
+    return 0
+
+
+def _checkout(args: argparse.Namespace) -> int:
+    root, instances = taskset.load(args.tasks)
+    task = _select(instances, args.instance, None)[0]
+    out = Path(args.out)
+    if out.exists():
+        raise LoopcoderError(f"--out {args.out!r} exists: choose a new directory")
+    repo.materialize(root / task["source_dir"], task, out)
+    print(task["problem_statement"])
     return 0
 
 
