@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -161,7 +160,6 @@ def score_predictions(
     out: Path,
     *,
     quiet: bool = False,
-    on_report: Callable[[str, dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Score a predictions file (instance id -> patch) on its instances: per-instance reports and the totals
     of swebench's run report (completed: the tests ran; error: the patch did not apply, the tests timed out;
@@ -175,8 +173,6 @@ def score_predictions(
     (out / "logs").mkdir(parents=True, exist_ok=True)
     for n, (iid, patch) in enumerate(predictions.items(), 1):
         reports[iid] = score_one(shell, root, by_id[iid], patch, out / "logs" / f"{iid}.log")
-        if on_report is not None:
-            on_report(iid, reports[iid])
         meter.update(n)
     meter.finish()
     empty = {i for i, p in predictions.items() if not p}

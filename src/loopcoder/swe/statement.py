@@ -21,8 +21,9 @@ def short_name(test_id: str) -> str:
     return ".".join(test_id.split("::")[1:]) or test_id
 
 
-def excerpt(traceback: str, root: str) -> str:
-    """The test's own frames (at most the last three) and the exception, paths relative to the repository."""
+def excerpt(traceback: str) -> str:
+    """The test's own frames (at most the last three) and the exception; paths are relative to the repository
+    (the runner's tracebacks, with the repository's directory taken out)."""
     lines = traceback.rstrip("\n").split("\n")
     if lines and lines[0].startswith("Traceback"):
         lines = lines[1:]
@@ -37,10 +38,7 @@ def excerpt(traceback: str, root: str) -> str:
             while i < len(lines) and lines[i].startswith("    "):
                 frame.append(lines[i])
                 i += 1
-            path = m.group("path")
-            rel = path[len(root) :].lstrip("/") if path.startswith(root) else path
-            if rel.startswith("tests/"):  # the test's frames; not the library's, not the module's
-                frame[0] = frame[0].replace(f'"{path}"', f'"{rel}"')
+            if m.group("path").startswith("tests/"):  # the test's frames; not the library's, not the module's
                 frames.append([f for f in frame if not set(f.strip()) <= set("^~ ")])
         elif lines[i].startswith("During handling") or lines[i].startswith("The above exception"):
             frames, message = [], []  # the last exception of a chain is the one that failed the test
@@ -57,7 +55,7 @@ def excerpt(traceback: str, root: str) -> str:
     return "\n".join(body)
 
 
-def problem_statement(module: str, test_files: list[str], failing: list[str], traces: dict[str, str], root: str) -> str:
+def problem_statement(module: str, test_files: list[str], failing: list[str], traces: dict[str, str]) -> str:
     """The issue text of a task: `failing` are its FAIL_TO_PASS ids, `traces` the runner's tracebacks."""
     names = [short_name(t) for t in failing]
     head = names[0] if len(names) == 1 else f"{names[0]} and {len(names) - 1} other test{'s' * (len(names) > 2)}"
@@ -74,6 +72,6 @@ def problem_statement(module: str, test_files: list[str], failing: list[str], tr
     ]
     for test in failing[:MAX_DETAILED]:
         if test in traces:
-            out += [f"{short_name(test)}:", "", "```", excerpt(traces[test], root), "```", ""]
+            out += [f"{short_name(test)}:", "", "```", excerpt(traces[test]), "```", ""]
     out.append(f"Expected: these tests pass, as they did before, without breaking the other tests of `{module}`.")
     return "\n".join(out)

@@ -170,10 +170,9 @@ def _apply(tree: dict[str, str], mutations: list[tuple[str, Mutation]]) -> dict[
 
 
 class Builder:
-    def __init__(self, shell: Shell, config: BuildConfig, progress: Progress | None = None) -> None:
+    def __init__(self, shell: Shell, config: BuildConfig) -> None:
         self.shell = shell
         self.config = config
-        self.progress = progress
         self.pool = ThreadPoolExecutor(max(1, config.workers), thread_name_prefix="swe-build")
         self.counts: Counter[str] = Counter()
         self.timeout = CANDIDATE_TIMEOUT_S
@@ -231,7 +230,7 @@ class Builder:
         self.run_candidates(targets, combined)
         tasks = []
         for cand in chosen + [c for c in combined if self._breaks_some(c, eligible)]:
-            task = self._task(module, tree, cand, eligible, len(tasks) + 1)
+            task = self._task(module, tree, cand, eligible)
             if task is not None:
                 tasks.append(task)
         info["built"] = len(tasks)
@@ -263,8 +262,10 @@ class Builder:
         return out
 
     def _task(
-        self, module: SourceModule, tree: dict[str, str], cand: _Candidate, eligible: list[str], number: int
+        self, module: SourceModule, tree: dict[str, str], cand: _Candidate, eligible: list[str]
     ) -> dict[str, Any] | None:
+        """The task of a candidate (numbered once validated, by `build`); None when a failing test cannot be
+        hidden."""
         f2p = [t for t in eligible if cand.status.get(t) != "PASSED"]
         p2p = [t for t in eligible if cand.status.get(t) == "PASSED"]
         base = dict(cand.files)
@@ -282,15 +283,14 @@ class Builder:
             repo.write_tree(Path(d), base)
             commit = repo.commit_tree(Path(d))
         lines = repo.changed_lines(gold)
-        iid = f"{REPO_OWNER}__{_slug(module.name)}-{number}"
         return {
-            "instance_id": iid,
+            "instance_id": "",  # numbered after validation
             "repo": f"{REPO_OWNER}/{_slug(module.name)}",
             "base_commit": commit,
             "patch": gold,
             "test_patch": test_patch,
             "problem_statement": statement.problem_statement(
-                module.name, [f"tests/{t}" for t in module.tests], f2p, cand.traces, ""
+                module.name, [f"tests/{t}" for t in module.tests], f2p, cand.traces
             ),
             "hints_text": "",
             "created_at": CREATED_AT,
@@ -360,7 +360,7 @@ def build(
     t0 = time.perf_counter()
     version = _python_version(shell, config.python)
     progress = Progress("swe build", len(modules), "modules", mode="off" if quiet else "lines")
-    builder = Builder(shell, config, progress)
+    builder = Builder(shell, config)
     manifest: dict[str, Any] = {
         "version": TASKSET_VERSION,
         "seed": config.seed,
