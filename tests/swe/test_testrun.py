@@ -137,3 +137,32 @@ def test_a_repository_cannot_replace_the_test_framework(repo):
     (repo / "unittest.py").write_text("raise SystemExit('the fake unittest ran')\n")
     done = run(repo, "tests/test_things.py::Plain::test_pass")
     assert testrun.parse_status_map(done.stdout) == {"tests/test_things.py::Plain::test_pass": "PASSED"}
+
+
+SEEDED = """\
+import random
+import sys
+import unittest
+
+
+class S(unittest.TestCase):
+    def test_draw(self):
+        value = random.random()
+        random.seed("tests/test_seeded.py::S::test_draw")
+        self.assertEqual(value, random.random())
+
+    def test_other(self):
+        random.random()
+
+    def test_hashing_is_fixed(self):
+        self.assertEqual(sys.flags.hash_randomization, 0)
+"""
+
+
+def test_runs_are_repeatable(repo):
+    """`random` is seeded from the test's id before each test, and string hashing is fixed: the same draws
+    alone or after other tests, and sets in one order."""
+    (repo / "tests" / "test_seeded.py").write_text(SEEDED)
+    for targets in (["tests/test_seeded.py"], ["tests/test_seeded.py::S::test_draw"]):
+        status = testrun.parse_status_map(run(repo, *targets).stdout)
+        assert set(status.values()) == {"PASSED"} and "tests/test_seeded.py::S::test_draw" in status, status

@@ -13,6 +13,7 @@ import re
 MAX_DETAILED = 3
 MAX_MESSAGE_CHARS = 600
 MAX_FRAMES = 3
+_ADDRESS = re.compile(r"\b0x[0-9a-f]{6,}\b")
 _FRAME = re.compile(r'^  File "(?P<path>[^"]+)", line (?P<line>\d+), in (?P<func>.+)$')
 
 
@@ -48,7 +49,7 @@ def excerpt(traceback: str) -> str:
         else:
             message.append(lines[i])
             i += 1
-    text = "\n".join(message).strip()
+    text = _ADDRESS.sub("0x...", "\n".join(message).strip())  # `<object at 0x7f...>` differs from run to run
     if len(text) > MAX_MESSAGE_CHARS:
         text = text[:MAX_MESSAGE_CHARS] + " ..."
     body = ["Traceback (most recent call last):", *[x for f in frames[-MAX_FRAMES:] for x in f], text]

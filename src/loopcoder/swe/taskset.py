@@ -25,6 +25,7 @@ import ast
 import hashlib
 import json
 import random
+import re
 import shutil
 import sys
 import tempfile
@@ -95,9 +96,11 @@ def run_files(
         result = shell(testrun.runner_command(str(root), targets, python), root, timeout=timeout)
         statuses = testrun.parse_status_map(result.stdout)
         load_errors = any(t in statuses for t in targets) or result.status not in ("passed", "failed")
-        traces = testrun.parse_tracebacks(result.stdout)
-        root_text = str(root)
-    return result.wall_seconds, statuses, {k: v.replace(root_text + "/", "") for k, v in traces.items()}, load_errors
+        # the repository's path, whole or cut short in a message ("/tmp/loopcoder-swe-build-x1y2[192 chars]"),
+        # out of the tracebacks: the statements do not depend on where the build ran
+        place = re.compile(re.escape(str(root.parent)) + r"/loopcoder-swe-build-[A-Za-z0-9_]*/?")
+        traces = {k: place.sub("", v) for k, v in testrun.parse_tracebacks(result.stdout).items()}
+    return result.wall_seconds, statuses, traces, load_errors
 
 
 def hide_tests(source: str, test_ids: list[str]) -> str | None:

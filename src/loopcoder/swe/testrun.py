@@ -6,10 +6,15 @@ Python instances use, and the runner prints one `STATUS id` line per test, as `p
 its summary. So swebench's own `parse_log_pytest` reads our logs, and the log of a scoring run has
 the layout its `get_logs_eval` expects (the start and end markers, the test command's exit code).
 
-The runner runs as `python3 -I`: the repository is put on `sys.path` only after `unittest` is
-imported, so a file in the repository cannot replace the test framework. Like the official harness,
-scoring otherwise trusts the test process: a patch that prints fake result lines from inside the
-tests' process is not detected (the exit-code check below catches the crude cases).
+The runner takes the working directory off `sys.path` before anything else and puts the repository
+on it only after `unittest` is imported, so a file in the repository cannot replace the test
+framework. Like the official harness, scoring otherwise trusts the test process: a patch that prints
+fake result lines from inside the tests' process is not detected (the exit-code check of
+`scoring.logs_eval` catches the crude cases).
+
+Runs are made repeatable: string hashing is fixed (`PYTHONHASHSEED=0`, so sets iterate in one order)
+and the `random` module is seeded from each test's id before the test, so a test that draws random
+data draws the same data whichever tests run with it.
 """
 
 from __future__ import annotations
@@ -35,9 +40,11 @@ TRACE_END = "----- end of traceback"
 # failures and errors. Exit status 0 when every test ran and passed (skips and expected failures
 # included), 1 otherwise, 2 when the tests could not be loaded.
 RUNNER = r"""
-import io, os, sys, traceback, unittest
+import sys
+sys.path[:] = [p for p in sys.path if p not in ("", ".")]  # nothing from the working directory yet
+import io, os, random, traceback, unittest
 
-KEEP = {"tests", "unittest", "os", "sys", "io", "traceback"}  # the runner's own: never the repository's
+KEEP = {"tests", "unittest", "os", "sys", "io", "random", "traceback"}  # the runner's own, never the repository's
 
 def main(argv):
     root, targets = argv[0], argv[1:]
@@ -107,6 +114,9 @@ class Result(unittest.TestResult):
     def _add(self, test, status):
         if isinstance(test, unittest.TestCase) and hasattr(test, "_testMethodName"):
             self.lines.append((status, test_id(test)))
+    def startTest(self, test):
+        random.seed(test_id(test) if hasattr(test, "_testMethodName") else 0)
+        super().startTest(test)
     def addSuccess(self, test):
         super().addSuccess(test)
         if id(test) not in self._failed:
@@ -150,7 +160,7 @@ _LINE = re.compile(rf"^({'|'.join(STATUSES)}) (\S+)$")
 def runner_command(root: str, targets: list[str], python: str = "python3") -> str:
     """The shell command that runs `targets` (test ids or test files) of the repository at `root`."""
     args = " ".join(shlex.quote(t) for t in [root, *targets])
-    return f"{python} -I -B - {args} <<'LOOPCODER_RUNNER'\n{RUNNER}\nLOOPCODER_RUNNER"
+    return f"PYTHONHASHSEED=0 {python} -s -B - {args} <<'LOOPCODER_RUNNER'\n{RUNNER}\nLOOPCODER_RUNNER"
 
 
 def parse_status_map(log: str) -> dict[str, str]:
