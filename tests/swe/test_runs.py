@@ -16,10 +16,12 @@ import pytest
 from loopcoder.cli import main
 from loopcoder.engine import Engine
 from loopcoder.runtime import load_for_inference
+from loopcoder.serving.server import load_app
 from loopcoder.swe import repo, report, runs
 from loopcoder.swe.agent import SUBMIT, AgentConfig
-from loopcoder.swe.chat import EngineChat
+from loopcoder.swe.chat import EngineChat, OpenAIChat
 from support.data import tiny_model_dir
+from support.serving import KEY, LiveServer, build_model_dir
 from support.swe import ScriptedChat, noop, oracle, tool_reply
 
 swebench_utils = pytest.importorskip("swebench.harness.utils", reason="swebench (dev extra)")
@@ -243,3 +245,23 @@ def test_report_of_two_runs_from_the_command_line(built, shell, tmp_path, capsys
     assert [r["overall"]["resolved"] for r in data["runs"]] == [0, 2]
     assert data["paired"][0]["difference"]["mean"] == 1.0 and data["paired"][0]["difference"]["n"] == 2
     assert main(["swe", "report", str(tmp_path / "nothing")]) == 2
+
+
+def test_the_agent_through_an_openai_compatible_endpoint(built, shell, tmp_path):
+    """`swe run --endpoint`: the same episode through `loopcoder serve`'s API (a live server on a random
+    model); tool calls come back through the server's parser."""
+    root, _, instances = built
+    task = next(iter(instances.values()))
+    model_dir = build_model_dir(tmp_path / "model", context=8192)
+    app, scheduler = load_app(str(model_dir), max_batch=2, model_name="tiny", api_key=KEY, max_tokens=64)
+    with LiveServer(app, scheduler) as server:
+        model = OpenAIChat(server.url + "/v1", "tiny", KEY)
+        for protocol in ("tool", "text"):
+            config = AgentConfig(protocol=protocol, max_turns=2, max_new_tokens=16)
+            out = tmp_path / protocol
+            results = runs.run_agent([task], root, model, config, shell, out, identity(protocol), quiet=True)
+            entry = results["instances"][task["instance_id"]]
+            assert entry["exit_status"] in ("LimitsExceeded", "Submitted") and entry["turns"] == 2, entry
+            assert entry["prompt_tokens"] > 0 and 0 < entry["completion_tokens"] <= 32
+            trajectory = json.loads((out / "trajectories" / f"{task['instance_id']}.traj.json").read_text())
+            assert trajectory["turns"][0]["finish_reason"] in ("length", "stop", "tool_calls")
