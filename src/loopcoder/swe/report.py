@@ -112,8 +112,8 @@ def markdown(runs: list[dict[str, Any]]) -> str:
         "Resolved: every FAIL_TO_PASS test passes and every PASS_TO_PASS test still passes (SWE-bench's"
         " RESOLVED_FULL); 95 % Wilson intervals. Per task: mean (median).",
         "",
-        "| run | resolved | patch applied | exits | turns | tokens generated | prompt tokens | prefix-cache hits "
-        "| seconds |",
+        "| run | resolved | patches applied (empty ones are not run) | exits | turns | tokens generated "
+        "| prompt tokens | prefix-cache hits | seconds |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for run, s in zip(runs, sums):
