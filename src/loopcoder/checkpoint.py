@@ -17,9 +17,9 @@ import torch
 from safetensors import SafetensorError
 
 from loopcoder.atomic import atomic_directory
-from loopcoder.config import ModelShape
 from loopcoder.errors import CheckpointError, LoopcoderError
 from loopcoder.model import PLTForCausalLM
+from loopcoder.shape import ModelShape
 
 __all__ = ["CheckpointError", "load_model", "save_model", "write_random_model"]
 

@@ -41,6 +41,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from loopcoder.cache import SlotCache
 from loopcoder.constraints import GrammarCompiler, GrammarMatcher, mask_logits
+from loopcoder.defaults import DEFAULT_BLOCK_SIZE, DEFAULT_STEP_TOKENS
 from loopcoder.errors import LoopcoderError
 from loopcoder.model import PLTForCausalLM
 from loopcoder.paged import PagedSlotCache
@@ -53,8 +54,6 @@ MODES = ("parallel", "sequential")
 # cuDNN's SDPA builds an execution plan on the host for every new shape (~4 ms per call measured on an
 # H200), and a decode step's key length changes every step: decode on flash / memory-efficient / math.
 DECODE_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-DEFAULT_STEP_TOKENS = 256  # per-step token budget: decoding tokens plus prefill chunks
-DEFAULT_BLOCK_SIZE = 16
 
 
 def check_cache_options(

@@ -1,9 +1,8 @@
 """Running a command or a job: where and in what precision (the same code on CPU in fp32 and on GPU in
-bf16), loading a model and tokenizer for inference, quiet third-party output, integer-list arguments."""
+bf16), loading a model and tokenizer for inference, quiet third-party output."""
 
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
 from typing import Any
@@ -68,18 +67,6 @@ def apply_threads(threads: int | None = None) -> int:
     return threads
 
 
-def add_threads_argument(parser: Any) -> None:
-    """The `--threads N` option of every command that computes (applied with `apply_threads`)."""
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        metavar="N",
-        help="CPU threads for torch (default: $OMP_NUM_THREADS, else the cores the load average "
-        "shows free, at least 1; see docs/benchmarks.md)",
-    )
-
-
 def load_tokenizer(path: str | os.PathLike, required: bool = True) -> Any:
     """The tokenizer saved with a model (or a tokenizer directory), loaded offline."""
     p = Path(path)
@@ -122,6 +109,13 @@ def load_for_inference(
     return model, tokenizer
 
 
+def chat_prompt_ids(tokenizer: Any, messages: list[dict[str, str]], what: str = "chat") -> list[int]:
+    """A conversation rendered by the tokenizer's chat template, ready for the assistant's next turn."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise LoopcoderError(f"{what}: this tokenizer has no chat template")
+    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+
+
 def chat_stop_ids(eos_ids: Any, tokenizer: Any) -> list[int]:
     """Where a chat reply ends: the model's end-of-text ids and the tokenizer's `<|im_end|>`, if it has one."""
     ids = {i for i in (eos_ids if isinstance(eos_ids, (list, set, tuple)) else [eos_ids]) if i is not None}
@@ -136,14 +130,3 @@ def quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-
-
-def int_list(text: str) -> tuple[int, ...]:
-    """argparse type for integer lists: `1,2,3`, or a range `1-6` (both ends included)."""
-    try:
-        if "-" in text and "," not in text:
-            a, b = (int(x) for x in text.split("-"))
-            return tuple(range(a, b + 1))
-        return tuple(int(x) for x in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected integers like 1,2,3 or 1-6, got {text!r}") from None

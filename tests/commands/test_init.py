@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from loopcoder import checkpoint
 from loopcoder.checkpoint import load_model
 from loopcoder.cli import main
-from loopcoder.commands import init as init_command
 from loopcoder.runtime import load_for_inference
 
 SMALL = ["--hidden-size", "32", "--layers", "2", "--heads", "4", "--kv-heads", "2", "--window", "4"]
@@ -67,7 +67,7 @@ def test_force_replaces_a_model_directory_atomically(tmp_path, capsys, monkeypat
     def fail(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(init_command, "write_random_model", fail)  # the new model cannot be written
+    monkeypatch.setattr(checkpoint, "write_random_model", fail)  # the new model cannot be written
     code, _, err = run(["init", "--out", str(out), *SMALL, "--vocab-size", "300", "--force"], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "No space left" in err, err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the failed overwrite lost nothing

@@ -23,34 +23,15 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from loopcoder.bench import cpu_name, now
+from loopcoder.bench.common import cpu_name, now
+from loopcoder.bench.settings import ServeBenchSettings
 from loopcoder.checkpoint import write_random_model
 from loopcoder.data import tokenizer as T
 from loopcoder.errors import LoopcoderError
-
-
-@dataclass
-class ServeBenchSettings:
-    model: str | None = None  # None: build a random model (below) with a tokenizer, in a temporary directory
-    concurrency: int = 32
-    duration: float = 30.0
-    warmup: float = 5.0
-    max_tokens: int = 64  # per request; end-of-text is ignored, so every request generates exactly this
-    max_batch: int = 32
-    stream: bool = True
-    device: str = "cpu"
-    dtype: str = "auto"
-    server_threads: int | None = None  # the server's --threads (None: the server's default)
-    seed: int = 0
-    # the built model (when no --model): `loopcoder init` defaults, a 1024-token BPE vocabulary
-    hidden_size: int = 256
-    layers: int = 4
-    loops: int = 2
-    startup_timeout: float = 300.0
 
 
 def build_bench_model(out: str | Path, s: ServeBenchSettings) -> Path:

@@ -13,9 +13,7 @@ import json
 
 from loopcoder.atomic import atomic_write_text
 from loopcoder.data import reasoning
-from loopcoder.data.build import BuildConfig, build, format_statistics
 from loopcoder.data.corpus import CorpusSpec
-from loopcoder.data.instructions import write_instruction_set
 from loopcoder.errors import LoopcoderError
 
 
@@ -123,6 +121,8 @@ def _extensions(values: list[str] | None) -> tuple[str, ...]:
 
 
 def _build(args: argparse.Namespace) -> int:
+    from loopcoder.data.build import BuildConfig, build, format_statistics  # the tokenizer imports torch
+
     spec = CorpusSpec(
         sources=tuple(args.source or CorpusSpec.sources),
         include_ext=_extensions(args.include_ext),
@@ -150,6 +150,8 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _instructions(args: argparse.Namespace) -> int:
+    from loopcoder.data.instructions import write_instruction_set  # imports the tokenizer (torch)
+
     result = write_instruction_set(args.data, args.out, args.max_tokens, args.max_code_chars)
     st = result["statistics"]
     print(

@@ -13,16 +13,8 @@ import gc
 import sys
 from pathlib import Path
 
-import torch
-
-from loopcoder.checkpoint import load_model
-from loopcoder.data.shards import read_index
-from loopcoder.diagnostics import diagnose, load_sequences, recommend, write_report
-from loopcoder.diagnostics.report import check_out_dir
+from loopcoder.commands.options import add_threads_argument
 from loopcoder.errors import LoopcoderError
-from loopcoder.runtime import DTYPES as TORCH_DTYPES
-from loopcoder.runtime import add_threads_argument, apply_threads, check_vocab, load_tokenizer, pick_device
-from loopcoder.training.checkpoints import resolve_model_dir
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -87,6 +79,17 @@ def _names(models: list[str], names: list[str] | None) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    # here, not at the top: they import torch, which `loopcoder diagnose --help` does not need
+    import torch
+
+    from loopcoder.checkpoint import load_model
+    from loopcoder.data.shards import read_index
+    from loopcoder.diagnostics import diagnose, load_sequences, recommend, write_report
+    from loopcoder.diagnostics.report import check_out_dir
+    from loopcoder.runtime import DTYPES as TORCH_DTYPES
+    from loopcoder.runtime import apply_threads, check_vocab, load_tokenizer, pick_device
+    from loopcoder.training.checkpoints import resolve_model_dir
+
     # Check every input before loading a model: a typo should cost nothing.
     if args.samples < 1:
         raise LoopcoderError(f"--samples must be >= 1, got {args.samples}")

@@ -5,13 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from loopcoder.commands.options import add_threads_argument, int_list
 from loopcoder.data.reasoning import parse_steps
 from loopcoder.errors import LoopcoderError
-from loopcoder.evaluation.runner import evaluate, parse_data, parse_tasks, summary_table
-from loopcoder.evaluation.tasks import EvalSettings
-from loopcoder.runtime import add_threads_argument, apply_threads, int_list
-from loopcoder.sampling import SamplingParams
-from loopcoder.training.checkpoints import resolve_model_dir
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -75,6 +71,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # here, not at the top: they import torch, which `loopcoder eval --help` does not need
+    from loopcoder.evaluation.runner import evaluate, parse_data, parse_tasks, summary_table
+    from loopcoder.evaluation.tasks import EvalSettings
+    from loopcoder.runtime import apply_threads
+    from loopcoder.sampling import SamplingParams
+    from loopcoder.training.checkpoints import resolve_model_dir
+
     tasks = parse_tasks(args.tasks)
     data_dir, data_files = parse_data(args.data)
     if args.limit is not None and args.limit < 1:

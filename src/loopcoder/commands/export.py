@@ -5,9 +5,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from loopcoder.export import describe, export
-from loopcoder.training.checkpoints import resolve_model_dir
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
@@ -26,6 +23,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from loopcoder.export import describe, export  # here: they import torch (fast --help)
+    from loopcoder.training.checkpoints import resolve_model_dir
+
     src = resolve_model_dir(args.model)
     out = export(src, None if args.in_place else args.out, in_place=args.in_place)
     info = describe(out)

@@ -14,9 +14,21 @@ from pathlib import Path
 
 import loopcoder
 from loopcoder.atomic import atomic_directory
-from loopcoder.checkpoint import write_random_model
-from loopcoder.data import tokenizer as T
+from loopcoder.commands.options import MODEL_FLAGS, add_config_flags
 from loopcoder.errors import LoopcoderError
+
+# the model's shape when no flag says otherwise
+SHAPE = dict(
+    loops=2,
+    hidden_size=256,
+    layers=4,
+    heads=4,
+    kv_heads=2,
+    intermediate_size=None,
+    window=64,
+    max_positions=4096,
+    architecture="plt",
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -32,25 +44,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="use this tokenizer (a tokenizer or data directory) instead of training one",
     )
-    p.add_argument("--loops", type=int, default=2, help="plt_num_loops R (1 = non-looped baseline)")
-    p.add_argument("--hidden-size", type=int, default=256)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--intermediate-size", type=int, default=None, help="default: about 8/3 x hidden")
     p.add_argument(
         "--vocab-size",
         type=int,
         default=4096,
         help="of the trained tokenizer, and so of the model (ignored with --tokenizer)",
     )
-    p.add_argument("--window", type=int, default=64, help="plt_window_size[0]")
-    p.add_argument("--max-positions", type=int, default=4096)
-    p.add_argument("--architecture", choices=["plt", "vanilla"], default="plt")
+    add_config_flags(p, MODEL_FLAGS, defaults=SHAPE)
     p.add_argument("--seed", type=int, default=0)
 
 
 def run(args: argparse.Namespace) -> int:
+    from loopcoder.checkpoint import write_random_model  # here: they import torch (fast --help)
+    from loopcoder.data import tokenizer as T
+
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise LoopcoderError(f"--out {args.out!r} exists and is not a directory")

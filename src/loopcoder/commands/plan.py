@@ -13,11 +13,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-from loopcoder.data.shards import read_index
+from loopcoder.commands.options import MODEL_FLAGS, add_config_flags, config_overrides
 from loopcoder.errors import LoopcoderError
 from loopcoder.training.config import load_config
-from loopcoder.training.flops import plan
-from loopcoder.training.run import model_config
 
 _UNITS = {
     "": 1,
@@ -46,23 +44,27 @@ def parse_bytes(text: str) -> float:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default=None, help="a preset (tiny, small, 7b)")
+    p.add_argument("--preset", default=None, help="a preset (tiny, small, 7b; default: tiny)")
     p.add_argument("--config", default=None, help="a YAML config or preset name")
     p.add_argument("--memory", default="80GiB", help="memory per GPU (default 80GiB)")
     p.add_argument("--gpus", type=int, default=1, help="GPUs the model states are sharded over (FSDP)")
-    p.add_argument("--loops", type=int, default=None, metavar="R", help="loop count (the same as model.loops=R)")
     p.add_argument("--seq-len", type=int, default=None, help="sequence length (default: the config's)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. model.loops=3")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. model.rope_theta=5e5")
+    add_config_flags(p, MODEL_FLAGS)
 
 
 def run(args: argparse.Namespace) -> int:
+    from loopcoder.training.flops import plan  # here: they import torch (fast --help)
+    from loopcoder.training.run import model_config
+
     if args.config and args.preset:
         raise LoopcoderError("give --config or --preset, not both")
     if args.gpus < 1:
         raise LoopcoderError(f"--gpus {args.gpus} must be >= 1")
-    overrides = [*args.overrides, *([f"model.loops={args.loops}"] if args.loops is not None else [])]
-    cfg = load_config(args.config or args.preset or "tiny", overrides)
+    cfg = load_config(
+        args.config or args.preset or "tiny", args.overrides, extra=config_overrides(args, args.overrides)
+    )
     vocab, seq_len, notes = _data_shape(cfg)
     seq_len = args.seq_len or seq_len
     if seq_len < 1:
@@ -95,6 +97,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _data_shape(cfg: Any) -> tuple[int, int, list[str]]:
     """(vocabulary, sequence length, notes) from the config, the data directory, or assumptions."""
+    from loopcoder.data.shards import read_index  # imports torch
+
     notes = []
 
     vocab, seq_len = cfg.model.vocab_size, cfg.data.seq_len

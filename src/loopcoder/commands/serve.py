@@ -7,20 +7,9 @@ import signal
 import sys
 from pathlib import Path
 
-from loopcoder.engine import DEFAULT_BLOCK_SIZE, DEFAULT_STEP_TOKENS, check_cache_options
+from loopcoder.commands.options import add_threads_argument
+from loopcoder.defaults import BODY_TIMEOUT, DEFAULT_BLOCK_SIZE, DEFAULT_STEP_TOKENS, HEADER_TIMEOUT, MAX_CONNECTIONS
 from loopcoder.errors import LoopcoderError
-from loopcoder.runtime import add_threads_argument, apply_threads
-from loopcoder.serving.app import ServerSettings
-from loopcoder.serving.server import (
-    HEADER_TIMEOUT,
-    MAX_CONNECTIONS,
-    api_key_from_env,
-    bind,
-    is_loopback,
-    load_app,
-    make_server,
-)
-from loopcoder.training.checkpoints import resolve_model_dir
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -54,7 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--body-timeout",
         type=float,
-        default=ServerSettings.body_timeout,
+        default=BODY_TIMEOUT,
         help="seconds a client may take to send a request's body (then 408)",
     )
     p.add_argument(
@@ -117,6 +106,8 @@ def add_cache_arguments(p: argparse.ArgumentParser) -> None:
 
 def cache_options(args: argparse.Namespace) -> dict:
     """The `Engine` options of `add_cache_arguments`, checked (one-line errors)."""
+    from loopcoder.engine import check_cache_options  # here: it imports torch (fast --help)
+
     if args.max_step_tokens < 0:
         raise LoopcoderError(f"--max-step-tokens must be >= 0, got {args.max_step_tokens}")
     opts = dict(
@@ -139,6 +130,11 @@ def cache_options(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    # here, not at the top: they import torch and the serving stack, which `serve --help` does not need
+    from loopcoder.runtime import apply_threads
+    from loopcoder.serving.server import api_key_from_env, bind, is_loopback, load_app, make_server
+    from loopcoder.training.checkpoints import resolve_model_dir
+
     for name in ("max_batch", "max_tokens", "max_body_bytes", "max_connections"):
         if getattr(args, name) < 1:
             raise LoopcoderError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")

@@ -27,6 +27,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from loopcoder.constraints import Constraint, ConstraintError, lark_json
+from loopcoder.defaults import BODY_TIMEOUT
 from loopcoder.errors import LoopcoderError
 from loopcoder.runtime import chat_stop_ids
 from loopcoder.sampling import SamplingParams
@@ -63,7 +64,7 @@ class ServerSettings:
     max_tokens: int = 2048  # cap on a request's max_tokens
     default_completion_tokens: int = 16  # /v1/completions without max_tokens (OpenAI's default)
     max_body_bytes: int = 2 * 2**20
-    body_timeout: float = 30.0  # seconds a client may take to send a request body (then 408)
+    body_timeout: float = BODY_TIMEOUT  # seconds a client may take to send a request body (then 408)
     tool_parser: ToolCallParser = field(default_factory=HermesToolCallParser)
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import uvicorn
 
+from loopcoder.defaults import HEADER_TIMEOUT, MAX_CONNECTIONS
 from loopcoder.engine import Engine
 from loopcoder.errors import LoopcoderError
 from loopcoder.runtime import load_for_inference
@@ -20,9 +21,6 @@ from loopcoder.serving.app import ServerSettings, create_app
 from loopcoder.serving.limits import guarded_protocol
 from loopcoder.serving.scheduler import Scheduler
 from loopcoder.serving.tool_calls import get_tool_parser
-
-HEADER_TIMEOUT = 10.0  # seconds a client may take to send a request's line and headers
-MAX_CONNECTIONS = 512  # open connections; more are refused with 503
 
 
 def load_app(

@@ -12,6 +12,7 @@ Presets live in `loopcoder/presets/NAME.yaml`. `TrainConfig.validate()` checks t
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,8 +22,8 @@ from typing import Any
 
 import yaml
 
-from loopcoder.config import ModelShape
 from loopcoder.errors import LoopcoderError
+from loopcoder.shape import ModelShape
 
 STAGES = ("pretrain", "sft")
 
@@ -175,6 +176,23 @@ def valid_keys(section: str | None = None) -> list[str]:
     return [*SCALARS, *(k for s in SECTIONS for k in valid_keys(s))]
 
 
+def nearest_key(key: str) -> str | None:
+    """The known key a mistyped one most likely means: the section's field of that name (`loops` is
+    `model.loops`), else the closest spelling (difflib)."""
+    keys = valid_keys()
+    same_name = [k for k in keys if k.rpartition(".")[2] == key.rpartition(".")[2]]
+    if len(same_name) == 1:
+        return same_name[0]
+    close = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def _unknown(where: str, key: str, known: str, what: str | None = None) -> ConfigKeyError:
+    close = nearest_key(key)
+    guess = f"did you mean {close}? " if close else ""
+    return ConfigKeyError(f"{where}: {what or f'unknown key {key!r}'}; {guess}{known}")
+
+
 # ----------------------------------------------------------------------------- values and types
 def _type_name(tp: Any) -> str:
     if tp is type(None):
@@ -253,9 +271,7 @@ def _apply(cfg: TrainConfig, mapping: dict[str, Any], where: str) -> None:
         elif name in SCALARS:
             setattr(cfg, name, coerce(value, hints[name], name))
         else:
-            raise ConfigKeyError(
-                f"{where}: unknown key {name!r}; valid top-level keys: {', '.join([*SCALARS, *SECTIONS])}"
-            )
+            raise _unknown(where, name, f"valid top-level keys: {', '.join([*SCALARS, *SECTIONS])}")
 
 
 def set_key(cfg: TrainConfig, key: str, value: Any, where: str = "override") -> None:
@@ -268,17 +284,19 @@ def set_key(cfg: TrainConfig, key: str, value: Any, where: str = "override") -> 
             raise ConfigKeyError(
                 f"{where}: {key!r} is a section; set its keys as {key}.KEY=VALUE ({', '.join(valid_keys(key))})"
             )
-        raise ConfigKeyError(f"{where}: unknown key {key!r}; valid keys: {', '.join(valid_keys())}")
+        raise _unknown(where, key, f"top-level keys: {', '.join(SCALARS)}; sections: {', '.join(SECTIONS)}")
     section, name = key.split(".", 1)
     if section not in SECTIONS:
-        raise ConfigKeyError(
-            f"{where}: unknown section {section!r} in {key!r}; sections: "
-            f"{', '.join(SECTIONS)} (and top-level keys {', '.join(SCALARS)})"
+        raise _unknown(
+            where,
+            key,
+            f"sections: {', '.join(SECTIONS)} (and top-level keys {', '.join(SCALARS)})",
+            f"unknown section {section!r} in {key!r}",
         )
     cls = SECTIONS[section]
     hints = typing.get_type_hints(cls)
     if name not in hints:
-        raise ConfigKeyError(f"{where}: unknown key {key!r}; valid keys of {section}: {', '.join(valid_keys(section))}")
+        raise _unknown(where, key, f"valid keys of {section}: {', '.join(valid_keys(section))}")
     setattr(getattr(cfg, section), name, coerce(value, hints[name], key))
 
 
