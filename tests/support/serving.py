@@ -120,9 +120,11 @@ class ScriptedEngine(Engine):
     """The real engine (queue, slots, sampling, stop strings, eos, max tokens, streaming text), but the
     model is replaced: every request's output is `script` (tokenised, then end-of-text, repeating), one
     token per step, `delay` seconds per step. It records the prompts it received. A random model never
-    writes a tool call; this does. A prompt containing `POISON` gets NaN logits from its second token on
-    (a failure that belongs to one request); `fail_next` makes the next decode step raise (one that
-    belongs to all of them, as an out-of-memory error would)."""
+    writes a tool call; this does. `replies` maps a text to the output of every prompt that contains it
+    (instead of `script`): an agent's tool loop, whose later prompts hold the tool's result, ends. A prompt
+    containing `POISON` gets NaN logits from its second token on (a failure that belongs to one request);
+    `fail_next` makes the next decode step raise (one that belongs to all of them, as an out-of-memory
+    error would)."""
 
     POISON = "POISON"
 
@@ -135,6 +137,8 @@ class ScriptedEngine(Engine):
         self.prompts: list[list[int]] = []
         self.poisoned: set[str] = set()
         self.script = script
+        self.replies: dict[str, str] = {}
+        self._reply_ids: dict[str, list[int]] = {}  # request id -> its output, where a reply applies
 
     @property
     def script(self) -> str:
@@ -149,14 +153,22 @@ class ScriptedEngine(Engine):
         row = torch.full((self.config.vocab_size,), float("-inf"))
         if req.id in self.poisoned and req.output_ids:
             return row.fill_(float("nan"))
-        ids = self._script_ids
+        ids = self._reply_ids.get(req.id, self._script_ids)
         row[ids[len(req.output_ids) % len(ids)]] = 0.0
         return row
 
     def _prefill(self, req, n):
         self.prompts.append(req.prompt_ids)
-        if self.POISON in self.tokenizer.decode(req.prompt_ids):
+        prompt = self.tokenizer.decode(req.prompt_ids)
+        if self.POISON in prompt:
             self.poisoned.add(req.id)
+        for key, text in self.replies.items():
+            if key in prompt:
+                self._reply_ids[req.id] = [
+                    *self.tokenizer(text, add_special_tokens=False)["input_ids"],
+                    min(self.eos_ids),
+                ]
+                break
         return self._logits(req)
 
     def _decode(self, reqs):
