@@ -7,7 +7,6 @@ import contextlib
 import inspect
 import io
 import json
-import threading
 import time
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import httpx
 import torch
 
 from loopcoder.engine import Engine
+from loopcoder.serving.background import BackgroundServer
 
 KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -63,35 +63,9 @@ def build_model_dir(out: Path, context: int = CONTEXT) -> Path:
     return out
 
 
-class LiveServer:
-    """`GracefulServer` on 127.0.0.1 (a free port) in a background thread, as `loopcoder serve` runs it."""
-
-    def __init__(self, app, scheduler, grace: float = 5.0, log_level: str = "warning", **limits) -> None:
-        from loopcoder.serving.server import bind, make_server
-
-        self.scheduler = scheduler
-        self.sock = bind("127.0.0.1", 0)
-        self.port = self.sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = make_server(app, scheduler, grace=grace, log_level=log_level, **limits)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def __enter__(self) -> LiveServer:
-        self.thread.start()
-        deadline = time.monotonic() + 60
-        while not self.server.started:
-            assert self.thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-    def stop(self, timeout: float = 30) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout)
-        self.sock.close()
-        assert not self.thread.is_alive(), "the server did not stop"
+class LiveServer(BackgroundServer):
+    """`GracefulServer` on 127.0.0.1 (a free port) in a background thread, as `loopcoder serve` runs it, with
+    helpers that read its health."""
 
     def health(self) -> dict:
         return httpx.get(self.url + "/health", timeout=10).json()
