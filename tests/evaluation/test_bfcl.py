@@ -4,8 +4,10 @@ tiny model (served in-process, and as a running server)."""
 
 from __future__ import annotations
 
+import importlib
 import json
 
+import httpx
 import pytest
 
 from loopcoder.cli import main
@@ -167,6 +169,29 @@ def test_the_command_against_a_running_server(tools, model_dir, tmp_path, capsys
         assert main(args) == 0
     results = json.loads(out.read_text())
     assert results["model_id"] == "served" and results["bfcl"]["categories"]["irrelevance"]["n"] == 2
+
+
+@pytest.mark.parametrize("handler", ["responses", "chat_completions"])
+def test_bfcl_shaped_requests_are_accepted(tools, model_dir, handler):
+    """bfcl's two OpenAI-compatible function-calling handlers, with their own tool conversion: OpenAIResponsesHandler
+    (its gpt-4o/gpt-4.1 `-FC` entries) posts to /v1/responses, OpenAICompletionsHandler (the entries that read
+    OPENAI_BASE_URL for Chat Completions) to /v1/chat/completions; both send `store: false`, temperature 0.001 and
+    no tool_choice. The chat one passes where the chat endpoint accepts `store` (issue 23, item 1)."""
+    styles = importlib.import_module("bfcl_eval.constants.enums").ModelStyle
+    app, scheduler = load_app(str(model_dir), max_batch=4, model_name="m", max_tokens=16)
+    with LiveServer(app, scheduler) as server:
+        for category in ("simple_python", "parallel_multiple", "live_multiple", "irrelevance"):
+            entry = tools.load_dataset_entry(category)[0]
+            if handler == "responses":
+                path, body = "/v1/responses", bfcl.request_body(tools, entry, "m")
+            else:
+                converted = tools.convert_to_tool(entry["function"], tools.openapi_types, styles.OPENAI_COMPLETIONS)
+                path = "/v1/chat/completions"
+                body = {"messages": entry["question"][0], "model": "m", "temperature": 0.001, "store": False}
+                body["tools"] = converted
+            r = httpx.post(server.url + path, json=body, timeout=120)
+            assert r.status_code == 200, (category, r.text)
+            assert ("output" if handler == "responses" else "choices") in r.json()
 
 
 @pytest.mark.parametrize(
