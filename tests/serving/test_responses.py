@@ -339,3 +339,16 @@ def test_a_stream_over_raw_http_names_each_event(scripted):
     data = [json.loads(line[len("data: ") :]) for line in lines if line.startswith("data: ")]
     assert named == [d["type"] for d in data] and named[-1] == "response.completed"
     assert "[DONE]" not in "".join(lines)  # the Responses API's streams end with their terminal event
+
+
+def test_a_request_that_fails_mid_generation_ends_with_an_error_and_response_failed(scripted):
+    scripted.engine.script = "a b c d"
+    r = post(scripted, {"input": "POISON"})
+    assert r.status_code == 500 and r.json()["error"]["code"] == "generation_failed"
+    url = scripted.url + "/v1/responses"
+    with httpx.stream("POST", url, json={"input": "POISON", "stream": True}, timeout=60) as r:
+        data = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
+    assert [d["type"] for d in data[-2:]] == ["error", "response.failed"]
+    assert data[-2]["code"] == "generation_failed" and data[-1]["response"]["status"] == "failed"
+    assert data[-1]["response"]["error"]["code"] == "generation_failed"
+    assert post(scripted, {"input": "fine"}).status_code == 200  # the server goes on
