@@ -35,6 +35,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("loopcoder.commands.export", "add HF remote-code files: the model loads without loopcoder installed"),
     "data": ("loopcoder.commands.data", "build tokenizer and packed shards; write instruction and reasoning sets"),
     "eval": ("loopcoder.commands.eval", "HumanEval (sandboxed), code reasoning by difficulty, bits per byte"),
+    "bfcl": ("loopcoder.commands.bfcl", "BFCL's AST categories (tool calls) scored by BFCL's own checker"),
     "lm-eval": ("loopcoder.commands.lm_eval", "lm-evaluation-harness with the loopcoder backend registered (its CLI)"),
     "generate": ("loopcoder.commands.generate", "complete a prompt with the parallel-loop decode engine"),
     "chat": ("loopcoder.commands.chat", "a multi-turn chat in the terminal (the model's chat template, streamed)"),

@@ -1,4 +1,5 @@
-"""The OpenAI-compatible HTTP API (FastAPI): /v1/models, /v1/completions, /v1/chat/completions, /health.
+"""The OpenAI-compatible HTTP API (FastAPI): /v1/models, /v1/completions, /v1/chat/completions, /v1/responses
+(responses.py), /health.
 
 Handlers run on the event loop and never touch the engine: they validate, tokenise (in a one-thread
 pool, off the loop), `submit` a ticket to the `Scheduler`, and read the ticket's updates from an
@@ -40,6 +41,7 @@ from loopcoder.serving.protocol import (
     bad_request,
     parse_request,
 )
+from loopcoder.serving.responses import ResponsesAPI
 from loopcoder.serving.scheduler import Job, Scheduler, Update
 from loopcoder.serving.tool_calls import (
     HermesToolCallParser,
@@ -620,5 +622,11 @@ def create_app(scheduler: Scheduler, tokenizer: Any, settings: ServerSettings) -
     @app.post("/v1/chat/completions")
     async def _chat(request: Request) -> Response:
         return await chat_completions(svc, request)
+
+    responses_api = ResponsesAPI(svc, lambda jobs, request: Pending(scheduler, jobs, request))
+
+    @app.post("/v1/responses")
+    async def _responses(request: Request) -> Response:
+        return await responses_api.create(request)
 
     return app
