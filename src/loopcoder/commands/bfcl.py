@@ -12,13 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from loopcoder.atomic import atomic_write_text
+from loopcoder.commands.options import add_threads_argument
 from loopcoder.errors import LoopcoderError
 from loopcoder.evaluation import bfcl
-from loopcoder.evaluation.runner import config_hash, load_results
-from loopcoder.runtime import add_threads_argument, apply_threads
-from loopcoder.serving.background import BackgroundServer
-from loopcoder.serving.server import api_key_from_env, load_app
-from loopcoder.training.checkpoints import resolve_model_dir
 
 RESULTS_VERSION = 1  # runner.load_results checks it
 
@@ -53,6 +49,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # here: the runner, the server and the checkpoints import torch (a fast --help)
+    from loopcoder.evaluation.runner import config_hash, load_results
+    from loopcoder.runtime import apply_threads
+    from loopcoder.serving.background import BackgroundServer
+    from loopcoder.serving.server import api_key_from_env, load_app
+    from loopcoder.training.checkpoints import resolve_model_dir
+
     categories = bfcl.parse_categories(args.categories)
     for name in ("limit", "concurrency", "max_batch", "max_tokens"):
         value = getattr(args, name)

@@ -37,7 +37,6 @@ from typing import Any
 from loopcoder.atomic import atomic_directory
 from loopcoder.errors import LoopcoderError
 from loopcoder.progress import Progress
-from loopcoder.stats import wilson_interval
 
 BFCL_VERSION = "2026.3.23"
 # what `load_bfcl` imports, installed without their dependencies (the checker's and convert_to_tool's own imports)
@@ -324,6 +323,8 @@ def run_categories(
 
 
 def accuracy(correct: int, n: int) -> dict[str, Any]:
+    from loopcoder.stats import wilson_interval  # numpy: not at import (the command's fast --help)
+
     return {
         "accuracy": correct / n if n else float("nan"),
         "correct": correct,
