@@ -131,9 +131,12 @@ def test_a_tokenizer_that_does_not_match_the_model_is_refused(dirs, capsys, name
     assert "(400) is smaller than its tokenizer's (1024)" in message
 
 
-def test_diagnose_checks_the_vocabulary_against_the_data(dirs, capsys):
+def test_diagnose_checks_the_tokenizer_against_the_data(dirs, capsys):
     message = one_line_error(command("diagnose", dirs["big"], dirs), capsys)
-    assert "does not match its tokenizer's" in message
+    assert f"tokenizer mismatch: the data directory {str(dirs['data'])!r}" in message
+    assert (
+        f"the model {str(dirs['big'])!r} (model_identity.json)" in message and "--allow-tokenizer-mismatch" in message
+    )
 
 
 def test_padding_beyond_the_tokenizer_is_fine():

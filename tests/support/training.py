@@ -109,6 +109,26 @@ def run_cli(
         return subprocess.CompletedProcess(cmd, -9, "", f"timed out after {timeout} s\n{err}")
 
 
+def can_mount_a_tmpfs() -> bool:
+    """Whether a tmpfs can be mounted in a private user and mount namespace here (`in_a_small_tmpfs`)."""
+    if not shutil.which("unshare"):
+        return False
+    r = subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"], capture_output=True)
+    return r.returncode == 0
+
+
+def in_a_small_tmpfs(mnt: Path, size: str, script: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run the shell `script` where `mnt` is a fresh tmpfs of `size` (a private mount in a user namespace,
+    gone when the script ends): a disk that fills up, for real."""
+    return subprocess.run(
+        ["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size={size} tmpfs {mnt} && {script}"],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONPATH": str(SRC)},
+    )
+
+
 def read_metrics(run: Path, kind: str = "train") -> list[dict[str, Any]]:
     lines = (run / "metrics.jsonl").read_text().splitlines()
     return [r for r in map(json.loads, lines) if r["kind"] == kind]

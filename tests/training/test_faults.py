@@ -4,9 +4,7 @@ corrupted shard. Each ends the run with one line that names the directory or the
 from __future__ import annotations
 
 import errno
-import os
 import shutil
-import subprocess
 import sys
 from collections import namedtuple
 
@@ -19,7 +17,7 @@ from loopcoder.cli import main
 from loopcoder.data.shards import ShardDataset
 from loopcoder.errors import LoopcoderError
 from loopcoder.training import checkpoints as ckpt
-from support.training import SRC, data_dir, tiny_overrides
+from support.training import SRC, can_mount_a_tmpfs, data_dir, in_a_small_tmpfs, tiny_overrides
 
 IN_PROCESS = {"train.threads": 1, "train.deterministic": False, "logging.progress": "off"}
 
@@ -91,15 +89,8 @@ def _finished_run(tmp_path):
     return out
 
 
-def _can_mount_a_tmpfs() -> bool:
-    if not shutil.which("unshare"):
-        return False
-    r = subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"], capture_output=True)
-    return r.returncode == 0
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not _can_mount_a_tmpfs(), reason="cannot mount a tmpfs in a user namespace here")
+@pytest.mark.skipif(not can_mount_a_tmpfs(), reason="cannot mount a tmpfs in a user namespace here")
 def test_a_real_full_disk_ends_the_run_with_one_line(tmp_path):
     """A 1 MiB tmpfs (a private mount in a user namespace): the first checkpoint fits, a later one does not."""
     mnt = tmp_path / "small"
@@ -111,16 +102,10 @@ def test_a_real_full_disk_ends_the_run_with_one_line(tmp_path):
     )
     python = f"PYTHONPATH={SRC} OMP_NUM_THREADS=1 {sys.executable} -m loopcoder"
     script = (
-        f"mount -t tmpfs -o size=1m tmpfs {mnt} && {python} train {' '.join(args)}; echo rc=$?; "
+        f"{python} train {' '.join(args)}; echo rc=$?; "
         f"{python} generate --model {mnt / 'run'} --prompt x --max-new-tokens 2 >/dev/null && echo loads"
     )
-    r = subprocess.run(
-        ["unshare", "-rm", "sh", "-c", script],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "PYTHONPATH": str(SRC)},
-    )
+    r = in_a_small_tmpfs(mnt, "1m", script)
     assert "rc=2" in r.stdout and "loads" in r.stdout, (r.stdout, r.stderr)  # the latest checkpoint still loads
     errors = [line for line in r.stderr.splitlines() if "error" in line.lower() or "Traceback" in line]
     assert len(errors) == 1 and "no space left to save checkpoint step-" in errors[0], r.stderr

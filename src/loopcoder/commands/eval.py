@@ -9,7 +9,7 @@ from loopcoder.data.reasoning import parse_steps
 from loopcoder.errors import LoopcoderError
 from loopcoder.evaluation.runner import evaluate, parse_data, parse_tasks, summary_table
 from loopcoder.evaluation.tasks import EvalSettings
-from loopcoder.runtime import add_threads_argument, apply_threads, int_list
+from loopcoder.runtime import add_threads_argument, add_tokenizer_check_argument, apply_threads, int_list
 from loopcoder.sampling import SamplingParams
 from loopcoder.training.checkpoints import resolve_model_dir
 
@@ -72,6 +72,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     add_threads_argument(p)
+    add_tokenizer_check_argument(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -123,6 +124,7 @@ def run(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         prompt_style=args.prompt_style,
         tokenizer_dir=args.tokenizer,
+        allow_tokenizer_mismatch=args.allow_tokenizer_mismatch,
     )
     print(summary_table(results))
     print(f"results: {args.out}", file=sys.stderr)

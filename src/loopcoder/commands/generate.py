@@ -10,7 +10,13 @@ from pathlib import Path
 from loopcoder.constraints import Constraint
 from loopcoder.engine import Engine
 from loopcoder.errors import LoopcoderError
-from loopcoder.runtime import add_threads_argument, apply_threads, chat_stop_ids, load_for_inference
+from loopcoder.runtime import (
+    add_threads_argument,
+    add_tokenizer_check_argument,
+    apply_threads,
+    chat_stop_ids,
+    load_for_inference,
+)
 from loopcoder.sampling import SamplingParams
 from loopcoder.training.checkpoints import resolve_model_dir
 
@@ -45,6 +51,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     add_threads_argument(p)
+    add_tokenizer_check_argument(p)
 
 
 def read_text(path: str, what: str) -> str:
@@ -80,7 +87,9 @@ def run(args: argparse.Namespace) -> int:
     if not prompt:
         raise LoopcoderError("the prompt is empty (give --prompt TEXT or text on stdin)")
     threads = apply_threads(args.threads)
-    model, tok = load_for_inference(str(resolve_model_dir(args.model)), args.tokenizer, args.device, args.dtype)
+    model, tok = load_for_inference(
+        str(resolve_model_dir(args.model)), args.tokenizer, args.device, args.dtype, args.allow_tokenizer_mismatch
+    )
     if args.chat:
         if not getattr(tok, "chat_template", None):
             raise LoopcoderError("--chat: this tokenizer has no chat template")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from loopcoder.engine import DEFAULT_BLOCK_SIZE, DEFAULT_STEP_TOKENS, check_cache_options
 from loopcoder.errors import LoopcoderError
-from loopcoder.runtime import add_threads_argument, apply_threads
+from loopcoder.runtime import add_threads_argument, add_tokenizer_check_argument, apply_threads
 from loopcoder.serving.app import ServerSettings
 from loopcoder.serving.server import (
     HEADER_TIMEOUT,
@@ -79,6 +79,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     add_threads_argument(p)
+    add_tokenizer_check_argument(p)
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.add_argument("--access-log", action="store_true", help="log every request")
 
@@ -175,6 +176,7 @@ def run(args: argparse.Namespace) -> int:
             max_body_bytes=args.max_body_bytes,
             body_timeout=args.body_timeout,
             engine_options=engine_options,
+            allow_tokenizer_mismatch=args.allow_tokenizer_mismatch,
         )
         server = make_server(
             app,
