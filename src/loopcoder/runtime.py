@@ -125,6 +125,7 @@ def check_tokenizer(
     tokenizer_dir: str | os.PathLike | None,
     allow: bool = False,
     what: str = "the tokenizer",
+    override: str = OVERRIDE_FLAG,
 ) -> None:
     """Refuse a tokenizer that is not the one the model was made with, by content (`identity.py`): the
     fingerprint the model directory records (else its own tokenizer's) against the given tokenizer's
@@ -134,7 +135,7 @@ def check_tokenizer(
     expected, where = model_tokenizer_fingerprint(model_dir)
     given = tokenizer_fingerprint(tokenizer_dir)
     source = f"{what} {str(tokenizer_dir)!r}" if Path(tokenizer_dir) != Path(model_dir) else repr(str(model_dir))
-    check_same_tokenizer(expected, f"the model {where}", given, source, OVERRIDE_FLAG, allow)
+    check_same_tokenizer(expected, f"the model {where}", given, source, override, allow)
 
 
 def check_vocab(model_vocab: int, tokenizer_vocab: int, where: str) -> None:
@@ -162,14 +163,16 @@ def load_for_inference(
     device: str = "auto",
     dtype: str = "auto",
     allow_tokenizer_mismatch: bool = False,
+    override: str = OVERRIDE_FLAG,
 ) -> tuple[Any, Any]:
     """(model, tokenizer) ready for decoding: strict checkpoint load, eval mode, on the device; the
-    tokenizer checked to be the model's (size, then fingerprint, unless `allow_tokenizer_mismatch`)."""
+    tokenizer checked to be the model's (size, then fingerprint, unless `allow_tokenizer_mismatch`;
+    `override` is how the caller's user says so, named in the error)."""
     dev = pick_device(device)
     model = load_model(model_dir, dtype=pick_dtype(dtype, dev), device=dev)
     tokenizer = load_tokenizer(tokenizer_dir or model_dir)
     check_vocab(model.config.vocab_size, len(tokenizer), str(tokenizer_dir or model_dir))
-    check_tokenizer(model_dir, tokenizer_dir, allow_tokenizer_mismatch)
+    check_tokenizer(model_dir, tokenizer_dir, allow_tokenizer_mismatch, override=override)
     return model, tokenizer
 
 

@@ -91,6 +91,7 @@ def test_an_unwritable_out_is_one_line(tmp_path, capsys, where):
 
 # ----------------------------------------------------------------------------- the tokenizer and the shape
 def test_init_data_makes_a_model_for_a_data_directory(tmp_path, capsys):
+    from loopcoder.data.build import read_manifest
     from loopcoder.identity import read_identity, tokenizer_fingerprint
     from support.data import small_build
 
@@ -99,6 +100,7 @@ def test_init_data_makes_a_model_for_a_data_directory(tmp_path, capsys):
     assert run(["init", "--out", str(out), *SMALL, "--data", str(data)], capsys)[0] == 0
     fingerprint = tokenizer_fingerprint(data)
     assert read_identity(out)["tokenizer"]["fingerprint"] == fingerprint == tokenizer_fingerprint(out)
+    assert read_manifest(data)["tokenizer"]["fingerprint"] == fingerprint  # `data build` records it
     code, _, err = run(["init", "--out", str(tmp_path / "x"), "--data", str(data), "--tokenizer", str(out)], capsys)
     assert code == 2 and "give --tokenizer or --data, not both" in err
 

@@ -17,7 +17,14 @@ from loopcoder.cli import main
 from loopcoder.data.shards import ShardDataset
 from loopcoder.errors import LoopcoderError
 from loopcoder.training import checkpoints as ckpt
-from support.training import SRC, can_mount_a_tmpfs, data_dir, in_a_small_tmpfs, tiny_overrides
+from support.training import (
+    SRC,
+    can_mount_a_tmpfs,
+    data_dir,
+    in_a_small_tmpfs,
+    one_line_error,
+    tiny_overrides,
+)
 
 IN_PROCESS = {"train.threads": 1, "train.deterministic": False, "logging.progress": "off"}
 
@@ -27,14 +34,6 @@ def keep_threads():
     before = torch.get_num_threads()
     yield
     torch.set_num_threads(before)
-
-
-def one_line_error(argv, capsys) -> str:
-    capsys.readouterr()
-    code = main(argv)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1, (code, err)
-    return err[0]
 
 
 # ----------------------------------------------------------------------------- a full disk
@@ -123,7 +122,7 @@ def corrupt_copy(tmp_path):
     return data, shard
 
 
-def test_a_corrupted_shard_ends_training_with_one_line_naming_the_file(tmp_path, capsys):
+def test_a_corrupted_shard_ends_training_with_one_line_naming_the_file(tmp_path, capsys, monkeypatch):
     data, shard = corrupt_copy(tmp_path)
     argv = [
         "train",
@@ -131,6 +130,11 @@ def test_a_corrupted_shard_ends_training_with_one_line_naming_the_file(tmp_path,
             data, tmp_path / "run", **{**IN_PROCESS, "train.steps": 200, "checkpoint.every": 0, "eval.every": 0}
         ),
     ]
+    message = one_line_error(argv, capsys)  # small data is hashed at start: the run does not begin
+    assert f"shard {shard} does not match its checksum in index.json" in message
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    # data too large to hash at every start: the range check on every batch read still names the file
+    monkeypatch.setattr("loopcoder.data.verify.HASH_AT_START_MAX_BYTES", 0)
     message = one_line_error(argv, capsys)
     assert f"shard {shard} is corrupted" in message and "outside the vocabulary [0, " in message
 

@@ -1,6 +1,7 @@
 """`loopcoder data`: build the tokenizer and packed shards, write the instruction and reasoning sets.
 
 loopcoder data build --source stdlib --out data/stdlib --vocab-size 4096
+loopcoder data verify data/stdlib
 loopcoder data instructions --data data/stdlib
 loopcoder data reasoning --n 2000 --steps 1-6 --split train --seed 0 --out reasoning-train.jsonl
 """
@@ -16,6 +17,7 @@ from loopcoder.data import reasoning
 from loopcoder.data.build import BuildConfig, build, format_statistics
 from loopcoder.data.corpus import CorpusSpec
 from loopcoder.data.instructions import write_instruction_set
+from loopcoder.data.verify import verify
 from loopcoder.errors import LoopcoderError
 
 
@@ -70,6 +72,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "instructions/ included), and rebuild even if it is up to date",
     )
 
+    v = sub.add_parser(
+        "verify", help="check a data directory: index.json, every shard's size and checksum, the tokenizer"
+    )
+    v.add_argument("dir", metavar="DIR", help="a directory written by `loopcoder data build`")
+
     i = sub.add_parser("instructions", help="documented functions of a data directory's corpus -> chat JSONL")
     i.add_argument("--data", required=True, help="a directory written by `loopcoder data build`")
     i.add_argument(
@@ -105,6 +112,14 @@ def run(args: argparse.Namespace) -> int:
         return _build(args)
     if args.action == "instructions":
         return _instructions(args)
+    if args.action == "verify":
+        report = verify(args.dir)
+        splits = ", ".join(f"{k} {v:,} sequences" for k, v in report["splits"].items())
+        print(
+            f"{args.dir}: ok: {report['shards']} shards ({report['bytes']:,} bytes of tokens) match their "
+            f"checksums; {splits}; tokenizer {report['tokenizer']} is the shards'"
+        )
+        return 0
     return _reasoning(args)
 
 

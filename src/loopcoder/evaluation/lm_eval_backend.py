@@ -88,7 +88,12 @@ class LoopcoderLM(TemplateLM):
             logging.getLogger(__name__).warning("device %s: CUDA is not available, running on the CPU", device)
             device = None
         self.model, self.tokenizer = load_for_inference(
-            model_dir, tokenizer, device or "auto", dtype, _as_bool(allow_tokenizer_mismatch)
+            model_dir,
+            tokenizer,
+            device or "auto",
+            dtype,
+            _as_bool(allow_tokenizer_mismatch),
+            override="the model arg allow_tokenizer_mismatch=true",
         )
         self.model_dir = model_dir
         self._device = next(self.model.parameters()).device
