@@ -207,3 +207,20 @@ def test_a_damaged_trainer_state_is_one_line_on_resume(tmp_path, capsys, content
         state.write_bytes(content)
     message = one_line_error([*train_argv(data_dir(), run, **{"train.steps": 4}), "--resume"], capsys)
     assert str(state) in message and "the checkpoint is damaged" in message, message
+
+
+def test_checkpoint_files_are_readable_by_all_and_record_their_identity(tmp_path):
+    """safetensors writes 0600; a checkpoint is shared like any file the umask allows (0644 under 022)."""
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        assert main(train_argv(data_dir(), tmp_path / "run")) == 0
+    finally:
+        os.umask(old)
+    checkpoint = max((tmp_path / "run" / "checkpoints").glob("step-*"))
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in checkpoint.iterdir()}
+    assert set(modes.values()) == {0o644}, modes
+    identity = read_identity(checkpoint)
+    assert identity["tokenizer"]["fingerprint"] == tokenizer_fingerprint(data_dir())
+    assert set(identity["weights"]) == {"model.safetensors"}
