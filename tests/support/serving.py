@@ -30,6 +30,7 @@ def build_model_dir(out: Path, context: int = CONTEXT) -> Path:
 
     text = "".join(inspect.getsource(m) for m in (engine, model, sampling))
     tok = T.train_tokenizer((text[i : i + 2000] for i in range(0, len(text), 2000)), vocab_size=400)
+    tokenizer_dir = T.save_tokenizer(tok, out.parent / f"{out.name}-tokenizer")  # the model is made for it
     with contextlib.redirect_stdout(io.StringIO()):
         assert (
             main(
@@ -45,8 +46,8 @@ def build_model_dir(out: Path, context: int = CONTEXT) -> Path:
                     "4",
                     "--kv-heads",
                     "2",
-                    "--vocab-size",
-                    "400",
+                    "--tokenizer",
+                    str(tokenizer_dir),
                     "--window",
                     "4",
                     "--max-positions",
@@ -59,7 +60,6 @@ def build_model_dir(out: Path, context: int = CONTEXT) -> Path:
             )
             == 0
         )
-    T.save_tokenizer(tok, out, model_max_length=context)  # after init, which writes the directory anew
     return out
 
 

@@ -26,6 +26,7 @@ from typing import Any
 from loopcoder.commands.options import (
     add_model_arguments,
     add_runtime_arguments,
+    add_tokenizer_check_argument,
     add_sampling_arguments,
     sampling_params,
 )
@@ -44,6 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="before each reply, print the rendered prompt (the whole conversation so far) on stderr",
     )
     add_runtime_arguments(p)
+    add_tokenizer_check_argument(p)
 
 
 @dataclass
@@ -89,7 +91,9 @@ def run(args: argparse.Namespace) -> int:
     params = sampling_params(args)
     model_dir = resolve_model_dir(args.model)
     threads = apply_threads(args.threads)
-    model, tok = load_for_inference(str(model_dir), args.tokenizer, args.device, args.dtype)
+    model, tok = load_for_inference(
+        str(model_dir), args.tokenizer, args.device, args.dtype, args.allow_tokenizer_mismatch
+    )
     chat_prompt_ids(tok, Conversation().messages("hello"))  # no chat template: one line, before the first turn
     params.stop_token_ids = chat_stop_ids(model.config.eos_token_id, tok)  # a reply ends with its turn
 

@@ -1,6 +1,7 @@
 """`loopcoder data`: build the tokenizer and packed shards, write the instruction and reasoning sets.
 
 loopcoder data build --source stdlib --out data/stdlib --vocab-size 4096
+loopcoder data verify data/stdlib
 loopcoder data instructions --data data/stdlib
 loopcoder data reasoning --n 2000 --steps 1-6 --split train --seed 0 --out reasoning-train.jsonl
 """
@@ -68,6 +69,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "instructions/ included), and rebuild even if it is up to date",
     )
 
+    v = sub.add_parser(
+        "verify", help="check a data directory: index.json, every shard's size and checksum, the tokenizer"
+    )
+    v.add_argument("dir", metavar="DIR", help="a directory written by `loopcoder data build`")
+
     i = sub.add_parser("instructions", help="documented functions of a data directory's corpus -> chat JSONL")
     i.add_argument("--data", required=True, help="a directory written by `loopcoder data build`")
     i.add_argument(
@@ -103,6 +109,16 @@ def run(args: argparse.Namespace) -> int:
         return _build(args)
     if args.action == "instructions":
         return _instructions(args)
+    if args.action == "verify":
+        from loopcoder.data.verify import verify  # reads the shards (numpy) and the tokenizer
+
+        report = verify(args.dir)
+        splits = ", ".join(f"{k} {v:,} sequences" for k, v in report["splits"].items())
+        print(
+            f"{args.dir}: ok: {report['shards']} shards ({report['bytes']:,} bytes of tokens) match their "
+            f"checksums; {splits}; tokenizer {report['tokenizer']} is the shards'"
+        )
+        return 0
     return _reasoning(args)
 
 

@@ -13,7 +13,7 @@ import gc
 import sys
 from pathlib import Path
 
-from loopcoder.commands.options import add_threads_argument
+from loopcoder.commands.options import add_threads_argument, add_tokenizer_check_argument
 from loopcoder.errors import LoopcoderError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -58,6 +58,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     add_threads_argument(p)
+    add_tokenizer_check_argument(p)
 
 
 def _names(models: list[str], names: list[str] | None) -> list[str]:
@@ -87,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     from loopcoder.diagnostics import diagnose, load_sequences, recommend, write_report
     from loopcoder.diagnostics.report import check_out_dir
     from loopcoder.runtime import DTYPES as TORCH_DTYPES
-    from loopcoder.runtime import apply_threads, check_vocab, load_tokenizer, pick_device
+    from loopcoder.runtime import apply_threads, check_tokenizer, check_vocab, load_tokenizer, pick_device
     from loopcoder.training.checkpoints import resolve_model_dir
 
     # Check every input before loading a model: a typo should cost nothing.
@@ -121,6 +122,10 @@ def run(args: argparse.Namespace) -> int:
             vocab[key] = len(tokenizer) if tokenizer is not None else read_index(data)["vocab_size"]
             if not samples[key]:
                 raise LoopcoderError(f"{args.data!r} gave no sample of at least 2 tokens")
+    for model_dir in model_dirs:  # every pairing, before any model is loaded
+        key = tokenizer_dir(model_dir)
+        what = "the data directory" if key is None else "the tokenizer"
+        check_tokenizer(model_dir, key or data, args.allow_tokenizer_mismatch, what)
     results = []
     for model_dir, name in zip(model_dirs, names):
         key = tokenizer_dir(model_dir)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from loopcoder.commands.options import add_threads_argument, int_list
+from loopcoder.commands.options import add_threads_argument, add_tokenizer_check_argument, int_list
 from loopcoder.data.reasoning import parse_steps
 from loopcoder.errors import LoopcoderError
 
@@ -68,6 +68,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     add_threads_argument(p)
+    add_tokenizer_check_argument(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -126,6 +127,7 @@ def run(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         prompt_style=args.prompt_style,
         tokenizer_dir=args.tokenizer,
+        allow_tokenizer_mismatch=args.allow_tokenizer_mismatch,
     )
     print(summary_table(results))
     print(f"results: {args.out}", file=sys.stderr)

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from loopcoder.commands.options import (
     add_model_arguments,
+    add_tokenizer_check_argument,
     add_runtime_arguments,
     add_sampling_arguments,
     sampling_params,
@@ -32,6 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     c.add_argument("--regex", metavar="PATTERN", help="the output matches this regular expression")
     c.add_argument("--grammar", metavar="FILE", help="the output matches this Lark grammar (llguidance's dialect)")
     add_runtime_arguments(p)
+    add_tokenizer_check_argument(p)
 
 
 def read_text(path: str, what: str) -> str:
@@ -66,7 +68,9 @@ def run(args: argparse.Namespace) -> int:
     if not prompt:
         raise LoopcoderError("the prompt is empty (give --prompt TEXT or text on stdin)")
     threads = apply_threads(args.threads)
-    model, tok = load_for_inference(str(resolve_model_dir(args.model)), args.tokenizer, args.device, args.dtype)
+    model, tok = load_for_inference(
+        str(resolve_model_dir(args.model)), args.tokenizer, args.device, args.dtype, args.allow_tokenizer_mismatch
+    )
     if args.chat:
         ids = chat_prompt_ids(tok, [{"role": "user", "content": prompt}], "--chat")
         params.stop_token_ids = chat_stop_ids(model.config.eos_token_id, tok)  # a reply ends with its turn

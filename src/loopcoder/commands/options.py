@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from loopcoder.errors import LoopcoderError
+from loopcoder.identity import OVERRIDE_FLAG
 from loopcoder.training.config import SECTIONS, TrainConfig
 
 
@@ -119,6 +120,15 @@ def add_threads_argument(parser: argparse.ArgumentParser | Any) -> None:
         metavar="N",
         help="CPU threads for torch (default: $OMP_NUM_THREADS, else the cores the load average "
         "shows free, at least 1; see docs/benchmarks.md)",
+    )
+
+
+def add_tokenizer_check_argument(parser: argparse.ArgumentParser | Any) -> None:
+    """`--allow-tokenizer-mismatch`, the override of the tokenizer fingerprint check (`runtime.check_tokenizer`)."""
+    parser.add_argument(
+        OVERRIDE_FLAG,
+        action="store_true",
+        help="use a tokenizer other than the one the model was made with (its ids mean other tokens)",
     )
 
 

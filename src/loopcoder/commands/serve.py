@@ -7,7 +7,7 @@ import signal
 import sys
 from pathlib import Path
 
-from loopcoder.commands.options import add_threads_argument
+from loopcoder.commands.options import add_threads_argument, add_tokenizer_check_argument
 from loopcoder.defaults import BODY_TIMEOUT, DEFAULT_BLOCK_SIZE, DEFAULT_STEP_TOKENS, HEADER_TIMEOUT, MAX_CONNECTIONS
 from loopcoder.errors import LoopcoderError
 
@@ -68,6 +68,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     add_threads_argument(p)
+    add_tokenizer_check_argument(p)
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.add_argument("--access-log", action="store_true", help="log every request")
 
@@ -171,6 +172,7 @@ def run(args: argparse.Namespace) -> int:
             max_body_bytes=args.max_body_bytes,
             body_timeout=args.body_timeout,
             engine_options=engine_options,
+            allow_tokenizer_mismatch=args.allow_tokenizer_mismatch,
         )
         server = make_server(
             app,

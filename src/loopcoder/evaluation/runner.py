@@ -20,7 +20,7 @@ from loopcoder.errors import LoopcoderError
 from loopcoder.evaluation.file_tasks import TASKS as FILE_TASK_SPECS
 from loopcoder.evaluation.file_tasks import run_file_task
 from loopcoder.evaluation.tasks import EvalSettings, bits_per_byte, run_humaneval, run_reasoning
-from loopcoder.runtime import load_for_inference
+from loopcoder.runtime import check_tokenizer, load_for_inference
 
 BUILTIN_TASKS = ("humaneval", "reasoning", "bpb")
 FILE_TASKS = tuple(FILE_TASK_SPECS)  # humaneval+, mbpp+, cruxeval-o/-i, lcb-codegen, lcb-execution
@@ -123,6 +123,7 @@ def evaluate(
     tokenizer_dir: str | None = None,
     bpb_per_row: bool = False,
     data_files: dict[str, str] | None = None,
+    allow_tokenizer_mismatch: bool = False,
 ) -> dict[str, Any]:
     data_files = dict(data_files or {})
     running = [t for t in tasks if t in CODE_RUNNING]
@@ -148,7 +149,9 @@ def evaluate(
     too_big = [k for k in settings.ks if k > settings.n_samples or k < 1]
     if too_big:
         raise LoopcoderError(f"pass@{too_big[0]} needs k in [1, n-samples={settings.n_samples}]")
-    model, tokenizer = load_for_inference(model_dir, tokenizer_dir, device, dtype)
+    model, tokenizer = load_for_inference(model_dir, tokenizer_dir, device, dtype, allow_tokenizer_mismatch)
+    if "bpb" in tasks:  # bits per byte of the data directory's token ids: they must be the model's
+        check_tokenizer(model_dir, data_dir, allow_tokenizer_mismatch, "the data directory")
     settings.prompt_style = detect_prompt_style(model_dir, tokenizer) if prompt_style == "auto" else prompt_style
     if settings.prompt_style not in ("completion", "chat"):
         raise LoopcoderError(f"--prompt-style must be auto, completion or chat, got {prompt_style!r}")

@@ -36,13 +36,14 @@ def load_app(
     model_name: str | None = None,
     tool_parser: str = "hermes",
     engine_options: dict | None = None,
+    allow_tokenizer_mismatch: bool = False,
     **settings: Any,
 ) -> tuple[Any, Scheduler]:
     """(FastAPI app, its scheduler) serving the model in `model_dir`. `engine_options`: the `Engine`'s cache and
     scheduling options (`paged`, `block_size`, `kv_cache_tokens`, `prefix_caching`, `max_step_tokens`);
     `settings`: `ServerSettings` fields."""
     parser = get_tool_parser(tool_parser)
-    model, tokenizer = load_for_inference(model_dir, tokenizer_dir, device, dtype)
+    model, tokenizer = load_for_inference(model_dir, tokenizer_dir, device, dtype, allow_tokenizer_mismatch)
     engine = Engine(model, tokenizer, max_batch=max_batch, mode=mode, **(engine_options or {}))
     scheduler = Scheduler(engine, max_queue=max_queue, queue_timeout=queue_timeout)
     name = model_name or Path(model_dir).resolve().name

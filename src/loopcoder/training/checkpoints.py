@@ -4,6 +4,7 @@
         config.json, model.safetensors       the released LoopCoder-V2 layout (`from_pretrained`,
                                              `loopcoder generate --model` load it as it is)
         tokenizer.json, tokenizer_config.json copied from the data directory
+        model_identity.json                  the weights' checksums, the tokenizer's fingerprint
         trainer_state.pt                     optimizer, scheduler, RNG, data-reader position, step,
                                              config, metrics so far (plain tensors and Python values)
         checkpoint.json                      the completion marker, written last
@@ -29,6 +30,7 @@ import torch
 
 from loopcoder.atomic import atomic_directory, atomic_write_text
 from loopcoder.errors import LoopcoderError
+from loopcoder.identity import write_identity
 from loopcoder.model import PLTForCausalLM
 
 CHECKPOINTS = "checkpoints"
@@ -106,6 +108,7 @@ def write_checkpoint(
                 for name in TOKENIZER_FILES:
                     if (tokenizer_dir / name).is_file():
                         shutil.copyfile(tokenizer_dir / name, tmp / name)
+            write_identity(tmp)  # the weights' checksums and the copied tokenizer's fingerprint
             torch.save(state, tmp / STATE)
             marker = {
                 "step": step,
@@ -187,8 +190,24 @@ def remove_partial(run_dir: str | Path) -> list[Path]:
     return removed
 
 
+STATE_KEYS = ("format", "step", "tokens", "elapsed_s", "config", "optimizer", "scheduler", "reader", "rng")
+
+
 def load_state(path: Path) -> dict[str, Any]:
+    """A checkpoint's trainer state; a damaged file (truncated, garbage, another pickle) is one line."""
     try:
-        return torch.load(path / STATE, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError) as e:
-        raise LoopcoderError(f"cannot read {path / STATE}: {str(e).splitlines()[0]}") from e
+        state = torch.load(path / STATE, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises RuntimeError, pickle.UnpicklingError, EOFError, ... for a bad file
+        lines = str(e).strip().splitlines()
+        why = lines[0][:200] if lines else type(e).__name__
+        raise LoopcoderError(
+            f"cannot read {path / STATE} ({why}): the checkpoint is damaged; remove {path} to resume from the "
+            "one before it"
+        ) from None
+    missing = [k for k in STATE_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise LoopcoderError(
+            f"{path / STATE} is not a trainer state (no {', '.join(missing[:4])}): the checkpoint is damaged; "
+            f"remove {path} to resume from the one before it"
+        )
+    return state

@@ -47,6 +47,7 @@ class DataSection:
     sft_train: list[str] = field(default_factory=list)  # chat JSONL (default DIR/instructions/train.jsonl)
     sft_validation: list[str] = field(default_factory=list)  # (default DIR/instructions/validation.jsonl)
     packing: bool = True  # SFT: pack conversations into rows (else one per row, padded)
+    allow_tokenizer_mismatch: bool = False  # train a model on data of another tokenizer (its ids mean other tokens)
 
 
 @dataclass

@@ -21,6 +21,7 @@ from loopcoder.checkpoint import load_model
 from loopcoder.config import PLTConfig
 from loopcoder.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from loopcoder.errors import LoopcoderError
+from loopcoder.identity import OVERRIDE_KEY, check_same_tokenizer, model_tokenizer_fingerprint, tokenizer_fingerprint
 from loopcoder.model import PLTForCausalLM
 from loopcoder.runtime import apply_threads, pick_dtype, quiet_libraries
 from loopcoder.training import checkpoints as ckpt
@@ -32,6 +33,7 @@ from loopcoder.training.trainer import Trainer, TrainResult, seed_everything
 
 # Keys a resumed run must share with its checkpoint (others, e.g. train.steps or eval.every, may change).
 RESUME_FIXED = ("stage", "seed", "model", "data", "train.global_batch_size")
+RESUME_FREE = {"data.allow_tokenizer_mismatch"}  # inside a fixed section, but a resumed run may change it
 
 
 def model_config(cfg: TrainConfig, vocab_size: int, seq_len: int) -> PLTConfig:
@@ -45,10 +47,16 @@ def _load_weights(path: Path) -> Any:
 
 def _check_resumable(saved: dict[str, Any], cfg: TrainConfig) -> None:
     now = cfg.to_dict()
+    if not isinstance(saved, dict):
+        raise LoopcoderError(f"cannot resume: the checkpoint's config is {type(saved).__name__}, not a mapping")
     for key in RESUME_FIXED:
         a, b = saved, now
         for part in key.split("."):
-            a, b = a.get(part), b.get(part)
+            a, b = (a.get(part) if isinstance(a, dict) else None), b.get(part)
+        if isinstance(a, dict) and isinstance(b, dict):
+            for free in RESUME_FREE:
+                if free.startswith(key + "."):
+                    a, b = {**a, free[len(key) + 1 :]: None}, {**b, free[len(key) + 1 :]: None}
         if a != b:
             if isinstance(a, dict) and isinstance(b, dict):
                 diff = next(k for k in sorted({*a, *b}) if a.get(k) != b.get(k))
@@ -110,7 +118,9 @@ def train(cfg: TrainConfig, resume: bool = False, source: BatchSource | None = N
         if cfg.stage == "sft":  # a resumed SFT run starts from its own checkpoint, the init may be gone
             init_dir = start if start is not None else ckpt.resolve_model_dir(cfg.init)
         if source is None:
-            source = pretrain_source(cfg) if cfg.stage == "pretrain" else sft_source(cfg, init_dir)
+            log = sys.stderr if env.is_main and cfg.logging.progress != "off" else None
+            source = pretrain_source(cfg, log) if cfg.stage == "pretrain" else sft_source(cfg, init_dir)
+        _check_tokenizer(cfg, source, start or init_dir)
         seed_everything(cfg.seed)
         if start is not None or init_dir is not None:
             model = _load_weights(start or init_dir)
@@ -135,6 +145,28 @@ def train(cfg: TrainConfig, resume: bool = False, source: BatchSource | None = N
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(deterministic)
         D.teardown(env)
+
+
+def _check_tokenizer(cfg: TrainConfig, source: BatchSource, model_dir: Path | None) -> None:
+    """The weights a run starts from (a checkpoint to resume, SFT's init) must have been made with the
+    tokenizer of the data it trains on: compared by fingerprint (`identity.py`), not by size."""
+    if model_dir is None or source.tokenizer_dir is None:
+        return
+    expected, where = model_tokenizer_fingerprint(model_dir)
+    given = tokenizer_fingerprint(source.tokenizer_dir)
+    what = (
+        "the data's tokenizer"
+        if cfg.data.dir and Path(cfg.data.dir) in source.tokenizer_dir.parents
+        else "the tokenizer"
+    )
+    check_same_tokenizer(
+        expected,
+        f"the model {where}",
+        given,
+        f"{what} {str(source.tokenizer_dir)!r}",
+        OVERRIDE_KEY,
+        cfg.data.allow_tokenizer_mismatch,
+    )
 
 
 def _write_summary(cfg: TrainConfig, env: D.DistEnv, result: TrainResult, mc: PLTConfig) -> None:
