@@ -26,8 +26,8 @@ from typing import Any
 from loopcoder.commands.options import (
     add_model_arguments,
     add_runtime_arguments,
-    add_tokenizer_check_argument,
     add_sampling_arguments,
+    add_tokenizer_check_argument,
     sampling_params,
 )
 from loopcoder.errors import LoopcoderError

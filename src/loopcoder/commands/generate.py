@@ -10,9 +10,9 @@ from typing import TYPE_CHECKING
 
 from loopcoder.commands.options import (
     add_model_arguments,
-    add_tokenizer_check_argument,
     add_runtime_arguments,
     add_sampling_arguments,
+    add_tokenizer_check_argument,
     sampling_params,
 )
 from loopcoder.errors import LoopcoderError
