@@ -23,7 +23,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("fastlinear", "flex"),
     ("blocks", "cache", "paged"),  # the engine's caches: block bookkeeping, slot caches, the paged one
     ("model", "loopcoder"),
-    ("checkpoint", "export"),  # loads, saves and initialises models; writes the remote-code layout
+    ("lora", "checkpoint", "export"),  # LoRA adapters (PEFT); loads, saves and initialises models; writes the
+    # remote-code layout
     ("runtime", "sampling", "textstream", "constraints"),  # devices, dtypes, loading for inference; sampling;
     # detokenising; grammar-constrained decoding
     ("engine",),

@@ -10,18 +10,23 @@ leaves a half-written checkpoint that looks valid.
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
 
+from loopcoder import lora
 from loopcoder.atomic import atomic_directory
 from loopcoder.config import ModelShape
 from loopcoder.errors import CheckpointError, LoopcoderError
 from loopcoder.model import PLTForCausalLM
 
-__all__ = ["CheckpointError", "load_model", "save_model", "write_random_model"]
+__all__ = ["CheckpointError", "load_model", "save_model", "write_merged", "write_random_model"]
+
+# A tokenizer saved beside a model (training checkpoints copy these from the data directory).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
 def save_model(
@@ -37,10 +42,15 @@ def save_model(
 
 
 def load_model(path: str | os.PathLike, dtype: Any = None, device: Any = None) -> Any:
-    """Load a model directory with a clear error for a bad path or a mismatched checkpoint."""
+    """Load a model directory with a clear error for a bad path or a mismatched checkpoint. A LoRA adapter
+    directory (`lora.py`) loads as its base model with the adapter merged in."""
     p = Path(path)
     if not p.is_dir():
         raise CheckpointError(f"model directory {str(path)!r} does not exist")
+    if lora.is_adapter_dir(p):  # merged at the base's saved precision, then converted
+        model = lora.load_merged(load_model(lora.base_dir(p)), p)
+        model = model if dtype is None else model.to(dtype)
+        return (model if device is None else model.to(device)).eval()
     if not (p / "config.json").is_file():
         raise CheckpointError(f"{str(path)!r} has no config.json: not a model directory")
     if not any(p.glob("*.safetensors")):
@@ -61,6 +71,21 @@ def load_model(path: str | os.PathLike, dtype: Any = None, device: Any = None) -
     if device is not None:
         model = model.to(device)
     return model.eval()
+
+
+def write_merged(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """A LoRA adapter directory merged into its base: a plain model directory (config, weights, generation
+    config and the adapter's tokenizer files), written atomically. What `loopcoder export --merge` exports."""
+    src = Path(adapter_dir)
+    if not lora.is_adapter_dir(src):
+        raise CheckpointError(f"{str(adapter_dir)!r} is not a LoRA adapter directory (no {lora.ADAPTER_CONFIG})")
+    model = load_model(src)
+    with atomic_directory(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        for name in TOKENIZER_FILES:
+            if (src / name).is_file():
+                shutil.copyfile(src / name, tmp / name)
+    return Path(out_dir)
 
 
 def write_random_model(

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from loopcoder.errors import LoopcoderError
-from loopcoder.training.config import load_config, parse_override
+from loopcoder.training.config import load_config, lora_overrides, parse_override
 from loopcoder.training.run import train
 
 
@@ -30,6 +30,13 @@ def add_arguments(p: argparse.ArgumentParser, stage: str = "pretrain") -> None:
             default=None,
             metavar="CHECKPOINT",
             help="the model to tune: a model directory or a pretraining run directory (its newest checkpoint)",
+        )
+        p.add_argument(
+            "--lora",
+            default=None,
+            metavar="SPEC",
+            help="train a LoRA adapter instead of every weight, e.g. r=16,alpha=32,dropout=0.05,targets=q_proj,v_proj "
+            "(the same as lora.r=16 ...; defaults: alpha 2r, dropout 0.05, targets q_proj,v_proj; all-linear for all)",
         )
     p.add_argument(
         "--resume",
@@ -69,6 +76,8 @@ def run_stage(args: argparse.Namespace, stage: str) -> int:
         source = str(saved)
     extra = {"init": args.init} if getattr(args, "init", None) else {}
     overrides = [*args.overrides, *([f"train.threads={args.threads}"] if args.threads is not None else [])]
+    if getattr(args, "lora", None) is not None:
+        overrides += lora_overrides(args.lora)
     cfg = load_config(source, overrides, stage=stage, extra=extra)
     if args.print_config:
         sys.stdout.write(cfg.to_yaml())

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loopcoder import lora
 from loopcoder.data.sft import IGNORE_INDEX
 from loopcoder.errors import LoopcoderError
 from loopcoder.progress import Progress
@@ -283,7 +284,8 @@ class Trainer:
         self.elapsed = float(state["elapsed_s"])
 
     def save_checkpoint(self) -> Path:
-        weights = D.full_model_state(self.module, self.env)
+        adapter = self.module.peft_config["default"] if lora.is_attached(self.module) else None
+        weights = D.full_model_state(self.module, self.env, trainable_only=adapter is not None)
         state = self.state_dict()
         path = None
         if self.env.is_main:
@@ -298,6 +300,7 @@ class Trainer:
                 self.cfg.checkpoint.keep,
                 self.cfg.checkpoint.max_shard_size,
                 info,
+                adapter,
             )
         path = D.broadcast_object(str(path) if path else None, self.env)
         D.barrier(self.env)
