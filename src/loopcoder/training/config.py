@@ -105,6 +105,7 @@ class LoggingSection:
     progress: str = "auto"  # auto (bar on a TTY, lines otherwise) | bar | lines | off
     progress_every_s: float = 10.0  # seconds between progress lines when not a TTY
     peak_flops: float | None = None  # peak FLOP/s per device for MFU (None: known GPUs; off on CPU)
+    curves: bool = True  # RUN/curves.png (loss, validation, bpb, LR), redrawn at each validation and at the end
 
 
 @dataclass
