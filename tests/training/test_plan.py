@@ -132,7 +132,7 @@ def test_plan_command(capsys):
     assert main(["plan", "--preset", "7b", "--memory", "80GiB"]) == 0  # one GPU
     out = capsys.readouterr().out
     assert "largest micro-batch (sequences of 4096)       0 with checkpointing, 0 without" in out
-    assert "DOES NOT FIT: does not fit on 1 GPU of 80.0 GiB" in out and "(--gpus 2)" in out
+    assert "verdict: does not fit on 1 GPU of 80.0 GiB" in out and "(--gpus 2)" in out
     assert main(["plan", "--preset", "7b", "--memory", "80GiB", "--gpus", "8", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["fit"]["fits"] is True
 

@@ -166,7 +166,7 @@ def format_plan(report: dict[str, Any], mc: Any) -> str:
             f"({_gib(ck['fsdp_all_gather_bytes_per_step'])} received per GPU per step)"
         )
     verdict = report["fit"]
-    lines += ["", f"{'fits' if verdict['fits'] else 'DOES NOT FIT'}: {verdict['verdict']}"]
+    lines += ["", f"verdict: {verdict['verdict']}"]
     lines += [f"  - {a}" for a in verdict["advice"]]
     lines += [
         "",
