@@ -427,3 +427,12 @@ def test_headline_says_when_held_out_nll_disagrees_with_the_rule_and_which_to_be
     assert unchecked.loops == 2 and unchecked.held_out.agrees is None
     assert "cannot check R = 2: no such model was diagnosed" in unchecked.held_out.message
     assert recommend([r2]).held_out is None  # one model: nothing to compare
+
+
+def test_the_held_out_check_of_one_sample_has_no_interval_and_the_json_stays_valid():
+    rising = dict(erank=[100.0, 110.0], delta_p=[1.0], kl=[1.0], cos=[0.3])
+    rec = recommend([synthetic(1, erank=[100.0], nll=5.0, n=1), synthetic(2, **rising, nll=5.5, n=1)])
+    assert rec.held_out.agrees is None  # one sample cannot separate them
+    data = json.loads(json.dumps(rec.to_dict(), allow_nan=False))
+    assert data["held_out"]["difference"]["ci95"] == [None, None]
+    assert "(one sample: no interval)" in rec.held_out.message and "nan" not in rec.held_out.message

@@ -57,6 +57,15 @@ class LoopAssessment:
         }
 
 
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+def _json_difference(d: Difference) -> dict[str, Any]:
+    """`Difference.to_dict` with null for the interval a single sample cannot give (JSON has no NaN)."""
+    return {**d.to_dict(), "mean": _finite(d.mean), "ci95": [_finite(d.low), _finite(d.high)]}
+
+
 @dataclass
 class HeldOutCheck:
     """The rule's pick against held-out quality: the models' final-loop NLL on the same samples."""
@@ -73,8 +82,8 @@ class HeldOutCheck:
             "agrees": self.agrees,
             "best": self.best,
             "best_loops": self.best_loops,
-            "nll": self.nll,
-            "difference": None if self.difference is None else self.difference.to_dict(),
+            "nll": {k: _finite(v) for k, v in self.nll.items()},
+            "difference": None if self.difference is None else _json_difference(self.difference),
             "message": self.message,
         }
 
@@ -265,7 +274,8 @@ def check_held_out(results: list[DiagnosticsResult], loops: int) -> HeldOutCheck
     versus = (
         f"{best.name} (R = {best.num_loops}) has a lower final-loop NLL than the recommended {rec.name} "
         f"(R = {loops}): {nll[best.name]:.4g} against {nll[rec.name]:.4g} nats/token, difference "
-        f"{diff.describe(digits=3)}{'' if paired else ', from different samples'}"
+        f"{diff.describe(digits=3) if diff.n > 1 else f'{diff.mean:+.3f} (one sample: no interval)'}"
+        f"{'' if paired else ', from different samples'}"
     )
     if diff.clear:
         return HeldOutCheck(
