@@ -111,6 +111,7 @@ def test_lora_header_says_what_trains(base, tmp_path, capsys):
     assert "trainable of" in err
 
 
+@pytest.mark.slow  # end-to-end: seconds
 def test_resume_of_a_lora_run_equals_the_uninterrupted_run(base, tmp_path):
     full, killed = tmp_path / "full", tmp_path / "killed"
     settings = {
@@ -143,6 +144,7 @@ def test_resume_of_a_lora_run_equals_the_uninterrupted_run(base, tmp_path):
     assert r.returncode == 2 and "cannot resume: lora.r is 8 in the checkpoint and 4 now" in r.stderr
 
 
+@pytest.mark.slow  # end-to-end: seconds
 def test_lora_near_full_rank_and_full_fine_tuning_both_learn_the_same_data(base, tmp_path):
     """The comparison docs/training.md describes: a rank-32 adapter on every linear layer of a 32-wide model
     (a full-rank update of each) against tuning every weight, same data, steps and LR."""
@@ -268,6 +270,7 @@ def test_generate_and_eval_take_the_adapter_run_and_export_merge_writes_a_plain_
     )
 
 
+@pytest.mark.slow  # end-to-end: seconds
 def test_serving_the_merged_model(tuned, tmp_path):
     merged = write_merged(tuned.final_checkpoint, tmp_path / "merged")
     model, tokenizer = load_for_inference(str(merged))
