@@ -23,8 +23,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("fastlinear", "flex"),
     ("blocks", "cache", "paged"),  # the engine's caches: block bookkeeping, slot caches, the paged one
     ("model", "loopcoder"),
-    ("checkpoint", "export", "identity"),  # loads, saves and initialises models; writes the remote-code layout;
-    # a model directory's identity (tokenizer fingerprint, weights checksums)
+    ("lora", "checkpoint", "export", "identity"),  # LoRA adapters (PEFT); loads, saves and initialises models;
+    # writes the remote-code layout; a model directory's identity (tokenizer fingerprint, weights checksums)
     ("runtime", "sampling", "textstream", "constraints"),  # devices, dtypes, loading for inference; sampling;
     # detokenising; grammar-constrained decoding
     ("engine",),

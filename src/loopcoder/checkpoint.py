@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 
+from loopcoder import lora
 from loopcoder.atomic import atomic_directory
 from loopcoder.config import PLTConfig
 from loopcoder.errors import CheckpointError, LoopcoderError
@@ -30,8 +31,11 @@ from loopcoder.identity import write_identity
 from loopcoder.model import PLTForCausalLM
 from loopcoder.shape import ModelShape
 
-__all__ = ["CheckpointError", "load_model", "save_model", "write_random_model"]
+__all__ = ["CheckpointError", "load_model", "save_model", "write_merged", "write_random_model"]
 MIN_POSITIONS = 2  # a prompt token and one generated token
+
+# A tokenizer saved beside a model (training checkpoints copy these from the data directory).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
 def save_model(
@@ -64,10 +68,15 @@ def save_pretrained(model: Any, out: Path, **kwargs: Any) -> None:
 
 
 def load_model(path: str | os.PathLike, dtype: Any = None, device: Any = None) -> Any:
-    """Load a model directory with a clear error for a bad path or a mismatched checkpoint."""
+    """Load a model directory with a clear error for a bad path or a mismatched checkpoint. A LoRA adapter
+    directory (`lora.py`) loads as its base model with the adapter merged in."""
     p = Path(path)
     if not p.is_dir():
         raise CheckpointError(f"model directory {str(path)!r} does not exist")
+    if lora.is_adapter_dir(p):  # merged at the base's saved precision, then converted
+        model = lora.load_merged(load_model(lora.base_dir(p)), p)
+        model = model if dtype is None else model.to(dtype)
+        return (model if device is None else model.to(device)).eval()
     if not (p / "config.json").is_file():
         raise CheckpointError(f"{str(path)!r} has no config.json: not a model directory")
     if not any(p.glob("*.safetensors")):
@@ -88,6 +97,23 @@ def load_model(path: str | os.PathLike, dtype: Any = None, device: Any = None) -
     if device is not None:
         model = model.to(device)
     return model.eval()
+
+
+def write_merged(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """A LoRA adapter directory merged into its base: a plain model directory (config, weights, generation
+    config, identity and the adapter's tokenizer files), written atomically. What `loopcoder export --merge`
+    exports."""
+    src = Path(adapter_dir)
+    if not lora.is_adapter_dir(src):
+        raise CheckpointError(f"{str(adapter_dir)!r} is not a LoRA adapter directory (no {lora.ADAPTER_CONFIG})")
+    model = load_model(src)
+    with atomic_directory(out_dir) as tmp:
+        save_pretrained(model, tmp)
+        for name in TOKENIZER_FILES:
+            if (src / name).is_file():
+                shutil.copyfile(src / name, tmp / name)
+        write_identity(tmp)
+    return Path(out_dir)
 
 
 # `init`'s shape when a flag is not given: the tiny preset's (`commands/init.py` reads the preset itself)

@@ -44,6 +44,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("loopcoder.commands.train", "pretrain from scratch on packed shards (single process or torchrun)"),
     "sft": ("loopcoder.commands.sft", "instruction-tune a checkpoint with the same engine and loss masks"),
     "plan": ("loopcoder.commands.plan", "parameters, FLOPs/token, memory and the largest batch that fits"),
+    "plot": ("loopcoder.commands.plot", "training curves (loss, validation, bits per byte, LR) of runs as a PNG"),
 }
 
 

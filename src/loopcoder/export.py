@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from loopcoder import __version__
+from loopcoder import __version__, lora
 from loopcoder.atomic import atomic_directory, atomic_write_text, check_output_dir
 from loopcoder.config import PLTConfig
 from loopcoder.errors import LoopcoderError
@@ -273,6 +273,11 @@ def export(
     src = Path(model_dir)
     if not src.is_dir():
         raise ExportError(f"model directory {str(model_dir)!r} does not exist")
+    if lora.is_adapter_dir(src):
+        raise ExportError(
+            f"{str(model_dir)!r} is a LoRA adapter, not a model: merge it into its base first "
+            "(`loopcoder export --merge`, or `checkpoint.write_merged`)"
+        )
     if in_place == (out_dir is not None):
         raise ExportError(
             "give either an output directory or in_place, not both"

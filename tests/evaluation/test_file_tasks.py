@@ -220,7 +220,7 @@ def score(model_dir, data, tmp_path, monkeypatch, task, replies, ks=(1,), n=1):
     spec = file_tasks.TASKS[task]
     by_prompt = {json.dumps(spec.prompt(p, False)): p["task_id"] for p in spec.load(str(data[task]))}
 
-    def complete(engine, tokenizer, prompts, params, label="", quiet=False):
+    def complete(engine, tokenizer, prompts, params, label="", quiet=False, progress=None):
         return [
             {"text": replies[by_prompt[json.dumps(p)]], "tokens": 1, "finish_reason": "stop", "skipped": None}
             for p in prompts

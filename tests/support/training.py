@@ -85,6 +85,14 @@ def tiny_overrides(data: Path, out: Path, **extra: Any) -> list[str]:
     return [f"{k}={v}" for k, v in base.items()]
 
 
+IN_PROCESS = {"train.threads": "null", "train.deterministic": False}  # leave the test process's settings alone
+
+
+def in_process_overrides(out: Path, **extra: Any) -> list[str]:
+    """`tiny_overrides` for a run inside the test process (`pretrain`/`sft` called directly)."""
+    return tiny_overrides(data_dir(), out, **{**IN_PROCESS, **extra})
+
+
 def run_cli(
     args: list[str], env: dict[str, str] | None = None, timeout: float = 180, torchrun: int = 0
 ) -> subprocess.CompletedProcess:

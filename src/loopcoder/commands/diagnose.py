@@ -150,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
             f"{r.name}: R={r.num_loops} {r.architecture}, {r.num_samples} samples, {r.num_tokens} tokens, "
             f"{r.seconds:.1f}s"
         )
-    print(f"recommendation: R = {rec.loops}")
+    print(f"recommendation: {rec.headline}")
     for reason in rec.reasons:
         print(f"  - {reason}")
     print(f"wrote {out}/diagnostics.json, {out}/report.md" + ("" if args.no_plots else f", {out}/plots/"))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from loopcoder.commands.options import MODEL_FLAGS, TRAINING_FLAGS, add_config_flags, config_overrides
 from loopcoder.errors import LoopcoderError
-from loopcoder.training.config import load_config, parse_override
+from loopcoder.training.config import load_config, lora_overrides, parse_override
 
 
 def add_arguments(p: argparse.ArgumentParser, stage: str = "pretrain") -> None:
@@ -31,6 +31,13 @@ def add_arguments(p: argparse.ArgumentParser, stage: str = "pretrain") -> None:
             default=None,
             metavar="CHECKPOINT",
             help="the model to tune: a model directory or a pretraining run directory (its newest checkpoint)",
+        )
+        p.add_argument(
+            "--lora",
+            default=None,
+            metavar="SPEC",
+            help="train a LoRA adapter instead of every weight, e.g. r=16,alpha=32,dropout=0.05,targets=q_proj,v_proj "
+            "(the same as lora.r=16 ...; defaults: alpha 2r, dropout 0.05, targets q_proj,v_proj; all-linear for all)",
         )
     p.add_argument(
         "--resume",
@@ -74,6 +81,8 @@ def run_stage(args: argparse.Namespace, stage: str) -> int:
         source = str(saved)
     extra = {**flags, **({"init": args.init} if getattr(args, "init", None) else {})}
     overrides = [*args.overrides, *([f"train.threads={args.threads}"] if args.threads is not None else [])]
+    if getattr(args, "lora", None) is not None:
+        overrides += lora_overrides(args.lora)
     cfg = load_config(source, overrides, stage=stage, extra=extra)
     if args.print_config:
         sys.stdout.write(cfg.to_yaml())

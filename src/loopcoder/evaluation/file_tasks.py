@@ -28,7 +28,7 @@ from loopcoder.evaluation import checks, humaneval
 from loopcoder.evaluation.generation import complete
 from loopcoder.evaluation.passk import mean_pass_at_k
 from loopcoder.evaluation.sandbox import Limits, isolation_report, run_many
-from loopcoder.evaluation.tasks import EvalSettings, Save
+from loopcoder.evaluation.tasks import EvalSettings, Save, task_progress
 from loopcoder.runtime import chat_stop_ids
 
 Prompt = str | list[dict[str, str]]
@@ -379,11 +379,12 @@ def run_file_task(
     max_new = s.humaneval_max_new_tokens if task.writes_code else PREDICTION_MAX_NEW_TOKENS
     per_problem: dict[str, Any] = done.setdefault("problems", {})
     todo = [p for p in problems if p["task_id"] not in per_problem]
+    meter = task_progress(task.name, len(todo) * s.n_samples)
     for start in range(0, len(todo), s.chunk):
         chunk = todo[start : start + s.chunk]
         prompts = [task.prompt(p, chat) for p in chunk for _ in range(s.n_samples)]
         params = [s.sampling(max_new, stops, stop_ids, i) for _ in chunk for i in range(s.n_samples)]
-        outs = complete(engine, tokenizer, prompts, params, label=f"{task.name} {start + len(chunk)}/{len(todo)}")
+        outs = complete(engine, tokenizer, prompts, params, progress=meter)
         jobs, answers = [], []
         for j, p in enumerate(chunk):
             for o in outs[j * s.n_samples : (j + 1) * s.n_samples]:
@@ -413,6 +414,8 @@ def run_file_task(
                 "skipped": next((outs[k]["skipped"] for k in rows if outs[k]["skipped"]), None),
             }
         save()
+    if todo:
+        meter.finish()
     done.update(
         {
             "file": str(path),

@@ -28,7 +28,9 @@ from typing import Any
 
 import torch
 
+from loopcoder import lora
 from loopcoder.atomic import atomic_directory, atomic_write_text
+from loopcoder.checkpoint import TOKENIZER_FILES
 from loopcoder.errors import LoopcoderError
 from loopcoder.identity import write_identity
 from loopcoder.model import PLTForCausalLM
@@ -37,7 +39,6 @@ CHECKPOINTS = "checkpoints"
 MARKER = "checkpoint.json"
 STATE = "trainer_state.pt"
 LATEST = "latest"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 _NAME = re.compile(r"^step-(\d+)$")
 
 
@@ -66,10 +67,10 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def resolve_model_dir(path: str | Path) -> Path:
-    """A model directory as given, or a run directory's (or its checkpoints/') latest checkpoint: what
-    every command's `--model` (and `sft --init`) accepts."""
+    """A model directory (or a LoRA adapter directory) as given, or a run directory's (or its checkpoints/')
+    latest checkpoint: what every command's `--model` (and `sft --init`) accepts."""
     p = Path(path)
-    if (p / "config.json").is_file():
+    if (p / "config.json").is_file() or lora.is_adapter_dir(p):
         return p
     for run in (p, p.parent if p.name == CHECKPOINTS else None):
         if run is not None and (ckpt := latest_checkpoint(run)) is not None:
@@ -97,13 +98,19 @@ def write_checkpoint(
     keep: int,
     max_shard_size: str,
     info: dict[str, Any],
+    adapter: Any = None,
 ) -> Path:
-    """Write checkpoint `step` atomically, point `latest` at it, drop all but the newest `keep`."""
+    """Write checkpoint `step` atomically, point `latest` at it, drop all but the newest `keep`. With
+    `adapter` (a LoRA run's PEFT config), `weights` hold the adapter and the checkpoint is an adapter
+    directory (`loopcoder/lora.py`) instead of a full model."""
     root = Path(run_dir) / CHECKPOINTS
     final = root / step_name(step)
     try:
         with atomic_directory(final) as tmp:
-            save_weights(model_config, weights, tmp, max_shard_size)
+            if adapter is not None:
+                lora.save_adapter(tmp, weights, adapter)
+            else:
+                save_weights(model_config, weights, tmp, max_shard_size)
             if tokenizer_dir is not None:
                 for name in TOKENIZER_FILES:
                     if (tokenizer_dir / name).is_file():

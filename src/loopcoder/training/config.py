@@ -107,6 +107,17 @@ class LoggingSection:
     progress: str = "auto"  # auto (bar on a TTY, lines otherwise) | bar | lines | off
     progress_every_s: float = 10.0  # seconds between progress lines when not a TTY
     peak_flops: float | None = None  # peak FLOP/s per device for MFU (None: known GPUs; off on CPU)
+    curves: bool = True  # RUN/curves.png (loss, validation, bpb, LR), redrawn at each validation and at the end
+
+
+@dataclass
+class LoraSection:
+    """SFT with a LoRA adapter (PEFT) instead of every weight; `r: 0` trains every weight (docs/training.md)."""
+
+    r: int = 0  # the adapter's rank; 0: no adapter (full fine-tuning)
+    alpha: float | None = None  # the update is scaled by alpha / r; null: 2 r
+    dropout: float = 0.05  # on the adapter's input
+    targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])  # linear layers, or all-linear
 
 
 @dataclass
@@ -131,6 +142,7 @@ class TrainConfig:
     eval: EvalSection = field(default_factory=EvalSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
+    lora: LoraSection = field(default_factory=LoraSection)
     distributed: DistributedSection = field(default_factory=DistributedSection)
 
     def to_dict(self) -> dict[str, Any]:
@@ -165,7 +177,7 @@ class TrainConfig:
 
 SECTIONS: dict[str, type] = {
     name: typing.get_type_hints(TrainConfig)[name]
-    for name in ("model", "data", "train", "optim", "schedule", "eval", "checkpoint", "logging", "distributed")
+    for name in ("model", "data", "train", "optim", "schedule", "eval", "checkpoint", "logging", "lora", "distributed")
 }
 SCALARS = ("out", "seed", "stage", "init")
 
@@ -313,6 +325,35 @@ def parse_override(text: str) -> tuple[str, Any]:
     if isinstance(value, bool) and raw.strip().lower() not in ("true", "false"):
         value = raw.strip()  # `progress=off` is the word off; a bool field still accepts it (coerce)
     return key.strip(), value
+
+
+LORA_DEFAULT_RANK = 16  # `--lora` without r=
+
+
+def lora_overrides(spec: str) -> list[str]:
+    """`sft --lora SPEC` as `lora.*` overrides: 'r=16,alpha=32,dropout=0.05,targets=q_proj,v_proj' (a name
+    without `=` continues the targets; a bare number is r; r defaults to 16)."""
+    values: dict[str, list[str]] = {}
+    key = None
+    for i, item in enumerate(p.strip() for p in spec.split(",")):
+        name, sep, value = item.partition("=")
+        if sep:
+            key = name.strip()
+            if key not in ("r", "alpha", "dropout", "targets"):
+                raise ConfigKeyError(f"--lora {spec!r}: unknown setting {key!r} (r, alpha, dropout, targets)")
+            if key in values:
+                raise ConfigKeyError(f"--lora {spec!r}: {key} is given twice")
+            values[key] = [value.strip()]
+        elif i == 0 and item.isdigit():
+            key, values["r"] = "r", [item]
+        elif key == "targets" and item:
+            values[key].append(item)
+        else:
+            raise ConfigKeyError(
+                f"--lora {spec!r}: {item!r} is not KEY=VALUE (e.g. r=16,alpha=32,dropout=0.05,targets=q_proj,v_proj)"
+            )
+    values.setdefault("r", [str(LORA_DEFAULT_RANK)])
+    return [f"lora.{k}=[{', '.join(v)}]" if k == "targets" else f"lora.{k}={v[0]}" for k, v in values.items()]
 
 
 # ----------------------------------------------------------------------------- files and presets
@@ -477,5 +518,10 @@ def validate(cfg: TrainConfig) -> None:
         f"must divide train.global_batch_size={t.global_batch_size}",
     )
     need(bool(cfg.out), "out", "must be a directory path")
+    lo = cfg.lora
+    need(lo.r >= 0, "lora.r", "must be >= 0 (0: no adapter)")
+    need(lo.alpha is None or lo.alpha > 0, "lora.alpha", "must be > 0 (or null: 2 r)")
+    need(0 <= lo.dropout < 1, "lora.dropout", "must be in [0, 1)")
+    need(not lo.r or cfg.stage == "sft", "lora.r", "LoRA adapts an existing model: use it with `loopcoder sft --init`")
     if cfg.stage == "sft":
         need(cfg.init is not None, "init", "SFT needs a model to start from (--init CHECKPOINT)")

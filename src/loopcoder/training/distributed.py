@@ -158,11 +158,16 @@ def wrap(model: nn.Module, cfg: TrainConfig, env: DistEnv, bf16: bool) -> nn.Mod
 
 
 # ----------------------------------------------------------------------------- state dicts
-def full_model_state(module: nn.Module, env: DistEnv) -> dict[str, torch.Tensor]:
-    """Consolidated weights on CPU (on rank 0; other ranks may get an empty dict). Collective."""
+def full_model_state(module: nn.Module, env: DistEnv, trainable_only: bool = False) -> dict[str, torch.Tensor]:
+    """Consolidated weights on CPU (on rank 0; other ranks may get an empty dict). Collective.
+    `trainable_only`: only the parameters that train (a LoRA run's adapter), not the frozen base."""
     if not env.distributed:
-        return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
-    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        state = (
+            {k: v for k, v in module.named_parameters() if v.requires_grad} if trainable_only else module.state_dict()
+        )
+        return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
+    return get_model_state_dict(module, options=options)
 
 
 def full_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
