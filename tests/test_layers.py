@@ -50,6 +50,10 @@ FORBIDDEN = [("loopcoder.study", "loopcoder.bench", "the study does not use benc
 LOCAL_IMPORTS_ALLOWED = {
     "datasets": "only for `hf:` corpora, and importing it costs about half a second",
     "httpx": "a dev dependency, only for `bench serve`; its absence is a clear error",
+    "site": "the sandbox's launcher: only a program's process pays for site-packages, not each command",
+    "traceback": "the sandbox's launcher: only a program's process pays for it (it imports re)",
+    "json": "the sandbox's launcher: a checked run's init imports it once for both its processes",
+    "linecache": "the sandbox's launcher: a checked run's init imports it once for both its processes",
 }
 # Files whose function-local imports other branches are rewriting (they list theirs in the same section).
 LOCAL_IMPORTS_OWNED_ELSEWHERE: dict[str, str] = {}

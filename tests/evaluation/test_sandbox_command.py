@@ -94,6 +94,39 @@ def test_the_workspace_persists_between_calls_and_stays_the_callers(workspace):
     shutil.rmtree(workspace)  # the caller can delete it
 
 
+@pytest.mark.skipif(not AS_ROOT, reason="only a root caller gives the run a uid of its own")
+@pytest.mark.parametrize("idmapped", [True, False], ids=["idmapped mount", "lent by chown"])
+def test_a_big_workspace_is_the_runs_inside_and_the_callers_outside(workspace, monkeypatch, idmapped):
+    monkeypatch.setattr(sandbox, "_IDMAPPED_WORKSPACE", idmapped)
+    for i in range(2000):
+        (workspace / f"d{i % 20}").mkdir(exist_ok=True)
+        (workspace / f"d{i % 20}" / f"f{i}.txt").write_text("x")
+    owner = os.stat(workspace).st_uid
+    result = sh(
+        "test -O d3/f3.txt && echo owned; echo y >> d3/f3.txt; mkdir -p new/deeper; touch new/deeper/file; "
+        "rm d4/f4.txt; stat -c %u d5/f5.txt",
+        workspace,
+    )
+    assert result.passed, result
+    lines = result.stdout.splitlines()
+    assert lines[0] == "owned" and int(lines[1]) == result.isolation["uid"]  # the run's own inside
+    want = "idmapped mount" if idmapped else "lent to the run's uid"
+    if idmapped and not result.isolation["workspace"].startswith(want):
+        pytest.skip(f"no idmapped mount here: {result.isolation['workspace']}")
+    assert result.isolation["workspace"].startswith(want)
+    assert (workspace / "d3" / "f3.txt").read_text() == "xy\n" and not (workspace / "d4" / "f4.txt").exists()
+    assert {os.lstat(p).st_uid for p in [workspace, *workspace.rglob("*")]} == {owner}  # the caller's outside
+
+
+@pytest.mark.skipif(not AS_ROOT, reason="only a root caller gives the run a uid of its own")
+def test_a_lent_workspace_is_given_back_after_a_timeout_too(workspace, monkeypatch):
+    monkeypatch.setattr(sandbox, "_IDMAPPED_WORKSPACE", False)
+    result = sh("touch made; sleep 100", workspace, Limits(wall_seconds=1.5))
+    assert result.status == "timeout"
+    owner = os.stat(workspace).st_uid
+    assert {os.lstat(p).st_uid for p in [workspace, *workspace.rglob("*")]} == {owner} == {os.getuid()}
+
+
 def test_git_in_the_workspace_works_inside_and_afterwards_for_the_caller(workspace):
     result = sh(
         "git init -q . && git -c user.name=a -c user.email=a@b add README.md && "

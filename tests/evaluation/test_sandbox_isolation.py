@@ -11,9 +11,11 @@ host; a unix socket listening under /run or in a directory outside the workspace
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
+import subprocess
 import tempfile
 import textwrap
 from pathlib import Path
@@ -147,6 +149,51 @@ def test_memory_in_all_processes_together_is_capped():
         assert held(result) * MiB <= cap, result
     else:
         assert result.status == "killed" and "out of memory" in result.reason, result
+
+
+UNPRIVILEGED_DRIVER = """
+import json, sys, types
+package = types.ModuleType("loopcoder")  # the sandbox alone, without importing torch
+package.__path__ = [sys.argv[1]]
+sys.modules["loopcoder"] = package
+from loopcoder.evaluation.sandbox import isolation_report, run_program
+report = isolation_report()
+results = [run_program(p, allow_code_execution=True).to_dict() for p in json.loads(sys.stdin.read())]
+print(json.dumps({"report": report, "results": results}))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="making an unprivileged caller needs root")
+def test_an_unprivileged_caller_without_memory_caps_gets_memfd_and_shared_memory_refused(visible_dir):
+    # Not root: no cgroup to make (none is delegated here), and the IPC namespace's limits need uid 0 in
+    # its user namespace, which the caller's run does not have. The seccomp filter refuses all three.
+    uid = 1_600_000_000
+    package = visible_dir / "loopcoder"
+    sandbox_files = ("__init__.py", "sandbox.py", "sandbox_launcher.py", "cgroups.py")
+    for part in ["errors.py", *(f"evaluation/{f}" for f in sandbox_files)]:  # the sandbox alone
+        (package / part).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(PROJECT / "src" / "loopcoder" / part, package / part)
+    for path in [visible_dir, *visible_dir.rglob("*")]:
+        os.chown(path, uid, uid)
+    as_user = {"user": uid, "group": uid, "extra_groups": [], "env": {"PATH": "/usr/bin:/bin", "HOME": "/"}}
+    done = subprocess.run(
+        ["/usr/bin/python3", "-c", UNPRIVILEGED_DRIVER, str(package)],
+        input=json.dumps([MEMFD_HOARD, SHM_HOARD]),
+        capture_output=True,
+        text=True,
+        cwd=visible_dir,
+        timeout=300,
+        **as_user,
+    )
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    if out["report"]["memory cap"].startswith("yes") or out["report"]["shared memory cap"].startswith("yes"):
+        pytest.skip(f"this machine caps an unprivileged caller's memory: {out['report']}")
+    if not out["report"]["seccomp filter"].startswith("yes"):
+        pytest.skip(f"no seccomp filter here: {out['report']['seccomp filter']}")
+    assert "SysV shared memory" in out["report"]["seccomp filter"]
+    for result in out["results"]:
+        assert result["stdout"].startswith("refused Operation not permitted"), result
 
 
 def test_a_cgroup_is_made_per_run_and_removed_afterwards():

@@ -27,6 +27,7 @@ command (`run_command`) passes on exit status 0.
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import json
 import os
@@ -74,6 +75,9 @@ _CGROUPS = True
 _NAMESPACES = True
 # And this one only the private filesystem (mount namespace), as where the OS refuses just that.
 _PRIVATE_FILESYSTEM = True
+# And this one idmapped workspaces (run_command as root), as where the kernel or filesystem refuses them:
+# the workspace is then lent to the run's uid (chown) and given back after the run.
+_IDMAPPED_WORKSPACE = True
 
 
 class CodeExecutionNotAllowedError(LoopcoderError):
@@ -516,8 +520,7 @@ def _execute(job: _Job, limits: Limits, stdin: str | bytes | None, plan: _Plan) 
             os.chown(workdir, uid, uid)  # the program may write here, and nowhere it owns anything else
         if job.workspace is not None and uid is not None:
             st = os.stat(job.workspace)
-            owner = (st.st_uid, st.st_gid)
-            _chown_tree(job.workspace, uid, uid)  # the run's uid may write there, for this call
+            owner = (st.st_uid, st.st_gid)  # the run sees it as its own: idmapped, or lent (chown)
         stdin_file = None
         if stdin is not None:
             # A file, not a pipe: a program that never reads its input cannot block us.
@@ -539,10 +542,12 @@ def _execute(job: _Job, limits: Limits, stdin: str | bytes | None, plan: _Plan) 
             "checker": checker,
             "command": job.command,
             "workspace": job.workspace,
+            "workspace_owner": owner,
             "uid": uid,
             "checker_uid": _fresh_uid() if uid is not None else None,
             "namespaces": _NAMESPACES,
             "private_filesystem": _PRIVATE_FILESYSTEM,
+            "idmapped_workspace": _IDMAPPED_WORKSPACE,
             "interpreter_paths": plan.interpreter_paths,
             "cgroup": group_config,
             "nonce_fd": nonce_r,
@@ -561,7 +566,8 @@ def _execute(job: _Job, limits: Limits, stdin: str | bytes | None, plan: _Plan) 
         }
         try:
             proc = subprocess.Popen(
-                [plan.python, "-I", "-B", launcher, json.dumps(config)],
+                # -S: the launcher needs only the standard library; a program's process imports site.
+                [plan.python, "-I", "-S", "-B", launcher, repr(config)],
                 stdin=stdin_file if stdin_file is not None else subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
@@ -599,7 +605,9 @@ def _execute(job: _Job, limits: Limits, stdin: str | bytes | None, plan: _Plan) 
             os.close(fd)
         if group is not None:
             group.remove()
-        if owner is not None:  # every process of the run is dead: nothing can race the walk
+        if owner is not None and os.stat(job.workspace).st_uid != owner[0]:
+            # It was lent to the run's uid (no idmapped mount): every process of the run is dead now,
+            # nothing can race the walk that gives it back.
             _chown_tree(job.workspace, *owner)
         shutil.rmtree(workdir, ignore_errors=True)
         if os.path.exists(workdir):  # a last straggler was still writing; it is dead now
@@ -690,9 +698,10 @@ def _processes_of_uid(uid: int, pids: Sequence[int] | None = None) -> list[int]:
 def _pid_namespaced(out: _Collected) -> bool:
     first = bytes(out.data["control"]).split(b"\n", 1)[0]
     try:
-        return json.loads(first).get("pid_namespace") == "yes"
-    except ValueError:
+        message = ast.literal_eval(first.decode("utf-8", "replace"))
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
         return False
+    return isinstance(message, dict) and message.get("pid_namespace") == "yes"
 
 
 def _collect(
@@ -810,8 +819,10 @@ def _judge(launcher_rc: int, out: _Collected, nonce: bytes | None, limits: Limit
 def _outcome(launcher_rc: int, out: _Collected, nonce: bytes | None, limits: Limits, wall: float) -> ExecResult:
     control = []
     for line in bytes(out.data["control"]).decode("utf-8", "replace").splitlines():
-        with contextlib.suppress(ValueError):
-            control.append(json.loads(line))
+        with contextlib.suppress(ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            message = ast.literal_eval(line)  # the launcher's literals: never code
+            if isinstance(message, dict):
+                control.append(message)
     info = next((c for c in control if c.get("ready")), None)
     setup_error = next((c["setup_error"] for c in control if "setup_error" in c), None)
     wait = next((c["wait"] for c in control if "wait" in c), None)

@@ -17,13 +17,11 @@ filesystem and pivots into it, drops its privileges, and starts what the run run
 
 import builtins
 import ctypes
-import json
 import os
 import resource
 import signal
 import struct
 import sys
-import traceback
 import types
 
 CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = (
@@ -256,13 +254,18 @@ def _drop_privileges(uid, userns, umask=0o077):
     return nnp
 
 
+def _report(control_fd, message):
+    # One line to the parent: a dict of strings, numbers, booleans and None, as a Python literal.
+    os.write(control_fd, (repr(message) + "\n").encode())
+
+
 def _fail(control_fd, e):
-    os.write(control_fd, (json.dumps({"setup_error": f"{type(e).__name__}: {e}"}) + "\n").encode())
+    _report(control_fd, {"setup_error": f"{type(e).__name__}: {e}"})
     os._exit(70)
 
 
 def main():
-    cfg = json.loads(sys.argv[1])
+    cfg = eval(sys.argv[1], {"__builtins__": {}})  # a literal the parent wrote (json would import re: ~10 ms)
     control_fd = cfg["control_fd"]
     try:
         info, userns = _enter_namespaces(cfg)
@@ -399,7 +402,8 @@ def _build_root(cfg, pid_namespace, source, space, root):
         os.symlink(target, inside("/dev/" + name))
     if space is not None:  # a command: the workspace, read-write, at its own path
         here = cfg["workspace"]
-        _bind(f"/proc/self/fd/{space}", inside(here), writable=True)
+        os.makedirs(inside(here), 0o755)
+        cfg["workspace_ownership"] = _bind_workspace(cfg, space, inside(here))
     else:  # a program: a private working directory at the host directory's path, holding its copy
         here = root
         os.makedirs(inside(here), 0o755)
@@ -437,6 +441,96 @@ def _build_root(cfg, pid_namespace, source, space, root):
         missing.append("still writable: " + ", ".join(p[len(root) :] for p in refused[:5]) + more)
     status = "partly: " + "; ".join(missing) if missing else "yes"
     return status[:1000], here  # the control pipe carries at most a few KiB
+
+
+def _bind_workspace(cfg, space, target):
+    # Bind the workspace where the run's uid may write it. As root, the run has a uid of its own: an
+    # idmapped mount shows the owner's files as the run's and stores the run's new files as the
+    # owner's, whatever the workspace's size; where the filesystem or kernel refuses one, the tree is
+    # lent to the run's uid (chown), and the parent gives it back after the run.
+    uid = cfg["uid"]
+    if uid is not None:
+        try:
+            if not cfg["idmapped_workspace"]:
+                raise OSError(0, "switched off by the caller")
+            _idmapped_bind(space, target, cfg["workspace_owner"], uid)
+            return "idmapped mount"
+        except OSError as e:
+            why = e.strerror or str(e)
+        _lend(f"/proc/self/fd/{space}", uid)
+        _mount(f"/proc/self/fd/{space}", target, None, MS_BIND)
+        return f"lent to the run's uid (chown; no idmapped mount: {why})"
+    _mount(f"/proc/self/fd/{space}", target, None, MS_BIND)
+    return "the caller's own (not root: the run has the caller's uid)"
+
+
+def _lend(path, uid):
+    # The workspace tree to the run's uid, following no symbolic link below it (the parent gives it
+    # back; it looks at the top, which goes first). `path` itself may be a /proc/self/fd link.
+    os.chown(path, uid, uid)
+    for parent, dirs, names in os.walk(path):
+        for name in dirs + names:
+            try:  # noqa: SIM105 (contextlib costs every run an import)
+                os.lchown(os.path.join(parent, name), uid, uid)
+            except FileNotFoundError:
+                pass
+
+
+def _syscall(number, *args):
+    ctypes, libc = _libc()
+    result = libc.syscall(ctypes.c_long(number), *args)
+    if result < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return result
+
+
+def _idmapped_bind(space, target, owner, uid):
+    # open_tree(2) a detached copy of the workspace's mount, give it an idmapping (the owner's ids are
+    # the run's uid), move_mount(2) it to the target. The system call numbers are the same everywhere.
+    open_tree, move_mount, mount_setattr = 428, 429, 442
+    userns = _mapping_namespace(owner, uid)
+    try:
+        tree = _syscall(open_tree, space, b"", 0x1 | 0x1000 | os.O_CLOEXEC)  # OPEN_TREE_CLONE | AT_EMPTY_PATH
+        try:
+            ctypes, _ = _libc()
+            attr = ctypes.create_string_buffer(struct.pack("QQQQ", 0x00100000, 0, 0, userns), 32)  # MOUNT_ATTR_IDMAP
+            _syscall(mount_setattr, tree, b"", 0x1000, attr, ctypes.c_size_t(32))
+            _syscall(move_mount, tree, b"", -100, target.encode(), 0x4)  # AT_FDCWD, MOVE_MOUNT_F_EMPTY_PATH
+        finally:
+            os.close(tree)
+    finally:
+        os.close(userns)
+
+
+def _mapping_namespace(owner, uid):
+    # A user namespace whose ids `owner` are the host's `uid`: a child makes it, we write its maps.
+    ready_r, ready_w = os.pipe()
+    done_r, done_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(ready_r)
+        os.close(done_w)
+        try:
+            _unshare(CLONE_NEWUSER)
+            os.write(ready_w, os.readlink("/proc/self").encode())  # its pid as the host's /proc knows it
+        except BaseException:
+            pass
+        os.read(done_r, 1)
+        os._exit(0)
+    os.close(ready_w)
+    os.close(done_r)
+    try:
+        host_pid = os.read(ready_r, 64).decode()
+        if not host_pid.isdigit():
+            raise OSError(1, "a user namespace for the idmapping was refused")
+        _write(f"/proc/{host_pid}/uid_map", f"{owner[0]} {uid} 1")
+        _write(f"/proc/{host_pid}/gid_map", f"{owner[1]} {uid} 1")
+        return os.open(f"/proc/{host_pid}/ns/user", os.O_RDONLY)
+    finally:
+        os.close(ready_r)
+        os.close(done_w)
+        os.waitpid(pid, 0)
 
 
 def _pivot(root):
@@ -479,18 +573,19 @@ def _private_filesystem(cfg, pid_namespace, source):
 # ------------------------------------------------------------------------------------- the init (PID 1)
 
 
-def _seccomp(cfg):
+def _seccomp(block_ipc):
     # Where no cgroup caps memory: refuse memfd_create and memfd_secret (memory outside RLIMIT_AS and
-    # the tmpfs), and new user namespaces (a tmpfs of one's own). Returns the plain-words status.
+    # the tmpfs), new user namespaces (a tmpfs of one's own) and, where the IPC namespace's own limits
+    # could not be set (not root), SysV shared memory and message queues. Returns the plain-words status.
 
     machine = os.uname().machine
     numbers = {
-        "x86_64": (0xC000003E, 319, 447, 272, 56, 435),
-        "aarch64": (0xC00000B7, 279, 447, 97, 220, 435),
+        "x86_64": (0xC000003E, 319, 447, 272, 56, 435, 29, 68),
+        "aarch64": (0xC00000B7, 279, 447, 97, 220, 435, 194, 186),
     }.get(machine)
     if numbers is None:
         return f"no: no seccomp filter for {machine}: memfd and user namespaces stay uncapped"
-    arch, memfd, secret, unshare, clone, clone3 = numbers
+    arch, memfd, secret, unshare, clone, clone3, shmget, msgget = numbers
     allow, eperm, enosys = 0x7FFF0000, 0x00050000 | 1, 0x00050000 | 38
     # (code, jump-if-true label, jump-if-false label, k); labels resolve to relative offsets below.
     program = [
@@ -503,6 +598,7 @@ def _seccomp(cfg):
     program += [
         (0x15, "eperm", None, memfd),
         (0x15, "eperm", None, secret),
+        *([(0x15, "eperm", None, shmget), (0x15, "eperm", None, msgget)] if block_ipc else []),
         (0x15, "enosys", None, clone3),  # its flags are out of the filter's sight; libc falls back to clone
         (0x15, "flags", None, unshare),
         (0x15, "flags", None, clone),
@@ -532,7 +628,8 @@ def _seccomp(cfg):
     if libc.prctl(PR_SET_SECCOMP, 2, ctypes.c_char_p(fprog), 0, 0) != 0:  # SECCOMP_MODE_FILTER
         err = ctypes.get_errno()
         return f"no: seccomp filter refused ({os.strerror(err)}): memfd and user namespaces stay uncapped"
-    return "yes: memfd_create and new user namespaces refused (no cgroup caps memory)"
+    ipc = ", SysV shared memory and message queues" if block_ipc else ""
+    return f"yes: memfd_create{ipc} and new user namespaces refused (no cgroup caps memory)"
 
 
 def _init(cfg, info, userns, launcher_dropped):
@@ -558,11 +655,16 @@ def _init(cfg, info, userns, launcher_dropped):
         else:
             info["filesystem"] = "no: switched off by the caller"
             here = cfg["workspace"] or os.path.realpath(cfg["rundir"])
+        if cfg["workspace"] is not None:
+            if info["filesystem"].startswith("no") and cfg["uid"] is not None:  # the host's workspace, as is
+                _lend(cfg["workspace"], cfg["uid"])
+                cfg["workspace_ownership"] = "lent to the run's uid (chown; no private filesystem)"
+            info["workspace"] = cfg.get("workspace_ownership", "the caller's own (not root)")
         # The working directory as the run sees it, opened while privileged: its parents may be
         # closed to the run's uid.
         here_fd = os.open(here, os.O_RDONLY | os.O_DIRECTORY)
         if not info["memory"].startswith("yes"):
-            info["seccomp"] = _seccomp_after_nnp(cfg)
+            info["seccomp"] = _seccomp_after_nnp(block_ipc=not info["shared_memory"].startswith("yes"))
         else:
             info["seccomp"] = "not needed: the cgroup caps memfd and tmpfs memory"
         if os.read(launcher_dropped, 1) != b"1":
@@ -575,12 +677,12 @@ def _init(cfg, info, userns, launcher_dropped):
         _wait(cfg, children, control_fd)
 
 
-def _seccomp_after_nnp(cfg):
+def _seccomp_after_nnp(block_ipc):
     try:
         _prctl(PR_SET_NO_NEW_PRIVS, 1)  # a filter needs it (or privileges we are about to drop)
     except OSError as e:
         return f"no: no_new_privs refused ({e.strerror}): memfd and user namespaces stay uncapped"
-    return _seccomp(cfg)
+    return _seccomp(block_ipc)
 
 
 def _start(cfg, info, userns, here, here_fd, checker_fd, control_fd):
@@ -598,6 +700,12 @@ def _start(cfg, info, userns, here, here_fd, checker_fd, control_fd):
             return None
         children = {"main": pid, "peer": None}
     else:
+        # Both sides start with the channel's code (json, linecache) and the launcher's failure path
+        # (traceback): imported once here, their forks share it instead of importing it twice.
+        import json  # noqa: F401
+        import linecache  # noqa: F401
+        import traceback  # noqa: F401
+
         to_program_r, to_program_w = os.pipe()
         to_checker_r, to_checker_w = os.pipe()
         closed = [control_fd, checker_fd, cfg["nonce_fd"], cfg["report_fd"], to_program_w, to_checker_r]
@@ -634,7 +742,7 @@ def _start(cfg, info, userns, here, here_fd, checker_fd, control_fd):
         _fail(control_fd, e)
     if uid is not None:
         info["uid"] = uid
-    os.write(control_fd, (json.dumps(info) + "\n").encode())
+    _report(control_fd, info)
     return children
 
 
@@ -678,7 +786,7 @@ def _wait(cfg, children, control_fd):
             os.kill(peer, signal.SIGKILL)
         except OSError:
             pass
-    os.write(control_fd, (json.dumps(status) + "\n").encode())
+    _report(control_fd, status)
     os._exit(0)
 
 
@@ -703,6 +811,9 @@ def _run_command(cfg):
 
 def _run_program(cfg, here, evidence):
     _prctl(PR_SET_DUMPABLE, 1)  # an ordinary process of its uid (the init is not)
+    import site  # only programs pay for site-packages: the launcher starts with -S
+
+    site.main()
     path = os.path.join(here, os.path.basename(cfg["program"]))
     with open(path, "rb") as f:
         source = f.read()
@@ -714,6 +825,8 @@ def _run_source(source, path, evidence, cfg):
     # reach (sys, os, traceback, builtins): so the failure path calls only functions bound before it
     # ran, and the evidence is written only on the path where its code returned, never after a failure.
     _exit, _read, _write = os._exit, os.read, os.write
+    import traceback  # only programs pay for it (it imports re); bound before the program can replace it
+
     _print_exception = traceback.print_exception
     nonce_fd, report_fd = cfg["nonce_fd"], cfg["report_fd"]  # closed already where evidence is False
     signal.signal(signal.SIGINT, signal.default_int_handler)
