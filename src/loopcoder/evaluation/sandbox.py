@@ -136,7 +136,7 @@ _MIN_MEMORY = 64 << 20
 class Checked:
     """A checked run: `program` (untrusted) and `checker` (trusted: no model-written text) run in two
     processes joined by two pipes. Each finds its end of the channel as file descriptors in
-    sys.argv[1] (to read) and sys.argv[2] (to write); they exchange plain data (`checked_channel.py`
+    sys.argv[1] (to read) and sys.argv[2] (to write); they exchange plain data (`channel.py`
     has both sides). The verdict is the checker's: it passes if the checker ran to its end and exited
     with status 0. The program never holds the checker's code, memory or evidence pipes; as root it
     runs under another uid, and the checker is not dumpable (no ptrace, no /proc/PID/mem)."""
