@@ -10,9 +10,11 @@ all of a round alike; the figures to read are the medians of the paired differen
 of the CPU time of the run's processes (launcher, init, program, checker; bash for a command).
 
 Sides: a trivial program in the before and after sandboxes, both on the interpreter the before one
-chose (`--python`, the system's by default), and after on its default interpreter; after, the same
-program as a checked run (program and checker in two processes); a command: `run_command("true")` in
-an empty workspace against a plain `subprocess.run(["bash", "-c", "true"])`.
+chose (`--python`, the system's by default), after also without its fork server (an interpreter per
+run, as before) and on its default interpreter; after, the same program as a checked run (program and
+checker in two processes); a command: `run_command("true")` in an empty workspace, with and without
+the fork server, against a plain `subprocess.run(["bash", "-c", "true"])`. The fork server's own CPU
+(receiving a request, forking) is not counted; it is small next to a run's.
 
 `--humaneval` instead runs the 164 HumanEval canonical solutions through both sandboxes' checking
 programs (before: one process, after: checked runs) on `--workers` workers, alternating, `--repeats`
@@ -94,14 +96,27 @@ def cpu_of_children() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def timed(run: Callable[[], bool]) -> tuple[float, float]:
-    """Wall seconds of one run, and CPU seconds of its processes."""
+def timed(run: Callable[[], object]) -> tuple[float, float]:
+    """Wall seconds of one run, and CPU seconds of its processes: the result's `cpu_seconds` where the
+    run reports it (a launcher forked by the fork server is not our child), else our reaped children's."""
     cpu, start = cpu_of_children(), time.perf_counter()
-    ok = run()
+    result = run()
     wall = time.perf_counter() - start
-    if not ok:
+    if not (result is True or getattr(result, "passed", False)):
         raise SystemExit("a side did not pass: the figures would be meaningless")
-    return wall, cpu_of_children() - cpu
+    reported = getattr(result, "cpu_seconds", None)
+    return wall, reported if reported is not None else cpu_of_children() - cpu
+
+
+def without_fork_server(run: Callable[[], object]) -> Callable[[], object]:
+    def call() -> object:
+        after._FORK_SERVER = False
+        try:
+            return run()
+        finally:
+            after._FORK_SERVER = True
+
+    return call
 
 
 def summary(samples: dict[str, list[float]], baseline: str) -> dict[str, object]:
@@ -120,18 +135,22 @@ def summary(samples: dict[str, list[float]], baseline: str) -> dict[str, object]
 
 def per_run(a: argparse.Namespace, before: ModuleType) -> dict[str, object]:
     workspace = tempfile.mkdtemp(prefix="sandbox-bench-workspace-")
-    programs: dict[str, Callable[[], bool]] = {
+    program = lambda: after.run_program(PROGRAM, allow_code_execution=True, python=a.python)
+    command = lambda: after.run_command("true", workspace=workspace, allow_code_execution=True)
+    programs: dict[str, Callable[[], object]] = {
         "before": lambda: before.run_program(PROGRAM, allow_code_execution=True, python=a.python).passed,
-        "after": lambda: after.run_program(PROGRAM, allow_code_execution=True, python=a.python).passed,
-        "after, default interpreter": lambda: after.run_program(PROGRAM, allow_code_execution=True).passed,
-        "after, checked run": lambda: after.run_program(CHECKED, allow_code_execution=True, python=a.python).passed,
+        "after": program,
+        "after, interpreter per run (no fork server)": without_fork_server(program),
+        "after, default interpreter": lambda: after.run_program(PROGRAM, allow_code_execution=True),
+        "after, checked run": lambda: after.run_program(CHECKED, allow_code_execution=True, python=a.python),
     }
-    commands: dict[str, Callable[[], bool]] = {
+    commands: dict[str, Callable[[], object]] = {
         "plain bash -c true": lambda: subprocess.run(["bash", "-c", "true"]).returncode == 0,
         "plain bash -c true, own session": lambda: (
             subprocess.run(["bash", "-c", "true"], start_new_session=True).returncode == 0
         ),
-        "run_command true": lambda: after.run_command("true", workspace=workspace, allow_code_execution=True).passed,
+        "run_command true": command,
+        "run_command true, interpreter per run (no fork server)": without_fork_server(command),
     }
     sides = {**programs, **commands}
     for run in sides.values():  # the interpreter checks and a warm page cache, outside the timing

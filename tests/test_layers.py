@@ -54,6 +54,8 @@ LOCAL_IMPORTS_ALLOWED = {
     "traceback": "the sandbox's launcher: only a program's process pays for it (it imports re)",
     "json": "the sandbox's launcher: a checked run's init imports it once for both its processes",
     "linecache": "the sandbox's launcher: a checked run's init imports it once for both its processes",
+    "select": "the sandbox's launcher: only its fork server needs it, not each run",
+    "socket": "the sandbox's launcher: only its fork server needs it, not each run",
 }
 # Files whose function-local imports other branches are rewriting (they list theirs in the same section).
 LOCAL_IMPORTS_OWNED_ELSEWHERE: dict[str, str] = {}

@@ -939,6 +939,27 @@ def test_command_line(tmp_path, capsys):
     assert "cpu_seconds" in capsys.readouterr().err
 
 
+def test_without_the_fork_server_each_run_starts_an_interpreter_and_works_the_same(monkeypatch):
+    monkeypatch.setattr(sandbox, "_FORK_SERVER", False)
+    assert sandbox._plan(None).server is None
+    assert run("print(sum(range(10)))\n").stdout == "45\n"
+    failed = run("import sys\nsys.exit(3)\n")
+    assert failed.status == "failed" and failed.returncode == 3
+    assert run("import time\ntime.sleep(60)\n", Limits(wall_seconds=1)).status == "timeout"
+
+
+def test_a_lost_fork_server_falls_back_to_an_interpreter_per_run():
+    plan = sandbox._plan(sys.executable)  # a plan (and server) of its own: the shared one stays
+    if plan.server is None:
+        pytest.skip("no fork server here")
+    assert run("pass\n", python=sys.executable).passed
+    plan.server.proc.kill()
+    plan.server.proc.wait()
+    after = run("print('still here')\n", python=sys.executable)
+    assert after.passed and after.stdout == "still here\n", after
+    assert_evaluator_carries_on()
+
+
 def test_killed_results_name_the_signal():
     result = run("import os, signal\nos.kill(os.getpid(), signal.SIGTERM)\n")
     assert result.status == "killed" and result.signal == signal.SIGTERM.name

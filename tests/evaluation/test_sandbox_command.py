@@ -248,6 +248,43 @@ def test_where_namespaces_are_refused_commands_still_run_in_the_workspace(worksp
     assert os.stat(workspace / "out.txt").st_uid == os.stat(workspace).st_uid
 
 
+MEMORY_SCAN = """
+import sys
+counts = []
+for word in sys.argv[1:]:  # each built at run time, so each is in this memory the same number of times
+    needle = word.encode()
+    found = 0
+    with open("/proc/self/maps") as maps, open("/proc/self/mem", "rb", 0) as mem:
+        for line in maps:
+            fields = line.split()
+            if "r" not in fields[1] or line.rstrip().endswith(("[vvar]", "[vsyscall]", "[vvar_vclock]")):
+                continue
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            for at in range(start, end, 1 << 20):
+                try:
+                    mem.seek(at)
+                    found += mem.read(min(1 << 20, end - at) + 64).count(needle)
+                except (OSError, ValueError, OverflowError):
+                    pass
+    counts.append(found)
+print(*counts)
+"""
+
+
+def test_a_commands_environment_is_not_in_a_later_runs_memory(workspace):
+    # Runs are forked from one server process: nothing of one run's request may stay in it for the next.
+    secret, unused = ("token-" + os.urandom(16).hex() for _ in range(2))
+    assert sh("true", workspace, env={"LOOPCODER_TEST_TOKEN": secret}).passed
+    words = ", ".join(f"'{w[:5]}' + '{w[5:]}'" for w in (secret, unused))
+    scan = sandbox.run_program(
+        f"import sys\nsys.argv[1:] = [{words}]\n" + MEMORY_SCAN, QUICK, allow_code_execution=True
+    )
+    assert scan.passed, scan
+    in_memory, control = (int(x) for x in scan.stdout.split())
+    assert control > 0  # the scan finds what is there (its own copies)
+    assert in_memory == control  # and the earlier run's secret no more often than a word never used
+
+
 def test_bad_input_is_one_clear_error(workspace, tmp_path):
     with pytest.raises(LoopcoderError, match="not an existing directory"):
         sh("true", tmp_path / "missing")

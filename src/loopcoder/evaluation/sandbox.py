@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import atexit
 import contextlib
 import json
 import os
@@ -35,6 +36,7 @@ import secrets
 import selectors
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -42,7 +44,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -78,6 +80,8 @@ _PRIVATE_FILESYSTEM = True
 # And this one idmapped workspaces (run_command as root), as where the kernel or filesystem refuses them:
 # the workspace is then lent to the run's uid (chown) and given back after the run.
 _IDMAPPED_WORKSPACE = True
+# And this one the fork server: each run's launcher then starts in an interpreter of its own.
+_FORK_SERVER = True
 
 
 class CodeExecutionNotAllowedError(LoopcoderError):
@@ -159,6 +163,7 @@ class ExecResult:
     stderr_truncated: bool
     wall_seconds: float
     isolation: dict[str, object] = field(default_factory=dict)
+    cpu_seconds: float | None = None  # CPU time of the run's processes, as their parents reaped them
 
     @property
     def passed(self) -> bool:
@@ -203,9 +208,10 @@ class _Plan:
     launcher: bytes | None = None  # compiled by `python` (its bytecode format); None: run the source
     interpreter_paths: tuple[str, ...] = ()  # what the fresh root needs of the host for `python`
     cgroups: cgroups.Hierarchy | str = "no: switched off by the caller"  # where runs' cgroups go, or why not
+    server: _ForkServer | None = None  # forks each run's launcher; None: an interpreter per run
 
 
-_plans: dict[tuple[str | None, bool, bool, bool], _Plan] = {}
+_plans: dict[tuple[str | None, bool, bool, bool, bool], _Plan] = {}
 _plans_lock = threading.Lock()
 
 
@@ -267,10 +273,19 @@ def _interpreter_paths(python: str) -> tuple[str, ...]:
     return tuple(kept)
 
 
+def _fork_server(python: str, launcher: bytes | None) -> _ForkServer | None:
+    if not _FORK_SERVER:
+        return None
+    try:
+        return _ForkServer(python, launcher)
+    except OSError:
+        return None
+
+
 def _plan(python: str | None) -> _Plan:
     """Choose the interpreter and check, once per interpreter (and isolation setting), that a trivial
     program passes."""
-    key = (python, _NAMESPACES, _PRIVATE_FILESYSTEM, _CGROUPS)
+    key = (python, _NAMESPACES, _PRIVATE_FILESYSTEM, _CGROUPS, _FORK_SERVER)
     with _plans_lock:
         if key in _plans:
             return _plans[key]
@@ -287,15 +302,17 @@ def _plan(python: str | None) -> _Plan:
             if not (os.path.isfile(candidate) and os.access(candidate, os.X_OK)):
                 failures.append(f"{candidate}: not an executable file")
                 continue
-            plan = _Plan(
-                candidate, drop_root, {}, _compile_launcher(candidate), _interpreter_paths(candidate), hierarchy
-            )
-            probe = _execute(_Job(_PROBE_PROGRAM), Limits(wall_seconds=30.0), None, plan)
-            if probe.passed:
-                _plans[key] = _Plan(
-                    candidate, drop_root, probe.isolation, plan.launcher, plan.interpreter_paths, hierarchy
-                )
-                return _plans[key]
+            launcher = _compile_launcher(candidate)
+            plan = _Plan(candidate, drop_root, {}, launcher, _interpreter_paths(candidate), hierarchy)
+            for server in (_fork_server(candidate, launcher), None):  # the probe checks the server too
+                trial = replace(plan, server=server)
+                probe = _execute(_Job(_PROBE_PROGRAM), Limits(wall_seconds=30.0), None, trial)
+                if probe.passed:
+                    _plans[key] = replace(trial, isolation=probe.isolation)
+                    return _plans[key]
+                if server is None:
+                    break
+                server.close()
             detail = (probe.stderr.strip().splitlines() or [probe.reason])[-1]
             failures.append(f"{candidate}: {detail}")
         who = "an unprivileged uid (we run as root and drop it)" if drop_root else "this user"
@@ -564,42 +581,48 @@ def _execute(job: _Job, limits: Limits, stdin: str | bytes | None, plan: _Plan) 
                 "shm_bytes": limits.tmp_bytes,
             },
         }
+        stdout_r, stdout_w = _pipe(own)
+        stderr_r, stderr_w = _pipe(own)
+        stdin_fd = stdin_file.fileno() if stdin_file is not None else os.open(os.devnull, os.O_RDONLY)
+        env = job.env if job.env is not None else _scrubbed_env(workdir)
         try:
-            proc = subprocess.Popen(
-                # -S: the launcher needs only the standard library; a program's process imports site.
-                [plan.python, "-I", "-S", "-B", launcher, repr(config)],
-                stdin=stdin_file if stdin_file is not None else subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                cwd=workdir,
-                env=job.env if job.env is not None else _scrubbed_env(workdir),
-                start_new_session=True,  # its own process group, so the whole group can be killed
-                close_fds=True,
-                pass_fds=(nonce_r, report_w, control_w),
-            )
+            fds = (stdin_fd, stdout_w, stderr_w, nonce_r, report_w, control_w)
+            launched = plan.server.launch(config, env, fds) if plan.server is not None else None
+            if launched is None:  # no fork server (or it is gone): an interpreter of its own
+                launched = _Popened(
+                    subprocess.Popen(
+                        # -S: the launcher needs only the standard library; a program's process imports site.
+                        [plan.python, "-I", "-S", "-B", launcher, repr(config)],
+                        stdin=stdin_fd,
+                        stdout=stdout_w,
+                        stderr=stderr_w,
+                        cwd=workdir,
+                        env=env,
+                        start_new_session=True,  # its own process group, so the whole group can be killed
+                        close_fds=True,
+                        pass_fds=(nonce_r, report_w, control_w),
+                    )
+                )
         finally:
             if stdin_file is not None:
                 stdin_file.close()
-        for fd in (nonce_r, report_w, control_w):  # the child has them; EOF must mean the child let go
+            else:
+                os.close(stdin_fd)
+        for fd in (stdout_w, stderr_w, nonce_r, report_w, control_w):  # the child has them: EOF must mean it let go
             os.close(fd)
             own.remove(fd)
         out = _collect(
-            proc,
-            {
-                "stdout": proc.stdout.fileno(),
-                "stderr": proc.stderr.fileno(),
-                "report": report_r,
-                "control": control_r,
-            },
+            launched,
+            {"stdout": stdout_r, "stderr": stderr_r, "report": report_r, "control": control_r},
             limits,
             uid,
             group,
         )
-        proc.stdout.close()
-        proc.stderr.close()
         out.out_of_memory = group is not None and group.oom_killed()
         evidence = None if job.command is not None else nonce  # a command's verdict is its exit status
-        return _judge(proc.returncode, out, evidence, limits, time.monotonic() - start)
+        result = _judge(launched.returncode, out, evidence, limits, time.monotonic() - start)
+        result.cpu_seconds = launched.cpu_seconds
+        return result
     finally:
         for fd in own:
             os.close(fd)
@@ -643,12 +666,151 @@ def _kill_group(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
 
 
-def _exited(pid: int) -> bool:
-    """Whether the child has exited, without reaping it: its pid (our process group id) stays ours."""
+def _tree_cpu(pid: int) -> float | None:
+    """CPU seconds of an exited, not yet reaped process and of the children it reaped."""
     try:
-        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
-    except ChildProcessError:
-        return True
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")  # utime, stime, cutime, cstime
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class _Launched:
+    """A run's launcher as the parent waits on it: `pid` (also its process group's id, which stays the
+    run's until `finish`), `exit_fd` (readable once it has exited; None: poll `exited`), `finish()`
+    (wait and release it), then `returncode` (negative: killed by that signal) and `cpu_seconds`."""
+
+    pid: int
+    exit_fd: int | None = None
+    returncode: int | None = None
+    cpu_seconds: float | None = None
+
+    def exited(self) -> bool:
+        raise NotImplementedError
+
+    def finish(self) -> None:
+        raise NotImplementedError
+
+
+class _Popened(_Launched):
+    """A launcher in an interpreter of its own: our child."""
+
+    def __init__(self, proc: subprocess.Popen) -> None:
+        self.proc, self.pid = proc, proc.pid
+        with contextlib.suppress(AttributeError, OSError):  # no pidfd before Linux 5.3: we poll
+            self.exit_fd = os.pidfd_open(proc.pid)
+
+    def exited(self) -> bool:
+        """Whether it has exited, without reaping it: its pid (the process group id) stays ours."""
+        try:
+            return os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+        except ChildProcessError:
+            return True
+
+    def finish(self) -> None:
+        if self.proc.poll() is None and self.exited():
+            self.cpu_seconds = _tree_cpu(self.pid)
+        self.returncode = self.proc.wait()
+        if self.exit_fd is not None:
+            os.close(self.exit_fd)
+
+
+class _Served(_Launched):
+    """A launcher the fork server forked: it says "exit RC" on the run's status socket when it has
+    exited, and reaps it when we close the socket."""
+
+    def __init__(self, pid: int, status: socket.socket) -> None:
+        self.pid, self.status, self.exit_fd = pid, status, status.fileno()
+
+    def exited(self) -> bool:
+        if self.returncode is None:
+            self.status.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                self._read_exit()
+        return self.returncode is not None
+
+    def _read_exit(self) -> None:
+        message = self.status.recv(64).split()  # b"exit RC CPU_MICROSECONDS"; nothing if the server died
+        self.returncode = int(message[1]) if message[:1] == [b"exit"] else -signal.SIGKILL
+        if len(message) == 3 and int(message[2]) >= 0:
+            self.cpu_seconds = int(message[2]) / 1e6
+
+    def finish(self) -> None:
+        if self.returncode is None:  # the group was killed: it is exiting
+            self.status.setblocking(True)
+            self._read_exit()
+        if self.cpu_seconds is None:
+            self.cpu_seconds = _tree_cpu(self.pid)
+        self.status.close()
+
+
+class _ForkServer:
+    """One launcher started per plan that forks each run's launcher (`sandbox_launcher.serve`): runs
+    do not pay for an interpreter's start (most of a command's cost on a loaded machine). It dies
+    with the socket, so with this process."""
+
+    def __init__(self, python: str, launcher: bytes | None) -> None:
+        folder = tempfile.mkdtemp(prefix="loopcoder-sandbox-server-")
+        try:
+            path = os.path.join(folder, ".launcher.py" if launcher is None else ".launcher.pyc")
+            with open(path, "wb") as f:
+                f.write(_LAUNCHER.encode() if launcher is None else launcher)
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            try:
+                self.proc = subprocess.Popen(
+                    [python, "-I", "-S", "-B", path, "--serve", str(theirs.fileno())],
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    cwd=folder,
+                    env=_scrubbed_env(folder),
+                    start_new_session=True,
+                    close_fds=True,
+                    pass_fds=(theirs.fileno(),),
+                )
+            finally:
+                theirs.close()
+            ours.settimeout(60)
+            try:
+                ready = ours.recv(16)
+            except OSError:
+                ready = b""
+            ours.settimeout(None)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)  # it has read its code by now
+        if ready != b"ready":
+            ours.close()
+            self.proc.kill()
+            self.proc.wait()
+            raise OSError("the sandbox's fork server did not start")
+        self.socket, self.lock = ours, threading.Lock()
+        atexit.register(self.close)
+
+    def launch(self, config: dict[str, object], env: dict[str, str], fds: Sequence[int]) -> _Served | None:
+        """Fork a run's launcher with these file descriptors (stdin, stdout, stderr, nonce, report,
+        control); None if the server cannot (it is gone, or the request is too big for it)."""
+        request = repr({**config, "env": env}).encode()
+        if len(request) >= 1 << 20:
+            return None
+        status, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            with self.lock:
+                socket.send_fds(self.socket, [request], [theirs.fileno(), *fds], socket.MSG_NOSIGNAL)
+            reply = status.recv(64)
+        except OSError:
+            reply = b""
+        finally:
+            theirs.close()
+        if not reply.startswith(b"pid "):
+            status.close()
+            return None
+        return _Served(int(reply.split()[1]), status)
+
+    def close(self) -> None:
+        self.socket.close()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=5)
 
 
 def _kill_uid(uid: int) -> None:
@@ -705,7 +867,7 @@ def _pid_namespaced(out: _Collected) -> bool:
 
 
 def _collect(
-    proc: subprocess.Popen,
+    proc: _Launched,
     fds: dict[str, int],
     limits: Limits,
     uid: int | None,
@@ -729,13 +891,9 @@ def _collect(
     sel = selectors.DefaultSelector()
     for name, fd in fds.items():
         sel.register(fd, selectors.EVENT_READ, name)
-    pidfd = None
-    if hasattr(os, "pidfd_open"):  # wakes us the moment the launcher exits; else we poll
-        try:
-            pidfd = os.pidfd_open(proc.pid)
-            sel.register(pidfd, selectors.EVENT_READ, "exit")
-        except OSError:
-            pidfd = None
+    pidfd = proc.exit_fd  # readable the moment the launcher exits; else we poll
+    if pidfd is not None:
+        sel.register(pidfd, selectors.EVENT_READ, "exit")
     deadline = time.monotonic() + limits.wall_seconds
     exited = ending = False  # ending: the launcher is gone or killed; we only drain the pipes
 
@@ -778,7 +936,7 @@ def _collect(
                     if out.overflowed is None and not ending:
                         out.overflowed = key.data
                         end_now()
-            if not exited and _exited(proc.pid):
+            if not exited and proc.exited():
                 exited = True
                 if pidfd is not None:
                     sel.unregister(pidfd)
@@ -792,9 +950,7 @@ def _collect(
             if uid is not None:
                 _kill_uid(uid)
         sel.close()
-        if pidfd is not None:
-            os.close(pidfd)
-        proc.wait()
+        proc.finish()
     return out
 
 

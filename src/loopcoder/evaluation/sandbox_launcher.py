@@ -265,7 +265,18 @@ def _fail(control_fd, e):
 
 
 def main():
-    cfg = eval(sys.argv[1], {"__builtins__": {}})  # a literal the parent wrote (json would import re: ~10 ms)
+    if sys.argv[1] == "--serve":
+        serve(int(sys.argv[2]))
+    else:
+        launch(_literal(sys.argv[1]))
+
+
+def _literal(text):
+    # The parent's configuration: a Python literal it wrote (json would import re: ~10 ms per run).
+    return eval(text, {"__builtins__": {}})
+
+
+def launch(cfg):
     control_fd = cfg["control_fd"]
     try:
         info, userns = _enter_namespaces(cfg)
@@ -291,6 +302,120 @@ def main():
     os.close(dropped_w)
     os.waitpid(init, 0)
     os._exit(0)
+
+
+# ----------------------------------------------------------------------------- the fork server
+
+
+def serve(server_fd):
+    # Started once per interpreter by the parent: forks one launcher per run, so that runs do not pay
+    # for an interpreter's start. A request is the run's configuration (a literal) and its file
+    # descriptors: the status socket, stdin, stdout, stderr, then the nonce, report and control pipes.
+    # The server keeps nothing of a run: the request's bytes land in one buffer, zeroed after each
+    # fork, and only the forked launcher parses them. On the status socket it sends "pid N" at once,
+    # "exit RC" when that launcher has exited; it reaps the launcher only once the parent has closed
+    # the socket, so that the process-group id stays the run's until then. Parent gone: it exits.
+    import select
+    import socket
+
+    server = socket.socket(fileno=server_fd)
+    wake_r, wake_w = os.pipe()
+    for fd in (wake_r, wake_w):
+        os.set_blocking(fd, False)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    buffer, ancillary = bytearray(1 << 20), socket.CMSG_SPACE(16 * 4)
+    runs = {}  # launcher pid -> [status socket, exit reported, parent done]
+    server.send(b"ready")
+    while True:
+        readable = select.select([server, wake_r] + [r[0] for r in runs.values() if not r[2]], [], [])[0]
+        if wake_r in readable:
+            while True:
+                try:
+                    os.read(wake_r, 512)
+                except OSError:
+                    break
+        for pid, run in list(runs.items()):
+            if run[0] in readable and not run[0].recv(16):  # the parent is done with this run
+                run[2] = True
+                run[0].close()
+            exited = None if run[1] else _exited(pid)
+            if exited is not None:
+                if not run[2]:
+                    try:  # noqa: SIM105
+                        run[0].send(b"exit %d %d" % exited)
+                    except OSError:
+                        pass
+                run[1] = True
+            if run[1] and run[2]:
+                os.waitpid(pid, 0)
+                del runs[pid]
+        if server in readable:
+            size, ancdata, _, _ = server.recvmsg_into([buffer], ancillary)
+            if size == 0:
+                os._exit(0)
+            fds = []
+            for level, kind, data in ancdata:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds += struct.unpack(f"{len(data) // 4}i", data[: len(data) - len(data) % 4])
+            pid = os.fork()
+            if pid == 0:
+                _forked_launcher(bytes(buffer[:size]), fds, server, (wake_r, wake_w), runs)
+            buffer[:size] = bytes(size)
+            status = socket.socket(fileno=fds[0])
+            for fd in fds[1:]:
+                os.close(fd)
+            runs[pid] = [status, False, False]
+            try:  # noqa: SIM105 (a parent that gave up on the run; its exit is seen as usual)
+                status.send(b"pid %d" % pid)
+            except OSError:
+                pass
+
+
+# waitid(2) itself, for the rusage that os.waitid does not give: CPU of the launcher and all it reaped.
+WAITID = {"x86_64": 247, "aarch64": 95, "riscv64": 95, "loongarch64": 95}
+
+
+def _exited(pid):
+    # (return code, CPU microseconds or -1) once `pid` has exited, without reaping it; else None.
+    ctypes, libc = _libc()
+    number = WAITID.get(os.uname().machine)
+    if number is None:
+        done = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        return None if done is None else (done.si_status if done.si_code == os.CLD_EXITED else -done.si_status, -1)
+    info, usage = ctypes.create_string_buffer(128), ctypes.create_string_buffer(256)
+    flags = os.WEXITED | os.WNOHANG | os.WNOWAIT
+    if libc.syscall(ctypes.c_long(number), os.P_PID, pid, info, flags, usage) != 0:
+        return None
+    _, _, code, _, child, _, status = struct.unpack_from("iiiiiIi", info)
+    if child != pid:
+        return None
+    user_s, user_us, system_s, system_us = struct.unpack_from("qqqq", usage)  # two struct timevals
+    rc = status if code == os.CLD_EXITED else -status
+    return rc, (user_s + system_s) * 1000000 + user_us + system_us
+
+
+def _forked_launcher(request, fds, server, wake, runs):
+    # The fork server's child becomes one run's launcher, as if started as `launcher CONFIG`.
+    signal.set_wakeup_fd(-1)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    server.close()
+    for fd in wake:
+        os.close(fd)
+    for run in runs.values():
+        run[0].close()
+    os.close(fds[0])
+    os.setsid()  # its own session and process group, as the parent's Popen would give it
+    for target, fd in zip((0, 1, 2), fds[1:4]):
+        os.dup2(fd, target)
+        os.close(fd)
+    cfg = _literal(request.decode())
+    cfg["nonce_fd"], cfg["report_fd"], cfg["control_fd"] = fds[4:7]
+    os.environ.clear()
+    os.environ.update(cfg["env"])
+    os.chdir(cfg["rundir"])
+    launch(cfg)
+    raise SystemExit(0)  # a program's code returned: exit as an interpreter does (a statement: unpatchable)
 
 
 # ----------------------------------------------------------------------------- the fresh root (init)
