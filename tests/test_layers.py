@@ -61,6 +61,9 @@ LOCAL_IMPORTS_IN = {
     "loopcoder": "`import loopcoder` imports no torch; it registers with transformers once transformers loads",
     "loopcoder.shape": "`ModelShape.plt_config` imports `PLTConfig` (transformers, torch) only when it is called",
     "loopcoder.evaluation.bfcl": "`loopcoder bfcl --help` lists its categories; the intervals (numpy) load to score",
+    "loopcoder.evaluation.sandbox_launcher": "the sandbox's standalone launcher script: each of its processes "
+    "imports only what it needs (site and traceback for a program, json and linecache for a checked run's "
+    "init, select and socket for the fork server)",
 }
 # Files whose function-local imports other branches are rewriting (they list theirs in the same section).
 LOCAL_IMPORTS_OWNED_ELSEWHERE: dict[str, str] = {}
