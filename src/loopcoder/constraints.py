@@ -255,8 +255,14 @@ class GrammarCompiler:
         row = np.zeros((self.vocab_size + 31) // 32, dtype=np.int32)
         probe.unsafe_compute_mask_ptr(row.ctypes.data, row.nbytes)
         if probe.is_error() or not row.any():
-            what = "schema" if constraint.kind == "json_schema" else constraint.kind
-            raise ConstraintError(f"the {what} allows no output at all (no first token can be written)")
+            if constraint.kind == "json_schema":
+                raise ConstraintError(
+                    "the JSON schema allows no value at all: not even a first token can be written (for example, a "
+                    "$ref that leads back to itself through anyOf, allOf or oneOf alone)"
+                )
+            raise ConstraintError(
+                f"the {constraint.kind} allows no output at all: not even a first token can be written"
+            )
 
     def matcher(self, constraint: Constraint, end_ids: Sequence[int]) -> GrammarMatcher:
         """A fresh matcher for one request; `end_ids` are the tokens that end its output (its stop tokens)."""

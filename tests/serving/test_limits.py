@@ -283,11 +283,11 @@ def test_closing_a_connection_whose_peer_is_gone_raises_nothing():
         client = socket.create_connection(server.sockets[0].getsockname()[:2])
         transport = await made
         transport.pause_reading()
-        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        client.close()  # a reset, which the server does not read
-        await asyncio.sleep(0.2)
         lingering = LingeringTransport(transport, loop)
-        lingering.write(b"HTTP/1.1 408 Request Timeout\r\n\r\n")
+        lingering.write(b"HTTP/1.1 408 Request Timeout\r\n\r\n")  # the answer goes out
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.close()  # then the client resets the connection, which the server does not read
+        await asyncio.sleep(0.2)
         lingering.close()
         await asyncio.sleep(LINGER + 0.5)
         server.close()

@@ -46,7 +46,8 @@ def completion_logprobs(
     token_ids: list[int], entries: list[TokenLogprob | None], texts: TokenTexts, offset: int = 0
 ) -> dict[str, Any]:
     """A completion choice's `logprobs` for `token_ids` (entries aligned with them): `tokens`, `token_logprobs`,
-    `top_logprobs` (the most likely tokens and the chosen one, as a dict) and `text_offset` (where each token starts
+    `top_logprobs` (the most likely tokens and the chosen one, as a dict keyed by text: of tokens that decode alike,
+    the chosen one's value, else the most likely one's) and `text_offset` (where each token starts
     in the choice's text, from `offset`). An entry that is None (the first prompt token: it has no context) gives
     nulls."""
     tokens, values, tops, offsets = [], [], [], []
@@ -59,8 +60,9 @@ def completion_logprobs(
             values.append(None)
             tops.append(None)
             continue
-        top = {texts.text(t): _value(lp) for t, lp in e.top}
-        top.setdefault(text, _value(e.logprob))
+        top: dict[str, float] = {}
+        for t, lp in ((e.token, e.logprob), *e.top):  # tokens that decode alike: the chosen one, else the likeliest
+            top.setdefault(texts.text(t), _value(lp))
         values.append(_value(e.logprob))
         tops.append(top)
     return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
