@@ -203,7 +203,9 @@ def main() -> None:
         finally:
             for server in servers.values():
                 server.stop()
-        in_process = micro(model, {"before": old, "after": ROOT / "src"}, a.micro_rounds) if old else None
+        in_process = (
+            micro(model, {"before": old, "after": ROOT / "src"}, a.micro_rounds) if old and a.micro_rounds else None
+        )
     report = {
         "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "before": a.before,

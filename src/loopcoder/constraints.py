@@ -217,6 +217,11 @@ class GrammarCompiler:
         grammar that compiles but cannot start (a schema that describes no value) is refused here too, so that no
         request fails at its first token."""
         key = constraint.validate().key
+        with self._lock:
+            if key in self._templates:
+                self._templates.move_to_end(key)
+                self.hits += 1
+                return self._templates[key]
         if constraint.kind == "json_schema":
             cycle = ref_cycle(json.loads(constraint.source))
             if cycle:
@@ -224,11 +229,6 @@ class GrammarCompiler:
                     f"the JSON schema's $ref {' -> '.join(cycle)} refers back to itself with nothing in between: "
                     "such a schema describes no value (a recursive schema must recurse through a property or an item)"
                 )
-        with self._lock:
-            if key in self._templates:
-                self._templates.move_to_end(key)
-                self.hits += 1
-                return self._templates[key]
         try:
             grammar = constraint.llguidance_grammar()
         except ValueError as e:

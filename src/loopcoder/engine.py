@@ -560,13 +560,16 @@ class Engine:
         return logits[-1]
 
     def _record_prompt_logprobs(self, req: Request, logits: torch.Tensor) -> None:
-        """`logits` (n, vocab) after positions cached..cached+n-1: position p predicts prompt token p + 1."""
-        first = req.cached + 1  # the prompt token the first row predicts
-        targets = req.prompt_ids[first : first + len(logits)]
-        if first != len(req.prompt_logprobs) or not targets:  # recorded before a preemption, or past the prompt
+        """`logits` (n, vocab) after positions cached..cached+n-1: position p predicts prompt token p + 1. Tokens
+        already scored (before a preemption, whose recomputation may chunk the prompt differently) are skipped."""
+        have = len(req.prompt_logprobs)  # prompt tokens scored so far (the first has no score: its entry is None)
+        skip = have - (req.cached + 1)  # rows of this chunk that predict tokens already scored
+        targets = req.prompt_ids[have : req.cached + 1 + len(logits)]
+        if skip < 0 or not targets:
             return
         k = req.params.prompt_logprobs
-        req.prompt_logprobs += pick_logprobs(log_probs(logits[: len(targets)]), targets, [k] * len(targets))
+        rows = logits[skip : skip + len(targets)]
+        req.prompt_logprobs += pick_logprobs(log_probs(rows), targets, [k] * len(targets))
 
     # ------------------------------------------------------------------ the decode step
     def _decode(self, reqs: list[Request]) -> torch.Tensor:

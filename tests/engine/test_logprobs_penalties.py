@@ -177,3 +177,24 @@ def test_max_new_tokens_zero_needs_prompt_logprobs():
     with pytest.raises(LoopcoderError, match="max_new_tokens"):
         SamplingParams(max_new_tokens=0).validate()
     SamplingParams(max_new_tokens=0, prompt_logprobs=0).validate()
+
+
+def test_a_scoring_request_preempted_mid_prefill_scores_every_token_once():
+    """Preempted halfway through its prompt, a scoring request is recomputed from the start, in chunks of another
+    size: the tokens already scored keep their entries, the others get theirs, and all equal the full forward."""
+    m = model()
+    p = prompt(33, 7)
+    engine = Engine(m, max_batch=2, block_size=4, max_step_tokens=5)
+    req = engine.add_request(p, SamplingParams(max_new_tokens=2, prompt_logprobs=1))
+    for _ in range(3):
+        engine.step()
+    assert req.state == "prefill" and 1 < len(req.prompt_logprobs) < len(p)
+    engine._preempt(req)
+    engine.max_step_tokens = 8  # the recomputation's chunks start and end elsewhere
+    while engine.has_work():
+        engine.step()
+    want = log_probs(full_logits(m, p))
+    assert len(req.prompt_logprobs) == len(p) and req.preemptions == 1
+    assert [e.token for e in req.prompt_logprobs[1:]] == p[1:]
+    for t in range(1, len(p)):
+        assert req.prompt_logprobs[t].logprob == pytest.approx(want[t - 1, p[t]].item(), abs=1e-9)

@@ -154,7 +154,7 @@ def test_lm_evaluation_harness_local_completions_gets_the_models_log_likelihoods
     from lm_eval.api.instance import Instance
     from lm_eval.models.openai_completions import LocalCompletionsAPI
 
-    model, tok = reference
+    model, _ = reference
     lm = LocalCompletionsAPI(
         model="tiny",
         base_url=live.url + "/v1/completions",
