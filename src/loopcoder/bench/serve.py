@@ -67,9 +67,10 @@ def rss_bytes(pid: int) -> int:
 
 
 class ServerProcess:
-    """`loopcoder serve` in a subprocess on a free loopback port; its stderr is kept for the report."""
+    """`loopcoder serve` in a subprocess on a free loopback port; its stderr is kept for the report. `env`: variables
+    set for it on top of this process's (another checkout's PYTHONPATH, to compare servers)."""
 
-    def __init__(self, model: str, s: ServeBenchSettings) -> None:
+    def __init__(self, model: str, s: ServeBenchSettings, env: dict[str, str] | None = None) -> None:
         cmd = [
             sys.executable,
             "-m",
@@ -96,7 +97,7 @@ class ServerProcess:
         ]
         if s.server_threads:
             cmd += ["--threads", str(s.server_threads)]
-        env = {k: v for k, v in os.environ.items() if k != "LOOPCODER_API_KEY"}
+        env = {**{k: v for k, v in os.environ.items() if k != "LOOPCODER_API_KEY"}, **(env or {})}
         self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
         self.log: list[str] = []
         self._port: list[int] = []

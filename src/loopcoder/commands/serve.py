@@ -63,6 +63,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="hermes",
         help="tool-call parser: hermes (<tool_call>{json}</tool_call>) or package.module:Class",
     )
+    p.add_argument(
+        "--open-tool-schemas",
+        action="store_true",
+        help="read tools' parameters as plain JSON Schema (default: objects are closed, additionalProperties "
+        "false where a schema does not say otherwise, as OpenAI's strict function calling reads them)",
+    )
     p.add_argument("--mode", choices=["parallel", "sequential"], default="parallel")
     add_cache_arguments(p)
     p.add_argument("--device", default="auto")
@@ -70,7 +76,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_threads_argument(p)
     add_tokenizer_check_argument(p)
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    p.add_argument("--access-log", action="store_true", help="log every request")
+    p.add_argument(
+        "--access-log", action="store_true", help="log every request (and its id, user and metadata: one line each)"
+    )
 
 
 def add_cache_arguments(p: argparse.ArgumentParser) -> None:
@@ -171,6 +179,8 @@ def run(args: argparse.Namespace) -> int:
             max_tokens=args.max_tokens,
             max_body_bytes=args.max_body_bytes,
             body_timeout=args.body_timeout,
+            open_tool_schemas=args.open_tool_schemas,
+            log_requests=args.access_log,
             engine_options=engine_options,
             allow_tokenizer_mismatch=args.allow_tokenizer_mismatch,
         )
