@@ -148,7 +148,7 @@ def test_the_command_runs_end_to_end_and_resumes(tools, model_dir, tmp_path, cap
     assert main([*args, "--max-tokens", "64", "--threads", "1"]) == 0
     assert json.loads(out.read_text())["bfcl"]["categories"] == cats
     assert main([*args, "--max-tokens", "65", "--threads", "1"]) == 2  # other settings: refused, names them
-    assert "max_tokens=64" in capsys.readouterr().err
+    assert "max_tokens 64 -> 65" in capsys.readouterr().err
 
 
 def test_the_command_against_a_running_server(tools, model_dir, tmp_path, capsys):

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import argparse
 
-from loopcoder.training.plots import plot_runs
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("runs", nargs="+", metavar="RUN", help="run directories (each has metrics.jsonl)")
@@ -19,6 +17,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from loopcoder.training.plots import plot_runs  # here: matplotlib and torch (fast --help)
+
     fig = plot_runs(args.runs, args.out, args.name)
     lines = sum(len(ax.get_lines()) for ax in fig.axes)
     print(f"wrote {args.out}: {len(args.runs)} run(s), {lines} lines (loss, validation loss, bits per byte, LR)")
