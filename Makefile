@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # pyproject.toml declares compatible ranges; constraints.txt holds the exact versions we test with.
-EXTRAS := dev,lm-eval,swe
+EXTRAS := dev,lm-eval,agents,swe
 
 .PHONY: demo test lint install lock clean
 

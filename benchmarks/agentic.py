@@ -33,10 +33,10 @@ import time
 import torch
 
 from loopcoder.cache import SlotCache
-from loopcoder.config import ModelShape
 from loopcoder.engine import Engine
 from loopcoder.model import PLTForCausalLM
 from loopcoder.sampling import SamplingParams
+from loopcoder.shape import ModelShape
 
 VOCAB = 4096
 

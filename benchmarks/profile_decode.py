@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from loopcoder.bench import sync
+from loopcoder.bench.common import sync
 from loopcoder.bench.decode import DecodeBenchSettings, EngineTimer, build_model
 from loopcoder.model import PLTForCausalLM
 from loopcoder.runtime import pick_device, pick_dtype

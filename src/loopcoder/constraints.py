@@ -47,7 +47,52 @@ class ConstraintError(LoopcoderError):
 
 
 def _one_line(message: str) -> str:
+    """llguidance's message on one line, without the parser state and grammar it may append (internal detail)."""
+    message = message.split("<state>")[0].split("<grammar>")[0]
     return " ".join(part.strip() for part in message.strip().splitlines() if part.strip())
+
+
+def ref_cycle(schema: Any) -> list[str] | None:
+    """A chain of local `$ref`s that leads back to itself with nothing in between (`{"$ref": "#"}`, or `$defs` that
+    refer to each other): such a schema describes no value, and a grammar cannot be built from it. Returns the
+    chain of pointers, or None. (A recursive schema whose recursion goes through a property or an item is fine.)"""
+
+    def resolve(pointer: str) -> Any:
+        node = schema
+        for part in pointer[1:].split("/")[1:] if pointer != "#" else []:
+            part = part.replace("~1", "/").replace("~0", "~")
+            if isinstance(node, dict) and part in node:
+                node = node[part]
+            elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+                node = node[int(part)]
+            else:
+                return None
+        return node
+
+    def starts(node: Any) -> Any:
+        if isinstance(node, dict):
+            if isinstance(node.get("$ref"), str):
+                yield node
+            for v in node.values():
+                yield from starts(v)
+        elif isinstance(node, list):
+            for v in node:
+                yield from starts(v)
+
+    for node in starts(schema):
+        chain: list[str] = []
+        while isinstance(node, dict) and isinstance(node.get("$ref"), str) and node["$ref"].startswith("#"):
+            if set(node) - _ANNOTATIONS - {"$ref"}:  # other keywords describe the value too
+                break
+            pointer = node["$ref"]
+            if pointer in chain:
+                return [*chain[chain.index(pointer) :], pointer]
+            chain.append(pointer)
+            node = resolve(pointer)
+    return None
+
+
+_ANNOTATIONS = {"title", "description", "$comment", "examples", "default", "$id", "$schema", "$defs", "definitions"}
 
 
 def json_options(strict: bool) -> dict[str, Any]:
@@ -168,13 +213,22 @@ class GrammarCompiler:
         return self.lltokenizer.eos_token
 
     def compile(self, constraint: Constraint) -> llguidance.LLMatcher:
-        """The template matcher of `constraint` (compiled on first use); `ConstraintError` names what is wrong."""
+        """The template matcher of `constraint` (compiled on first use); `ConstraintError` names what is wrong. A
+        grammar that compiles but cannot start (a schema that describes no value) is refused here too, so that no
+        request fails at its first token."""
         key = constraint.validate().key
         with self._lock:
             if key in self._templates:
                 self._templates.move_to_end(key)
                 self.hits += 1
                 return self._templates[key]
+        if constraint.kind == "json_schema":
+            cycle = ref_cycle(json.loads(constraint.source))
+            if cycle:
+                raise ConstraintError(
+                    f"the JSON schema's $ref {' -> '.join(cycle)} refers back to itself with nothing in between: "
+                    "such a schema describes no value (a recursive schema must recurse through a property or an item)"
+                )
         try:
             grammar = constraint.llguidance_grammar()
         except ValueError as e:
@@ -186,12 +240,29 @@ class GrammarCompiler:
             raise ConstraintError(
                 f"cannot compile the {constraint.kind.replace('_', ' ')}: {_one_line(template.get_error())}"
             )
+        self._probe(constraint, template)
         with self._lock:
             self._templates[key] = template
             self.compiled += 1
             while len(self._templates) > self.cache_size:
                 self._templates.popitem(last=False)
         return template
+
+    def _probe(self, constraint: Constraint, template: llguidance.LLMatcher) -> None:
+        """Compute the first mask of a copy: llguidance builds the grammar lazily, and a schema that describes no value
+        (llguidance's "NoExtensionBias") only shows there."""
+        probe = template.deep_copy()
+        row = np.zeros((self.vocab_size + 31) // 32, dtype=np.int32)
+        probe.unsafe_compute_mask_ptr(row.ctypes.data, row.nbytes)
+        if probe.is_error() or not row.any():
+            if constraint.kind == "json_schema":
+                raise ConstraintError(
+                    "the JSON schema allows no value at all: not even a first token can be written (for example, a "
+                    "$ref that leads back to itself through anyOf, allOf or oneOf alone)"
+                )
+            raise ConstraintError(
+                f"the {constraint.kind} allows no output at all: not even a first token can be written"
+            )
 
     def matcher(self, constraint: Constraint, end_ids: Sequence[int]) -> GrammarMatcher:
         """A fresh matcher for one request; `end_ids` are the tokens that end its output (its stop tokens)."""

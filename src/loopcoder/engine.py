@@ -15,7 +15,8 @@ What the engine does, every `step()`:
   looped models and the no-offset ablation always take R passes), on fixed shapes when asked, captured
   as a CUDA graph or compiled with `torch.compile`;
 - sampling, with each request's parameters and seeded generator (a constrained request's logits masked first
-  by its grammar: `constraints.py`), then stop tokens, lengths, and the request's `TextStream`
+  by its grammar: `constraints.py`; then its logit bias and penalties over its own tokens, and the
+  log-probabilities it asked for: `sampling.py`), then stop tokens, lengths, and the request's `TextStream`
   (detokenisation, stop strings, streaming);
 - slots: decoding sequences stay packed in slots 0..n-1 (the decode step works on slices), prefilling ones
   after them; a finished one leaves and the others move up.
@@ -41,10 +42,21 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from loopcoder.cache import SlotCache
 from loopcoder.constraints import GrammarCompiler, GrammarMatcher, mask_logits
+from loopcoder.defaults import DEFAULT_BLOCK_SIZE, DEFAULT_STEP_TOKENS
 from loopcoder.errors import LoopcoderError
 from loopcoder.model import PLTForCausalLM
 from loopcoder.paged import PagedSlotCache
-from loopcoder.sampling import SamplingParams, make_generator, sample_next
+from loopcoder.sampling import (
+    NOT_FINITE,
+    LogitAdjustments,
+    SamplingParams,
+    TokenLogprob,
+    adjust_logits,
+    log_probs,
+    make_generator,
+    pick_logprobs,
+    sample_next,
+)
 from loopcoder.textstream import TextStream
 
 log = logging.getLogger("loopcoder.engine")
@@ -53,8 +65,7 @@ MODES = ("parallel", "sequential")
 # cuDNN's SDPA builds an execution plan on the host for every new shape (~4 ms per call measured on an
 # H200), and a decode step's key length changes every step: decode on flash / memory-efficient / math.
 DECODE_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-DEFAULT_STEP_TOKENS = 256  # per-step token budget: decoding tokens plus prefill chunks
-DEFAULT_BLOCK_SIZE = 16
+SCORING_CHUNK = 512  # positions per prefill chunk of a request that wants its prompt's log-probabilities
 
 
 def check_cache_options(
@@ -91,9 +102,12 @@ class Request:
     stream: TextStream
     stop_ids: frozenset[int]  # token ids that end the completion (not part of it)
     grammar: GrammarMatcher | None = None  # a constrained request's parser (its end tokens also stop it)
+    adjust: LogitAdjustments | None = None  # its logit bias and penalties (with its token counts), if any
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # with params.prompt_logprobs: one per prompt token
     output_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" (stop token or string, grammar complete), "length", "abort", "error"
-    error: str | None = None  # why the request failed (finish_reason "error")
+    error: str | None = None  # why the request failed (finish_reason "error"), in detail (for logs)
+    failure: str | None = None  # the same in one fixed phrase, safe to show a client (no internal state)
     slot: int | None = None
     submitted: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
@@ -116,17 +130,26 @@ class Request:
     def text(self) -> str:
         return self.stream.text
 
+    @property
+    def scoring(self) -> bool:
+        """Its prompt's log-probabilities are still to be computed: every prompt position must be run (no prefix
+        cache, no shared prefill), and the logits after each one are kept."""
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < len(self.prompt_ids)
+
 
 @dataclass
 class Event:
     """What one step produced for one request: newly final text and tokens, whether it ended, and why it
-    failed if it did (`error`, with finish_reason "error")."""
+    failed if it did (`error`, with finish_reason "error"). With `params.logprobs`, `logprobs` has one entry per
+    token of `token_ids`; with `params.prompt_logprobs`, the request's first event carries `prompt_logprobs`."""
 
     request: Request
     text: str
     token_ids: list[int]
     finished: bool
     error: str | None = None
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass
@@ -277,6 +300,8 @@ class Engine:
             TextStream(self.tokenizer, params.stop),
             stop_ids,
             grammar,
+            LogitAdjustments.for_request(params, prompt_ids, self.config.vocab_size, self.device),
+            [None] if params.prompt_logprobs is not None else None,  # the first token has no context
         )
         self._queue.append(req)
         return req
@@ -368,7 +393,7 @@ class Engine:
             if not req.tokens:
                 req.tokens = list(req.prompt_ids)
             self._active.append(req)
-            leader = self._leaders.get(tuple(req.tokens))
+            leader = None if req.scoring else self._leaders.get(tuple(req.tokens))
             if leader is not None:  # the same tokens are being prefilled: fork that cache when it is done
                 req.state, req.leader, req.cached = "follow", leader, 0
                 leader.followers.append(req)
@@ -378,7 +403,7 @@ class Engine:
     def _start_prefill(self, req: Request) -> None:
         """Start `req`'s prefill in its (empty) slot, from the longest cached prefix of its tokens."""
         req.state, req.leader = "prefill", None
-        req.cached = self.cache.attach(req.slot, req.tokens)
+        req.cached = 0 if req.scoring else self.cache.attach(req.slot, req.tokens)
         if req.preemptions == 0 and not req.output_ids:
             req.cached_tokens = req.cached
         self._leaders.setdefault(tuple(req.tokens), req)
@@ -456,6 +481,8 @@ class Engine:
             n = len(req.tokens) - req.cached
             if budget is not None:
                 n = min(n, budget)
+            if req.scoring:  # its logits at every position are kept: bound them
+                n = min(n, SCORING_CHUNK)
             if n <= 0:
                 break
             if not self.cache.reserve(req.slot, req.cached + n):
@@ -475,7 +502,7 @@ class Engine:
         try:
             logits = self._prefill(req, n)
         except Exception as e:  # this request's prefill (e.g. out of memory for its prompt): it alone fails
-            self._fail(req, e, events)
+            self._fail(req, e, events, "its prefill failed")
             return
         self.counters["prefill_chunks"] += 1
         self.counters["prefill_tokens"] += n
@@ -494,10 +521,22 @@ class Engine:
             else:
                 self._start_prefill(f)
         self._pack()
-        ready = [req] + [f for f in followers if f.state == "decode"]
+        ready = []
+        for r in [req] + [f for f in followers if f.state == "decode"]:
+            if r.params.max_new_tokens == 0:  # a prompt scored, nothing to generate
+                self._finish_unsampled(r, events)
+            else:
+                ready.append(r)
+        if not ready:
+            return
         # n samples of a prompt share its prefill logits: a grammar masks its own copy
         rows = logits[None].expand(len(ready), -1)
         self._sample(ready, rows.clone() if any(r.grammar is not None for r in ready) else rows, events)
+
+    def _finish_unsampled(self, req: Request, events: list[Event]) -> None:
+        req.finish_reason, req.finished_at = "length", time.perf_counter()
+        req.first_token_at = req.first_token_at or req.finished_at
+        events.append(Event(req, "", [], True, prompt_logprobs=req.prompt_logprobs))
 
     def _advance(self, req: Request, n: int) -> None:
         """`req`'s cache holds `n` more positions: enter its newly full blocks in the prefix cache."""
@@ -510,9 +549,26 @@ class Engine:
             self.cache.commit(req.slot, req.prompt_ids + req.output_ids)
 
     def _prefill(self, req: Request, n: int) -> torch.Tensor:
-        """Prefill the next `n` of `req`'s tokens into its slot; the next-token logits (vocab,) after them."""
+        """Prefill the next `n` of `req`'s tokens into its slot; the next-token logits (vocab,) after them. A
+        scoring request also records the log-probabilities of the prompt tokens these positions predict."""
         ids = torch.tensor(req.tokens[req.cached : req.cached + n], device=self.device)
-        return self.model.prefill_chunk(ids, self.cache.chunk(req.slot))
+        if not req.scoring:
+            return self.model.prefill_chunk(ids, self.cache.chunk(req.slot))
+        logits = self.model.prefill_chunk(ids, self.cache.chunk(req.slot), every_position=True)
+        self._record_prompt_logprobs(req, logits)
+        return logits[-1]
+
+    def _record_prompt_logprobs(self, req: Request, logits: torch.Tensor) -> None:
+        """`logits` (n, vocab) after positions cached..cached+n-1: position p predicts prompt token p + 1. Tokens
+        already scored (before a preemption, whose recomputation may chunk the prompt differently) are skipped."""
+        have = len(req.prompt_logprobs)  # prompt tokens scored so far (the first has no score: its entry is None)
+        skip = have - (req.cached + 1)  # rows of this chunk that predict tokens already scored
+        targets = req.prompt_ids[have : req.cached + 1 + len(logits)]
+        if skip < 0 or not targets:
+            return
+        k = req.params.prompt_logprobs
+        rows = logits[skip : skip + len(targets)]
+        req.prompt_logprobs += pick_logprobs(log_probs(rows), targets, [k] * len(targets))
 
     # ------------------------------------------------------------------ the decode step
     def _decode(self, reqs: list[Request]) -> torch.Tensor:
@@ -563,25 +619,39 @@ class Engine:
     # ------------------------------------------------------------------ sampling and bookkeeping
     def _sample(self, reqs: list[Request], logits: torch.Tensor, events: list[Event]) -> None:
         """Sample one token per request (row of `logits`, masked in place where the request has a grammar) and
-        append it. Per request: a grammar that fails, a row that cannot be sampled, or a failure in its
+        append it. The log-probabilities are the model's (after the grammar's mask, before a bias or penalty, as
+        vLLM reports them). Per request: a grammar that fails, a row that cannot be sampled, or a failure in its
         bookkeeping, fails that request only."""
         failed = mask_logits(logits, [r.grammar for r in reqs])
-        tokens, errors = sample_next(logits, [r.params for r in reqs], [r.generator for r in reqs])
+        wanted = [i for i, r in enumerate(reqs) if r.params.logprobs is not None]
+        logprobs = log_probs(logits[wanted]) if wanted else None
+        adjusted = adjust_logits(logits, [r.adjust for r in reqs])
+        tokens, errors = sample_next(adjusted, [r.params for r in reqs], [r.generator for r in reqs])
+        failures = {i: why if why == NOT_FINITE else "sampling failed" for i, why in errors.items()}
         for i in errors:
             if reqs[i].grammar is not None:
                 errors[i] += " among the tokens its grammar allows"
+                failures[i] += " among the tokens its grammar allows"
         errors.update(failed)
+        failures.update({i: "its grammar allows no next token" for i in failed})
+        picked: dict[int, TokenLogprob] = {}
+        ok = [i for i in wanted if i not in errors]
+        if ok:
+            rows = [wanted.index(i) for i in ok]
+            found = pick_logprobs(logprobs[rows], [tokens[i] for i in ok], [reqs[i].params.logprobs for i in ok])
+            picked = dict(zip(ok, found))
         for i, (req, token) in enumerate(zip(reqs, tokens)):
             if i in errors:
-                self._fail(req, errors[i], events)
+                self._fail(req, errors[i], events, failures[i])
                 continue
             try:
-                self._append(req, token, events)
+                self._append(req, token, events, picked.get(i))
             except Exception as e:  # e.g. the tokenizer cannot decode this request's text
-                self._fail(req, e, events)
+                self._fail(req, e, events, "its output could not be processed")
 
-    def _append(self, req: Request, token: int, events: list[Event]) -> None:
+    def _append(self, req: Request, token: int, events: list[Event], logprob: TokenLogprob | None = None) -> None:
         now = time.perf_counter()
+        first = req.first_token_at is None
         req.first_token_at = req.first_token_at or now
         stop_token = token in req.stop_ids or (req.grammar is not None and token in req.grammar.end_ids)
         if stop_token:
@@ -590,6 +660,8 @@ class Engine:
             if req.grammar is not None:
                 req.grammar.accept(token)  # raises if the token left the grammar (the mask prevents it)
             req.output_ids.append(token)
+            if req.adjust is not None:
+                req.adjust.record(token)
             if req.stream.push(token) or (req.grammar is not None and req.grammar.done):
                 req.finish_reason = "stop"
             elif (
@@ -599,16 +671,27 @@ class Engine:
                 req.finish_reason = "length"
         if req.finished:
             req.finished_at = now
-        events.append(Event(req, req.stream.take(final=req.finished), [] if stop_token else [token], req.finished))
+        token_ids = [] if stop_token else [token]
+        events.append(
+            Event(
+                req,
+                req.stream.take(final=req.finished),
+                token_ids,
+                req.finished,
+                logprobs=None if logprob is None else [logprob][: len(token_ids)],
+                prompt_logprobs=req.prompt_logprobs if first else None,
+            )
+        )
 
-    def _fail(self, req: Request, why: str | Exception, events: list[Event]) -> None:
-        """End one request with an error; the others go on."""
+    def _fail(self, req: Request, why: str | Exception, events: list[Event], failure: str) -> None:
+        """End one request with an error (`why` in detail, logged; `failure` a fixed phrase for clients); the
+        others go on."""
         if isinstance(why, Exception):
             log.exception("request %s failed", req.id, exc_info=why)
             why = f"{type(why).__name__}: {why}"
         else:
             log.warning("request %s failed: %s", req.id, why)
-        req.finish_reason, req.error = "error", why
+        req.finish_reason, req.error, req.failure = "error", why, failure
         req.finished_at = time.perf_counter()
         events.append(Event(req, "", [], True, why))
 

@@ -9,6 +9,10 @@ class LoopcoderError(Exception):
     """Bad input from the user (a path, a flag, a file); the message says what and where."""
 
 
+class ConfigError(ValueError):
+    """An invalid model configuration (`PLTConfig`); the message names the field."""
+
+
 class CheckpointError(LoopcoderError):
     """A checkpoint that does not match the model: the message names the tensors."""
 

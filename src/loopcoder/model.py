@@ -646,13 +646,14 @@ class PLTForCausalLM(PLTPreTrainedModel, GenerationMixin):
         """Next-token logits (n, vocab) of one new token per sequence; see `PLTModel.decode_step`."""
         return self.logits(self.model.decode_step(tokens, cache, step, parallel))
 
-    def prefill_chunk(self, tokens: torch.Tensor, cache: SequenceCache) -> torch.Tensor:
+    def prefill_chunk(self, tokens: torch.Tensor, cache: SequenceCache, every_position: bool = False) -> torch.Tensor:
         """Next-token logits (vocab,) after a chunk of one sequence's prompt, `tokens` (S,), that continues the
         positions `cache` holds (`SlotCache.chunk(slot)`: the engine's cache, paged or not; its K/V, rings and
         CLP states are read and written in place). The sequence schedule (`PLTModel.forward`) over S positions:
-        any split of a prompt into chunks gives the numbers of one forward over the whole prompt."""
+        any split of a prompt into chunks gives the numbers of one forward over the whole prompt.
+        `every_position`: the logits after each of the S tokens, (S, vocab) (a prompt's own log-probabilities)."""
         h = self.model(tokens[None], cache=cache).last_hidden_state
-        return self.logits(h[0, -1])
+        return self.logits(h[0] if every_position else h[0, -1])
 
     fast_head: FastLinear | None = None
 

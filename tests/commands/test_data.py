@@ -152,3 +152,38 @@ def test_instructions_and_reasoning_commands(corpus, tmp_path, capsys):
     assert "each step count must be in [1, 12]" in capsys.readouterr().err
     assert main(["data", "instructions", "--data", str(tmp_path / "nope")]) == 2
     assert "no manifest.json" in capsys.readouterr().err
+
+
+def test_a_killed_build_leaves_a_temporary_directory_that_the_next_build_removes(tmp_path, capsys):
+    """SIGKILL `data build` while it writes (its `.d.tmp-PID-*` sibling exists), then build again."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from support.training import SRC
+
+    big = make_corpus(tmp_path / "corpus", n_files=400)  # a build of seconds: time to catch it mid-way
+    out = tmp_path / "d"
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "loopcoder", *_build_args(big, out)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 600
+        while not list(tmp_path.glob(".d.tmp-*")):
+            assert proc.poll() is None, "the build ended before it could be killed"
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    (stale,) = tmp_path.glob(".d.tmp-*")
+    assert stale.name.startswith(f".d.tmp-{proc.pid}-") and not out.exists()
+    assert main(_build_args(big, out)) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "d"]  # the leftover is gone
+    assert ShardDataset(out, "train").seq_len == 64

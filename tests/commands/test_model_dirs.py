@@ -131,9 +131,12 @@ def test_a_tokenizer_that_does_not_match_the_model_is_refused(dirs, capsys, name
     assert "(400) is smaller than its tokenizer's (1024)" in message
 
 
-def test_diagnose_checks_the_vocabulary_against_the_data(dirs, capsys):
+def test_diagnose_checks_the_tokenizer_against_the_data(dirs, capsys):
     message = one_line_error(command("diagnose", dirs["big"], dirs), capsys)
-    assert "does not match its tokenizer's" in message
+    assert f"tokenizer mismatch: the data directory {str(dirs['data'])!r}" in message
+    assert (
+        f"the model {str(dirs['big'])!r} (model_identity.json)" in message and "--allow-tokenizer-mismatch" in message
+    )
 
 
 def test_padding_beyond_the_tokenizer_is_fine():
@@ -142,3 +145,62 @@ def test_padding_beyond_the_tokenizer_is_fine():
     check_vocab(448, 400, "x")  # rounded up to a multiple of 64, as training does
     check_vocab(151936, 151665, "x")  # a released model's padding
     check_vocab(400, 400, "x")
+
+
+GARBAGE_TOKENIZERS = {
+    "random bytes": ("tokenizer.json", b"\x8f\x00garbage\xff" * 40, "not a valid tokenizer.json"),
+    "JSON but no tokenizer": ("tokenizer.json", b'{"vocab": [1, 2]}', "not a valid tokenizer.json (no 'model' object)"),
+    "a damaged tokenizer_config.json": ("tokenizer_config.json", b"{not json", "cannot load the tokenizer in"),
+}
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+@pytest.mark.parametrize("case", sorted(GARBAGE_TOKENIZERS))
+def test_a_garbage_tokenizer_is_one_line(dirs, tmp_path, capsys, name, case):
+    broken = shutil.copytree(dirs["model"], tmp_path / "broken")
+    file, content, expected = GARBAGE_TOKENIZERS[case]
+    (broken / file).write_bytes(content)
+    argv = command(name, broken, dirs)
+    if name == "diagnose":  # with a data directory it reads ids, not text: give it text and the tokenizer
+        argv = [*argv[: argv.index("--data")], "--data", str(tmp_path / "val.jsonl"), *argv[argv.index("--data") + 2 :]]
+        (tmp_path / "val.jsonl").write_text('{"text": "def f(x):\\n    return x + 1\\n"}\n')
+    assert expected in one_line_error(argv, capsys)
+
+
+@pytest.fixture(scope="module")
+def same_size(dirs):
+    """A tokenizer with as many tokens as the model's but trained on other text (loopcoder's source): other ids."""
+    from loopcoder.data import tokenizer as T
+    from support.training import SRC
+
+    vocab = T.load_raw_tokenizer(dirs["model"]).get_vocab_size()
+    out = dirs["tmp"] / "same-size-tokenizer"
+    texts = [f.read_text() for f in sorted((SRC / "loopcoder").rglob("*.py"))[:20]]
+    T.save_tokenizer(T.train_tokenizer(texts, vocab), out)
+    assert T.load_raw_tokenizer(out).get_vocab_size() == vocab
+    return out
+
+
+@pytest.mark.parametrize("name", ["generate", "eval", "serve"])
+def test_a_tokenizer_of_other_ids_is_refused_unless_allowed(dirs, same_size, capsys, name):
+    message = one_line_error(command(name, dirs["model"], dirs, "--tokenizer", str(same_size)), capsys)
+    assert f"tokenizer mismatch: the tokenizer {str(same_size)!r} has tokenizer" in message
+    assert f"the model {str(dirs['model'])!r} (model_identity.json) was made with" in message
+    assert "--allow-tokenizer-mismatch" in message
+    if name == "generate":  # whoever means it says so
+        capsys.readouterr()
+        argv = command(name, dirs["model"], dirs, "--tokenizer", str(same_size), "--allow-tokenizer-mismatch")
+        assert main(argv) == 0, capsys.readouterr().err
+
+
+def test_eval_bpb_checks_the_model_against_the_data(dirs, tmp_path, capsys):
+    message = one_line_error(command("eval", dirs["big"], dirs, "--tokenizer", str(dirs["big"])), capsys)
+    assert f"the data directory {str(dirs['data'])!r} has tokenizer" in message
+
+
+def test_a_swapped_tokenizer_file_in_a_model_directory_is_refused(dirs, same_size, tmp_path, capsys):
+    """The model's own directory holds another tokenizer than the one it was made with (copied over it)."""
+    swapped = shutil.copytree(dirs["model"], tmp_path / "swapped")
+    shutil.copyfile(same_size / "tokenizer.json", swapped / "tokenizer.json")
+    message = one_line_error(command("generate", swapped, dirs), capsys)
+    assert f"tokenizer mismatch: {str(swapped)!r} has tokenizer" in message

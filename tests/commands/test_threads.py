@@ -13,7 +13,19 @@ from loopcoder.cli import COMMANDS, main
 
 # every command that runs torch (data build runs the tokenizers library only; plan and init compute nothing
 # worth threads)
-COMPUTING = ["generate", "eval", "serve", "diagnose", "train", "sft", "study", "demo", "bench decode", "bench train"]
+COMPUTING = [
+    "generate",
+    "eval",
+    "bfcl",
+    "serve",
+    "diagnose",
+    "train",
+    "sft",
+    "study",
+    "demo",
+    "bench decode",
+    "bench train",
+]
 
 
 @pytest.fixture(autouse=True)

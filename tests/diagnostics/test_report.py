@@ -11,6 +11,7 @@ from loopcoder.checkpoint import load_model, save_model
 from loopcoder.cli import main
 from loopcoder.config import PLTConfig
 from loopcoder.diagnostics import DiagnosticsResult, diagnose, load_sequences, recommend, write_report
+from loopcoder.diagnostics.report import recommendation_section
 from loopcoder.errors import LoopcoderError
 from loopcoder.model import PLTForCausalLM
 
@@ -314,7 +315,7 @@ def test_diagnose_rejects_tokens_outside_the_vocabulary():
 
 
 # ----------------------------------------------------------------------------- the rule
-def synthetic(R, erank, delta_p=None, kl=None, cos=None, omega=None, n=12, name=None):
+def synthetic(R, erank, delta_p=None, kl=None, cos=None, omega=None, n=12, name=None, nll=3.0, nll_noise=0.01):
     """A result whose per-loop means are the given lists (None = n/a), with small per-sample noise."""
     rng = np.random.default_rng(R)
 
@@ -332,7 +333,7 @@ def synthetic(R, erank, delta_p=None, kl=None, cos=None, omega=None, n=12, name=
         "attention_kl": col(none1(kl), 0.01),
         "update_cosine": col(none1(cos), 0.01),
         "offset_cost": col(none1(omega), 0.01),
-        "gold_nll": col([3.0] * R, 0.01),
+        "gold_nll": col([nll] * R, nll_noise),
     }
     return DiagnosticsResult(
         name or f"R{R}",
@@ -391,6 +392,47 @@ def test_rule_across_models_lets_the_largest_r_decide():
     assert rec.loops == 2 and rec.per_model == {"R1": 1, "R2": 2, "R3": 2}
     assert rec.reasons[0].startswith("R3 (R = 3) has the most loops")
     assert any("cross-check R2" in r and "agrees" in r for r in rec.reasons)
-    assert "gold NLL" in rec.reasons[-1]
+    assert "gold NLL" in rec.reasons[-2] and "held-out NLL" in rec.reasons[-1]
     only_r1 = recommend([r1])
     assert only_r1.loops == 1 and "only R = 1" in only_r1.reasons[0]
+
+
+def test_headline_says_when_held_out_nll_disagrees_with_the_rule_and_which_to_believe():
+    """The issue's case: the rule says R = 2 while R = 2's held-out NLL is worse than R = 1's (5.458 vs 5.022)."""
+    rising = dict(erank=[100.0, 110.0], delta_p=[1.0], kl=[1.0], cos=[0.3])
+    r1 = synthetic(1, erank=[100.0], nll=5.022)
+    r2 = synthetic(2, **rising, nll=5.458)
+    rec = recommend([r1, r2])
+    assert rec.loops == 2 and rec.held_out.agrees is False and rec.held_out.best == "R1"
+    assert (
+        rec.headline
+        == "R = 2 by the loop rule, but held-out NLL disagrees: R = 1 (R1) is better. Believe the held-out NLL"
+    )
+    assert "5.022 against 5.458 nats/token" in rec.held_out.message
+    assert "(distinguishable from noise)" in rec.held_out.message
+    assert rec.reasons[-1] == rec.held_out.message
+    md = "\n".join(recommendation_section(rec))  # report.md's section
+    assert "## Recommendation: R = 2 by the loop rule; held-out NLL favours R = 1" in md
+    assert "**Warning: held-out NLL disagrees with the rule: R1 (R = 1) has a lower final-loop NLL" in md
+    data = json.loads(json.dumps(rec.to_dict()))  # diagnostics.json's recommendation
+    assert data["held_out"]["agrees"] is False and data["headline"] == rec.headline
+
+    agrees = recommend([r1, synthetic(2, **rising, nll=4.5)])
+    assert agrees.held_out.agrees is True and agrees.headline == "R = 2" and "agrees" in agrees.reasons[-1]
+    noisy = recommend([synthetic(1, erank=[100.0], nll=5.0, nll_noise=1.0), synthetic(2, **rising, nll=5.05)])
+    assert noisy.held_out.agrees is None and noisy.headline == "R = 2"
+    assert "does not separate them" in noisy.held_out.message
+    falls = dict(erank=[100.0, 112.0, 105.0], delta_p=[1.0, 0.2], kl=[1.0, 0.2], cos=[-0.5, -0.3], omega=[5.0, 5.1])
+    unchecked = recommend([r1, synthetic(3, **falls, nll=4.0)])  # the rule says 2; no R = 2 model
+    assert unchecked.loops == 2 and unchecked.held_out.agrees is None
+    assert "cannot check R = 2: no such model was diagnosed" in unchecked.held_out.message
+    assert recommend([r2]).held_out is None  # one model: nothing to compare
+
+
+def test_the_held_out_check_of_one_sample_has_no_interval_and_the_json_stays_valid():
+    rising = dict(erank=[100.0, 110.0], delta_p=[1.0], kl=[1.0], cos=[0.3])
+    rec = recommend([synthetic(1, erank=[100.0], nll=5.0, n=1), synthetic(2, **rising, nll=5.5, n=1)])
+    assert rec.held_out.agrees is None  # one sample cannot separate them
+    data = json.loads(json.dumps(rec.to_dict(), allow_nan=False))
+    assert data["held_out"]["difference"]["ci95"] == [None, None]
+    assert "(one sample: no interval)" in rec.held_out.message and "nan" not in rec.held_out.message

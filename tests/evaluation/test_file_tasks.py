@@ -220,7 +220,7 @@ def score(model_dir, data, tmp_path, monkeypatch, task, replies, ks=(1,), n=1):
     spec = file_tasks.TASKS[task]
     by_prompt = {json.dumps(spec.prompt(p, False)): p["task_id"] for p in spec.load(str(data[task]))}
 
-    def complete(engine, tokenizer, prompts, params, label="", quiet=False):
+    def complete(engine, tokenizer, prompts, params, label="", quiet=False, progress=None):
         return [
             {"text": replies[by_prompt[json.dumps(p)]], "tokens": 1, "finish_reason": "stop", "skipped": None}
             for p in prompts
@@ -311,6 +311,44 @@ def test_livecodebench_execution(model_dir, data, tmp_path, monkeypatch):
     assert score(model_dir, data, tmp_path, monkeypatch, "lcb-execution", LCB_EXECUTION_WRONG)["pass_at_k"] == {
         "pass": {"pass@1": 0.0}
     }
+
+
+ALWAYS_EQUAL = "type('E', (), {'__eq__': lambda s, o: True, '__ne__': lambda s, o: False})()"
+# Issue 24: answers that passed on the old sandbox, where the check ran in the model code's process. Each
+# is wrong; every task must now score it 0.
+FORGED = {
+    # patches a builtin the old check looped with: no input was ever compared
+    "humaneval+": dict.fromkeys(
+        ("HumanEval/0", "HumanEval/1", "HumanEval/32"),
+        "    return None\n\nimport builtins\nbuiltins.enumerate = lambda x: iter(())\n",
+    ),
+    # patches json, with which the old check decoded the functional tests (None == None), and the
+    # comparison of the stdin tests in __main__
+    "lcb-codegen": dict.fromkeys(
+        ("abc001_a", "abc002_a", "3000"),
+        "```python\nimport json, sys\njson.loads = lambda *a, **k: None\n"
+        "sys.modules['__main__']._same_output = lambda *a: True\n"
+        "class Solution:\n    def addTwo(self, a, b):\n        return None\n```",
+    ),
+    # an answer equal to everything
+    "cruxeval-o": {
+        "sample_0": f"assert f([3, 1, 2]) == {ALWAYS_EQUAL}",
+        "sample_1": f"assert f('ab', 2) == {ALWAYS_EQUAL}",
+    },
+    "lcb-execution": {"sample_0": f"assert countA(s = 'banana') == {ALWAYS_EQUAL}"},
+    # a "call" of f that is really the expected output
+    "cruxeval-i": {
+        "sample_0": "assert f([1]) if False else [1, 2, 3] == [1, 2, 3]",
+        "sample_1": "assert f('x', 1) if False else 'abab' == 'abab'",
+    },
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", list(FORGED))
+def test_forged_answers_score_nothing(model_dir, data, tmp_path, monkeypatch, task):
+    res = score(model_dir, data, tmp_path, monkeypatch, task, FORGED[task])
+    assert all(v == {"pass@1": 0.0} for v in res["pass_at_k"].values()), res["problems"]
 
 
 def test_private_tests_are_read_without_unpickling():

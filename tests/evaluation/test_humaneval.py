@@ -217,8 +217,9 @@ def test_every_canonical_solution_with_a_broken_line_fails(problems):
 
 def test_check_program_runs_the_test_against_the_entry_point(by_id):
     p = by_id["HumanEval/38"]  # the test uses encode_cyclic, a helper defined in the prompt
-    program = he.check_program(p, p["canonical_solution"])
-    assert "decode_cyclic" in program and "HumanEval/38" in program
+    program = he.check_program(p, p["canonical_solution"])  # a checked run: the program and the checker
+    for side in (program.program, program.checker):
+        assert "decode_cyclic" in side and "HumanEval/38" in side
     assert check(p, p["canonical_solution"]).passed
     failing = check(p, "    return s\n")
     assert failing.status == "failed" and "AssertionError" in failing.stderr
@@ -261,6 +262,70 @@ def test_patching_builtins_does_not_change_what_the_test_sees(by_id):
     )
     assert not check(p, cheat).passed
     assert check(p, "    return number % 1.0\n\nimport builtins\nbuiltins.abs = lambda x: 0\n").passed
+
+
+# Issue 24: completions that forged a pass on the old sandbox (one process ran the completion and the
+# test, and the verdict was evidence that process could write). Each is wrong on HumanEval/0's checks.
+FORGE_THE_NONCE = """
+import fcntl, os
+nonce = None
+for fd in range(3, 100):  # the launcher's pipes: read the nonce, then echo it as the evidence
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
+        data = os.read(fd, 256)
+        if len(data) == 32:
+            nonce = data
+    except OSError:
+        pass
+if nonce is not None:
+    for fd in range(3, 100):
+        try:
+            os.write(fd, nonce + b"\\n")
+        except OSError:
+            pass
+"""
+FORGERIES = {
+    "patches the sys functions that report the failure": WRONG
+    + "\n\nimport sys, os, traceback\nsys.exit = lambda *a, **k: None\nsys.excepthook = lambda *a: None\n"
+    "traceback.print_exception = lambda *a, **k: None\n",
+    "reads the nonce and exits 0 with the evidence written": WRONG + FORGE_THE_NONCE + "os._exit(0)\n",
+    "forges the evidence from an atexit handler after the failure": WRONG
+    + "\n\nimport atexit, os\n\ndef _forge():\n"
+    + "".join("    " + line + "\n" for line in FORGE_THE_NONCE.strip().splitlines())
+    + "    os._exit(0)\n\natexit.register(_forge)\n",
+    "returns an object whose __eq__ is always true": "    class AlwaysEqual:\n"
+    "        def __eq__(self, other):\n            return True\n\n"
+    "        def __ne__(self, other):\n            return False\n\n    return AlwaysEqual()\n",
+    "returns an int whose __eq__ is always true": "    class Equal(int):\n"
+    "        def __eq__(self, other):\n            return True\n\n"
+    "        __hash__ = int.__hash__\n\n    return Equal(0)\n",
+    "rewrites the test in __main__": WRONG
+    + "\n\nimport sys\nfor _k, _v in list(vars(sys.modules['__main__']).items()):\n"
+    "    if isinstance(_v, str) and 'def check' in _v:\n"
+    "        setattr(sys.modules['__main__'], _k, 'def check(candidate):\\n    pass\\n')\n",
+    "patches the serialisers": WRONG
+    + "\n\nimport builtins, json, pickle, sys\njson.dumps = lambda *a, **k: '{\"value\": true}'\n"
+    "json.loads = lambda *a, **k: {'value': True}\npickle.dumps = pickle.loads = lambda *a, **k: True\n"
+    "builtins.isinstance = lambda *a: True\n"
+    "setattr(sys.modules['__main__'], '_encode', lambda x: True)\n",
+}
+
+
+@pytest.mark.parametrize("forgery", list(FORGERIES))
+def test_forged_verdicts_are_scored_failed(by_id, forgery):
+    p = by_id["HumanEval/0"]
+    result = check(p, FORGERIES[forgery])
+    assert not result.passed, result
+    assert result.status == "failed", result
+
+
+def test_an_exception_from_the_completion_fails_and_a_right_answer_with_side_effects_passes(by_id):
+    p = by_id["HumanEval/0"]
+    raising = check(p, "    raise ValueError('no idea')\n")
+    assert raising.status == "failed" and "ValueError: no idea" in raising.stderr
+    # Patching its own process is allowed: it cannot reach the checker, so a right answer still passes.
+    noisy = check(p, p["canonical_solution"] + "\n\nimport sys, json\nsys.exit = None\njson.dumps = None\n")
+    assert noisy.passed, noisy
 
 
 # ------------------------------------------------------------------------------------------- evaluate

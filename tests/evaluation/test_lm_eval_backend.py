@@ -261,3 +261,19 @@ def test_bad_model_args_are_clear_errors(setup):
         lm.sampling_params({"until": [], "nucleus": 0.5}, 0)
     assert lm.sampling_params({"max_new_tokens": 5, "temperature": 0.5}, 3).seed == 1234 + 3
     assert lm.sampling_params({"temperature": 0.5, "do_sample": False}, 0).temperature == 0.0
+
+
+def test_a_tokenizer_of_other_ids_is_refused_unless_the_model_args_allow_it(setup, tmp_path):
+    from loopcoder.data import tokenizer as T
+    from loopcoder.identity import TokenizerMismatch
+    from support.training import SRC
+
+    vocab = T.load_raw_tokenizer(setup[0]).get_vocab_size()
+    texts = [f.read_text() for f in sorted((SRC / "loopcoder").rglob("*.py"))[:20]]
+    T.save_tokenizer(T.train_tokenizer(texts, vocab), tmp_path / "other")  # as many tokens, other ids
+    with pytest.raises(TokenizerMismatch, match="the model arg allow_tokenizer_mismatch=true"):
+        LoopcoderLM(pretrained=str(setup[0]), tokenizer=str(tmp_path / "other"), dtype="float32")
+    lm = LoopcoderLM(
+        pretrained=str(setup[0]), tokenizer=str(tmp_path / "other"), dtype="float32", allow_tokenizer_mismatch="true"
+    )
+    assert lm.tokenizer.get_vocab() == T.load_tokenizer(tmp_path / "other").get_vocab()

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
 
 from loopcoder.cli import main
+from loopcoder.errors import LoopcoderError
 from loopcoder.evaluation import humaneval, runner, tasks
 from loopcoder.evaluation.tasks import EvalSettings, wilson_interval
+from loopcoder.progress import Progress
 from support.data import tiny_model_dir
 
 
@@ -23,7 +26,7 @@ def fake_complete(answer_of):
     """A stand-in for the engine that answers every prompt with `answer_of(prompt)` and counts calls."""
     calls = []
 
-    def complete(engine, tokenizer, prompts, params, label="", quiet=False):
+    def complete(engine, tokenizer, prompts, params, label="", quiet=False, progress=None):
         calls.append(len(prompts))
         return [{"text": answer_of(p), "tokens": 1, "finish_reason": "stop", "skipped": None} for p in prompts]
 
@@ -208,3 +211,79 @@ def test_answer_nll_is_teacher_forced_and_independent_of_batching(model_and_data
         logp = model(torch.tensor([p + a])).logits[0].log_softmax(-1)
     manual = -sum(float(logp[len(p) - 1 + i, t]) for i, t in enumerate(a))
     assert batched[0] == pytest.approx(manual, rel=1e-4)
+
+
+def test_the_resume_error_names_each_setting_that_differs_old_to_new(model_and_data, tmp_path):
+    model_dir, _ = model_and_data
+    out = tmp_path / "r.json"
+    s = dict(reasoning_n=2, reasoning_steps=(1,))
+    runner.evaluate(str(model_dir), ["reasoning"], EvalSettings(**s), str(out))
+    with pytest.raises(LoopcoderError) as e:
+        runner.evaluate(str(model_dir), ["reasoning"], EvalSettings(**s, temperature=0.5, seed=3), str(out))
+    message = str(e.value)
+    assert "(seed 0 -> 3; temperature 0.0 -> 0.5)" in message and "--fresh" in message
+    assert "\n" not in message and "{" not in message  # one line, no settings dicts
+
+
+def test_bits_per_byte_shows_progress_and_is_kept_on_resume(model_and_data, tmp_path, monkeypatch, capsys):
+    model_dir, data = model_and_data
+    out = tmp_path / "r.json"
+    s = EvalSettings(bpb_rows=4)
+    first = runner.evaluate(str(model_dir), ["bpb"], s, str(out), data_dir=str(data))
+    assert "  bits per byte: 4/4 rows" in capsys.readouterr().err  # its progress line
+    seconds = first["timings"]["bpb"]
+
+    def no_second_pass(*a, **k):
+        raise AssertionError("bits per byte measured again")
+
+    monkeypatch.setattr(runner, "bits_per_byte", no_second_pass)
+    for _ in range(2):  # a finished evaluation run again, twice
+        again = runner.evaluate(str(model_dir), ["bpb"], s, str(out), data_dir=str(data))
+        assert again["tasks"]["bpb"] == first["tasks"]["bpb"]
+        assert again["timings"]["bpb"] == seconds  # not added up across runs
+    assert "bits per byte: " in capsys.readouterr().err
+    # the same path rebuilt with other contents is measured again
+    monkeypatch.undo()
+    rebuilt = tmp_path / "data"
+    shutil.copytree(data, rebuilt)
+    runner.evaluate(str(model_dir), ["bpb"], s, str(tmp_path / "r2.json"), data_dir=str(rebuilt))
+    index = json.loads((rebuilt / "index.json").read_text())
+    (rebuilt / "index.json").write_text(json.dumps({**index, "note": "rebuilt"}))
+    calls = []
+    monkeypatch.setattr(runner, "bits_per_byte", lambda *a, **k: calls.append(1) or tasks.bits_per_byte(*a, **k))
+    runner.evaluate(str(model_dir), ["bpb"], s, str(tmp_path / "r2.json"), data_dir=str(rebuilt))
+    assert calls == [1]
+
+
+def test_one_progress_line_covers_the_whole_task_across_chunks(model_and_data, tmp_path, monkeypatch):
+    model_dir, _ = model_and_data
+    seen = []
+    real = Progress.update
+
+    def spy(self, done, amount=None, **kw):
+        seen.append((self.label, self.total, done))
+        return real(self, done, amount, **kw)
+
+    monkeypatch.setattr(Progress, "update", spy)
+    s = EvalSettings(humaneval_limit=4, chunk=2, humaneval_max_new_tokens=4, n_samples=2)
+    runner.evaluate(str(model_dir), ["humaneval"], s, str(tmp_path / "r.json"), allow_code_execution=True)
+    lines = [x for x in seen if "humaneval" in x[0]]
+    assert {label for label, _, _ in lines} == {"  humaneval"}
+    assert {total for _, total, _ in lines} == {8}  # 4 problems x 2 samples: the ETA's total is the task's
+    counts = [done for _, _, done in lines]
+    assert counts == sorted(counts) and counts[-1] == 8 and 2 < counts[len(counts) // 2] < 8
+
+
+def test_limit_is_the_one_limit_and_humaneval_limit_its_deprecated_name(model_and_data, tmp_path, monkeypatch, capsys):
+    model_dir, _ = model_and_data
+    monkeypatch.setattr(tasks, "complete", fake_complete(lambda prompt: "    return None\n"))
+    base = ["eval", "--model", str(model_dir), "--tasks", "humaneval", "--allow-code-execution"]
+    assert main([*base, "--limit", "2", "--out", str(tmp_path / "a.json")]) == 0
+    assert json.loads((tmp_path / "a.json").read_text())["tasks"]["humaneval"]["problems_total"] == 2
+    assert "deprecated" not in capsys.readouterr().err
+    assert main([*base, "--humaneval-limit", "3", "--out", str(tmp_path / "b.json")]) == 0
+    assert json.loads((tmp_path / "b.json").read_text())["tasks"]["humaneval"]["problems_total"] == 3
+    assert "--humaneval-limit is deprecated: use --limit N" in capsys.readouterr().err
+    assert main([*base, "--limit", "2", "--humaneval-limit", "3", "--out", str(tmp_path / "c.json")]) == 2
+    assert "give --limit alone" in capsys.readouterr().err
+    assert main([*base, "--limit", "0", "--out", str(tmp_path / "c.json")]) == 2

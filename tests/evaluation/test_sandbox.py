@@ -201,6 +201,21 @@ def test_exiting_with_status_0_before_the_end_is_not_a_pass(exit_code):
     assert "no completion evidence" in result.reason
 
 
+def test_a_failing_program_that_replaces_what_reports_failure_still_fails():
+    # Issue 24: the launcher reported a failure through sys.exit, which the program had replaced.
+    result = run("""
+        import builtins, os, sys, traceback
+        sys.exit = lambda *a, **k: None
+        sys.excepthook = lambda *a: None
+        traceback.print_exception = traceback.print_exc = lambda *a, **k: None
+        os._exit = lambda *a: None
+        builtins.print = lambda *a, **k: None
+        assert False, "the program's own check fails"
+    """)
+    assert result.status == "failed" and not result.passed, result
+    assert result.returncode == 1
+
+
 def test_printing_or_writing_a_fake_success_marker_is_not_a_pass():
     result = run("""
         import os, sys
@@ -759,7 +774,8 @@ def test_the_rest_of_the_host_is_read_only_to_the_program(outside_dir):
         print(outcomes)
     """)
     assert result.passed, result
-    assert eval(result.stdout) == ["EROFS"] * 4
+    # The run's fresh root holds none of the host's directories but the system's: not even in sight.
+    assert eval(result.stdout) == ["ENOENT"] * 4
     assert sorted(os.listdir(outside_dir)) == ["existing.txt"]
     assert existing.read_text() == "original"
 
@@ -783,13 +799,21 @@ print(json.dumps(outcomes))
 """
 
 
+def runs_as(as_user: dict, python: str) -> bool:
+    try:
+        return subprocess.run([python, "-c", "pass"], timeout=60, **as_user).returncode == 0
+    except OSError:
+        return False
+
+
 @pytest.mark.skipif(not AS_ROOT, reason="making an unprivileged caller needs root")
 def test_an_unprivileged_callers_home_project_and_site_packages_are_out_of_reach(outside_dir):
     # Not root, the sandbox cannot drop to another uid: the program runs as the caller, who owns a home,
     # a checkout and a virtual environment. Only the private filesystem keeps the program's hands off them.
     uid = UNPRIVILEGED_UID
     as_user = {"user": uid, "group": uid, "extra_groups": [], "env": {"PATH": "/usr/bin:/bin", "HOME": "/"}}
-    python = isolation_report()["interpreter"]  # one every uid can read
+    # One every uid can read (the sandbox's own may live under /root, which its fresh root binds).
+    python = next(p for p in (isolation_report()["interpreter"], *sandbox._FALLBACK_PYTHONS) if runs_as(as_user, p))
     userns = "import ctypes, sys; sys.exit(ctypes.CDLL(None).unshare(0x10000000) != 0)"  # CLONE_NEWUSER
     if subprocess.run([python, "-c", userns], timeout=60, **as_user).returncode != 0:
         pytest.skip("this machine gives no user namespaces to unprivileged users")
@@ -797,7 +821,12 @@ def test_an_unprivileged_callers_home_project_and_site_packages_are_out_of_reach
     home.mkdir()
     (home / ".bashrc").write_text("original\n")
     package = project / "src" / "loopcoder"
-    for part in ("errors.py", "evaluation/__init__.py", "evaluation/sandbox.py"):  # the sandbox alone
+    sandbox_files = ("sandbox.py", "sandbox_launcher.py", "cgroups.py")
+    for part in (
+        "errors.py",
+        "evaluation/__init__.py",
+        *(f"evaluation/{f}" for f in sandbox_files),
+    ):  # the sandbox alone
         (package / part).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(PROJECT / "src" / "loopcoder" / part, package / part)
     for path in [outside_dir, *outside_dir.rglob("*")]:
@@ -879,6 +908,9 @@ def test_isolation_report_says_what_is_isolated_in_plain_words():
         "unprivileged uid",
         "no_new_privs",
         "private filesystem",
+        "memory cap",
+        "shared memory cap",
+        "seccomp filter",
     }
     assert all(isinstance(v, str) and v for v in report.values())
     assert report["network"] == network_isolation().split(": ", 1)[1]
@@ -905,6 +937,27 @@ def test_command_line(tmp_path, capsys):
     assert "cannot read" in capsys.readouterr().err
     assert sandbox._main([str(good), "--allow-code-execution", "--cpu-seconds", "0"]) == 2
     assert "cpu_seconds" in capsys.readouterr().err
+
+
+def test_without_the_fork_server_each_run_starts_an_interpreter_and_works_the_same(monkeypatch):
+    monkeypatch.setattr(sandbox, "_FORK_SERVER", False)
+    assert sandbox._plan(None).server is None
+    assert run("print(sum(range(10)))\n").stdout == "45\n"
+    failed = run("import sys\nsys.exit(3)\n")
+    assert failed.status == "failed" and failed.returncode == 3
+    assert run("import time\ntime.sleep(60)\n", Limits(wall_seconds=1)).status == "timeout"
+
+
+def test_a_lost_fork_server_falls_back_to_an_interpreter_per_run():
+    plan = sandbox._plan(sys.executable)  # a plan (and server) of its own: the shared one stays
+    if plan.server is None:
+        pytest.skip("no fork server here")
+    assert run("pass\n", python=sys.executable).passed
+    plan.server.proc.kill()
+    plan.server.proc.wait()
+    after = run("print('still here')\n", python=sys.executable)
+    assert after.passed and after.stdout == "still here\n", after
+    assert_evaluator_carries_on()
 
 
 def test_killed_results_name_the_signal():

@@ -94,6 +94,39 @@ def test_the_workspace_persists_between_calls_and_stays_the_callers(workspace):
     shutil.rmtree(workspace)  # the caller can delete it
 
 
+@pytest.mark.skipif(not AS_ROOT, reason="only a root caller gives the run a uid of its own")
+@pytest.mark.parametrize("idmapped", [True, False], ids=["idmapped mount", "lent by chown"])
+def test_a_big_workspace_is_the_runs_inside_and_the_callers_outside(workspace, monkeypatch, idmapped):
+    monkeypatch.setattr(sandbox, "_IDMAPPED_WORKSPACE", idmapped)
+    for i in range(2000):
+        (workspace / f"d{i % 20}").mkdir(exist_ok=True)
+        (workspace / f"d{i % 20}" / f"f{i}.txt").write_text("x")
+    owner = os.stat(workspace).st_uid
+    result = sh(
+        "test -O d3/f3.txt && echo owned; echo y >> d3/f3.txt; mkdir -p new/deeper; touch new/deeper/file; "
+        "rm d4/f4.txt; stat -c %u d5/f5.txt",
+        workspace,
+    )
+    assert result.passed, result
+    lines = result.stdout.splitlines()
+    assert lines[0] == "owned" and int(lines[1]) == result.isolation["uid"]  # the run's own inside
+    want = "idmapped mount" if idmapped else "lent to the run's uid"
+    if idmapped and not result.isolation["workspace"].startswith(want):
+        pytest.skip(f"no idmapped mount here: {result.isolation['workspace']}")
+    assert result.isolation["workspace"].startswith(want)
+    assert (workspace / "d3" / "f3.txt").read_text() == "xy\n" and not (workspace / "d4" / "f4.txt").exists()
+    assert {os.lstat(p).st_uid for p in [workspace, *workspace.rglob("*")]} == {owner}  # the caller's outside
+
+
+@pytest.mark.skipif(not AS_ROOT, reason="only a root caller gives the run a uid of its own")
+def test_a_lent_workspace_is_given_back_after_a_timeout_too(workspace, monkeypatch):
+    monkeypatch.setattr(sandbox, "_IDMAPPED_WORKSPACE", False)
+    result = sh("touch made; sleep 100", workspace, Limits(wall_seconds=1.5))
+    assert result.status == "timeout"
+    owner = os.stat(workspace).st_uid
+    assert {os.lstat(p).st_uid for p in [workspace, *workspace.rglob("*")]} == {owner} == {os.getuid()}
+
+
 def test_git_in_the_workspace_works_inside_and_afterwards_for_the_caller(workspace):
     result = sh(
         "git init -q . && git -c user.name=a -c user.email=a@b add README.md && "
@@ -213,6 +246,43 @@ def test_where_namespaces_are_refused_commands_still_run_in_the_workspace(worksp
     assert result.isolation["network"].startswith("no: ")
     assert (workspace / "out.txt").read_text() == "done\n"
     assert os.stat(workspace / "out.txt").st_uid == os.stat(workspace).st_uid
+
+
+MEMORY_SCAN = """
+import sys
+counts = []
+for word in sys.argv[1:]:  # each built at run time, so each is in this memory the same number of times
+    needle = word.encode()
+    found = 0
+    with open("/proc/self/maps") as maps, open("/proc/self/mem", "rb", 0) as mem:
+        for line in maps:
+            fields = line.split()
+            if "r" not in fields[1] or line.rstrip().endswith(("[vvar]", "[vsyscall]", "[vvar_vclock]")):
+                continue
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            for at in range(start, end, 1 << 20):
+                try:
+                    mem.seek(at)
+                    found += mem.read(min(1 << 20, end - at) + 64).count(needle)
+                except (OSError, ValueError, OverflowError):
+                    pass
+    counts.append(found)
+print(*counts)
+"""
+
+
+def test_a_commands_environment_is_not_in_a_later_runs_memory(workspace):
+    # Runs are forked from one server process: nothing of one run's request may stay in it for the next.
+    secret, unused = ("token-" + os.urandom(16).hex() for _ in range(2))
+    assert sh("true", workspace, env={"LOOPCODER_TEST_TOKEN": secret}).passed
+    words = ", ".join(f"'{w[:5]}' + '{w[5:]}'" for w in (secret, unused))
+    scan = sandbox.run_program(
+        f"import sys\nsys.argv[1:] = [{words}]\n" + MEMORY_SCAN, QUICK, allow_code_execution=True
+    )
+    assert scan.passed, scan
+    in_memory, control = (int(x) for x in scan.stdout.split())
+    assert control > 0  # the scan finds what is there (its own copies)
+    assert in_memory == control  # and the earlier run's secret no more often than a word never used
 
 
 def test_bad_input_is_one_clear_error(workspace, tmp_path):

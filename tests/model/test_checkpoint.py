@@ -184,4 +184,4 @@ def test_cli_init_writes_a_loadable_model_and_errors_exit_2(tmp_path, capsys):
     capsys.readouterr()
     assert main(["init", "--out", str(tmp_path / "bad"), "--loops", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "plt_num_loops" in err[0]
+    assert len(err) == 1 and "--loops must be >= 1, got 0" in err[0]  # named by its flag

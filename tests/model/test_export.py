@@ -14,12 +14,14 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 from transformers.dynamic_module_utils import get_imports
 
 from loopcoder.checkpoint import load_model, save_model
+from loopcoder.data import tokenizer as T
 from loopcoder.export import AUTO_MAP, ExportError, collect, export, remote_code_files
 from support.models import released_style_dir, tiny_model
 
@@ -179,3 +181,30 @@ def test_bad_input_is_a_clear_error(tmp_path):
     with pytest.raises(ExportError, match="model_type 'llama'"):
         export(tmp_path / "empty", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_the_docs_snippet_runs_without_a_prompt_or_a_warning(tmp_path):
+    """docs/export.md's Python block, as written, in a fresh interpreter without loopcoder and with stdin
+    closed: the tokenizer load must neither ask `[y/N]` nor warn about "a model of type ``"."""
+    page = (Path(__file__).resolve().parents[2] / "docs" / "export.md").read_text()
+    snippet = page.split("```python\n", 1)[1].split("```", 1)[0]
+    assert 'AutoTokenizer.from_pretrained("exported", trust_remote_code=True)' in snippet
+    save_model(tiny_model(dtype=torch.float32, vocab_size=300), tmp_path / "model")
+    T.save_tokenizer(T.train_tokenizer(["def fib(n):\n    return n\n"] * 20, 300), tmp_path / "model")
+    export(tmp_path / "model", tmp_path / "exported")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    env.update(HF_MODULES_CACHE=str(tmp_path / "hf-modules"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    script = tmp_path / "snippet.py"
+    script.write_text("import sys\nsys.modules['loopcoder'] = None  # not installed, as far as this knows\n" + snippet)
+    proc = subprocess.run(
+        [sys.executable, "-I", str(script)],
+        cwd=tmp_path,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "[y/N]" not in proc.stdout + proc.stderr and "to instantiate a model of type" not in proc.stderr, proc.stderr

@@ -13,8 +13,9 @@ from loopcoder.bench.serve import ServeBenchSettings
 from loopcoder.bench.train import TrainBenchSettings
 from loopcoder.checkpoint import write_random_model
 from loopcoder.commands import bench as bench_command
-from loopcoder.config import ModelShape, PLTConfig, mlp_width
+from loopcoder.config import PLTConfig
 from loopcoder.errors import LoopcoderError
+from loopcoder.shape import ModelShape, mlp_width
 from loopcoder.training.config import load_config
 from loopcoder.training.run import model_config
 

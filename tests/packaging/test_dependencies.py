@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from importlib import metadata
 
+import tomllib
+from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
@@ -40,3 +42,14 @@ def test_make_installs_the_constrained_torch_first_and_with_the_constraints():
     torch = re.search(r"pip install --quiet torch==(\S+)", makefile)
     assert torch and torch.group(1) == pins()["torch"]
     assert makefile.index("torch==") < makefile.index("-c constraints.txt -e")
+
+
+def test_the_license_is_an_spdx_expression_with_a_build_backend_that_reads_it():
+    """A `license = {text = ...}` table makes setuptools >= 77 print a deprecation warning at every install;
+    an SPDX string needs setuptools >= 77 (PEP 639), so the build requirement says so."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert project["project"]["license"] == "Apache-2.0"
+    backend = [Requirement(r) for r in project["build-system"]["requires"]]
+    setuptools = next(r for r in backend if r.name == "setuptools")
+    assert Version(lower_bound(setuptools)) >= Version("77")
+    assert project["build-system"]["build-backend"] == "setuptools.build_meta"

@@ -327,10 +327,15 @@ BAD = [
     ({"prompt": "x", "stop": ["s"] * 33}, 400, "stop"),
     ({"prompt": "x", "stream": "yes"}, 400, "stream"),
     ({"prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream_options"),
-    ({"prompt": "x", "presence_penalty": 0.5}, 400, "presence_penalty"),
-    ({"prompt": "x", "echo": True}, 400, "echo"),
+    ({"prompt": "x", "presence_penalty": 2.5}, 400, "presence_penalty"),
+    ({"prompt": "x", "frequency_penalty": -3}, 400, "frequency_penalty"),
+    ({"prompt": "x", "repetition_penalty": 0}, 400, "repetition_penalty"),
+    ({"prompt": "x", "logit_bias": {"a": 5}}, 400, "logit_bias"),
+    ({"prompt": "x", "logit_bias": {"100000": 5}}, 400, "logit_bias"),  # outside the vocabulary
+    ({"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),  # only with echo
     ({"prompt": "x", "suffix": "y"}, 400, "suffix"),
-    ({"prompt": "x", "logprobs": 3}, 400, "logprobs"),
+    ({"prompt": "x", "logprobs": 21}, 400, "logprobs"),
+    ({"prompt": "x", "logprobs": True}, 400, "logprobs"),  # an integer for completions
     ({"prompt": "x", "model": "other"}, 404, "model"),
 ]
 
@@ -368,7 +373,41 @@ BAD_CHAT = [
     ),
     ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_schema"}}, "response_format"),
     ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "xml"}}, "response_format.type"),
-    ({"messages": [{"role": "user", "content": "x"}], "logprobs": True}, "logprobs"),
+    ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),  # needs logprobs
+    ({"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ({"messages": [{"role": "user", "content": "x"}], "modalities": ["text", "audio"]}, "modalities"),
+    ({"messages": [{"role": "user", "content": "x"}], "audio": {"voice": "alloy", "format": "mp3"}}, "audio"),
+    ({"messages": [{"role": "user", "content": "x"}], "moderation": {"model": "omni"}}, "moderation"),
+    ({"messages": [{"role": "user", "content": "x"}], "metadata": {str(i): "v" for i in range(17)}}, "metadata"),
+    ({"messages": [{"role": "user", "content": "x"}], "store": "no"}, "store"),  # ignored, but typed
+    ({"messages": [{"role": "user", "content": "x"}], "function_call": "auto"}, "function_call"),  # no functions
+    (
+        {
+            "messages": [{"role": "user", "content": "x"}],
+            "tools": [{"type": "function", "function": {"name": "f"}}],
+            "functions": [{"name": "g"}],
+        },
+        "functions",
+    ),
+    (
+        {
+            "messages": [{"role": "user", "content": "x"}],
+            "tools": [{"type": "custom", "custom": {"name": "grep"}}],
+        },
+        "tools.0",
+    ),
+    (
+        {
+            "messages": [{"role": "user", "content": "x"}],
+            "tools": [{"type": "function", "function": {"name": "f"}}],
+            "tool_choice": {
+                "type": "allowed_tools",
+                "allowed_tools": {"mode": "auto", "tools": [{"type": "function", "function": {"name": "g"}}]},
+            },
+        },
+        "tool_choice",
+    ),
+    ({"messages": [{"role": "function", "content": "x"}]}, "messages.0.name"),  # a legacy result names its function
 ]
 
 

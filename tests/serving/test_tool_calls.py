@@ -13,7 +13,9 @@ from loopcoder.serving.tool_calls import (
     HermesToolCallParser,
     ToolCallParser,
     ToolCallStream,
+    closed_schema,
     get_tool_parser,
+    parse_cut,
 )
 
 P = HermesToolCallParser()
@@ -170,3 +172,97 @@ def test_parsers_are_pluggable_by_name_or_import_path():
         get_tool_parser("no_such_module_xyz:Parser")
     with pytest.raises(LoopcoderError, match="lacks"):
         get_tool_parser("json:JSONDecoder")
+
+
+# ---------------------------------------------------------------------------------------------- a reply cut short
+CUT = [  # (cut reply, vLLM's whole-reply answer: (content, calls), its stream's calls (name, arguments))
+    ('Let me see. <tool_call>\n{"na', ("same", []), []),  # the name is not complete
+    ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Pa', ("same", []), [("get_weather", '{"city": "Pa')]),
+    ('<tool_call>\n{"name": "get_weather"', ("same", []), [("get_weather", "")]),  # no arguments yet
+    (  # the body is whole, its closing marker is not: a call, both ways
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": 2}}\n',
+        (None, [("get_weather", {"city": "Paris", "days": 2})]),
+        [("get_weather", '{"city": "Paris", "days": 2}')],
+    ),
+    (  # half a closing marker: the whole reply is not JSON after the marker (vLLM's json.loads fails); the stream
+        # drops the partial marker first
+        '<tool_call>\n{"name": "now", "arguments": {}}\n</tool_',
+        ("same", []),
+        [("now", "{}")],
+    ),
+    (  # a complete call, then a cut one: vLLM's whole-reply parser fails on the second and keeps none
+        f'{WEATHER}\n<tool_call>\n{{"name": "now", "argu',
+        ("same", []),
+        [("get_weather", '{"city": "Paris", "days": 2}'), ("now", "")],
+    ),
+]
+
+
+@pytest.mark.parametrize(("text", "whole", "streamed"), CUT)
+def test_a_reply_cut_inside_a_call_is_read_as_vllm_reads_it(text, whole, streamed):
+    out = parse_cut(P, text)
+    content, calls = whole
+    assert out.content == (text if content == "same" else content)
+    assert [(c.name, json.loads(c.arguments)) for c in out.tool_calls] == calls
+    for cuts in ([], [len(text) // 3, len(text) // 2]):  # streamed in any pieces
+        s = ToolCallStream(P)
+        sent, pos, got = "", 0, []
+        for cut in [*cuts, len(text)]:
+            sent += s.feed(text[pos:cut])
+            got += s.calls()
+            pos = cut
+        rest = s.finish(cut=True)
+        got += rest.tool_calls
+        assert sent + (rest.content or "") == text[: text.find("<tool_call>")].rstrip()  # nothing from the marker on
+        assert [(c.name, c.arguments) for c in got] == streamed
+
+
+def test_a_reply_that_ends_normally_is_parsed_as_before():
+    for text in (WEATHER, f"Sure.\n{WEATHER}", "just text"):
+        assert parse_cut(P, text).content == P.parse(text).content
+        assert [c.arguments for c in parse_cut(P, text).tool_calls] == [c.arguments for c in P.parse(text).tool_calls]
+
+
+# ---------------------------------------------------------------------------------------------- closed schemas
+def test_tool_parameters_are_closed_where_they_do_not_say_otherwise():
+    smol = {  # smolagents' shape: no additionalProperties anywhere
+        "type": "object",
+        "properties": {
+            "city": {"type": "string", "description": "The city."},
+            "unit": {"type": "string", "nullable": True},
+            "where": {"type": "object", "properties": {"lat": {"type": "number"}}},
+            "stops": {"type": "array", "items": {"type": "object", "properties": {"name": {"type": "string"}}}},
+            "extra": {"type": "object"},  # a free-form map: closed, it could only be {}
+        },
+        "required": ["city"],
+        "$defs": {"point": {"type": "object", "properties": {"x": {"type": "number"}}}},
+    }
+    out = closed_schema(smol)
+    assert out["additionalProperties"] is False
+    assert out["properties"]["where"]["additionalProperties"] is False
+    assert out["properties"]["stops"]["items"]["additionalProperties"] is False
+    assert out["$defs"]["point"]["additionalProperties"] is False
+    assert "additionalProperties" not in out["properties"]["extra"]
+    assert "additionalProperties" not in smol  # a copy: the request's own schema is untouched
+    jsonschema.validate({"city": "Oslo", "where": {"lat": 1.0}}, out)
+    for extra in ({"city": "Oslo", "town": "x"}, {"city": "Oslo", "where": {"lat": 1.0, "lon": 2.0}}):
+        jsonschema.validate(extra, smol)
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(extra, out)
+    said = {  # what a schema says stays as it is
+        "type": "object",
+        "properties": {
+            "open": {"type": "object", "properties": {"a": {}}, "additionalProperties": True},
+            "typed": {"type": "object", "properties": {"a": {}}, "additionalProperties": {"type": "integer"}},
+            "loose": {"type": "object", "properties": {"a": {}}, "required": ["b"]},  # b is not listed: not closed
+            "both": {"allOf": [{"type": "object", "properties": {"a": {}}}, {"properties": {"b": {}}}]},
+        },
+    }
+    out = closed_schema(said)
+    props = out["properties"]
+    assert props["open"]["additionalProperties"] is True and props["typed"]["additionalProperties"] == {
+        "type": "integer"
+    }
+    assert "additionalProperties" not in props["loose"]
+    assert all("additionalProperties" not in m for m in props["both"]["allOf"])
+    jsonschema.validate({"both": {"a": 1, "b": 2}}, out)  # composition still works

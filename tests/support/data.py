@@ -77,11 +77,11 @@ def small_build(tmp: Path, name: str = "data", **overrides) -> tuple[Path, dict]
 
 
 def tiny_model_dir(tmp: Path, max_positions: int) -> tuple[Path, Path]:
-    """A random 2-loop PLT (hidden 32) saved with the tokenizer of `small_build`: (model dir, data dir)."""
+    """A random 2-loop PLT (hidden 32) made for the tokenizer of `small_build` (`init --data`): (model dir,
+    data dir)."""
     import contextlib
 
     from loopcoder.cli import main
-    from loopcoder.data import tokenizer as T
 
     data, _ = small_build(tmp, seq_len=64)
     out = tmp / "model"
@@ -98,8 +98,8 @@ def tiny_model_dir(tmp: Path, max_positions: int) -> tuple[Path, Path]:
                     "2",
                     "--heads",
                     "4",
-                    "--vocab-size",
-                    "400",
+                    "--data",
+                    str(data),
                     "--window",
                     "4",
                     "--max-positions",
@@ -110,5 +110,4 @@ def tiny_model_dir(tmp: Path, max_positions: int) -> tuple[Path, Path]:
             )
             == 0
         )
-    T.save_tokenizer(T.load_raw_tokenizer(data), out, model_max_length=max_positions)
     return out, data

@@ -7,7 +7,6 @@ import contextlib
 import inspect
 import io
 import json
-import threading
 import time
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import httpx
 import torch
 
 from loopcoder.engine import Engine
+from loopcoder.serving.background import BackgroundServer
 
 KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -30,6 +30,7 @@ def build_model_dir(out: Path, context: int = CONTEXT) -> Path:
 
     text = "".join(inspect.getsource(m) for m in (engine, model, sampling))
     tok = T.train_tokenizer((text[i : i + 2000] for i in range(0, len(text), 2000)), vocab_size=400)
+    tokenizer_dir = T.save_tokenizer(tok, out.parent / f"{out.name}-tokenizer")  # the model is made for it
     with contextlib.redirect_stdout(io.StringIO()):
         assert (
             main(
@@ -45,8 +46,8 @@ def build_model_dir(out: Path, context: int = CONTEXT) -> Path:
                     "4",
                     "--kv-heads",
                     "2",
-                    "--vocab-size",
-                    "400",
+                    "--tokenizer",
+                    str(tokenizer_dir),
                     "--window",
                     "4",
                     "--max-positions",
@@ -59,39 +60,12 @@ def build_model_dir(out: Path, context: int = CONTEXT) -> Path:
             )
             == 0
         )
-    T.save_tokenizer(tok, out, model_max_length=context)  # after init, which writes the directory anew
     return out
 
 
-class LiveServer:
-    """`GracefulServer` on 127.0.0.1 (a free port) in a background thread, as `loopcoder serve` runs it."""
-
-    def __init__(self, app, scheduler, grace: float = 5.0, log_level: str = "warning", **limits) -> None:
-        from loopcoder.serving.server import bind, make_server
-
-        self.scheduler = scheduler
-        self.sock = bind("127.0.0.1", 0)
-        self.port = self.sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = make_server(app, scheduler, grace=grace, log_level=log_level, **limits)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def __enter__(self) -> LiveServer:
-        self.thread.start()
-        deadline = time.monotonic() + 60
-        while not self.server.started:
-            assert self.thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-    def stop(self, timeout: float = 30) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout)
-        self.sock.close()
-        assert not self.thread.is_alive(), "the server did not stop"
+class LiveServer(BackgroundServer):
+    """`GracefulServer` on 127.0.0.1 (a free port) in a background thread, as `loopcoder serve` runs it, with
+    helpers that read its health."""
 
     def health(self) -> dict:
         return httpx.get(self.url + "/health", timeout=10).json()
@@ -120,9 +94,11 @@ class ScriptedEngine(Engine):
     """The real engine (queue, slots, sampling, stop strings, eos, max tokens, streaming text), but the
     model is replaced: every request's output is `script` (tokenised, then end-of-text, repeating), one
     token per step, `delay` seconds per step. It records the prompts it received. A random model never
-    writes a tool call; this does. A prompt containing `POISON` gets NaN logits from its second token on
-    (a failure that belongs to one request); `fail_next` makes the next decode step raise (one that
-    belongs to all of them, as an out-of-memory error would)."""
+    writes a tool call; this does. `replies` maps a text to the output of every prompt that contains it
+    (instead of `script`): an agent's tool loop, whose later prompts hold the tool's result, ends. A prompt
+    containing `POISON` gets NaN logits from its second token on (a failure that belongs to one request);
+    `fail_next` makes the next decode step raise (one that belongs to all of them, as an out-of-memory
+    error would)."""
 
     POISON = "POISON"
 
@@ -135,6 +111,8 @@ class ScriptedEngine(Engine):
         self.prompts: list[list[int]] = []
         self.poisoned: set[str] = set()
         self.script = script
+        self.replies: dict[str, str] = {}
+        self._reply_ids: dict[str, list[int]] = {}  # request id -> its output, where a reply applies
 
     @property
     def script(self) -> str:
@@ -149,14 +127,22 @@ class ScriptedEngine(Engine):
         row = torch.full((self.config.vocab_size,), float("-inf"))
         if req.id in self.poisoned and req.output_ids:
             return row.fill_(float("nan"))
-        ids = self._script_ids
+        ids = self._reply_ids.get(req.id, self._script_ids)
         row[ids[len(req.output_ids) % len(ids)]] = 0.0
         return row
 
     def _prefill(self, req, n):
         self.prompts.append(req.prompt_ids)
-        if self.POISON in self.tokenizer.decode(req.prompt_ids):
+        prompt = self.tokenizer.decode(req.prompt_ids)
+        if self.POISON in prompt:
             self.poisoned.add(req.id)
+        for key, text in self.replies.items():
+            if key in prompt:
+                self._reply_ids[req.id] = [
+                    *self.tokenizer(text, add_special_tokens=False)["input_ids"],
+                    min(self.eos_ids),
+                ]
+                break
         return self._logits(req)
 
     def _decode(self, reqs):

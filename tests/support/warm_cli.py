@@ -1,7 +1,8 @@
 """A warm `loopcoder` for tests that run many commands (tests/test_docs.py). One process imports the
-package once (torch and transformers: about 5 s of CPU per command otherwise) and forks a child per
-command, which runs `loopcoder.cli.main(argv)` as the console script does (or a Python script, as
-`python FILE` does), with the caller's working directory, environment, stdin, stdout and stderr.
+package and what every command runs once (torch and transformers: about 5 s of CPU per command
+otherwise) and forks a child per command, which runs `loopcoder.cli.main(argv)` as the console script
+does (or a Python script, as `python FILE` does), with the caller's working directory, environment,
+stdin, stdout and stderr.
 
     python warm_cli.py serve SOCKET              the warm process (stop it with SIGTERM)
     python warm_cli.py run SOCKET ARGS...        one `loopcoder ARGS...`: what a shim on PATH runs
@@ -14,7 +15,10 @@ another thread, and it runs no torch operation itself, so no thread pool exists 
 
 from __future__ import annotations
 
+import ast
 import contextlib
+import importlib
+import importlib.util
 import json
 import os
 import runpy
@@ -24,14 +28,31 @@ import socket
 import struct
 import sys
 import traceback
+from pathlib import Path
+
+
+def run_time_modules(module: str) -> list[str]:
+    """The loopcoder modules a command module imports, at its top or inside `run()` (where the heavy ones
+    are, so that its `--help` stays fast): what the warm process imports once for every command."""
+    origin = importlib.util.find_spec(module).origin
+    found = [module]
+    for node in ast.walk(ast.parse(Path(origin).read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.append(node.module)
+        elif isinstance(node, ast.Import):
+            found += [a.name for a in node.names]
+    return [name for name in found if name == "loopcoder" or name.startswith("loopcoder.")]
 
 
 def serve(path: str) -> None:
+    import loopcoder
     from loopcoder.cli import COMMANDS, main
 
-    for module, _ in COMMANDS.values():  # the commands' own imports too
-        with contextlib.suppress(Exception):  # a missing optional extra: the command itself will say so
-            __import__(module)
+    for command, _ in COMMANDS.values():  # the commands' own imports too, those inside run() included
+        for module in run_time_modules(command):
+            with contextlib.suppress(Exception):  # a missing optional extra: the command itself will say so
+                importlib.import_module(module)
+    loopcoder.register_auto_classes()
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
     listener.listen(64)

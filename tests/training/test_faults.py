@@ -4,9 +4,7 @@ corrupted shard. Each ends the run with one line that names the directory or the
 from __future__ import annotations
 
 import errno
-import os
 import shutil
-import subprocess
 import sys
 from collections import namedtuple
 
@@ -19,7 +17,14 @@ from loopcoder.cli import main
 from loopcoder.data.shards import ShardDataset
 from loopcoder.errors import LoopcoderError
 from loopcoder.training import checkpoints as ckpt
-from support.training import SRC, data_dir, tiny_overrides
+from support.training import (
+    SRC,
+    can_mount_a_tmpfs,
+    data_dir,
+    in_a_small_tmpfs,
+    one_line_error,
+    tiny_overrides,
+)
 
 IN_PROCESS = {"train.threads": 1, "train.deterministic": False, "logging.progress": "off"}
 
@@ -29,14 +34,6 @@ def keep_threads():
     before = torch.get_num_threads()
     yield
     torch.set_num_threads(before)
-
-
-def one_line_error(argv, capsys) -> str:
-    capsys.readouterr()
-    code = main(argv)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1, (code, err)
-    return err[0]
 
 
 # ----------------------------------------------------------------------------- a full disk
@@ -91,15 +88,8 @@ def _finished_run(tmp_path):
     return out
 
 
-def _can_mount_a_tmpfs() -> bool:
-    if not shutil.which("unshare"):
-        return False
-    r = subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"], capture_output=True)
-    return r.returncode == 0
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not _can_mount_a_tmpfs(), reason="cannot mount a tmpfs in a user namespace here")
+@pytest.mark.skipif(not can_mount_a_tmpfs(), reason="cannot mount a tmpfs in a user namespace here")
 def test_a_real_full_disk_ends_the_run_with_one_line(tmp_path):
     """A 1 MiB tmpfs (a private mount in a user namespace): the first checkpoint fits, a later one does not."""
     mnt = tmp_path / "small"
@@ -111,16 +101,10 @@ def test_a_real_full_disk_ends_the_run_with_one_line(tmp_path):
     )
     python = f"PYTHONPATH={SRC} OMP_NUM_THREADS=1 {sys.executable} -m loopcoder"
     script = (
-        f"mount -t tmpfs -o size=1m tmpfs {mnt} && {python} train {' '.join(args)}; echo rc=$?; "
+        f"{python} train {' '.join(args)}; echo rc=$?; "
         f"{python} generate --model {mnt / 'run'} --prompt x --max-new-tokens 2 >/dev/null && echo loads"
     )
-    r = subprocess.run(
-        ["unshare", "-rm", "sh", "-c", script],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "PYTHONPATH": str(SRC)},
-    )
+    r = in_a_small_tmpfs(mnt, "1m", script)
     assert "rc=2" in r.stdout and "loads" in r.stdout, (r.stdout, r.stderr)  # the latest checkpoint still loads
     errors = [line for line in r.stderr.splitlines() if "error" in line.lower() or "Traceback" in line]
     assert len(errors) == 1 and "no space left to save checkpoint step-" in errors[0], r.stderr
@@ -138,7 +122,7 @@ def corrupt_copy(tmp_path):
     return data, shard
 
 
-def test_a_corrupted_shard_ends_training_with_one_line_naming_the_file(tmp_path, capsys):
+def test_a_corrupted_shard_ends_training_with_one_line_naming_the_file(tmp_path, capsys, monkeypatch):
     data, shard = corrupt_copy(tmp_path)
     argv = [
         "train",
@@ -146,6 +130,11 @@ def test_a_corrupted_shard_ends_training_with_one_line_naming_the_file(tmp_path,
             data, tmp_path / "run", **{**IN_PROCESS, "train.steps": 200, "checkpoint.every": 0, "eval.every": 0}
         ),
     ]
+    message = one_line_error(argv, capsys)  # small data is hashed at start: the run does not begin
+    assert f"shard {shard} does not match its checksum in index.json" in message
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    # data too large to hash at every start: the range check on every batch read still names the file
+    monkeypatch.setattr("loopcoder.data.verify.HASH_AT_START_MAX_BYTES", 0)
     message = one_line_error(argv, capsys)
     assert f"shard {shard} is corrupted" in message and "outside the vocabulary [0, " in message
 

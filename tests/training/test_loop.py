@@ -20,22 +20,10 @@ from loopcoder.training import checkpoints as ckpt
 from loopcoder.training.data import pretrain_source, sft_source
 from loopcoder.training.optim import lr_factor, param_groups
 from loopcoder.training.trainer import Trainer
-from support.training import data_dir, read_metrics, tiny_overrides
+from support.training import in_process_overrides as overrides
+from support.training import read_metrics
 
-IN_PROCESS = {"train.threads": "null", "train.deterministic": False}  # leave the test process's settings alone
-
-
-def overrides(out, **extra):
-    return tiny_overrides(data_dir(), out, **{**IN_PROCESS, **extra})
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One thread, as the subprocess tests use: two threads on a shared 2-core machine spin and crawl."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,11 @@ import torch
 from loopcoder.cli import main
 from loopcoder.commands.plan import parse_bytes
 from loopcoder.config import released_config
+from loopcoder.errors import LoopcoderError
 from loopcoder.model import PLTForCausalLM
 from loopcoder.training.flops import (
     activation_bytes_per_token,
+    fit,
     mfu,
     param_counts,
     peak_flops,
@@ -80,8 +82,40 @@ def test_mfu_and_peaks():
     assert mfu(1e9, 100.0, None) is None
 
 
-def test_parse_bytes():
-    assert parse_bytes("80GiB") == 80 * 2**30 and parse_bytes("141GB") == 141e9 and parse_bytes("24e9") == 24e9
+def test_parse_bytes_reads_units_and_refuses_a_bare_number():
+    assert parse_bytes("80GiB") == parse_bytes("80G") == parse_bytes("80gi") == parse_bytes("80 GiB") == 80 * 2**30
+    assert parse_bytes("80GB") == 80e9 and parse_bytes("141GB") == 141e9 and parse_bytes("1.5TB") == 1.5e12
+    assert parse_bytes("512MiB") == parse_bytes("512M") == 512 * 2**20 and parse_bytes("24e9B") == 24e9
+    for bare in ("80", "24e9", "0.5"):
+        with pytest.raises(LoopcoderError, match=f"--memory '{bare}' has no unit: write {bare}GiB"):
+            parse_bytes(bare)
+    with pytest.raises(LoopcoderError, match="expected a size"):
+        parse_bytes("80 gigs")
+
+
+def test_plan_says_plainly_when_a_model_does_not_fit_and_what_would():
+    cfg = released_config()  # 7.6B parameters: 113.5 GiB of fp32 weights, gradients and Adam moments
+    one = fit(cfg, 4096, 80 * 2**30, gpus=1, checkpointing=True, micro_batch=1)
+    assert not one["fits"] and one["verdict"].startswith(
+        "does not fit on 1 GPU of 80.0 GiB: the model states take 113.5"
+    )
+    smallest = next(g for g in range(2, 64) if plan(cfg, 4096, 80 * 2**30, g)["max_micro_batch"] >= 1)
+    assert smallest == 2 and one["advice"][0].startswith("with FSDP over 2 such GPUs (--gpus 2)")
+    eight = fit(cfg, 4096, 80 * 2**30, gpus=8, checkpointing=True, micro_batch=1)
+    assert eight["fits"] and eight["verdict"].startswith("fits on 8 GPUs") and eight["advice"] == []
+    # a micro-batch larger than fits: say how large it may be
+    big = fit(cfg, 4096, 80 * 2**30, gpus=8, checkpointing=True, micro_batch=64)
+    most = plan(cfg, 4096, 80 * 2**30, 8)["max_micro_batch"]
+    assert not big["fits"] and f"set train.micro_batch_size to at most {most}" in big["advice"][0]
+    # fits only with activation checkpointing, which the config has off
+    only_ck = fit(cfg, 4096, 80 * 2**30, gpus=2, checkpointing=False, micro_batch=1)
+    assert plan(cfg, 4096, 80 * 2**30, 2, checkpointing=False)["max_micro_batch"] == 0
+    assert "only with activation checkpointing" in only_ck["verdict"]
+    assert "set train.activation_checkpointing=true" in only_ck["advice"][0]
+    # a sequence too long for any number of GPUs' sharding alone: shorter sequences are the way
+    long = fit(cfg, 1 << 20, 80 * 2**30, gpus=8, checkpointing=True)
+    assert "one sequence of 1048576 tokens needs" in long["verdict"]
+    assert any("--seq-len" in a for a in long["advice"]) or "use GPUs with more memory" in long["advice"][-1]
 
 
 def test_plan_command(capsys):
@@ -93,6 +127,14 @@ def test_plan_command(capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["checkpointing"]["flops_per_token"]["total"] == report["checkpointing"]["flops_per_token_r1"]
     assert main(["plan", "--preset", "7b", "--memory", "lots"]) == 2
+    assert main(["plan", "--preset", "7b", "--memory", "80"]) == 2
+    assert "has no unit" in capsys.readouterr().err
+    assert main(["plan", "--preset", "7b", "--memory", "80GiB"]) == 0  # one GPU
+    out = capsys.readouterr().out
+    assert "largest micro-batch (sequences of 4096)       0 with checkpointing, 0 without" in out
+    assert "verdict: does not fit on 1 GPU of 80.0 GiB" in out and "(--gpus 2)" in out
+    assert main(["plan", "--preset", "7b", "--memory", "80GiB", "--gpus", "8", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["fit"]["fits"] is True
 
 
 def test_bench_train_measures_every_loop_count_and_transformers(tmp_path, capsys):

@@ -60,3 +60,9 @@ def test_resume_of_a_finished_run_does_nothing_and_a_rerun_without_resume_is_ref
     r = run_cli(["train", "--resume", f"out={run}"])
     assert r.returncode == 0, r.stderr
     assert [m["step"] for m in read_metrics(run)] == [1, 2]
+    # it says so, and how to go on
+    assert f"{run} is finished: its newest checkpoint is step 2 and train.steps=2" in r.stderr
+    assert f"loopcoder train --resume out={run} train.steps=4" in r.stderr
+    r = run_cli(["train", "--resume", f"out={run}", "train.steps=4"])  # what it suggests, as written
+    assert r.returncode == 0, r.stderr
+    assert [m["step"] for m in read_metrics(run)] == [1, 2, 3, 4] and "is finished" not in r.stderr

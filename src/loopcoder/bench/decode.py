@@ -16,66 +16,19 @@ import itertools
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Any
 
 import torch
 from torch.nn.attention import sdpa_kernel
 from transformers import DynamicCache, LlamaForCausalLM, LogitsProcessor, LogitsProcessorList
 
-from loopcoder.bench import llama_config, machine_info, sync
-from loopcoder.config import ModelShape, PLTConfig
+from loopcoder.bench.common import llama_config, machine_info, sync
+from loopcoder.bench.settings import DecodeBenchSettings
+from loopcoder.config import PLTConfig
 from loopcoder.engine import DECODE_ATTENTION, Engine
 from loopcoder.model import PLTForCausalLM
 from loopcoder.runtime import pick_device, pick_dtype
-
-
-@dataclass
-class DecodeBenchSettings:
-    # The released 7B's proportions scaled to hidden 1024: 14 layers, MLP 5.4x, head_dim 128, 4:1 GQA,
-    # vocabulary 15x hidden (so lm_head is a realistic share of the weights read per step).
-    hidden_size: int = 1024
-    num_layers: int = 14
-    num_heads: int = 8
-    num_kv_heads: int = 2
-    head_dim: int = 128
-    intermediate_size: int = 5504
-    vocab_size: int = 15360
-    window: int = 64
-    loops: tuple[int, ...] = (2, 3, 4)
-    batches: tuple[int, ...] = (1, 32)
-    contexts: tuple[int, ...] = (512, 2048)
-    steps: int = 4  # timed steps per configuration and round
-    rounds: int = 5  # the configurations compared take turns this many times (drift hits all alike)
-    warmup: int = 2
-    device: str = "cpu"
-    dtype: str = "auto"  # auto: fp32 on CPU, bf16 on GPU (the CLI's default is this one)
-    include_transformers: bool = True
-    cuda_graphs: bool = False
-    seed: int = 0
-    extra: dict = field(default_factory=dict)
-
-    def steps_per_engine(self) -> int:
-        """Decode steps one engine takes: two modes (single-pass, sequential) share an engine and its cache."""
-        return self.warmup + 2 * (self.rounds * self.steps + self.warmup) + 2
-
-    def shape(self, loops: int, arch: str = "plt") -> ModelShape:
-        return ModelShape(
-            loops=loops,
-            hidden_size=self.hidden_size,
-            layers=self.num_layers,
-            heads=self.num_heads,
-            kv_heads=self.num_kv_heads,
-            head_dim=self.head_dim,
-            intermediate_size=self.intermediate_size,
-            vocab_size=self.vocab_size,
-            window=self.window,
-            architecture=arch,
-            max_position_embeddings=max(self.contexts) + self.steps_per_engine(),
-        )
-
-    def model_config(self, loops: int, arch: str = "plt") -> PLTConfig:
-        return self.shape(loops, arch).plt_config()
 
 
 def _free(device: torch.device) -> None:

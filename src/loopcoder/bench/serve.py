@@ -23,34 +23,15 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from loopcoder.bench import cpu_name, now
+from loopcoder.bench.common import cpu_name, now
+from loopcoder.bench.settings import ServeBenchSettings
 from loopcoder.checkpoint import write_random_model
 from loopcoder.data import tokenizer as T
 from loopcoder.errors import LoopcoderError
-
-
-@dataclass
-class ServeBenchSettings:
-    model: str | None = None  # None: build a random model (below) with a tokenizer, in a temporary directory
-    concurrency: int = 32
-    duration: float = 30.0
-    warmup: float = 5.0
-    max_tokens: int = 64  # per request; end-of-text is ignored, so every request generates exactly this
-    max_batch: int = 32
-    stream: bool = True
-    device: str = "cpu"
-    dtype: str = "auto"
-    server_threads: int | None = None  # the server's --threads (None: the server's default)
-    seed: int = 0
-    # the built model (when no --model): `loopcoder init` defaults, a 1024-token BPE vocabulary
-    hidden_size: int = 256
-    layers: int = 4
-    loops: int = 2
-    startup_timeout: float = 300.0
 
 
 def build_bench_model(out: str | Path, s: ServeBenchSettings) -> Path:
@@ -86,9 +67,10 @@ def rss_bytes(pid: int) -> int:
 
 
 class ServerProcess:
-    """`loopcoder serve` in a subprocess on a free loopback port; its stderr is kept for the report."""
+    """`loopcoder serve` in a subprocess on a free loopback port; its stderr is kept for the report. `env`: variables
+    set for it on top of this process's (another checkout's PYTHONPATH, to compare servers)."""
 
-    def __init__(self, model: str, s: ServeBenchSettings) -> None:
+    def __init__(self, model: str, s: ServeBenchSettings, env: dict[str, str] | None = None) -> None:
         cmd = [
             sys.executable,
             "-m",
@@ -115,7 +97,7 @@ class ServerProcess:
         ]
         if s.server_threads:
             cmd += ["--threads", str(s.server_threads)]
-        env = {k: v for k, v in os.environ.items() if k != "LOOPCODER_API_KEY"}
+        env = {**{k: v for k, v in os.environ.items() if k != "LOOPCODER_API_KEY"}, **(env or {})}
         self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
         self.log: list[str] = []
         self._port: list[int] = []

@@ -14,62 +14,21 @@ import gc
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any, TextIO
 
 import torch
 import torch.nn.functional as F
 from transformers import LlamaForCausalLM
 
-from loopcoder.bench import llama_config, machine_info, sync
-from loopcoder.config import ModelShape, PLTConfig, mlp_width
+from loopcoder.bench.common import llama_config, machine_info, sync
+from loopcoder.bench.settings import TrainBenchSettings
+from loopcoder.config import PLTConfig
 from loopcoder.model import PLTForCausalLM
 from loopcoder.runtime import pick_device, pick_dtype
 from loopcoder.training.flops import mfu, peak_flops, train_flops_per_token
 
 LLAMA = "llama (transformers)"
-
-
-@dataclass
-class TrainBenchSettings:
-    hidden_size: int = 128
-    num_layers: int = 4
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    head_dim: int = 32
-    intermediate_size: int | None = None  # None: `config.mlp_width(hidden_size)`, training's default
-    vocab_size: int = 4096
-    window: int = 64
-    batch: int = 8
-    seq_len: int = 256
-    loops: tuple[int, ...] = (1, 2, 3)
-    steps: int = 5
-    warmup: int = 2
-    rounds: int = 3
-    device: str = "cpu"
-    dtype: str = "auto"  # auto: fp32 on CPU, bf16 autocast on GPU
-    include_transformers: bool = True
-    activation_checkpointing: bool = False
-    attention: str = "sdpa"  # PLT's training attention: sdpa | flex_attention (CUDA); transformers' stays sdpa
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.intermediate_size is None:
-            self.intermediate_size = mlp_width(self.hidden_size)
-
-    def model_config(self, loops: int) -> PLTConfig:
-        return ModelShape(
-            loops=loops,
-            hidden_size=self.hidden_size,
-            layers=self.num_layers,
-            heads=self.num_heads,
-            kv_heads=self.num_kv_heads,
-            head_dim=self.head_dim,
-            intermediate_size=self.intermediate_size,
-            vocab_size=self.vocab_size,
-            window=self.window,
-            max_position_embeddings=max(self.seq_len, 128),
-        ).plt_config(pad_token_id=0)
 
 
 def llama_model(s: TrainBenchSettings) -> Any:

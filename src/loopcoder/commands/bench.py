@@ -7,15 +7,9 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from loopcoder.bench import write_json
-from loopcoder.bench.decode import DecodeBenchSettings, run_decode_bench
-from loopcoder.bench.decode import format_report as decode_report
-from loopcoder.bench.serve import ServeBenchSettings, run_serve_bench
-from loopcoder.bench.serve import format_report as serve_report
-from loopcoder.bench.train import TrainBenchSettings, run_train_bench
-from loopcoder.bench.train import format_report as train_report
+from loopcoder.bench.settings import DecodeBenchSettings, ServeBenchSettings, TrainBenchSettings
+from loopcoder.commands.options import add_threads_argument, int_list
 from loopcoder.errors import LoopcoderError
-from loopcoder.runtime import add_threads_argument, apply_threads, int_list
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -122,6 +116,8 @@ def _add_train_arguments(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from loopcoder.runtime import apply_threads  # here and below: the benchmarks import torch (fast --help)
+
     if args.which in ("decode", "train"):
         apply_threads(args.threads)
     if args.which == "decode":
@@ -134,6 +130,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _decode(args: argparse.Namespace) -> int:
+    from loopcoder.bench.decode import format_report, run_decode_bench
+
     if args.heads % args.kv_heads:
         raise LoopcoderError(f"--kv-heads {args.kv_heads} must divide --heads {args.heads}")
     if args.steps < 1 or args.warmup < 0 or args.rounds < 1:
@@ -158,11 +156,13 @@ def _decode(args: argparse.Namespace) -> int:
         include_transformers=not args.no_transformers,
         cuda_graphs=args.cuda_graphs,
     )
-    _run_bench(args, lambda: run_decode_bench(s), decode_report)
+    _run_bench(args, lambda: run_decode_bench(s), format_report)
     return 0
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from loopcoder.bench.serve import format_report, run_serve_bench
+
     s = ServeBenchSettings(
         model=args.model,
         concurrency=args.concurrency,
@@ -179,11 +179,13 @@ def _serve(args: argparse.Namespace) -> int:
         layers=args.layers,
         loops=args.loops,
     )
-    r = _run_bench(args, lambda: run_serve_bench(s), serve_report)["result"]
+    r = _run_bench(args, lambda: run_serve_bench(s), format_report)["result"]
     return 1 if r["errors"] or r["server_exit_code"] != 0 else 0
 
 
 def _train(args: argparse.Namespace) -> int:
+    from loopcoder.bench.train import format_report, run_train_bench
+
     if args.hidden_size % args.heads:
         raise LoopcoderError(f"--hidden-size {args.hidden_size} is not a multiple of --heads {args.heads}")
     if args.steps < 1 or args.warmup < 0 or args.rounds < 1 or args.batch < 1 or args.seq_len < 2:
@@ -211,7 +213,7 @@ def _train(args: argparse.Namespace) -> int:
     )
     if args.attention == "flex_attention" and not args.device.startswith("cuda"):
         raise LoopcoderError("--attention flex_attention needs --device cuda (no flex_attention backward on CPU)")
-    _run_bench(args, lambda: run_train_bench(s), train_report)
+    _run_bench(args, lambda: run_train_bench(s), format_report)
     return 0
 
 
@@ -219,6 +221,8 @@ def _run_bench(
     args: argparse.Namespace, run: Callable[[], dict[str, Any]], format_report: Callable[[dict[str, Any]], str]
 ) -> dict[str, Any]:
     """Print the settings, run the benchmark, print its report and write it (JSON) to --out."""
+    from loopcoder.bench.common import write_json
+
     print(
         f"{args.which} benchmark: " + ", ".join(f"{k}={v}" for k, v in vars(args).items() if k != "which"),
         file=sys.stderr,

@@ -1,6 +1,7 @@
 """`loopcoder data`: build the tokenizer and packed shards, write the instruction and reasoning sets.
 
 loopcoder data build --source stdlib --out data/stdlib --vocab-size 4096
+loopcoder data verify data/stdlib
 loopcoder data instructions --data data/stdlib
 loopcoder data reasoning --n 2000 --steps 1-6 --split train --seed 0 --out reasoning-train.jsonl
 """
@@ -13,9 +14,7 @@ import json
 
 from loopcoder.atomic import atomic_write_text
 from loopcoder.data import reasoning
-from loopcoder.data.build import BuildConfig, build, format_statistics
 from loopcoder.data.corpus import CorpusSpec
-from loopcoder.data.instructions import write_instruction_set
 from loopcoder.errors import LoopcoderError
 
 
@@ -70,6 +69,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "instructions/ included), and rebuild even if it is up to date",
     )
 
+    v = sub.add_parser(
+        "verify", help="check a data directory: index.json, every shard's size and checksum, the tokenizer"
+    )
+    v.add_argument("dir", metavar="DIR", help="a directory written by `loopcoder data build`")
+
     i = sub.add_parser("instructions", help="documented functions of a data directory's corpus -> chat JSONL")
     i.add_argument("--data", required=True, help="a directory written by `loopcoder data build`")
     i.add_argument(
@@ -105,6 +109,16 @@ def run(args: argparse.Namespace) -> int:
         return _build(args)
     if args.action == "instructions":
         return _instructions(args)
+    if args.action == "verify":
+        from loopcoder.data.verify import verify  # reads the shards (numpy) and the tokenizer
+
+        report = verify(args.dir)
+        splits = ", ".join(f"{k} {v:,} sequences" for k, v in report["splits"].items())
+        print(
+            f"{args.dir}: ok: {report['shards']} shards ({report['bytes']:,} bytes of tokens) match their "
+            f"checksums; {splits}; tokenizer {report['tokenizer']} is the shards'"
+        )
+        return 0
     return _reasoning(args)
 
 
@@ -123,6 +137,8 @@ def _extensions(values: list[str] | None) -> tuple[str, ...]:
 
 
 def _build(args: argparse.Namespace) -> int:
+    from loopcoder.data.build import BuildConfig, build, format_statistics  # the tokenizer imports torch
+
     spec = CorpusSpec(
         sources=tuple(args.source or CorpusSpec.sources),
         include_ext=_extensions(args.include_ext),
@@ -150,6 +166,8 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _instructions(args: argparse.Namespace) -> int:
+    from loopcoder.data.instructions import write_instruction_set  # imports the tokenizer (torch)
+
     result = write_instruction_set(args.data, args.out, args.max_tokens, args.max_code_chars)
     st = result["statistics"]
     print(

@@ -12,9 +12,8 @@ import argparse
 import json
 from pathlib import Path
 
+from loopcoder.commands.options import add_threads_argument
 from loopcoder.commands.study import apply_study_threads
-from loopcoder.runtime import add_threads_argument
-from loopcoder.study import Study, get_preset
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -24,6 +23,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from loopcoder.study import Study, get_preset  # here: the study imports torch (fast --help)
+
     preset = get_preset(args.preset)
     apply_study_threads(preset, args.threads)
     report = Study(preset, args.out).run()

@@ -13,16 +13,8 @@ import gc
 import sys
 from pathlib import Path
 
-import torch
-
-from loopcoder.checkpoint import load_model
-from loopcoder.data.shards import read_index
-from loopcoder.diagnostics import diagnose, load_sequences, recommend, write_report
-from loopcoder.diagnostics.report import check_out_dir
+from loopcoder.commands.options import add_threads_argument, add_tokenizer_check_argument
 from loopcoder.errors import LoopcoderError
-from loopcoder.runtime import DTYPES as TORCH_DTYPES
-from loopcoder.runtime import add_threads_argument, apply_threads, check_vocab, load_tokenizer, pick_device
-from loopcoder.training.checkpoints import resolve_model_dir
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -66,6 +58,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     add_threads_argument(p)
+    add_tokenizer_check_argument(p)
 
 
 def _names(models: list[str], names: list[str] | None) -> list[str]:
@@ -87,6 +80,17 @@ def _names(models: list[str], names: list[str] | None) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    # here, not at the top: they import torch, which `loopcoder diagnose --help` does not need
+    import torch
+
+    from loopcoder.checkpoint import load_model
+    from loopcoder.data.shards import read_index
+    from loopcoder.diagnostics import diagnose, load_sequences, recommend, write_report
+    from loopcoder.diagnostics.report import check_out_dir
+    from loopcoder.runtime import DTYPES as TORCH_DTYPES
+    from loopcoder.runtime import apply_threads, check_tokenizer, check_vocab, load_tokenizer, pick_device
+    from loopcoder.training.checkpoints import resolve_model_dir
+
     # Check every input before loading a model: a typo should cost nothing.
     if args.samples < 1:
         raise LoopcoderError(f"--samples must be >= 1, got {args.samples}")
@@ -118,6 +122,10 @@ def run(args: argparse.Namespace) -> int:
             vocab[key] = len(tokenizer) if tokenizer is not None else read_index(data)["vocab_size"]
             if not samples[key]:
                 raise LoopcoderError(f"{args.data!r} gave no sample of at least 2 tokens")
+    for model_dir in model_dirs:  # every pairing, before any model is loaded
+        key = tokenizer_dir(model_dir)
+        what = "the data directory" if key is None else "the tokenizer"
+        check_tokenizer(model_dir, key or data, args.allow_tokenizer_mismatch, what)
     results = []
     for model_dir, name in zip(model_dirs, names):
         key = tokenizer_dir(model_dir)
@@ -142,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
             f"{r.name}: R={r.num_loops} {r.architecture}, {r.num_samples} samples, {r.num_tokens} tokens, "
             f"{r.seconds:.1f}s"
         )
-    print(f"recommendation: R = {rec.loops}")
+    print(f"recommendation: {rec.headline}")
     for reason in rec.reasons:
         print(f"  - {reason}")
     print(f"wrote {out}/diagnostics.json, {out}/report.md" + ("" if args.no_plots else f", {out}/plots/"))

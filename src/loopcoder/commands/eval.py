@@ -5,13 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from loopcoder.commands.options import add_threads_argument, add_tokenizer_check_argument, int_list
 from loopcoder.data.reasoning import parse_steps
 from loopcoder.errors import LoopcoderError
-from loopcoder.evaluation.runner import evaluate, parse_data, parse_tasks, summary_table
-from loopcoder.evaluation.tasks import EvalSettings
-from loopcoder.runtime import add_threads_argument, apply_threads, int_list
-from loopcoder.sampling import SamplingParams
-from loopcoder.training.checkpoints import resolve_model_dir
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -31,7 +27,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="data directory from `loopcoder data build` (for bpb), and TASK=FILE for each file benchmark "
         "(repeatable), e.g. --data humaneval+=HumanEvalPlus.jsonl.gz",
     )
-    p.add_argument("--limit", type=int, default=None, help="only the first N problems of each benchmark file")
+    p.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        metavar="N",
+        help="only the first N problems of each benchmark: humaneval and the file benchmarks (reasoning has "
+        "--reasoning-n, bpb --bpb-rows)",
+    )
     p.add_argument("--n-samples", type=int, default=1, help="completions per HumanEval problem")
     p.add_argument("--k", type=int_list, default=(1,), help="pass@k for these k (each <= n-samples), e.g. 1,10")
     p.add_argument("--temperature", type=float, default=0.0)
@@ -44,7 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="auto",
         help="auto: the chat template for instruction-tuned checkpoints, completion prompts otherwise",
     )
-    p.add_argument("--humaneval-limit", type=int, default=None, help="only the first N problems")
+    p.add_argument("--humaneval-limit", type=int, default=None, metavar="N", help="deprecated: the same as --limit N")
     p.add_argument(
         "--max-new-tokens",
         type=int,
@@ -72,13 +75,37 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     add_threads_argument(p)
+    add_tokenizer_check_argument(p)
+
+
+def problem_limit(limit: int | None, humaneval_limit: int | None) -> int | None:
+    """`--limit`, the one limit of every problem-list benchmark; `--humaneval-limit` (deprecated) is its old
+    name, which limited HumanEval alone while `--limit` limited the file benchmarks alone."""
+    if humaneval_limit is not None:
+        if limit is not None and limit != humaneval_limit:
+            raise LoopcoderError(f"--humaneval-limit {humaneval_limit} and --limit {limit}: give --limit alone")
+        print(
+            "loopcoder eval: --humaneval-limit is deprecated: use --limit N (it limits every benchmark, "
+            "HumanEval included)",
+            file=sys.stderr,
+        )
+        limit = humaneval_limit
+    if limit is not None and limit < 1:
+        raise LoopcoderError(f"--limit must be >= 1, got {limit}")
+    return limit
 
 
 def run(args: argparse.Namespace) -> int:
+    # here, not at the top: they import torch, which `loopcoder eval --help` does not need
+    from loopcoder.evaluation.runner import evaluate, parse_data, parse_tasks, summary_table
+    from loopcoder.evaluation.tasks import EvalSettings
+    from loopcoder.runtime import apply_threads
+    from loopcoder.sampling import SamplingParams
+    from loopcoder.training.checkpoints import resolve_model_dir
+
     tasks = parse_tasks(args.tasks)
     data_dir, data_files = parse_data(args.data)
-    if args.limit is not None and args.limit < 1:
-        raise LoopcoderError("--limit must be >= 1")
+    limit = problem_limit(args.limit, args.humaneval_limit)
     SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed).validate()
     for name in ("batch_size", "reasoning_n", "max_new_tokens"):
         if getattr(args, name) < 1:
@@ -98,9 +125,9 @@ def run(args: argparse.Namespace) -> int:
         top_p=args.top_p,
         seed=args.seed,
         batch_size=args.batch_size,
-        humaneval_limit=args.humaneval_limit,
+        humaneval_limit=limit,
         humaneval_max_new_tokens=args.max_new_tokens,
-        file_limit=args.limit,
+        file_limit=limit,
         reasoning_n=args.reasoning_n,
         reasoning_steps=steps,
         reasoning_family=args.reasoning_family,
@@ -123,6 +150,7 @@ def run(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         prompt_style=args.prompt_style,
         tokenizer_dir=args.tokenizer,
+        allow_tokenizer_mismatch=args.allow_tokenizer_mismatch,
     )
     print(summary_table(results))
     print(f"results: {args.out}", file=sys.stderr)

@@ -6,45 +6,34 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from loopcoder.constraints import Constraint
-from loopcoder.engine import Engine
+from loopcoder.commands.options import (
+    add_model_arguments,
+    add_runtime_arguments,
+    add_sampling_arguments,
+    add_tokenizer_check_argument,
+    sampling_params,
+)
 from loopcoder.errors import LoopcoderError
-from loopcoder.runtime import add_threads_argument, apply_threads, chat_stop_ids, load_for_inference
-from loopcoder.sampling import SamplingParams
-from loopcoder.training.checkpoints import resolve_model_dir
+
+if TYPE_CHECKING:
+    from loopcoder.constraints import Constraint
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--model",
-        required=True,
-        help="model directory (released LoopCoder-V2 layout) or a run directory (its newest checkpoint)",
-    )
-    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's)")
+    add_model_arguments(p)
     p.add_argument("--prompt", default=None, help="prompt text (default: read from stdin)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn of the chat template")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    add_sampling_arguments(p, max_new_tokens=128)
     p.add_argument("--stream", action="store_true", help="print tokens as they are produced")
     c = p.add_mutually_exclusive_group()
     c.add_argument("--json-schema", metavar="FILE", help="the output is JSON that validates against this schema")
     c.add_argument("--json-object", action="store_true", help="the output is a JSON object")
     c.add_argument("--regex", metavar="PATTERN", help="the output matches this regular expression")
     c.add_argument("--grammar", metavar="FILE", help="the output matches this Lark grammar (llguidance's dialect)")
-    p.add_argument(
-        "--mode",
-        choices=["parallel", "sequential"],
-        default="parallel",
-        help="parallel: all loops in one pass per token (PLT); sequential: one pass per loop",
-    )
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto")
-    add_threads_argument(p)
+    add_runtime_arguments(p)
+    add_tokenizer_check_argument(p)
 
 
 def read_text(path: str, what: str) -> str:
@@ -55,6 +44,8 @@ def read_text(path: str, what: str) -> str:
 
 
 def constraint(args: argparse.Namespace) -> Constraint | None:
+    from loopcoder.constraints import Constraint  # here: it imports torch (fast --help)
+
     if args.json_schema:
         return Constraint.json_schema(read_text(args.json_schema, "--json-schema"))
     if args.json_object:
@@ -67,26 +58,21 @@ def constraint(args: argparse.Namespace) -> Constraint | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    params = SamplingParams(
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        seed=args.seed,
-        stop=args.stop,
-        constraint=constraint(args),
-    ).validate()
+    # here, not at the top: they import torch, which `loopcoder generate --help` does not need
+    from loopcoder.engine import Engine
+    from loopcoder.runtime import apply_threads, chat_prompt_ids, chat_stop_ids, load_for_inference
+    from loopcoder.training.checkpoints import resolve_model_dir
+
+    params = sampling_params(args, constraint=constraint(args))
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     if not prompt:
         raise LoopcoderError("the prompt is empty (give --prompt TEXT or text on stdin)")
     threads = apply_threads(args.threads)
-    model, tok = load_for_inference(str(resolve_model_dir(args.model)), args.tokenizer, args.device, args.dtype)
+    model, tok = load_for_inference(
+        str(resolve_model_dir(args.model)), args.tokenizer, args.device, args.dtype, args.allow_tokenizer_mismatch
+    )
     if args.chat:
-        if not getattr(tok, "chat_template", None):
-            raise LoopcoderError("--chat: this tokenizer has no chat template")
-        ids = tok.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, return_dict=False
-        )
+        ids = chat_prompt_ids(tok, [{"role": "user", "content": prompt}], "--chat")
         params.stop_token_ids = chat_stop_ids(model.config.eos_token_id, tok)  # a reply ends with its turn
     else:
         ids = tok(prompt, add_special_tokens=False)["input_ids"]

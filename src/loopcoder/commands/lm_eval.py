@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import sys
 
-# importing the backend registers "loopcoder" with lm-eval; without the lm-eval extra it is a one-line error
-from loopcoder.evaluation.lm_eval_backend import cli_evaluate
-
 PASSTHROUGH = True
 
 
 def run(argv: list[str]) -> int:
+    # importing the backend registers "loopcoder" with lm-eval; without the lm-eval extra it is a one-line
+    # error. Here, not at the top: `loopcoder --help` and the other commands' parsers never import it.
+    from loopcoder.evaluation.lm_eval_backend import cli_evaluate
+
     saved = sys.argv
     sys.argv = ["lm-eval", *argv]
     try:

@@ -13,56 +13,55 @@ import re
 from pathlib import Path
 from typing import Any
 
-from loopcoder.data.shards import read_index
+from loopcoder.commands.options import MODEL_FLAGS, add_config_flags, config_overrides
 from loopcoder.errors import LoopcoderError
-from loopcoder.training.config import load_config
-from loopcoder.training.flops import plan
-from loopcoder.training.run import model_config
+from loopcoder.training.config import ConfigKeyError, load_config
 
-_UNITS = {
-    "": 1,
-    "b": 1,
-    "k": 1e3,
-    "kb": 1e3,
-    "m": 1e6,
-    "mb": 1e6,
-    "g": 1e9,
-    "gb": 1e9,
-    "t": 1e12,
-    "tb": 1e12,
-    "kib": 2**10,
-    "mib": 2**20,
-    "gib": 2**30,
-    "tib": 2**40,
-}
+# Decimal units (kB, MB, GB, TB: powers of 1000) and binary ones (KiB, ..., and K, M, G, T, Ki, ..., as
+# Slurm, docker and `free -g` read them: powers of 1024).
+_UNITS = {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12}
+_UNITS.update({f"{p}{suffix}": 2 ** (10 * (i + 1)) for i, p in enumerate("kmgt") for suffix in ("", "i", "ib")})
 
 
 def parse_bytes(text: str) -> float:
-    """'80GiB', '141GB', '24e9' -> bytes."""
-    m = re.fullmatch(r"\s*([0-9.]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
+    """'80GiB', '80G' (GiB), '141GB' (decimal), '512MiB' -> bytes. A bare number is refused: bytes or GiB?"""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
+    if m and not m.group(2):
+        raise LoopcoderError(
+            f"--memory {text!r} has no unit: write {m.group(1)}GiB (or {m.group(1)}G, binary) or "
+            f"{m.group(1)}GB (decimal)"
+        )
     if not m or m.group(2).lower() not in _UNITS:
-        raise LoopcoderError(f"--memory {text!r}: expected a size such as 80GiB, 141GB or 24e9")
+        raise LoopcoderError(f"--memory {text!r}: expected a size such as 80GiB, 80G, 141GB or 512MiB")
     return float(m.group(1)) * _UNITS[m.group(2).lower()]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default=None, help="a preset (tiny, small, 7b)")
+    p.add_argument("--preset", default=None, help="a preset (tiny, small, 7b; default: tiny)")
     p.add_argument("--config", default=None, help="a YAML config or preset name")
-    p.add_argument("--memory", default="80GiB", help="memory per GPU (default 80GiB)")
+    p.add_argument(
+        "--memory",
+        default="80GiB",
+        help="memory per GPU with a unit: 80GiB or 80G (binary), 141GB (decimal), 512MiB (default 80GiB)",
+    )
     p.add_argument("--gpus", type=int, default=1, help="GPUs the model states are sharded over (FSDP)")
-    p.add_argument("--loops", type=int, default=None, metavar="R", help="loop count (the same as model.loops=R)")
     p.add_argument("--seq-len", type=int, default=None, help="sequence length (default: the config's)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. model.loops=3")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. model.rope_theta=5e5")
+    add_config_flags(p, MODEL_FLAGS)
 
 
 def run(args: argparse.Namespace) -> int:
+    from loopcoder.training.flops import fit, plan  # here: they import torch (fast --help)
+    from loopcoder.training.run import model_config
+
     if args.config and args.preset:
         raise LoopcoderError("give --config or --preset, not both")
     if args.gpus < 1:
         raise LoopcoderError(f"--gpus {args.gpus} must be >= 1")
-    overrides = [*args.overrides, *([f"model.loops={args.loops}"] if args.loops is not None else [])]
-    cfg = load_config(args.config or args.preset or "tiny", overrides)
+    cfg = load_config(
+        args.config or args.preset or "tiny", args.overrides, extra=config_overrides(args, args.overrides)
+    )
     vocab, seq_len, notes = _data_shape(cfg)
     seq_len = args.seq_len or seq_len
     if seq_len < 1:
@@ -79,6 +78,19 @@ def run(args: argparse.Namespace) -> int:
             checkpointing=ck,
             reshard_after_forward=cfg.distributed.reshard_after_forward,
         )
+    try:
+        micro = cfg.accumulation(args.gpus)[0]
+    except ConfigKeyError:  # the global batch does not split over these GPUs: no micro-batch to check
+        micro = None
+    report["fit"] = fit(
+        mc,
+        seq_len,
+        memory,
+        args.gpus,
+        reshard_after_forward=cfg.distributed.reshard_after_forward,
+        checkpointing=cfg.train.activation_checkpointing,
+        micro_batch=micro,
+    )
     tokens = cfg.train.steps * cfg.train.global_batch_size * seq_len
     report["run"] = {
         "steps": cfg.train.steps,
@@ -95,6 +107,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _data_shape(cfg: Any) -> tuple[int, int, list[str]]:
     """(vocabulary, sequence length, notes) from the config, the data directory, or assumptions."""
+    from loopcoder.data.shards import read_index  # imports torch
+
     notes = []
 
     vocab, seq_len = cfg.model.vocab_size, cfg.data.seq_len
@@ -155,6 +169,9 @@ def format_plan(report: dict[str, Any], mc: Any) -> str:
             f"  FSDP all-gathers per layer per step          {ck['fsdp_all_gathers_per_layer_per_step']} "
             f"({_gib(ck['fsdp_all_gather_bytes_per_step'])} received per GPU per step)"
         )
+    verdict = report["fit"]
+    lines += ["", f"verdict: {verdict['verdict']}"]
+    lines += [f"  - {a}" for a in verdict["advice"]]
     lines += [
         "",
         f"KV cache at T={T} (bf16, per sequence): PLT {_size(kv['plt'])} (+{kv['plt'] / kv['r1'] - 1:.1%} over "

@@ -7,20 +7,9 @@ import signal
 import sys
 from pathlib import Path
 
-from loopcoder.engine import DEFAULT_BLOCK_SIZE, DEFAULT_STEP_TOKENS, check_cache_options
+from loopcoder.commands.options import add_threads_argument, add_tokenizer_check_argument
+from loopcoder.defaults import BODY_TIMEOUT, DEFAULT_BLOCK_SIZE, DEFAULT_STEP_TOKENS, HEADER_TIMEOUT, MAX_CONNECTIONS
 from loopcoder.errors import LoopcoderError
-from loopcoder.runtime import add_threads_argument, apply_threads
-from loopcoder.serving.app import ServerSettings
-from loopcoder.serving.server import (
-    HEADER_TIMEOUT,
-    MAX_CONNECTIONS,
-    api_key_from_env,
-    bind,
-    is_loopback,
-    load_app,
-    make_server,
-)
-from loopcoder.training.checkpoints import resolve_model_dir
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -54,7 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--body-timeout",
         type=float,
-        default=ServerSettings.body_timeout,
+        default=BODY_TIMEOUT,
         help="seconds a client may take to send a request's body (then 408)",
     )
     p.add_argument(
@@ -74,13 +63,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="hermes",
         help="tool-call parser: hermes (<tool_call>{json}</tool_call>) or package.module:Class",
     )
+    p.add_argument(
+        "--open-tool-schemas",
+        action="store_true",
+        help="read tools' parameters as plain JSON Schema (default: objects are closed, additionalProperties "
+        "false where a schema does not say otherwise, as OpenAI's strict function calling reads them)",
+    )
     p.add_argument("--mode", choices=["parallel", "sequential"], default="parallel")
     add_cache_arguments(p)
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     add_threads_argument(p)
+    add_tokenizer_check_argument(p)
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    p.add_argument("--access-log", action="store_true", help="log every request")
+    p.add_argument(
+        "--access-log", action="store_true", help="log every request (and its id, user and metadata: one line each)"
+    )
 
 
 def add_cache_arguments(p: argparse.ArgumentParser) -> None:
@@ -117,6 +115,8 @@ def add_cache_arguments(p: argparse.ArgumentParser) -> None:
 
 def cache_options(args: argparse.Namespace) -> dict:
     """The `Engine` options of `add_cache_arguments`, checked (one-line errors)."""
+    from loopcoder.engine import check_cache_options  # here: it imports torch (fast --help)
+
     if args.max_step_tokens < 0:
         raise LoopcoderError(f"--max-step-tokens must be >= 0, got {args.max_step_tokens}")
     opts = dict(
@@ -139,6 +139,11 @@ def cache_options(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    # here, not at the top: they import torch and the serving stack, which `serve --help` does not need
+    from loopcoder.runtime import apply_threads
+    from loopcoder.serving.server import api_key_from_env, bind, is_loopback, load_app, make_server
+    from loopcoder.training.checkpoints import resolve_model_dir
+
     for name in ("max_batch", "max_tokens", "max_body_bytes", "max_connections"):
         if getattr(args, name) < 1:
             raise LoopcoderError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -174,7 +179,10 @@ def run(args: argparse.Namespace) -> int:
             max_tokens=args.max_tokens,
             max_body_bytes=args.max_body_bytes,
             body_timeout=args.body_timeout,
+            open_tool_schemas=args.open_tool_schemas,
+            log_requests=args.access_log,
             engine_options=engine_options,
+            allow_tokenizer_mismatch=args.allow_tokenizer_mismatch,
         )
         server = make_server(
             app,

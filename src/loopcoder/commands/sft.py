@@ -1,7 +1,7 @@
 """`loopcoder sft`: instruction-tune a checkpoint with the training engine; only assistant tokens
 carry loss (docs/training.md).
 
-    loopcoder sft --config tiny --init runs/r2 data.dir=data/stdlib out=runs/r2-sft
+    loopcoder sft --config tiny --init runs/r2 --data data/stdlib --out runs/r2-sft
 """
 
 from __future__ import annotations

@@ -7,9 +7,8 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from loopcoder.commands.options import add_threads_argument, int_list
 from loopcoder.errors import LoopcoderError
-from loopcoder.runtime import add_threads_argument, apply_threads, int_list
-from loopcoder.study import Study, get_preset
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -27,6 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from loopcoder.study import Study, get_preset  # here: the study imports torch (fast --help)
+
     preset = get_preset(args.preset, source=args.source, loops=args.loops, device=args.device)
     apply_study_threads(preset, args.threads)
     if args.source and args.source != "stdlib" and not args.source.startswith("hf:") and not Path(args.source).exists():
@@ -43,6 +44,8 @@ def run(args: argparse.Namespace) -> int:
 def apply_study_threads(preset, threads: int | None) -> None:
     """`--threads N` for every stage: training (the preset's `train.threads`) and what runs in this process
     (evaluation, diagnostics, timing). Without it, training keeps the preset's setting."""
+    from loopcoder.runtime import apply_threads
+
     apply_threads(threads)
     if threads is not None:  # the presets are TrainConfig objects now, no longer mappings of dotted keys
         for cfg in (preset.pretrain, preset.sft):

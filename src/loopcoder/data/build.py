@@ -5,8 +5,10 @@ existing tokenizer is reused), the second encodes every document into its split'
 directory is written to a temporary sibling and renamed into place, so it is complete or absent.
 
 `manifest.json` records the settings, the statistics, the timings, an `inputs_hash` (settings plus
-cheap source metadata: a rerun with an equal hash is skipped) and a `content_hash` (of the tokenizer
-and every shard's tokens: later stages can cache on it; it does not depend on timings or paths).
+cheap source metadata: a rerun with an equal hash is skipped), a `content_hash` (of the tokenizer
+and every shard's tokens: later stages can cache on it; it does not depend on timings or paths) and the
+tokenizer's fingerprint (`identity.py`), which models made for this data (`init --data`, training)
+record too, so that a model is never paired with data of another tokenizer.
 """
 
 from __future__ import annotations
@@ -24,12 +26,13 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from loopcoder.atomic import atomic_directory, atomic_write_text
+from loopcoder.atomic import atomic_directory, atomic_write_text, check_output_dir
 from loopcoder.data import corpus as corpus_mod
 from loopcoder.data import tokenizer as tok_mod
 from loopcoder.data.corpus import SPLITS, CleaningStats, CorpusSpec, Document
 from loopcoder.data.shards import DEFAULT_SHARD_TOKENS, INDEX_FORMAT, INDEX_VERSION, ShardWriter, shard_dtype
 from loopcoder.errors import LoopcoderError
+from loopcoder.identity import tokenizer_fingerprint
 from loopcoder.progress import Progress
 
 MANIFEST_VERSION = 1
@@ -68,7 +71,14 @@ def read_manifest(data_dir: str | os.PathLike) -> dict[str, Any]:
     p = Path(data_dir) / "manifest.json"
     if not p.is_file():
         raise LoopcoderError(f"{str(data_dir)!r} has no manifest.json: not a loopcoder data directory")
-    return json.loads(p.read_text())
+    try:
+        manifest = json.loads(p.read_bytes())
+    except (ValueError, OSError) as e:
+        manifest = e
+    if not isinstance(manifest, dict):
+        why = str(manifest).splitlines()[0][:200] if isinstance(manifest, Exception) else "not a JSON object"
+        raise LoopcoderError(f"{p} is damaged ({why}): rebuild the data directory (`loopcoder data build --force`)")
+    return manifest
 
 
 def inputs_hash(config: BuildConfig) -> str:
@@ -116,8 +126,8 @@ def build(
     ihash = inputs_hash(config)
     if not force and (manifest := _up_to_date(out, ihash)) is not None:
         return {**manifest, "skipped": True}
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "manifest.json").is_file())):
-        raise LoopcoderError(f"--out {str(out)!r} exists and is not a loopcoder data directory; choose a new path")
+    # the rule of every command that writes a directory; "built from other inputs" is this one's own message
+    check_output_dir(out, True, "loopcoder data directory", lambda d: (d / "manifest.json").is_file())
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         extra = sorted(p.name for p in out.iterdir() if p.name not in _BUILT)
         held = f" (and {', '.join(extra)}, which would be lost)" if extra else ""
@@ -163,6 +173,7 @@ def build(
                 "vocab_size": vocab,
                 "trained": trained,
                 "requested_vocab_size": None if config.tokenizer else config.vocab_size,
+                "fingerprint": tokenizer_fingerprint(tmp / "tokenizer"),
                 "special_tokens": {t: i for i, t in enumerate(tok_mod.ALL_ADDED)},
                 "stop_token_ids": tok_mod.stop_token_ids(),
             },

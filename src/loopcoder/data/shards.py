@@ -1,7 +1,8 @@
 """Packed shards: documents joined with end-of-text into fixed-length sequences, memory-mapped.
 
 Layout of a data directory (written by `data.build`):
-    index.json             format, seq_len, dtype, vocab_size, eot_id, per split: shard files and counts
+    index.json             format, seq_len, dtype, vocab_size, eot_id, per split: shard files (each with its
+                           bytes and the SHA-256 of its tokens) and counts
     token_bytes.npy        int32[vocab]: UTF-8 bytes each token stands for (0 for special tokens)
     train/00000.npy ...    uint16 (vocab <= 65536) or uint32 arrays of shape (sequences, seq_len)
     validation/00000.npy
@@ -9,6 +10,10 @@ Layout of a data directory (written by `data.build`):
 Each split's documents are concatenated, every one followed by `<|endoftext|>`, and cut into rows of
 `seq_len` tokens; the tail shorter than a row is dropped (and counted). A row usually starts inside a
 document: training is plain next-token prediction over the row (labels = input_ids, the model shifts).
+
+`read_index` validates index.json (one-line errors for a damaged one; a shard path that would leave the
+data directory is refused); `ShardDataset` checks every shard's header, dtype, shape and file size when it
+opens it, and `verify_checksums` hashes shards against the index (data/verify.py decides when).
 
 `BatchReader` streams batches of rows from any dataset with `__len__` and `get(indices)` (the shards
 here, the SFT rows in `sft.py`): infinite epochs, each a permutation seeded by (seed, epoch); rank r of
@@ -99,8 +104,16 @@ class ShardWriter:
     def _write(self, block: np.ndarray) -> None:
         name = f"{self.split}/{len(self.shards):05d}.npy"
         np.save(self.root / name, np.ascontiguousarray(block))
-        self.hash.update(block.tobytes())
-        self.shards.append({"file": name, "sequences": int(block.shape[0])})
+        tokens = block.tobytes()
+        self.hash.update(tokens)
+        self.shards.append(
+            {
+                "file": name,
+                "sequences": int(block.shape[0]),
+                "bytes": (self.root / name).stat().st_size,
+                "sha256": hashlib.sha256(tokens).hexdigest(),
+            }
+        )
 
     def close(self) -> dict[str, Any]:
         """Write what is left (whole rows only) and return this split's index entry."""
@@ -120,7 +133,18 @@ class ShardWriter:
         }
 
 
+def damaged(what: Any, why: str) -> LoopcoderError:
+    """The one-line error for a damaged file of a data directory."""
+    return LoopcoderError(f"{what} is damaged ({why}): rebuild the data directory (`loopcoder data build --force`)")
+
+
+def _why(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0][:200] if lines else type(e).__name__
+
+
 def read_index(data_dir: str | os.PathLike) -> dict[str, Any]:
+    """index.json, checked: its format, the fields readers use, and shard paths inside the data directory."""
     path = Path(data_dir) / "index.json"
     if not Path(data_dir).is_dir():
         raise LoopcoderError(f"data directory {str(data_dir)!r} does not exist")
@@ -129,10 +153,92 @@ def read_index(data_dir: str | os.PathLike) -> dict[str, Any]:
             f"{str(data_dir)!r} has no index.json: not a loopcoder data directory "
             "(build one with `loopcoder data build`)"
         )
-    index = json.loads(path.read_text())
-    if index.get("format") != INDEX_FORMAT or index.get("version") != INDEX_VERSION:
-        raise LoopcoderError(f"{path}: unknown format {index.get('format')!r} version {index.get('version')!r}")
+    try:
+        index = json.loads(path.read_bytes())
+    except (ValueError, OSError) as e:
+        raise damaged(path, _why(e)) from None
+    if not isinstance(index, dict) or index.get("format") != INDEX_FORMAT or index.get("version") != INDEX_VERSION:
+        got = index if not isinstance(index, dict) else f"{index.get('format')!r} version {index.get('version')!r}"
+        raise LoopcoderError(f"{path}: unknown format {got}")
+    _check_index(index, path)
     return index
+
+
+def _check_index(index: dict[str, Any], path: Path) -> None:
+    def need(ok: bool, what: str) -> None:
+        if not ok:
+            raise damaged(path, what)
+
+    def whole(x: Any, low: int) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool) and x >= low
+
+    need(whole(index.get("seq_len"), 2), f"seq_len {index.get('seq_len')!r} is not an integer >= 2")
+    need(whole(index.get("vocab_size"), 1), f"vocab_size {index.get('vocab_size')!r} is not an integer >= 1")
+    need(whole(index.get("eot_id"), 0), f"eot_id {index.get('eot_id')!r} is not a token id")
+    need(index.get("dtype") in ("uint16", "uint32"), f"dtype {index.get('dtype')!r} is not uint16 or uint32")
+    splits = index.get("splits")
+    need(isinstance(splits, dict) and bool(splits), "no splits")
+    for name, split in splits.items():
+        shards = split.get("shards") if isinstance(split, dict) else None
+        need(isinstance(shards, list), f"split {name!r} has no shard list")
+        for s in shards:
+            need(isinstance(s, dict) and isinstance(s.get("file"), str), f"split {name!r}: a shard without a file")
+            need(whole(s.get("sequences"), 0), f"shard {s['file']!r}: sequences {s.get('sequences')!r}")
+            parts = Path(s["file"]).parts
+            need(
+                bool(parts) and not Path(s["file"]).is_absolute() and ".." not in parts,
+                f"shard path {s['file']!r} leaves the data directory",
+            )
+
+
+def _open_shard(f: Path, spec: dict[str, Any], seq_len: int, dtype: str) -> np.ndarray:
+    """A shard memory-mapped, checked against the index: a `.npy` of the right dtype and shape whose file
+    holds exactly its header and rows (a truncated or padded file, random bytes: one line naming it)."""
+    if not f.is_file():
+        raise LoopcoderError(f"shard {f} is missing: rebuild with `loopcoder data build --force`")
+    try:
+        arr = np.load(f, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise damaged(f"shard {f}", f"not a readable .npy: {_why(e)}") from None
+    if arr.dtype != np.dtype(dtype) or arr.ndim != 2 or arr.shape != (spec["sequences"], seq_len):
+        raise LoopcoderError(
+            f"shard {f} holds {arr.dtype} {arr.shape}, index.json says {dtype} ({spec['sequences']}, {seq_len})"
+        )
+    size = f.stat().st_size
+    want = spec.get("bytes", getattr(arr, "offset", 0) + arr.nbytes)
+    if size != want:
+        raise LoopcoderError(f"shard {f} has {size:,} bytes, index.json says {want:,}: truncated or replaced")
+    return arr
+
+
+def verify_checksums(dataset: ShardDataset, progress: Any = None) -> int:
+    """Hash every shard of a split against index.json (per shard; a directory built before per-shard
+    hashes were recorded: the split's hash over all its shards). Returns the bytes hashed; a mismatch is
+    one line naming the shard (or the split)."""
+    total = 0
+    split_hash = hashlib.sha256()
+    for f, spec, arr in zip(dataset._files, dataset.info["shards"], dataset._shards):
+        h = hashlib.sha256()
+        view = np.ascontiguousarray(arr).reshape(-1)
+        for start in range(0, view.size, 1 << 22):
+            chunk = view[start : start + (1 << 22)]
+            h.update(chunk)
+            split_hash.update(chunk)
+        total += arr.nbytes
+        if progress is not None:
+            progress.advance(1, arr.nbytes)
+        if "sha256" in spec and h.hexdigest() != spec["sha256"]:
+            raise LoopcoderError(
+                f"shard {f} does not match its checksum in index.json: its tokens changed after "
+                "`loopcoder data build`; rebuild the data directory (`loopcoder data build --force`)"
+            )
+    recorded = dataset.info.get("sha256")
+    if recorded and not all("sha256" in s for s in dataset.info["shards"]) and split_hash.hexdigest() != recorded:
+        raise LoopcoderError(
+            f"the {dataset.split} shards of {dataset.data_dir} do not match their checksum in index.json: "
+            "some tokens changed after `loopcoder data build`; rebuild the data directory"
+        )
+    return total
 
 
 class RowDataset(Protocol):
@@ -162,16 +268,16 @@ class ShardDataset:
         self._files: list[Path] = []
         for s in entry["shards"]:
             f = root / s["file"]
-            if not f.is_file():
-                raise LoopcoderError(f"shard {f} is missing: rebuild with `loopcoder data build --force`")
-            arr = np.load(f, mmap_mode="r")
-            if arr.ndim != 2 or arr.shape != (s["sequences"], self.seq_len):
-                raise LoopcoderError(f"shard {f} has shape {arr.shape}, index says ({s['sequences']}, {self.seq_len})")
-            self._shards.append(arr)
+            self._shards.append(_open_shard(f, s, self.seq_len, index["dtype"]))
             self._files.append(f)
         self._ends = np.cumsum([a.shape[0] for a in self._shards], dtype=np.int64)
         tb = root / "token_bytes.npy"
-        self.token_bytes: np.ndarray = np.load(tb) if tb.is_file() else np.zeros(0, np.int32)
+        self.token_bytes: np.ndarray = np.zeros(0, np.int32)
+        if tb.is_file():
+            try:
+                self.token_bytes = np.load(tb, allow_pickle=False)
+            except (ValueError, OSError, EOFError) as e:
+                raise damaged(tb, _why(e)) from None
 
     def __len__(self) -> int:
         return int(self._ends[-1]) if len(self._ends) else 0

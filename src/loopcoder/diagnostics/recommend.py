@@ -16,6 +16,11 @@ A model's verdict is the number of loops before the first loop that is not worth
 models the verdict of the model with the most loops decides (it observes the most loops; a model can
 never recommend more loops than it has); the others are reported as cross-checks, with the final-loop
 gold NLL and erank of each R.
+
+The rule is a heuristic about how the loops behave; held-out quality measures the models. With several
+models, `check_held_out` compares the rule's pick with the model of lowest final-loop NLL on the same
+samples (paired, 95 % interval): where the NLL says otherwise beyond noise, the headline says so and that
+the held-out NLL is the one to believe.
 """
 
 from __future__ import annotations
@@ -24,7 +29,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from loopcoder.diagnostics.run import DiagnosticsResult
+from loopcoder.stats import Difference, mean_ci, paired_difference
 
 
 @dataclass
@@ -49,19 +57,64 @@ class LoopAssessment:
         }
 
 
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+def _json_difference(d: Difference) -> dict[str, Any]:
+    """`Difference.to_dict` with null for the interval a single sample cannot give (JSON has no NaN)."""
+    return {**d.to_dict(), "mean": _finite(d.mean), "ci95": [_finite(d.low), _finite(d.high)]}
+
+
+@dataclass
+class HeldOutCheck:
+    """The rule's pick against held-out quality: the models' final-loop NLL on the same samples."""
+
+    agrees: bool | None  # None: no model with the recommended R was diagnosed, nothing to compare
+    best: str  # the model with the lowest held-out NLL
+    best_loops: int
+    nll: dict[str, float]  # model -> mean final-loop NLL (nats/token)
+    difference: Difference | None  # recommended minus best, per sample (paired when the samples are the same)
+    message: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "agrees": self.agrees,
+            "best": self.best,
+            "best_loops": self.best_loops,
+            "nll": {k: _finite(v) for k, v in self.nll.items()},
+            "difference": None if self.difference is None else _json_difference(self.difference),
+            "message": self.message,
+        }
+
+
 @dataclass
 class Recommendation:
     loops: int
     reasons: list[str]
     per_model: dict[str, int] = field(default_factory=dict)  # model name -> its own verdict
     assessments: dict[str, list[LoopAssessment]] = field(default_factory=dict)
+    held_out: HeldOutCheck | None = None  # with several models: does held-out NLL agree?
+
+    @property
+    def headline(self) -> str:
+        """One line: the recommendation, and when held-out quality disagrees, that and which to believe."""
+        h = self.held_out
+        if h is None or h.agrees is not False:
+            return f"R = {self.loops}"
+        return (
+            f"R = {self.loops} by the loop rule, but held-out NLL disagrees: R = {h.best_loops} ({h.best}) is "
+            f"better. Believe the held-out NLL"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "loops": self.loops,
+            "headline": self.headline,
             "reasons": self.reasons,
             "per_model": self.per_model,
             "assessments": {k: [a.to_dict() for a in v] for k, v in self.assessments.items()},
+            "held_out": None if self.held_out is None else self.held_out.to_dict(),
         }
 
 
@@ -168,9 +221,77 @@ def recommend(results: list[DiagnosticsResult], **rule: float) -> Recommendation
             else "disagrees"
         )
         reasons.append(f"cross-check {r.name} (R = {r.num_loops}): its own loops give {v} ({agree})")
+    held_out = None
     if len(results) > 1:
         finals = sorted(results, key=lambda r: r.num_loops)
         nll = ", ".join(f"R={r.num_loops}: {r.stats('gold_nll')[-1].mean:.4g}" for r in finals)
         erank = ", ".join(f"R={r.num_loops}: {r.stats('effective_rank')[-1].mean:.4g}" for r in finals)
         reasons.append(f"final-loop gold NLL (nats) by model: {nll}; final-loop erank: {erank}")
-    return Recommendation(loops, reasons, per_model, assessments)
+        held_out = check_held_out(results, loops)
+        reasons.append(held_out.message)
+    return Recommendation(loops, reasons, per_model, assessments, held_out)
+
+
+def _final_nll(result: DiagnosticsResult) -> np.ndarray:
+    return result.values("gold_nll")[:, result.num_loops - 1]
+
+
+def check_held_out(results: list[DiagnosticsResult], loops: int) -> HeldOutCheck:
+    """Compare the rule's pick with the model of lowest held-out NLL (the final loop's gold-token NLL, what
+    the model predicts). The rule reads how the loops behave; the NLL measures the model itself, so where they
+    disagree beyond noise, the NLL is the one to believe."""
+    nll = {r.name: float(np.nanmean(_final_nll(r))) for r in results}
+    best = min(results, key=lambda r: nll[r.name])
+    picked = [r for r in results if r.num_loops == loops]
+    if not picked:
+        return HeldOutCheck(
+            None,
+            best.name,
+            best.num_loops,
+            nll,
+            None,
+            f"held-out NLL cannot check R = {loops}: no such model was diagnosed (of those that were, "
+            f"{best.name}, R = {best.num_loops}, has the lowest final-loop NLL, {nll[best.name]:.4g}); train one "
+            "and diagnose it beside the others",
+        )
+    rec = min(picked, key=lambda r: nll[r.name])
+    if rec is best or best.num_loops == loops:
+        return HeldOutCheck(
+            True,
+            best.name,
+            best.num_loops,
+            nll,
+            None,
+            f"held-out NLL agrees: {best.name} (R = {loops}) has the lowest final-loop NLL ({nll[best.name]:.4g})",
+        )
+    a, b = _final_nll(best), _final_nll(rec)
+    paired = len(a) == len(b) and best.num_tokens == rec.num_tokens  # the same samples, in the same order
+    if paired:
+        diff = paired_difference(a, b)
+    else:  # other samples (another tokenizer): the two means and their intervals, not a paired test
+        (ma, la, ha, _), (mb, lb, hb, _) = mean_ci(a), mean_ci(b)
+        diff = Difference(mb - ma, lb - ha, hb - la, min(len(a), len(b)))
+    versus = (
+        f"{best.name} (R = {best.num_loops}) has a lower final-loop NLL than the recommended {rec.name} "
+        f"(R = {loops}): {nll[best.name]:.4g} against {nll[rec.name]:.4g} nats/token, difference "
+        f"{diff.describe(digits=3) if diff.n > 1 else f'{diff.mean:+.3f} (one sample: no interval)'}"
+        f"{'' if paired else ', from different samples'}"
+    )
+    if diff.clear:
+        return HeldOutCheck(
+            False,
+            best.name,
+            best.num_loops,
+            nll,
+            diff,
+            f"held-out NLL disagrees with the rule: {versus}. Believe the held-out NLL: it measures the model, "
+            "the rule only reads how its loops behave",
+        )
+    return HeldOutCheck(
+        None,
+        best.name,
+        best.num_loops,
+        nll,
+        diff,
+        f"held-out NLL does not separate them: {versus}; more samples would tell",
+    )

@@ -91,8 +91,7 @@ def build_markdown(results: list[DiagnosticsResult], recommendation: Recommendat
         for r in results
     ]
     lines += markdown_table(header, rows)
-    lines += ["", f"## Recommendation: R = {recommendation.loops}", ""]
-    lines += [f"- {reason}" for reason in recommendation.reasons]
+    lines += recommendation_section(recommendation)
     if several:
         lines += [
             "",
@@ -139,6 +138,17 @@ def build_markdown(results: list[DiagnosticsResult], recommendation: Recommendat
         lines += ["", "## Plots", ""]
         lines += [f"![{Path(p).stem}]({p})" for p in plot_files]
     return "\n".join(lines) + "\n"
+
+
+def recommendation_section(rec: Recommendation) -> list[str]:
+    """The report's recommendation heading and reasons; a warning first when held-out NLL disagrees."""
+    h = rec.held_out
+    disagrees = h is not None and h.agrees is False
+    title = f"R = {rec.loops}" + (f" by the loop rule; held-out NLL favours R = {h.best_loops}" if disagrees else "")
+    lines = ["", f"## Recommendation: {title}", ""]
+    if disagrees:
+        lines += [f"**Warning: {h.message}.**", ""]
+    return lines + [f"- {reason}" for reason in rec.reasons]
 
 
 def check_out_dir(out: Path) -> None:

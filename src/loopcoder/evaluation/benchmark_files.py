@@ -138,7 +138,8 @@ def load_evalplus(path: str | Path, dataset: str) -> list[dict[str, Any]]:
 
 def encode_value(x: Any) -> Any:
     """A Python value (tuples, sets, complex, non-string dict keys) as JSON, tagged so that
-    `checks.DECODE` rebuilds it exactly inside the sandbox."""
+    `channel.DECODE` rebuilds it exactly; anything else is not plain data (TypeError). Checked runs
+    use this function's own source inside the sandbox (`channel.py`): it needs nothing but builtins."""
     if isinstance(x, tuple):
         return {"__tuple__": [encode_value(i) for i in x]}
     if isinstance(x, (set, frozenset)):
@@ -149,7 +150,9 @@ def encode_value(x: Any) -> Any:
         return {"__dict__": [[encode_value(k), encode_value(v)] for k, v in x.items()]}
     if isinstance(x, list):
         return [encode_value(i) for i in x]
-    return x  # numbers (inf and nan too: json writes them as Infinity and NaN), strings, bools, None
+    if x is None or isinstance(x, (bool, int, float, str)):
+        return x  # numbers (inf and nan too: json writes them as Infinity and NaN), strings, bools, None
+    raise TypeError(f"not plain data: {type(x).__name__}")
 
 
 # ----------------------------------------------------------------------------- CRUXEval

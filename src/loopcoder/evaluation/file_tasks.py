@@ -10,9 +10,10 @@
   functional tests.
 - `lcb-execution` (LiveCodeBench `execution-v2` `.jsonl`): its direct output prompt; `assert output == answer`.
 
-Every check runs in the sandbox (`checks.py` builds the programs). Answers that the reference
-harnesses discard as cheating (the call itself as the predicted output, an input prediction that does
-not call `f`) and replies without code count as failures here.
+Every check is a checked run in the sandbox (`checks.py` builds them): the model's code or answer in
+one process, the trusted check and its expected outputs in another, plain data between them. Answers
+that the reference harnesses discard as cheating (the call itself as the predicted output, an input
+prediction that does not call `f`) and replies without code count as failures here.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ from loopcoder.evaluation import benchmark_files as files
 from loopcoder.evaluation import checks, humaneval
 from loopcoder.evaluation.generation import complete
 from loopcoder.evaluation.passk import mean_pass_at_k
-from loopcoder.evaluation.sandbox import Limits, isolation_report, run_many
-from loopcoder.evaluation.tasks import EvalSettings, Save
+from loopcoder.evaluation.sandbox import Checked, Limits, isolation_report, run_many
+from loopcoder.evaluation.tasks import EvalSettings, Save, task_progress
 from loopcoder.runtime import chat_stop_ids
 
 Prompt = str | list[dict[str, str]]
@@ -167,7 +168,7 @@ class FileTask:
     prompt: Callable[[dict[str, Any], bool], Prompt]  # (problem, chat)
     stops: tuple[str, ...]  # stop strings of completion-style prompts
     extract: Callable[[str, dict[str, Any], bool], str | None]  # reply -> answer (None: fails unchecked)
-    programs: Callable[[dict[str, Any], str], dict[str, str]]  # answer -> named sandbox programs
+    programs: Callable[[dict[str, Any], str], dict[str, Checked]]  # answer -> named checked runs
     verdicts: tuple[str, ...]  # what is scored, from the programs' results (see `_verdicts`)
     limits: Limits
     writes_code: bool  # long completions (--max-new-tokens) rather than a short answer
@@ -229,12 +230,11 @@ def _crux_input_answer(reply: str, problem: dict[str, Any], chat: bool) -> str |
     return answer if "f(" in answer else None
 
 
-def _assertion_programs(prelude: str = "") -> Callable[[dict[str, Any], str], dict[str, str]]:
-    """`assert OUTPUT == ANSWER` after the problem's code (and `prelude`): CRUXEval's and LiveCodeBench
-    execution's one program."""
-    return lambda pr, answer: {
-        "pass": checks.assertion_program(pr["task_id"], pr["code"], pr["output"], answer, prelude)
-    }
+def _prediction_programs(predicts: str, prelude: str = "") -> Callable[[dict[str, Any], str], dict[str, Checked]]:
+    """CRUXEval's and LiveCodeBench execution's one checked run: the predicted output (an expression)
+    or input (a call of `f`) against the dataset's output, after the problem's code (and `prelude`)."""
+    build = checks.output_program if predicts == "output" else checks.input_program
+    return lambda pr, answer: {"pass": build(pr["task_id"], pr["code"], pr["output"], answer, prelude)}
 
 
 _PREDICTION_LIMITS = Limits(cpu_seconds=3, wall_seconds=6)
@@ -282,7 +282,7 @@ TASKS: dict[str, FileTask] = {
         _humaneval_plus_extract,
         _evalplus_programs,
         ("base", "plus"),
-        Limits(cpu_seconds=20, wall_seconds=40, address_space_bytes=1 << 30),
+        Limits(cpu_seconds=20, wall_seconds=40, address_space_bytes=1 << 30, memory_bytes=2 << 30),
         True,
     ),
     "mbpp+": FileTask(
@@ -294,7 +294,7 @@ TASKS: dict[str, FileTask] = {
         _mbpp_extract,
         _evalplus_programs,
         ("base", "plus"),
-        Limits(cpu_seconds=20, wall_seconds=40, address_space_bytes=1 << 30),
+        Limits(cpu_seconds=20, wall_seconds=40, address_space_bytes=1 << 30, memory_bytes=2 << 30),
         True,
     ),
     "cruxeval-o": FileTask(
@@ -306,7 +306,7 @@ TASKS: dict[str, FileTask] = {
         ),
         ("[/ANSWER]",),
         lambda r, pr, chat: _predicted_output(r, f"f({pr['input']})"),
-        _assertion_programs(),
+        _prediction_programs("output"),
         ("pass",),
         _PREDICTION_LIMITS,
         False,
@@ -318,7 +318,7 @@ TASKS: dict[str, FileTask] = {
         lambda pr, chat: _as_chat(CRUX_INPUT.format(code=pr["code"], output=pr["output"]), chat),
         ("[/ANSWER]",),
         _crux_input_answer,
-        _assertion_programs(),
+        _prediction_programs("input"),
         ("pass",),
         _PREDICTION_LIMITS,
         False,
@@ -332,7 +332,7 @@ TASKS: dict[str, FileTask] = {
         _lcb_code,
         lambda pr, code: {"pass": checks.tests_program(pr["task_id"], code, pr["tests"], pr["func_name"])},
         ("pass",),
-        Limits(cpu_seconds=60, wall_seconds=90, address_space_bytes=2 << 30),
+        Limits(cpu_seconds=60, wall_seconds=90, address_space_bytes=2 << 30, memory_bytes=4 << 30),
         True,
     ),
     "lcb-execution": FileTask(
@@ -342,7 +342,7 @@ TASKS: dict[str, FileTask] = {
         lambda pr, chat: _as_chat(CRUX_OUTPUT.format(code=pr["code"], call=pr["input"], **_LCB_EXAMPLES), chat),
         ("[/ANSWER]",),
         lambda r, pr, chat: _predicted_output(r, pr["input"]),
-        _assertion_programs(LCB_EXECUTION_PRELUDE),
+        _prediction_programs("output", LCB_EXECUTION_PRELUDE),
         ("pass",),
         _PREDICTION_LIMITS,
         False,
@@ -379,11 +379,12 @@ def run_file_task(
     max_new = s.humaneval_max_new_tokens if task.writes_code else PREDICTION_MAX_NEW_TOKENS
     per_problem: dict[str, Any] = done.setdefault("problems", {})
     todo = [p for p in problems if p["task_id"] not in per_problem]
+    meter = task_progress(task.name, len(todo) * s.n_samples)
     for start in range(0, len(todo), s.chunk):
         chunk = todo[start : start + s.chunk]
         prompts = [task.prompt(p, chat) for p in chunk for _ in range(s.n_samples)]
         params = [s.sampling(max_new, stops, stop_ids, i) for _ in chunk for i in range(s.n_samples)]
-        outs = complete(engine, tokenizer, prompts, params, label=f"{task.name} {start + len(chunk)}/{len(todo)}")
+        outs = complete(engine, tokenizer, prompts, params, progress=meter)
         jobs, answers = [], []
         for j, p in enumerate(chunk):
             for o in outs[j * s.n_samples : (j + 1) * s.n_samples]:
@@ -413,6 +414,8 @@ def run_file_task(
                 "skipped": next((outs[k]["skipped"] for k in rows if outs[k]["skipped"]), None),
             }
         save()
+    if todo:
+        meter.finish()
     done.update(
         {
             "file": str(path),

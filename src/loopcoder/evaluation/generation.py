@@ -27,10 +27,13 @@ def complete(
     params: list[SamplingParams],
     label: str = "generating",
     quiet: bool = False,
+    progress: Progress | None = None,
 ) -> list[dict[str, Any]]:
     """Run every prompt; returns, per prompt, {text, tokens, finish_reason, skipped (why, or None)}.
 
     A prompt too long for the model is not an error for a whole benchmark: it is skipped and says so.
+    `progress`: the caller's reporter, advanced by these completions (a task run in chunks has one reporter
+    for the whole task, so its ETA covers the task); without it, a line of its own for these prompts.
     """
     results: list[dict[str, Any] | None] = [None] * len(prompts)
     reqs = {}
@@ -41,7 +44,11 @@ def complete(
         except LoopcoderError as e:
             results[i] = {"text": "", "tokens": 0, "finish_reason": "skipped", "skipped": str(e)}
     done, tokens = 0, 0
-    meter = Progress(f"  {label}", len(reqs), "completions", amount_unit="tokens", mode="off" if quiet else "lines")
+    own = progress is None
+    meter = progress or Progress(
+        f"  {label}", len(reqs), "completions", amount_unit="tokens", mode="off" if quiet else "lines"
+    )
+    base_done, base_tokens = meter.done, meter.amount
     while engine.has_work():
         for ev in engine.step():
             tokens += len(ev.token_ids)
@@ -54,8 +61,10 @@ def complete(
                     "skipped": None,
                 }
                 done += 1
-        meter.update(done, tokens)
-    if reqs:
+        meter.update(base_done + done, base_tokens + tokens)
+    if not own:  # skipped prompts count as done for the caller's total
+        meter.update(base_done + len(prompts), base_tokens + tokens)
+    elif reqs:
         meter.finish()
     missing = [i for i, r in enumerate(results) if r is None]
     if missing:

@@ -10,7 +10,8 @@
 
 Model args: `pretrained` (a model directory or a training run directory), `tokenizer`, `device`,
 `dtype`, `batch_size`, `max_length`, `max_gen_toks`, `mode` (parallel or sequential decoding),
-`seed`, `add_bos_token`. The chat template is lm-eval's own switch (`--apply_chat_template`).
+`seed`, `add_bos_token`, `allow_tokenizer_mismatch` (use a `tokenizer` other than the one the model
+was made with: its fingerprint differs). The chat template is lm-eval's own switch (`--apply_chat_template`).
 
 lm-eval is an optional extra (`pip install loopcoder[lm-eval]`); this module is the only one that
 imports it. lm-eval finds the backend through the `lm_eval.models` entry point where it reads them;
@@ -75,6 +76,7 @@ class LoopcoderLM(TemplateLM):
         mode: str = "parallel",
         seed: int | str = 1234,
         add_bos_token: bool | str = False,
+        allow_tokenizer_mismatch: bool | str = False,
         **unused: Any,
     ) -> None:
         super().__init__()
@@ -85,7 +87,14 @@ class LoopcoderLM(TemplateLM):
             # lm-eval's CLI passes cuda:0 unless told otherwise; like its hf backend, run where we can
             logging.getLogger(__name__).warning("device %s: CUDA is not available, running on the CPU", device)
             device = None
-        self.model, self.tokenizer = load_for_inference(model_dir, tokenizer, device or "auto", dtype)
+        self.model, self.tokenizer = load_for_inference(
+            model_dir,
+            tokenizer,
+            device or "auto",
+            dtype,
+            _as_bool(allow_tokenizer_mismatch),
+            override="the model arg allow_tokenizer_mismatch=true",
+        )
         self.model_dir = model_dir
         self._device = next(self.model.parameters()).device
         if str(batch_size).startswith("auto"):  # no probing: the engine's batch is a slot count, not a guess

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -20,7 +21,7 @@ from loopcoder.errors import LoopcoderError
 from loopcoder.evaluation.file_tasks import TASKS as FILE_TASK_SPECS
 from loopcoder.evaluation.file_tasks import run_file_task
 from loopcoder.evaluation.tasks import EvalSettings, bits_per_byte, run_humaneval, run_reasoning
-from loopcoder.runtime import load_for_inference
+from loopcoder.runtime import check_tokenizer, load_for_inference
 
 BUILTIN_TASKS = ("humaneval", "reasoning", "bpb")
 FILE_TASKS = tuple(FILE_TASK_SPECS)  # humaneval+, mbpp+, cruxeval-o/-i, lcb-codegen, lcb-execution
@@ -53,6 +54,22 @@ def config_hash(model_dir: str) -> str:
     return h.hexdigest()[:16]
 
 
+def data_index_hash(data_dir: str) -> str:
+    """sha256 of a data directory's index.json: a rebuilt directory (other shards, another tokenizer) differs."""
+    return hashlib.sha256((Path(data_dir) / "index.json").read_bytes()).hexdigest()[:16]
+
+
+def bpb_is_cached(done: dict[str, Any], data_dir: str, per_row: bool) -> bool:
+    """Bits per byte measured by an earlier run of this evaluation on the same data (its rows and model are
+    part of the results' identity), with the per-row values when they are asked for."""
+    return (
+        "bits_per_byte" in done
+        and done.get("data") == str(data_dir)
+        and done.get("data_index") == data_index_hash(data_dir)
+        and (not per_row or "row_nll" in done)
+    )
+
+
 def file_hash(path: str) -> str:
     """sha256 of a benchmark file: a resumed run must score the same problems."""
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
@@ -83,13 +100,28 @@ def load_results(path: Path, identity: dict[str, Any]) -> dict[str, Any] | None:
         ) from None
     if not isinstance(data, dict) or data.get("version") != RESULTS_VERSION or "identity" not in data:
         raise LoopcoderError(f"cannot resume from {path}: not a loopcoder results file; pass --fresh to start over")
-    for key, value in identity.items():
-        if data["identity"].get(key) != value:
-            raise LoopcoderError(
-                f"cannot resume from {path}: it was made with {key}={data['identity'].get(key)!r},"
-                f" now {value!r}; pass --fresh to start over"
-            )
+    changed = differences(data["identity"], identity)
+    if changed:
+        raise LoopcoderError(
+            f"cannot resume from {path}: it was made with other settings ({'; '.join(changed)}); "
+            "pass --fresh to start over, or another --out"
+        )
     return data
+
+
+def differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """'key old -> new' for every value that differs, nested dicts flattened (the scoring settings by their own
+    names: `temperature 0.0 -> 0.8`, not the whole dict)."""
+    out = []
+    for key in sorted({*old, *new}, key=str):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += differences(a, b, "" if key == "settings" else f"{prefix}{key}.")
+        elif a != b:
+            out.append(
+                f"{prefix}{key} {'(none)' if key not in old else repr(a)} -> {'(none)' if key not in new else repr(b)}"
+            )
+    return out
 
 
 def parse_data(values: list[str] | None) -> tuple[str | None, dict[str, str]]:
@@ -123,6 +155,7 @@ def evaluate(
     tokenizer_dir: str | None = None,
     bpb_per_row: bool = False,
     data_files: dict[str, str] | None = None,
+    allow_tokenizer_mismatch: bool = False,
 ) -> dict[str, Any]:
     data_files = dict(data_files or {})
     running = [t for t in tasks if t in CODE_RUNNING]
@@ -148,7 +181,9 @@ def evaluate(
     too_big = [k for k in settings.ks if k > settings.n_samples or k < 1]
     if too_big:
         raise LoopcoderError(f"pass@{too_big[0]} needs k in [1, n-samples={settings.n_samples}]")
-    model, tokenizer = load_for_inference(model_dir, tokenizer_dir, device, dtype)
+    model, tokenizer = load_for_inference(model_dir, tokenizer_dir, device, dtype, allow_tokenizer_mismatch)
+    if "bpb" in tasks:  # bits per byte of the data directory's token ids: they must be the model's
+        check_tokenizer(model_dir, data_dir, allow_tokenizer_mismatch, "the data directory")
     settings.prompt_style = detect_prompt_style(model_dir, tokenizer) if prompt_style == "auto" else prompt_style
     if settings.prompt_style not in ("completion", "chat"):
         raise LoopcoderError(f"--prompt-style must be auto, completion or chat, got {prompt_style!r}")
@@ -193,25 +228,24 @@ def evaluate(
     for task in tasks:
         t0 = time.perf_counter()
         done = results["tasks"].setdefault(task, {})
-        if task == "humaneval":
-            run_humaneval(engine, tokenizer, settings, done, save, allow_code_execution)
-        elif task == "reasoning":
-            run_reasoning(engine, tokenizer, settings, done, save)
-        elif task in FILE_TASKS:
-            run_file_task(
-                engine, tokenizer, settings, done, save, allow_code_execution, FILE_TASK_SPECS[task], data_files[task]
-            )
+        if task == "bpb":  # one pass with nothing to resume inside it: kept when the data is the same
+            if bpb_is_cached(done, data_dir, bpb_per_row):
+                print(f"  bits per byte: {done['bits_per_byte']:.4f}, from {path} (same data)", file=sys.stderr)
+                continue
+            batch = max(1, min(settings.batch_size, 8))
+            measured = bits_per_byte(model, data_dir, batch_size=batch, max_rows=settings.bpb_rows, per_row=bpb_per_row)
+            done.clear()
+            done.update(measured, data_index=data_index_hash(data_dir))
+            results["timings"][task] = time.perf_counter() - t0  # that pass's time, not a sum over runs
         else:
-            done.update(
-                bits_per_byte(
-                    model,
-                    data_dir,
-                    batch_size=max(1, min(settings.batch_size, 8)),
-                    max_rows=settings.bpb_rows,
-                    per_row=bpb_per_row,
-                )
-            )
-        results["timings"][task] = results["timings"].get(task, 0.0) + time.perf_counter() - t0
+            if task == "humaneval":
+                run_humaneval(engine, tokenizer, settings, done, save, allow_code_execution)
+            elif task == "reasoning":
+                run_reasoning(engine, tokenizer, settings, done, save)
+            else:
+                spec = FILE_TASK_SPECS[task]
+                run_file_task(engine, tokenizer, settings, done, save, allow_code_execution, spec, data_files[task])
+            results["timings"][task] = results["timings"].get(task, 0.0) + time.perf_counter() - t0  # resumed: summed
         save()
     results["complete"] = True
     save()

@@ -3,27 +3,32 @@
 Usable on its own: `python -m loopcoder.evaluation.sandbox FILE.py --allow-code-execution` runs one
 file and prints the result as JSON. Nothing runs without the explicit opt-in.
 
-Each program gets a fresh interpreter (`python -I`) started in a new session, in a fresh temporary
-directory (removed afterwards), with a scrubbed environment. A small trusted launcher inside that
-interpreter sets the resource limits, enters new network/PID/IPC namespaces where the OS allows it,
-and starts a small init that is PID 1 of the new namespace, so that when the program ends every
-process it started ends too. The init gives the run a private filesystem where the OS allows it (a
-mount namespace: one size-capped tmpfs for the working directory, /tmp, /var/tmp and /dev/shm, a
-fresh /proc, every other mount read-only; all of it gone with the run), drops root to a fresh
-unprivileged uid (when started as root) or the user namespace's capabilities (when not), sets
-no_new_privs, and starts the program. The parent enforces the wall clock (killing the whole process
-group) and caps stdout and stderr while reading them. `docs/sandbox.md` states what this does and
-does not protect against.
+Each program gets a fresh interpreter (`python -I`) started in a new session, with a scrubbed
+environment, in its own cgroup (a cap on all the memory and processes the run holds, where one can be
+made: `cgroups.py`). A small trusted launcher inside that interpreter (`sandbox_launcher.py`) enters
+new network/PID/IPC namespaces where the OS allows it, caps the IPC namespace's shared memory, sets
+the resource limits, and starts a small init that is PID 1 of the new namespace, so that when the
+program ends every process it started ends too. The init builds the run a fresh root filesystem where
+the OS allows it (one size-capped tmpfs, pivot_root: the host's /usr and a few files of /etc
+read-only, a minimal /dev, a fresh /proc, private /tmp, /var/tmp and /dev/shm, the working directory;
+no /home, /root, /run or host socket), drops root to a fresh unprivileged uid (when started as root) or
+the user namespace's capabilities (when not), sets no_new_privs, and starts the program. The parent
+enforces the wall clock (killing the whole process group and cgroup) and caps stdout and stderr while
+reading them. `docs/sandbox.md` states what this does and does not protect against.
 
-A run passes only on positive evidence: the program ran to its last statement and exited with
-status 0. The evidence is a per-run nonce, sent down a pipe the program never needs to touch, that
-the launcher reads and writes back on a second pipe only after the program's code has returned.
-Exiting early (`sys.exit(0)`, `os._exit(0)`) or printing a fake success line cannot produce it.
+Verdicts. A bare program passes on evidence that it ran to its last statement and exited with status
+0: a per-run nonce that the launcher echoes only after the program's code returned. Exiting early or
+printing a success line cannot produce it, but a program written to cheat can (it owns its process).
+So scoring uses checked runs (`Checked`): the untrusted program and a trusted checker run in two
+processes that exchange only plain data; the checker decides, and the program cannot reach it. A
+command (`run_command`) passes on exit status 0.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import atexit
 import contextlib
 import json
 import os
@@ -31,6 +36,7 @@ import secrets
 import selectors
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -38,10 +44,12 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Literal
 
 from loopcoder.errors import LoopcoderError
+from loopcoder.evaluation import cgroups
 
 ALLOW_FLAG = "--allow-code-execution"
 
@@ -61,11 +69,19 @@ _CHANNEL_CAP = 4096
 # After the launcher exits, how long to wait for stragglers (only possible without a PID namespace)
 # to release stdout/stderr before we stop reading.
 _DRAIN_GRACE_S = 0.5
-# Tests switch this off to exercise what happens where the OS refuses new namespaces (for example
+# Tests switch these off to exercise what happens where the OS refuses them. Where no cgroup can be
+# made: rlimits per process, and a seccomp filter against memfd and user namespaces.
+_CGROUPS = True
+# Where the OS refuses new namespaces (for example
 # Docker's default seccomp profile): no network or PID isolation, and the report says so.
 _NAMESPACES = True
 # And this one only the private filesystem (mount namespace), as where the OS refuses just that.
 _PRIVATE_FILESYSTEM = True
+# And this one idmapped workspaces (run_command as root), as where the kernel or filesystem refuses them:
+# the workspace is then lent to the run's uid (chown) and given back after the run.
+_IDMAPPED_WORKSPACE = True
+# And this one the fork server: each run's launcher then starts in an interpreter of its own.
+_FORK_SERVER = True
 
 
 class CodeExecutionNotAllowedError(LoopcoderError):
@@ -86,10 +102,13 @@ class SandboxUnavailableError(LoopcoderError):
 class Limits:
     """Per-program limits. CPU, address space, file size and open files are rlimits of each process;
     processes is the rlimit on the run's tasks (threads included; the launcher, the init and the
-    program take three), so memory in all is at most processes x address space. Wall clock and
-    output are enforced by the parent. tmp_bytes and tmp_files cap the run's private tmpfs, which
-    holds what it writes to its working directory, /tmp, /var/tmp and /dev/shm (in RAM); they apply
-    only where the run has a private filesystem (isolation_report says whether)."""
+    program take three; a checked run's checker a fourth), and its cgroup's pids.max. memory_bytes
+    caps all the memory the run holds (its processes, its tmpfs, shared memory, kernel buffers) where
+    a cgroup can be made (isolation_report says whether); else memory in all is at most processes x
+    address space plus the tmpfs. Wall clock and output are enforced by the parent. tmp_bytes and
+    tmp_files cap the run's private tmpfs, which holds what it writes to its working directory, /tmp,
+    /var/tmp and /dev/shm (in RAM); tmp_bytes also caps its SysV shared memory. They apply only where
+    the run has a private filesystem and IPC namespace."""
 
     cpu_seconds: int = 5
     wall_seconds: float = 10.0
@@ -100,6 +119,7 @@ class Limits:
     output_bytes: int = 1 << 20  # per stream; a program writing more is killed (status output_limit)
     tmp_bytes: int = 64 << 20
     tmp_files: int = 1024
+    memory_bytes: int = 1 << 30
 
     def __post_init__(self) -> None:
         for name, value in asdict(self).items():
@@ -109,6 +129,24 @@ class Limits:
                 raise LoopcoderError(f"sandbox limit {name} must be a positive {what}, got {value!r}")
         if self.processes < 4:  # the launcher, the namespace's init and the program are three already
             raise LoopcoderError(f"sandbox limit processes must be at least 4, got {self.processes}")
+        if self.memory_bytes < _MIN_MEMORY:  # the run's interpreters alone need some
+            raise LoopcoderError(f"sandbox limit memory_bytes must be at least {_MIN_MEMORY}, got {self.memory_bytes}")
+
+
+_MIN_MEMORY = 64 << 20
+
+
+@dataclass(frozen=True)
+class Checked:
+    """A checked run: `program` (untrusted) and `checker` (trusted: no model-written text) run in two
+    processes joined by two pipes. Each finds its end of the channel as file descriptors in
+    sys.argv[1] (to read) and sys.argv[2] (to write); they exchange plain data (`channel.py`
+    has both sides). The verdict is the checker's: it passes if the checker ran to its end and exited
+    with status 0. The program never holds the checker's code, memory or evidence pipes; as root it
+    runs under another uid, and the checker is not dumpable (no ptrace, no /proc/PID/mem)."""
+
+    program: str
+    checker: str
 
 
 @dataclass
@@ -125,6 +163,7 @@ class ExecResult:
     stderr_truncated: bool
     wall_seconds: float
     isolation: dict[str, object] = field(default_factory=dict)
+    cpu_seconds: float | None = None  # CPU time of the run's processes, as their parents reaped them
 
     @property
     def passed(self) -> bool:
@@ -151,409 +190,9 @@ class BatchResult:
         return len(self.results) / self.seconds if self.seconds > 0 else 0.0
 
 
-# --------------------------------------------------------------------------------------------------
-# The launcher: trusted code that runs inside the child interpreter before the program. It must be
-# stdlib-only and compatible with any Python >= 3.8 (the sandbox interpreter may be the system one),
-# and it must not import loopcoder.
-_LAUNCHER = r"""
-import json, os, sys
-
-CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = (
-    0x00020000, 0x08000000, 0x10000000, 0x20000000, 0x40000000)
-MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = (
-    1, 2, 4, 8, 32, 4096, 16384, 1 << 18)
-MS_STRICTATIME, MNT_DETACH = 1 << 24, 2
-# Per-mount flags as /proc/self/mountinfo spells them. A read-only remount repeats them: inside a
-# user namespace, flags inherited from the host are locked and may not change.
-MOUNT_FLAGS = {"ro": MS_RDONLY, "nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC,
-               "nosymfollow": 256, "noatime": 1024, "nodiratime": 2048, "relatime": 4096}
-# The run's private temporary directories: where the program sees them, and their folder on the
-# run's tmpfs (the working directory is its "work" folder).
-PRIVATE_DIRS = (("/tmp", "tmp"), ("/var/tmp", "var-tmp"), ("/dev/shm", "shm"))
-_LIBC = []
-
-
-def _call(name, *args):
-    # A libc call that raises OSError on failure, and ENOSYS where libc lacks it (not Linux).
-    if not _LIBC:
-        import ctypes
-        _LIBC.append((ctypes, ctypes.CDLL(None, use_errno=True)))
-    ctypes, libc = _LIBC[0]
-    function = getattr(libc, name, None)
-    if function is None:
-        raise OSError(38, "%s is not available on this system" % name)
-    if function(*args) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-
-
-def _unshare(flags):
-    if hasattr(os, "unshare"):
-        os.unshare(flags)
-    else:
-        _call("unshare", flags)
-
-
-def _mount(source, target, fstype, flags, data=None):
-    import ctypes
-    text = [None if s is None else s.encode() for s in (source, target, fstype, data)]
-    try:
-        _call("mount", text[0], text[1], text[2], ctypes.c_ulong(flags), text[3])
-    except OSError as e:
-        raise OSError(e.errno, "%s: %s" % (target, e.strerror))
-
-
-def _no_new_privs():
-    _call("prctl", 38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS: setuid binaries cannot raise privileges
-
-
-def _drop_capabilities():
-    # capset(2) with everything empty: what a user namespace granted is gone for good.
-    import ctypes
-    header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this process
-    _call("capset", header, (ctypes.c_uint32 * 6)())
-
-
-def _write(path, text):
-    with open(path, "w") as f:
-        f.write(text)
-
-
-def _user_process_count(uid):
-    n = 0
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                with open("/proc/%s/status" % name) as f:
-                    for line in f:
-                        if line.startswith("Uid:"):
-                            n += int(line.split()[1]) == uid
-                            break
-            except OSError:
-                pass
-    return n
-
-
-def _enter_namespaces(cfg):
-    # New network, PID and IPC namespaces (the mount namespace is the init's, below). Returns what was
-    # achieved and whether a user namespace was needed for it.
-    info = {"ready": True, "network": "no", "pid_namespace": "no", "uid": os.getuid(), "no_new_privs": False}
-    flags = CLONE_NEWNET | CLONE_NEWPID | CLONE_NEWIPC
-    userns = cfg["uid"] is None and os.getuid() != 0
-    if userns:
-        flags |= CLONE_NEWUSER  # unprivileged: a user namespace grants the right to make the others
-    outer_uid, outer_gid = os.getuid(), os.getgid()  # before unshare: then they read as the overflow id
-    try:
-        if not cfg["namespaces"]:
-            raise OSError(0, "switched off by the caller")
-        _unshare(flags)
-    except OSError as e:
-        info["network"] = info["pid_namespace"] = "no: new namespaces refused (%s)" % (e.strerror or e)
-        return info, False
-    info["network"] = info["pid_namespace"] = "yes"
-    if userns:  # we are in the new namespaces now: a failure here is a setup error, not a fallback
-        _write("/proc/self/setgroups", "deny")
-        _write("/proc/self/uid_map", "%d %d 1" % (outer_uid, outer_uid))
-        _write("/proc/self/gid_map", "%d %d 1" % (outer_gid, outer_gid))
-    return info, userns
-
-
-def _set_limits(cfg, userns):
-    import resource
-    rl = cfg["limits"]
-    if cfg["uid"] is not None or userns:
-        nproc = rl["processes"]
-    else:
-        # Same uid as the caller and no namespace: the count includes the caller's own processes.
-        nproc = _user_process_count(os.getuid()) + rl["processes"]
-    for res, soft, hard in (
-        (resource.RLIMIT_CPU, rl["cpu_seconds"], rl["cpu_seconds"] + 1),  # SIGXCPU, then SIGKILL
-        (resource.RLIMIT_AS, rl["address_space_bytes"], rl["address_space_bytes"]),
-        (resource.RLIMIT_FSIZE, rl["file_size_bytes"], rl["file_size_bytes"]),
-        (resource.RLIMIT_NOFILE, rl["open_files"], rl["open_files"]),
-        (resource.RLIMIT_NPROC, nproc, nproc),
-        (resource.RLIMIT_CORE, 0, 0),
-    ):
-        resource.setrlimit(res, (soft, hard))
-
-
-def _drop_privileges(cfg, userns):
-    # Returns whether no_new_privs is set. Afterwards the process holds no capability anywhere.
-    try:
-        _no_new_privs()
-        nnp = True
-    except OSError:
-        nnp = False
-    uid = cfg["uid"]
-    if uid is not None:
-        os.setgroups([])
-        os.setgid(uid)
-        os.setuid(uid)
-    elif userns:
-        _drop_capabilities()  # the user namespace gave us all of them (mounts included)
-    os.umask(0o077)
-    return nnp
-
-
-def _private_filesystem(cfg, pid_namespace):
-    # Give this process (the init) and its descendants their own view of the filesystem: one fresh
-    # tmpfs, capped, holds the working directory, /tmp, /var/tmp and /dev/shm; a fresh /proc shows
-    # only the run's processes; every other mount is read-only. All of it goes when the run ends.
-    # Returns the plain-words status; on a failure the host's view is kept, as without a namespace.
-    try:
-        _unshare(CLONE_NEWNS)
-        _mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing propagates to or from the host
-    except OSError as e:
-        return "no: mount namespace refused (%s)" % (e.strerror or e)
-    workdir = os.path.realpath(cfg["rundir"])
-    source = None
-    if cfg["program"] is not None:
-        with open(cfg["program"], "rb") as f:
-            source = f.read()
-    mounted = []
-    try:
-        _private_tmpfs(cfg, workdir, source, mounted)
-    except OSError as e:
-        for target in reversed(mounted):
-            try:
-                _call("umount2", target.encode(), MNT_DETACH)
-            except OSError:
-                pass
-        return "no: could not set up a private tmpfs (%s)" % (e.strerror or e)
-    missing = []
-    if not pid_namespace:
-        missing.append("/proc shows the host's processes (no PID namespace)")
-    else:
-        try:
-            _mount("proc", "/proc", "proc", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
-        except OSError as e:
-            missing.append("/proc shows the host's processes (a fresh /proc was refused: %s)" % e.strerror)
-    refused = _read_only_elsewhere(mounted + ["/proc"])
-    if refused:
-        more = " and %d more" % (len(refused) - 5) if len(refused) > 5 else ""
-        missing.append("still writable: " + ", ".join(refused[:5]) + more)
-    os.chdir(cfg["workspace"] or workdir)  # the new working directory, not the host's one under it
-    status = "partly: " + "; ".join(missing) if missing else "yes"
-    return status[:1000]  # the control pipe carries at most a few KiB
-
-
-def _private_tmpfs(cfg, workdir, source, mounted):
-    # A program gets the tmpfs's "work" folder as its working directory, holding a copy of it (source);
-    # a command gets the caller's workspace, bound read-write at its own path.
-    rl = cfg["limits"]
-    workspace = cfg["workspace"]
-    # Opened before anything is mounted: the workspace may be under /tmp, which is about to be covered.
-    space = os.open(workspace, os.O_RDONLY | os.O_DIRECTORY) if workspace else None
-    try:
-        _private_tmpfs_in(cfg, rl, workdir, source, mounted, space)
-    finally:
-        if space is not None:
-            os.close(space)
-
-
-def _private_tmpfs_in(cfg, rl, workdir, source, mounted, space):
-    _mount("tmpfs", workdir, "tmpfs", MS_NOSUID | MS_NODEV,
-           "mode=0755,size=%d,nr_inodes=%d" % (rl["tmp_bytes"] + len(source or b"") + 65536, rl["tmp_files"] + 64))
-    mounted.append(workdir)
-    base = os.open(workdir, os.O_RDONLY | os.O_DIRECTORY)  # the tmpfs root, reachable once covered
-    try:
-        root = "/proc/self/fd/%d/" % base
-        for _, name in PRIVATE_DIRS:
-            os.mkdir(root + name)
-            os.chmod(root + name, 0o1777)
-        os.mkdir(root + "work")
-        os.chmod(root + "work", 0o700)
-        done = []
-        for target, name in PRIVATE_DIRS:
-            real = os.path.realpath(target)
-            if os.path.isdir(real) and real not in done:  # /var/tmp may be a link to /tmp
-                _mount(root + name, real, None, MS_BIND)
-                mounted.append(real)
-                done.append(real)
-        if space is not None:  # a command: the workspace, read-write, at its own path
-            here = cfg["workspace"]
-            source_dir = "/proc/self/fd/%d" % space
-        else:  # a program: the tmpfs's work folder, holding a copy of the program
-            here = workdir
-            source_dir = root + "work"
-            with open(root + "work/" + os.path.basename(cfg["program"]), "wb") as f:
-                f.write(source)
-                os.fchmod(f.fileno(), 0o644)
-            if cfg["uid"] is not None:
-                os.chown(root + "work", cfg["uid"], cfg["uid"])
-        if not os.path.isdir(here):
-            os.makedirs(here, 0o755)  # it was under /tmp: make its path again in the private one
-        _mount(source_dir, here, None, MS_BIND)
-        mounted.append(here)
-        # The caps count from here: what is already used (the program's copy) does not take from them.
-        st = os.fstatvfs(base)
-        _mount(None, root, None, MS_REMOUNT | MS_NOSUID | MS_NODEV, "size=%d,nr_inodes=%d" % (
-            (st.f_blocks - st.f_bfree) * st.f_frsize + rl["tmp_bytes"], st.f_files - st.f_ffree + rl["tmp_files"]))
-    finally:
-        os.close(base)
-
-
-def _read_only_elsewhere(ours):
-    # Remount every other mount read-only (per mount, in this namespace only). Returns the ones refused;
-    # mounts hidden under another one (not reachable by their path) are skipped.
-    refused, seen = [], set()
-    with open("/proc/self/mountinfo") as f:
-        lines = f.read().splitlines()
-    for line in lines:
-        fields = line.split(" ")
-        point = fields[4]
-        for code, char in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
-            point = point.replace(code, char)
-        if point in seen or any(point == p or point.startswith(p.rstrip("/") + "/") for p in ours):
-            continue
-        seen.add(point)
-        options = fields[5].split(",")
-        flags = MS_REMOUNT | MS_BIND | MS_RDONLY
-        for option in options:
-            flags |= MOUNT_FLAGS.get(option, 0)
-        if "noatime" not in options and "relatime" not in options:
-            flags |= MS_STRICTATIME
-        try:
-            _mount(None, point, None, flags)
-        except OSError as e:
-            if e.errno not in (2, 22):  # ENOENT, EINVAL: hidden under another mount
-                refused.append(point)
-    return refused
-
-
-def _run_program(cfg):
-    import builtins, signal, traceback, types
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    path = cfg["program"]
-    nonce_fd, report_fd = cfg["nonce_fd"], cfg["report_fd"]
-    sys.argv = [path]
-    try:
-        with open(path, encoding="utf-8") as f:
-            code = compile(f.read(), path, "exec")
-    except SyntaxError:
-        traceback.print_exc(limit=0)
-        sys.exit(1)
-    module = types.ModuleType("__main__")
-    module.__file__ = path
-    module.__builtins__ = builtins
-    sys.modules["__main__"] = module
-    try:
-        exec(code, module.__dict__)
-    except SystemExit:
-        raise
-    except BaseException as e:
-        traceback.print_exception(type(e), e, e.__traceback__.tb_next)
-        sys.exit(1)
-    # The program's code returned: only now is the nonce read and echoed as evidence of completion.
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except Exception:
-            pass
-    os.write(report_fd, os.read(nonce_fd, 256) + b"\n")
-
-
-def _run_command(cfg):
-    # Replace this process with the command. Nothing of the launcher may reach it: its pipes are
-    # closed, and the signals Python ignores (SIGPIPE, SIGXFSZ) or the init ignores (SIGINT) get their
-    # default action back, since ignored signals stay ignored across exec.
-    import signal
-    argv = cfg["command"]
-    try:
-        for sig in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT):
-            signal.signal(sig, signal.SIG_DFL)
-        os.fchdir(cfg["workspace_fd"])  # opened while privileged: its parents may be closed to our uid
-        os.closerange(3, 1 << 16)
-        os.umask(0o022)  # files in the workspace as a shell makes them, readable by the caller
-        os.execve(argv[0], argv, os.environ)
-    except OSError as e:
-        os.write(2, ("sandbox: cannot run %s: %s\n" % (argv[0], e.strerror or e)).encode())
-    os._exit(127)
-
-
-def _fail(control_fd, e):
-    os.write(control_fd, (json.dumps({"setup_error": "%s: %s" % (type(e).__name__, e)}) + "\n").encode())
-    os._exit(70)
-
-
-def _init(cfg, info, userns, launcher_dropped):
-    # PID 1 of the new namespace (when there is one): the kernel kills every process in it when this
-    # one exits, and signals from inside the namespace cannot kill it. It sets up the private
-    # filesystem (a fresh /proc needs a process inside the PID namespace), drops its privileges,
-    # waits until the launcher has dropped its own, and only then starts the program, as its child:
-    # an ordinary process (PID 1 would ignore SIGXCPU and friends).
-    import signal
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    control_fd = cfg["control_fd"]
-    try:
-        if cfg["namespaces"] and cfg["private_filesystem"]:
-            info["filesystem"] = _private_filesystem(cfg, info["pid_namespace"] == "yes")
-        else:
-            info["filesystem"] = "no: switched off by the caller"
-        if cfg["command"] is not None:  # the workspace as the run sees it (bound, or the host's)
-            cfg["workspace_fd"] = os.open(cfg["workspace"], os.O_RDONLY | os.O_DIRECTORY)
-        info["no_new_privs"] = _drop_privileges(cfg, userns)
-        if cfg["uid"] is not None:
-            info["uid"] = cfg["uid"]
-        if os.read(launcher_dropped, 1) != b"1":
-            raise RuntimeError("the launcher could not drop its privileges")
-        os.close(launcher_dropped)
-    except BaseException as e:
-        _fail(control_fd, e)
-    os.write(control_fd, (json.dumps(info) + "\n").encode())
-    pid = os.fork()
-    if pid == 0:
-        os.close(control_fd)
-        if cfg["command"] is not None:
-            _run_command(cfg)
-        _run_program(cfg)
-        return
-    os.close(cfg["nonce_fd"])
-    os.close(cfg["report_fd"])
-    status = None
-    while True:  # reap orphans too, until the program itself has ended
-        try:
-            child, st = os.wait()
-        except ChildProcessError:
-            break
-        if child == pid:
-            status = st
-            break
-    os.write(control_fd, (json.dumps({"wait": status}) + "\n").encode())
-    os._exit(0)
-
-
-def _main():
-    cfg = json.loads(sys.argv[1])
-    control_fd = cfg["control_fd"]
-    try:
-        info, userns = _enter_namespaces(cfg)
-        _set_limits(cfg, userns)
-    except BaseException as e:
-        _fail(control_fd, e)
-    dropped_r, dropped_w = os.pipe()
-    init = os.fork()  # after unshare(CLONE_NEWPID) the first child is PID 1 of the new namespace
-    if init == 0:
-        os.close(dropped_w)
-        _init(cfg, info, userns, dropped_r)
-        return
-    os.close(dropped_r)
-    for fd in (cfg["nonce_fd"], cfg["report_fd"], control_fd):
-        os.close(fd)
-    # The launcher is one of the run's processes too (the process cap counts it): it drops its
-    # privileges like the init, which starts the program only once this is done.
-    try:
-        _drop_privileges(cfg, userns)
-        os.write(dropped_w, b"1")
-    except BaseException:
-        pass
-    os.close(dropped_w)
-    os.waitpid(init, 0)
-    os._exit(0)
-
-
-_main()
-"""
+# The launcher: trusted code that runs inside the child interpreter before the program (its own file,
+# which is never imported; it is compiled by the interpreter that runs it).
+_LAUNCHER = (Path(__file__).parent / "sandbox_launcher.py").read_text(encoding="utf-8")
 
 _PROBE_PROGRAM = """
 import collections, functools, hashlib, heapq, itertools, json, math, random, re, string, typing
@@ -567,9 +206,12 @@ class _Plan:
     drop_root: bool
     isolation: dict[str, object]
     launcher: bytes | None = None  # compiled by `python` (its bytecode format); None: run the source
+    interpreter_paths: tuple[str, ...] = ()  # what the fresh root needs of the host for `python`
+    cgroups: cgroups.Hierarchy | str = "no: switched off by the caller"  # where runs' cgroups go, or why not
+    server: _ForkServer | None = None  # forks each run's launcher; None: an interpreter per run
 
 
-_plans: dict[str | None, _Plan] = {}
+_plans: dict[tuple[str | None, bool, bool, bool, bool], _Plan] = {}
 _plans_lock = threading.Lock()
 
 
@@ -607,11 +249,47 @@ def _compile_launcher(python: str) -> bytes | None:
     return None
 
 
+def _interpreter_paths(python: str) -> tuple[str, ...]:
+    """The directories an interpreter reads at start and imports from (its prefix, a virtual
+    environment's, sys.path), which the fresh root binds read-only where they are not under /usr."""
+    command = (
+        "import json, os, sys; print(json.dumps([os.path.realpath(sys.executable), sys.prefix, sys.base_prefix,"
+        " sys.exec_prefix, sys.base_exec_prefix] + sys.path))"
+    )
+    try:
+        done = subprocess.run(
+            [python, "-I", "-c", command], capture_output=True, text=True, env=_scrubbed_env("/"), timeout=60
+        )
+        paths = json.loads(done.stdout)
+    except (OSError, subprocess.TimeoutExpired, ValueError):
+        return ()
+    real = {os.path.realpath(p) for p in paths if isinstance(p, str) and os.path.isabs(p) and os.path.exists(p)}
+    dirs = {p if os.path.isdir(p) else os.path.dirname(p) for p in real}
+    # Parents first; a path below one already listed comes with it.
+    kept: list[str] = []
+    for d in sorted(dirs, key=len):
+        if d != "/" and not any(d == k or d.startswith(k.rstrip("/") + "/") for k in kept):
+            kept.append(d)
+    return tuple(kept)
+
+
+def _fork_server(python: str, launcher: bytes | None) -> _ForkServer | None:
+    if not _FORK_SERVER:
+        return None
+    try:
+        return _ForkServer(python, launcher)
+    except OSError:
+        return None
+
+
 def _plan(python: str | None) -> _Plan:
-    """Choose the interpreter and check, once per interpreter, that a trivial program passes."""
+    """Choose the interpreter and check, once per interpreter (and isolation setting), that a trivial
+    program passes."""
+    key = (python, _NAMESPACES, _PRIVATE_FILESYSTEM, _CGROUPS, _FORK_SERVER)
     with _plans_lock:
-        if python in _plans:
-            return _plans[python]
+        if key in _plans:
+            return _plans[key]
+        hierarchy = cgroups.find() if _CGROUPS else "no: switched off by the caller"
         drop_root = os.geteuid() == 0
         if python is not None:
             candidates = [python]
@@ -624,11 +302,17 @@ def _plan(python: str | None) -> _Plan:
             if not (os.path.isfile(candidate) and os.access(candidate, os.X_OK)):
                 failures.append(f"{candidate}: not an executable file")
                 continue
-            plan = _Plan(candidate, drop_root, {}, _compile_launcher(candidate))
-            probe = _execute(_Job(_PROBE_PROGRAM), Limits(wall_seconds=30.0), None, plan)
-            if probe.passed:
-                _plans[python] = _Plan(candidate, drop_root, probe.isolation, plan.launcher)
-                return _plans[python]
+            launcher = _compile_launcher(candidate)
+            plan = _Plan(candidate, drop_root, {}, launcher, _interpreter_paths(candidate), hierarchy)
+            for server in (_fork_server(candidate, launcher), None):  # the probe checks the server too
+                trial = replace(plan, server=server)
+                probe = _execute(_Job(_PROBE_PROGRAM), Limits(wall_seconds=30.0), None, trial)
+                if probe.passed:
+                    _plans[key] = replace(trial, isolation=probe.isolation)
+                    return _plans[key]
+                if server is None:
+                    break
+                server.close()
             detail = (probe.stderr.strip().splitlines() or [probe.reason])[-1]
             failures.append(f"{candidate}: {detail}")
         who = "an unprivileged uid (we run as root and drop it)" if drop_root else "this user"
@@ -657,24 +341,37 @@ def isolation_report(python: str | None = None) -> dict[str, str]:
         "unprivileged uid": uid,
         "no_new_privs": "yes" if iso.get("no_new_privs") else "no",
         "private filesystem": str(iso.get("filesystem", "no: unknown")),
+        "memory cap": str(iso.get("memory", "no: unknown")),
+        "shared memory cap": str(iso.get("shared_memory", "no: unknown")),
+        "seccomp filter": str(iso.get("seccomp", "no: unknown")),
     }
 
 
 def run_program(
-    source: str,
+    source: str | Checked,
     limits: Limits | None = None,
     *,
     allow_code_execution: bool,
     stdin: str | bytes | None = None,
     python: str | None = None,
 ) -> ExecResult:
-    """Run one Python program in the sandbox and say what happened. Refuses without the opt-in."""
+    """Run one Python program (or a checked run) in the sandbox and say what happened. Refuses
+    without the opt-in."""
     _require_opt_in(allow_code_execution)
-    if not isinstance(source, str):
-        raise LoopcoderError(f"a program must be Python source text (str), got {type(source).__name__}")
+    job = _program_job(source)
     limits = limits or Limits()
     plan = _plan(python)
-    return _execute(_Job(source), limits, stdin, plan)
+    return _execute(job, limits, stdin, plan)
+
+
+def _program_job(source: object) -> _Job:
+    if isinstance(source, Checked):
+        if not (isinstance(source.program, str) and isinstance(source.checker, str)):
+            raise LoopcoderError("a checked run's program and checker must be Python source text (str)")
+        return _Job(source.program, checker=source.checker)
+    if not isinstance(source, str):
+        raise LoopcoderError(f"a program must be Python source text (str), got {type(source).__name__}")
+    return _Job(source)
 
 
 def run_command(
@@ -709,9 +406,9 @@ def run_command(
     bash = shutil.which("bash", path=_SAFE_PATH)
     if bash is None:
         raise SandboxUnavailableError(f"no bash on {_SAFE_PATH}: run_command needs one")
-    # python3 on PATH is the sandbox's interpreter (a virtual environment's bin first, as activating it does).
+    # python3 on PATH is the sandbox's interpreter: its directory comes first (as activating a venv does).
     here = os.path.dirname(plan.python)
-    path = _SAFE_PATH if here in _SAFE_PATH.split(":") else f"{here}:{_SAFE_PATH}"
+    path = ":".join([here] + [d for d in _SAFE_PATH.split(":") if d != here])
     job = _Job(command=(bash, "-c", command), workspace=space, env={**_scrubbed_env(space, "/tmp", path), **extra})
     return _execute(job, limits, stdin, plan)
 
@@ -747,7 +444,7 @@ def _checked_env(env: Mapping[str, str] | None) -> dict[str, str]:
 
 
 def run_many(
-    programs: Sequence[str],
+    programs: Sequence[str | Checked],
     limits: Limits | None = None,
     *,
     workers: int | None = None,
@@ -755,11 +452,13 @@ def run_many(
     progress: Callable[[int, int], None] | None = None,
     python: str | None = None,
 ) -> BatchResult:
-    """Run programs on `workers` parallel sandboxes; results come back in the programs' order."""
+    """Run programs (source text, or `Checked` runs) on `workers` parallel sandboxes; results come back
+    in the programs' order."""
     _require_opt_in(allow_code_execution)
-    bad = [type(p).__name__ for p in programs if not isinstance(p, str)]
+    bad = [type(p).__name__ for p in programs if not isinstance(p, (str, Checked))]
     if bad:
-        raise LoopcoderError(f"programs must be Python source text (str), got {bad[0]}")
+        raise LoopcoderError(f"programs must be Python source text (str) or Checked, got {bad[0]}")
+    jobs = [_program_job(p) for p in programs]
     limits = limits or Limits()
     workers = (os.cpu_count() or 1) if workers is None else workers
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
@@ -770,7 +469,7 @@ def run_many(
     # Threads suffice: each one only waits on its child process and copies its output.
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sandbox")
     try:
-        futures = {pool.submit(_execute, _Job(source), limits, None, plan): i for i, source in enumerate(programs)}
+        futures = {pool.submit(_execute, job, limits, None, plan): i for i, job in enumerate(jobs)}
         for done, future in enumerate(as_completed(futures), 1):
             results[futures[future]] = future.result()
             if progress is not None:
@@ -787,12 +486,29 @@ def run_many(
 
 @dataclass(frozen=True)
 class _Job:
-    """What one run executes: a Python program (source), or a command in a workspace."""
+    """What one run executes: a Python program (source, and a trusted checker for a checked run), or
+    a command in a workspace."""
 
     source: str | None = None
+    checker: str | None = None
     command: tuple[str, ...] | None = None  # argv, its first item an absolute path
     workspace: str | None = None  # the command's one writable directory (a real path)
     env: dict[str, str] | None = None  # the command's whole environment
+
+
+def _fresh_uid() -> int:
+    return _UID_BASE + secrets.randbelow(_UID_SPAN)
+
+
+def _run_cgroup(plan: _Plan, limits: Limits) -> tuple[cgroups.RunCgroup | None, dict[str, object]]:
+    """The run's cgroup (None where there is none), and what the launcher needs to know of it."""
+    if isinstance(plan.cgroups, str):
+        return None, {"procs": None, "why_not": plan.cgroups}
+    try:
+        group = cgroups.RunCgroup(plan.cgroups, limits.memory_bytes, limits.processes)
+    except OSError as e:
+        return None, {"procs": None, "why_not": f"no: could not make the run's cgroup ({e.strerror})"}
+    return group, {"procs": group.procs, "in_force": plan.cgroups.describe()}
 
 
 def _execute(job: _Job, limits: Limits, stdin: str | bytes | None, plan: _Plan) -> ExecResult:
@@ -800,23 +516,28 @@ def _execute(job: _Job, limits: Limits, stdin: str | bytes | None, plan: _Plan) 
     workdir = tempfile.mkdtemp(prefix="loopcoder-sandbox-")
     own: list[int] = []  # our pipe ends, closed in `finally`
     owner = None  # the workspace's owner, given it back afterwards
+    group = None
     try:
-        uid = _UID_BASE + secrets.randbelow(_UID_SPAN) if plan.drop_root else None
+        uid = _fresh_uid() if plan.drop_root else None
         program = None if job.source is None else os.path.join(workdir, "program.py")
+        checker = None if job.checker is None else os.path.join(workdir, "checker.py")
         # A file, not -c: `ps` stays readable.
         launcher = os.path.join(workdir, ".launcher.py" if plan.launcher is None else ".launcher.pyc")
         launcher_bytes = _LAUNCHER.encode() if plan.launcher is None else plan.launcher
-        files = [(launcher, launcher_bytes)] + ([(program, job.source.encode())] if program else [])
-        for path, data in files:
+        files = [(launcher, launcher_bytes, 0o644)]
+        if program is not None:
+            files.append((program, job.source.encode(), 0o644))
+        if checker is not None:  # the init reads it and unlinks it before the program starts
+            files.append((checker, job.checker.encode(), 0o600))
+        for path, data, mode in files:
             with open(path, "wb") as f:
                 f.write(data)
-            os.chmod(path, 0o644)
+            os.chmod(path, mode)
         if uid is not None:
             os.chown(workdir, uid, uid)  # the program may write here, and nowhere it owns anything else
         if job.workspace is not None and uid is not None:
             st = os.stat(job.workspace)
-            owner = (st.st_uid, st.st_gid)
-            _chown_tree(job.workspace, uid, uid)  # the run's uid may write there, for this call
+            owner = (st.st_uid, st.st_gid)  # the run sees it as its own: idmapped, or lent (chown)
         stdin_file = None
         if stdin is not None:
             # A file, not a pipe: a program that never reads its input cannot block us.
@@ -824,6 +545,7 @@ def _execute(job: _Job, limits: Limits, stdin: str | bytes | None, plan: _Plan) 
             with open(stdin_path, "wb") as f:
                 f.write(stdin.encode() if isinstance(stdin, str) else stdin)
             stdin_file = open(stdin_path, "rb")  # noqa: SIM115 (closed below)
+        group, group_config = _run_cgroup(plan, limits)
         nonce = secrets.token_hex(16).encode()
         nonce_r, nonce_w = _pipe(own)
         os.write(nonce_w, nonce)  # waits in the pipe until the program has finished
@@ -834,11 +556,17 @@ def _execute(job: _Job, limits: Limits, stdin: str | bytes | None, plan: _Plan) 
         config = {
             "rundir": workdir,
             "program": program,
+            "checker": checker,
             "command": job.command,
             "workspace": job.workspace,
+            "workspace_owner": owner,
             "uid": uid,
+            "checker_uid": _fresh_uid() if uid is not None else None,
             "namespaces": _NAMESPACES,
             "private_filesystem": _PRIVATE_FILESYSTEM,
+            "idmapped_workspace": _IDMAPPED_WORKSPACE,
+            "interpreter_paths": plan.interpreter_paths,
+            "cgroup": group_config,
             "nonce_fd": nonce_r,
             "report_fd": report_w,
             "control_fd": control_w,
@@ -850,45 +578,59 @@ def _execute(job: _Job, limits: Limits, stdin: str | bytes | None, plan: _Plan) 
                 "processes": limits.processes,
                 "tmp_bytes": limits.tmp_bytes,
                 "tmp_files": limits.tmp_files,
+                "shm_bytes": limits.tmp_bytes,
             },
         }
+        stdout_r, stdout_w = _pipe(own)
+        stderr_r, stderr_w = _pipe(own)
+        stdin_fd = stdin_file.fileno() if stdin_file is not None else os.open(os.devnull, os.O_RDONLY)
+        env = job.env if job.env is not None else _scrubbed_env(workdir)
         try:
-            proc = subprocess.Popen(
-                [plan.python, "-I", "-B", launcher, json.dumps(config)],
-                stdin=stdin_file if stdin_file is not None else subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                cwd=workdir,
-                env=job.env if job.env is not None else _scrubbed_env(workdir),
-                start_new_session=True,  # its own process group, so the whole group can be killed
-                close_fds=True,
-                pass_fds=(nonce_r, report_w, control_w),
-            )
+            fds = (stdin_fd, stdout_w, stderr_w, nonce_r, report_w, control_w)
+            launched = plan.server.launch(config, env, fds) if plan.server is not None else None
+            if launched is None:  # no fork server (or it is gone): an interpreter of its own
+                launched = _Popened(
+                    subprocess.Popen(
+                        # -S: the launcher needs only the standard library; a program's process imports site.
+                        [plan.python, "-I", "-S", "-B", launcher, repr(config)],
+                        stdin=stdin_fd,
+                        stdout=stdout_w,
+                        stderr=stderr_w,
+                        cwd=workdir,
+                        env=env,
+                        start_new_session=True,  # its own process group, so the whole group can be killed
+                        close_fds=True,
+                        pass_fds=(nonce_r, report_w, control_w),
+                    )
+                )
         finally:
             if stdin_file is not None:
                 stdin_file.close()
-        for fd in (nonce_r, report_w, control_w):  # the child has them; EOF must mean the child let go
+            else:
+                os.close(stdin_fd)
+        for fd in (stdout_w, stderr_w, nonce_r, report_w, control_w):  # the child has them: EOF must mean it let go
             os.close(fd)
             own.remove(fd)
         out = _collect(
-            proc,
-            {
-                "stdout": proc.stdout.fileno(),
-                "stderr": proc.stderr.fileno(),
-                "report": report_r,
-                "control": control_r,
-            },
+            launched,
+            {"stdout": stdout_r, "stderr": stderr_r, "report": report_r, "control": control_r},
             limits,
             uid,
+            group,
         )
-        proc.stdout.close()
-        proc.stderr.close()
+        out.out_of_memory = group is not None and group.oom_killed()
         evidence = None if job.command is not None else nonce  # a command's verdict is its exit status
-        return _judge(proc.returncode, out, evidence, limits, time.monotonic() - start)
+        result = _judge(launched.returncode, out, evidence, limits, time.monotonic() - start)
+        result.cpu_seconds = launched.cpu_seconds
+        return result
     finally:
         for fd in own:
             os.close(fd)
-        if owner is not None:  # every process of the run is dead: nothing can race the walk
+        if group is not None:
+            group.remove()
+        if owner is not None and os.stat(job.workspace).st_uid != owner[0]:
+            # It was lent to the run's uid (no idmapped mount): every process of the run is dead now,
+            # nothing can race the walk that gives it back.
             _chown_tree(job.workspace, *owner)
         shutil.rmtree(workdir, ignore_errors=True)
         if os.path.exists(workdir):  # a last straggler was still writing; it is dead now
@@ -916,6 +658,7 @@ class _Collected:
     truncated: dict[str, bool]
     timed_out: bool = False
     overflowed: str | None = None  # the stream that went over its cap
+    out_of_memory: bool = False  # the kernel killed a process of the run at its cgroup's memory cap
 
 
 def _kill_group(pgid: int) -> None:
@@ -923,12 +666,151 @@ def _kill_group(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
 
 
-def _exited(pid: int) -> bool:
-    """Whether the child has exited, without reaping it: its pid (our process group id) stays ours."""
+def _tree_cpu(pid: int) -> float | None:
+    """CPU seconds of an exited, not yet reaped process and of the children it reaped."""
     try:
-        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
-    except ChildProcessError:
-        return True
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")  # utime, stime, cutime, cstime
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class _Launched:
+    """A run's launcher as the parent waits on it: `pid` (also its process group's id, which stays the
+    run's until `finish`), `exit_fd` (readable once it has exited; None: poll `exited`), `finish()`
+    (wait and release it), then `returncode` (negative: killed by that signal) and `cpu_seconds`."""
+
+    pid: int
+    exit_fd: int | None = None
+    returncode: int | None = None
+    cpu_seconds: float | None = None
+
+    def exited(self) -> bool:
+        raise NotImplementedError
+
+    def finish(self) -> None:
+        raise NotImplementedError
+
+
+class _Popened(_Launched):
+    """A launcher in an interpreter of its own: our child."""
+
+    def __init__(self, proc: subprocess.Popen) -> None:
+        self.proc, self.pid = proc, proc.pid
+        with contextlib.suppress(AttributeError, OSError):  # no pidfd before Linux 5.3: we poll
+            self.exit_fd = os.pidfd_open(proc.pid)
+
+    def exited(self) -> bool:
+        """Whether it has exited, without reaping it: its pid (the process group id) stays ours."""
+        try:
+            return os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+        except ChildProcessError:
+            return True
+
+    def finish(self) -> None:
+        if self.proc.poll() is None and self.exited():
+            self.cpu_seconds = _tree_cpu(self.pid)
+        self.returncode = self.proc.wait()
+        if self.exit_fd is not None:
+            os.close(self.exit_fd)
+
+
+class _Served(_Launched):
+    """A launcher the fork server forked: it says "exit RC" on the run's status socket when it has
+    exited, and reaps it when we close the socket."""
+
+    def __init__(self, pid: int, status: socket.socket) -> None:
+        self.pid, self.status, self.exit_fd = pid, status, status.fileno()
+
+    def exited(self) -> bool:
+        if self.returncode is None:
+            self.status.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                self._read_exit()
+        return self.returncode is not None
+
+    def _read_exit(self) -> None:
+        message = self.status.recv(64).split()  # b"exit RC CPU_MICROSECONDS"; nothing if the server died
+        self.returncode = int(message[1]) if message[:1] == [b"exit"] else -signal.SIGKILL
+        if len(message) == 3 and int(message[2]) >= 0:
+            self.cpu_seconds = int(message[2]) / 1e6
+
+    def finish(self) -> None:
+        if self.returncode is None:  # the group was killed: it is exiting
+            self.status.setblocking(True)
+            self._read_exit()
+        if self.cpu_seconds is None:
+            self.cpu_seconds = _tree_cpu(self.pid)
+        self.status.close()
+
+
+class _ForkServer:
+    """One launcher started per plan that forks each run's launcher (`sandbox_launcher.serve`): runs
+    do not pay for an interpreter's start (most of a command's cost on a loaded machine). It dies
+    with the socket, so with this process."""
+
+    def __init__(self, python: str, launcher: bytes | None) -> None:
+        folder = tempfile.mkdtemp(prefix="loopcoder-sandbox-server-")
+        try:
+            path = os.path.join(folder, ".launcher.py" if launcher is None else ".launcher.pyc")
+            with open(path, "wb") as f:
+                f.write(_LAUNCHER.encode() if launcher is None else launcher)
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            try:
+                self.proc = subprocess.Popen(
+                    [python, "-I", "-S", "-B", path, "--serve", str(theirs.fileno())],
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    cwd=folder,
+                    env=_scrubbed_env(folder),
+                    start_new_session=True,
+                    close_fds=True,
+                    pass_fds=(theirs.fileno(),),
+                )
+            finally:
+                theirs.close()
+            ours.settimeout(60)
+            try:
+                ready = ours.recv(16)
+            except OSError:
+                ready = b""
+            ours.settimeout(None)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)  # it has read its code by now
+        if ready != b"ready":
+            ours.close()
+            self.proc.kill()
+            self.proc.wait()
+            raise OSError("the sandbox's fork server did not start")
+        self.socket, self.lock = ours, threading.Lock()
+        atexit.register(self.close)
+
+    def launch(self, config: dict[str, object], env: dict[str, str], fds: Sequence[int]) -> _Served | None:
+        """Fork a run's launcher with these file descriptors (stdin, stdout, stderr, nonce, report,
+        control); None if the server cannot (it is gone, or the request is too big for it)."""
+        request = repr({**config, "env": env}).encode()
+        if len(request) >= 1 << 20:
+            return None
+        status, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            with self.lock:
+                socket.send_fds(self.socket, [request], [theirs.fileno(), *fds], socket.MSG_NOSIGNAL)
+            reply = status.recv(64)
+        except OSError:
+            reply = b""
+        finally:
+            theirs.close()
+        if not reply.startswith(b"pid "):
+            status.close()
+            return None
+        return _Served(int(reply.split()[1]), status)
+
+    def close(self) -> None:
+        self.socket.close()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=5)
 
 
 def _kill_uid(uid: int) -> None:
@@ -978,18 +860,26 @@ def _processes_of_uid(uid: int, pids: Sequence[int] | None = None) -> list[int]:
 def _pid_namespaced(out: _Collected) -> bool:
     first = bytes(out.data["control"]).split(b"\n", 1)[0]
     try:
-        return json.loads(first).get("pid_namespace") == "yes"
-    except ValueError:
+        message = ast.literal_eval(first.decode("utf-8", "replace"))
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
         return False
+    return isinstance(message, dict) and message.get("pid_namespace") == "yes"
 
 
-def _collect(proc: subprocess.Popen, fds: dict[str, int], limits: Limits, uid: int | None) -> _Collected:
+def _collect(
+    proc: _Launched,
+    fds: dict[str, int],
+    limits: Limits,
+    uid: int | None,
+    group: cgroups.RunCgroup | None = None,
+) -> _Collected:
     """Read the child's pipes until it is gone, enforcing the wall clock and the output caps.
 
     Once the launcher has exited, or we have killed its group, we keep reading until every pipe is
     at EOF (so every process that held one is dead) or a short grace period has passed. With a PID
     namespace everything the program started is dead once the launcher is; without one, a run that
-    has its own uid is cleaned up by killing every process of that uid.
+    has its own uid is cleaned up by killing every process of that uid, and a run with a cgroup by
+    killing every process in it.
     """
     caps = {
         "stdout": limits.output_bytes,
@@ -1001,21 +891,20 @@ def _collect(proc: subprocess.Popen, fds: dict[str, int], limits: Limits, uid: i
     sel = selectors.DefaultSelector()
     for name, fd in fds.items():
         sel.register(fd, selectors.EVENT_READ, name)
-    pidfd = None
-    if hasattr(os, "pidfd_open"):  # wakes us the moment the launcher exits; else we poll
-        try:
-            pidfd = os.pidfd_open(proc.pid)
-            sel.register(pidfd, selectors.EVENT_READ, "exit")
-        except OSError:
-            pidfd = None
+    pidfd = proc.exit_fd  # readable the moment the launcher exits; else we poll
+    if pidfd is not None:
+        sel.register(pidfd, selectors.EVENT_READ, "exit")
     deadline = time.monotonic() + limits.wall_seconds
     exited = ending = False  # ending: the launcher is gone or killed; we only drain the pipes
 
     def end_now() -> None:
         nonlocal ending, deadline
         _kill_group(proc.pid)  # whatever is left of its process group dies now
-        if uid is not None and not _pid_namespaced(out):
-            _kill_uid(uid)
+        if not _pid_namespaced(out):
+            if group is not None:
+                group.kill()
+            if uid is not None:
+                _kill_uid(uid)
         ending = True
         deadline = min(deadline, time.monotonic() + _DRAIN_GRACE_S)
 
@@ -1047,7 +936,7 @@ def _collect(proc: subprocess.Popen, fds: dict[str, int], limits: Limits, uid: i
                     if out.overflowed is None and not ending:
                         out.overflowed = key.data
                         end_now()
-            if not exited and _exited(proc.pid):
+            if not exited and proc.exited():
                 exited = True
                 if pidfd is not None:
                     sel.unregister(pidfd)
@@ -1055,12 +944,13 @@ def _collect(proc: subprocess.Popen, fds: dict[str, int], limits: Limits, uid: i
                     end_now()
     finally:
         _kill_group(proc.pid)
-        if uid is not None and not _pid_namespaced(out):
-            _kill_uid(uid)
+        if not _pid_namespaced(out):
+            if group is not None:
+                group.kill()
+            if uid is not None:
+                _kill_uid(uid)
         sel.close()
-        if pidfd is not None:
-            os.close(pidfd)
-        proc.wait()
+        proc.finish()
     return out
 
 
@@ -1072,15 +962,27 @@ def _signal_name(signum: int) -> str:
 
 
 def _judge(launcher_rc: int, out: _Collected, nonce: bytes | None, limits: Limits, wall: float) -> ExecResult:
-    """The run's result. With `nonce`, passing needs the completion evidence; without (a command),
-    the exit status alone decides."""
+    """The run's result. With `nonce`, passing needs the completion evidence (of the checker, in a
+    checked run); without (a command), the exit status alone decides. A run that did not pass after
+    the kernel killed one of its processes at the memory cap is `killed`, and says so."""
+    result = _outcome(launcher_rc, out, nonce, limits, wall)
+    if out.out_of_memory and result.status not in ("passed", "timeout", "output_limit"):
+        result.status, result.signal = "killed", "SIGKILL"
+        result.reason = f"out of memory: the run went over its memory cap of {limits.memory_bytes} bytes; killed"
+    return result
+
+
+def _outcome(launcher_rc: int, out: _Collected, nonce: bytes | None, limits: Limits, wall: float) -> ExecResult:
     control = []
     for line in bytes(out.data["control"]).decode("utf-8", "replace").splitlines():
-        with contextlib.suppress(ValueError):
-            control.append(json.loads(line))
+        with contextlib.suppress(ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            message = ast.literal_eval(line)  # the launcher's literals: never code
+            if isinstance(message, dict):
+                control.append(message)
     info = next((c for c in control if c.get("ready")), None)
     setup_error = next((c["setup_error"] for c in control if "setup_error" in c), None)
     wait = next((c["wait"] for c in control if "wait" in c), None)
+    peer_wait = next((c["peer_wait"] for c in control if "peer_wait" in c), None)
     isolation = {k: v for k, v in (info or {}).items() if k != "ready"}
 
     def result(status: Status, reason: str, returncode: int | None = None, sig: str | None = None) -> ExecResult:
@@ -1123,6 +1025,12 @@ def _judge(launcher_rc: int, out: _Collected, nonce: bytes | None, limits: Limit
         return result("killed", f"killed by {sig}{cpu}", sig=sig)
     code = os.WEXITSTATUS(wait)
     report = bytes(out.data["report"])
+    passed = nonce is not None and code == 0 and report == nonce + b"\n"
+    if peer_wait is not None and os.WIFSIGNALED(peer_wait) and not passed:
+        # A checked run whose program was killed (its CPU limit, a signal) before the checker was done.
+        sig = _signal_name(os.WTERMSIG(peer_wait))
+        cpu = f" (CPU-time limit of {limits.cpu_seconds} s)" if sig == "SIGXCPU" else ""
+        return result("killed", f"the program was killed by {sig}{cpu} before the checker was done", sig=sig)
     if nonce is None:
         return result("passed" if code == 0 else "failed", f"exited with status {code}", code)
     if code != 0:

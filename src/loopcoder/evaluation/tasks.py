@@ -21,6 +21,7 @@ from loopcoder.evaluation.generation import answer_nll, complete
 from loopcoder.evaluation.passk import mean_pass_at_k
 from loopcoder.evaluation.sandbox import isolation_report
 from loopcoder.model import causal_lm_loss
+from loopcoder.progress import Progress
 from loopcoder.runtime import chat_stop_ids
 from loopcoder.sampling import SamplingParams
 from loopcoder.stats import mean_ci, wilson_interval
@@ -70,6 +71,12 @@ class EvalSettings:
         )
 
 
+def task_progress(name: str, completions: int) -> Progress:
+    """One progress line for a whole task that runs in chunks (generation and sandbox time): its ETA covers
+    every remaining completion, not the current chunk's."""
+    return Progress(f"  {name}", completions, "completions", amount_unit="tokens", mode="lines")
+
+
 # ----------------------------------------------------------------------------- HumanEval
 def run_humaneval(
     engine: Engine, tokenizer: Any, s: EvalSettings, done: dict[str, Any], save: Save, allow_code_execution: bool
@@ -82,6 +89,7 @@ def run_humaneval(
     todo = [p for p in problems if p["task_id"] not in per_problem]
     exec_seconds = 0.0
     programs = 0
+    meter = task_progress("humaneval", len(todo) * s.n_samples)
     for start in range(0, len(todo), s.chunk):
         chunk = todo[start : start + s.chunk]
         prompts, params = [], []
@@ -90,7 +98,7 @@ def run_humaneval(
             for i in range(s.n_samples):
                 prompts.append(prompt)
                 params.append(s.sampling(s.humaneval_max_new_tokens, stops, ids, i))
-        outs = complete(engine, tokenizer, prompts, params, label=f"humaneval {start + len(chunk)}/{len(todo)}")
+        outs = complete(engine, tokenizer, prompts, params, progress=meter)
         completions = {}
         for j, p in enumerate(chunk):
             texts = [o["text"] for o in outs[j * s.n_samples : (j + 1) * s.n_samples]]
@@ -109,6 +117,8 @@ def run_humaneval(
                 "skipped": next((g["skipped"] for g in gen if g["skipped"]), None),
             }
         save()
+    if todo:
+        meter.finish()
     counts = [(per_problem[p["task_id"]]["n"], per_problem[p["task_id"]]["c"]) for p in problems]
     passk = mean_pass_at_k(counts, s.ks)
     solved = sum(1 for n, c in counts if c > 0)
@@ -194,6 +204,8 @@ def bits_per_byte(
     device = next(model.parameters()).device
     row_nll: list[float] = []
     row_bytes: list[int] = []
+    total = len(ds) if max_rows is None else min(len(ds), max_rows)
+    meter = Progress("  bits per byte", total, "rows", amount_unit="tokens", mode="lines")
     for batch in ds.iter_batches(batch_size):
         ids = batch["input_ids"].to(device)
         if max_rows is not None and len(row_nll) >= max_rows:
@@ -203,6 +215,8 @@ def bits_per_byte(
         nll = causal_lm_loss(model(ids).logits, ids, reduction="none").view(ids.shape[0], -1).sum(-1)
         row_nll += nll.tolist()
         row_bytes += batch["target_bytes"][: ids.shape[0]].tolist()
+        meter.update(len(row_nll), len(row_nll) * ds.seq_len)
+    meter.finish()
     tokens = len(row_nll) * (ds.seq_len - 1)
     out = {
         "bits_per_byte": to_bpb(sum(row_nll), sum(row_bytes)),

@@ -1,9 +1,12 @@
-"""The OpenAI-compatible HTTP API (FastAPI): /v1/models, /v1/completions, /v1/chat/completions, /health.
+"""The OpenAI-compatible HTTP API (FastAPI): /v1/models, /v1/completions, /v1/chat/completions, /v1/responses
+(responses.py), /health.
 
-Handlers run on the event loop and never touch the engine: they validate, tokenise (in a one-thread
-pool, off the loop), `submit` a ticket to the `Scheduler`, and read the ticket's updates from an
-asyncio queue. A client that disconnects (while waiting, mid-generation or mid-stream) cancels its
-ticket, which frees its slots before the next decode step. Every error is an OpenAI-style body.
+Handlers run on the event loop and never touch the engine: they validate, tokenise (off the loop, in one of
+two one-thread lanes: large request bodies in their own, so that they cannot hold up small ones), `submit` a
+ticket to the `Scheduler`, and read the ticket's updates from an asyncio queue. A client that disconnects
+(while waiting, mid-generation or mid-stream) cancels its ticket, which frees its slots before the next
+decode step. Every error is an OpenAI-style body; a 500 says what failed in a fixed phrase, never internal
+state (that goes to the server log).
 """
 
 from __future__ import annotations
@@ -27,9 +30,11 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from loopcoder.constraints import Constraint, ConstraintError, lark_json
+from loopcoder.defaults import BODY_TIMEOUT
 from loopcoder.errors import LoopcoderError
 from loopcoder.runtime import chat_stop_ids
-from loopcoder.sampling import SamplingParams
+from loopcoder.sampling import SamplingParams, TokenLogprob
+from loopcoder.serving.logprobs import TokenTexts, chat_content, completion_logprobs
 from loopcoder.serving.protocol import (
     APIError,
     ChatRequest,
@@ -39,12 +44,16 @@ from loopcoder.serving.protocol import (
     bad_request,
     parse_request,
 )
+from loopcoder.serving.responses import ResponsesAPI
 from loopcoder.serving.scheduler import Job, Scheduler, Update
 from loopcoder.serving.tool_calls import (
     HermesToolCallParser,
     ParsedOutput,
+    ToolCall,
     ToolCallParser,
     ToolCallStream,
+    closed_schema,
+    parse_cut,
     tool_call_grammar,
 )
 
@@ -53,6 +62,7 @@ T = TypeVar("T")
 
 GREEDY_BELOW = 1e-5  # temperatures under this sample greedily (dividing logits by ~0 overflows)
 OPEN_PATHS = ("/health",)  # reachable without the API key (for load balancers and scripts)
+BIG_BODY_BYTES = 64 * 1024  # request bodies above this are rendered and tokenised in a lane of their own
 
 
 @dataclass
@@ -63,8 +73,10 @@ class ServerSettings:
     max_tokens: int = 2048  # cap on a request's max_tokens
     default_completion_tokens: int = 16  # /v1/completions without max_tokens (OpenAI's default)
     max_body_bytes: int = 2 * 2**20
-    body_timeout: float = 30.0  # seconds a client may take to send a request body (then 408)
+    body_timeout: float = BODY_TIMEOUT  # seconds a client may take to send a request body (then 408)
     tool_parser: ToolCallParser = field(default_factory=HermesToolCallParser)
+    open_tool_schemas: bool = False  # tool parameters as plain JSON Schema (default: closed objects, as OpenAI strict)
+    log_requests: bool = False  # one line per request: its id, endpoint, user, metadata (`--access-log`)
 
 
 class ClientGone(Exception):
@@ -81,6 +93,9 @@ class Pending:
         self.queue: asyncio.Queue[Update] = asyncio.Queue()
         self.n = len(jobs)
         self.finished = False
+        # what `collect` gathered besides the text: per choice, its tokens' and its prompt's log-probabilities
+        self.logprobs: list[list[TokenLogprob]] = [[] for _ in jobs]
+        self.prompt_logprobs: list[list[TokenLogprob | None] | None] = [None] * len(jobs)
         self._scheduler = scheduler
         self.id = scheduler.submit(jobs, lambda u: loop.call_soon_threadsafe(self.queue.put_nowait, u))
         # Until a response starts, nothing else reads the connection: watch it for a disconnect.
@@ -119,7 +134,8 @@ class Pending:
         return got
 
     async def collect(self) -> list[tuple[str, int, str]]:
-        """(text, completion tokens, finish reason) per choice, once all are done."""
+        """(text, completion tokens, finish reason) per choice, once all are done (their log-probabilities, when
+        asked for, in `logprobs` and `prompt_logprobs`)."""
         texts, ntok = [""] * self.n, [0] * self.n
         reasons: list[str | None] = [None] * self.n
         try:
@@ -130,6 +146,9 @@ class Pending:
                 texts[u.index] += u.text
                 ntok[u.index] += len(u.token_ids)
                 reasons[u.index] = u.finish_reason
+                self.logprobs[u.index] += u.logprobs or []
+                if u.prompt_logprobs is not None:
+                    self.prompt_logprobs[u.index] = u.prompt_logprobs
             self.finished = True
         finally:
             self.close()
@@ -161,11 +180,17 @@ def _coalesce(got: list[Update], queue: asyncio.Queue[Update]) -> list[Update]:
     for u in got:
         m = merged.get(u.index)
         if m is None:
-            merged[u.index] = Update(u.index, u.text, list(u.token_ids), u.finish_reason, u.error)
+            lp = None if u.logprobs is None else list(u.logprobs)
+            merged[u.index] = Update(
+                u.index, u.text, list(u.token_ids), u.finish_reason, u.error, lp, u.prompt_logprobs
+            )
         elif not m.done:  # nothing follows a choice's last update
             m.text += u.text
             m.token_ids += u.token_ids
             m.finish_reason, m.error = u.finish_reason, u.error
+            if u.logprobs is not None:
+                m.logprobs = (m.logprobs or []) + u.logprobs
+            m.prompt_logprobs = m.prompt_logprobs or u.prompt_logprobs
     return list(merged.values())
 
 
@@ -193,10 +218,23 @@ class Service:
         # chat turns end with <|im_end|> (if the tokenizer has it) as well as at the model's end-of-text
         self.chat_stop_ids = chat_stop_ids(engine.eos_ids, tokenizer)
         self.grammars = engine.grammars  # thread-safe: handlers compile constraints, the engine reuses them
+        # No token is longer than this many characters (a byte-level token's text has one character per byte,
+        # a character has at least one byte): a text longer than max prompt tokens x this cannot fit.
+        self.longest_token = max(map(len, tokenizer.get_vocab()), default=1) if tokenizer is not None else 1
+        self.max_prompt_chars = self.max_prompt_tokens * self.longest_token
+        self.token_texts = TokenTexts(tokenizer)
+        # two lanes, one thread each: a few huge prompts keep one busy, small requests go on in the other
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="loopcoder-tokenizer")
+        self.big_pool = ThreadPoolExecutor(1, thread_name_prefix="loopcoder-tokenizer-big")
 
-    async def off_loop(self, fn: Callable[[], T]) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self.pool, fn)
+    async def off_loop(self, fn: Callable[[], T], request: Request | None = None) -> T:
+        """Run `fn` (rendering, tokenising, compiling a grammar) off the event loop, in the lane of `request`'s size."""
+        big = request is not None and getattr(request.state, "body_bytes", 0) > BIG_BODY_BYTES
+        return await asyncio.get_running_loop().run_in_executor(self.big_pool if big else self.pool, fn)
+
+    def shutdown(self) -> None:
+        for pool in (self.pool, self.big_pool):
+            pool.shutdown(wait=False)
 
     async def read(self, request: Request, model: type[T]) -> T:
         limit = self.settings.max_body_bytes
@@ -231,6 +269,7 @@ class Service:
                 len(body),
             )
             raise ClientGone from None
+        request.state.body_bytes = len(body)
         req = parse_request(model, bytes(body))
         req.check_supported()
         if req.model is not None and req.model != self.settings.model_name:
@@ -241,6 +280,27 @@ class Service:
                 code="model_not_found",
             )
         return req
+
+    def check_prompt_size(self, text: str, param: str) -> None:
+        """Refuse a prompt that cannot fit from its length alone, before it is tokenised (tokenising megabytes
+        takes seconds): every token is at most `longest_token` characters long."""
+        if len(text) > self.max_prompt_chars:
+            raise bad_request(
+                f"the prompt has {len(text)} characters; this server's maximum prompt length is "
+                f"{self.max_prompt_tokens} tokens (model context {self.context}), and no token of this tokenizer "
+                f"is longer than {self.longest_token} characters, so it cannot fit",
+                param,
+                "context_length_exceeded",
+            )
+
+    def log_request(self, rid: str, endpoint: str, req: Any, prompt_tokens: int, choices: int) -> None:
+        """One line per request (with `log_requests`): the client's `user`, `metadata` and `safety_identifier`,
+        JSON-escaped (a newline in them cannot forge a log line) and cut to 200 characters each."""
+        if not self.settings.log_requests:
+            return
+        fields = {k: getattr(req, k, None) for k in ("user", "safety_identifier", "metadata")}
+        extra = "".join(f" {k}={json.dumps(v)[:200]}" for k, v in fields.items() if v is not None)
+        log.info("%s %s: %d prompt tokens, %d choices%s", endpoint, rid, prompt_tokens, choices, extra)
 
     def check_prompt(self, ids: list[int], param: str) -> None:
         if not ids:
@@ -256,6 +316,19 @@ class Service:
         if bad is not None:
             raise bad_request(f"token id {bad} is outside the vocabulary (size {self.vocab_size})", param)
 
+    def check_choices(self, req: Any, prompts: int) -> None:
+        """All choices of a request must fit the batch together; logit_bias must name tokens of the vocabulary."""
+        total = prompts * req.n
+        if total > self.max_n:
+            raise bad_request(
+                f"{total} choices requested; this server runs at most {self.max_n} per request (its --max-batch)", "n"
+            )
+        bias = req.bias_by_token()
+        if bias and max(bias) >= self.vocab_size:
+            raise bad_request(
+                f"'logit_bias' names token {max(bias)}, outside the vocabulary (size {self.vocab_size})", "logit_bias"
+            )
+
     def jobs(
         self,
         req: Any,
@@ -264,15 +337,16 @@ class Service:
         default: int,
         stop_ids: list[int] | None,
         constraint: Constraint | None = None,
+        logprobs: int | None = None,
+        prompt_logprobs: int | None = None,
     ) -> list[Job]:
-        """One job per choice: prompt k, sample j is choice k * n + j and samples with seed + that index."""
-        total = len(prompts) * req.n
-        if total > self.max_n:
-            raise bad_request(
-                f"{total} choices requested; this server runs at most {self.max_n} per request (its --max-batch)", "n"
-            )
-        max_new = min(limit or default, self.max_tokens)
+        """One job per choice: prompt k, sample j is choice k * n + j and samples with seed + that index. `req`'s
+        penalties and logit bias apply; `logprobs` / `prompt_logprobs`: how many most likely tokens to report per
+        generated / prompt token (None: no log-probabilities)."""
+        self.check_choices(req, len(prompts))
+        max_new = min(default if limit is None else limit, self.max_tokens)
         temperature = 0.0 if req.temperature < GREEDY_BELOW else req.temperature
+        bias = req.bias_by_token()
         out = []
         for k, ids in enumerate(prompts):
             for j in range(req.n):
@@ -287,6 +361,12 @@ class Service:
                     stop_token_ids=stop_ids,
                     ignore_eos=req.ignore_eos,
                     constraint=constraint,
+                    presence_penalty=req.presence_penalty,
+                    frequency_penalty=req.frequency_penalty,
+                    repetition_penalty=req.repetition_penalty,
+                    logit_bias=bias,
+                    logprobs=logprobs,
+                    prompt_logprobs=prompt_logprobs,
                 )
                 try:
                     params.validate()
@@ -309,6 +389,7 @@ class Service:
             raise bad_request(
                 f"the chat template cannot render these messages ({type(e).__name__}: {e})", "messages"
             ) from None
+        self.check_prompt_size(text, "messages")
         return self.encode(text)
 
     # ------------------------------------------------------------------ constraints (on the tokenizer thread)
@@ -321,47 +402,65 @@ class Service:
                 raise bad_request(f"'{param}': {e}", param) from None
         return constraint
 
+    def schema_constraint(self, schema: Any, strict: bool, param: str) -> Constraint:
+        """A JSON schema's constraint, compiled and checked (a `$ref` cycle, a schema that allows nothing: a 400
+        naming `param`). `response_format` and every tool's `parameters` go through here, so both agree."""
+        try:
+            constraint = Constraint.json_schema(schema, strict=strict)
+        except ConstraintError as e:
+            raise bad_request(f"'{param}': {e}", param) from None
+        return self.compiled(constraint, param)
+
     def content_constraint(self, fmt: ResponseFormat | None) -> Constraint | None:
-        """What `response_format` asks of the output: none for text, else a JSON schema."""
+        """What `response_format` asks of the output (compiled): none for text, else a JSON schema."""
         if fmt is None or fmt.type == "text":
             return None
         spec = fmt.json_schema
-        try:
-            if fmt.type == "json_object" or spec.schema_ is None:
-                return Constraint.json_object()
-            return Constraint.json_schema(spec.schema_, strict=bool(spec.strict))
-        except ConstraintError as e:
-            raise bad_request(f"'response_format': {e}", "response_format") from None
+        if fmt.type == "json_object" or spec.schema_ is None:
+            return self.compiled(Constraint.json_object(), "response_format")
+        return self.schema_constraint(spec.schema_, bool(spec.strict), "response_format")
+
+    def tool_functions(self, req: ChatRequest) -> list[dict[str, Any]]:
+        """`req`'s function definitions as the grammar reads them, each checked as `response_format` is: parameters
+        closed (`closed_schema`) unless the server runs with open tool schemas."""
+        out = []
+        for i, tool in enumerate(req.tools or []):
+            f = tool.function.model_dump(exclude_none=True)
+            if "parameters" in f and not self.settings.open_tool_schemas:
+                f["parameters"] = closed_schema(f["parameters"])
+            empty = {"type": "object", "properties": {}, "additionalProperties": False}
+            self.schema_constraint(f.get("parameters", empty), bool(f.get("strict")), f"tools.{i}.function.parameters")
+            out.append(f)
+        return out
 
     def chat_constraint(self, req: ChatRequest, tools_on: bool) -> Constraint | None:
         """The grammar of a chat turn: `response_format` for its content, and with tools, the call format of
-        the tool parser (`tool_choice` "auto": content or calls; "required" or a named function: calls only)."""
-        content = self.compiled(self.content_constraint(req.response_format), "response_format")
+        the tool parser (`tool_choice` "auto": content or calls; "required", a named function or allowed tools in
+        mode "required": calls only; a named function or allowed tools: calls to those only)."""
+        content = self.content_constraint(req.response_format)
         if not tools_on:
             return content
-        indexed = list(enumerate(t.function.model_dump(exclude_none=True) for t in req.tools))
-        choice, parallel = req.tool_choice or "auto", req.parallel_tool_calls is not False
-        if isinstance(choice, NamedToolChoice):
-            indexed = [(i, f) for i, f in indexed if f["name"] == choice.function.name]
-            parallel = False
+        functions = self.tool_functions(req)
+        named = req.named_choices()
+        if named:
+            functions = [f for f in functions if f["name"] in named]
+        parallel = req.parallel_tool_calls is not False and not isinstance(req.tool_choice, NamedToolChoice)
         content_lark = None if content is None else lark_json(json.loads(content.source), content.strict)
+        lark = tool_call_grammar(
+            self.grammars,
+            self.settings.tool_parser,
+            functions,
+            required=req.calls_required,
+            parallel=parallel,
+            content=content_lark,
+        )
+        constraint = Constraint.grammar(lark)
         try:
-            lark = tool_call_grammar(
-                self.grammars,
-                self.settings.tool_parser,
-                [f for _, f in indexed],
-                required=choice != "auto",
-                parallel=parallel,
-                content=content_lark,
-            )
-            return self.compiled(Constraint.grammar(lark), "tools")
-        except APIError:  # name the tool whose parameters cannot be compiled
-            for i, f in indexed:
-                self.compiled(
-                    Constraint.json_schema(f.get("parameters") or {}, bool(f.get("strict"))),
-                    f"tools.{i}.function.parameters",
-                )
-            raise
+            self.grammars.compile(constraint)
+        except ConstraintError as e:  # every tool's schema compiled alone: the details are ours, not the client's
+            log.warning("the tool-call grammar failed to compile: %s", e)
+            raise bad_request("'tools': the tool-call grammar cannot be built from these tools", "tools") from None
+        return constraint
 
 
 def _meta(svc: Service, prefix: str, kind: str) -> dict[str, Any]:
@@ -409,43 +508,75 @@ def _event_stream(events: AsyncIterator[str], pending: Pending) -> StreamingResp
 async def completions(svc: Service, request: Request) -> Response:
     req = await svc.read(request, CompletionRequest)
     texts_or_ids = req.prompts()
+    for p in texts_or_ids:  # on the loop, before any tokenising: a prompt too long to fit is refused at once
+        if isinstance(p, str):
+            svc.check_prompt_size(p, "prompt")
 
     def tokenize() -> list[list[int]]:
         return [svc.encode(p) if isinstance(p, str) else list(p) for p in texts_or_ids]
 
-    prompts = await svc.off_loop(tokenize)
+    prompts = await svc.off_loop(tokenize, request)
     for ids in prompts:
         svc.check_prompt(ids, "prompt")
-    constraint = await svc.off_loop(
-        lambda: svc.compiled(svc.content_constraint(req.response_format), "response_format")
-    )
-    jobs = svc.jobs(req, prompts, req.max_tokens, svc.settings.default_completion_tokens, None, constraint)
-    prompt_tokens = sum(map(len, prompts))
+    constraint = await svc.off_loop(lambda: svc.content_constraint(req.response_format), request)
     meta = _meta(svc, "cmpl", "text_completion")
+    prompt_tokens = sum(map(len, prompts))
+    echoed = [p if isinstance(p, str) else svc.tokenizer.decode(p) for p in texts_or_ids] if req.echo else None
+    if req.max_tokens == 0 and req.logprobs is None:  # the prompt alone, as it is: nothing to run
+        svc.check_choices(req, len(prompts))
+        svc.log_request(meta["id"], "completions", req, prompt_tokens, len(prompts) * req.n)
+        return _echo_only(req, meta, echoed, prompt_tokens)
+    jobs = svc.jobs(
+        req,
+        prompts,
+        req.max_tokens,
+        svc.settings.default_completion_tokens,
+        None,
+        constraint,
+        logprobs=req.logprobs,
+        prompt_logprobs=req.logprobs if req.echo else None,
+    )
+    svc.log_request(meta["id"], "completions", req, prompt_tokens, len(jobs))
     pending = Pending(svc.scheduler, jobs, request)
+
+    def choice_logprobs(i: int, generated: list[TokenLogprob], prompt: list | None, offset: int) -> dict | None:
+        """Choice i's `logprobs`: the prompt's tokens first when echoed, then the generated ones."""
+        if req.logprobs is None:
+            return None
+        ids = (prompts[i // req.n] if prompt is not None else []) + [e.token for e in generated]
+        return completion_logprobs(ids, (prompt or []) + generated, svc.token_texts, offset)
+
     if not req.stream:
         results = await pending.collect()
-        choices = [
-            {"index": i, "text": text, "logprobs": None, "finish_reason": reason}
-            for i, (text, _, reason) in enumerate(results)
-        ]
+        choices = []
+        for i, (text, _, reason) in enumerate(results):
+            head = echoed[i // req.n] if echoed else ""
+            lp = choice_logprobs(i, pending.logprobs[i], pending.prompt_logprobs[i] if echoed else None, 0)
+            choices.append({"index": i, "text": head + text, "logprobs": lp, "finish_reason": reason})
         return JSONResponse({**meta, "choices": choices, "usage": _usage(prompt_tokens, sum(k for _, k, _ in results))})
     first = await pending.started()
 
     async def events() -> AsyncIterator[str]:
         ntok = 0
+        started = [False] * pending.n
+        offsets = [0] * pending.n  # where each choice's next token starts (`text_offset`)
         async for u in pending.updates(first):
             if u.error is not None:
                 yield _sse(u.error.body())
                 return
             ntok += len(u.token_ids)
-            if u.text or u.finish_reason:
+            text, prompt = u.text, None
+            if echoed and not started[u.index]:  # the prompt comes first
+                text, prompt = echoed[u.index // req.n] + text, u.prompt_logprobs or []
+            started[u.index] = True
+            lp = choice_logprobs(u.index, u.logprobs or [], prompt, offsets[u.index])
+            if lp and lp["tokens"]:  # the next token starts where this one ends, as in the whole response
+                offsets[u.index] = lp["text_offset"][-1] + len(lp["tokens"][-1])
+            if text or u.finish_reason or (lp and lp["tokens"]):
                 yield _sse(
                     {
                         **meta,
-                        "choices": [
-                            {"index": u.index, "text": u.text, "logprobs": None, "finish_reason": u.finish_reason}
-                        ],
+                        "choices": [{"index": u.index, "text": text, "logprobs": lp, "finish_reason": u.finish_reason}],
                     }
                 )
         if req.include_usage:
@@ -454,52 +585,101 @@ async def completions(svc: Service, request: Request) -> Response:
     return _event_stream(events(), pending)
 
 
+def _echo_only(req: CompletionRequest, meta: dict[str, Any], echoed: list[str], prompt_tokens: int) -> Response:
+    """`echo` with `max_tokens` 0 and no `logprobs`: each choice is its prompt, as written."""
+    choices = [
+        {"index": i, "text": echoed[i // req.n], "logprobs": None, "finish_reason": "length"}
+        for i in range(len(echoed) * req.n)
+    ]
+    if not req.stream:
+        return JSONResponse({**meta, "choices": choices, "usage": _usage(prompt_tokens, 0)})
+
+    async def events() -> AsyncIterator[str]:
+        for c in choices:
+            yield _sse({**meta, "choices": [c]})
+        if req.include_usage:
+            yield _sse({**meta, "choices": [], "usage": _usage(prompt_tokens, 0)})
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+def reply_calls(parser: ToolCallParser, text: str, reason: str) -> ParsedOutput:
+    """A finished chat reply with tools: its content and calls. Cut by max_tokens or the context ("length"), as
+    vLLM's Hermes parser reads such a reply (`parse_cut`: docs/serving.md, "A tool call cut off")."""
+    return parse_cut(parser, text) if reason == "length" else parser.parse(text)
+
+
+def _legacy_call(call: ToolCall) -> dict[str, str]:
+    return {"name": call.name, "arguments": call.arguments}
+
+
 async def chat_completions(svc: Service, request: Request) -> Response:
     req = await svc.read(request, ChatRequest)
     parser = svc.settings.tool_parser
     tools_on = bool(req.tools) and req.tool_choice != "none"
-    ids, constraint = await svc.off_loop(lambda: (svc.render_chat(req, tools_on), svc.chat_constraint(req, tools_on)))
+    ids, constraint = await svc.off_loop(
+        lambda: (svc.render_chat(req, tools_on), svc.chat_constraint(req, tools_on)), request
+    )
     svc.check_prompt(ids, "messages")
-    jobs = svc.jobs(req, [ids], req.output_limit, svc.max_tokens, svc.chat_stop_ids, constraint)
+    top = (req.top_logprobs or 0) if req.logprobs else None
+    jobs = svc.jobs(req, [ids], req.output_limit, svc.max_tokens, svc.chat_stop_ids, constraint, logprobs=top)
     meta = _meta(svc, "chatcmpl", "chat.completion")
+    svc.log_request(meta["id"], "chat.completions", req, len(ids), len(jobs))
     pending = Pending(svc.scheduler, jobs, request)
+    called = "function_call" if req.legacy_functions else "tool_calls"  # the finish_reason of a reply with calls
     if not req.stream:
         results = await pending.collect()
         choices = []
         for i, (text, _, reason) in enumerate(results):
-            parsed = parser.parse(text) if tools_on else ParsedOutput(text)
+            parsed = reply_calls(parser, text, reason) if tools_on else ParsedOutput(text)
             message: dict[str, Any] = {"role": "assistant", "content": parsed.content}
             if parsed.tool_calls:
-                message["tool_calls"] = [c.to_openai() for c in parsed.tool_calls]
-                reason = "tool_calls" if reason == "stop" else reason  # a cut turn says so ("length")
-            choices.append({"index": i, "message": message, "logprobs": None, "finish_reason": reason})
+                if req.legacy_functions:
+                    message["function_call"] = _legacy_call(parsed.tool_calls[0])
+                else:
+                    message["tool_calls"] = [c.to_openai() for c in parsed.tool_calls]
+                reason = called  # also when cut after a call: as vLLM answers
+            lp = (
+                {"content": chat_content(pending.logprobs[i], svc.token_texts), "refusal": None}
+                if req.logprobs
+                else None
+            )
+            choices.append({"index": i, "message": message, "logprobs": lp, "finish_reason": reason})
         return JSONResponse({**meta, "choices": choices, "usage": _usage(len(ids), sum(k for _, k, _ in results))})
     first = await pending.started()
     chunk_meta = {**meta, "object": "chat.completion.chunk"}
+    unsent: list[list[TokenLogprob]] = [[] for _ in range(pending.n)]  # logprobs not yet in a chunk, per choice
 
     def chunk(index: int, delta: dict[str, Any], finish: str | None = None) -> str:
+        lp = None
+        if req.logprobs and unsent[index]:  # the tokens' logprobs ride on the next chunk the choice sends
+            lp, unsent[index] = {"content": chat_content(unsent[index], svc.token_texts), "refusal": None}, []
         return _sse(
-            {**chunk_meta, "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+            {**chunk_meta, "choices": [{"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}]}
         )
 
     async def events() -> AsyncIterator[str]:
         streams = [ToolCallStream(parser) for _ in range(pending.n)]
         sent = [0] * pending.n  # tool calls sent per choice: the next one's index
 
-        def calls(i: int, found: list) -> Iterator[str]:
+        def calls(i: int, found: list[ToolCall]) -> Iterator[str]:
             for c in found:  # one delta per call, as soon as it is complete: index, id, type, name, arguments
-                yield chunk(i, {"tool_calls": [{"index": sent[i], **c.to_openai()}]})
+                if req.legacy_functions:
+                    yield chunk(i, {"function_call": _legacy_call(c)})
+                else:
+                    yield chunk(i, {"tool_calls": [{"index": sent[i], **c.to_openai()}]})
                 sent[i] += 1
 
-        calls_only = tools_on and req.tool_choice not in (None, "auto")  # "required" or a named function
         for i in range(pending.n):  # as OpenAI: a reply that can only be calls has null content
-            yield chunk(i, {"role": "assistant", "content": None if calls_only else ""})
+            yield chunk(i, {"role": "assistant", "content": None if tools_on and req.calls_required else ""})
         ntok = 0
         async for u in pending.updates(first):
             if u.error is not None:
                 yield _sse(u.error.body())
                 return
             ntok += len(u.token_ids)
+            unsent[u.index] += u.logprobs or []
             text = streams[u.index].feed(u.text) if tools_on else u.text
             if text:
                 yield chunk(u.index, {"content": text})
@@ -510,13 +690,13 @@ async def chat_completions(svc: Service, request: Request) -> Response:
                 continue
             reason = u.finish_reason
             if tools_on:
-                rest = streams[u.index].finish()
+                rest = streams[u.index].finish(cut=reason == "length")
                 if rest.content:
                     yield chunk(u.index, {"content": rest.content})
                 for c in calls(u.index, rest.tool_calls):
                     yield c
-                if sent[u.index] and reason == "stop":  # a cut turn says so ("length")
-                    reason = "tool_calls"
+                if sent[u.index]:  # also when cut after (or inside) a call: as vLLM's stream answers
+                    reason = called
             yield chunk(u.index, {}, reason)
         if req.include_usage:
             yield _sse({**chunk_meta, "choices": [], "usage": _usage(len(ids), ntok)})
@@ -558,7 +738,7 @@ def create_app(scheduler: Scheduler, tokenizer: Any, settings: ServerSettings) -
         finally:
             scheduler.begin_shutdown(0.0)
             await asyncio.to_thread(scheduler.join, 60.0)
-            svc.pool.shutdown(wait=False)
+            svc.shutdown()
 
     app = FastAPI(title="loopcoder", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.service = svc
@@ -582,7 +762,7 @@ def create_app(scheduler: Scheduler, tokenizer: Any, settings: ServerSettings) -
     @app.exception_handler(Exception)
     async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error in %s %s", request.method, request.url.path)
-        err = APIError(500, f"internal server error ({type(exc).__name__})", code="internal_error")
+        err = APIError(500, "internal server error (details in the server log)", code="internal_error")
         return JSONResponse(err.body(), 500)
 
     @app.get("/health")
@@ -619,5 +799,11 @@ def create_app(scheduler: Scheduler, tokenizer: Any, settings: ServerSettings) -
     @app.post("/v1/chat/completions")
     async def _chat(request: Request) -> Response:
         return await chat_completions(svc, request)
+
+    responses_api = ResponsesAPI(svc, lambda jobs, request: Pending(scheduler, jobs, request))
+
+    @app.post("/v1/responses")
+    async def _responses(request: Request) -> Response:
+        return await responses_api.create(request)
 
     return app

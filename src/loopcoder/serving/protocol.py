@@ -1,20 +1,25 @@
 """The OpenAI-compatible request schemas and error bodies.
 
 Requests are validated strictly (JSON types as sent, unknown fields refused): a typo in a parameter
-name is a 400 that names it, not a silently ignored setting. Known OpenAI parameters that this server
-cannot honour (penalties, logprobs, ...) are accepted only at their neutral value.
+name is a 400 that names it, not a silently ignored setting. Every parameter of OpenAI's Chat Completions
+and Completions APIs has a field here (the `openai` package's `completion_create_params`), in one of three
+groups, each listed in docs/serving.md: honoured; ignored, because it cannot apply to this server (`store`,
+`service_tier`, ...); refused with a 400 only for a value that cannot be honoured (`modalities: ["audio"]`).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 MAX_STOP = 32  # stop strings per request (OpenAI allows 4; editors often send more)
 MAX_STOP_CHARS = 256
+MAX_LOGPROBS = 20  # most likely tokens per position (OpenAI's cap for chat, vLLM's default)
+MAX_METADATA = (16, 64, 512)  # OpenAI's limits on `metadata`: pairs, key characters, value characters
 
 
 class APIError(Exception):
@@ -54,6 +59,7 @@ class _Strict(BaseModel):
 # ---------------------------------------------------------------------------------------------- shared
 class StreamOptions(_Strict):
     include_usage: bool = False
+    include_obfuscation: bool | None = None  # ignored: the chunks carry no obfuscation padding
 
 
 class JSONSchemaFormat(_Strict):
@@ -86,11 +92,25 @@ class _SamplingRequest(_Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False  # extension (vLLM): generate max_tokens tokens regardless of end-of-text
-    user: str | None = None
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    user: str | None = None  # logged with the request (--access-log)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)  # vLLM's and OpenAI's definition (sampling.py)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    logit_bias: dict[str, float] | None = None
+    repetition_penalty: float = Field(1.0, gt=0.0, le=100.0)  # extension (vLLM)
+    logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias, clamped to [-100, 100]
     response_format: ResponseFormat | None = None  # chat, and an extension (vLLM) for completions
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_ids(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        for key, bias in (v or {}).items():
+            if not key.isdigit():
+                raise ValueError(f"keys must be token ids (non-negative integers as strings), got {key!r}")
+            if not math.isfinite(bias):
+                raise ValueError(f"values must be finite numbers, got {bias!r} for token {key}")
+        return v
+
+    def bias_by_token(self) -> dict[int, float] | None:
+        return {int(k): b for k, b in self.logit_bias.items()} if self.logit_bias else None
 
     @field_validator("stop")
     @classmethod
@@ -112,12 +132,7 @@ class _SamplingRequest(_Strict):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
     def check_supported(self) -> None:
-        """Refuse parameters we accept by name but cannot honour, unless they are at their neutral value."""
-        for name in ("frequency_penalty", "presence_penalty"):
-            if getattr(self, name):
-                raise bad_request(f"'{name}' is not supported by this server (only 0)", name)
-        if self.logit_bias:
-            raise bad_request("'logit_bias' is not supported by this server", "logit_bias")
+        """Refuse combinations and values that cannot be honoured (each names its parameter)."""
         if self.stream_options is not None and not self.stream:
             raise bad_request("'stream_options' is only allowed when 'stream' is true", "stream_options")
 
@@ -125,17 +140,16 @@ class _SamplingRequest(_Strict):
 # ---------------------------------------------------------------------------------------------- completions
 class CompletionRequest(_SamplingRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
-    echo: bool = False
-    logprobs: int | None = None
+    max_tokens: int | None = Field(None, ge=0)  # 0 with `echo`: the prompt alone (scored, with `logprobs`)
+    echo: bool = False  # the prompt comes back before the completion (and its tokens' logprobs, with logprobs)
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # the chosen token's and this many most likely
     best_of: int | None = None
     suffix: str | None = None
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.echo:
-            raise bad_request("'echo' is not supported by this server", "echo")
-        if self.logprobs:
-            raise bad_request("'logprobs' is not supported by this server", "logprobs")
+        if self.max_tokens == 0 and not self.echo:
+            raise bad_request("'max_tokens' 0 generates nothing; it is allowed with 'echo' only", "max_tokens")
         if self.best_of not in (None, self.n):
             raise bad_request("'best_of' is not supported by this server (only equal to n)", "best_of")
         if self.suffix:
@@ -157,6 +171,12 @@ class CompletionRequest(_SamplingRequest):
 class TextPart(_Strict):
     type: Literal["text"]
     text: str
+    prompt_cache_breakpoint: dict[str, Any] | None = None  # ignored: prefix caching is automatic
+
+
+class RefusalPart(_Strict):  # an earlier assistant turn's refusal, sent back
+    type: Literal["refusal"]
+    refusal: str
 
 
 class FunctionCallIn(_Strict):
@@ -172,16 +192,16 @@ class ToolCallIn(_Strict):
 
 
 class Message(_Strict):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]  # "function": legacy results
+    content: str | list[TextPart | RefusalPart] | None = None
     name: str | None = None
     tool_calls: list[ToolCallIn] | None = None
     tool_call_id: str | None = None
+    function_call: FunctionCallIn | None = None  # legacy: an earlier assistant turn's call
     # what the openai client sends back when a previous response's message is reused as input
     refusal: str | None = None
     annotations: list[Any] | None = None
-    audio: Any = None
-    function_call: Any = None
+    audio: dict[str, Any] | None = None  # an earlier audio reply: refused (this server writes none)
 
     @field_validator("content", mode="before")
     @classmethod
@@ -189,29 +209,34 @@ class Message(_Strict):
         if isinstance(v, list):
             for part in v:
                 kind = part.get("type") if isinstance(part, dict) else None
-                if kind != "text":
+                if kind not in ("text", "refusal"):
                     raise ValueError(f"only text content parts are supported (got type {kind!r})")
         return v
 
     def text(self) -> str | None:
         if isinstance(self.content, list):
-            return "".join(p.text for p in self.content)
+            return "".join(p.text if isinstance(p, TextPart) else p.refusal for p in self.content)
         return self.content
 
     def for_template(self) -> dict[str, Any]:
-        """The dict the chat template sees (roles mapped to the template's, text parts joined)."""
-        out: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role}
+        """The dict the chat template sees (roles mapped to the template's, text parts joined, legacy function
+        calls and results as tool calls and tool results)."""
+        role = {"developer": "system", "function": "tool"}.get(self.role, self.role)
+        out: dict[str, Any] = {"role": role}
         text = self.text()
         if text is not None:
             out["content"] = text
-        if self.tool_calls:
+        calls = list(self.tool_calls or [])
+        if self.function_call is not None:
+            calls.append(ToolCallIn(function=self.function_call))
+        if calls:
             out["tool_calls"] = [
                 {
                     "id": c.id,
                     "type": "function",
                     "function": {"name": c.function.name, "arguments": c.function.arguments},
                 }
-                for c in self.tool_calls
+                for c in calls
             ]
         if self.tool_call_id is not None:
             out["tool_call_id"] = self.tool_call_id
@@ -231,6 +256,13 @@ class Tool(_Strict):
     type: Literal["function"]
     function: FunctionDef
 
+    @model_validator(mode="before")
+    @classmethod
+    def _functions_only(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("type") == "custom":
+            raise ValueError("custom tools (free-form input) are not supported by this server; use function tools")
+        return data
+
 
 class NamedFunction(_Strict):
     name: str
@@ -241,35 +273,127 @@ class NamedToolChoice(_Strict):
     function: NamedFunction
 
 
+class AllowedTools(_Strict):
+    mode: Literal["auto", "required"]
+    tools: list[NamedToolChoice] = Field(min_length=1)
+
+
+class AllowedToolChoice(_Strict):
+    """Calls limited to some of `tools` (all of them stay in the prompt)."""
+
+    type: Literal["allowed_tools"]
+    allowed_tools: AllowedTools
+
+
 class ChatRequest(_SamplingRequest):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     tools: list[Tool] | None = None
-    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | AllowedToolChoice | None = None
     parallel_tool_calls: bool | None = None  # false: at most one call (default: any number)
+    functions: list[FunctionDef] | None = None  # legacy tools: one call at most, answered as `function_call`
+    function_call: Literal["none", "auto"] | NamedFunction | None = None  # legacy tool_choice
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    metadata: dict[str, str] | None = None  # logged with the request (--access-log)
+    safety_identifier: str | None = None  # logged with the request, as `user`
+    # refused unless neutral: this server writes text only and moderates nothing
+    modalities: list[Literal["text", "audio"]] | None = None
+    audio: dict[str, Any] | None = None
+    moderation: dict[str, Any] | None = None
+    # ignored: they cannot apply here (docs/serving.md says why, one by one)
+    store: bool | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    prompt_cache_options: dict[str, Any] | None = None
+    prompt_cache_retention: str | None = None
+    web_search_options: dict[str, Any] | None = None
+    verbosity: str | None = None
+    reasoning_effort: str | None = None
+    prediction: dict[str, Any] | None = None
+    _legacy_functions: bool = PrivateAttr(False)
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata_limits(cls, v: dict[str, str] | None) -> dict[str, str] | None:
+        pairs, key_chars, value_chars = MAX_METADATA
+        if v is not None:
+            if len(v) > pairs:
+                raise ValueError(f"at most {pairs} key-value pairs")
+            for key, value in v.items():
+                if len(key) > key_chars or len(value) > value_chars:
+                    raise ValueError(f"keys may have {key_chars} characters and values {value_chars} at most")
+        return v
+
+    @property
+    def legacy_functions(self) -> bool:
+        """The request used `functions`: the reply's call is `message.function_call` (finish_reason
+        "function_call"), as the legacy API answers."""
+        return self._legacy_functions
+
+    def _adopt_functions(self) -> None:
+        """The legacy `functions` / `function_call` become `tools` / `tool_choice` with at most one call."""
+        if self.functions is None:
+            if self.function_call is not None:
+                raise bad_request("'function_call' needs 'functions'", "function_call")
+            return
+        if self.tools is not None or self.tool_choice is not None:
+            raise bad_request("give either 'tools' or the legacy 'functions', not both", "functions")
+        self.tools = [Tool(type="function", function=f) for f in self.functions]
+        choice = self.function_call
+        self.tool_choice = (
+            NamedToolChoice(type="function", function=choice) if isinstance(choice, NamedFunction) else choice
+        )
+        self.parallel_tool_calls = False
+        self._legacy_functions = True
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.logprobs or self.top_logprobs:
-            raise bad_request("'logprobs' is not supported by this server", "logprobs")
+        self._adopt_functions()
+        if self.top_logprobs is not None and not self.logprobs:
+            raise bad_request("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+        if self.modalities is not None and "audio" in self.modalities:
+            raise bad_request("this server writes text only: 'modalities' cannot include 'audio'", "modalities")
+        for name in ("audio", "moderation"):
+            if getattr(self, name) is not None:
+                what = "audio output" if name == "audio" else "moderation"
+                raise bad_request(f"'{name}': this server does not support {what}", name)
         for i, m in enumerate(self.messages):
-            if m.role in ("system", "developer", "user", "tool") and m.content is None:
+            if m.role in ("system", "developer", "user", "tool", "function") and m.content is None:
                 raise bad_request(f"messages[{i}] ({m.role}) has no content", f"messages.{i}.content")
-            if m.role == "assistant" and m.content is None and not m.tool_calls:
+            if m.role == "assistant" and m.content is None and not m.tool_calls and m.function_call is None:
                 raise bad_request(
                     f"messages[{i}] (assistant) has neither content nor tool_calls", f"messages.{i}.content"
                 )
+            if m.role == "function" and not m.name:
+                raise bad_request(f"messages[{i}] (function) needs the function's 'name'", f"messages.{i}.name")
+            if m.audio is not None:
+                raise bad_request(
+                    f"messages[{i}] refers to an audio reply; this server has none", f"messages.{i}.audio"
+                )
         if self.tool_choice is not None and not self.tools and self.tool_choice != "none":
             raise bad_request("'tool_choice' needs 'tools'", "tool_choice")
-        if isinstance(self.tool_choice, NamedToolChoice):
-            names = {t.function.name for t in self.tools or []}
-            if self.tool_choice.function.name not in names:
-                raise bad_request(
-                    f"tool_choice names function {self.tool_choice.function.name!r}, which is not in 'tools'",
-                    "tool_choice",
-                )
+        names = {t.function.name for t in self.tools or []}
+        for named in self.named_choices():
+            if named not in names:
+                raise bad_request(f"tool_choice names function {named!r}, which is not in 'tools'", "tool_choice")
+
+    def named_choices(self) -> list[str]:
+        """The functions `tool_choice` names (one, or the allowed tools), else []."""
+        choice = self.tool_choice
+        if isinstance(choice, NamedToolChoice):
+            return [choice.function.name]
+        if isinstance(choice, AllowedToolChoice):
+            return [t.function.name for t in choice.allowed_tools.tools]
+        return []
+
+    @property
+    def calls_required(self) -> bool:
+        """The reply can only be tool calls: "required", a named function, or allowed tools in mode "required"."""
+        choice = self.tool_choice
+        if isinstance(choice, AllowedToolChoice):
+            return choice.allowed_tools.mode == "required"
+        return choice not in (None, "auto", "none")
 
     @property
     def output_limit(self) -> int | None:

@@ -10,7 +10,8 @@ The scheduler uses the engine's public API only (`add_request`, `abort`, `step`,
 counters). Its inbox is the hand-over between threads, emptied before every step: requests wait for a
 slot in the engine's own queue. An engine event with an `error` (one request's prefill, logits or
 sampling failed) fails that request's ticket with 500 `generation_failed` and nobody else's; only a
-failed step (the decode every running sequence shares) fails every ticket in flight.
+failed step (the decode every running sequence shares) fails every ticket in flight. A 500's message says what
+failed in a fixed phrase; the details (exceptions, grammar state) go to the server log only.
 
 Admission: at most `max_batch` requests run (the engine's slots), at most `max_queue` more wait;
 beyond that `submit` refuses with 429. A ticket not fully admitted within `queue_timeout` seconds
@@ -31,7 +32,7 @@ from typing import Any
 
 from loopcoder.engine import Engine, Request
 from loopcoder.errors import LoopcoderError
-from loopcoder.sampling import SamplingParams
+from loopcoder.sampling import SamplingParams, TokenLogprob
 from loopcoder.serving.protocol import APIError
 
 log = logging.getLogger("loopcoder.serve")
@@ -54,6 +55,8 @@ class Update:
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" or "length" when the choice ended normally
     error: APIError | None = None  # the choice ended without finishing (timeout, shutdown, failure)
+    logprobs: list[TokenLogprob] | None = None  # one per token of token_ids, when the job asked for them
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # on the choice's first update, when asked for
 
     @property
     def done(self) -> bool:
@@ -274,9 +277,11 @@ class Scheduler:
         start = time.perf_counter()
         try:
             events = self.engine.step()
-        except Exception as e:  # e.g. out of memory: fail the requests in flight, keep serving
+        except Exception:  # e.g. out of memory: fail the requests in flight, keep serving
             log.exception("engine step failed")
-            err = APIError(500, f"generation failed ({type(e).__name__}: {e})", code="internal_error")
+            err = APIError(
+                500, "generation failed: the engine step failed (details in the server log)", code="internal_error"
+            )
             for t in list(self._tickets.values()):
                 self._end(t, err, "failed")
             return
@@ -289,8 +294,11 @@ class Scheduler:
             if owner is None:
                 continue
             t, i = owner
-            if ev.error is not None:  # this request alone failed: its ticket ends, the others go on
-                self._end(t, APIError(500, f"generation failed: {ev.error}", code="generation_failed"), "failed")
+            if (
+                ev.error is not None
+            ):  # this request alone failed: its ticket ends, the others go on (the engine logged why)
+                why = ev.request.failure or "see the server log"
+                self._end(t, APIError(500, f"generation failed: {why}", code="generation_failed"), "failed")
                 continue
             self.counters["tokens"] += len(ev.token_ids)
             finish = None
@@ -300,7 +308,8 @@ class Scheduler:
                 t.live.discard(i)
                 with self._cond:
                     self._inflight -= 1
-            self._deliver(t, Update(i, ev.text, ev.token_ids, finish))  # the engine's list is fresh per event
+            # the engine's lists are fresh per event
+            self._deliver(t, Update(i, ev.text, ev.token_ids, finish, None, ev.logprobs, ev.prompt_logprobs))
             if ev.finished and not t.live:
                 self._tickets.pop(t.id, None)
                 self.counters["completed"] += 1

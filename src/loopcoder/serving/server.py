@@ -13,6 +13,7 @@ from typing import Any
 
 import uvicorn
 
+from loopcoder.defaults import HEADER_TIMEOUT, MAX_CONNECTIONS
 from loopcoder.engine import Engine
 from loopcoder.errors import LoopcoderError
 from loopcoder.runtime import load_for_inference
@@ -20,9 +21,6 @@ from loopcoder.serving.app import ServerSettings, create_app
 from loopcoder.serving.limits import guarded_protocol
 from loopcoder.serving.scheduler import Scheduler
 from loopcoder.serving.tool_calls import get_tool_parser
-
-HEADER_TIMEOUT = 10.0  # seconds a client may take to send a request's line and headers
-MAX_CONNECTIONS = 512  # open connections; more are refused with 503
 
 
 def load_app(
@@ -38,13 +36,14 @@ def load_app(
     model_name: str | None = None,
     tool_parser: str = "hermes",
     engine_options: dict | None = None,
+    allow_tokenizer_mismatch: bool = False,
     **settings: Any,
 ) -> tuple[Any, Scheduler]:
     """(FastAPI app, its scheduler) serving the model in `model_dir`. `engine_options`: the `Engine`'s cache and
     scheduling options (`paged`, `block_size`, `kv_cache_tokens`, `prefix_caching`, `max_step_tokens`);
     `settings`: `ServerSettings` fields."""
     parser = get_tool_parser(tool_parser)
-    model, tokenizer = load_for_inference(model_dir, tokenizer_dir, device, dtype)
+    model, tokenizer = load_for_inference(model_dir, tokenizer_dir, device, dtype, allow_tokenizer_mismatch)
     engine = Engine(model, tokenizer, max_batch=max_batch, mode=mode, **(engine_options or {}))
     scheduler = Scheduler(engine, max_queue=max_queue, queue_timeout=queue_timeout)
     name = model_name or Path(model_dir).resolve().name

@@ -6,6 +6,11 @@ malformed ones stay in `content` verbatim, so the client sees everything the mod
 picks a parser by name (`--tool-parser`), from the registry or as `package.module:Class`. Its `call_format`
 says how a call is written, and `tool_call_grammar` turns that and the request's tools into a Lark grammar
 (`tool_choice` "required", a named function, or "auto": free text until the call's opening marker).
+
+Two rules come from other systems, so that clients meet what they already handle:
+- a tool's parameters are a closed object (`closed_schema`), as OpenAI's strict function calling reads them;
+- a reply cut by `max_tokens` inside a call is answered as vLLM's Hermes parser and serving_chat.py answer it
+  (`parse_cut` for a whole reply, `ToolCallStream.finish(cut=True)` for a stream): docs/serving.md.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import re
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from loopcoder.constraints import GrammarCompiler, lark_json, lark_text_without
 from loopcoder.errors import LoopcoderError
@@ -198,12 +203,130 @@ class ToolCallStream:
         self._held = held[len(out) :]
         return out
 
-    def finish(self) -> ParsedOutput:
-        """The content not yet sent, and the calls `calls()` has not returned."""
+    def finish(self, cut: bool = False) -> ParsedOutput:
+        """The content not yet sent, and the calls `calls()` has not returned.
+
+        `cut`: the reply was cut by max_tokens (or the context). Then, as vLLM's streaming Hermes parser does,
+        nothing from the first call marker on is content, and a call left open is sent as far as it got: its
+        name once the name is complete, with the arguments written so far (possibly not yet valid JSON)."""
         if self._buffer is None:
             return ParsedOutput(self._held)
-        parsed = self.parser.parse(self._buffer)
-        return ParsedOutput(parsed.content or "", parsed.tool_calls[self._sent :])
+        if not cut:
+            parsed = self.parser.parse(self._buffer)
+            return ParsedOutput(parsed.content or "", parsed.tool_calls[self._sent :])
+        calls = self.parser.parse(self._buffer).tool_calls
+        open_call = _open_call(self.parser, self._buffer)
+        return ParsedOutput("", calls[self._sent :] + ([open_call] if open_call else []))
+
+
+def parse_cut(parser: ToolCallParser, text: str) -> ParsedOutput:
+    """What vLLM's Hermes parser (vllm/tool_parsers/hermes_tool_parser.py, `extract_tool_calls`) makes of a
+    whole reply cut by max_tokens: the text after an unterminated call's marker is parsed as that call's body
+    (a call if it is already complete); if any call then fails to parse, the whole reply is content and there are
+    no calls at all."""
+    marker = parser.start_marker
+    at = text.rfind(marker)
+    if at < 0:
+        return parser.parse(text)
+    closed = bool(parser.parse(text[at:]).tool_calls)
+    out = parser.parse(text if closed else text + parser.call_format().end)
+    if not out.tool_calls or marker in (out.content or ""):  # a block that is not a valid call
+        return ParsedOutput(text)
+    return out
+
+
+def _open_call(parser: ToolCallParser, buffer: str) -> ToolCall | None:
+    """The call a cut stream left open, as far as vLLM's streaming Hermes parser has sent it; None when the last
+    call is closed or its name is not complete yet."""
+    marker, fmt = parser.start_marker, parser.call_format()
+    at = buffer.rfind(marker)
+    if at < 0 or parser.parse(buffer[at:]).tool_calls:
+        return None
+    body = buffer[at + len(marker) :]
+    end = fmt.end.strip() or fmt.end
+    body = body[: len(body) - _partial_suffix(body, end)].strip()  # a partial closing marker is not the body's
+    whole = parser.parse(marker + body + fmt.end).tool_calls
+    if whole:  # the body was complete: only its closing marker was cut
+        return whole[0]
+    name = re.search(rf'"{re.escape(fmt.name_key)}"\s*:\s*"([^"]+)"', body)
+    if name is None:
+        return None
+    args = re.search(rf'"{re.escape(fmt.arguments_key)}"\s*:\s*', body)
+    return ToolCall(name.group(1), "" if args is None else _json_value_prefix(body[args.end() :]))
+
+
+def _json_value_prefix(raw: str) -> str:
+    """The JSON value at the start of `raw` (an object or array up to its matching bracket), or all of `raw` when it
+    does not close: how vLLM's Hermes parser extracts streamed arguments."""
+    if not raw or raw[0] not in "{[":
+        return raw
+    close, depth, in_string, escaped = "}" if raw[0] == "{" else "]", 0, False, False
+    for i, c in enumerate(raw):
+        if in_string:
+            escaped, in_string = (False, True) if escaped else (c == "\\", c != '"')
+            continue
+        if c == '"':
+            in_string = True
+        elif c == raw[0]:
+            depth += 1
+        elif c == close:
+            depth -= 1
+            if depth == 0:
+                return raw[: i + 1]
+    return raw
+
+
+def closed_schema(schema: Any, member: bool = False) -> Any:
+    """A copy of a JSON schema in which every object schema that lists `properties` and does not say otherwise is
+    closed (`additionalProperties: false`), recursively, as OpenAI's strict function calling reads a tool's
+    parameters. Saying otherwise: `additionalProperties` or `unevaluatedProperties` given, a `required` key that
+    is not among the `properties`, or composition by `allOf` (a member alone does not list the other members' keys,
+    so neither the members nor their parent are closed). An object without `properties` (a free-form map) stays
+    open: closed, it could only be `{}`."""
+    if isinstance(schema, list):
+        return [closed_schema(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out: dict[str, Any] = {}
+    for key, value in schema.items():
+        if key in _SCHEMA_MAPS and isinstance(value, dict):
+            out[key] = {name: closed_schema(v) for name, v in value.items()}
+        elif key == "allOf" and isinstance(value, list):
+            out[key] = [closed_schema(v, member=True) for v in value]
+        elif key in _SUBSCHEMAS:
+            out[key] = closed_schema(value)
+        else:
+            out[key] = value
+    properties = schema.get("properties")
+    if (
+        isinstance(properties, dict)
+        and not member
+        and "allOf" not in schema
+        and "additionalProperties" not in schema
+        and "unevaluatedProperties" not in schema
+        and all(k in properties for k in schema.get("required") or [] if isinstance(k, str))
+    ):
+        out["additionalProperties"] = False
+    return out
+
+
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_SUBSCHEMAS = (
+    "items",
+    "prefixItems",
+    "additionalItems",
+    "contains",
+    "not",
+    "if",
+    "then",
+    "else",
+    "anyOf",
+    "oneOf",
+    "additionalProperties",
+    "unevaluatedProperties",
+    "unevaluatedItems",
+    "propertyNames",
+)
 
 
 def _partial_suffix(text: str, marker: str) -> int:

@@ -4,6 +4,7 @@
         config.json, model.safetensors       the released LoopCoder-V2 layout (`from_pretrained`,
                                              `loopcoder generate --model` load it as it is)
         tokenizer.json, tokenizer_config.json copied from the data directory
+        model_identity.json                  the weights' checksums, the tokenizer's fingerprint
         trainer_state.pt                     optimizer, scheduler, RNG, data-reader position, step,
                                              config, metrics so far (plain tensors and Python values)
         checkpoint.json                      the completion marker, written last
@@ -27,15 +28,17 @@ from typing import Any
 
 import torch
 
+from loopcoder import lora
 from loopcoder.atomic import atomic_directory, atomic_write_text
+from loopcoder.checkpoint import TOKENIZER_FILES
 from loopcoder.errors import LoopcoderError
+from loopcoder.identity import write_identity
 from loopcoder.model import PLTForCausalLM
 
 CHECKPOINTS = "checkpoints"
 MARKER = "checkpoint.json"
 STATE = "trainer_state.pt"
 LATEST = "latest"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 _NAME = re.compile(r"^step-(\d+)$")
 
 
@@ -64,10 +67,10 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def resolve_model_dir(path: str | Path) -> Path:
-    """A model directory as given, or a run directory's (or its checkpoints/') latest checkpoint: what
-    every command's `--model` (and `sft --init`) accepts."""
+    """A model directory (or a LoRA adapter directory) as given, or a run directory's (or its checkpoints/')
+    latest checkpoint: what every command's `--model` (and `sft --init`) accepts."""
     p = Path(path)
-    if (p / "config.json").is_file():
+    if (p / "config.json").is_file() or lora.is_adapter_dir(p):
         return p
     for run in (p, p.parent if p.name == CHECKPOINTS else None):
         if run is not None and (ckpt := latest_checkpoint(run)) is not None:
@@ -95,17 +98,24 @@ def write_checkpoint(
     keep: int,
     max_shard_size: str,
     info: dict[str, Any],
+    adapter: Any = None,
 ) -> Path:
-    """Write checkpoint `step` atomically, point `latest` at it, drop all but the newest `keep`."""
+    """Write checkpoint `step` atomically, point `latest` at it, drop all but the newest `keep`. With
+    `adapter` (a LoRA run's PEFT config), `weights` hold the adapter and the checkpoint is an adapter
+    directory (`loopcoder/lora.py`) instead of a full model."""
     root = Path(run_dir) / CHECKPOINTS
     final = root / step_name(step)
     try:
         with atomic_directory(final) as tmp:
-            save_weights(model_config, weights, tmp, max_shard_size)
+            if adapter is not None:
+                lora.save_adapter(tmp, weights, adapter)
+            else:
+                save_weights(model_config, weights, tmp, max_shard_size)
             if tokenizer_dir is not None:
                 for name in TOKENIZER_FILES:
                     if (tokenizer_dir / name).is_file():
                         shutil.copyfile(tokenizer_dir / name, tmp / name)
+            write_identity(tmp)  # the weights' checksums and the copied tokenizer's fingerprint
             torch.save(state, tmp / STATE)
             marker = {
                 "step": step,
@@ -187,8 +197,24 @@ def remove_partial(run_dir: str | Path) -> list[Path]:
     return removed
 
 
+STATE_KEYS = ("format", "step", "tokens", "elapsed_s", "config", "optimizer", "scheduler", "reader", "rng")
+
+
 def load_state(path: Path) -> dict[str, Any]:
+    """A checkpoint's trainer state; a damaged file (truncated, garbage, another pickle) is one line."""
     try:
-        return torch.load(path / STATE, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError) as e:
-        raise LoopcoderError(f"cannot read {path / STATE}: {str(e).splitlines()[0]}") from e
+        state = torch.load(path / STATE, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises RuntimeError, pickle.UnpicklingError, EOFError, ... for a bad file
+        lines = str(e).strip().splitlines()
+        why = lines[0][:200] if lines else type(e).__name__
+        raise LoopcoderError(
+            f"cannot read {path / STATE} ({why}): the checkpoint is damaged; remove {path} to resume from the "
+            "one before it"
+        ) from None
+    missing = [k for k in STATE_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise LoopcoderError(
+            f"{path / STATE} is not a trainer state (no {', '.join(missing[:4])}): the checkpoint is damaged; "
+            f"remove {path} to resume from the one before it"
+        )
+    return state

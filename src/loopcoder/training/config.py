@@ -12,6 +12,7 @@ Presets live in `loopcoder/presets/NAME.yaml`. `TrainConfig.validate()` checks t
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,8 +22,8 @@ from typing import Any
 
 import yaml
 
-from loopcoder.config import ModelShape
 from loopcoder.errors import LoopcoderError
+from loopcoder.shape import ModelShape
 
 STAGES = ("pretrain", "sft")
 
@@ -46,6 +47,7 @@ class DataSection:
     sft_train: list[str] = field(default_factory=list)  # chat JSONL (default DIR/instructions/train.jsonl)
     sft_validation: list[str] = field(default_factory=list)  # (default DIR/instructions/validation.jsonl)
     packing: bool = True  # SFT: pack conversations into rows (else one per row, padded)
+    allow_tokenizer_mismatch: bool = False  # train a model on data of another tokenizer (its ids mean other tokens)
 
 
 @dataclass
@@ -105,6 +107,17 @@ class LoggingSection:
     progress: str = "auto"  # auto (bar on a TTY, lines otherwise) | bar | lines | off
     progress_every_s: float = 10.0  # seconds between progress lines when not a TTY
     peak_flops: float | None = None  # peak FLOP/s per device for MFU (None: known GPUs; off on CPU)
+    curves: bool = True  # RUN/curves.png (loss, validation, bpb, LR), redrawn at each validation and at the end
+
+
+@dataclass
+class LoraSection:
+    """SFT with a LoRA adapter (PEFT) instead of every weight; `r: 0` trains every weight (docs/training.md)."""
+
+    r: int = 0  # the adapter's rank; 0: no adapter (full fine-tuning)
+    alpha: float | None = None  # the update is scaled by alpha / r; null: 2 r
+    dropout: float = 0.05  # on the adapter's input
+    targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])  # linear layers, or all-linear
 
 
 @dataclass
@@ -129,6 +142,7 @@ class TrainConfig:
     eval: EvalSection = field(default_factory=EvalSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
+    lora: LoraSection = field(default_factory=LoraSection)
     distributed: DistributedSection = field(default_factory=DistributedSection)
 
     def to_dict(self) -> dict[str, Any]:
@@ -163,7 +177,7 @@ class TrainConfig:
 
 SECTIONS: dict[str, type] = {
     name: typing.get_type_hints(TrainConfig)[name]
-    for name in ("model", "data", "train", "optim", "schedule", "eval", "checkpoint", "logging", "distributed")
+    for name in ("model", "data", "train", "optim", "schedule", "eval", "checkpoint", "logging", "lora", "distributed")
 }
 SCALARS = ("out", "seed", "stage", "init")
 
@@ -173,6 +187,23 @@ def valid_keys(section: str | None = None) -> list[str]:
     if section is not None:
         return [f"{section}.{f.name}" for f in dataclasses.fields(SECTIONS[section])]
     return [*SCALARS, *(k for s in SECTIONS for k in valid_keys(s))]
+
+
+def nearest_key(key: str) -> str | None:
+    """The known key a mistyped one most likely means: the section's field of that name (`loops` is
+    `model.loops`), else the closest spelling (difflib)."""
+    keys = valid_keys()
+    same_name = [k for k in keys if k.rpartition(".")[2] == key.rpartition(".")[2]]
+    if len(same_name) == 1:
+        return same_name[0]
+    close = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def _unknown(where: str, key: str, known: str, what: str | None = None) -> ConfigKeyError:
+    close = nearest_key(key)
+    guess = f"did you mean {close}? " if close else ""
+    return ConfigKeyError(f"{where}: {what or f'unknown key {key!r}'}; {guess}{known}")
 
 
 # ----------------------------------------------------------------------------- values and types
@@ -253,9 +284,7 @@ def _apply(cfg: TrainConfig, mapping: dict[str, Any], where: str) -> None:
         elif name in SCALARS:
             setattr(cfg, name, coerce(value, hints[name], name))
         else:
-            raise ConfigKeyError(
-                f"{where}: unknown key {name!r}; valid top-level keys: {', '.join([*SCALARS, *SECTIONS])}"
-            )
+            raise _unknown(where, name, f"valid top-level keys: {', '.join([*SCALARS, *SECTIONS])}")
 
 
 def set_key(cfg: TrainConfig, key: str, value: Any, where: str = "override") -> None:
@@ -268,17 +297,19 @@ def set_key(cfg: TrainConfig, key: str, value: Any, where: str = "override") -> 
             raise ConfigKeyError(
                 f"{where}: {key!r} is a section; set its keys as {key}.KEY=VALUE ({', '.join(valid_keys(key))})"
             )
-        raise ConfigKeyError(f"{where}: unknown key {key!r}; valid keys: {', '.join(valid_keys())}")
+        raise _unknown(where, key, f"top-level keys: {', '.join(SCALARS)}; sections: {', '.join(SECTIONS)}")
     section, name = key.split(".", 1)
     if section not in SECTIONS:
-        raise ConfigKeyError(
-            f"{where}: unknown section {section!r} in {key!r}; sections: "
-            f"{', '.join(SECTIONS)} (and top-level keys {', '.join(SCALARS)})"
+        raise _unknown(
+            where,
+            key,
+            f"sections: {', '.join(SECTIONS)} (and top-level keys {', '.join(SCALARS)})",
+            f"unknown section {section!r} in {key!r}",
         )
     cls = SECTIONS[section]
     hints = typing.get_type_hints(cls)
     if name not in hints:
-        raise ConfigKeyError(f"{where}: unknown key {key!r}; valid keys of {section}: {', '.join(valid_keys(section))}")
+        raise _unknown(where, key, f"valid keys of {section}: {', '.join(valid_keys(section))}")
     setattr(getattr(cfg, section), name, coerce(value, hints[name], key))
 
 
@@ -294,6 +325,35 @@ def parse_override(text: str) -> tuple[str, Any]:
     if isinstance(value, bool) and raw.strip().lower() not in ("true", "false"):
         value = raw.strip()  # `progress=off` is the word off; a bool field still accepts it (coerce)
     return key.strip(), value
+
+
+LORA_DEFAULT_RANK = 16  # `--lora` without r=
+
+
+def lora_overrides(spec: str) -> list[str]:
+    """`sft --lora SPEC` as `lora.*` overrides: 'r=16,alpha=32,dropout=0.05,targets=q_proj,v_proj' (a name
+    without `=` continues the targets; a bare number is r; r defaults to 16)."""
+    values: dict[str, list[str]] = {}
+    key = None
+    for i, item in enumerate(p.strip() for p in spec.split(",")):
+        name, sep, value = item.partition("=")
+        if sep:
+            key = name.strip()
+            if key not in ("r", "alpha", "dropout", "targets"):
+                raise ConfigKeyError(f"--lora {spec!r}: unknown setting {key!r} (r, alpha, dropout, targets)")
+            if key in values:
+                raise ConfigKeyError(f"--lora {spec!r}: {key} is given twice")
+            values[key] = [value.strip()]
+        elif i == 0 and item.isdigit():
+            key, values["r"] = "r", [item]
+        elif key == "targets" and item:
+            values[key].append(item)
+        else:
+            raise ConfigKeyError(
+                f"--lora {spec!r}: {item!r} is not KEY=VALUE (e.g. r=16,alpha=32,dropout=0.05,targets=q_proj,v_proj)"
+            )
+    values.setdefault("r", [str(LORA_DEFAULT_RANK)])
+    return [f"lora.{k}=[{', '.join(v)}]" if k == "targets" else f"lora.{k}={v[0]}" for k, v in values.items()]
 
 
 # ----------------------------------------------------------------------------- files and presets
@@ -458,5 +518,10 @@ def validate(cfg: TrainConfig) -> None:
         f"must divide train.global_batch_size={t.global_batch_size}",
     )
     need(bool(cfg.out), "out", "must be a directory path")
+    lo = cfg.lora
+    need(lo.r >= 0, "lora.r", "must be >= 0 (0: no adapter)")
+    need(lo.alpha is None or lo.alpha > 0, "lora.alpha", "must be > 0 (or null: 2 r)")
+    need(0 <= lo.dropout < 1, "lora.dropout", "must be in [0, 1)")
+    need(not lo.r or cfg.stage == "sft", "lora.r", "LoRA adapts an existing model: use it with `loopcoder sft --init`")
     if cfg.stage == "sft":
         need(cfg.init is not None, "init", "SFT needs a model to start from (--init CHECKPOINT)")

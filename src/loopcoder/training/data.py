@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 import torch
@@ -19,6 +19,7 @@ from loopcoder.data.permutations import PermutationRows, PermutationTask
 from loopcoder.data.sft import IGNORE_INDEX, SFTDataset
 from loopcoder.data.shards import BatchReader, ShardDataset, read_index
 from loopcoder.data.tokenizer import load_tokenizer, token_byte_lengths
+from loopcoder.data.verify import check_tokenizer, verify_at_start
 from loopcoder.errors import LoopcoderError
 from loopcoder.training.config import TrainConfig
 
@@ -86,15 +87,19 @@ class BatchSource:
         return int(self.token_bytes[np.where(mask, target, 0)][mask].sum())
 
 
-def pretrain_source(cfg: TrainConfig) -> BatchSource:
+def pretrain_source(cfg: TrainConfig, log: TextIO | None = None) -> BatchSource:
     if not cfg.data.dir:
         raise LoopcoderError("pretraining needs data: set data.dir=DIR (a directory from `loopcoder data build`)")
     index = read_index(cfg.data.dir)
+    check_tokenizer(cfg.data.dir, cfg.data.allow_tokenizer_mismatch)  # the shards' own tokenizer, by content
     train = ShardDataset(cfg.data.dir, cfg.data.train_split)
     seq_len = cfg.data.seq_len or train.seq_len
     val = None
+    opened = [train]
     if cfg.data.validation_split in index["splits"] and index["splits"][cfg.data.validation_split]["sequences"]:
-        val = ChunkedRows(ShardDataset(cfg.data.dir, cfg.data.validation_split), seq_len)
+        opened.append(ShardDataset(cfg.data.dir, cfg.data.validation_split))
+        val = ChunkedRows(opened[-1], seq_len)
+    verify_at_start(opened, log)
     tok = Path(cfg.data.dir) / "tokenizer"
     return BatchSource(
         ChunkedRows(train, seq_len),

@@ -9,12 +9,26 @@ its weights at every use: 2R all-gathers per layer per step (R forward + R backw
 so communication grows with R exactly like compute does. `False` keeps every layer's gathered
 weights from its first forward use to its first backward use: R all-gathers per layer per step, at
 the cost of holding the whole unsharded model during the forward. docs/training.md has the numbers.
+
+No rank outlives its run. torchrun starts every rank in a session of its own, so a launcher killed
+with SIGKILL (an out-of-memory kill, a job scheduler, a test's timeout) cannot pass the signal on, and
+its ranks used to train on, or block forever in a collective, as orphans. Each rank of a multi-process
+run therefore asks the kernel for SIGKILL when its parent dies (`prctl(PR_SET_PDEATHSIG)`, Linux) and
+watches its parent's pid from a daemon thread (other systems, and the moment before prctl took
+effect). A dead peer is the process group's business: gloo and NCCL (with async error handling, turned
+on here) fail the pending collective, at the latest after `distributed.timeout_s`, the rank raises, and
+torchrun stops the others.
 """
 
 from __future__ import annotations
 
+import ctypes
 import datetime
 import os
+import signal
+import sys
+import threading
+import time
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -72,12 +86,43 @@ def setup(cfg: TrainConfig) -> DistEnv:
         device = torch.device("cpu")
     owns = False
     if world > 1 and not dist.is_initialized():
+        die_with_parent()
         backend = cfg.distributed.backend
         if backend == "auto":
             backend = "nccl" if device.type == "cuda" else "gloo"
+        # NCCL honours the timeout only with async error handling (a hung collective then aborts the rank)
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=cfg.distributed.timeout_s))
         owns = True
     return DistEnv(rank, world, local, device, owns)
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+_watching: list[int] = []  # the parent pid a watchdog thread already watches (one per process)
+
+
+def die_with_parent(poll_s: float = 1.0) -> None:
+    """Make this process die (SIGKILL) when its parent does: the launcher of a multi-process run. Its
+    checkpoints are written atomically, so an abrupt end loses only the steps since the last one."""
+    parent = os.getppid()
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):  # no prctl here: the watchdog below still works
+            pass
+    if os.getppid() != parent:  # the parent died between the two reads, before prctl took effect
+        os.kill(os.getpid(), signal.SIGKILL)
+    if _watching:
+        return
+    _watching.append(parent)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="loopcoder-parent-watchdog", daemon=True).start()
 
 
 def teardown(env: DistEnv) -> None:
@@ -113,11 +158,16 @@ def wrap(model: nn.Module, cfg: TrainConfig, env: DistEnv, bf16: bool) -> nn.Mod
 
 
 # ----------------------------------------------------------------------------- state dicts
-def full_model_state(module: nn.Module, env: DistEnv) -> dict[str, torch.Tensor]:
-    """Consolidated weights on CPU (on rank 0; other ranks may get an empty dict). Collective."""
+def full_model_state(module: nn.Module, env: DistEnv, trainable_only: bool = False) -> dict[str, torch.Tensor]:
+    """Consolidated weights on CPU (on rank 0; other ranks may get an empty dict). Collective.
+    `trainable_only`: only the parameters that train (a LoRA run's adapter), not the frozen base."""
     if not env.distributed:
-        return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
-    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        state = (
+            {k: v for k, v in module.named_parameters() if v.requires_grad} if trainable_only else module.state_dict()
+        )
+        return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
+    return get_model_state_dict(module, options=options)
 
 
 def full_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:

@@ -195,6 +195,93 @@ def plan(
     }
 
 
+MAX_GPUS_SEARCHED = 4096
+
+
+def fit(
+    cfg: PLTConfig,
+    seq_len: int,
+    memory_bytes: float,
+    gpus: int = 1,
+    reshard_after_forward: bool = True,
+    checkpointing: bool = False,
+    micro_batch: int | None = None,
+) -> dict[str, Any]:
+    """Whether training fits `gpus` GPUs of `memory_bytes` each, and, in words, what would make it fit: more
+    GPUs sharding the model states (FSDP), activation checkpointing, a smaller micro-batch, a shorter sequence.
+    `checkpointing`, `micro_batch`: what the config asks for (per GPU). Returns {"fits", "verdict", "advice"}."""
+
+    def largest(g: int, ck: bool, t: int = seq_len) -> int:
+        return plan(cfg, t, memory_bytes, g, ck, reshard_after_forward)["max_micro_batch"]
+
+    def fits_at(t: int) -> bool:
+        return largest(gpus, True, t) >= 1
+
+    here = f"{gpus} GPU{'s' if gpus > 1 else ''} of {memory_bytes / 2**30:,.1f} GiB"
+    with_ck, without = largest(gpus, True), largest(gpus, False)
+    advice: list[str] = []
+    if with_ck == 0:
+        p = plan(cfg, seq_len, memory_bytes, gpus, True, reshard_after_forward)
+        states, overhead = p["model_state_bytes_per_gpu"] + p["gathered_weight_bytes"], p["overhead_bytes"]
+        sequence = p["activation_bytes_per_token"]["checkpointing"]["total"] * seq_len
+        left = memory_bytes - states - overhead
+        why = (
+            f"the model states take {states / 2**30:,.1f} GiB per GPU and the runtime {overhead / 2**30:,.1f} GiB"
+            if left <= 0
+            else f"one sequence of {seq_len} tokens needs {sequence / 2**30:,.2f} GiB of activations with "
+            f"checkpointing, and {left / 2**30:,.2f} GiB are left after the model states"
+        )
+        verdict = f"does not fit on {here}: {why}"
+        enough = _fewest_gpus(lambda g: largest(g, True) >= 1, gpus + 1)
+        if enough is not None:
+            advice.append(
+                f"with FSDP over {enough} such GPUs (--gpus {enough}) the model states are sharded and "
+                f"{largest(enough, True)} sequence(s) of {seq_len} tokens fit per GPU with activation checkpointing "
+                f"(train.activation_checkpointing=true), {largest(enough, False)} without"
+            )
+        shorter = next((t for t in (seq_len // 2, seq_len // 4, seq_len // 8) if t >= 1 and fits_at(t)), None)
+        if shorter is not None:
+            advice.append(f"or shorter sequences: {shorter} tokens fit here with checkpointing (--seq-len {shorter})")
+        if enough is None and shorter is None:
+            advice.append(
+                "neither more GPUs nor shorter sequences make it fit (the runtime overhead is assumed to be "
+                f"{overhead / 2**30:,.1f} GiB per GPU): use GPUs with more memory"
+            )
+        return {"fits": False, "verdict": verdict, "advice": advice}
+    usable = with_ck if checkpointing or without == 0 else without
+    if without == 0:
+        verdict = (
+            f"fits on {here} only with activation checkpointing: up to {with_ck} sequence(s) of {seq_len} "
+            "tokens per GPU"
+        )
+        if not checkpointing:
+            advice.append("the config has it off: set train.activation_checkpointing=true")
+    else:
+        verdict = (
+            f"fits on {here}: up to {with_ck} sequence(s) of {seq_len} tokens per GPU with activation "
+            f"checkpointing, {without} without"
+        )
+    if micro_batch is not None and micro_batch > usable:
+        advice.append(
+            f"the config's micro-batch of {micro_batch} sequence(s) per GPU is too large "
+            f"({'with' if checkpointing or without == 0 else 'without'} checkpointing at most {usable}): set "
+            f"train.micro_batch_size to at most {usable} (gradient accumulation keeps the global batch)"
+        )
+    return {"fits": not advice, "verdict": verdict, "advice": advice}
+
+
+def _fewest_gpus(fits: Any, low: int) -> int | None:
+    """The smallest GPU count >= `low` (up to MAX_GPUS_SEARCHED) for which `fits(g)`, a condition that more GPUs
+    never break (each holds less of the model states), or None."""
+    high = MAX_GPUS_SEARCHED
+    if low > high or not fits(high):
+        return None
+    while low < high:
+        mid = (low + high) // 2
+        low, high = (low, mid) if fits(mid) else (mid + 1, high)
+    return low
+
+
 def _with_loops(cfg: PLTConfig, loops: int, arch: str | None = None) -> PLTConfig:
     d = cfg.to_dict()
     d["plt_num_loops"] = loops

@@ -18,6 +18,7 @@ from typing import Any
 from torch.utils.tensorboard import SummaryWriter
 
 from loopcoder.atomic import atomic_write_text
+from loopcoder.errors import LoopcoderError
 
 _TB_KEYS = {
     "loss": "train/loss",
@@ -69,8 +70,18 @@ class MetricsLogger:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The records of `RUN/metrics.jsonl`, in order ([] when the run wrote none)."""
+    """The records of `RUN/metrics.jsonl`, in order ([] when the run wrote none). A torn last line (a run
+    killed while appending it) is left out; a bad line before it is an error that names it."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [(i, line) for i, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+    records = []
+    for n, (i, line) in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if n == len(lines) - 1:
+                break
+            raise LoopcoderError(f"{path}:{i}: not a JSON record") from None
+    return records

@@ -16,11 +16,13 @@ from typing import Any
 
 import torch
 
+from loopcoder import lora
 from loopcoder.atomic import atomic_write_text
 from loopcoder.checkpoint import load_model
 from loopcoder.config import PLTConfig
 from loopcoder.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from loopcoder.errors import LoopcoderError
+from loopcoder.identity import OVERRIDE_KEY, check_same_tokenizer, model_tokenizer_fingerprint, tokenizer_fingerprint
 from loopcoder.model import PLTForCausalLM
 from loopcoder.runtime import apply_threads, pick_dtype, quiet_libraries
 from loopcoder.training import checkpoints as ckpt
@@ -31,7 +33,8 @@ from loopcoder.training.flops import param_counts
 from loopcoder.training.trainer import Trainer, TrainResult, seed_everything
 
 # Keys a resumed run must share with its checkpoint (others, e.g. train.steps or eval.every, may change).
-RESUME_FIXED = ("stage", "seed", "model", "data", "train.global_batch_size")
+RESUME_FIXED = ("stage", "seed", "model", "data", "lora", "train.global_batch_size")
+RESUME_FREE = {"data.allow_tokenizer_mismatch"}  # inside a fixed section, but a resumed run may change it
 
 
 def model_config(cfg: TrainConfig, vocab_size: int, seq_len: int) -> PLTConfig:
@@ -43,12 +46,37 @@ def _load_weights(path: Path) -> Any:
     return load_model(path, dtype=torch.float32).train()
 
 
+def _lora_config(cfg: TrainConfig, base: Path | None = None) -> Any:
+    """The run's LoRA settings as PEFT's config (checked), or None for full fine-tuning."""
+    lo = cfg.lora
+    if not lo.r:
+        return None
+    return lora.lora_config(lo.r, lo.alpha if lo.alpha is not None else 2 * lo.r, lo.dropout, lo.targets, base)
+
+
+def _load_model(cfg: TrainConfig, start: Path | None, init_dir: Path | None) -> Any:
+    """The model to train: a checkpoint to resume (a LoRA run's: its base with the adapter as saved), or the
+    init model (with a new adapter for a LoRA run)."""
+    if cfg.lora.r and start is not None:
+        return lora.load_adapter(_load_weights(lora.base_dir(start)), start)
+    model = _load_weights(start or init_dir)
+    return lora.attach(model, _lora_config(cfg, init_dir)) if cfg.lora.r else model
+
+
 def _check_resumable(saved: dict[str, Any], cfg: TrainConfig) -> None:
     now = cfg.to_dict()
+    if not isinstance(saved, dict):
+        raise LoopcoderError(f"cannot resume: the checkpoint's config is {type(saved).__name__}, not a mapping")
+    defaults = TrainConfig().to_dict()
     for key in RESUME_FIXED:
-        a, b = saved, now
+        a, b, d = saved, now, defaults
         for part in key.split("."):
-            a, b = a.get(part), b.get(part)
+            a, b, d = (a.get(part) if isinstance(a, dict) else None), b.get(part), d.get(part)
+        a = d if a is None and isinstance(d, dict) else a  # a section added since the checkpoint: its defaults
+        if isinstance(a, dict) and isinstance(b, dict):
+            for free in RESUME_FREE:
+                if free.startswith(key + "."):
+                    a, b = {**a, free[len(key) + 1 :]: None}, {**b, free[len(key) + 1 :]: None}
         if a != b:
             if isinstance(a, dict) and isinstance(b, dict):
                 diff = next(k for k in sorted({*a, *b}) if a.get(k) != b.get(k))
@@ -97,6 +125,7 @@ def train(cfg: TrainConfig, resume: bool = False, source: BatchSource | None = N
         if cfg.train.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)
+        _lora_config(cfg)  # a bad LoRA setting fails here, before anything is loaded
         if cfg.train.attention == "flex_attention" and env.device.type != "cuda":
             raise LoopcoderError(
                 "train.attention=flex_attention needs a CUDA device (torch's flex_attention "
@@ -110,10 +139,12 @@ def train(cfg: TrainConfig, resume: bool = False, source: BatchSource | None = N
         if cfg.stage == "sft":  # a resumed SFT run starts from its own checkpoint, the init may be gone
             init_dir = start if start is not None else ckpt.resolve_model_dir(cfg.init)
         if source is None:
-            source = pretrain_source(cfg) if cfg.stage == "pretrain" else sft_source(cfg, init_dir)
+            log = sys.stderr if env.is_main and cfg.logging.progress != "off" else None
+            source = pretrain_source(cfg, log) if cfg.stage == "pretrain" else sft_source(cfg, init_dir)
+        _check_tokenizer(cfg, source, start or init_dir)
         seed_everything(cfg.seed)
         if start is not None or init_dir is not None:
-            model = _load_weights(start or init_dir)
+            model = _load_model(cfg, start, init_dir)
         else:
             model = PLTForCausalLM(model_config(cfg, source.vocab_size, source.seq_len))
         model.config._attn_implementation = cfg.train.attention  # not saved: each run chooses its own
@@ -125,7 +156,9 @@ def train(cfg: TrainConfig, resume: bool = False, source: BatchSource | None = N
         run_dir = Path(cfg.out)
         if env.is_main:
             atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
-        _say(env, cfg, _header(cfg, env, model.config, source, start))
+        _say(env, cfg, _header(cfg, env, model, source, start))
+        if state is not None and state["step"] >= cfg.train.steps and env.is_main:
+            print(_finished(cfg, state["step"]), file=sys.stderr, flush=True)
         trainer = Trainer(cfg, model, source, env, state, run_dir)
         result = trainer.fit()
         if env.is_main:
@@ -135,6 +168,28 @@ def train(cfg: TrainConfig, resume: bool = False, source: BatchSource | None = N
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(deterministic)
         D.teardown(env)
+
+
+def _check_tokenizer(cfg: TrainConfig, source: BatchSource, model_dir: Path | None) -> None:
+    """The weights a run starts from (a checkpoint to resume, SFT's init) must have been made with the
+    tokenizer of the data it trains on: compared by fingerprint (`identity.py`), not by size."""
+    if model_dir is None or source.tokenizer_dir is None:
+        return
+    expected, where = model_tokenizer_fingerprint(model_dir)
+    given = tokenizer_fingerprint(source.tokenizer_dir)
+    what = (
+        "the data's tokenizer"
+        if cfg.data.dir and Path(cfg.data.dir) in source.tokenizer_dir.parents
+        else "the tokenizer"
+    )
+    check_same_tokenizer(
+        expected,
+        f"the model {where}",
+        given,
+        f"{what} {str(source.tokenizer_dir)!r}",
+        OVERRIDE_KEY,
+        cfg.data.allow_tokenizer_mismatch,
+    )
 
 
 def _write_summary(cfg: TrainConfig, env: D.DistEnv, result: TrainResult, mc: PLTConfig) -> None:
@@ -165,7 +220,18 @@ def _fmt(x: float | None) -> str:
     return "-" if x is None else f"{x:.4f}"
 
 
-def _header(cfg: TrainConfig, env: D.DistEnv, mc: PLTConfig, source: BatchSource, start: Path | None) -> str:
+def _finished(cfg: TrainConfig, step: int) -> str:
+    """What `--resume` of a run that has reached `train.steps` says (it trains nothing)."""
+    command = "train" if cfg.stage == "pretrain" else "sft"
+    return (
+        f"{cfg.out} is finished: its newest checkpoint is step {step} and train.steps={cfg.train.steps}, so "
+        f"there is nothing left to train. To train further, give more steps: loopcoder {command} --resume "
+        f"out={cfg.out} train.steps={max(2 * step, step + 1)} (the LR schedule follows the new length)"
+    )
+
+
+def _header(cfg: TrainConfig, env: D.DistEnv, model: Any, source: BatchSource, start: Path | None) -> str:
+    mc = model.config
     p = param_counts(mc)
     micro, accum = cfg.accumulation(env.world_size)
     strategy = D.strategy(cfg, env)
@@ -182,6 +248,17 @@ def _header(cfg: TrainConfig, env: D.DistEnv, mc: PLTConfig, source: BatchSource
         f"{', activation checkpointing' if cfg.train.activation_checkpointing else ''}"
         f"{', compiled' if cfg.train.compile else ''}"
         f"{', flex_attention' if cfg.train.attention == 'flex_attention' else ''}"
+        + (_lora_line(cfg, model) if cfg.lora.r else "")
+    )
+
+
+def _lora_line(cfg: TrainConfig, model: Any) -> str:
+    trainable, total = lora.trainable_counts(model)
+    config = model.peft_config["default"]
+    return (
+        f"\nLoRA: r={config.r}, alpha={config.lora_alpha:g}, dropout={config.lora_dropout:g} on "
+        f"{', '.join(sorted(config.target_modules))} (shared by all loops); {trainable:,} trainable of "
+        f"{total:,} parameters ({trainable / total:.2%}); base {config.base_model_name_or_path}"
     )
 
 

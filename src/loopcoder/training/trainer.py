@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loopcoder import lora
 from loopcoder.data.sft import IGNORE_INDEX
 from loopcoder.errors import LoopcoderError
 from loopcoder.progress import Progress
@@ -38,6 +39,7 @@ from loopcoder.training.data import BatchSource
 from loopcoder.training.flops import mfu, peak_flops, train_flops_per_token
 from loopcoder.training.metrics import MetricsLogger
 from loopcoder.training.optim import build_optimizer, build_scheduler
+from loopcoder.training.plots import write_run_curves
 
 STATE_FORMAT = 1
 KILL_ENV = "LOOPCODER_TEST_KILL_AFTER_STEP"  # tests only: SIGKILL this process after that step
@@ -146,6 +148,7 @@ class Trainer:
         self.tokens = 0
         self.elapsed = 0.0  # seconds in training steps, resumed sessions included
         self._window = [0, 0.0]  # tokens and seconds of training steps since the last train record
+        self._curves_drawn = -1  # how many records RUN/curves.png shows
         history: list[dict[str, Any]] = []
         if state is not None:
             self._load_state(state)
@@ -283,7 +286,8 @@ class Trainer:
         self.elapsed = float(state["elapsed_s"])
 
     def save_checkpoint(self) -> Path:
-        weights = D.full_model_state(self.module, self.env)
+        adapter = self.module.peft_config["default"] if lora.is_attached(self.module) else None
+        weights = D.full_model_state(self.module, self.env, trainable_only=adapter is not None)
         state = self.state_dict()
         path = None
         if self.env.is_main:
@@ -298,6 +302,7 @@ class Trainer:
                 self.cfg.checkpoint.keep,
                 self.cfg.checkpoint.max_shard_size,
                 info,
+                adapter,
             )
         path = D.broadcast_object(str(path) if path else None, self.env)
         D.barrier(self.env)
@@ -333,6 +338,7 @@ class Trainer:
                     self.progress.message(f"checkpoint {final}")
                 if kill_at and self.step == kill_at:  # tests: die like a preempted job, mid-run
                     os.kill(os.getpid(), signal.SIGKILL)
+            self._write_curves()
         finally:
             self.progress.close()
             self.metrics.close()
@@ -382,7 +388,18 @@ class Trainer:
                 f"step {self.step}: val loss {val['val_loss']:.4f}, {val['val_bpb']:.4f} bits/byte "
                 f"({time.perf_counter() - t:.1f} s)"
             )
+            self._write_curves()
         return val
+
+    def _write_curves(self) -> None:
+        """RUN/curves.png (rank 0). A plot that cannot be written costs the run nothing but a message."""
+        if not (self.env.is_main and self.cfg.logging.curves) or self._curves_drawn == len(self.metrics.records):
+            return
+        self._curves_drawn = len(self.metrics.records)
+        try:
+            write_run_curves(self.run_dir, self.metrics.records)
+        except OSError as e:
+            self.progress.message(f"could not write {self.run_dir}/curves.png: {e}")
 
     def _non_finite(self, what: str) -> NonFiniteLoss:
         good = ckpt.latest_checkpoint(self.run_dir)
