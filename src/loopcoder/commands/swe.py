@@ -14,18 +14,18 @@ import hashlib
 import json
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from loopcoder.atomic import atomic_write_text
-from loopcoder.engine import Engine
+from loopcoder.commands.options import add_threads_argument
 from loopcoder.errors import LoopcoderError
-from loopcoder.evaluation.runner import config_hash
 from loopcoder.evaluation.sandbox import ALLOW_FLAG, CodeExecutionNotAllowedError
-from loopcoder.runtime import add_threads_argument, apply_threads, load_for_inference
-from loopcoder.swe import catalog, repo, report, runs, taskset
-from loopcoder.swe.agent import PROTOCOLS, AgentConfig
-from loopcoder.swe.chat import EngineChat, OpenAIChat
+from loopcoder.swe import catalog, repo, taskset
+from loopcoder.swe.settings import PROTOCOLS, AgentConfig
 from loopcoder.swe.shell import SandboxShell
-from loopcoder.training.checkpoints import resolve_model_dir
+
+if TYPE_CHECKING:
+    from loopcoder.swe.chat import EngineChat
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -157,6 +157,10 @@ def _tasks_identity(root: Path) -> str:
 
 
 def _run(args: argparse.Namespace) -> int:
+    # here: the agent's models and the runs import torch (a fast --help)
+    from loopcoder.swe import report, runs
+    from loopcoder.swe.chat import OpenAIChat
+
     _positive(args, "limit")
     if (args.model is None) == (args.endpoint is None):
         raise LoopcoderError("give --model DIR (the engine in this process) or --endpoint URL, not both")
@@ -209,6 +213,12 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _engine_model(args: argparse.Namespace, identity: dict, describe: dict) -> EngineChat:
+    from loopcoder.engine import Engine
+    from loopcoder.evaluation.runner import config_hash
+    from loopcoder.runtime import apply_threads, load_for_inference
+    from loopcoder.swe.chat import EngineChat
+    from loopcoder.training.checkpoints import resolve_model_dir
+
     model_dir = str(resolve_model_dir(args.model))
     apply_threads(args.threads)
     model, tokenizer = load_for_inference(model_dir, None, args.device, args.dtype)
@@ -220,6 +230,8 @@ def _engine_model(args: argparse.Namespace, identity: dict, describe: dict) -> E
 
 
 def _score(args: argparse.Namespace) -> int:
+    from loopcoder.swe import runs
+
     root, instances = taskset.load(args.tasks)
     if (args.predictions is None) == (args.workspace is None):
         raise LoopcoderError("give --predictions FILE (or gold, or empty) or --workspace DIR, not both")
@@ -266,6 +278,8 @@ def _checkout(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
+    from loopcoder.swe import report  # numpy, for the intervals
+
     loaded = [report.load_run(r) for r in args.runs]
     text = report.markdown(loaded)
     print(text, end="")

@@ -22,16 +22,15 @@ import json
 import re
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from loopcoder.errors import LoopcoderError
 from loopcoder.swe.chat import ChatModel, ContextExceededError, Reply
+from loopcoder.swe.settings import AgentConfig
 from loopcoder.swe.shell import CommandResult, Shell
 
 SUBMIT = "COMPLETE_TASK_AND_SUBMIT_FINAL_OUTPUT"
-PROTOCOLS = ("tool", "text")
 ACTION_REGEX = r"```mswea_bash_command\s*\n(.*?)\n```"  # mini-swe-agent's LitellmTextbasedModelConfig
 BASH_TOOL = {  # mini-swe-agent's models/utils/actions_toolcall.py
     "type": "function",
@@ -107,30 +106,6 @@ CUT_OFF = (
     "{what}, so it was cut off. Respond more concisely and provide exactly one action in the required "
     "format. If you need to think more, do so briefly."
 )
-
-
-@dataclass
-class AgentConfig:
-    protocol: str = "tool"
-    max_turns: int = 30  # model calls
-    max_tokens: int = 16_384  # tokens generated over the episode
-    max_seconds: float = 900.0  # wall time of the episode
-    max_new_tokens: int = 512  # per reply
-    command_timeout: float = 60.0
-    max_format_errors: int = 3  # in a row
-    seed: int = 0
-
-    def check(self) -> AgentConfig:
-        if self.protocol not in PROTOCOLS:
-            raise LoopcoderError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}")
-        for name in ("max_turns", "max_tokens", "max_new_tokens", "max_format_errors"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise LoopcoderError(f"{name.replace('_', '-')} must be a whole number >= 1, got {value!r}")
-        for name in ("max_seconds", "command_timeout"):
-            if not getattr(self, name) > 0:
-                raise LoopcoderError(f"{name.replace('_', '-')} must be > 0, got {getattr(self, name)!r}")
-        return self
 
 
 class FormatError(Exception):
