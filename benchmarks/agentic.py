@@ -32,11 +32,11 @@ import time
 
 import torch
 
-from loopcoder.cache import SlotCache
-from loopcoder.engine import Engine
-from loopcoder.model import PLTForCausalLM
-from loopcoder.sampling import SamplingParams
-from loopcoder.shape import ModelShape
+from loopcoder.inference.engine import Engine
+from loopcoder.inference.kv.store import SlotCache
+from loopcoder.inference.sampling import SamplingParams
+from loopcoder.model.modeling import PLTForCausalLM
+from loopcoder.model.shape import ModelShape
 
 VOCAB = 4096
 

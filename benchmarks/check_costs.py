@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from loopcoder.checkpoint import write_random_model
 from loopcoder.data.shards import ShardDataset, read_index, verify_checksums
-from loopcoder.identity import write_identity
-from loopcoder.runtime import quiet_libraries
+from loopcoder.model.checkpoint import write_random_model
+from loopcoder.model.identity import write_identity
+from loopcoder.utils.runtime import quiet_libraries
 
 
 def main() -> None:

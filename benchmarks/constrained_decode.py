@@ -29,10 +29,10 @@ import numpy as np
 import torch
 
 from loopcoder.bench.decode import DecodeBenchSettings, build_model
-from loopcoder.constraints import Constraint, GrammarCompiler, apply_masks, mask_logits
-from loopcoder.engine import Engine
-from loopcoder.model import PLTForCausalLM
-from loopcoder.sampling import SamplingParams
+from loopcoder.inference.constraints import Constraint, GrammarCompiler, apply_masks, mask_logits
+from loopcoder.inference.engine import Engine
+from loopcoder.inference.sampling import SamplingParams
+from loopcoder.model.modeling import PLTForCausalLM
 from loopcoder.serving.tool_calls import HermesToolCallParser, tool_call_grammar
 
 TOOLS = {

@@ -27,7 +27,7 @@ def worker(args: argparse.Namespace) -> None:
     import torch
 
     from loopcoder.bench.decode import DecodeBenchSettings, EngineTimer, build_model
-    from loopcoder.model import PLTForCausalLM
+    from loopcoder.model.modeling import PLTForCausalLM
 
     torch.set_num_threads(args.threads)
     shape = json.loads(args.shape)

@@ -17,10 +17,10 @@ import collections
 
 import torch
 
-from loopcoder.config import PLTConfig
-from loopcoder.engine import Engine
-from loopcoder.model import PLTForCausalLM
-from loopcoder.sampling import SamplingParams
+from loopcoder.inference.engine import Engine
+from loopcoder.inference.sampling import SamplingParams
+from loopcoder.model.config import PLTConfig
+from loopcoder.model.modeling import PLTForCausalLM
 
 CONFIGS = {  # name: (loops, config overrides, engine mode)
     "R=1": (1, {}, "parallel"),

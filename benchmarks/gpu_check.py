@@ -98,10 +98,10 @@ class Check:
 
 # ----------------------------------------------------------------------------- 1. correctness
 def correctness(limit: float, check: Check) -> bool:
-    from loopcoder.engine import Engine
-    from loopcoder.model import PLTForCausalLM
-    from loopcoder.sampling import SamplingParams
-    from loopcoder.shape import ModelShape
+    from loopcoder.inference.engine import Engine
+    from loopcoder.inference.sampling import SamplingParams
+    from loopcoder.model.modeling import PLTForCausalLM
+    from loopcoder.model.shape import ModelShape
 
     dev = check.device
     results: dict[str, object] = {}
@@ -173,8 +173,8 @@ def correctness(limit: float, check: Check) -> bool:
 
 def flex_matches_sdpa() -> dict[str, object]:
     """Training forward and backward with flex_attention (compiled, block-sparse masks) against SDPA."""
-    from loopcoder.model import PLTForCausalLM
-    from loopcoder.shape import ModelShape
+    from loopcoder.model.modeling import PLTForCausalLM
+    from loopcoder.model.shape import ModelShape
 
     out: dict[str, object] = {}
     try:

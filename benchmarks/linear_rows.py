@@ -16,7 +16,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from loopcoder.fastlinear import FastLinear, can_pack
+from loopcoder.model.fastlinear import FastLinear, can_pack
 
 
 def timed(fn, x: torch.Tensor, reps: int) -> float:

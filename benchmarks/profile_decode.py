@@ -14,8 +14,8 @@ import torch
 
 from loopcoder.bench.common import sync
 from loopcoder.bench.decode import DecodeBenchSettings, EngineTimer, build_model
-from loopcoder.model import PLTForCausalLM
-from loopcoder.runtime import pick_device, pick_dtype
+from loopcoder.model.modeling import PLTForCausalLM
+from loopcoder.utils.runtime import pick_device, pick_dtype
 
 
 def main() -> None:

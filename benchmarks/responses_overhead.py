@@ -26,7 +26,7 @@ import torch
 from loopcoder.cli import main
 from loopcoder.serving.background import BackgroundServer
 from loopcoder.serving.server import load_app
-from loopcoder.stats import paired_difference
+from loopcoder.utils.stats import paired_difference
 
 WEATHER = {
     "type": "object",

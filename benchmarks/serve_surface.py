@@ -21,7 +21,7 @@ machine's drift hits every side of a round alike; a request is a short chat or c
 The report gives, per request, the median wall time and the median CPU time the server spent on it (all its
 threads, from /proc/PID/task/*/schedstat: on a loaded machine wall time mostly measures the other jobs), each with
 the median of its per-round ratio to its baseline and a 95 % interval of the mean paired difference
-(loopcoder.stats). With `--before`, a second part times the two pieces the change touches, in processes of their
+(loopcoder.utils.stats). With `--before`, a second part times the two pieces the change touches, in processes of their
 own (before and after taking turns, `--micro-rounds`): parsing and checking a chat request, and the engine
 generating 16 tokens (process CPU time, one thread).
 """
@@ -43,9 +43,9 @@ from pathlib import Path
 
 import httpx
 
-from loopcoder.atomic import atomic_write_text
 from loopcoder.bench.serve import ServeBenchSettings, ServerProcess, build_bench_model
-from loopcoder.stats import paired_difference
+from loopcoder.utils.atomic import atomic_write_text
+from loopcoder.utils.stats import paired_difference
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "def fibonacci(n):\n    "
@@ -89,9 +89,9 @@ def source_at(revision: str, into: Path) -> Path:
 MICRO = """
 import json, time, torch
 torch.set_num_threads(1)
-from loopcoder.engine import Engine
-from loopcoder.model import PLTForCausalLM
-from loopcoder.sampling import SamplingParams
+from loopcoder.inference.engine import Engine
+from loopcoder.model.modeling import PLTForCausalLM
+from loopcoder.inference.sampling import SamplingParams
 from loopcoder.serving.protocol import ChatRequest, parse_request
 body = json.dumps(CHAT).encode()
 start = time.process_time()

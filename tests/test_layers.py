@@ -14,20 +14,14 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "loopcoder"
 
-# Lowest first. A module may import modules of its own layer or lower ones. The first name under
-# `loopcoder` decides (`loopcoder.data.build` is in "data"); the package itself (`import loopcoder`,
-# which registers the model with transformers) is in the model's layer.
+# Lowest first: a folder of the package is a layer, and so is each top-level module. A module may import
+# modules of its own layer or lower ones. The first name under `loopcoder` decides (`loopcoder.model.cache`
+# is in "model"); the package itself (`import loopcoder`, which registers the model with transformers) is in
+# the model's layer, and `_compat` (the old module paths, standard library only) at the bottom.
 LAYERS: list[tuple[str, ...]] = [
-    ("errors", "atomic", "stats", "progress", "defaults"),  # utilities that know nothing of models
-    ("config", "shape"),
-    ("fastlinear", "flex"),
-    ("blocks", "cache", "paged"),  # the engine's caches: block bookkeeping, slot caches, the paged one
-    ("model", "loopcoder"),
-    ("lora", "checkpoint", "export", "identity"),  # LoRA adapters (PEFT); loads, saves and initialises models;
-    # writes the remote-code layout; a model directory's identity (tokenizer fingerprint, weights checksums)
-    ("runtime", "sampling", "textstream", "constraints"),  # devices, dtypes, loading for inference; sampling;
-    # detokenising; grammar-constrained decoding
-    ("engine",),
+    ("utils", "_compat"),  # errors, atomic writes, stats, progress, defaults, the runtime: nothing of models
+    ("model", "loopcoder"),  # config, shape, the modeling module, its cache and protocols, kernels, checkpoints
+    ("inference",),  # the engine (scheduler), sampling, constraints, detokenising, the K/V cache (kv/)
     ("data",),
     ("training",),
     ("evaluation",),
@@ -61,7 +55,7 @@ LOCAL_IMPORTS_IN = {
     "loopcoder.commands.*": "a command imports what it runs inside run(): building its parser imports no torch",
     "loopcoder.cli": "runs a command's module; quiets transformers only when a command runs",
     "loopcoder": "`import loopcoder` imports no torch; it registers with transformers once transformers loads",
-    "loopcoder.shape": "`ModelShape.plt_config` imports `PLTConfig` (transformers, torch) only when it is called",
+    "loopcoder.model.shape": "`ModelShape.plt_config` imports `PLTConfig` (transformers, torch) only when it is called",
     "loopcoder.evaluation.bfcl": "`loopcoder bfcl --help` lists its categories; the intervals (numpy) load to score",
     "loopcoder.evaluation.sandbox_launcher": "the sandbox's standalone launcher script: each of its processes "
     "imports only what it needs (site and traceback for a program, json and linecache for a checked run's "
@@ -240,13 +234,14 @@ def test_function_local_imports_only_where_documented():
 def test_the_checker_sees_violations():
     """The rules above on a made-up module set, so that a checker that sees nothing cannot pass."""
     assert layer("loopcoder.commands.init") > layer("loopcoder.training.run") > layer("loopcoder.model")
-    assert layer("loopcoder.config") < layer("loopcoder.checkpoint") < layer("loopcoder.engine")
+    assert layer("loopcoder.utils.errors") < layer("loopcoder.model.checkpoint") < layer("loopcoder.inference.engine")
+    assert layer("loopcoder.model.modeling") < layer("loopcoder.inference.kv.store")  # the model sees no engine
     tree = ast.parse("def f():\n    from loopcoder.cli import main\n")
     node = tree.body[0].body[0]
     assert resolve("loopcoder.training.run", node) == ["loopcoder.cli"]
     assert layer("loopcoder.cli") > layer("loopcoder.training.run")
-    rel = ast.parse("from . import corpus\nfrom ..errors import LoopcoderError\n").body
+    rel = ast.parse("from . import corpus\nfrom ..utils.errors import LoopcoderError\n").body
     assert resolve("loopcoder.data.build", rel[0]) == ["loopcoder.data.corpus"]
-    assert resolve("loopcoder.data.build", rel[1]) == ["loopcoder.errors"]
+    assert resolve("loopcoder.data.build", rel[1]) == ["loopcoder.utils.errors"]
     local = [i for i in imports_of("loopcoder.bench.serve") if i.local]
     assert local and all(i.imported == "httpx" for i in local)

@@ -19,18 +19,20 @@ import threading
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
+from loopcoder import _compat
+
 try:
     __version__ = version("loopcoder")
 except PackageNotFoundError:  # the source tree on PYTHONPATH, not installed
     __version__ = "0+unknown"
 
 _EXPORTS = {
-    "ConfigError": "loopcoder.errors",
-    "PLTCache": "loopcoder.cache",
-    "PLTConfig": "loopcoder.config",
-    "PLTForCausalLM": "loopcoder.model",
-    "IQuestPLTCoderForCausalLM": "loopcoder.model",
-    "PLTModel": "loopcoder.model",
+    "ConfigError": "loopcoder.utils.errors",
+    "PLTCache": "loopcoder.model.cache",
+    "PLTConfig": "loopcoder.model.config",
+    "PLTForCausalLM": "loopcoder.model.modeling",
+    "IQuestPLTCoderForCausalLM": "loopcoder.model.modeling",
+    "PLTModel": "loopcoder.model.modeling",
 }
 __all__ = sorted(_EXPORTS)
 
@@ -50,8 +52,8 @@ def register_auto_classes() -> None:
     `AutoModelForCausalLM` (idempotent). Imports torch and transformers."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from loopcoder.config import MODEL_TYPE, PLTConfig
-    from loopcoder.model import PLTForCausalLM
+    from loopcoder.model.config import MODEL_TYPE, PLTConfig
+    from loopcoder.model.modeling import PLTForCausalLM
 
     AutoConfig.register(MODEL_TYPE, PLTConfig, exist_ok=True)
     AutoModelForCausalLM.register(PLTConfig, PLTForCausalLM, exist_ok=True)
@@ -61,7 +63,7 @@ def register_auto_classes() -> None:
 class _RegisterWhenTransformersLoads:
     """A meta-path finder that wraps the loaders of `transformers` and of loopcoder's modules: when one
     of them has finished executing, transformers is imported and no loopcoder module is half-way
-    through its own import (so that `loopcoder.model` can be imported), it registers the Auto classes.
+    through its own import (so that `loopcoder.model.modeling` can be imported), it registers the Auto classes.
     It finds nothing itself: it asks the finders after it, as the import system would."""
 
     def __init__(self) -> None:
@@ -117,3 +119,4 @@ if "transformers" in sys.modules:  # the user imported it first: register now
     register_auto_classes()
 else:
     sys.meta_path.insert(0, _hook)
+_compat.install()  # before the hook: the old module paths (`loopcoder.engine`, ...), see _compat.py

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 import loopcoder
-from loopcoder.errors import ConfigError, LoopcoderError
+from loopcoder.utils.errors import ConfigError, LoopcoderError
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
 def run_command(name: str, fn: Callable[[Any], Any], args: Any) -> int:
     """Run a command; user errors become one line on stderr and exit status 2."""
     try:
-        from loopcoder.runtime import quiet_libraries  # imports transformers: only for a command that runs
+        from loopcoder.utils.runtime import quiet_libraries  # imports transformers: only for a command that runs
 
         quiet_libraries()
         return int(fn(args) or 0)

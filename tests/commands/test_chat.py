@@ -11,9 +11,9 @@ import sys
 import pytest
 
 from loopcoder.cli import main
-from loopcoder.engine import Engine
-from loopcoder.runtime import chat_prompt_ids, chat_stop_ids, load_for_inference
-from loopcoder.sampling import SamplingParams
+from loopcoder.inference.engine import Engine
+from loopcoder.inference.sampling import SamplingParams
+from loopcoder.model.loading import chat_prompt_ids, chat_stop_ids, load_for_inference
 from support.data import tiny_model_dir
 
 

@@ -20,8 +20,8 @@ from safetensors.torch import load_file, save_file
 
 from loopcoder.cli import main
 from loopcoder.data import tokenizer as T
-from loopcoder.export import AUTO_MAP, remote_code_files
-from loopcoder.identity import IDENTITY_FILE
+from loopcoder.model.export import AUTO_MAP, remote_code_files
+from loopcoder.model.identity import IDENTITY_FILE
 from support.models import released_style_dir
 
 SMALL = ["--hidden-size", "32", "--layers", "1", "--heads", "4", "--kv-heads", "2", "--window", "4"]

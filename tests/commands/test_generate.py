@@ -9,9 +9,9 @@ import pytest
 
 from loopcoder.cli import main
 from loopcoder.data import tokenizer as T
-from loopcoder.engine import Engine
-from loopcoder.runtime import load_for_inference
-from loopcoder.sampling import SamplingParams
+from loopcoder.inference.engine import Engine
+from loopcoder.inference.sampling import SamplingParams
+from loopcoder.model.loading import load_for_inference
 from support.data import tiny_model_dir
 
 
@@ -116,7 +116,7 @@ def test_json_schema_and_regex_constrain_the_output(model_dir, tmp_path, capsys)
 
     import jsonschema
 
-    from loopcoder.constraints import Constraint
+    from loopcoder.inference.constraints import Constraint
 
     path = tmp_path / "schema.json"
     path.write_text(json.dumps(SCHEMA))

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from loopcoder import checkpoint
-from loopcoder.checkpoint import load_model
 from loopcoder.cli import main
-from loopcoder.runtime import load_for_inference
+from loopcoder.model import checkpoint
+from loopcoder.model.checkpoint import load_model
+from loopcoder.model.loading import load_for_inference
 from support.training import can_mount_a_tmpfs, in_a_small_tmpfs
 
 SMALL = ["--hidden-size", "32", "--layers", "2", "--heads", "4", "--kv-heads", "2", "--window", "4"]
@@ -92,7 +92,7 @@ def test_an_unwritable_out_is_one_line(tmp_path, capsys, where):
 # ----------------------------------------------------------------------------- the tokenizer and the shape
 def test_init_data_makes_a_model_for_a_data_directory(tmp_path, capsys):
     from loopcoder.data.build import read_manifest
-    from loopcoder.identity import read_identity, tokenizer_fingerprint
+    from loopcoder.model.identity import read_identity, tokenizer_fingerprint
     from support.data import small_build
 
     data, _ = small_build(tmp_path, seq_len=32)
@@ -106,7 +106,7 @@ def test_init_data_makes_a_model_for_a_data_directory(tmp_path, capsys):
 
 
 def test_the_default_shape_is_the_tiny_presets(tmp_path, capsys):
-    from loopcoder.config import PLTConfig
+    from loopcoder.model.config import PLTConfig
     from loopcoder.training.config import load_config
 
     assert run(["init", "--out", str(tmp_path / "m"), "--vocab-size", "300"], capsys)[0] == 0
@@ -149,7 +149,7 @@ def test_a_shape_that_cannot_work_is_refused_before_anything_is_made(tmp_path, c
 def test_a_model_larger_than_the_disk_is_refused_up_front(tmp_path, capsys, monkeypatch):
     from collections import namedtuple
 
-    from loopcoder import checkpoint
+    from loopcoder.model import checkpoint
 
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda p: usage(1 << 20, (1 << 20) - 4096, 4096))
@@ -160,7 +160,7 @@ def test_a_model_larger_than_the_disk_is_refused_up_front(tmp_path, capsys, monk
 
 FULL_DISK = """
 import collections, sys
-from loopcoder import checkpoint
+from loopcoder.model import checkpoint
 from loopcoder.cli import main
 if sys.argv[1] == "hide-the-free-space":  # the up-front check passes, so the write itself meets ENOSPC
     usage = collections.namedtuple("usage", "total used free")

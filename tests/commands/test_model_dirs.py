@@ -140,7 +140,7 @@ def test_diagnose_checks_the_tokenizer_against_the_data(dirs, capsys):
 
 
 def test_padding_beyond_the_tokenizer_is_fine():
-    from loopcoder.runtime import check_vocab
+    from loopcoder.model.loading import check_vocab
 
     check_vocab(448, 400, "x")  # rounded up to a multiple of 64, as training does
     check_vocab(151936, 151665, "x")  # a released model's padding

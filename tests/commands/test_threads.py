@@ -8,8 +8,8 @@ import importlib
 import pytest
 import torch
 
-from loopcoder import runtime
 from loopcoder.cli import COMMANDS, main
+from loopcoder.utils import runtime
 
 # every command that runs torch (data build runs the tokenizers library only; plan and init compute nothing
 # worth threads)

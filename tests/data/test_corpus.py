@@ -16,7 +16,7 @@ from loopcoder.data.corpus import (
     split_of,
     stdlib_root,
 )
-from loopcoder.errors import LoopcoderError
+from loopcoder.utils.errors import LoopcoderError
 from support.data import make_corpus
 
 

@@ -15,7 +15,7 @@ from loopcoder.data.instructions import (
     write_instruction_set,
 )
 from loopcoder.data.tokenizer import load_raw_tokenizer
-from loopcoder.errors import LoopcoderError
+from loopcoder.utils.errors import LoopcoderError
 from support.data import data_config, small_build
 
 SOURCE = '''"""A module."""

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from loopcoder.data import permutations as P
-from loopcoder.errors import LoopcoderError
+from loopcoder.utils.errors import LoopcoderError
 
 
 def brute_force(task: P.PermutationTask, x: int, ops: tuple[int, ...]) -> int:

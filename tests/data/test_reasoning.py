@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from loopcoder.data import reasoning as R
-from loopcoder.errors import LoopcoderError
+from loopcoder.utils.errors import LoopcoderError
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,8 @@ import torch
 from loopcoder.data import tokenizer as T
 from loopcoder.data.sft import IGNORE_INDEX, SFTDataset, collate, load_chat_jsonl, tokenize_chat
 from loopcoder.data.shards import BatchReader
-from loopcoder.errors import LoopcoderError
-from loopcoder.model import causal_lm_loss
+from loopcoder.model.modeling import causal_lm_loss
+from loopcoder.utils.errors import LoopcoderError
 
 
 @pytest.fixture(scope="module")

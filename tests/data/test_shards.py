@@ -15,7 +15,7 @@ from loopcoder.data.build import build, read_manifest
 from loopcoder.data.corpus import CorpusSpec, iter_documents
 from loopcoder.data.shards import BatchReader, ShardDataset, ShardWriter, bits_per_byte, iter_sequential
 from loopcoder.data.tokenizer import EOS_ID, encode_documents, load_raw_tokenizer
-from loopcoder.errors import LoopcoderError
+from loopcoder.utils.errors import LoopcoderError
 from support.data import data_config, make_corpus, small_build
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from loopcoder.data import tokenizer as T
 from loopcoder.data.corpus import CorpusSpec, iter_documents
-from loopcoder.errors import LoopcoderError
+from loopcoder.utils.errors import LoopcoderError
 
 UNICODE = "x = 'é漢字 ✓ 🐍'\r\n\tif a  and\tb:\n\x0c\x00  pass   \n\n\n# 0123456789 <|endoftext|> <|im_end|>\u200b"
 

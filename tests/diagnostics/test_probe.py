@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from loopcoder.config import PLTConfig
 from loopcoder.diagnostics import MEASURES, LoopProbe, diagnose, extra_loop
 from loopcoder.diagnostics import measures as M
-from loopcoder.model import PLTForCausalLM
+from loopcoder.model.config import PLTConfig
+from loopcoder.model.modeling import PLTForCausalLM
 
 VOCAB = 96
 

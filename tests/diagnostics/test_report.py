@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from loopcoder.checkpoint import load_model, save_model
 from loopcoder.cli import main
-from loopcoder.config import PLTConfig
 from loopcoder.diagnostics import DiagnosticsResult, diagnose, load_sequences, recommend, write_report
 from loopcoder.diagnostics.report import recommendation_section
-from loopcoder.errors import LoopcoderError
-from loopcoder.model import PLTForCausalLM
+from loopcoder.model.checkpoint import load_model, save_model
+from loopcoder.model.config import PLTConfig
+from loopcoder.model.modeling import PLTForCausalLM
+from loopcoder.utils.errors import LoopcoderError
 
 CODE = [
     "def add(a, b):\n    return a + b\n",

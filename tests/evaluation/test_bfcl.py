@@ -11,9 +11,9 @@ import httpx
 import pytest
 
 from loopcoder.cli import main
-from loopcoder.errors import LoopcoderError
 from loopcoder.evaluation import bfcl
 from loopcoder.serving.server import load_app
+from loopcoder.utils.errors import LoopcoderError
 from support.serving import LiveServer, build_model_dir
 
 FIRST = 3  # entries of each category that the checker tests read

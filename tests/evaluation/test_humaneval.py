@@ -6,9 +6,9 @@ import re
 
 import pytest
 
-from loopcoder.errors import LoopcoderError
 from loopcoder.evaluation import humaneval as he
 from loopcoder.evaluation.sandbox import Limits, run_program
+from loopcoder.utils.errors import LoopcoderError
 
 LIMITS = Limits(cpu_seconds=10, wall_seconds=20)
 

@@ -24,9 +24,9 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window  # noqa: E402
 
 from loopcoder.cli import main  # noqa: E402
-from loopcoder.errors import LoopcoderError  # noqa: E402
 from loopcoder.evaluation.lm_eval_backend import LoopcoderLM  # noqa: E402
-from loopcoder.runtime import load_for_inference  # noqa: E402
+from loopcoder.model.loading import load_for_inference  # noqa: E402
+from loopcoder.utils.errors import LoopcoderError  # noqa: E402
 from support.data import tiny_model_dir  # noqa: E402
 
 GEN_DOCS = [
@@ -265,7 +265,7 @@ def test_bad_model_args_are_clear_errors(setup):
 
 def test_a_tokenizer_of_other_ids_is_refused_unless_the_model_args_allow_it(setup, tmp_path):
     from loopcoder.data import tokenizer as T
-    from loopcoder.identity import TokenizerMismatch
+    from loopcoder.model.identity import TokenizerMismatch
     from support.training import SRC
 
     vocab = T.load_raw_tokenizer(setup[0]).get_vocab_size()

@@ -7,8 +7,8 @@ from math import comb
 
 import pytest
 
-from loopcoder.errors import LoopcoderError
 from loopcoder.evaluation.passk import mean_pass_at_k, pass_at_k
+from loopcoder.utils.errors import LoopcoderError
 
 
 @pytest.mark.parametrize(

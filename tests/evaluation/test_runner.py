@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from loopcoder.cli import main
-from loopcoder.errors import LoopcoderError
 from loopcoder.evaluation import humaneval, runner, tasks
 from loopcoder.evaluation.tasks import EvalSettings, wilson_interval
-from loopcoder.progress import Progress
+from loopcoder.utils.errors import LoopcoderError
+from loopcoder.utils.progress import Progress
 from support.data import tiny_model_dir
 
 
@@ -63,8 +63,8 @@ def test_full_run_on_a_tiny_model(model_and_data, tmp_path):
     assert saved["versions"]["torch"] == torch.__version__ and saved["identity"]["config_hash"]
     # bits per byte agrees with a direct computation on the same rows
     from loopcoder.data.shards import ShardDataset
-    from loopcoder.model import causal_lm_loss
-    from loopcoder.runtime import load_for_inference
+    from loopcoder.model.loading import load_for_inference
+    from loopcoder.model.modeling import causal_lm_loss
 
     model, _ = load_for_inference(str(model_dir))
     ds = ShardDataset(data, "validation")
@@ -197,7 +197,7 @@ def test_corrupt_results_file_is_a_clear_error(model_and_data, tmp_path, capsys)
 
 def test_answer_nll_is_teacher_forced_and_independent_of_batching(model_and_data):
     from loopcoder.evaluation.generation import answer_nll, encode_prompt
-    from loopcoder.runtime import load_for_inference
+    from loopcoder.model.loading import load_for_inference
 
     model_dir, _ = model_and_data
     model, tok = load_for_inference(str(model_dir))

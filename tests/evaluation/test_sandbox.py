@@ -21,7 +21,6 @@ from pathlib import Path
 
 import pytest
 
-from loopcoder.errors import LoopcoderError
 from loopcoder.evaluation import sandbox
 from loopcoder.evaluation.sandbox import (
     CodeExecutionNotAllowedError,
@@ -31,6 +30,7 @@ from loopcoder.evaluation.sandbox import (
     run_many,
     run_program,
 )
+from loopcoder.utils.errors import LoopcoderError
 
 QUICK = Limits(cpu_seconds=5, wall_seconds=10)
 AS_ROOT = os.geteuid() == 0

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from loopcoder.errors import LoopcoderError
 from loopcoder.evaluation import sandbox
 from loopcoder.evaluation.sandbox import CodeExecutionNotAllowedError, Limits, isolation_report, run_command
+from loopcoder.utils.errors import LoopcoderError
 
 QUICK = Limits(cpu_seconds=5, wall_seconds=20)
 AS_ROOT = os.geteuid() == 0

@@ -29,10 +29,10 @@ print("registered")
         "import loopcoder",  # the README's order: the package, then transformers
         "import transformers\nimport loopcoder",  # transformers first: registered at once
         "from transformers import AutoModelForCausalLM\nimport loopcoder",
-        "from loopcoder.config import PLTConfig",  # a submodule that imports transformers half-way through itself
-        "from loopcoder.model import PLTForCausalLM",
-        "from loopcoder.cache import PLTCache",
-        "from loopcoder.runtime import load_tokenizer",
+        "from loopcoder.model.config import PLTConfig",  # a submodule that imports transformers half-way through itself
+        "from loopcoder.model.modeling import PLTForCausalLM",
+        "from loopcoder.model.cache import PLTCache",
+        "from loopcoder.model.loading import load_tokenizer",
         "import loopcoder.cli\nimport transformers",  # the CLI's parsers, then a library that imports transformers
     ],
 )
@@ -51,7 +51,7 @@ assert sorted(loopcoder.__all__) == sorted(
     ["ConfigError", "IQuestPLTCoderForCausalLM", "PLTCache", "PLTConfig", "PLTForCausalLM", "PLTModel"])
 assert "PLTForCausalLM" in dir(loopcoder)
 from loopcoder import PLTForCausalLM  # now torch
-assert "torch" in sys.modules and PLTForCausalLM.__module__ == "loopcoder.model"
+assert "torch" in sys.modules and PLTForCausalLM.__module__ == "loopcoder.model.modeling"
 try:
     loopcoder.NoSuchThing
 except AttributeError as e:

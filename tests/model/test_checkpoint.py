@@ -10,10 +10,10 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import loopcoder  # noqa: F401  (registers the Auto classes)
-from loopcoder.checkpoint import CheckpointError, load_model
 from loopcoder.cli import main
-from loopcoder.config import ConfigError, PLTConfig
-from loopcoder.model import PLTForCausalLM
+from loopcoder.model.checkpoint import CheckpointError, load_model
+from loopcoder.model.config import ConfigError, PLTConfig
+from loopcoder.model.modeling import PLTForCausalLM
 from support.models import released_style_dir, tiny_config, tiny_model
 
 RELEASED_PER_LAYER = {

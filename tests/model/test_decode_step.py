@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loopcoder.cache import PLTCache, SlotCache
+from loopcoder.inference.kv.store import SlotCache
+from loopcoder.model.cache import PLTCache
 from support.models import ARCHS, tiny_model
 
 TOL = dict(rtol=1e-9, atol=1e-9)

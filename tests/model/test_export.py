@@ -20,9 +20,9 @@ import pytest
 import torch
 from transformers.dynamic_module_utils import get_imports
 
-from loopcoder.checkpoint import load_model, save_model
 from loopcoder.data import tokenizer as T
-from loopcoder.export import AUTO_MAP, ExportError, collect, export, remote_code_files
+from loopcoder.model.checkpoint import load_model, save_model
+from loopcoder.model.export import AUTO_MAP, ExportError, collect, export, remote_code_files
 from support.models import released_style_dir, tiny_model
 
 LOADER = textwrap.dedent("""
@@ -99,8 +99,8 @@ def check_loaded_standalone(out: dict, model_dir, ids) -> None:
 def test_generated_files_are_the_package_modules_with_relative_imports():
     files = remote_code_files()
     names = {m.name for m in collect()}
-    assert {"loopcoder.config", "loopcoder.model", "loopcoder.cache"} <= names
-    assert {"configuration_loopcoder.py", "modeling_loopcoder.py", "loopcoder_cache.py"} <= set(files)
+    assert {"loopcoder.model.config", "loopcoder.model.modeling", "loopcoder.model.cache"} <= names
+    assert {"configuration_loopcoder.py", "modeling_loopcoder.py", "loopcoder_model_cache.py"} <= set(files)
     for name, text in files.items():
         tree = ast.parse(text)
         for node in ast.walk(tree):

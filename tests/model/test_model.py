@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loopcoder.cache import PLTCache
-from loopcoder.model import PLTForCausalLM
+from loopcoder.model.cache import PLTCache
+from loopcoder.model.modeling import PLTForCausalLM
 from support.models import ARCHS, tiny_config, tiny_model
 from support.reference import reference_logits
 
@@ -122,7 +122,7 @@ def test_cache_holds_what_the_spec_says(arch):
 
 
 def test_released_shape_kv_overhead_matches_spec():
-    from loopcoder.config import PLTConfig
+    from loopcoder.model.config import PLTConfig
 
     base = PLTConfig(plt_num_loops=1).kv_cache_bytes(4096)
     plt2 = PLTConfig(plt_num_loops=2).kv_cache_bytes(4096)

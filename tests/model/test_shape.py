@@ -11,13 +11,13 @@ import pytest
 from loopcoder.bench.decode import DecodeBenchSettings
 from loopcoder.bench.serve import ServeBenchSettings
 from loopcoder.bench.train import TrainBenchSettings
-from loopcoder.checkpoint import write_random_model
 from loopcoder.commands import bench as bench_command
-from loopcoder.config import PLTConfig
-from loopcoder.errors import LoopcoderError
-from loopcoder.shape import ModelShape, mlp_width
+from loopcoder.model.checkpoint import write_random_model
+from loopcoder.model.config import PLTConfig
+from loopcoder.model.shape import ModelShape, mlp_width
 from loopcoder.training.config import load_config
 from loopcoder.training.run import model_config
+from loopcoder.utils.errors import LoopcoderError
 
 
 def fields(cfg: PLTConfig) -> dict:

@@ -20,7 +20,7 @@ import httpx
 import openai
 import pytest
 
-from loopcoder.runtime import load_for_inference
+from loopcoder.model.loading import load_for_inference
 from loopcoder.serving.server import load_app
 from support.serving import LiveServer, build_model_dir, scripted_app
 

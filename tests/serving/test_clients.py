@@ -14,7 +14,7 @@ import httpx
 import jsonschema
 import pytest
 
-from loopcoder.runtime import load_for_inference
+from loopcoder.model.loading import load_for_inference
 from loopcoder.serving.server import load_app
 from loopcoder.serving.tool_calls import closed_schema
 from support.serving import LiveServer, build_model_dir, scripted_app, sse_events

@@ -15,7 +15,7 @@ import time
 import httpx
 import pytest
 
-from loopcoder.runtime import load_for_inference
+from loopcoder.model.loading import load_for_inference
 from loopcoder.serving.limits import LINGER, LingeringTransport
 from support.serving import LiveServer, build_model_dir, scripted_app
 

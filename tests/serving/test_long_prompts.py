@@ -8,8 +8,8 @@ import time
 
 import torch
 
-from loopcoder.engine import Engine
-from loopcoder.sampling import SamplingParams
+from loopcoder.inference.engine import Engine
+from loopcoder.inference.sampling import SamplingParams
 from loopcoder.serving.scheduler import Job, Scheduler
 from support.models import full_recompute_greedy, tiny_model
 

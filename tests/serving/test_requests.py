@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from loopcoder.runtime import load_for_inference
+from loopcoder.model.loading import load_for_inference
 from support.serving import LiveServer, build_model_dir, scripted_app, sse_events
 
 USER = [{"role": "user", "content": "Weather in Paris?"}]

@@ -10,7 +10,7 @@ import jsonschema
 import openai
 import pytest
 
-from loopcoder.runtime import load_for_inference
+from loopcoder.model.loading import load_for_inference
 from loopcoder.serving.responses import IGNORED, ResponseStore
 from loopcoder.serving.server import load_app
 from support.serving import LiveServer, build_model_dir, scripted_app

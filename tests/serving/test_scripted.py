@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 
-from loopcoder.runtime import load_for_inference
+from loopcoder.model.loading import load_for_inference
 from support.serving import LiveServer, build_model_dir, scripted_app, sse_events
 
 CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'

@@ -12,8 +12,8 @@ import openai
 import pytest
 from pydantic import BaseModel, Field
 
-from loopcoder.errors import LoopcoderError
 from loopcoder.serving.server import load_app
+from loopcoder.utils.errors import LoopcoderError
 from support.constraints import SCHEMAS
 from support.serving import LiveServer, build_model_dir
 
@@ -121,7 +121,7 @@ def test_parse_with_a_pydantic_model(client):
 
 
 def test_json_object_is_an_object_or_an_honest_length(live, client):
-    from loopcoder.constraints import Constraint
+    from loopcoder.inference.constraints import Constraint
 
     reasons = set()
     for seed in range(4):
@@ -139,7 +139,7 @@ def test_json_object_is_an_object_or_an_honest_length(live, client):
 
 
 def test_max_tokens_too_small_gives_length_and_the_text_so_far(live, client):
-    from loopcoder.constraints import Constraint
+    from loopcoder.inference.constraints import Constraint
 
     r = client.chat.completions.create(
         model="tiny", messages=USER, max_tokens=5, response_format=json_schema_format(SCHEMAS["nested"])

@@ -15,9 +15,9 @@ import torch
 from openai.types import completion_create_params
 from openai.types.chat import completion_create_params as chat_create_params
 
-from loopcoder.engine import Engine
-from loopcoder.runtime import load_for_inference
-from loopcoder.sampling import SamplingParams
+from loopcoder.inference.engine import Engine
+from loopcoder.inference.sampling import SamplingParams
+from loopcoder.model.loading import load_for_inference
 from loopcoder.serving.protocol import ChatRequest, CompletionRequest
 from loopcoder.serving.server import load_app
 from support.serving import LiveServer, build_model_dir

@@ -8,7 +8,6 @@ import random
 import jsonschema
 import pytest
 
-from loopcoder.errors import LoopcoderError
 from loopcoder.serving.tool_calls import (
     HermesToolCallParser,
     ToolCallParser,
@@ -17,6 +16,7 @@ from loopcoder.serving.tool_calls import (
     get_tool_parser,
     parse_cut,
 )
+from loopcoder.utils.errors import LoopcoderError
 
 P = HermesToolCallParser()
 WEATHER = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": 2}}\n</tool_call>'

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import yaml
 
-from loopcoder.stats import Difference
 from loopcoder.study import Study
 from loopcoder.study.stats import compare_in_words, crossed_difference, effective_depth
+from loopcoder.utils.stats import Difference
 
 
 # ----------------------------------------------------------------------------- statements and statistics

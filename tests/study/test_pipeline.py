@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from loopcoder.cli import main
-from loopcoder.errors import LoopcoderError
-from loopcoder.stats import paired_difference, trend
 from loopcoder.study import Study, get_preset
+from loopcoder.utils.errors import LoopcoderError
+from loopcoder.utils.stats import paired_difference, trend
 
 pytestmark = pytest.mark.slow  # end-to-end: seconds each
 

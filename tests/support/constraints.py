@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from loopcoder.constraints import Constraint, GrammarCompiler, mask_logits
+from loopcoder.inference.constraints import Constraint, GrammarCompiler, mask_logits
 
 # Every string, array and number is bounded, so that even a random walk ends well within max_tokens; together
 # they cover nested objects, arrays of objects, enums, consts, numbers with bounds, booleans, nulls, required

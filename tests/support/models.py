@@ -7,8 +7,8 @@ import json
 import torch
 from safetensors.torch import save_file
 
-from loopcoder.config import PLTConfig
-from loopcoder.model import PLTForCausalLM
+from loopcoder.model.config import PLTConfig
+from loopcoder.model.modeling import PLTForCausalLM
 
 # the loop architectures by name: PLT, the vanilla looped transformer, and PLT without CLP's offset
 ARCHS = {"plt": {}, "vanilla": {"loop_architecture": "vanilla"}, "no-offset": {"plt_loop_offset": False}}

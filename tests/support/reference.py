@@ -1,7 +1,7 @@
 """A slow, obviously-correct PLT written straight from the spec (section 1), for the tests.
 
 Explicit loops over loops, positions, layers and heads, in float64, on plain tensors taken from a
-model's state dict. Nothing is shared with `loopcoder.model`: if both agree, the fast model computes
+model's state dict. Nothing is shared with `loopcoder.model.modeling`: if both agree, the fast model computes
 what the spec says.
 """
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import torch
 
-from loopcoder.engine import Engine
+from loopcoder.inference.engine import Engine
 from loopcoder.serving.background import BackgroundServer
 
 KEY = "test-key"
@@ -24,9 +24,10 @@ CONTEXT = 1024  # the tiny model's max positions, by default (a tools system pro
 def build_model_dir(out: Path, context: int = CONTEXT) -> Path:
     """A random 2-loop PLT (hidden 32) with a byte-level BPE tokenizer (vocab 400, ChatML + tools template)
     trained on this package's engine/model source: a few hundred KB, built in about a second."""
-    from loopcoder import engine, model, sampling
     from loopcoder.cli import main
     from loopcoder.data import tokenizer as T
+    from loopcoder.inference import engine, sampling
+    from loopcoder.model import modeling as model
 
     text = "".join(inspect.getsource(m) for m in (engine, model, sampling))
     tok = T.train_tokenizer((text[i : i + 2000] for i in range(0, len(text), 2000)), vocab_size=400)

@@ -8,11 +8,11 @@ import time
 
 import pytest
 
-from loopcoder.errors import LoopcoderError
 from loopcoder.swe import repo
 from loopcoder.swe.agent import SUBMIT, AgentConfig, Episode, observation
 from loopcoder.swe.chat import ContextExceededError, Reply
 from loopcoder.swe.shell import CommandResult
+from loopcoder.utils.errors import LoopcoderError
 from support.swe import LocalShell, ScriptedChat, bash_block, text_reply, tool_reply
 
 

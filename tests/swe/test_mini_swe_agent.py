@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from loopcoder.errors import LoopcoderError
 from loopcoder.swe import repo, runs, scoring
 from loopcoder.swe.agent import SUBMIT
+from loopcoder.utils.errors import LoopcoderError
 from support.serving import build_model_dir
 
 pytest.importorskip("minisweagent", reason="mini-swe-agent (the `swe` extra: pip install 'loopcoder[swe]')")

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from loopcoder.cli import main
-from loopcoder.engine import Engine
-from loopcoder.runtime import load_for_inference
+from loopcoder.inference.engine import Engine
+from loopcoder.model.loading import load_for_inference
 from loopcoder.serving.server import load_app
 from loopcoder.swe import repo, report, runs
 from loopcoder.swe.agent import SUBMIT, AgentConfig

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from loopcoder.cli import main
-from loopcoder.errors import LoopcoderError
 from loopcoder.swe import catalog, repo, taskset
+from loopcoder.utils.errors import LoopcoderError
 from support.swe import TEST_MODULES
 
 SWEBENCH_FIELDS = (

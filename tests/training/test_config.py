@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from loopcoder.cli import main
-from loopcoder.config import released_config
+from loopcoder.model.config import released_config
 from loopcoder.training.config import ConfigKeyError, TrainConfig, load_config, preset_names, valid_keys
 from loopcoder.training.run import model_config
 

@@ -16,7 +16,7 @@ import torch
 
 from loopcoder.cli import main
 from loopcoder.data import tokenizer as T
-from loopcoder.identity import read_identity, tokenizer_fingerprint
+from loopcoder.model.identity import read_identity, tokenizer_fingerprint
 from support.training import data_dir, tiny_overrides
 from support.training import one_line_error as support_one_line_error
 

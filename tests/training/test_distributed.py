@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from loopcoder.checkpoint import load_model
+from loopcoder.model.checkpoint import load_model
 from loopcoder.training.checkpoints import list_checkpoints
 from support.training import SRC, data_dir, descendants, is_running, kill_tree, read_metrics, run_cli, tiny_overrides
 

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from loopcoder.checkpoint import load_model
 from loopcoder.cli import main
 from loopcoder.data.shards import ShardDataset
-from loopcoder.errors import LoopcoderError
+from loopcoder.model.checkpoint import load_model
 from loopcoder.training import checkpoints as ckpt
+from loopcoder.utils.errors import LoopcoderError
 from support.training import (
     SRC,
     can_mount_a_tmpfs,

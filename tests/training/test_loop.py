@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from loopcoder.checkpoint import load_model
 from loopcoder.cli import main
 from loopcoder.data.shards import BatchReader
-from loopcoder.model import causal_lm_loss
+from loopcoder.model.checkpoint import load_model
+from loopcoder.model.modeling import causal_lm_loss
 from loopcoder.training import NonFiniteLoss, load_config, pretrain, sft
 from loopcoder.training import checkpoints as ckpt
 from loopcoder.training.data import pretrain_source, sft_source

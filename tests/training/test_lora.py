@@ -15,18 +15,18 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
-from loopcoder import lora
-from loopcoder.checkpoint import load_model, save_model, write_merged
 from loopcoder.cli import main
-from loopcoder.engine import Engine
-from loopcoder.errors import LoopcoderError
-from loopcoder.runtime import load_for_inference
-from loopcoder.sampling import SamplingParams
+from loopcoder.inference.engine import Engine
+from loopcoder.inference.sampling import SamplingParams
+from loopcoder.model import lora
+from loopcoder.model.checkpoint import load_model, save_model, write_merged
+from loopcoder.model.loading import load_for_inference
 from loopcoder.serving.server import load_app
 from loopcoder.training import pretrain, sft
 from loopcoder.training.checkpoints import latest_checkpoint, load_state
 from loopcoder.training.config import ConfigKeyError, load_config, lora_overrides
 from loopcoder.training.trainer import KILL_ENV
+from loopcoder.utils.errors import LoopcoderError
 from support.models import full_recompute_greedy, tiny_model
 from support.serving import LiveServer
 from support.training import data_dir, read_metrics, run_cli, tiny_overrides

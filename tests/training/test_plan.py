@@ -9,9 +9,8 @@ import torch
 
 from loopcoder.cli import main
 from loopcoder.commands.plan import parse_bytes
-from loopcoder.config import released_config
-from loopcoder.errors import LoopcoderError
-from loopcoder.model import PLTForCausalLM
+from loopcoder.model.config import released_config
+from loopcoder.model.modeling import PLTForCausalLM
 from loopcoder.training.flops import (
     activation_bytes_per_token,
     fit,
@@ -21,6 +20,7 @@ from loopcoder.training.flops import (
     plan,
     train_flops_per_token,
 )
+from loopcoder.utils.errors import LoopcoderError
 from support.models import tiny_config
 
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 
 from loopcoder.cli import main
-from loopcoder.errors import LoopcoderError
 from loopcoder.training import pretrain
 from loopcoder.training import trainer as trainer_module
 from loopcoder.training.plots import CURVES, curve_figure, plot_runs
+from loopcoder.utils.errors import LoopcoderError
 from support.training import in_process_overrides as overrides
 from support.training import read_metrics
 

@@ -7,11 +7,11 @@ import json
 import pytest
 
 from loopcoder.data.permutations import PermutationTask
-from loopcoder.errors import LoopcoderError
 from loopcoder.training import pretrain, train
 from loopcoder.training.config import TrainConfig
 from loopcoder.training.data import permutation_source
 from loopcoder.training.run import prepare
+from loopcoder.utils.errors import LoopcoderError
 
 
 def _config(out, **model) -> TrainConfig:

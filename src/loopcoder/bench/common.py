@@ -10,8 +10,8 @@ from typing import Any
 import torch
 from transformers import LlamaConfig
 
-from loopcoder.atomic import atomic_write_text
-from loopcoder.config import PLTConfig
+from loopcoder.model.config import PLTConfig
+from loopcoder.utils.atomic import atomic_write_text
 
 
 def sync(device: torch.device) -> None:

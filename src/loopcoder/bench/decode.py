@@ -25,10 +25,10 @@ from transformers import DynamicCache, LlamaForCausalLM, LogitsProcessor, Logits
 
 from loopcoder.bench.common import llama_config, machine_info, sync
 from loopcoder.bench.settings import DecodeBenchSettings
-from loopcoder.config import PLTConfig
-from loopcoder.engine import DECODE_ATTENTION, Engine
-from loopcoder.model import PLTForCausalLM
-from loopcoder.runtime import pick_device, pick_dtype
+from loopcoder.inference.engine import DECODE_ATTENTION, Engine
+from loopcoder.model.config import PLTConfig
+from loopcoder.model.modeling import PLTForCausalLM
+from loopcoder.utils.runtime import pick_device, pick_dtype
 
 
 def _free(device: torch.device) -> None:

@@ -29,9 +29,9 @@ from typing import Any
 
 from loopcoder.bench.common import cpu_name, now
 from loopcoder.bench.settings import ServeBenchSettings
-from loopcoder.checkpoint import write_random_model
 from loopcoder.data import tokenizer as T
-from loopcoder.errors import LoopcoderError
+from loopcoder.model.checkpoint import write_random_model
+from loopcoder.utils.errors import LoopcoderError
 
 
 def build_bench_model(out: str | Path, s: ServeBenchSettings) -> Path:

@@ -6,10 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from loopcoder.shape import ModelShape, mlp_width
+from loopcoder.model.shape import ModelShape, mlp_width
 
 if TYPE_CHECKING:
-    from loopcoder.config import PLTConfig
+    from loopcoder.model.config import PLTConfig
 
 
 @dataclass

@@ -23,10 +23,10 @@ from transformers import LlamaForCausalLM
 
 from loopcoder.bench.common import llama_config, machine_info, sync
 from loopcoder.bench.settings import TrainBenchSettings
-from loopcoder.config import PLTConfig
-from loopcoder.model import PLTForCausalLM
-from loopcoder.runtime import pick_device, pick_dtype
+from loopcoder.model.config import PLTConfig
+from loopcoder.model.modeling import PLTForCausalLM
 from loopcoder.training.flops import mfu, peak_flops, train_flops_per_token
+from loopcoder.utils.runtime import pick_device, pick_dtype
 
 LLAMA = "llama (transformers)"
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from loopcoder.bench.settings import DecodeBenchSettings, ServeBenchSettings, TrainBenchSettings
 from loopcoder.commands.options import add_threads_argument, int_list
-from loopcoder.errors import LoopcoderError
+from loopcoder.utils.errors import LoopcoderError
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -116,7 +116,7 @@ def _add_train_arguments(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from loopcoder.runtime import apply_threads  # here and below: the benchmarks import torch (fast --help)
+    from loopcoder.utils.runtime import apply_threads  # here and below: the benchmarks import torch (fast --help)
 
     if args.which in ("decode", "train"):
         apply_threads(args.threads)

@@ -11,10 +11,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from loopcoder.atomic import atomic_write_text
 from loopcoder.commands.options import add_threads_argument
-from loopcoder.errors import LoopcoderError
 from loopcoder.evaluation import bfcl
+from loopcoder.utils.atomic import atomic_write_text
+from loopcoder.utils.errors import LoopcoderError
 
 RESULTS_VERSION = 1  # runner.load_results checks it
 
@@ -51,10 +51,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     # here: the runner, the server and the checkpoints import torch (a fast --help)
     from loopcoder.evaluation.runner import config_hash, load_results
-    from loopcoder.runtime import apply_threads
     from loopcoder.serving.background import BackgroundServer
     from loopcoder.serving.server import api_key_from_env, load_app
     from loopcoder.training.checkpoints import resolve_model_dir
+    from loopcoder.utils.runtime import apply_threads
 
     categories = bfcl.parse_categories(args.categories)
     for name in ("limit", "concurrency", "max_batch", "max_tokens"):

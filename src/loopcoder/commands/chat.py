@@ -1,7 +1,7 @@
 """`loopcoder chat`: a multi-turn conversation in the terminal, streamed.
 
 Each turn renders the whole conversation (the `--system` prompt, every earlier turn, the new message)
-with the model's chat template, as `generate --chat` and the server do (`runtime.chat_prompt_ids`), and
+with the model's chat template, as `generate --chat` and the server do (`loading.chat_prompt_ids`), and
 prints the reply as it is decoded. A reply ends with its turn (`<|im_end|>` or end-of-text) or at
 `--max-new-tokens`. The engine keeps finished turns' K/V blocks (prefix caching), so a turn prefills
 little more than its new text.
@@ -30,7 +30,7 @@ from loopcoder.commands.options import (
     add_tokenizer_check_argument,
     sampling_params,
 )
-from loopcoder.errors import LoopcoderError
+from loopcoder.utils.errors import LoopcoderError
 
 COMMANDS_HELP = "/reset forgets the conversation, /exit ends it (or Ctrl-D)"
 
@@ -84,9 +84,10 @@ def read_lines(interactive: bool) -> Iterator[str]:
 
 def run(args: argparse.Namespace) -> int:
     # here, not at the top: they import torch, which `loopcoder chat --help` does not need
-    from loopcoder.engine import Engine
-    from loopcoder.runtime import apply_threads, chat_prompt_ids, chat_stop_ids, load_for_inference
+    from loopcoder.inference.engine import Engine
+    from loopcoder.model.loading import chat_prompt_ids, chat_stop_ids, load_for_inference
     from loopcoder.training.checkpoints import resolve_model_dir
+    from loopcoder.utils.runtime import apply_threads
 
     params = sampling_params(args)
     model_dir = resolve_model_dir(args.model)

@@ -12,10 +12,10 @@ import argparse
 import collections
 import json
 
-from loopcoder.atomic import atomic_write_text
 from loopcoder.data import reasoning
 from loopcoder.data.corpus import CorpusSpec
-from loopcoder.errors import LoopcoderError
+from loopcoder.utils.atomic import atomic_write_text
+from loopcoder.utils.errors import LoopcoderError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

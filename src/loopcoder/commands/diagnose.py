@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from loopcoder.commands.options import add_threads_argument, add_tokenizer_check_argument
-from loopcoder.errors import LoopcoderError
+from loopcoder.utils.errors import LoopcoderError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -83,13 +83,14 @@ def run(args: argparse.Namespace) -> int:
     # here, not at the top: they import torch, which `loopcoder diagnose --help` does not need
     import torch
 
-    from loopcoder.checkpoint import load_model
     from loopcoder.data.shards import read_index
     from loopcoder.diagnostics import diagnose, load_sequences, recommend, write_report
     from loopcoder.diagnostics.report import check_out_dir
-    from loopcoder.runtime import DTYPES as TORCH_DTYPES
-    from loopcoder.runtime import apply_threads, check_tokenizer, check_vocab, load_tokenizer, pick_device
+    from loopcoder.model.checkpoint import load_model
+    from loopcoder.model.loading import check_tokenizer, check_vocab, load_tokenizer
     from loopcoder.training.checkpoints import resolve_model_dir
+    from loopcoder.utils.runtime import DTYPES as TORCH_DTYPES
+    from loopcoder.utils.runtime import apply_threads, pick_device
 
     # Check every input before loading a model: a typo should cost nothing.
     if args.samples < 1:

@@ -7,7 +7,7 @@ import sys
 
 from loopcoder.commands.options import add_threads_argument, add_tokenizer_check_argument, int_list
 from loopcoder.data.reasoning import parse_steps
-from loopcoder.errors import LoopcoderError
+from loopcoder.utils.errors import LoopcoderError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -99,9 +99,9 @@ def run(args: argparse.Namespace) -> int:
     # here, not at the top: they import torch, which `loopcoder eval --help` does not need
     from loopcoder.evaluation.runner import evaluate, parse_data, parse_tasks, summary_table
     from loopcoder.evaluation.tasks import EvalSettings
-    from loopcoder.runtime import apply_threads
-    from loopcoder.sampling import SamplingParams
+    from loopcoder.inference.sampling import SamplingParams
     from loopcoder.training.checkpoints import resolve_model_dir
+    from loopcoder.utils.runtime import apply_threads
 
     tasks = parse_tasks(args.tasks)
     data_dir, data_files = parse_data(args.data)

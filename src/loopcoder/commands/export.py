@@ -1,6 +1,6 @@
 """`loopcoder export`: a model directory that loads in plain transformers (`trust_remote_code=True`).
 
-What it writes is checked first (`runtime.verify_model_dir`): weights against their recorded checksums,
+What it writes is checked first (`loading.verify_model_dir`): weights against their recorded checksums,
 a strict load, finite weights, a forward pass, and the tokenizer; a broken model is one line, exit 2,
 and nothing is written.
 """
@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 from loopcoder.commands.options import add_tokenizer_check_argument
-from loopcoder.errors import LoopcoderError
+from loopcoder.utils.errors import LoopcoderError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -48,11 +48,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from loopcoder import lora  # here: they import torch (fast --help)
-    from loopcoder.checkpoint import write_merged
-    from loopcoder.export import describe, export, left_out
-    from loopcoder.identity import tokenizer_files_dir
-    from loopcoder.runtime import verify_model_dir
+    from loopcoder.model import lora  # here: they import torch (fast --help)
+    from loopcoder.model.checkpoint import write_merged
+    from loopcoder.model.export import describe, export, left_out
+    from loopcoder.model.identity import tokenizer_files_dir
+    from loopcoder.model.loading import verify_model_dir
     from loopcoder.training.checkpoints import resolve_model_dir
 
     src = resolve_model_dir(args.model)

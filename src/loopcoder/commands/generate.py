@@ -15,10 +15,10 @@ from loopcoder.commands.options import (
     add_tokenizer_check_argument,
     sampling_params,
 )
-from loopcoder.errors import LoopcoderError
+from loopcoder.utils.errors import LoopcoderError
 
 if TYPE_CHECKING:
-    from loopcoder.constraints import Constraint
+    from loopcoder.inference.constraints import Constraint
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -44,7 +44,7 @@ def read_text(path: str, what: str) -> str:
 
 
 def constraint(args: argparse.Namespace) -> Constraint | None:
-    from loopcoder.constraints import Constraint  # here: it imports torch (fast --help)
+    from loopcoder.inference.constraints import Constraint  # here: it imports torch (fast --help)
 
     if args.json_schema:
         return Constraint.json_schema(read_text(args.json_schema, "--json-schema"))
@@ -59,9 +59,10 @@ def constraint(args: argparse.Namespace) -> Constraint | None:
 
 def run(args: argparse.Namespace) -> int:
     # here, not at the top: they import torch, which `loopcoder generate --help` does not need
-    from loopcoder.engine import Engine
-    from loopcoder.runtime import apply_threads, chat_prompt_ids, chat_stop_ids, load_for_inference
+    from loopcoder.inference.engine import Engine
+    from loopcoder.model.loading import chat_prompt_ids, chat_stop_ids, load_for_inference
     from loopcoder.training.checkpoints import resolve_model_dir
+    from loopcoder.utils.runtime import apply_threads
 
     params = sampling_params(args, constraint=constraint(args))
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()

@@ -14,11 +14,11 @@ import argparse
 from pathlib import Path
 
 import loopcoder
-from loopcoder.atomic import atomic_directory, check_output_dir
 from loopcoder.commands.options import MODEL_FLAGS, add_config_flags
-from loopcoder.errors import LoopcoderError
-from loopcoder.identity import write_identity
+from loopcoder.model.identity import write_identity
 from loopcoder.training.config import load_config
+from loopcoder.utils.atomic import atomic_directory, check_output_dir
+from loopcoder.utils.errors import LoopcoderError
 
 # The model's shape when no flag says otherwise: the tiny preset's (so that `init`'s model is the one
 # `loopcoder train --config tiny` trains), R = 2 and 4096 positions. Its MLP width belongs to its hidden size:
@@ -75,8 +75,8 @@ def _shape(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from loopcoder.checkpoint import check_fits, random_model_config, write_random_model  # torch: fast --help
     from loopcoder.data import tokenizer as T
+    from loopcoder.model.checkpoint import check_fits, random_model_config, write_random_model  # torch: fast --help
 
     out = Path(args.out)
     if args.tokenizer is not None and args.data is not None:

@@ -14,9 +14,9 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
-from loopcoder.errors import LoopcoderError
-from loopcoder.identity import OVERRIDE_FLAG
+from loopcoder.model.identity import OVERRIDE_FLAG
 from loopcoder.training.config import SECTIONS, TrainConfig
+from loopcoder.utils.errors import LoopcoderError
 
 
 @dataclass(frozen=True)
@@ -124,7 +124,7 @@ def add_threads_argument(parser: argparse.ArgumentParser | Any) -> None:
 
 
 def add_tokenizer_check_argument(parser: argparse.ArgumentParser | Any) -> None:
-    """`--allow-tokenizer-mismatch`, the override of the tokenizer fingerprint check (`runtime.check_tokenizer`)."""
+    """`--allow-tokenizer-mismatch`, the override of the tokenizer fingerprint check (`loading.check_tokenizer`)."""
     parser.add_argument(
         OVERRIDE_FLAG,
         action="store_true",
@@ -165,7 +165,7 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, max_new_tokens: int)
 
 def sampling_params(args: argparse.Namespace, **more: Any) -> Any:
     """The validated `SamplingParams` of `add_sampling_arguments`'s flags (and `more` fields)."""
-    from loopcoder.sampling import SamplingParams  # imports torch: only when a command runs
+    from loopcoder.inference.sampling import SamplingParams  # imports torch: only when a command runs
 
     return SamplingParams(
         max_new_tokens=args.max_new_tokens,

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from loopcoder.commands.options import MODEL_FLAGS, add_config_flags, config_overrides
-from loopcoder.errors import LoopcoderError
 from loopcoder.training.config import ConfigKeyError, load_config
+from loopcoder.utils.errors import LoopcoderError
 
 # Decimal units (kB, MB, GB, TB: powers of 1000) and binary ones (KiB, ..., and K, M, G, T, Ki, ..., as
 # Slurm, docker and `free -g` read them: powers of 1024).

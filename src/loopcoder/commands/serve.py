@@ -8,8 +8,14 @@ import sys
 from pathlib import Path
 
 from loopcoder.commands.options import add_threads_argument, add_tokenizer_check_argument
-from loopcoder.defaults import BODY_TIMEOUT, DEFAULT_BLOCK_SIZE, DEFAULT_STEP_TOKENS, HEADER_TIMEOUT, MAX_CONNECTIONS
-from loopcoder.errors import LoopcoderError
+from loopcoder.utils.defaults import (
+    BODY_TIMEOUT,
+    DEFAULT_BLOCK_SIZE,
+    DEFAULT_STEP_TOKENS,
+    HEADER_TIMEOUT,
+    MAX_CONNECTIONS,
+)
+from loopcoder.utils.errors import LoopcoderError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -115,7 +121,7 @@ def add_cache_arguments(p: argparse.ArgumentParser) -> None:
 
 def cache_options(args: argparse.Namespace) -> dict:
     """The `Engine` options of `add_cache_arguments`, checked (one-line errors)."""
-    from loopcoder.engine import check_cache_options  # here: it imports torch (fast --help)
+    from loopcoder.inference.engine import check_cache_options  # here: it imports torch (fast --help)
 
     if args.max_step_tokens < 0:
         raise LoopcoderError(f"--max-step-tokens must be >= 0, got {args.max_step_tokens}")
@@ -140,9 +146,9 @@ def cache_options(args: argparse.Namespace) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     # here, not at the top: they import torch and the serving stack, which `serve --help` does not need
-    from loopcoder.runtime import apply_threads
     from loopcoder.serving.server import api_key_from_env, bind, is_loopback, load_app, make_server
     from loopcoder.training.checkpoints import resolve_model_dir
+    from loopcoder.utils.runtime import apply_threads
 
     for name in ("max_batch", "max_tokens", "max_body_bytes", "max_connections"):
         if getattr(args, name) < 1:

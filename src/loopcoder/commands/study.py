@@ -8,7 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from loopcoder.commands.options import add_threads_argument, int_list
-from loopcoder.errors import LoopcoderError
+from loopcoder.utils.errors import LoopcoderError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
 def apply_study_threads(preset, threads: int | None) -> None:
     """`--threads N` for every stage: training (the preset's `train.threads`) and what runs in this process
     (evaluation, diagnostics, timing). Without it, training keeps the preset's setting."""
-    from loopcoder.runtime import apply_threads
+    from loopcoder.utils.runtime import apply_threads
 
     apply_threads(threads)
     if threads is not None:  # the presets are TrainConfig objects now, no longer mappings of dotted keys

@@ -16,13 +16,13 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from loopcoder.atomic import atomic_write_text
 from loopcoder.commands.options import add_threads_argument
-from loopcoder.errors import LoopcoderError
 from loopcoder.evaluation.sandbox import ALLOW_FLAG, CodeExecutionNotAllowedError
 from loopcoder.swe import catalog, repo, taskset
 from loopcoder.swe.settings import PROTOCOLS, AgentConfig
 from loopcoder.swe.shell import SandboxShell
+from loopcoder.utils.atomic import atomic_write_text
+from loopcoder.utils.errors import LoopcoderError
 
 if TYPE_CHECKING:
     from loopcoder.swe.chat import EngineChat
@@ -213,11 +213,12 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _engine_model(args: argparse.Namespace, identity: dict, describe: dict) -> EngineChat:
-    from loopcoder.engine import Engine
     from loopcoder.evaluation.runner import config_hash
-    from loopcoder.runtime import apply_threads, load_for_inference
+    from loopcoder.inference.engine import Engine
+    from loopcoder.model.loading import load_for_inference
     from loopcoder.swe.chat import EngineChat
     from loopcoder.training.checkpoints import resolve_model_dir
+    from loopcoder.utils.runtime import apply_threads
 
     model_dir = str(resolve_model_dir(args.model))
     apply_threads(args.threads)

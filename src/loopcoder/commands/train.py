@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 
 from loopcoder.commands.options import MODEL_FLAGS, TRAINING_FLAGS, add_config_flags, config_overrides
-from loopcoder.errors import LoopcoderError
 from loopcoder.training.config import load_config, lora_overrides, parse_override
+from loopcoder.utils.errors import LoopcoderError
 
 
 def add_arguments(p: argparse.ArgumentParser, stage: str = "pretrain") -> None:

@@ -26,14 +26,14 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from loopcoder.atomic import atomic_directory, atomic_write_text, check_output_dir
 from loopcoder.data import corpus as corpus_mod
 from loopcoder.data import tokenizer as tok_mod
 from loopcoder.data.corpus import SPLITS, CleaningStats, CorpusSpec, Document
 from loopcoder.data.shards import DEFAULT_SHARD_TOKENS, INDEX_FORMAT, INDEX_VERSION, ShardWriter, shard_dtype
-from loopcoder.errors import LoopcoderError
-from loopcoder.identity import tokenizer_fingerprint
-from loopcoder.progress import Progress
+from loopcoder.model.identity import tokenizer_fingerprint
+from loopcoder.utils.atomic import atomic_directory, atomic_write_text, check_output_dir
+from loopcoder.utils.errors import LoopcoderError
+from loopcoder.utils.progress import Progress
 
 MANIFEST_VERSION = 1
 _BUILT = {"tokenizer", "train", "validation", "token_bytes.npy", "index.json", "manifest.json"}  # what a build writes

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from loopcoder.errors import LoopcoderError
+from loopcoder.utils.errors import LoopcoderError
 
 # Always skipped when walking a directory: VCS metadata, caches, virtual environments, vendored packages.
 DEFAULT_IGNORE = (".*", "__pycache__", "node_modules", "site-packages", "dist-packages")

@@ -20,13 +20,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from loopcoder.atomic import atomic_write_text
 from loopcoder.data import corpus as corpus_mod
 from loopcoder.data.build import read_manifest
 from loopcoder.data.corpus import SPLITS, CorpusSpec, Document, iter_documents
 from loopcoder.data.tokenizer import load_raw_tokenizer
-from loopcoder.errors import LoopcoderError
-from loopcoder.progress import Progress
+from loopcoder.utils.atomic import atomic_write_text
+from loopcoder.utils.errors import LoopcoderError
+from loopcoder.utils.progress import Progress
 
 
 @dataclass

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from loopcoder.data.sft import IGNORE_INDEX
-from loopcoder.errors import LoopcoderError
+from loopcoder.utils.errors import LoopcoderError
 
 PAD_ID, BOS_ID, EOS_ID, EQ_ID = 0, 1, 2, 3
 FIRST_SYMBOL = 4

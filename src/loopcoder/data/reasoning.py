@@ -35,8 +35,8 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from loopcoder.errors import LoopcoderError
-from loopcoder.progress import Progress
+from loopcoder.utils.errors import LoopcoderError
+from loopcoder.utils.progress import Progress
 
 EVAL_SHARE = 0.2
 MAX_STEPS = 12

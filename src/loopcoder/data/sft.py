@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from loopcoder.data.corpus import iter_jsonl
-from loopcoder.errors import LoopcoderError
+from loopcoder.utils.errors import LoopcoderError
 
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant", "tool")

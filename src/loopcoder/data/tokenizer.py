@@ -27,8 +27,8 @@ import numpy as np
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer
 
-from loopcoder.atomic import atomic_write_text
-from loopcoder.errors import LoopcoderError
+from loopcoder.utils.atomic import atomic_write_text
+from loopcoder.utils.errors import LoopcoderError
 
 PAD, BOS, EOS, IM_START, IM_END, FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX = (
     "<|pad|>",

@@ -18,9 +18,9 @@ from typing import Any, TextIO
 from loopcoder.data.build import read_manifest
 from loopcoder.data.shards import ShardDataset, read_index, verify_checksums
 from loopcoder.data.tokenizer import load_raw_tokenizer
-from loopcoder.errors import LoopcoderError
-from loopcoder.identity import OVERRIDE_KEY, check_same_tokenizer, short, tokenizer_fingerprint
-from loopcoder.progress import Progress
+from loopcoder.model.identity import OVERRIDE_KEY, check_same_tokenizer, short, tokenizer_fingerprint
+from loopcoder.utils.errors import LoopcoderError
+from loopcoder.utils.progress import Progress
 
 HASH_AT_START_MAX_BYTES = 1 << 30  # 1 GiB: about a second of SHA-256 on one core
 

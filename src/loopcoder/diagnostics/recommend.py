@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from loopcoder.diagnostics.run import DiagnosticsResult
-from loopcoder.stats import Difference, mean_ci, paired_difference
+from loopcoder.utils.stats import Difference, mean_ci, paired_difference
 
 
 @dataclass

@@ -10,11 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import loopcoder
-from loopcoder.atomic import atomic_directory
 from loopcoder.diagnostics.plots import write_plots
 from loopcoder.diagnostics.recommend import Recommendation, recommend
 from loopcoder.diagnostics.run import GROUPS, MEASURES, DiagnosticsResult, Stat
-from loopcoder.errors import LoopcoderError
+from loopcoder.utils.atomic import atomic_directory
+from loopcoder.utils.errors import LoopcoderError
 
 FORMAT = "loopcoder-diagnostics/1"
 JSON_NAME, MARKDOWN_NAME, PLOTS_DIR = "diagnostics.json", "report.md", "plots"

@@ -23,9 +23,9 @@ import torch
 
 from loopcoder.data.shards import ShardDataset
 from loopcoder.diagnostics.probe import GATE_BINS, LoopProbe
-from loopcoder.errors import LoopcoderError
-from loopcoder.progress import Progress
-from loopcoder.stats import mean_ci
+from loopcoder.utils.errors import LoopcoderError
+from loopcoder.utils.progress import Progress
+from loopcoder.utils.stats import mean_ci
 
 
 # ----------------------------------------------------------------------------- the measures

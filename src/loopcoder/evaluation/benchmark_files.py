@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from loopcoder.data.corpus import iter_jsonl
-from loopcoder.errors import LoopcoderError
+from loopcoder.utils.errors import LoopcoderError
 
 EVALPLUS_FIELDS = ("task_id", "prompt", "entry_point", "canonical_solution", "base_input", "plus_input")
 CRUXEVAL_FIELDS = ("id", "code", "input", "output")

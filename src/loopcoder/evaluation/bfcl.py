@@ -34,9 +34,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from loopcoder.atomic import atomic_directory
-from loopcoder.errors import LoopcoderError
-from loopcoder.progress import Progress
+from loopcoder.utils.atomic import atomic_directory
+from loopcoder.utils.errors import LoopcoderError
+from loopcoder.utils.progress import Progress
 
 BFCL_VERSION = "2026.3.23"
 # what `load_bfcl` imports, installed without their dependencies (the checker's and convert_to_tool's own imports)
@@ -323,7 +323,7 @@ def run_categories(
 
 
 def accuracy(correct: int, n: int) -> dict[str, Any]:
-    from loopcoder.stats import wilson_interval  # numpy: not at import (the command's fast --help)
+    from loopcoder.utils.stats import wilson_interval  # numpy: not at import (the command's fast --help)
 
     return {
         "accuracy": correct / n if n else float("nan"),

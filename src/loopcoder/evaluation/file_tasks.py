@@ -22,15 +22,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from loopcoder.engine import Engine
-from loopcoder.errors import LoopcoderError
 from loopcoder.evaluation import benchmark_files as files
 from loopcoder.evaluation import checks, humaneval
 from loopcoder.evaluation.generation import complete
 from loopcoder.evaluation.passk import mean_pass_at_k
 from loopcoder.evaluation.sandbox import Checked, Limits, isolation_report, run_many
 from loopcoder.evaluation.tasks import EvalSettings, Save, task_progress
-from loopcoder.runtime import chat_stop_ids
+from loopcoder.inference.engine import Engine
+from loopcoder.model.loading import chat_stop_ids
+from loopcoder.utils.errors import LoopcoderError
 
 Prompt = str | list[dict[str, str]]
 

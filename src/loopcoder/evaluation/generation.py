@@ -6,11 +6,11 @@ from typing import Any
 
 import torch
 
-from loopcoder.engine import Engine
-from loopcoder.errors import LoopcoderError
-from loopcoder.model import causal_lm_loss
-from loopcoder.progress import Progress
-from loopcoder.sampling import SamplingParams
+from loopcoder.inference.engine import Engine
+from loopcoder.inference.sampling import SamplingParams
+from loopcoder.model.modeling import causal_lm_loss
+from loopcoder.utils.errors import LoopcoderError
+from loopcoder.utils.progress import Progress
 
 
 def encode_prompt(tokenizer: Any, prompt: str | list[dict[str, str]]) -> list[int]:

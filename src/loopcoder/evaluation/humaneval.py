@@ -18,10 +18,10 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 
-from loopcoder.errors import LoopcoderError
 from loopcoder.evaluation import channel
 from loopcoder.evaluation.passk import mean_pass_at_k
 from loopcoder.evaluation.sandbox import Checked, ExecResult, Limits, run_many
+from loopcoder.utils.errors import LoopcoderError
 
 HUMANEVAL_SIZE = 164
 

@@ -26,11 +26,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from loopcoder.engine import Engine
-from loopcoder.errors import LoopcoderError
-from loopcoder.runtime import chat_stop_ids, load_for_inference
-from loopcoder.sampling import SamplingParams
+from loopcoder.inference.engine import Engine
+from loopcoder.inference.sampling import SamplingParams
+from loopcoder.model.loading import chat_stop_ids, load_for_inference
 from loopcoder.training.checkpoints import resolve_model_dir
+from loopcoder.utils.errors import LoopcoderError
 
 try:
     from lm_eval.__main__ import cli_evaluate  # noqa: F401  (for `loopcoder lm-eval`)

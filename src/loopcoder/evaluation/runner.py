@@ -15,13 +15,13 @@ import torch
 import transformers
 
 import loopcoder
-from loopcoder.atomic import atomic_write_text
-from loopcoder.engine import Engine
-from loopcoder.errors import LoopcoderError
 from loopcoder.evaluation.file_tasks import TASKS as FILE_TASK_SPECS
 from loopcoder.evaluation.file_tasks import run_file_task
 from loopcoder.evaluation.tasks import EvalSettings, bits_per_byte, run_humaneval, run_reasoning
-from loopcoder.runtime import check_tokenizer, load_for_inference
+from loopcoder.inference.engine import Engine
+from loopcoder.model.loading import check_tokenizer, load_for_inference
+from loopcoder.utils.atomic import atomic_write_text
+from loopcoder.utils.errors import LoopcoderError
 
 BUILTIN_TASKS = ("humaneval", "reasoning", "bpb")
 FILE_TASKS = tuple(FILE_TASK_SPECS)  # humaneval+, mbpp+, cruxeval-o/-i, lcb-codegen, lcb-execution

@@ -48,8 +48,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
-from loopcoder.errors import LoopcoderError
 from loopcoder.evaluation import cgroups
+from loopcoder.utils.errors import LoopcoderError
 
 ALLOW_FLAG = "--allow-code-execution"
 

@@ -15,16 +15,16 @@ import torch
 from loopcoder.data import reasoning
 from loopcoder.data.shards import ShardDataset
 from loopcoder.data.shards import bits_per_byte as to_bpb
-from loopcoder.engine import Engine
 from loopcoder.evaluation import humaneval
 from loopcoder.evaluation.generation import answer_nll, complete
 from loopcoder.evaluation.passk import mean_pass_at_k
 from loopcoder.evaluation.sandbox import isolation_report
-from loopcoder.model import causal_lm_loss
-from loopcoder.progress import Progress
-from loopcoder.runtime import chat_stop_ids
-from loopcoder.sampling import SamplingParams
-from loopcoder.stats import mean_ci, wilson_interval
+from loopcoder.inference.engine import Engine
+from loopcoder.inference.sampling import SamplingParams
+from loopcoder.model.loading import chat_stop_ids
+from loopcoder.model.modeling import causal_lm_loss
+from loopcoder.utils.progress import Progress
+from loopcoder.utils.stats import mean_ci, wilson_interval
 
 Save = Callable[[], None]
 

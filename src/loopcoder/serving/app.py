@@ -29,11 +29,9 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from loopcoder.constraints import Constraint, ConstraintError, lark_json
-from loopcoder.defaults import BODY_TIMEOUT
-from loopcoder.errors import LoopcoderError
-from loopcoder.runtime import chat_stop_ids
-from loopcoder.sampling import SamplingParams, TokenLogprob
+from loopcoder.inference.constraints import Constraint, ConstraintError, lark_json
+from loopcoder.inference.sampling import SamplingParams, TokenLogprob
+from loopcoder.model.loading import chat_stop_ids
 from loopcoder.serving.logprobs import TokenTexts, chat_content, completion_logprobs
 from loopcoder.serving.protocol import (
     APIError,
@@ -56,6 +54,8 @@ from loopcoder.serving.tool_calls import (
     parse_cut,
     tool_call_grammar,
 )
+from loopcoder.utils.defaults import BODY_TIMEOUT
+from loopcoder.utils.errors import LoopcoderError
 
 log = logging.getLogger("loopcoder.serve")
 T = TypeVar("T")

@@ -10,9 +10,9 @@ import threading
 import time
 from typing import Any
 
-from loopcoder.errors import LoopcoderError
 from loopcoder.serving.scheduler import Scheduler
 from loopcoder.serving.server import bind, make_server
+from loopcoder.utils.errors import LoopcoderError
 
 
 class BackgroundServer:

@@ -12,7 +12,7 @@ import math
 from functools import lru_cache
 from typing import Any
 
-from loopcoder.sampling import TokenLogprob
+from loopcoder.inference.sampling import TokenLogprob
 
 FLOOR = -9999.0  # -inf (and NaN) as reported
 

@@ -30,10 +30,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from loopcoder.engine import Engine, Request
-from loopcoder.errors import LoopcoderError
-from loopcoder.sampling import SamplingParams, TokenLogprob
+from loopcoder.inference.engine import Engine, Request
+from loopcoder.inference.sampling import SamplingParams, TokenLogprob
 from loopcoder.serving.protocol import APIError
+from loopcoder.utils.errors import LoopcoderError
 
 log = logging.getLogger("loopcoder.serve")
 

@@ -13,14 +13,14 @@ from typing import Any
 
 import uvicorn
 
-from loopcoder.defaults import HEADER_TIMEOUT, MAX_CONNECTIONS
-from loopcoder.engine import Engine
-from loopcoder.errors import LoopcoderError
-from loopcoder.runtime import load_for_inference
+from loopcoder.inference.engine import Engine
+from loopcoder.model.loading import load_for_inference
 from loopcoder.serving.app import ServerSettings, create_app
 from loopcoder.serving.limits import guarded_protocol
 from loopcoder.serving.scheduler import Scheduler
 from loopcoder.serving.tool_calls import get_tool_parser
+from loopcoder.utils.defaults import HEADER_TIMEOUT, MAX_CONNECTIONS
+from loopcoder.utils.errors import LoopcoderError
 
 
 def load_app(

@@ -23,8 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from loopcoder.constraints import GrammarCompiler, lark_json, lark_text_without
-from loopcoder.errors import LoopcoderError
+from loopcoder.inference.constraints import GrammarCompiler, lark_json, lark_text_without
+from loopcoder.utils.errors import LoopcoderError
 
 
 def new_call_id() -> str:

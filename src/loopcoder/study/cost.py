@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from loopcoder.engine import Engine
-from loopcoder.sampling import SamplingParams
+from loopcoder.inference.engine import Engine
+from loopcoder.inference.sampling import SamplingParams
 
 
 def decode_latency(

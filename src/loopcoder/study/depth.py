@@ -17,10 +17,10 @@ import numpy as np
 import torch
 
 from loopcoder.data.permutations import BOS_ID, FIRST_SYMBOL, PAD_ID, PermutationRows, PermutationTask
-from loopcoder.errors import LoopcoderError
 from loopcoder.study.presets import DepthModel, DepthSettings
 from loopcoder.training import pretrain
 from loopcoder.training.data import permutation_source
+from loopcoder.utils.errors import LoopcoderError
 
 DIAG_ROWS_SEED = 1_000_003  # the diagnostics' rows: drawn apart from every run's training rows
 

@@ -12,11 +12,11 @@ from typing import Any
 import numpy as np
 
 from loopcoder.diagnostics.report import markdown_table
-from loopcoder.stats import Difference, wilson_interval
 from loopcoder.study.figures import pyplot, save
 from loopcoder.study.presets import DepthModel, DepthSettings
 from loopcoder.study.stats import compare_in_words, crossed_difference, effective_depth
 from loopcoder.training.metrics import read_metrics
+from loopcoder.utils.stats import Difference, wilson_interval
 
 COLORS = ["#4477aa", "#ee6677", "#228833", "#ccbb44", "#66ccee", "#aa3377", "#bbbbbb"]
 

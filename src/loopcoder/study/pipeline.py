@@ -28,22 +28,23 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from loopcoder.atomic import atomic_write_text
-from loopcoder.checkpoint import load_model
 from loopcoder.data import reasoning
 from loopcoder.data.build import BuildConfig, build
 from loopcoder.data.corpus import CorpusSpec
 from loopcoder.data.instructions import write_instruction_set
 from loopcoder.diagnostics import diagnose, load_sequences, recommend, write_report
-from loopcoder.errors import LoopcoderError
 from loopcoder.evaluation.runner import evaluate
 from loopcoder.evaluation.tasks import EvalSettings
-from loopcoder.runtime import load_for_inference, pick_device
+from loopcoder.model.checkpoint import load_model
+from loopcoder.model.loading import load_for_inference
 from loopcoder.study import depth as D
 from loopcoder.study.cost import decode_latency
 from loopcoder.study.presets import StudyPreset
 from loopcoder.study.report import write_study_report
 from loopcoder.training import pretrain, sft
+from loopcoder.utils.atomic import atomic_write_text
+from loopcoder.utils.errors import LoopcoderError
+from loopcoder.utils.runtime import pick_device
 
 
 def _key(*parts: Any) -> str:

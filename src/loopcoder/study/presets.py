@@ -17,9 +17,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from loopcoder.errors import LoopcoderError
 from loopcoder.training import config as C
 from loopcoder.training.config import TrainConfig, load_config
+from loopcoder.utils.errors import LoopcoderError
 
 
 @dataclass(frozen=True)

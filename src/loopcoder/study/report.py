@@ -15,12 +15,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from loopcoder.atomic import atomic_write_text
 from loopcoder.diagnostics.report import markdown_table
-from loopcoder.stats import Difference, paired_difference, trend
 from loopcoder.study.depth_report import DepthData, depth_section, percent
 from loopcoder.study.figures import pyplot, save
 from loopcoder.training.metrics import read_metrics
+from loopcoder.utils.atomic import atomic_write_text
+from loopcoder.utils.stats import Difference, paired_difference, trend
 
 DIAG_ROWS = [
     ("effective_rank", "erank"),

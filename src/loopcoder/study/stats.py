@@ -1,11 +1,11 @@
-"""The study's own statistics, on top of `loopcoder.stats`: differences paired by seed and item, the
+"""The study's own statistics, on top of `loopcoder.utils.stats`: differences paired by seed and item, the
 effective depth, and comparisons put into words that claim only what the intervals support."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from loopcoder.stats import Difference
+from loopcoder.utils.stats import Difference
 
 
 def crossed_difference(a: np.ndarray, b: np.ndarray, seed: int = 0, resamples: int = 4000) -> Difference:

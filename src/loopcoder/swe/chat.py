@@ -17,12 +17,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from loopcoder.constraints import Constraint
-from loopcoder.engine import Engine
-from loopcoder.errors import LoopcoderError
-from loopcoder.runtime import chat_stop_ids
-from loopcoder.sampling import SamplingParams
+from loopcoder.inference.constraints import Constraint
+from loopcoder.inference.engine import Engine
+from loopcoder.inference.sampling import SamplingParams
+from loopcoder.model.loading import chat_stop_ids
 from loopcoder.serving.tool_calls import HermesToolCallParser, tool_call_grammar
+from loopcoder.utils.errors import LoopcoderError
 
 
 class ContextExceededError(LoopcoderError):

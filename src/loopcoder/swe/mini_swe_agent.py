@@ -30,10 +30,10 @@ from typing import Any
 from minisweagent.exceptions import Submitted
 from pydantic import BaseModel
 
-from loopcoder.errors import LoopcoderError
 from loopcoder.evaluation.sandbox import run_command
 from loopcoder.swe.agent import SUBMIT
 from loopcoder.swe.shell import AGENT_LIMITS, COMMAND_ENV
+from loopcoder.utils.errors import LoopcoderError
 
 
 class SandboxEnvironmentConfig(BaseModel):

@@ -15,7 +15,7 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
-from loopcoder.errors import LoopcoderError
+from loopcoder.utils.errors import LoopcoderError
 
 # One author, one date, no user or system configuration: the same tree gives the same commit id anywhere.
 _IDENTITY = {

@@ -14,8 +14,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from loopcoder.errors import LoopcoderError
-from loopcoder.stats import paired_difference, wilson_interval
+from loopcoder.utils.errors import LoopcoderError
+from loopcoder.utils.stats import paired_difference, wilson_interval
 
 
 def load_run(path: str | Path) -> dict[str, Any]:

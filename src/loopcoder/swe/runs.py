@@ -23,15 +23,15 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from loopcoder.atomic import atomic_write_text
-from loopcoder.errors import LoopcoderError
 from loopcoder.evaluation.runner import load_results
 from loopcoder.evaluation.sandbox import isolation_report
-from loopcoder.progress import Progress
 from loopcoder.swe import repo, scoring
 from loopcoder.swe.agent import AgentConfig, Episode
 from loopcoder.swe.chat import ChatModel
 from loopcoder.swe.shell import Shell
+from loopcoder.utils.atomic import atomic_write_text
+from loopcoder.utils.errors import LoopcoderError
+from loopcoder.utils.progress import Progress
 
 RESULTS_VERSION = 1  # loopcoder.evaluation.runner's results layout: version, identity, ...
 PATCH_TIMEOUT_S = 60.0

@@ -37,13 +37,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loopcoder.atomic import atomic_directory, atomic_write_text
-from loopcoder.errors import LoopcoderError
-from loopcoder.progress import Progress
 from loopcoder.swe import catalog, repo, scoring, statement, testrun
 from loopcoder.swe.catalog import SourceModule
 from loopcoder.swe.mutations import KINDS, Mutation, sites
 from loopcoder.swe.shell import Shell
+from loopcoder.utils.atomic import atomic_directory, atomic_write_text
+from loopcoder.utils.errors import LoopcoderError
+from loopcoder.utils.progress import Progress
 
 TASKSET_VERSION = 1
 REPO_OWNER = "python-stdlib"

@@ -28,12 +28,12 @@ from typing import Any
 
 import torch
 
-from loopcoder import lora
-from loopcoder.atomic import atomic_directory, atomic_write_text
-from loopcoder.checkpoint import TOKENIZER_FILES
-from loopcoder.errors import LoopcoderError
-from loopcoder.identity import write_identity
-from loopcoder.model import PLTForCausalLM
+from loopcoder.model import lora
+from loopcoder.model.checkpoint import TOKENIZER_FILES
+from loopcoder.model.identity import write_identity
+from loopcoder.model.modeling import PLTForCausalLM
+from loopcoder.utils.atomic import atomic_directory, atomic_write_text
+from loopcoder.utils.errors import LoopcoderError
 
 CHECKPOINTS = "checkpoints"
 MARKER = "checkpoint.json"

@@ -22,8 +22,8 @@ from typing import Any
 
 import yaml
 
-from loopcoder.errors import LoopcoderError
-from loopcoder.shape import ModelShape
+from loopcoder.model.shape import ModelShape
+from loopcoder.utils.errors import LoopcoderError
 
 STAGES = ("pretrain", "sft")
 
@@ -33,7 +33,7 @@ class ConfigKeyError(LoopcoderError):
 
 
 # The model shape (pretraining; SFT takes the shape of its --init checkpoint): the `model.*` keys are the
-# fields of `loopcoder.config.ModelShape`, the one factory of `PLTConfig` that init and the benchmarks use too.
+# fields of `loopcoder.model.config.ModelShape`, the one factory of `PLTConfig` that init and the benchmarks use too.
 ModelSection = ModelShape
 
 

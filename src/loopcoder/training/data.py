@@ -20,8 +20,8 @@ from loopcoder.data.sft import IGNORE_INDEX, SFTDataset
 from loopcoder.data.shards import BatchReader, ShardDataset, read_index
 from loopcoder.data.tokenizer import load_tokenizer, token_byte_lengths
 from loopcoder.data.verify import check_tokenizer, verify_at_start
-from loopcoder.errors import LoopcoderError
 from loopcoder.training.config import TrainConfig
+from loopcoder.utils.errors import LoopcoderError
 
 
 class ChunkedRows:

@@ -45,8 +45,8 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
-from loopcoder.errors import LoopcoderError
 from loopcoder.training.config import TrainConfig
+from loopcoder.utils.errors import LoopcoderError
 
 # FSDP2 warns that a layer returns a view (its K/V, after a transpose); the model never writes into it.
 warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")

@@ -21,7 +21,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from loopcoder.config import PLTConfig
+from loopcoder.model.config import PLTConfig
 
 # Dense bf16 tensor-core peaks (FLOP/s) by device name fragment, from the vendors' data sheets.
 GPU_PEAK_BF16 = {

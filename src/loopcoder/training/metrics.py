@@ -1,5 +1,5 @@
 """Where training metrics go: `RUN/metrics.jsonl` and TensorBoard (`RUN/tensorboard/`); the progress
-line on stderr is `loopcoder.progress`. Only rank 0 writes.
+line on stderr is `loopcoder.utils.progress`. Only rank 0 writes.
 
 metrics.jsonl has one JSON object per line: `{"kind": "train", "step", "loss", "lr", "grad_norm",
 "tokens", "tokens_per_s", "elapsed_s"[, "mfu"]}` and `{"kind": "val", "step", "val_loss", "val_bpb",
@@ -17,8 +17,8 @@ from typing import Any
 
 from torch.utils.tensorboard import SummaryWriter
 
-from loopcoder.atomic import atomic_write_text
-from loopcoder.errors import LoopcoderError
+from loopcoder.utils.atomic import atomic_write_text
+from loopcoder.utils.errors import LoopcoderError
 
 _TB_KEYS = {
     "loss": "train/loss",

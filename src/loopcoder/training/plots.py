@@ -16,9 +16,9 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from loopcoder.atomic import atomic_write_bytes
-from loopcoder.errors import LoopcoderError
 from loopcoder.training.metrics import read_metrics
+from loopcoder.utils.atomic import atomic_write_bytes
+from loopcoder.utils.errors import LoopcoderError
 
 CURVES = "curves.png"
 PANELS = ("loss", "bits per byte", "learning rate")

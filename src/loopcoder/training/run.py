@@ -16,21 +16,26 @@ from typing import Any
 
 import torch
 
-from loopcoder import lora
-from loopcoder.atomic import atomic_write_text
-from loopcoder.checkpoint import load_model
-from loopcoder.config import PLTConfig
 from loopcoder.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
-from loopcoder.errors import LoopcoderError
-from loopcoder.identity import OVERRIDE_KEY, check_same_tokenizer, model_tokenizer_fingerprint, tokenizer_fingerprint
-from loopcoder.model import PLTForCausalLM
-from loopcoder.runtime import apply_threads, pick_dtype, quiet_libraries
+from loopcoder.model import lora
+from loopcoder.model.checkpoint import load_model
+from loopcoder.model.config import PLTConfig
+from loopcoder.model.identity import (
+    OVERRIDE_KEY,
+    check_same_tokenizer,
+    model_tokenizer_fingerprint,
+    tokenizer_fingerprint,
+)
+from loopcoder.model.modeling import PLTForCausalLM
 from loopcoder.training import checkpoints as ckpt
 from loopcoder.training import distributed as D
 from loopcoder.training.config import TrainConfig, load_config, parse_override, set_key
 from loopcoder.training.data import BatchSource, pretrain_source, sft_source
 from loopcoder.training.flops import param_counts
 from loopcoder.training.trainer import Trainer, TrainResult, seed_everything
+from loopcoder.utils.atomic import atomic_write_text
+from loopcoder.utils.errors import LoopcoderError
+from loopcoder.utils.runtime import apply_threads, pick_dtype, quiet_libraries
 
 # Keys a resumed run must share with its checkpoint (others, e.g. train.steps or eval.every, may change).
 RESUME_FIXED = ("stage", "seed", "model", "data", "lora", "train.global_batch_size")

@@ -27,11 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loopcoder import lora
 from loopcoder.data.sft import IGNORE_INDEX
-from loopcoder.errors import LoopcoderError
-from loopcoder.progress import Progress
-from loopcoder.runtime import pick_dtype
+from loopcoder.model import lora
 from loopcoder.training import checkpoints as ckpt
 from loopcoder.training import distributed as D
 from loopcoder.training.config import TrainConfig
@@ -40,6 +37,9 @@ from loopcoder.training.flops import mfu, peak_flops, train_flops_per_token
 from loopcoder.training.metrics import MetricsLogger
 from loopcoder.training.optim import build_optimizer, build_scheduler
 from loopcoder.training.plots import write_run_curves
+from loopcoder.utils.errors import LoopcoderError
+from loopcoder.utils.progress import Progress
+from loopcoder.utils.runtime import pick_dtype
 
 STATE_FORMAT = 1
 KILL_ENV = "LOOPCODER_TEST_KILL_AFTER_STEP"  # tests only: SIGKILL this process after that step
