@@ -3,10 +3,13 @@ prefill) fails that request only. And sampling survives extreme but valid parame
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
 from loopcoder.inference.engine import Engine
+from loopcoder.inference.runner import ModelRunner
 from loopcoder.inference.sampling import SamplingParams, filter_logits, make_generator, sample_next
 from loopcoder.utils.errors import LoopcoderError
 from support.models import tiny_model
@@ -18,25 +21,30 @@ def model():
     return tiny_model(dtype=torch.float32, plt_num_loops=2, eos_token_id=None)
 
 
-class PoisonedEngine(Engine):
+class PoisonedRunner(ModelRunner):
     """Gives the request whose prompt is `bad_prompt` NaN logits from its `after`-th decode step on, or
     fails its prefill (`after=None`)."""
 
-    def __init__(self, *args, bad_prompt, after=2, **kw):
-        super().__init__(*args, **kw)
+    def __init__(self, *args, bad_prompt, after):
+        super().__init__(*args)
         self.bad_prompt, self.after = bad_prompt, after
 
-    def _prefill(self, req, prefilled):
+    def prefill(self, req, n):
         if self.after is None and req.prompt_ids == self.bad_prompt:
             raise torch.OutOfMemoryError("simulated: no memory for this prompt")
-        return super()._prefill(req, prefilled)
+        return super().prefill(req, n)
 
-    def _decode(self, reqs):
-        logits = super()._decode(reqs)
+    def decode(self, reqs):
+        logits = super().decode(reqs)
         for i, r in enumerate(reqs):
             if r.prompt_ids == self.bad_prompt and self.after is not None and len(r.output_ids) >= self.after:
                 logits[i] = float("nan")
         return logits
+
+
+def PoisonedEngine(*args, bad_prompt, after=2, **kw):
+    """The real engine with a `PoisonedRunner`."""
+    return Engine(*args, runner=functools.partial(PoisonedRunner, bad_prompt=bad_prompt, after=after), **kw)
 
 
 @pytest.mark.parametrize("after", [2, None], ids=["nan-logits", "failed-prefill"])

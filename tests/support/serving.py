@@ -91,22 +91,35 @@ class LiveServer(BackgroundServer):
             time.sleep(0.02)
 
 
+class ScriptedRunner:
+    """The engine's runner with no model run: a prefill and a decode step answer with `engine`'s script."""
+
+    def __init__(self, engine: ScriptedEngine, model, config) -> None:
+        self.engine, self.model, self.mode = engine, model, config.mode
+
+    def prefill(self, req, n: int) -> torch.Tensor:
+        return self.engine._prefilled(req)
+
+    def decode(self, reqs) -> torch.Tensor:
+        return self.engine._decoded(reqs)
+
+
 class ScriptedEngine(Engine):
-    """The real engine (queue, slots, sampling, stop strings, eos, max tokens, streaming text), but the
-    model is replaced: every request's output is `script` (tokenised, then end-of-text, repeating), one
-    token per step, `delay` seconds per step. It records the prompts it received. A random model never
-    writes a tool call; this does. `replies` maps a text to the output of every prompt that contains it
+    """The real engine (queue, slots, sampling, stop strings, eos, max tokens, streaming text), but the model's
+    runner is replaced (`ScriptedRunner`): every request's output is `script` (tokenised, then end-of-text,
+    repeating), one token per step, `delay` seconds per step. It records the prompts it received. A random model
+    never writes a tool call; this does. `replies` maps a text to the output of every prompt that contains it
     (instead of `script`): an agent's tool loop, whose later prompts hold the tool's result, ends. A prompt
     containing `POISON` gets NaN logits from its second token on (a failure that belongs to one request);
-    `fail_next` makes the next decode step raise (one that belongs to all of them, as an out-of-memory
-    error would)."""
+    `fail_next` makes the next decode step raise (one that belongs to all of them, as an out-of-memory error
+    would)."""
 
     POISON = "POISON"
 
     def __init__(self, model, tokenizer, script: str = "hello", delay: float = 0.0, **kw) -> None:
-        kw.setdefault("max_step_tokens", None)  # one `_prefill` per prompt: it records the prompt
+        kw.setdefault("max_step_tokens", None)  # one prefill per prompt: it records the prompt
         kw.setdefault("prefix_caching", False)  # nothing is written to the cache that a later prompt could reuse
-        super().__init__(model, tokenizer, **kw)
+        super().__init__(model, tokenizer, runner=lambda m, cache, config: ScriptedRunner(self, m, config), **kw)
         self.delay = delay
         self.fail_next = False
         self.prompts: list[list[int]] = []
@@ -132,7 +145,8 @@ class ScriptedEngine(Engine):
         row[ids[len(req.output_ids) % len(ids)]] = 0.0
         return row
 
-    def _prefill(self, req, n):
+    def _prefilled(self, req) -> torch.Tensor:
+        """What the scripted runner answers to `req`'s prefill: the prompt recorded, its script chosen."""
         self.prompts.append(req.prompt_ids)
         prompt = self.tokenizer.decode(req.prompt_ids)
         if self.POISON in prompt:
@@ -146,7 +160,7 @@ class ScriptedEngine(Engine):
                 break
         return self._logits(req)
 
-    def _decode(self, reqs):
+    def _decoded(self, reqs) -> torch.Tensor:
         if self.fail_next:
             self.fail_next = False
             raise RuntimeError("simulated failure")

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from loopcoder.commands.options import add_threads_argument, add_tokenizer_check_argument
+from loopcoder.inference.config import EngineConfig  # no torch: the parser builds without it
 from loopcoder.utils.defaults import (
     BODY_TIMEOUT,
     DEFAULT_BLOCK_SIZE,
@@ -121,8 +122,6 @@ def add_cache_arguments(p: argparse.ArgumentParser) -> None:
 
 def cache_options(args: argparse.Namespace) -> dict:
     """The `Engine` options of `add_cache_arguments`, checked (one-line errors)."""
-    from loopcoder.inference.engine import check_cache_options  # here: it imports torch (fast --help)
-
     if args.max_step_tokens < 0:
         raise LoopcoderError(f"--max-step-tokens must be >= 0, got {args.max_step_tokens}")
     opts = dict(
@@ -135,7 +134,7 @@ def cache_options(args: argparse.Namespace) -> dict:
     if args.kv_cache_tokens is not None and args.kv_cache_tokens < 1:
         raise LoopcoderError(f"--kv-cache-tokens must be >= 1, got {args.kv_cache_tokens}")
     try:
-        check_cache_options(args.max_batch, **opts)
+        EngineConfig(max_batch=args.max_batch, **opts)  # validates
     except LoopcoderError as e:  # the engine's names, the command line's spelling
         message = str(e)
         for name in ("max_step_tokens", "max_batch", "block_size", "kv_cache_tokens"):

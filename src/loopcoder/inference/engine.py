@@ -21,10 +21,12 @@ What the engine does, every `step()`:
 - slots: decoding sequences stay packed in slots 0..n-1 (the decode step works on slices), prefilling ones
   after them; a finished one leaves and the others move up.
 
-The model is called in two places only, `_prefill` and `_decode` (a test double replaces them to script
-outputs). Requests are isolated in the shared step: what belongs to one request (its prefill, its logits, its
-sampling, its text) can fail that request only, which ends with `finish_reason="error"` and `error` set;
-the others go on. Only the decode step itself, which every running sequence shares, fails the step.
+The model is run by a `ModelRunner` (runner.py: prefill chunks, the decode step, fixed shapes, CUDA graphs,
+`torch.compile`, fused weights), called in two places only, `_prefill` and the decode step in `step` (a test
+gives the engine another runner to script outputs). Requests are isolated in the shared step: what belongs to
+one request (its prefill, its logits, its sampling, its text) can fail that request only, which ends with
+`finish_reason="error"` and `error` set; the others go on. Only the decode step itself, which every running
+sequence shares, fails the step.
 """
 
 from __future__ import annotations
@@ -33,16 +35,17 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from itertools import count
 from typing import Any
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from loopcoder.inference.constraints import GrammarCompiler, GrammarMatcher, mask_logits
+from loopcoder.inference.config import MODES, EngineConfig
+from loopcoder.inference.constraints import GrammarCompiler, mask_logits
 from loopcoder.inference.kv.paged import PagedSlotCache
 from loopcoder.inference.kv.store import SlotCache
+from loopcoder.inference.request import Completion, Event, FinishReason, Request, RequestState
+from loopcoder.inference.runner import DECODE_ATTENTION, ModelRunner
 from loopcoder.inference.sampling import (
     NOT_FINITE,
     LogitAdjustments,
@@ -56,109 +59,25 @@ from loopcoder.inference.sampling import (
 )
 from loopcoder.inference.textstream import TextStream
 from loopcoder.model.modeling import PLTForCausalLM
-from loopcoder.utils.defaults import DEFAULT_BLOCK_SIZE, DEFAULT_STEP_TOKENS
 from loopcoder.utils.errors import LoopcoderError
+
+__all__ = [
+    "DECODE_ATTENTION",
+    "MODES",
+    "Completion",
+    "Engine",
+    "EngineConfig",
+    "Event",
+    "FinishReason",
+    "ModelRunner",
+    "Request",
+    "RequestState",
+]
 
 log = logging.getLogger("loopcoder.inference.engine")
 
-MODES = ("parallel", "sequential")
-# cuDNN's SDPA builds an execution plan on the host for every new shape (~4 ms per call measured on an
-# H200), and a decode step's key length changes every step: decode on flash / memory-efficient / math.
-DECODE_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 SCORING_CHUNK = 512  # positions per prefill chunk of a request that wants its prompt's log-probabilities
-
-
-def check_cache_options(
-    max_batch: int,
-    *,
-    paged: bool = True,
-    block_size: int = DEFAULT_BLOCK_SIZE,
-    kv_cache_tokens: int | None = None,
-    prefix_caching: bool | None = None,
-    max_step_tokens: int | None = DEFAULT_STEP_TOKENS,
-) -> None:
-    """Raise a one-line `LoopcoderError` for cache and scheduling options the engine cannot run with."""
-    if max_batch < 1:
-        raise LoopcoderError(f"max_batch must be >= 1, got {max_batch}")
-    if max_step_tokens is not None and max_step_tokens <= max_batch:
-        raise LoopcoderError(
-            f"max_step_tokens must exceed max_batch ({max_batch}): decoding sequences take one "
-            f"token each and prefill needs the rest; got {max_step_tokens}"
-        )
-    if prefix_caching and not paged:
-        raise LoopcoderError("prefix caching needs the paged cache (paged=True)")
-    if block_size < 1:
-        raise LoopcoderError(f"block_size must be >= 1, got {block_size}")
-    if paged and kv_cache_tokens is not None and -(-kv_cache_tokens // block_size) < 2:
-        raise LoopcoderError(f"kv_cache_tokens must hold at least two blocks of {block_size}, got {kv_cache_tokens}")
-
-
-@dataclass(eq=False)
-class Request:
-    id: str
-    prompt_ids: list[int]
-    params: SamplingParams
-    generator: torch.Generator
-    stream: TextStream
-    stop_ids: frozenset[int]  # token ids that end the completion (not part of it)
-    grammar: GrammarMatcher | None = None  # a constrained request's parser (its end tokens also stop it)
-    adjust: LogitAdjustments | None = None  # its logit bias and penalties (with its token counts), if any
-    prompt_logprobs: list[TokenLogprob | None] | None = None  # with params.prompt_logprobs: one per prompt token
-    output_ids: list[int] = field(default_factory=list)
-    finish_reason: str | None = None  # "stop" (stop token or string, grammar complete), "length", "abort", "error"
-    error: str | None = None  # why the request failed (finish_reason "error"), in detail (for logs)
-    failure: str | None = None  # the same in one fixed phrase, safe to show a client (no internal state)
-    slot: int | None = None
-    submitted: float = field(default_factory=time.perf_counter)
-    first_token_at: float | None = None
-    finished_at: float | None = None
-    # scheduling: "waiting" (queued), "prefill", "follow" (waits for `leader`'s prefill of the same tokens), "decode"
-    state: str = "waiting"
-    tokens: list[int] = field(default_factory=list)  # what the cache must hold before decoding: the prompt (and,
-    cached: int = 0  # after a preemption, the output so far); positions the cache holds of prompt + output
-    cached_tokens: int = 0  # prompt tokens the prefix cache served at the first admission
-    leader: Request | None = None
-    followers: list[Request] = field(default_factory=list)
-    admitted: int = -1  # admission order (the latest is preempted first); -1 until first admitted
-    preemptions: int = 0
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
-
-    @property
-    def text(self) -> str:
-        return self.stream.text
-
-    @property
-    def scoring(self) -> bool:
-        """Its prompt's log-probabilities are still to be computed: every prompt position must be run (no prefix
-        cache, no shared prefill), and the logits after each one are kept."""
-        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < len(self.prompt_ids)
-
-
-@dataclass
-class Event:
-    """What one step produced for one request: newly final text and tokens, whether it ended, and why it
-    failed if it did (`error`, with finish_reason "error"). With `params.logprobs`, `logprobs` has one entry per
-    token of `token_ids`; with `params.prompt_logprobs`, the request's first event carries `prompt_logprobs`."""
-
-    request: Request
-    text: str
-    token_ids: list[int]
-    finished: bool
-    error: str | None = None
-    logprobs: list[TokenLogprob] | None = None
-    prompt_logprobs: list[TokenLogprob | None] | None = None
-
-
-@dataclass
-class Completion:
-    text: str
-    token_ids: list[int]
-    finish_reason: str
-    prompt_tokens: int
-    error: str | None = None
+RunnerFactory = Callable[[PLTForCausalLM, SlotCache, EngineConfig], ModelRunner]
 
 
 class Engine:
@@ -168,76 +87,50 @@ class Engine:
     queued requests into free slots, prefills prompts in chunks, then decodes one token for every
     decoding sequence. `num_running`, `num_waiting`, `steps`, `decoded` and `cache_stats()` describe its load.
 
-    The cache: `paged=True` keeps the full stores in blocks of `block_size` positions from one pool of
-    `kv_cache_tokens` positions (default: `max_batch * max_seq_len`, the old preallocation), shared by every
-    sequence, with prefix caching (`prefix_caching`, on by default); `paged=False` preallocates
-    `max_seq_len` positions per slot (`SlotCache`). `max_step_tokens` is the per-step token budget (decoding
-    tokens plus prefill chunks); None prefills every prompt in one piece.
+    What it runs with is an `EngineConfig` (cache and scheduling options, validated in one place):
+    `Engine(model, tokenizer, EngineConfig(max_batch=8))`, or the same options as keywords,
+    `Engine(model, tokenizer, max_batch=8)` (they replace the fields of `config`, or of the defaults).
+    `runner` makes the `ModelRunner` that runs the model (`runner(model, cache, config)`; a test's fake one
+    scripts outputs).
     """
 
     def __init__(
         self,
         model: PLTForCausalLM,
         tokenizer: Any = None,
+        config: EngineConfig | None = None,
         *,
-        max_batch: int = 8,
-        max_seq_len: int | None = None,
-        mode: str = "parallel",
-        fuse: bool = True,
-        static_shapes: bool = False,
-        compile: bool = False,
-        cuda_graphs: bool = False,
-        paged: bool = True,
-        block_size: int = DEFAULT_BLOCK_SIZE,
-        kv_cache_tokens: int | None = None,
-        prefix_caching: bool | None = None,
-        max_step_tokens: int | None = DEFAULT_STEP_TOKENS,
+        runner: RunnerFactory = ModelRunner,
+        **options: Any,
     ) -> None:
-        if mode not in MODES:
-            raise LoopcoderError(f"mode must be one of {MODES}, got {mode!r}")
-        check_cache_options(
-            max_batch,
-            paged=paged,
-            block_size=block_size,
-            kv_cache_tokens=kv_cache_tokens,
-            prefix_caching=prefix_caching,
-            max_step_tokens=max_step_tokens,
+        self.engine_config = opts = (
+            EngineConfig.from_options(config, **options) if options else config or EngineConfig()
         )
-        self.model = model.eval()
         self.tokenizer = tokenizer
         self.config = cfg = model.config
-        self.mode = mode
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
-        self.max_seq_len = min(max_seq_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
-        self.max_step_tokens = max_step_tokens
-        if paged:
-            blocks = None if kv_cache_tokens is None else -(-kv_cache_tokens // block_size)
+        self.max_seq_len = min(opts.max_seq_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        self.max_step_tokens = opts.max_step_tokens
+        if opts.paged:
+            blocks = None if opts.kv_cache_tokens is None else -(-opts.kv_cache_tokens // opts.block_size)
             self.cache: SlotCache = PagedSlotCache(
                 cfg,
-                max_batch,
+                opts.max_batch,
                 self.max_seq_len,
                 self.dtype,
                 self.device,
-                block_size=block_size,
+                block_size=opts.block_size,
                 num_blocks=blocks,
-                prefix_caching=prefix_caching is not False,
+                prefix_caching=opts.prefix_caching is not False,
             )
         else:
-            self.cache = SlotCache(cfg, max_batch, self.max_seq_len, self.dtype, self.device)
+            self.cache = SlotCache(cfg, opts.max_batch, self.max_seq_len, self.dtype, self.device)
         eos = cfg.eos_token_id if isinstance(cfg.eos_token_id, list) else [cfg.eos_token_id]
         self.eos_ids = {e for e in eos if e is not None}
         # constrained decoding: grammars compiled once per constraint, shared by the requests that use it
         self.grammars = GrammarCompiler(tokenizer, cfg.vocab_size) if tokenizer is not None else None
-        if fuse:  # fused projections, oneDNN-prepacked on CPU: all loop rows for the price of ~one
-            model.prepare_for_inference(pack=not compile)  # inductor prepacks weights itself
-        # compiled steps and CUDA graphs want one shape: every slot, the full cache length
-        self.static_shapes = static_shapes or cuda_graphs or compile
-        if cuda_graphs and self.device.type != "cuda":
-            raise LoopcoderError("cuda_graphs needs a CUDA device")
-        self.cuda_graphs = cuda_graphs
-        self._graphs: dict[str, tuple] = {}  # mode -> (graph, its input tokens, live mask, output logits)
-        self._core = torch.compile(self._decode_core, dynamic=False) if compile else self._decode_core
+        self.runner = runner(model, self.cache, opts)
         self._active: list[Request] = []  # slot i holds _active[i]: decoding requests first
         self._queue: deque[Request] = deque()
         self._leaders: dict[tuple[int, ...], Request] = {}  # tokens being prefilled -> the request doing it
@@ -248,6 +141,21 @@ class Engine:
         self.counters = dict.fromkeys(("prefill_chunks", "prefill_tokens", "preemptions", "forks"), 0)
 
     # ------------------------------------------------------------------ public API
+    @property
+    def model(self) -> PLTForCausalLM:
+        return self.runner.model
+
+    @property
+    def mode(self) -> str:
+        """ "parallel" or "sequential" (see `EngineConfig`); may be changed between steps."""
+        return self.runner.mode
+
+    @mode.setter
+    def mode(self, mode: str) -> None:
+        if mode not in MODES:
+            raise LoopcoderError(f"mode must be one of {MODES}, got {mode!r}")
+        self.runner.mode = mode
+
     @property
     def max_batch(self) -> int:
         return self.cache.max_batch
@@ -333,7 +241,7 @@ class Engine:
         self._release_finished()  # sequences that ended at their first token leave before the step
         decoding = self._reserve_decode(events)  # again: a prompt just prefilled decodes its next position now
         if decoding:
-            logits = self._decode(decoding)
+            logits = self.runner.decode(decoding)
             self._sample(decoding, logits, events)
             self.steps += 1
             self.decoded += len(logits)
@@ -382,7 +290,7 @@ class Engine:
         for slot, length in enumerate(self.cache.lengths[:n].tolist()):
             if not self.cache.reserve(slot, length + 1):
                 raise LoopcoderError(f"the KV cache has no room for slot {slot}'s next token")
-        return self._run_decode(tokens, n)
+        return self.runner.decode_slots(tokens, n)
 
     # ------------------------------------------------------------------ admission
     def _admit(self) -> None:
@@ -395,14 +303,14 @@ class Engine:
             self._active.append(req)
             leader = None if req.scoring else self._leaders.get(tuple(req.tokens))
             if leader is not None:  # the same tokens are being prefilled: fork that cache when it is done
-                req.state, req.leader, req.cached = "follow", leader, 0
+                req.state, req.leader, req.cached = RequestState.FOLLOW, leader, 0
                 leader.followers.append(req)
             else:
                 self._start_prefill(req)
 
     def _start_prefill(self, req: Request) -> None:
         """Start `req`'s prefill in its (empty) slot, from the longest cached prefix of its tokens."""
-        req.state, req.leader = "prefill", None
+        req.state, req.leader = RequestState.PREFILL, None
         req.cached = 0 if req.scoring else self.cache.attach(req.slot, req.tokens)
         if req.preemptions == 0 and not req.output_ids:
             req.cached_tokens = req.cached
@@ -411,7 +319,7 @@ class Engine:
     # ------------------------------------------------------------------ blocks and preemption
     def _decoding(self) -> list[Request]:
         n = 0
-        while n < len(self._active) and self._active[n].state == "decode":
+        while n < len(self._active) and self._active[n].state == RequestState.DECODE:
             n += 1
         return self._active[:n]
 
@@ -440,7 +348,7 @@ class Engine:
         group, req.followers = [req, *req.followers], []  # its followers go too: none starts a prefill of its own
         for f in group:
             self._drop(f)
-            f.state, f.slot, f.cached, f.leader, f.followers = "waiting", None, 0, None, []
+            f.state, f.slot, f.cached, f.leader, f.followers = RequestState.WAITING, None, 0, None, []
             f.tokens = f.prompt_ids + f.output_ids
             f.preemptions += 1
             self.counters["preemptions"] += 1
@@ -465,7 +373,9 @@ class Engine:
 
     def _pack(self) -> None:
         """Slots follow `_active`: decoding requests first, in order, then the others."""
-        order = [r for r in self._active if r.state == "decode"] + [r for r in self._active if r.state != "decode"]
+        order = [r for r in self._active if r.state == RequestState.DECODE] + [
+            r for r in self._active if r.state != RequestState.DECODE
+        ]
         self.cache.reorder([r.slot for r in order])
         for i, r in enumerate(order):
             r.slot = i
@@ -475,7 +385,7 @@ class Engine:
     def _prefill_chunks(self, budget: int | None, events: list[Event], progress: bool) -> None:
         """Prefill chunks in admission order while the budget lasts (None: whole prompts). If nothing at all can
         run (no decoding, no room for any chunk), the latest prefilling request is preempted to make room."""
-        for req in [r for r in self._active if r.state == "prefill"]:
+        for req in [r for r in self._active if r.state == RequestState.PREFILL]:
             if req.finished or req.slot is None:
                 continue
             n = len(req.tokens) - req.cached
@@ -494,7 +404,7 @@ class Engine:
             if budget is not None:
                 budget -= n
         if not progress:
-            prefilling = [r for r in self._active if r.state == "prefill"]
+            prefilling = [r for r in self._active if r.state == RequestState.PREFILL]
             if len(prefilling) > 1:
                 self._preempt(max(prefilling, key=lambda r: r.admitted))
 
@@ -509,20 +419,20 @@ class Engine:
         self._advance(req, n)
         if req.cached < len(req.tokens):
             return
-        req.state = "decode"
+        req.state = RequestState.DECODE
         if self._leaders.get(tuple(req.tokens)) is req:
             del self._leaders[tuple(req.tokens)]
         followers, req.followers = req.followers, []
         for f in followers:
             f.leader = None
             if self.cache.fork(req.slot, f.slot):
-                f.state, f.cached = "decode", req.cached
+                f.state, f.cached = RequestState.DECODE, req.cached
                 self.counters["forks"] += 1
             else:
                 self._start_prefill(f)
         self._pack()
         ready = []
-        for r in [req] + [f for f in followers if f.state == "decode"]:
+        for r in [req] + [f for f in followers if f.state == RequestState.DECODE]:
             if r.params.max_new_tokens == 0:  # a prompt scored, nothing to generate
                 self._finish_unsampled(r, events)
             else:
@@ -551,10 +461,9 @@ class Engine:
     def _prefill(self, req: Request, n: int) -> torch.Tensor:
         """Prefill the next `n` of `req`'s tokens into its slot; the next-token logits (vocab,) after them. A
         scoring request also records the log-probabilities of the prompt tokens these positions predict."""
-        ids = torch.tensor(req.tokens[req.cached : req.cached + n], device=self.device)
+        logits = self.runner.prefill(req, n)
         if not req.scoring:
-            return self.model.prefill_chunk(ids, self.cache.chunk(req.slot))
-        logits = self.model.prefill_chunk(ids, self.cache.chunk(req.slot), every_position=True)
+            return logits
         self._record_prompt_logprobs(req, logits)
         return logits[-1]
 
@@ -569,52 +478,6 @@ class Engine:
         k = req.params.prompt_logprobs
         rows = logits[skip : skip + len(targets)]
         req.prompt_logprobs += pick_logprobs(log_probs(rows), targets, [k] * len(targets))
-
-    # ------------------------------------------------------------------ the decode step
-    def _decode(self, reqs: list[Request]) -> torch.Tensor:
-        """Next-token logits (n, vocab) of the decoding requests, which hold slots 0..n-1 in order."""
-        tokens = torch.tensor([r.output_ids[-1] for r in reqs], device=self.device)
-        return self._run_decode(tokens, len(reqs))
-
-    def _run_decode(self, tokens: torch.Tensor, n: int) -> torch.Tensor:
-        with sdpa_kernel(DECODE_ATTENTION):
-            if not self.static_shapes:
-                return self._core(tokens, n, None)
-            # fixed shapes (every slot, the full length) so the step can be captured as a CUDA graph
-            c = self.cache
-            full = torch.zeros(c.max_batch, dtype=tokens.dtype, device=self.device)
-            full[:n] = tokens
-            live = torch.zeros(c.max_batch, dtype=torch.bool, device=self.device)
-            live[:n] = True
-            if self.cuda_graphs:
-                return self._graph_step(full, live)[:n]
-            return self._core(full, c.max_batch, live)[:n]
-
-    def _decode_core(self, tokens: torch.Tensor, n: int, live: torch.Tensor | None) -> torch.Tensor:
-        step = self.cache.begin_step(n, live)
-        return self.model.decode_step(tokens, self.cache, step, parallel=self.mode == "parallel")
-
-    def _graph_step(self, tokens: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
-        """Replay a captured CUDA graph of the fixed-shape step (captured on first use, one per mode)."""
-        c = self.cache
-        if self.mode not in self._graphs:
-            g_tokens, g_live = tokens.clone(), live.clone()
-            saved = c.snapshot()
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):  # warm up outside the graph (rewrites this step's K/V, same values)
-                self._decode_core(g_tokens, c.max_batch, g_live)
-            torch.cuda.current_stream().wait_stream(stream)
-            c.restore(saved)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                g_out = self._decode_core(g_tokens, c.max_batch, g_live)
-            self._graphs[self.mode] = (graph, g_tokens, g_live, g_out)
-        graph, g_tokens, g_live, g_out = self._graphs[self.mode]
-        g_tokens.copy_(tokens)
-        g_live.copy_(live)
-        graph.replay()
-        return g_out
 
     # ------------------------------------------------------------------ sampling and bookkeeping
     def _sample(self, reqs: list[Request], logits: torch.Tensor, events: list[Event]) -> None:
