@@ -182,13 +182,12 @@ class Engine:
         bad = [t for t in prompt_ids if not 0 <= t < self.config.vocab_size]
         if bad:
             raise LoopcoderError(f"token id {bad[0]} is outside the vocabulary (size {self.config.vocab_size})")
-        if isinstance(self.cache, PagedSlotCache):
-            capacity = self.cache.pool.capacity * self.cache.block_size
-            if len(prompt_ids) + 1 > capacity:
-                raise LoopcoderError(
-                    f"the prompt has {len(prompt_ids)} tokens; the KV cache holds {capacity} "
-                    f"(prompt plus at least one new token)"
-                )
+        capacity = self.cache.capacity()
+        if capacity is not None and len(prompt_ids) + 1 > capacity:
+            raise LoopcoderError(
+                f"the prompt has {len(prompt_ids)} tokens; the KV cache holds {capacity} "
+                f"(prompt plus at least one new token)"
+            )
         stop_ids = (
             frozenset()
             if params.ignore_eos
@@ -451,11 +450,7 @@ class Engine:
     def _advance(self, req: Request, n: int) -> None:
         """`req`'s cache holds `n` more positions: enter its newly full blocks in the prefix cache."""
         req.cached += n
-        if (
-            req.slot is not None
-            and self.cache.prefix_caching
-            and req.cached // self.cache.block_size > len(self.cache.entries[req.slot])
-        ):
+        if req.slot is not None and self.cache.has_uncommitted(req.slot, req.cached):
             self.cache.commit(req.slot, req.prompt_ids + req.output_ids)
 
     def _prefill(self, req: Request, n: int) -> torch.Tensor:

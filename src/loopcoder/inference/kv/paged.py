@@ -227,7 +227,13 @@ class PagedSlotCache(SlotCache):
         t = self.tables[slot]
         return len(t) >= nb and t[nb - 1] - t[0] == nb - 1 and all(t[j + 1] == t[j] + 1 for j in range(nb - 1))
 
+    def capacity(self) -> int:
+        return self.pool.capacity * self.block_size
+
     # -- the prefix cache ---------------------------------------------------------------------------------
+    def has_uncommitted(self, slot: int, length: int) -> bool:
+        return self.prefix_caching and length // self.block_size > len(self.entries[slot])
+
     def _resumable(self, entries: list[Entry]) -> int:
         """How many of the matched blocks a sequence can resume after (the deepest boundary with a snapshot
         for PLT with rings; any for the vanilla looped transformer and R = 1)."""

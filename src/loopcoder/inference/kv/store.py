@@ -181,7 +181,15 @@ class SlotCache:
             t[dst] = t[src]
         return True
 
+    def capacity(self) -> int | None:
+        """Positions the whole cache holds for all sequences together (None: each slot holds `max_len`)."""
+        return None
+
     # -- the prefix cache (only `PagedSlotCache` has one) --------------------------------------------------
+    def has_uncommitted(self, slot: int, length: int) -> bool:
+        """Whether `length` positions of `slot` fill blocks not yet entered in the prefix cache (`commit`)."""
+        return False
+
     def attach(self, slot: int, tokens: list[int]) -> int:
         """Start `slot`'s sequence from the longest cached prefix of `tokens`; the tokens it covers."""
         return 0
