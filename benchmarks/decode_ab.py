@@ -10,6 +10,11 @@ ratio B / A of the two round medians, with the spread of those ratios, in wall t
 machine: time spent descheduled does not count).
 
     PYTHONPATH=src python3 benchmarks/decode_ab.py --a /path/to/old/src --b src --threads 1
+    PYTHONPATH=src python3 benchmarks/decode_ab.py --before 16243ec --threads 1   # A: that revision's src/
+
+`--before REV` extracts a git revision's `src/` to a temporary directory as tree A (B: this checkout's
+`src/` unless `--b` says otherwise). The workers import only what every revision has (`loopcoder.bench.decode`
+and the package's lazy `loopcoder.PLTForCausalLM`), so trees before and after a move of modules compare.
 """
 
 from __future__ import annotations
@@ -20,14 +25,20 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
+
+from cli_startup import extract  # a revision's src/, as the start-up benchmark extracts it
 
 
 def worker(args: argparse.Namespace) -> None:
     import torch
 
+    import loopcoder
     from loopcoder.bench.decode import DecodeBenchSettings, EngineTimer, build_model
-    from loopcoder.model.modeling import PLTForCausalLM
+
+    PLTForCausalLM = loopcoder.PLTForCausalLM  # the lazy export: every revision has it, wherever the module is
 
     torch.set_num_threads(args.threads)
     shape = json.loads(args.shape)
@@ -68,8 +79,9 @@ def worker(args: argparse.Namespace) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--a", required=True, help="source tree A (the 'before'), e.g. a worktree's src")
-    ap.add_argument("--b", required=True, help="source tree B (the 'after')")
+    ap.add_argument("--a", help="source tree A (the 'before'), e.g. a worktree's src")
+    ap.add_argument("--b", help="source tree B (the 'after'; default with --before: this checkout's src)")
+    ap.add_argument("--before", help="git revision whose src/ is tree A (extracted to a temporary directory)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--batches", type=lambda x: [int(v) for v in x.split(",")], default=[1, 8])
     ap.add_argument("--contexts", type=lambda x: [int(v) for v in x.split(",")], default=[512, 2048])
@@ -84,6 +96,16 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.before:
+            args.a = str(extract(args.before, Path(tmp)))
+            args.b = args.b or str(Path(__file__).resolve().parents[1] / "src")
+        if not (args.a and args.b):
+            ap.error("give --a and --b, or --before REV")
+        compare(args)
+
+
+def compare(args: argparse.Namespace) -> None:
     fwd = [
         "--threads",
         str(args.threads),
