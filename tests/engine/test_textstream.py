@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from loopcoder.textstream import TextStream
+from support.whole_streams import WholeTextStream
 
 
 class ByteTokenizer:
@@ -104,39 +105,6 @@ def test_nothing_follows_a_stop():
 
 
 # ------------------------------------------------------------------- incremental decoding against the old whole
-class WholeTextStream:
-    """The algorithm before incremental decoding, kept as the reference: every push decodes all the ids."""
-
-    def __init__(self, tokenizer, stop=()):
-        self.tokenizer, self.stop = tokenizer, list(stop)
-        self.hold = max(map(len, self.stop), default=0)
-        self.ids, self.text, self.stopped, self.emitted = [], "", False, 0
-
-    def push(self, token_id):
-        if self.stopped:
-            raise ValueError("the text already ended at a stop string")
-        self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=False)
-        if self.stop:
-            start = max(0, len(self.text) - self.hold)
-            hits = [i for i in (text.find(s, start) for s in self.stop) if i >= 0]
-            if hits:
-                text, self.stopped = text[: min(hits)], True
-        self.text = text
-        return self.stopped
-
-    def take(self, final=False):
-        end = len(self.text)
-        if not (final or self.stopped):
-            if self.text.endswith("\ufffd"):
-                end -= 1
-            if self.hold:
-                end = max(self.emitted, end - (self.hold - 1))
-        piece = self.text[self.emitted : end]
-        self.emitted = max(self.emitted, end)
-        return piece
-
-
 SAMPLES = [
     "def héllo(wörld):\n    return '日本語' + \"🙂\" * 3  # ünïcode\n",
     "for i in range(10):\n    print(f'{i}: ✓ ≤ ≥ → ←')\n",

@@ -11,14 +11,13 @@ import pytest
 from loopcoder.errors import LoopcoderError
 from loopcoder.serving.tool_calls import (
     HermesToolCallParser,
-    ParsedOutput,
     ToolCallParser,
     ToolCallStream,
-    _open_call,
     closed_schema,
     get_tool_parser,
     parse_cut,
 )
+from support.whole_streams import WholeToolCallStream
 
 P = HermesToolCallParser()
 WEATHER = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": 2}}\n</tool_call>'
@@ -271,50 +270,6 @@ def test_tool_parameters_are_closed_where_they_do_not_say_otherwise():
 
 
 # ------------------------------------------------------------------ block-by-block streaming against the old whole
-class WholeToolCallStream:
-    """The stream before block-by-block parsing, kept as the reference: `calls()` parses the whole buffer again."""
-
-    def __init__(self, parser):
-        self.parser, self._held, self._buffer, self._sent, self._checked = parser, "", None, 0, 0
-
-    def calls(self):
-        if self._buffer is None or len(self._buffer) == self._checked:
-            return []
-        self._checked = len(self._buffer)
-        found = self.parser.parse(self._buffer).tool_calls
-        new, self._sent = found[self._sent :], len(found)
-        return new
-
-    def feed(self, text):
-        if self._buffer is not None:
-            self._buffer += text
-            return ""
-        held = self._held + text
-        marker = self.parser.start_marker
-        at = held.find(marker)
-        if at >= 0:
-            head = held[:at]
-            out = head.rstrip()
-            self._buffer = head[len(out) :] + held[at:]
-            self._held = ""
-            return out
-        keep = next((k for k in range(min(len(held), len(marker) - 1), 0, -1) if held.endswith(marker[:k])), 0)
-        head = held[: len(held) - keep]
-        out = head.rstrip()
-        self._held = held[len(out) :]
-        return out
-
-    def finish(self, cut=False):
-        if self._buffer is None:
-            return ParsedOutput(self._held)
-        if not cut:
-            parsed = self.parser.parse(self._buffer)
-            return ParsedOutput(parsed.content or "", parsed.tool_calls[self._sent :])
-        calls = self.parser.parse(self._buffer).tool_calls
-        open_call = _open_call(self.parser, self._buffer)
-        return ParsedOutput("", calls[self._sent :] + ([open_call] if open_call else []))
-
-
 class WithoutEndMarker:
     """Hermes without `end_marker`: the stream cannot read it block by block, so it parses the whole buffer."""
 
