@@ -6,9 +6,7 @@ import os
 import re
 import signal
 import socket
-import subprocess
 import sys
-import threading
 import time
 
 import httpx
@@ -21,7 +19,7 @@ from loopcoder.bench.serve import ServeBenchSettings, format_report, run_serve_b
 from loopcoder.cli import main
 from loopcoder.serving.background import BackgroundServer
 from loopcoder.serving.server import load_app
-from support.serving import build_model_dir
+from support.serving import ServeProcess, build_model_dir
 
 
 @pytest.fixture(scope="module")
@@ -59,40 +57,10 @@ def test_bad_arguments_are_one_line_errors(model_dir, capsys):
 @pytest.mark.slow
 def test_a_server_process_serves_and_stops_cleanly_on_sigterm(model_dir):
     env = {**os.environ, "LOOPCODER_API_KEY": "from-env"}
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "loopcoder",
-            "serve",
-            "--model",
-            str(model_dir),
-            "--port",
-            "0",
-            "--log-level",
-            "warning",
-            "--grace",
-            "30",
-        ],
-        stderr=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        text=True,
-        env=env,
-    )
-    lines: list[str] = []
-    ready = threading.Event()
-
-    def read() -> None:
-        for line in proc.stderr:
-            lines.append(line)
-            if "/v1 (" in line:
-                ready.set()
-        ready.set()
-
-    threading.Thread(target=read, daemon=True).start()
+    server = ServeProcess(model_dir, "--grace", "30", env=env)
+    proc, lines = server.proc, server.lines
     try:
-        assert ready.wait(120), "".join(lines)
-        port = int(re.search(r"127\.0\.0\.1:(\d+)/v1", lines[0]).group(1))
+        port = server.start(120)
         assert "API key required" in lines[0]
         url = f"http://127.0.0.1:{port}"
         client = openai.OpenAI(base_url=url + "/v1", api_key="from-env", max_retries=0, timeout=60)
