@@ -1,20 +1,15 @@
-"""Agentic serving on the engine: long prompts repeating earlier prefixes (chunked prefill, prefix caching, paging).
+"""Engine-level parts of agentic serving: chunked prefill's effect on running streams, and what paging costs a
+decode step. The agents' workload itself (time to first token, tokens/s, prefix hit rate and K/V in use, with
+prefix caching and without) moved to `loopcoder bench serve --workload agentic`, over HTTP.
 
-Three measurements, each paired in one run (the machine is shared; ratios are what to read), through the
-engine's public API (`add_request`, `step`, `cache_stats`), on a random model of `loopcoder init`'s default
-shape (4 layers, 256 wide, PLT-2, window 64):
+Each measurement is paired in one run (the machine is shared; ratios are what to read), through the engine's
+public API, on a random model of `loopcoder init`'s default shape (4 layers, 256 wide, PLT-2, window 64):
 
-1. ttft: a cold `--prompt`-token prompt, then the same prompt plus one line (`--line` tokens): time to first
-   token of each, with prefix caching and without (median of `--rounds` rounds, fresh prompts each round).
-2. gaps: `--streams` sequences decode; a `--prompt`-token prompt arrives. The running streams' inter-token gaps
+1. gaps: `--streams` sequences decode; a `--prompt`-token prompt arrives. The running streams' inter-token gaps
    from its arrival to its first token, with the prompt prefilled in one piece (`max_step_tokens=None`, the old
    engine) and in chunks (the default budget of 256 tokens a step, and 64): median, p99 and max gap, against
    the median gap before it arrived (decode steps alone).
-3. agents: `--agents` agents run `--turns` turns at once; each turn's prompt is the agent's previous prompt,
-   its output and a tool result (`--tool` tokens), after a shared system prompt (`--system` tokens). Time to
-   first token, generated tokens/s, the prefix hit rate, and K/V memory (peak in use) against the old
-   preallocation (`max_batch x max_seq_len` per slot), with prefix caching and without.
-4. decode (not run by default): a decode step of 8 sequences at contexts 256 and 1024, paged against
+2. decode (not run by default): a decode step of 8 sequences at contexts 256 and 1024, paged against
    preallocated (`--parts decode`).
 
     PYTHONPATH=src python3 benchmarks/agentic.py --threads 1 [--out benchmarks/results/agentic.json]
@@ -58,37 +53,6 @@ def build_model(loops: int) -> PLTForCausalLM:
 
 def tokens(rng: random.Random, n: int) -> list[int]:
     return [rng.randrange(3, VOCAB) for _ in range(n)]
-
-
-def first_token_time(engine: Engine, prompt: list[int]) -> float:
-    t = time.perf_counter()
-    req = engine.add_request(prompt, SamplingParams(max_new_tokens=1, ignore_eos=True))
-    while not req.output_ids:
-        engine.step()
-    while engine.has_work():
-        engine.step()
-    return time.perf_counter() - t
-
-
-def ttft(model: PLTForCausalLM, args: argparse.Namespace) -> dict:
-    out: dict = {}
-    for caching in (True, False):
-        engine = Engine(model, max_batch=4, max_seq_len=args.max_seq_len, prefix_caching=caching)
-        first_token_time(engine, tokens(random.Random(99), 300))  # warm-up
-        cold, warm = [], []
-        for r in range(args.rounds):
-            rng = random.Random(r)
-            prompt = tokens(rng, args.prompt)
-            cold.append(first_token_time(engine, prompt))
-            warm.append(first_token_time(engine, prompt + tokens(rng, args.line)))
-        key = "prefix_caching" if caching else "no_prefix_caching"
-        out[key] = {
-            "cold_s": statistics.median(cold),
-            "prompt_plus_line_s": statistics.median(warm),
-            "speedup": statistics.median(c / w for c, w in zip(cold, warm)),
-            "hit_tokens": engine.cache_stats()["prefix_hit_tokens"],
-        }
-    return out
 
 
 def gaps(model: PLTForCausalLM, args: argparse.Namespace) -> dict:
@@ -137,56 +101,6 @@ def gaps(model: PLTForCausalLM, args: argparse.Namespace) -> dict:
     return out
 
 
-def agents(model: PLTForCausalLM, args: argparse.Namespace) -> dict:
-    out: dict = {}
-    max_batch = args.agents
-    for caching in (True, False):
-        engine = Engine(model, max_batch=max_batch, max_seq_len=args.max_seq_len, prefix_caching=caching)
-        rng = random.Random(11)
-        system = tokens(rng, args.system)
-        history = [system + tokens(rng, 100) for _ in range(args.agents)]
-        turns = [0] * args.agents
-        live: dict[int, object] = {}
-        ttfts: list[float] = []
-        generated = 0
-        start = time.perf_counter()
-        while True:
-            for a in range(args.agents):
-                if a not in live and turns[a] < args.turns:
-                    live[a] = engine.add_request(history[a], SamplingParams(max_new_tokens=args.gen, ignore_eos=True))
-            if not live:
-                break
-            engine.step()
-            for a, req in list(live.items()):
-                if req.finished:
-                    ttfts.append(req.first_token_at - req.submitted)
-                    generated += len(req.output_ids)
-                    history[a] = history[a] + req.output_ids + tokens(rng, args.tool)
-                    turns[a] += 1
-                    del live[a]
-        wall = time.perf_counter() - start
-        s = engine.cache_stats()
-        old = SlotCache(model.config, max_batch, engine.max_seq_len, engine.dtype, "meta").nbytes()
-        rings = engine.cache.rk.numel() * engine.cache.rk.element_size() * 2
-        peak = s["peak_blocks_held"] * s["block_bytes"] + rings
-        key = "prefix_caching" if caching else "no_prefix_caching"
-        out[key] = {
-            "requests": len(ttfts),
-            "ttft_mean_s": statistics.mean(ttfts),
-            "ttft_p50_s": statistics.median(ttfts),
-            "generated_tokens_per_s": generated / wall,
-            "wall_s": wall,
-            "prefix_hit_rate": s["prefix_hit_rate"],
-            "prefill_tokens": s["prefill_tokens"],
-            "longest_prompt": max(len(h) for h in history),
-            "kv_peak_in_use_bytes": peak,
-            "snapshot_bytes_in_use": s["snapshots_in_use"] * s["snapshot_bytes"],
-            "kv_old_preallocation_bytes": old,
-            "kv_pool_allocated_bytes": s["allocated_bytes"],
-        }
-    return out
-
-
 def decode(model: PLTForCausalLM, args: argparse.Namespace) -> dict:
     """The price of paging for decoding: one decode step of 8 sequences, paged against preallocated, rounds
     taking turns (each reads every sequence's blocks through one gather per layer instead of a view)."""
@@ -213,17 +127,11 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--loops", type=int, default=2)
     p.add_argument("--prompt", type=int, default=2500)
-    p.add_argument("--line", type=int, default=12, help="tokens of the added line")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--streams", type=int, default=4)
     p.add_argument("--step-tokens", default="256,64", help="the chunked runs' max_step_tokens")
-    p.add_argument("--agents", type=int, default=3)
-    p.add_argument("--turns", type=int, default=5)
-    p.add_argument("--system", type=int, default=1000)
-    p.add_argument("--tool", type=int, default=200)
-    p.add_argument("--gen", type=int, default=32)
     p.add_argument("--max-seq-len", type=int, default=4096)
-    p.add_argument("--parts", default="ttft,gaps,agents")
+    p.add_argument("--parts", default="gaps", help="gaps, decode, or both (comma-separated)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     torch.set_num_threads(args.threads)

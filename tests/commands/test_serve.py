@@ -6,18 +6,20 @@ import os
 import re
 import signal
 import socket
-import subprocess
 import sys
-import threading
 import time
 
 import httpx
 import openai
 import pytest
 
+from loopcoder.bench.agentic import format_report as agentic_report
+from loopcoder.bench.agentic import run_agentic_bench
 from loopcoder.bench.serve import ServeBenchSettings, format_report, run_serve_bench, summarize
 from loopcoder.cli import main
-from support.serving import build_model_dir
+from loopcoder.serving.background import BackgroundServer
+from loopcoder.serving.server import load_app
+from support.serving import ServeProcess, build_model_dir
 
 
 @pytest.fixture(scope="module")
@@ -55,40 +57,10 @@ def test_bad_arguments_are_one_line_errors(model_dir, capsys):
 @pytest.mark.slow
 def test_a_server_process_serves_and_stops_cleanly_on_sigterm(model_dir):
     env = {**os.environ, "LOOPCODER_API_KEY": "from-env"}
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "loopcoder",
-            "serve",
-            "--model",
-            str(model_dir),
-            "--port",
-            "0",
-            "--log-level",
-            "warning",
-            "--grace",
-            "30",
-        ],
-        stderr=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        text=True,
-        env=env,
-    )
-    lines: list[str] = []
-    ready = threading.Event()
-
-    def read() -> None:
-        for line in proc.stderr:
-            lines.append(line)
-            if "/v1 (" in line:
-                ready.set()
-        ready.set()
-
-    threading.Thread(target=read, daemon=True).start()
+    server = ServeProcess(model_dir, "--grace", "30", env=env)
+    proc, lines = server.proc, server.lines
     try:
-        assert ready.wait(120), "".join(lines)
-        port = int(re.search(r"127\.0\.0\.1:(\d+)/v1", lines[0]).group(1))
+        port = server.start(120)
         assert "API key required" in lines[0]
         url = f"http://127.0.0.1:{port}"
         client = openai.OpenAI(base_url=url + "/v1", api_key="from-env", max_retries=0, timeout=60)
@@ -133,3 +105,46 @@ def test_summary_percentiles_and_errors():
     assert out["requests"] == 100 and out["errors"] == 1 and out["error_samples"] == ["HTTP 500: boom"]
     assert out["latency_s"]["p50"] == 0.5 and out["latency_s"]["p99"] == 0.99 and out["latency_s"]["max"] == 1.0
     assert out["tokens_per_s"] == 100.0 and out["requests_per_s"] == 10.0
+
+
+AGENTIC = dict(agents=2, turns=2, rounds=1, max_tokens=4, max_batch=4, system_chars=600, tool_chars=200)
+
+
+@pytest.mark.slow
+def test_agentic_workload_pairs_a_server_with_prefix_caching_against_one_without(model_dir, capsys):
+    report = run_agentic_bench(ServeBenchSettings(model=str(model_dir), workload="agentic", **AGENTIC), sys.stderr)
+    r = report["result"]
+    on, off = r["prefix_caching"], r["no_prefix_caching"]
+    for side in (on, off):
+        assert side["requests"] == 4 and side["errors"] == 0 and side["generated_tokens"] == 4 * 4
+        assert side["ttft_mean_s"] > 0 and side["kv_peak_held_bytes"] > 0  # (the sampled K/V may miss a short run)
+        assert side["longest_prompt_tokens"] > 200  # the turns grew the prompts
+    assert on["prefix_hit_rate"] > 0.2 and off["prefix_hit_rate"] == 0  # later turns resume the earlier ones
+    assert on["prefilled_tokens"] < off["prefilled_tokens"]
+    assert r["ratios"]["ttft_without_over_with"] > 0 and r["server_exit_codes"] == {
+        "prefix_caching": 0,
+        "no_prefix_caching": 0,
+    }
+    text = agentic_report(report)
+    assert "prefix hit rate" in text and "paired (median of per-round ratios)" in text
+
+
+@pytest.mark.slow
+def test_agentic_workload_measures_a_running_server_given_by_url(model_dir):
+    app, scheduler = load_app(str(model_dir), max_batch=4, model_name="bench", max_tokens=64)
+    with BackgroundServer(app, scheduler) as server:
+        s = ServeBenchSettings(workload="agentic", url=server.url, **AGENTIC)
+        report = run_agentic_bench(s, sys.stderr)
+        health = httpx.get(server.url + "/health").json()
+    r = report["result"]
+    assert set(r) == {"server", "server_exit_codes"} and r["server"]["errors"] == 0
+    assert r["server"]["prefix_hit_rate"] > 0  # the server's own figures, from /health
+    assert health["cache"]["prefix_caching"] and health["cache"]["prefix_hit_tokens"] > 0
+    assert "paired" not in agentic_report(report)
+
+
+def test_agentic_workload_arguments_are_checked(capsys):
+    assert main(["bench", "serve", "--url", "http://127.0.0.1:9"]) == 2
+    assert "--url needs --workload agentic" in capsys.readouterr().err
+    assert main(["bench", "serve", "--workload", "agentic", "--agents", "0"]) == 2
+    assert "--agents" in capsys.readouterr().err

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 
 from loopcoder.inference.textstream import TextStream
+from support.whole_streams import WholeTextStream
 
 
 class ByteTokenizer:
@@ -100,3 +102,94 @@ def test_nothing_follows_a_stop():
     assert ts.push(ord("a")) is False and ts.push(ord("b")) is True
     with pytest.raises(ValueError):
         ts.push(ord("c"))
+
+
+# ------------------------------------------------------------------- incremental decoding against the old whole
+SAMPLES = [
+    "def héllo(wörld):\n    return '日本語' + \"🙂\" * 3  # ünïcode\n",
+    "for i in range(10):\n    print(f'{i}: ✓ ≤ ≥ → ←')\n",
+    '<tool_call>\n{"name": "f", "arguments": {"x": "ÄÖÜ 中文"}}\n</tool_call><|im_end|>',
+]
+
+
+@pytest.fixture(scope="module")
+def bpe(tmp_path_factory):
+    """loopcoder's byte-level BPE tokenizer (special and tool tokens at their fixed ids), trained on code with
+    multi-byte characters so that merges split and join characters, loaded as the engine loads it."""
+    from loopcoder.data import tokenizer as T
+    from loopcoder.model.loading import load_tokenizer
+
+    corpus = [s * 3 for s in SAMPLES] * 20 + [Path(__file__).read_text()]
+    tok = T.train_tokenizer(corpus, vocab_size=600)
+    return load_tokenizer(T.save_tokenizer(tok, tmp_path_factory.mktemp("tok")))
+
+
+def random_ids(rng: random.Random, tok) -> list[int]:
+    """Real text's tokens, random ids (bytes that need not form UTF-8, special tokens), or both mixed."""
+    text = "".join(rng.choice(SAMPLES)[rng.randrange(30) :][: rng.randint(1, 60)] for _ in range(rng.randint(1, 4)))
+    real = tok(text, add_special_tokens=False)["input_ids"]
+    noise = [rng.randrange(len(tok)) for _ in range(rng.randint(1, 40))]
+    kind = rng.randrange(3)
+    if kind == 0:
+        return real
+    if kind == 1:
+        return noise
+    mixed = real + noise
+    rng.shuffle(mixed)
+    return mixed
+
+
+def random_stops(rng: random.Random, tok, ids: list[int]) -> list[str]:
+    """Pieces of the sequence's own text (they straddle tokens and split characters' neighbours), and others."""
+    text = tok.decode(ids, skip_special_tokens=False)
+    stops = []
+    for _ in range(rng.randint(0, 3)):
+        if text and rng.random() < 0.7:
+            i = rng.randrange(len(text))
+            stops.append(text[i : i + rng.randint(1, 6)])
+        else:
+            stops.append("".join(rng.choice("ab é🙂\n{}") for _ in range(rng.randint(1, 4))))
+    return stops
+
+
+def drive(stream, ids: list[int], take_every: int) -> list:
+    """What a caller sees: per token, push's answer and (every `take_every` tokens) the piece taken; the end."""
+    seen = []
+    for n, t in enumerate(ids, 1):
+        stopped = stream.push(t)
+        seen.append((stopped, stream.take() if n % take_every == 0 else None))
+        if stopped:
+            break
+    seen.append(stream.take(final=True))
+    return [seen, stream.text, stream.stopped, len(stream.ids)]
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_incremental_decoding_matches_decoding_everything_every_token(bpe, seed):
+    rng = random.Random(seed)
+    for _ in range(150):
+        ids = random_ids(rng, bpe)
+        stop = random_stops(rng, bpe, ids)
+        take_every = rng.choice([1, 1, 2, 5])
+        new, old = drive(TextStream(bpe, stop), ids, take_every), drive(WholeTextStream(bpe, stop), ids, take_every)
+        assert new == old, (ids, stop, take_every)
+
+
+class CountingTokenizer(ByteTokenizer):
+    def __init__(self):
+        self.longest = 0
+
+    def decode(self, ids, skip_special_tokens=False):
+        self.longest = max(self.longest, len(ids))
+        return super().decode(ids, skip_special_tokens)
+
+
+def test_each_token_decodes_only_the_unsettled_window():
+    tok = CountingTokenizer()
+    ts = TextStream(tok, ["\n\n\n"])
+    text = "héllo wörld 🙂, " * 200
+    for b in text.encode():
+        ts.push(b)
+        ts.take()
+    assert ts.text == text and len(ts.ids) > 3000
+    assert tok.longest <= 1 + 4  # the last settled token as context, and at most one split character's bytes

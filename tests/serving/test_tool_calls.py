@@ -17,6 +17,7 @@ from loopcoder.serving.tool_calls import (
     parse_cut,
 )
 from loopcoder.utils.errors import LoopcoderError
+from support.whole_streams import WholeToolCallStream
 
 P = HermesToolCallParser()
 WEATHER = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": 2}}\n</tool_call>'
@@ -266,3 +267,77 @@ def test_tool_parameters_are_closed_where_they_do_not_say_otherwise():
     assert "additionalProperties" not in props["loose"]
     assert all("additionalProperties" not in m for m in props["both"]["allOf"])
     jsonschema.validate({"both": {"a": 1, "b": 2}}, out)  # composition still works
+
+
+# ------------------------------------------------------------------ block-by-block streaming against the old whole
+class WithoutEndMarker:
+    """Hermes without `end_marker`: the stream cannot read it block by block, so it parses the whole buffer."""
+
+    start_marker = P.start_marker
+    parse = staticmethod(P.parse)
+    call_format = staticmethod(P.call_format)
+
+
+FRAGMENTS = [
+    "Sure.",
+    " ",
+    "\n",
+    "  \n ",
+    "<tool_call>",
+    "</tool_call>",
+    "<tool_",
+    "</tool",
+    "call>",
+    "<",
+    '{"name": "f", "arguments": {"x": 1}}',
+    '\n{"name": "get_weather", "arguments": {"city": "Zürich 🙂"}}\n',
+    '{"name": "g", "arguments": "{\\"a\\": [1, 2]}"}',
+    '{"name": "", "arguments": {}}',
+    "{bad json",
+    '{"name": "h", "argu',
+    "<<tool_call>>",
+    "日本語",
+]
+
+
+def _drive(stream, pieces: list[str], cut: bool) -> list:
+    seen = [(stream.feed(p), [(c.name, c.arguments) for c in stream.calls()]) for p in pieces]
+    rest = stream.finish(cut)
+    return [seen, rest.content, [(c.name, c.arguments) for c in rest.tool_calls]]
+
+
+@pytest.mark.parametrize("parser", [P, WithoutEndMarker()], ids=["blocks", "whole"])
+@pytest.mark.parametrize("seed", range(4))
+def test_streaming_block_by_block_matches_parsing_the_whole_buffer_every_time(parser, seed):
+    rng = random.Random(seed)
+    for _ in range(300):
+        text = "".join(rng.choice(FRAGMENTS) for _ in range(rng.randint(0, 14)))
+        cuts = sorted(rng.sample(range(len(text) + 1), min(len(text) + 1, rng.randint(0, 12))))
+        pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
+        if rng.random() < 0.3:
+            pieces = list(text)  # a character at a time: a marker completed by every one of its characters
+        for cut in (False, True):
+            new = _drive(ToolCallStream(parser), pieces, cut)
+            assert new == _drive(WholeToolCallStream(parser), pieces, cut), (pieces, cut)
+
+
+class CountingParser(HermesToolCallParser):
+    def __init__(self):
+        super().__init__()
+        self.seen = 0
+
+    def parse(self, text):
+        self.seen += len(text)
+        return super().parse(text)
+
+
+def test_each_block_is_parsed_once_however_long_the_reply():
+    parser = CountingParser()
+    stream = ToolCallStream(parser)
+    reply = f"Calling.\n{WEATHER}\n" + "\n".join([WEATHER] * 200)
+    got = []
+    for i in range(0, len(reply), 3):  # three characters a token
+        stream.feed(reply[i : i + 3])
+        got += stream.calls()
+    assert len(got) == 201 and parser.seen <= len(reply)  # each block once
+    assert stream.finish().tool_calls == []

@@ -7,6 +7,11 @@ import contextlib
 import inspect
 import io
 import json
+import os
+import re
+import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -62,6 +67,44 @@ def build_model_dir(out: Path, context: int = CONTEXT) -> Path:
             == 0
         )
     return out
+
+
+class ServeProcess:
+    """`python -m loopcoder serve --port 0 ...` in a process of its own, its stderr collected in `lines`;
+    `start()` waits for the line that gives the port. The caller stops it (`stop()` terminates and waits)."""
+
+    def __init__(self, model_dir: Path, *args: str, env: dict[str, str] | None = None) -> None:
+        command = [sys.executable, "-m", "loopcoder", "serve", "--model", str(model_dir), "--port", "0"]
+        command += ["--log-level", "warning", *args]
+        self.proc = subprocess.Popen(
+            command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env or dict(os.environ)
+        )
+        self.lines: list[str] = []
+        self._ready = threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stderr:
+            self.lines.append(line)
+            if "/v1 (" in line:
+                self._ready.set()
+        self._ready.set()
+
+    def start(self, timeout: float) -> int:
+        """The server's port, once it listens."""
+        assert self._ready.wait(timeout), "".join(self.lines)
+        found = re.search(r"127\.0\.0\.1:(\d+)/v1", self.lines[0]) if self.lines else None
+        assert found, "".join(self.lines)
+        return int(found.group(1))
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
 
 
 class LiveServer(BackgroundServer):

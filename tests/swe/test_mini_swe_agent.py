@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -18,7 +16,7 @@ import pytest
 from loopcoder.swe import repo, runs, scoring
 from loopcoder.swe.agent import SUBMIT
 from loopcoder.utils.errors import LoopcoderError
-from support.serving import build_model_dir
+from support.serving import ServeProcess, build_model_dir
 
 pytest.importorskip("minisweagent", reason="mini-swe-agent (the `swe` extra: pip install 'loopcoder[swe]')")
 os.environ.setdefault("MSWEA_SILENT_STARTUP", "1")
@@ -78,38 +76,9 @@ def test_the_mini_command_drives_loopcoder_serve(task_workspace, tmp_path):
     assert mini, "mini-swe-agent is installed but its `mini` command is not beside this Python"
     task, ws, _ = task_workspace
     model_dir = build_model_dir(tmp_path / "model", context=16384)  # mini's prompts are long in a 400-token vocab
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "loopcoder",
-            "serve",
-            "--model",
-            str(model_dir),
-            "--port",
-            "0",
-            "--log-level",
-            "warning",
-        ],
-        stderr=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    lines: list[str] = []
-    ready = threading.Event()
-
-    def read() -> None:
-        for line in server.stderr:
-            lines.append(line)
-            if "/v1 (" in line:
-                ready.set()
-        ready.set()
-
-    threading.Thread(target=read, daemon=True).start()
+    server = ServeProcess(model_dir, env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
-        assert ready.wait(180), "".join(lines)
-        port = int(re.search(r"127\.0\.0\.1:(\d+)/v1", lines[0]).group(1))
+        port = server.start(180)
         env = {
             **os.environ,
             "MSWEA_CONFIGURED": "true",
@@ -131,8 +100,7 @@ def test_the_mini_command_drives_loopcoder_serve(task_workspace, tmp_path):
         done = subprocess.run(command, cwd=ws, env=env, capture_output=True, text=True, timeout=900)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     finally:
-        server.terminate()
-        server.wait(60)
+        server.stop()
     trajectory = json.loads((tmp_path / "traj.json").read_text())
     info = trajectory["info"]
     assert info["exit_status"] in ("LimitsExceeded", "RepeatedFormatError", "Submitted"), info

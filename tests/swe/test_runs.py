@@ -189,7 +189,7 @@ def test_a_killed_run_resumes_where_it_stopped(built, shell, tmp_path):
     lines = (out / "predictions.jsonl").read_text().splitlines()
     assert len(lines) == 3
 
-    with pytest.raises(Exception, match="made with model="):  # another model may not resume it
+    with pytest.raises(Exception, match="model 'o' -> 'other'"):  # another model may not resume it
         runs.run_agent(tasks, root, again, AgentConfig(), shell, out, identity("other"), quiet=True)
 
 

@@ -34,22 +34,33 @@ from loopcoder.model.checkpoint import write_random_model
 from loopcoder.utils.errors import LoopcoderError
 
 
-def build_bench_model(out: str | Path, s: ServeBenchSettings) -> Path:
+def build_bench_model(out: str | Path, s: ServeBenchSettings, max_positions: int = 2048) -> Path:
     """A random PLT model (`loopcoder init`'s other defaults) and a BPE tokenizer trained on this package's
     source, in `out`."""
     texts = [p.read_text(encoding="utf-8") for p in sorted(Path(__file__).resolve().parents[1].rglob("*.py"))]
     tok = T.train_tokenizer(texts, vocab_size=1024)
     write_random_model(
-        out, hidden_size=s.hidden_size, layers=s.layers, loops=s.loops, vocab_size=1024, max_positions=2048, seed=s.seed
+        out,
+        hidden_size=s.hidden_size,
+        layers=s.layers,
+        loops=s.loops,
+        vocab_size=1024,
+        max_positions=max_positions,
+        seed=s.seed,
     )
-    T.save_tokenizer(tok, out, model_max_length=2048)
+    T.save_tokenizer(tok, out, model_max_length=max_positions)
     return Path(out)
+
+
+def source_text() -> str:
+    """The package's top-level modules, one after another: the benchmarks' prompts are cut from it."""
+    return "\n".join(p.read_text(encoding="utf-8") for p in sorted(Path(__file__).resolve().parents[1].glob("*.py")))
 
 
 def prompts(n: int, seed: int) -> list[str]:
     """Code prompts of varied length (50-600 characters of this package's source)."""
     rng = random.Random(seed)
-    text = "\n".join(p.read_text(encoding="utf-8") for p in sorted(Path(__file__).resolve().parents[1].glob("*.py")))
+    text = source_text()
     out = []
     for _ in range(n):
         size = rng.randint(50, 600)
@@ -68,9 +79,11 @@ def rss_bytes(pid: int) -> int:
 
 class ServerProcess:
     """`loopcoder serve` in a subprocess on a free loopback port; its stderr is kept for the report. `env`: variables
-    set for it on top of this process's (another checkout's PYTHONPATH, to compare servers)."""
+    set for it on top of this process's (another checkout's PYTHONPATH, to compare servers); `extra`: more flags."""
 
-    def __init__(self, model: str, s: ServeBenchSettings, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, model: str, s: ServeBenchSettings, env: dict[str, str] | None = None, extra: list[str] | None = None
+    ) -> None:
         cmd = [
             sys.executable,
             "-m",
@@ -97,6 +110,7 @@ class ServerProcess:
         ]
         if s.server_threads:
             cmd += ["--threads", str(s.server_threads)]
+        cmd += extra or []
         env = {**{k: v for k, v in os.environ.items() if k != "LOOPCODER_API_KEY"}, **(env or {})}
         self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
         self.log: list[str] = []

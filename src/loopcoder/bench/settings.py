@@ -78,6 +78,14 @@ class ServeBenchSettings:
     layers: int = 4
     loops: int = 2
     startup_timeout: float = 300.0
+    # --workload agentic (bench/agentic.py): agents' multi-turn conversations, with prefix caching and without
+    workload: str = "load"  # "load": concurrent clients (bench/serve.py) | "agentic"
+    url: str | None = None  # an already running server (agentic: measured alone, no pairing)
+    agents: int = 3
+    turns: int = 4
+    system_chars: int = 4000  # the shared system prompt
+    tool_chars: int = 600  # each turn's tool result
+    rounds: int = 2
 
 
 @dataclass

@@ -80,7 +80,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="the server's --threads (default: the server's default)",
     )
     s.add_argument("--seed", type=int, default=S.seed)
-    s.add_argument("--out", default="runs/bench/serve.json", help="JSON report path")
+    s.add_argument(
+        "--workload",
+        choices=("load", "agentic"),
+        default=S.workload,
+        help="load: concurrent clients; agentic: agents' multi-turn chats over a shared system prompt, against a "
+        "server without prefix caching (paired)",
+    )
+    s.add_argument("--url", default=S.url, help="agentic: measure this running server (no paired server started)")
+    s.add_argument("--agents", type=int, default=S.agents, help="agentic: agents at once")
+    s.add_argument("--turns", type=int, default=S.turns, help="agentic: turns per agent")
+    s.add_argument("--system-chars", type=int, default=S.system_chars, help="agentic: the shared system prompt")
+    s.add_argument("--tool-chars", type=int, default=S.tool_chars, help="agentic: each turn's tool result")
+    s.add_argument("--rounds", type=int, default=S.rounds, help="agentic: the two servers take turns this many times")
+    s.add_argument(
+        "--out", default=None, help="JSON report path (default runs/bench/serve.json, or serve-agentic.json)"
+    )
     _add_train_arguments(sub)
 
 
@@ -163,6 +178,9 @@ def _decode(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from loopcoder.bench.serve import format_report, run_serve_bench
 
+    if args.url and args.workload != "agentic":
+        raise LoopcoderError("--url needs --workload agentic (the load workload starts its own server)")
+    args.out = args.out or ("runs/bench/serve-agentic.json" if args.workload == "agentic" else "runs/bench/serve.json")
     s = ServeBenchSettings(
         model=args.model,
         concurrency=args.concurrency,
@@ -178,7 +196,21 @@ def _serve(args: argparse.Namespace) -> int:
         hidden_size=args.hidden_size,
         layers=args.layers,
         loops=args.loops,
+        workload=args.workload,
+        url=args.url,
+        agents=args.agents,
+        turns=args.turns,
+        system_chars=args.system_chars,
+        tool_chars=args.tool_chars,
+        rounds=args.rounds,
     )
+    if args.workload == "agentic":
+        from loopcoder.bench.agentic import format_report as agentic_report
+        from loopcoder.bench.agentic import run_agentic_bench
+
+        r = _run_bench(args, lambda: run_agentic_bench(s, sys.stderr), agentic_report)["result"]
+        sides = [v for k, v in r.items() if k not in ("ratios", "server_exit_codes")]
+        return 1 if any(v["errors"] for v in sides) or any(c != 0 for c in r["server_exit_codes"].values()) else 0
     r = _run_bench(args, lambda: run_serve_bench(s), format_report)["result"]
     return 1 if r["errors"] or r["server_exit_code"] != 0 else 0
 

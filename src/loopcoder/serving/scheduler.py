@@ -117,6 +117,7 @@ class Scheduler:
             0,
         )
         self.counters["step_seconds"] = 0.0  # time inside engine.step(): busy fraction = step_seconds / wall
+        self.cache: dict[str, Any] = {}  # the engine's cache figures after the last step (/health's "cache")
 
     # ------------------------------------------------------------------ any thread
     def start(self) -> None:
@@ -184,6 +185,7 @@ class Scheduler:
                 "accepting": self.accepting,
                 "engine_thread_alive": self._thread is not None and self._thread.is_alive(),
                 **self.counters,
+                "cache": self.cache,
             }
 
     # ------------------------------------------------------------------ engine thread
@@ -289,6 +291,7 @@ class Scheduler:
         self.counters["step_seconds"] += time.perf_counter() - start
         self.counters["decode_steps"] = self.engine.steps  # the batch size of decoding: decoded / decode steps
         self.counters["decoded_sequences"] = self.engine.decoded
+        self.cache = self.engine.cache_stats()  # read here, in the engine thread, so that it is consistent
         for ev in events:
             owner = self._owner.get(ev.request.id)
             if owner is None:

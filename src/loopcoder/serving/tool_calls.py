@@ -16,6 +16,7 @@ Two rules come from other systems, so that clients meet what they already handle
 from __future__ import annotations
 
 import importlib
+import io
 import json
 import re
 import uuid
@@ -81,6 +82,8 @@ class ToolCallParser(Protocol):
     `start_marker` is where a call can begin: the streaming path sends text before it as content as
     soon as it is final, and hands everything from it on to `parse` (calls are sent as they close).
     `call_format()` is how a call is written: the server constrains decoding to it (`tool_call_grammar`).
+    Optional `end_marker`: the parser's calls are the blocks from `start_marker` to the next `end_marker`, each
+    parsed on its own; the streaming path then parses each block once (`ToolCallStream`).
     """
 
     start_marker: str
@@ -166,27 +169,67 @@ class ToolCallStream:
     parser finds it: what follows cannot change it), and `finish()` parses the rest. The streamed
     content plus `finish().content`, and the calls from `calls()` and `finish()`, equal what `parse`
     returns on the whole text.
+
+    A parser with an `end_marker` (its calls are the blocks from `start_marker` to the next `end_marker`, each
+    parsed on its own, as Hermes's are) is read block by block: `calls()` looks for markers only in the text fed
+    since it last looked and parses each block once it closes, so a reply costs time linear in its length.
+    Other parsers see the whole buffer again whenever it grew.
     """
 
     def __init__(self, parser: ToolCallParser) -> None:
         self.parser = parser
+        self._end: str | None = getattr(parser, "end_marker", None) or None
         self._held = ""  # not yet sent: whitespace or a partial marker at the end of the text so far
-        self._buffer: str | None = None  # from the first marker on
+        self._buffer: io.StringIO | None = None  # from the first marker on
+        self._size = 0  # characters in the buffer
         self._sent = 0  # calls already returned by calls()
-        self._checked = 0  # length of the buffer when calls() last parsed it
+        self._checked = 0  # length of the buffer when calls() last looked at it
+        self._closed = 0  # where the text after the last closed block begins (block parsers)
+        self._open: int | None = None  # where the block being written begins, if one is open
 
     def calls(self) -> list[ToolCall]:
         """The tool calls completed since the last call of `calls()`."""
-        if self._buffer is None or len(self._buffer) == self._checked:
+        if self._buffer is None or self._size == self._checked:
             return []
-        self._checked = len(self._buffer)
-        found = self.parser.parse(self._buffer).tool_calls
-        new, self._sent = found[self._sent :], len(found)
+        if self._end is None:
+            self._checked = self._size
+            found = self.parser.parse(self._buffer.getvalue()).tool_calls
+            new, self._sent = found[self._sent :], len(found)
+            return new
+        new: list[ToolCall] = []
+        start = self.parser.start_marker
+        while True:
+            if self._open is None:  # a block begins at the next start marker after the last closed block
+                at = self._find(start, max(self._closed, self._checked - len(start) + 1))
+                if at < 0:
+                    break
+                self._open = self._checked = at
+            body = self._open + len(start)
+            at = self._find(self._end, max(body, self._checked - len(self._end) + 1))
+            if at < 0:
+                break
+            self._closed = self._checked = at + len(self._end)
+            new += self.parser.parse(self._read(self._open, self._closed)).tool_calls
+            self._open = None
+        self._checked = self._size
+        self._sent += len(new)
         return new
+
+    def _read(self, start: int, end: int | None = None) -> str:
+        assert self._buffer is not None
+        self._buffer.seek(start)
+        text = self._buffer.read(-1 if end is None else end - start)
+        self._buffer.seek(0, io.SEEK_END)
+        return text
+
+    def _find(self, marker: str, start: int) -> int:
+        """Where `marker` first begins at `start` or later in the buffer, or -1."""
+        at = self._read(start).find(marker)
+        return at if at < 0 else start + at
 
     def feed(self, text: str) -> str:
         if self._buffer is not None:
-            self._buffer += text
+            self._size += self._buffer.write(text)
             return ""
         held = self._held + text
         marker = self.parser.start_marker
@@ -194,7 +237,8 @@ class ToolCallStream:
         if at >= 0:
             head = held[:at]
             out = head.rstrip()
-            self._buffer = head[len(out) :] + held[at:]
+            self._buffer = io.StringIO()
+            self._size = self._buffer.write(head[len(out) :] + held[at:])
             self._held = ""
             return out
         keep = _partial_suffix(held, marker)
@@ -211,11 +255,12 @@ class ToolCallStream:
         name once the name is complete, with the arguments written so far (possibly not yet valid JSON)."""
         if self._buffer is None:
             return ParsedOutput(self._held)
+        buffer = self._buffer.getvalue()
         if not cut:
-            parsed = self.parser.parse(self._buffer)
+            parsed = self.parser.parse(buffer)
             return ParsedOutput(parsed.content or "", parsed.tool_calls[self._sent :])
-        calls = self.parser.parse(self._buffer).tool_calls
-        open_call = _open_call(self.parser, self._buffer)
+        calls = self.parser.parse(buffer).tool_calls
+        open_call = _open_call(self.parser, buffer)
         return ParsedOutput("", calls[self._sent :] + ([open_call] if open_call else []))
 
 
