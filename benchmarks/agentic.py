@@ -28,7 +28,6 @@ import time
 import torch
 
 from loopcoder.inference.engine import Engine
-from loopcoder.inference.kv.store import SlotCache
 from loopcoder.inference.sampling import SamplingParams
 from loopcoder.model.modeling import PLTForCausalLM
 from loopcoder.model.shape import ModelShape

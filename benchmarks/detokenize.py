@@ -35,12 +35,12 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the old algorithms, kept with the tests
 from loopcoder import engine, model, sampling
-from loopcoder.utils.atomic import atomic_write_text
 from loopcoder.commands.options import int_list
 from loopcoder.data import tokenizer as T
+from loopcoder.inference.textstream import TextStream
 from loopcoder.model.loading import load_tokenizer
 from loopcoder.serving.tool_calls import HermesToolCallParser, ToolCallStream
-from loopcoder.inference.textstream import TextStream
+from loopcoder.utils.atomic import atomic_write_text
 from support.whole_streams import WholeTextStream, WholeToolCallStream
 
 STOP = ["\n\n\n\n\n", "<|endoftext|>"]
