@@ -823,7 +823,8 @@ def test_an_unprivileged_callers_home_project_and_site_packages_are_out_of_reach
     package = project / "src" / "loopcoder"
     sandbox_files = ("sandbox.py", "sandbox_launcher.py", "cgroups.py")
     for part in (
-        "errors.py",
+        "utils/__init__.py",
+        "utils/errors.py",
         "evaluation/__init__.py",
         *(f"evaluation/{f}" for f in sandbox_files),
     ):  # the sandbox alone

@@ -170,7 +170,11 @@ def test_an_unprivileged_caller_without_memory_caps_gets_memfd_and_shared_memory
     uid = 1_600_000_000
     package = visible_dir / "loopcoder"
     sandbox_files = ("__init__.py", "sandbox.py", "sandbox_launcher.py", "cgroups.py")
-    for part in ["errors.py", *(f"evaluation/{f}" for f in sandbox_files)]:  # the sandbox alone
+    for part in [
+        "utils/__init__.py",
+        "utils/errors.py",
+        *(f"evaluation/{f}" for f in sandbox_files),
+    ]:  # the sandbox alone
         (package / part).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(PROJECT / "src" / "loopcoder" / part, package / part)
     for path in [visible_dir, *visible_dir.rglob("*")]:

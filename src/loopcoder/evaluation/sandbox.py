@@ -30,6 +30,7 @@ import argparse
 import ast
 import atexit
 import contextlib
+import importlib.resources
 import json
 import os
 import secrets
@@ -45,7 +46,6 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 from typing import Literal
 
 from loopcoder.evaluation import cgroups
@@ -191,8 +191,9 @@ class BatchResult:
 
 
 # The launcher: trusted code that runs inside the child interpreter before the program (its own file,
-# which is never imported; it is compiled by the interpreter that runs it).
-_LAUNCHER = (Path(__file__).parent / "sandbox_launcher.py").read_text(encoding="utf-8")
+# which is never imported; it is compiled by the interpreter that runs it). Its source is read as package
+# data (importlib.resources), so it is found in a wheel or a zip as well.
+_LAUNCHER = importlib.resources.files(__package__).joinpath("sandbox_launcher.py").read_text(encoding="utf-8")
 
 _PROBE_PROGRAM = """
 import collections, functools, hashlib, heapq, itertools, json, math, random, re, string, typing
