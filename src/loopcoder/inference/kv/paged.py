@@ -1,5 +1,9 @@
 """`PagedSlotCache`: the engine's cache with its full stores in fixed-size blocks, and PLT's prefix cache.
 
+The split is vLLM v1's: `manager.KVCacheManager` (no tensors) decides which blocks a slot holds, what a prompt
+resumes from and which snapshot ids are filled; this class holds the tensors and does the copies it is told to
+(zeroing first-used blocks, a fork's partial block, restoring or taking a snapshot, a step's gather).
+
 The full stores (loop 1's K/V for PLT, every loop's for the vanilla looped transformer) live in one pool of
 blocks of `block_size` positions, shared by every sequence: a sequence's block table lists its blocks in
 order, and blocks are taken as it grows (`reserve`), so memory follows real lengths. The small per-slot parts
@@ -10,7 +14,7 @@ of the pool per layer, or a plain view when a single sequence's blocks are conse
 With fixed shapes (CUDA graphs, `torch.compile`) the step reads every slot's whole table; the tables are a
 device tensor updated in place, so a captured graph reads the current ones.
 
-Prefix caching (`prefix_caching=True`): every full block is entered in the index of `blocks.BlockPool` under
+Prefix caching (`prefix_caching=True`): every full block is entered in the index of `block_pool.BlockPool` under
 a hash chained over the token ids of its prefix, and kept when its sequences end, until it is evicted (least
 recently used first). A new prompt starts from the longest cached prefix it can resume from (`attach`):
 
@@ -38,7 +42,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from loopcoder.inference.kv.block_pool import NULL_BLOCK, BlockPool, Entry
+from loopcoder.inference.kv.block_pool import NULL_BLOCK, BlockPool
+from loopcoder.inference.kv.manager import KVCacheManager
 from loopcoder.inference.kv.store import SlotCache, SlotChunk, SlotStep
 from loopcoder.model.cache import KV
 
@@ -70,22 +75,24 @@ class PagedSlotCache(SlotCache):
         snapshot_every: int | None = None,
         snapshots: int | None = None,
     ) -> None:
-        if block_size < 1:
-            raise ValueError(f"block_size must be >= 1, got {block_size}")
-        self.block_size = block_size
-        self.max_blocks = -(-max_len // block_size)
-        self.num_blocks = (num_blocks if num_blocks is not None else max_batch * self.max_blocks) + 1
+        max_blocks = -(-max_len // max(block_size, 1))
+        self.num_blocks = (num_blocks if num_blocks is not None else max_batch * max_blocks) + 1
+        self.manager = KVCacheManager(  # checks the sizes first: nothing is allocated for bad ones
+            max_batch,
+            max_len,
+            block_size,
+            self.num_blocks,
+            has_rings=not config.is_vanilla and config.plt_num_loops > 1,
+            window=config.window,
+            prefix_caching=prefix_caching,
+            snapshot_every=snapshot_every,
+            snapshots=snapshots,
+        )
+        self.block_size, self.max_blocks = block_size, self.manager.max_blocks
         super().__init__(config, max_batch, max_len, dtype, device)
-        B = block_size
-        self.tables: list[list[int]] = [[] for _ in range(max_batch)]
-        self.table = torch.full((max_batch, self.max_blocks), NULL_BLOCK, dtype=torch.long, device=self.device)
         self.prefix_caching = prefix_caching
-        self.snapshot_every = snapshot_every or -(-(self.window + 1) // B)
-        if not (prefix_caching and self.has_rings):
-            snapshots = 0
-        elif snapshots is None:  # a quarter of a full pool's boundaries, plus a few per slot; evicted LRU
-            snapshots = -(-self.num_blocks // (4 * self.snapshot_every)) + 2 * max_batch
-        self.pool = BlockPool(self.num_blocks, snapshots)
+        self.table = torch.full((max_batch, self.max_blocks), NULL_BLOCK, dtype=torch.long, device=self.device)
+        snapshots = self.pool.num_snapshots
         L, hkv, hd = config.num_hidden_layers, config.num_key_value_heads, config.head_dim
         kw = dict(dtype=dtype, device=self.device)
         # lazily committed on CPU (never-touched pages take no memory): snapshots are written before they are read
@@ -96,12 +103,19 @@ class PagedSlotCache(SlotCache):
         )
         self.sv = torch.empty_like(self.sk)
         self.s_states = torch.empty(snapshots, *self.states.shape[1:], **kw)
-        self.entries: list[list[Entry]] = [[] for _ in range(max_batch)]  # index entries of each slot's full blocks
-        self.pending: list[dict[int, int | None]] = [{} for _ in range(max_batch)]  # boundary -> snapshot slot
         self._scratch = [torch.empty(0, dtype=dtype), torch.empty(0, dtype=dtype)]  # `_gather`'s K and V buffers
         # first pool row of each kv head, (1, kv_heads, 1): a step's gather rows are these plus its block tables
         self._head_rows = torch.arange(hkv, device=self.device)[None, :, None] * self.num_blocks
         self._zeroed = 1  # blocks below this id have been written (or zeroed) once: their contents are finite
+
+    @property
+    def pool(self) -> BlockPool:
+        return self.manager.pool
+
+    @property
+    def tables(self) -> list[list[int]]:
+        """Each slot's block ids (the manager's)."""
+        return self.manager.tables
 
     def _full_stores(self, L: int, hkv: int, hd: int, kw: dict) -> tuple[torch.Tensor, torch.Tensor]:
         # torch.empty: on CPU the pages of blocks never handed out are never touched, so never resident
@@ -146,35 +160,30 @@ class PagedSlotCache(SlotCache):
             "snapshot_bytes": self.snapshot_bytes(),
         }
 
-    # -- blocks of a slot ---------------------------------------------------------------------------------
-    def reserve(self, slot: int, length: int) -> bool:
-        if length > self.max_len:
-            return False
-        have = len(self.tables[slot])
-        need = -(-length // self.block_size) - have
-        if need <= 0:
-            return True
-        blocks = self.pool.allocate(need)
-        if blocks is None:
-            return False
+    # -- blocks of a slot (the manager decides, the store zeroes and copies) ----------------------------------
+    def _first_use(self, blocks: list[int]) -> None:
+        """Zero blocks never handed out before (masked entries must be finite)."""
         top = max(blocks) + 1
-        if top > self._zeroed:  # first use of these blocks: zero them (masked entries must be finite)
+        if top > self._zeroed:
             self.k[:, :, :, self._zeroed : top] = 0
             self.v[:, :, :, self._zeroed : top] = 0
             self._zeroed = top
-        self.tables[slot].extend(blocks)
-        self.table[slot, have : have + need] = torch.tensor(blocks, device=self.device)
+
+    def reserve(self, slot: int, length: int) -> bool:
+        have = len(self.tables[slot])
+        blocks = self.manager.reserve(slot, length)
+        if blocks is None:
+            return False
+        if blocks:
+            self._first_use(blocks)
+            self.table[slot, have : have + len(blocks)] = torch.tensor(blocks, device=self.device)
         return True
 
     def room(self, slot: int) -> int:
-        return min(self.max_len, (len(self.tables[slot]) + self.pool.available()) * self.block_size)
+        return self.manager.room(slot)
 
     def release(self, slot: int) -> None:
-        self.pool.release(self.tables[slot])
-        for s in self.pending[slot].values():
-            if s is not None:
-                self.pool.free_snapshot(s)
-        self.tables[slot], self.entries[slot], self.pending[slot] = [], [], {}
+        self.manager.free(slot)
         super().release(slot)
 
     def _clear(self, slot: int) -> None:
@@ -186,8 +195,7 @@ class PagedSlotCache(SlotCache):
 
     def reorder(self, order: list[int]) -> None:
         super().reorder(order)
-        for lists in (self.tables, self.entries, self.pending):
-            lists[:] = [lists[src] for src in order] + [type(lists[0])() for _ in range(self.max_batch - len(order))]
+        self.manager.reorder(order)
 
     def _reorder_stores(self, dst: torch.Tensor, src: torch.Tensor) -> None:
         for t in (self.rk, self.rv):
@@ -195,21 +203,14 @@ class PagedSlotCache(SlotCache):
 
     def fork(self, src: int, dst: int) -> bool:
         """`dst` (empty) shares `src`'s full blocks and gets a copy of its partly filled last block."""
-        n = int(self.lengths[src])
-        full, part = divmod(n, self.block_size)
-        blocks = self.tables[src][:full]
-        if part:
-            new = self.pool.allocate(1)
-            if new is None:
-                return False
-            old = self.tables[src][full]
-            self.k[:, :, :, new[0]] = self.k[:, :, :, old]
-            self.v[:, :, :, new[0]] = self.v[:, :, :, old]
-            self._zeroed = max(self._zeroed, new[0] + 1)
-        for b in blocks:
-            self.pool.hold(b)
-        self.tables[dst] = blocks + (new if part else [])
-        self.entries[dst] = list(self.entries[src])
+        fork = self.manager.fork(src, dst, int(self.lengths[src]))
+        if fork is None:
+            return False
+        if fork.copy is not None:
+            old, new = fork.copy
+            self.k[:, :, :, new] = self.k[:, :, :, old]
+            self.v[:, :, :, new] = self.v[:, :, :, old]
+            self._zeroed = max(self._zeroed, new + 1)
         for t in (self.rk, self.rv):
             t[:, dst] = t[:, src]
         for t in (self.ring_pos, self.states, self.lengths):
@@ -224,103 +225,51 @@ class PagedSlotCache(SlotCache):
         self.table[slot, : len(blocks)] = torch.tensor(blocks, dtype=torch.long, device=self.device)
 
     def _is_run(self, slot: int, nb: int) -> bool:
-        t = self.tables[slot]
-        return len(t) >= nb and t[nb - 1] - t[0] == nb - 1 and all(t[j + 1] == t[j] + 1 for j in range(nb - 1))
+        return self.manager.is_run(slot, nb)
 
     def capacity(self) -> int:
-        return self.pool.capacity * self.block_size
+        return self.manager.capacity()
 
-    # -- the prefix cache ---------------------------------------------------------------------------------
+    # -- the prefix cache (the manager's policy; here the snapshot copies) --------------------------------
     def has_uncommitted(self, slot: int, length: int) -> bool:
-        return self.prefix_caching and length // self.block_size > len(self.entries[slot])
-
-    def _resumable(self, entries: list[Entry]) -> int:
-        """How many of the matched blocks a sequence can resume after (the deepest boundary with a snapshot
-        for PLT with rings; any for the vanilla looped transformer and R = 1)."""
-        if not self.has_rings:
-            return len(entries)
-        for j in range(len(entries), 0, -1):
-            if entries[j - 1].snapshot is not None:
-                return j
-        return 0
-
-    def _resume_entries(self, tokens: list[int]) -> list[Entry]:
-        """The index entries of the longest cached prefix of `tokens` a sequence can resume after (at most
-        len(tokens) - 1 tokens: the last prompt position is always computed)."""
-        entries = self.pool.match(tokens, self.block_size, (len(tokens) - 1) // self.block_size)
-        return entries[: self._resumable(entries)]
+        return self.manager.has_uncommitted(slot, length)
 
     def attach(self, slot: int, tokens: list[int]) -> int:
-        if not self.prefix_caching:
+        hit = self.manager.resume(slot, tokens)
+        if hit is None:
             return 0
-        self.pool.stats.queried_tokens += len(tokens)
-        entries = self._resume_entries(tokens)
-        if not entries:
-            return 0
-        for e in entries:
-            self.pool.hold(e.block)
-        self.tables[slot], self.entries[slot] = [e.block for e in entries], list(entries)
         self._write_table(slot)
-        b = len(entries) * self.block_size
+        b = hit.length
         self.lengths[slot] = b
         self.ring_pos[slot] = -1
-        if self.has_rings:
-            s = entries[-1].snapshot
-            self.pool.touch_snapshot(s)
+        if hit.snapshot is not None:
+            s = hit.snapshot
             self.rk[:, slot] = self.sk[s]
             self.rv[:, slot] = self.sv[s]
             self.states[slot] = self.s_states[s]
             w1 = self.window + 1
             pos = torch.arange(max(0, b - w1), b, device=self.device)
             self.ring_pos[slot, pos % w1] = pos
-        self.pool.stats.hit_tokens += b
         return b
 
     def commit(self, slot: int, tokens: list[int]) -> None:
         """Enter `slot`'s newly full blocks in the index (`tokens`: its token ids, at least its length), and
         attach the snapshots at their boundaries: taken during the prefill chunk, or now from the slot's rings
         when the boundary is where the sequence stands (after a decode step)."""
-        if not self.prefix_caching:
-            return
-        B = self.block_size
-        length = int(self.lengths[slot])
-        entries, pending = self.entries[slot], self.pending[slot]
-        for j in range(len(entries), min(length, len(tokens)) // B):
-            parent = entries[-1] if entries else None
-            entry = self.pool.register(parent, tuple(tokens[j * B : (j + 1) * B]), self.tables[slot][j])
-            entries.append(entry)
-            boundary = (j + 1) * B
-            if not self._snapshot_boundary(boundary):
-                continue
-            s = pending.pop(boundary, None)
-            if s is None and boundary == length and entry.snapshot is None:
-                s = self.pool.new_snapshot()
-                if s is not None:
-                    self.sk[s], self.sv[s] = self.rk[:, slot], self.rv[:, slot]
-                    self.s_states[s] = self.states[slot]
-            if s is not None:
-                self.pool.attach_snapshot(entry, s)
-
-    def _snapshot_boundary(self, b: int) -> bool:
-        return self.has_rings and b % (self.snapshot_every * self.block_size) == 0
+        s = self.manager.commit(slot, tokens, int(self.lengths[slot]))
+        if s is not None:
+            self.sk[s], self.sv[s] = self.rk[:, slot], self.rv[:, slot]
+            self.s_states[s] = self.states[slot]
 
     def _chunk_boundaries(self, chunk: SlotChunk, end: int) -> list[int]:
-        """Snapshot boundaries inside a prefill chunk that ends at `end` (exclusive of its start)."""
-        step = self.snapshot_every * self.block_size
-        return list(range((chunk.start // step + 1) * step, end + 1, step))
-
-    def _pending_slot(self, slot: int, boundary: int) -> int | None:
-        pending = self.pending[slot]
-        if boundary not in pending:
-            pending[boundary] = self.pool.new_snapshot()
-        return pending[boundary]
+        return self.manager.chunk_boundaries(chunk.start, end)
 
     def _capture_rings(self, chunk: SlotChunk, layer: int, loop: int, kv: KV, first: int) -> None:
         if not (self.prefix_caching and self.has_rings):
             return
         w1 = self.window + 1
         for b in self._chunk_boundaries(chunk, first + kv.k.shape[2]):
-            s = self._pending_slot(chunk.slot, b)
+            s = self.manager.pending_snapshot(chunk.slot, b)
             if s is None:
                 continue
             pos = torch.arange(max(0, b - w1), b, device=self.device)
@@ -331,7 +280,7 @@ class PagedSlotCache(SlotCache):
         if not (self.prefix_caching and self.has_rings):
             return
         for b in self._chunk_boundaries(chunk, chunk.start + states.shape[1]):
-            s = self._pending_slot(chunk.slot, b)
+            s = self.manager.pending_snapshot(chunk.slot, b)
             if s is not None:
                 self.s_states[s, loop] = states[0, b - 1 - chunk.start]
 
