@@ -51,15 +51,192 @@ if TYPE_CHECKING:
     from loopcoder.model.config import PLTConfig
 
 
-class PagedSlotCache(SlotCache):
-    """`SlotCache` with the full stores in a shared pool of blocks, block tables, and a prefix cache.
+class PagedStore:
+    """The full stores in one pool of blocks shared by every slot, and the device copy of the block tables; the
+    `SlotCache` strategy of `PagedSlotCache`. Which blocks a slot holds is its `KVCacheManager`'s; this class
+    does the copies (zeroing first-used blocks, a fork's partial block) and the reads and writes.
 
     - `k`, `v`: (L, F, kv_heads, num_blocks, block_size, hd); block 0 is the null block.
-    - `table`: (max_batch, max_blocks) block ids of each slot (the null block past its end); `tables` the
-      same as Python lists, for the bookkeeping.
+    - `table`: (max_batch, max_blocks) block ids of each slot (the null block past its end), a device tensor
+      updated in place, so a captured graph reads the current ones.
     """
 
     paged = True
+
+    def __init__(self, manager: KVCacheManager, num_stores: int, kv_shape: tuple[int, int, int], kw: dict) -> None:
+        L, hkv, hd = kv_shape
+        self.manager = manager
+        self.block_size, self.max_blocks, self.num_blocks = (
+            manager.block_size,
+            manager.max_blocks,
+            manager.pool.num_blocks,
+        )
+        device = kw["device"]
+        # torch.empty: on CPU the pages of blocks never handed out are never touched, so never resident
+        shape = (L, num_stores, hkv, self.num_blocks, self.block_size, hd)
+        self.k, self.v = torch.empty(shape, **kw), torch.empty(shape, **kw)
+        self.k[:, :, :, NULL_BLOCK] = 0
+        self.v[:, :, :, NULL_BLOCK] = 0
+        self.table = torch.full((manager.max_batch, self.max_blocks), NULL_BLOCK, dtype=torch.long, device=device)
+        self._scratch = [torch.empty(0, dtype=kw["dtype"]), torch.empty(0, dtype=kw["dtype"])]  # `_gather`'s K, V
+        # first pool row of each kv head, (1, kv_heads, 1): a step's gather rows are these plus its block tables
+        self._head_rows = torch.arange(hkv, device=device)[None, :, None] * self.num_blocks
+        self._zeroed = 1  # blocks below this id have been written (or zeroed) once: their contents are finite
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.k, self.v))
+
+    def block_bytes(self) -> int:
+        """Bytes of one block (every layer and full store, K and V)."""
+        return 2 * self.k[:, :, :, 0].numel() * self.k.element_size()
+
+    def stats(self) -> dict:
+        p, s = self.manager.pool, self.manager.pool.stats
+        return {
+            "paged": True,
+            "block_size": self.block_size,
+            "blocks": p.capacity,
+            "blocks_held": p.held,
+            "blocks_cached": p.cached,
+            "blocks_free": p.available() - p.cached,
+            "peak_blocks_held": s.peak_held,
+            "block_bytes": self.block_bytes(),
+        }
+
+    # -- blocks of a slot (the manager decides, the store zeroes and copies) ----------------------------------
+    def _first_use(self, blocks: list[int]) -> None:
+        """Zero blocks never handed out before (masked entries must be finite)."""
+        top = max(blocks) + 1
+        if top > self._zeroed:
+            self.k[:, :, :, self._zeroed : top] = 0
+            self.v[:, :, :, self._zeroed : top] = 0
+            self._zeroed = top
+
+    def reserve(self, slot: int, length: int) -> bool:
+        have = len(self.manager.tables[slot])
+        blocks = self.manager.reserve(slot, length)
+        if blocks is None:
+            return False
+        if blocks:
+            self._first_use(blocks)
+            self.table[slot, have : have + len(blocks)] = torch.tensor(blocks, device=self.table.device)
+        return True
+
+    def room(self, slot: int) -> int:
+        return self.manager.room(slot)
+
+    def capacity(self) -> int:
+        return self.manager.capacity()
+
+    def release(self, slot: int) -> None:
+        self.manager.free(slot)
+
+    def clear(self, slot: int) -> None:
+        self.table[slot] = NULL_BLOCK
+
+    def slot_tensors(self) -> tuple[torch.Tensor, ...]:
+        return (self.table,)
+
+    def reorder(self, order: list[int], moves: tuple[torch.Tensor, torch.Tensor] | None, lengths: torch.Tensor) -> None:
+        self.manager.reorder(order)  # the table rows moved with the other per-slot tensors
+
+    def fork(self, src: int, dst: int, n: int) -> bool:
+        """`dst` (empty) shares `src`'s full blocks and gets a copy of its partly filled last block."""
+        fork = self.manager.fork(src, dst, n)
+        if fork is None:
+            return False
+        if fork.copy is not None:
+            old, new = fork.copy
+            self.k[:, :, :, new] = self.k[:, :, :, old]
+            self.v[:, :, :, new] = self.v[:, :, :, old]
+            self._zeroed = max(self._zeroed, new + 1)
+        self.write_table(dst)
+        return True
+
+    def write_table(self, slot: int) -> None:
+        """The device row of `slot`'s block table from the manager's list (the null block past its end)."""
+        blocks = self.manager.tables[slot]
+        self.table[slot] = NULL_BLOCK
+        self.table[slot, : len(blocks)] = torch.tensor(blocks, dtype=torch.long, device=self.table.device)
+
+    def fill_random(self, generator: torch.Generator | None) -> None:
+        for t in (self.k, self.v):
+            if t.numel():
+                t.normal_(generator=generator if t.device.type == "cpu" else None)
+            t[:, :, :, NULL_BLOCK] = 0
+        self._zeroed = self.num_blocks
+
+    # -- a prefill chunk -----------------------------------------------------------------------------------
+    def read(self, layer: int, f: int, slot: int, n: int) -> KV:
+        nb = -(-n // self.block_size)
+        k, v = self.k[layer, f], self.v[layer, f]
+        if self.manager.is_run(slot, nb):
+            s = self.manager.tables[slot][0]
+            k, v = k[:, s : s + nb], v[:, s : s + nb]
+        else:
+            idx = self.table[slot, :nb]
+            k, v = k[:, idx], v[:, idx]
+        return KV(k.flatten(1, 2)[None, :, :n], v.flatten(1, 2)[None, :, :n])
+
+    def write(self, layer: int, f: int, slot: int, start: int, kv: KV) -> None:
+        pos = torch.arange(start, start + kv.k.shape[1], device=self.table.device)
+        blocks, offsets = self.table[slot, pos // self.block_size], pos % self.block_size
+        self.k[layer, f][:, blocks, offsets] = kv.k
+        self.v[layer, f][:, blocks, offsets] = kv.v
+
+    # -- a decode step -------------------------------------------------------------------------------------
+    def span(self, length: int, live: torch.Tensor | None) -> int:
+        """Whole blocks: those of the longest sequence, or (fixed shapes) every table entry."""
+        nb = -(-length // self.block_size) if live is None else self.max_blocks
+        return nb * self.block_size
+
+    def open_step(self, step: SlotStep) -> None:
+        """Where the new tokens' K/V go (block, offset) and how the step reads the stores: one view when a
+        single sequence's blocks are consecutive, else one gather of the pool per layer."""
+        B, n, t = self.block_size, step.n, step.positions
+        nb = step.length // B
+        block_of = t // B
+        step.blocks = self.table[:n].gather(1, block_of[:, None])[:, 0]
+        step.offsets = t - block_of * B
+        if step.live is None and n == 1 and self.manager.is_run(0, nb):
+            step.run = (self.manager.tables[0][0], nb)
+        else:
+            step.gather = (self._head_rows + self.table[:n, None, :nb]).flatten()
+
+    def write_step(self, layer: int, f: int, step: SlotStep, kv: KV) -> None:
+        self.k[layer, f][:, step.blocks, step.offsets] = kv.k[:, :, 0].transpose(0, 1)
+        self.v[layer, f][:, step.blocks, step.offsets] = kv.v[:, :, 0].transpose(0, 1)
+
+    def read_step(self, layer: int, f: int, step: SlotStep) -> KV:
+        k, v = self.k[layer, f], self.v[layer, f]  # (kv_heads, blocks, block_size, hd)
+        hkv, hd = k.shape[0], k.shape[-1]
+        if step.run is not None:
+            s, nb = step.run
+            return KV(k[:, s : s + nb].flatten(1, 2)[None], v[:, s : s + nb].flatten(1, 2)[None])
+        shape = (step.n, hkv, step.length, hd)
+        return KV(self._gather(k, step, shape, 0), self._gather(v, step, shape, 1))
+
+    def _gather(self, store: torch.Tensor, step: SlotStep, shape: tuple, which: int) -> torch.Tensor:
+        """The step's blocks of one store, as rows of block_size * hd elements (torch's CPU index_select copies
+        2-D rows about 6x faster than 3-D ones). On CPU with dynamic shapes into a reused buffer: a fresh
+        output of megabytes is a fresh mmap whose page faults cost more than the copy (3x the step at batch 8,
+        context 1024). The buffer is read by this layer's attention before the next call overwrites it."""
+        rows = store.view(-1, store.shape[-2] * store.shape[-1])
+        if store.device.type != "cpu" or step.live is not None:
+            return rows.index_select(0, step.gather).view(shape)
+        need = step.gather.numel() * rows.shape[1]
+        buf = self._scratch[which]
+        if buf.numel() < need:
+            buf = self._scratch[which] = torch.empty(need + need // 4, dtype=store.dtype)
+        out = buf[:need].view(-1, rows.shape[1])
+        torch.index_select(rows, 0, step.gather, out=out)
+        return out.view(shape)
+
+
+class PagedSlotCache(SlotCache):
+    """`SlotCache` over a `PagedStore` (its full stores in a shared pool of blocks, block tables) and a prefix
+    cache: the `KVCacheManager`'s policy, with the snapshot store of PLT's rings and CLP states at block
+    boundaries (`sk`, `sv`, `s_states`) kept here, next to the rings they are copied from and into."""
 
     def __init__(
         self,
@@ -76,25 +253,26 @@ class PagedSlotCache(SlotCache):
         snapshots: int | None = None,
     ) -> None:
         max_blocks = -(-max_len // max(block_size, 1))
-        self.num_blocks = (num_blocks if num_blocks is not None else max_batch * max_blocks) + 1
         self.manager = KVCacheManager(  # checks the sizes first: nothing is allocated for bad ones
             max_batch,
             max_len,
             block_size,
-            self.num_blocks,
+            (num_blocks if num_blocks is not None else max_batch * max_blocks) + 1,
             has_rings=not config.is_vanilla and config.plt_num_loops > 1,
             window=config.window,
             prefix_caching=prefix_caching,
             snapshot_every=snapshot_every,
             snapshots=snapshots,
         )
-        self.block_size, self.max_blocks = block_size, self.manager.max_blocks
-        super().__init__(config, max_batch, max_len, dtype, device)
-        self.prefix_caching = prefix_caching
-        self.table = torch.full((max_batch, self.max_blocks), NULL_BLOCK, dtype=torch.long, device=self.device)
-        snapshots = self.pool.num_snapshots
         L, hkv, hd = config.num_hidden_layers, config.num_key_value_heads, config.head_dim
-        kw = dict(dtype=dtype, device=self.device)
+        kw = dict(dtype=dtype, device=torch.device(device))
+        stores = 1 if not config.is_vanilla else config.plt_num_loops
+        super().__init__(
+            config, max_batch, max_len, dtype, device, full=PagedStore(self.manager, stores, (L, hkv, hd), kw)
+        )
+        self.prefix_caching = prefix_caching
+        self.block_size, self.max_blocks, self.num_blocks = block_size, self.manager.max_blocks, self.full.num_blocks
+        snapshots = self.pool.num_snapshots
         # lazily committed on CPU (never-touched pages take no memory): snapshots are written before they are read
         self.sk = (
             torch.empty(snapshots, L, config.plt_num_loops - 1, hkv, self.window + 1, hd, **kw)
@@ -103,10 +281,6 @@ class PagedSlotCache(SlotCache):
         )
         self.sv = torch.empty_like(self.sk)
         self.s_states = torch.empty(snapshots, *self.states.shape[1:], **kw)
-        self._scratch = [torch.empty(0, dtype=dtype), torch.empty(0, dtype=dtype)]  # `_gather`'s K and V buffers
-        # first pool row of each kv head, (1, kv_heads, 1): a step's gather rows are these plus its block tables
-        self._head_rows = torch.arange(hkv, device=self.device)[None, :, None] * self.num_blocks
-        self._zeroed = 1  # blocks below this id have been written (or zeroed) once: their contents are finite
 
     @property
     def pool(self) -> BlockPool:
@@ -117,17 +291,10 @@ class PagedSlotCache(SlotCache):
         """Each slot's block ids (the manager's)."""
         return self.manager.tables
 
-    def _full_stores(self, L: int, hkv: int, hd: int, kw: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        # torch.empty: on CPU the pages of blocks never handed out are never touched, so never resident
-        shape = (L, self.num_stores, hkv, self.num_blocks, self.block_size, hd)
-        k, v = torch.empty(shape, **kw), torch.empty(shape, **kw)
-        k[:, :, :, NULL_BLOCK] = 0
-        v[:, :, :, NULL_BLOCK] = 0
-        return k, v
-
-    def block_bytes(self) -> int:
-        """Bytes of one block (every layer and full store, K and V)."""
-        return 2 * self.k[:, :, :, 0].numel() * self.k.element_size()
+    @property
+    def table(self) -> torch.Tensor:
+        """(max_batch, max_blocks) the block tables on the device (the paged store's)."""
+        return self.full.table
 
     def snapshot_bytes(self) -> int:
         """Bytes of one boundary snapshot (rings and states)."""
@@ -136,20 +303,12 @@ class PagedSlotCache(SlotCache):
 
     def nbytes(self) -> int:
         """Bytes allocated for K/V: the block pool, the rings and the snapshot store."""
-        return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.rk, self.rv, self.sk, self.sv))
+        return super().nbytes() + sum(t.numel() * t.element_size() for t in (self.sk, self.sv))
 
     def stats(self) -> dict:
         p, s = self.pool, self.pool.stats
         return {
-            "paged": True,
-            "block_size": self.block_size,
-            "blocks": p.capacity,
-            "blocks_held": p.held,
-            "blocks_cached": p.cached,
-            "blocks_free": p.available() - p.cached,
-            "peak_blocks_held": s.peak_held,
-            "block_bytes": self.block_bytes(),
-            "allocated_bytes": self.nbytes(),
+            **super().stats(),
             "prefix_caching": self.prefix_caching,
             "prefix_queried_tokens": s.queried_tokens,
             "prefix_hit_tokens": s.hit_tokens,
@@ -160,76 +319,6 @@ class PagedSlotCache(SlotCache):
             "snapshot_bytes": self.snapshot_bytes(),
         }
 
-    # -- blocks of a slot (the manager decides, the store zeroes and copies) ----------------------------------
-    def _first_use(self, blocks: list[int]) -> None:
-        """Zero blocks never handed out before (masked entries must be finite)."""
-        top = max(blocks) + 1
-        if top > self._zeroed:
-            self.k[:, :, :, self._zeroed : top] = 0
-            self.v[:, :, :, self._zeroed : top] = 0
-            self._zeroed = top
-
-    def reserve(self, slot: int, length: int) -> bool:
-        have = len(self.tables[slot])
-        blocks = self.manager.reserve(slot, length)
-        if blocks is None:
-            return False
-        if blocks:
-            self._first_use(blocks)
-            self.table[slot, have : have + len(blocks)] = torch.tensor(blocks, device=self.device)
-        return True
-
-    def room(self, slot: int) -> int:
-        return self.manager.room(slot)
-
-    def release(self, slot: int) -> None:
-        self.manager.free(slot)
-        super().release(slot)
-
-    def _clear(self, slot: int) -> None:
-        super()._clear(slot)
-        self.table[slot] = NULL_BLOCK
-
-    def _slot_tensors(self) -> tuple[torch.Tensor, ...]:
-        return self.ring_pos, self.states, self.lengths, self.table
-
-    def reorder(self, order: list[int]) -> None:
-        super().reorder(order)
-        self.manager.reorder(order)
-
-    def _reorder_stores(self, dst: torch.Tensor, src: torch.Tensor) -> None:
-        for t in (self.rk, self.rv):
-            t[:, dst] = t[:, src]
-
-    def fork(self, src: int, dst: int) -> bool:
-        """`dst` (empty) shares `src`'s full blocks and gets a copy of its partly filled last block."""
-        fork = self.manager.fork(src, dst, int(self.lengths[src]))
-        if fork is None:
-            return False
-        if fork.copy is not None:
-            old, new = fork.copy
-            self.k[:, :, :, new] = self.k[:, :, :, old]
-            self.v[:, :, :, new] = self.v[:, :, :, old]
-            self._zeroed = max(self._zeroed, new + 1)
-        for t in (self.rk, self.rv):
-            t[:, dst] = t[:, src]
-        for t in (self.ring_pos, self.states, self.lengths):
-            t[dst] = t[src]
-        self._write_table(dst)
-        return True
-
-    def _write_table(self, slot: int) -> None:
-        """The device row of `slot`'s block table from its list (the null block past its end)."""
-        blocks = self.tables[slot]
-        self.table[slot] = NULL_BLOCK
-        self.table[slot, : len(blocks)] = torch.tensor(blocks, dtype=torch.long, device=self.device)
-
-    def _is_run(self, slot: int, nb: int) -> bool:
-        return self.manager.is_run(slot, nb)
-
-    def capacity(self) -> int:
-        return self.manager.capacity()
-
     # -- the prefix cache (the manager's policy; here the snapshot copies) --------------------------------
     def has_uncommitted(self, slot: int, length: int) -> bool:
         return self.manager.has_uncommitted(slot, length)
@@ -238,7 +327,7 @@ class PagedSlotCache(SlotCache):
         hit = self.manager.resume(slot, tokens)
         if hit is None:
             return 0
-        self._write_table(slot)
+        self.full.write_table(slot)
         b = hit.length
         self.lengths[slot] = b
         self.ring_pos[slot] = -1
@@ -283,73 +372,3 @@ class PagedSlotCache(SlotCache):
             s = self.manager.pending_snapshot(chunk.slot, b)
             if s is not None:
                 self.s_states[s, loop] = states[0, b - 1 - chunk.start]
-
-    # -- full stores --------------------------------------------------------------------------------------
-    def _read_positions(self, layer: int, loop: int, slot: int, n: int) -> KV:
-        f, nb = self._store_index(loop), -(-n // self.block_size)
-        k, v = self.k[layer, f], self.v[layer, f]
-        if self._is_run(slot, nb):
-            s = self.tables[slot][0]
-            k, v = k[:, s : s + nb], v[:, s : s + nb]
-        else:
-            idx = self.table[slot, :nb]
-            k, v = k[:, idx], v[:, idx]
-        return KV(k.flatten(1, 2)[None, :, :n], v.flatten(1, 2)[None, :, :n])
-
-    def _write_positions(self, layer: int, loop: int, slot: int, start: int, kv: KV) -> None:
-        f = self._store_index(loop)
-        pos = torch.arange(start, start + kv.k.shape[1], device=self.device)
-        blocks, offsets = self.table[slot, pos // self.block_size], pos % self.block_size
-        self.k[layer, f][:, blocks, offsets] = kv.k
-        self.v[layer, f][:, blocks, offsets] = kv.v
-
-    # -- the decode step ----------------------------------------------------------------------------------
-    def _new_step(self, n: int, live: torch.Tensor | None, t: torch.Tensor, length: int) -> SlotStep:
-        B = self.block_size
-        nb = -(-length // B) if live is None else self.max_blocks
-        step = super()._new_step(n, live, t, nb * B)
-        block_of = t // B
-        step.blocks = self.table[:n].gather(1, block_of[:, None])[:, 0]
-        step.offsets = t - block_of * B
-        if live is None and n == 1 and self._is_run(0, nb):
-            step.run = (self.tables[0][0], nb)
-        else:
-            step.gather = (self._head_rows + self.table[:n, None, :nb]).flatten()
-        return step
-
-    def write_full(self, layer: int, loop: int, step: SlotStep, kv: KV) -> None:
-        f = self._store_index(loop)
-        self.k[layer, f][:, step.blocks, step.offsets] = kv.k[:, :, 0].transpose(0, 1)
-        self.v[layer, f][:, step.blocks, step.offsets] = kv.v[:, :, 0].transpose(0, 1)
-
-    def full_kv(self, layer: int, loop: int, step: SlotStep) -> KV:
-        f = self._store_index(loop)
-        k, v = self.k[layer, f], self.v[layer, f]  # (kv_heads, blocks, block_size, hd)
-        hkv, hd = k.shape[0], k.shape[-1]
-        if step.run is not None:
-            s, nb = step.run
-            return KV(k[:, s : s + nb].flatten(1, 2)[None], v[:, s : s + nb].flatten(1, 2)[None])
-        shape = (step.n, hkv, step.length, hd)
-        return KV(self._gather(k, step, shape, 0), self._gather(v, step, shape, 1))
-
-    def _gather(self, store: torch.Tensor, step: SlotStep, shape: tuple, which: int) -> torch.Tensor:
-        """The step's blocks of one store, as rows of block_size * hd elements (torch's CPU index_select copies
-        2-D rows about 6x faster than 3-D ones). On CPU with dynamic shapes into a reused buffer: a fresh
-        output of megabytes is a fresh mmap whose page faults cost more than the copy (3x the step at batch 8,
-        context 1024). The buffer is read by this layer's attention before the next call overwrites it."""
-        rows = store.view(-1, store.shape[-2] * store.shape[-1])
-        if store.device.type != "cpu" or step.live is not None:
-            return rows.index_select(0, step.gather).view(shape)
-        need = step.gather.numel() * rows.shape[1]
-        buf = self._scratch[which]
-        if buf.numel() < need:
-            buf = self._scratch[which] = torch.empty(need + need // 4, dtype=store.dtype)
-        out = buf[:need].view(-1, rows.shape[1])
-        torch.index_select(rows, 0, step.gather, out=out)
-        return out.view(shape)
-
-    def fill_random(self, n: int, length: int, generator: torch.Generator | None = None) -> None:
-        super().fill_random(n, length, generator)
-        self.k[:, :, :, NULL_BLOCK] = 0
-        self.v[:, :, :, NULL_BLOCK] = 0
-        self._zeroed = self.num_blocks
