@@ -233,10 +233,106 @@ class PagedStore:
         return out.view(shape)
 
 
+class PrefixCache:
+    """The prefix cache's tensors and copies: the snapshot store of PLT's rings and CLP states at block
+    boundaries, `sk`, `sv` (snapshots, L, R-1, kv_heads, w+1, hd) in ring order and `s_states` (snapshots,
+    R-1, hidden), restored into a slot on a hit (`attach`) and taken on `commit` or while a prefill chunk
+    passes a boundary (`capture_*`). Which blocks and snapshot ids is the `KVCacheManager`'s; the slot's rings
+    and states are the `SlotCache`'s, passed in."""
+
+    def __init__(self, manager: KVCacheManager, store: PagedStore, config: PLTConfig, kw: dict) -> None:
+        self.manager, self.store = manager, store
+        n = manager.pool.num_snapshots
+        L, R, hkv, hd = config.num_hidden_layers, config.plt_num_loops, config.num_key_value_heads, config.head_dim
+        # lazily committed on CPU (never-touched pages take no memory): snapshots are written before they are read
+        self.sk = torch.empty(n, L, R - 1, hkv, config.window + 1, hd, **kw) if n else torch.empty(0, **kw)
+        self.sv = torch.empty_like(self.sk)
+        self.s_states = torch.empty(n, R - 1 if not config.is_vanilla else 0, config.hidden_size, **kw)
+
+    @property
+    def prefix_caching(self) -> bool:
+        return self.manager.prefix_caching
+
+    def snapshot_bytes(self) -> int:
+        """Bytes of one boundary snapshot (rings and states)."""
+        per = (2 * self.sk[0].numel() + self.s_states[0].numel()) if self.manager.pool.num_snapshots else 0
+        return per * self.sk.element_size()
+
+    def nbytes(self) -> int:
+        """Bytes of the snapshot store's K/V."""
+        return sum(t.numel() * t.element_size() for t in (self.sk, self.sv))
+
+    def stats(self) -> dict:
+        p, s = self.manager.pool, self.manager.pool.stats
+        return {
+            "prefix_caching": self.manager.prefix_caching,
+            "prefix_queried_tokens": s.queried_tokens,
+            "prefix_hit_tokens": s.hit_tokens,
+            "prefix_hit_rate": s.hit_tokens / s.queried_tokens if s.queried_tokens else 0.0,
+            "evicted_blocks": s.evicted_blocks,
+            "snapshots": p.num_snapshots,
+            "snapshots_in_use": p.snapshots_in_use,
+            "snapshot_bytes": self.snapshot_bytes(),
+        }
+
+    def has_uncommitted(self, slot: int, length: int) -> bool:
+        return self.manager.has_uncommitted(slot, length)
+
+    def attach(self, cache: SlotCache, slot: int, tokens: list[int]) -> int:
+        """Start `slot` from the longest cached prefix of `tokens`: its blocks, and for PLT the snapshot's rings
+        and states; the tokens it covers."""
+        hit = self.manager.resume(slot, tokens)
+        if hit is None:
+            return 0
+        self.store.write_table(slot)
+        b = hit.length
+        cache.lengths[slot] = b
+        cache.ring_pos[slot] = -1
+        if hit.snapshot is not None:
+            s = hit.snapshot
+            cache.rk[:, slot] = self.sk[s]
+            cache.rv[:, slot] = self.sv[s]
+            cache.states[slot] = self.s_states[s]
+            w1 = cache.window + 1
+            pos = torch.arange(max(0, b - w1), b, device=cache.device)
+            cache.ring_pos[slot, pos % w1] = pos
+        return b
+
+    def commit(self, cache: SlotCache, slot: int, tokens: list[int]) -> None:
+        """Enter `slot`'s newly full blocks in the index (`tokens`: its token ids, at least its length), and
+        attach the snapshots at their boundaries: taken during the prefill chunk, or now from the slot's rings
+        when the boundary is where the sequence stands (after a decode step)."""
+        s = self.manager.commit(slot, tokens, int(cache.lengths[slot]))
+        if s is not None:
+            self.sk[s], self.sv[s] = cache.rk[:, slot], cache.rv[:, slot]
+            self.s_states[s] = cache.states[slot]
+
+    def capture_rings(self, cache: SlotCache, chunk: SlotChunk, layer: int, loop: int, kv: KV, first: int) -> None:
+        """A prefill chunk wrote `loop`'s K/V (entry 0 at position `first`): fill its boundaries' snapshots."""
+        if not (self.manager.prefix_caching and self.manager.has_rings):
+            return
+        w1 = cache.window + 1
+        for b in self.manager.chunk_boundaries(chunk.start, first + kv.k.shape[2]):
+            s = self.manager.pending_snapshot(chunk.slot, b)
+            if s is None:
+                continue
+            pos = torch.arange(max(0, b - w1), b, device=cache.device)
+            self.sk[s, layer, loop - 1][:, pos % w1] = kv.k[0, :, pos - first]
+            self.sv[s, layer, loop - 1][:, pos % w1] = kv.v[0, :, pos - first]
+
+    def capture_states(self, cache: SlotCache, chunk: SlotChunk, loop: int, states: torch.Tensor) -> None:
+        """A prefill chunk computed P(loop) over its positions: keep it at its boundaries' snapshots."""
+        if not (self.manager.prefix_caching and self.manager.has_rings):
+            return
+        for b in self.manager.chunk_boundaries(chunk.start, chunk.start + states.shape[1]):
+            s = self.manager.pending_snapshot(chunk.slot, b)
+            if s is not None:
+                self.s_states[s, loop] = states[0, b - 1 - chunk.start]
+
+
 class PagedSlotCache(SlotCache):
-    """`SlotCache` over a `PagedStore` (its full stores in a shared pool of blocks, block tables) and a prefix
-    cache: the `KVCacheManager`'s policy, with the snapshot store of PLT's rings and CLP states at block
-    boundaries (`sk`, `sv`, `s_states`) kept here, next to the rings they are copied from and into."""
+    """`SlotCache` over a `PagedStore` (its full stores in a shared pool of blocks, block tables) with a
+    `PrefixCache`, both asking one `KVCacheManager`. It only builds them: every method is `SlotCache`'s."""
 
     def __init__(
         self,
@@ -264,23 +360,12 @@ class PagedSlotCache(SlotCache):
             snapshot_every=snapshot_every,
             snapshots=snapshots,
         )
-        L, hkv, hd = config.num_hidden_layers, config.num_key_value_heads, config.head_dim
         kw = dict(dtype=dtype, device=torch.device(device))
-        stores = 1 if not config.is_vanilla else config.plt_num_loops
-        super().__init__(
-            config, max_batch, max_len, dtype, device, full=PagedStore(self.manager, stores, (L, hkv, hd), kw)
-        )
-        self.prefix_caching = prefix_caching
-        self.block_size, self.max_blocks, self.num_blocks = block_size, self.manager.max_blocks, self.full.num_blocks
-        snapshots = self.pool.num_snapshots
-        # lazily committed on CPU (never-touched pages take no memory): snapshots are written before they are read
-        self.sk = (
-            torch.empty(snapshots, L, config.plt_num_loops - 1, hkv, self.window + 1, hd, **kw)
-            if snapshots
-            else torch.empty(0, **kw)
-        )
-        self.sv = torch.empty_like(self.sk)
-        self.s_states = torch.empty(snapshots, *self.states.shape[1:], **kw)
+        kv_shape = (config.num_hidden_layers, config.num_key_value_heads, config.head_dim)
+        store = PagedStore(self.manager, 1 if not config.is_vanilla else config.plt_num_loops, kv_shape, kw)
+        prefix = PrefixCache(self.manager, store, config, kw)
+        super().__init__(config, max_batch, max_len, dtype, device, full=store, prefix=prefix)
+        self.block_size, self.max_blocks, self.num_blocks = block_size, self.manager.max_blocks, store.num_blocks
 
     @property
     def pool(self) -> BlockPool:
@@ -295,80 +380,3 @@ class PagedSlotCache(SlotCache):
     def table(self) -> torch.Tensor:
         """(max_batch, max_blocks) the block tables on the device (the paged store's)."""
         return self.full.table
-
-    def snapshot_bytes(self) -> int:
-        """Bytes of one boundary snapshot (rings and states)."""
-        per = (2 * self.sk[0].numel() + self.s_states[0].numel()) if self.pool.num_snapshots else 0
-        return per * self.k.element_size()
-
-    def nbytes(self) -> int:
-        """Bytes allocated for K/V: the block pool, the rings and the snapshot store."""
-        return super().nbytes() + sum(t.numel() * t.element_size() for t in (self.sk, self.sv))
-
-    def stats(self) -> dict:
-        p, s = self.pool, self.pool.stats
-        return {
-            **super().stats(),
-            "prefix_caching": self.prefix_caching,
-            "prefix_queried_tokens": s.queried_tokens,
-            "prefix_hit_tokens": s.hit_tokens,
-            "prefix_hit_rate": s.hit_tokens / s.queried_tokens if s.queried_tokens else 0.0,
-            "evicted_blocks": s.evicted_blocks,
-            "snapshots": p.num_snapshots,
-            "snapshots_in_use": p.snapshots_in_use,
-            "snapshot_bytes": self.snapshot_bytes(),
-        }
-
-    # -- the prefix cache (the manager's policy; here the snapshot copies) --------------------------------
-    def has_uncommitted(self, slot: int, length: int) -> bool:
-        return self.manager.has_uncommitted(slot, length)
-
-    def attach(self, slot: int, tokens: list[int]) -> int:
-        hit = self.manager.resume(slot, tokens)
-        if hit is None:
-            return 0
-        self.full.write_table(slot)
-        b = hit.length
-        self.lengths[slot] = b
-        self.ring_pos[slot] = -1
-        if hit.snapshot is not None:
-            s = hit.snapshot
-            self.rk[:, slot] = self.sk[s]
-            self.rv[:, slot] = self.sv[s]
-            self.states[slot] = self.s_states[s]
-            w1 = self.window + 1
-            pos = torch.arange(max(0, b - w1), b, device=self.device)
-            self.ring_pos[slot, pos % w1] = pos
-        return b
-
-    def commit(self, slot: int, tokens: list[int]) -> None:
-        """Enter `slot`'s newly full blocks in the index (`tokens`: its token ids, at least its length), and
-        attach the snapshots at their boundaries: taken during the prefill chunk, or now from the slot's rings
-        when the boundary is where the sequence stands (after a decode step)."""
-        s = self.manager.commit(slot, tokens, int(self.lengths[slot]))
-        if s is not None:
-            self.sk[s], self.sv[s] = self.rk[:, slot], self.rv[:, slot]
-            self.s_states[s] = self.states[slot]
-
-    def _chunk_boundaries(self, chunk: SlotChunk, end: int) -> list[int]:
-        return self.manager.chunk_boundaries(chunk.start, end)
-
-    def _capture_rings(self, chunk: SlotChunk, layer: int, loop: int, kv: KV, first: int) -> None:
-        if not (self.prefix_caching and self.has_rings):
-            return
-        w1 = self.window + 1
-        for b in self._chunk_boundaries(chunk, first + kv.k.shape[2]):
-            s = self.manager.pending_snapshot(chunk.slot, b)
-            if s is None:
-                continue
-            pos = torch.arange(max(0, b - w1), b, device=self.device)
-            self.sk[s, layer, loop - 1][:, pos % w1] = kv.k[0, :, pos - first]
-            self.sv[s, layer, loop - 1][:, pos % w1] = kv.v[0, :, pos - first]
-
-    def _capture_states(self, chunk: SlotChunk, loop: int, states: torch.Tensor) -> None:
-        if not (self.prefix_caching and self.has_rings):
-            return
-        for b in self._chunk_boundaries(chunk, chunk.start + states.shape[1]):
-            s = self.manager.pending_snapshot(chunk.slot, b)
-            if s is not None:
-                self.s_states[s, loop] = states[0, b - 1 - chunk.start]

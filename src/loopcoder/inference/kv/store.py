@@ -80,6 +80,21 @@ class FullStore(Protocol):
     def read_step(self, layer: int, f: int, step: SlotStep) -> KV: ...
 
 
+class PrefixStore(Protocol):
+    """A prefix cache of a `SlotCache` (`paged.PrefixCache`): the cache passes itself, whose rings and states
+    a hit restores and a snapshot copies."""
+
+    prefix_caching: bool
+
+    def nbytes(self) -> int: ...
+    def stats(self) -> dict: ...
+    def has_uncommitted(self, slot: int, length: int) -> bool: ...
+    def attach(self, cache: SlotCache, slot: int, tokens: list[int]) -> int: ...
+    def commit(self, cache: SlotCache, slot: int, tokens: list[int]) -> None: ...
+    def capture_rings(self, cache: SlotCache, chunk: SlotChunk, layer: int, loop: int, kv: KV, first: int) -> None: ...
+    def capture_states(self, cache: SlotCache, chunk: SlotChunk, loop: int, states: torch.Tensor) -> None: ...
+
+
 class ContiguousStore:
     """The full stores of a `SlotCache` with one row of `max_len` positions per slot: `k`, `v` (L, F, B,
     kv_heads, max_len, hd). F = 1 for PLT (loop 1, the shared global cache); F = R for the vanilla looped
@@ -178,10 +193,8 @@ class SlotCache:
     engine's slot bookkeeping), `begin_step`/`end_step` around a decode step, and, per layer,
     `write_full`/`full_kv` (the full stores) and `write_ring`/`ring_kv` (the rings), `saved_states`/
     `save_states` (CLP). Loops are numbered from 0 (loop 1 of the spec is loop 0 here); rings exist for PLT
-    loops 1..R-1. `match`/`attach`/`commit` are the prefix cache's, which only the paged cache has.
+    loops 1..R-1. `attach`/`commit` are the prefix cache's (`prefix`, which only the paged cache has).
     """
-
-    prefix_caching = False  # only `PagedSlotCache` has a prefix cache
 
     def __init__(
         self,
@@ -192,6 +205,7 @@ class SlotCache:
         device: torch.device | str,
         *,
         full: FullStore | None = None,
+        prefix: PrefixStore | None = None,
     ) -> None:
         L, R, hkv, hd = config.num_hidden_layers, config.plt_num_loops, config.num_key_value_heads, config.head_dim
         self.plt = not config.is_vanilla
@@ -207,11 +221,16 @@ class SlotCache:
             if full is not None
             else ContiguousStore((L, self.num_stores, max_batch, hkv, max_len, hd), max_len, kw)
         )
+        self.prefix = prefix
         self.rk = torch.zeros(L, max_batch, ring, hkv, w1 if ring else 0, hd, **kw)
         self.rv = torch.zeros_like(self.rk)
         self.ring_pos = torch.full((max_batch, w1), -1, dtype=torch.long, device=device)
         self.states = torch.zeros(max_batch, R - 1 if self.plt else 0, config.hidden_size, **kw)
         self.lengths = torch.zeros(max_batch, dtype=torch.long, device=device)
+
+    @property
+    def prefix_caching(self) -> bool:
+        return self.prefix is not None and self.prefix.prefix_caching
 
     @property
     def paged(self) -> bool:
@@ -231,7 +250,8 @@ class SlotCache:
 
     def nbytes(self) -> int:
         """Bytes allocated for K/V (full stores and rings)."""
-        return self.full.nbytes() + sum(t.numel() * t.element_size() for t in (self.rk, self.rv))
+        rings = sum(t.numel() * t.element_size() for t in (self.rk, self.rv))
+        return self.full.nbytes() + rings + (self.prefix.nbytes() if self.prefix is not None else 0)
 
     # -- slots ------------------------------------------------------------------------------------------
     def load(self, slot: int, cache: PLTCache, row: int = 0) -> None:
@@ -312,26 +332,23 @@ class SlotCache:
         """Positions the whole cache holds for all sequences together (None: each slot holds `max_len`)."""
         return self.full.capacity()
 
-    # -- the prefix cache (only `PagedSlotCache` has one) --------------------------------------------------
+    # -- the prefix cache (`prefix`: only a paged cache has one) -------------------------------------------
     def has_uncommitted(self, slot: int, length: int) -> bool:
         """Whether `length` positions of `slot` fill blocks not yet entered in the prefix cache (`commit`)."""
-        return False
+        return self.prefix is not None and self.prefix.has_uncommitted(slot, length)
 
     def attach(self, slot: int, tokens: list[int]) -> int:
         """Start `slot`'s sequence from the longest cached prefix of `tokens`; the tokens it covers."""
-        return 0
+        return 0 if self.prefix is None else self.prefix.attach(self, slot, tokens)
 
     def commit(self, slot: int, tokens: list[int]) -> None:
         """`tokens` are the sequence in `slot` so far: cache its full blocks for later prompts."""
+        if self.prefix is not None:
+            self.prefix.commit(self, slot, tokens)
 
     def stats(self) -> dict:
-        return {**self.full.stats(), "allocated_bytes": self.nbytes()}
-
-    def _capture_rings(self, chunk: SlotChunk, layer: int, loop: int, kv: KV, first: int) -> None:
-        """A prefill chunk wrote `loop`'s K/V (entry 0 at position `first`): the paged cache's snapshots."""
-
-    def _capture_states(self, chunk: SlotChunk, loop: int, states: torch.Tensor) -> None:
-        """A prefill chunk computed P(loop) over its positions: the paged cache's snapshots."""
+        prefix = self.prefix.stats() if self.prefix is not None else {}
+        return {**self.full.stats(), "allocated_bytes": self.nbytes(), **prefix}
 
     def fill_random(self, n: int, length: int, generator: torch.Generator | None = None) -> None:
         """Pretend slots 0..n-1 were prefilled with `length` tokens: random K/V and states (benchmarks)."""
@@ -438,7 +455,7 @@ class SlotChunk:
     The forward continues the slot's sequence by S positions: it reads the cached K/V (the full stores, the
     rings of PLT loops >= 2 in position order) and the CLP states P(r) of the position before the chunk, and
     writes back the chunk's K/V (positions start..start+S-1 of the full stores, the last w+1 of each ring) and
-    P(r) of its last position. A paged cache also takes its boundary snapshots here (`_capture_*`).
+    P(r) of its last position. A prefix cache also takes its boundary snapshots here (`capture_*`).
     """
 
     def __init__(self, cache: SlotCache, slot: int) -> None:
@@ -488,12 +505,14 @@ class SlotChunk:
         pos = torch.arange(first + kv.k.shape[2] - keep, first + kv.k.shape[2], device=c.device)
         c.rk[layer, self.slot, loop - 1][:, pos % w1] = kv.k[0, :, -keep:]
         c.rv[layer, self.slot, loop - 1][:, pos % w1] = kv.v[0, :, -keep:]
-        c._capture_rings(self, layer, loop, kv, first)
+        if c.prefix is not None:
+            c.prefix.capture_rings(c, self, layer, loop, kv, first)
 
     def save_loop_states(self, loop: int, states: torch.Tensor) -> None:
         """P(loop) over the chunk, (1, S, hidden): its last position is what the next position's CLP reads."""
         self.cache.states[self.slot, loop] = states[0, -1]
-        self.cache._capture_states(self, loop, states)
+        if self.cache.prefix is not None:
+            self.cache.prefix.capture_states(self.cache, self, loop, states)
 
     def advance(self, positions: torch.Tensor) -> None:
         c = self.cache
