@@ -1,5 +1,9 @@
 """`PagedSlotCache`: the engine's cache with its full stores in fixed-size blocks, and PLT's prefix cache.
 
+The split is vLLM v1's: `manager.KVCacheManager` (no tensors) decides which blocks a slot holds, what a prompt
+resumes from and which snapshot ids are filled; this class holds the tensors and does the copies it is told to
+(zeroing first-used blocks, a fork's partial block, restoring or taking a snapshot, a step's gather).
+
 The full stores (loop 1's K/V for PLT, every loop's for the vanilla looped transformer) live in one pool of
 blocks of `block_size` positions, shared by every sequence: a sequence's block table lists its blocks in
 order, and blocks are taken as it grows (`reserve`), so memory follows real lengths. The small per-slot parts
@@ -10,7 +14,7 @@ of the pool per layer, or a plain view when a single sequence's blocks are conse
 With fixed shapes (CUDA graphs, `torch.compile`) the step reads every slot's whole table; the tables are a
 device tensor updated in place, so a captured graph reads the current ones.
 
-Prefix caching (`prefix_caching=True`): every full block is entered in the index of `blocks.BlockPool` under
+Prefix caching (`prefix_caching=True`): every full block is entered in the index of `block_pool.BlockPool` under
 a hash chained over the token ids of its prefix, and kept when its sequences end, until it is evicted (least
 recently used first). A new prompt starts from the longest cached prefix it can resume from (`attach`):
 
@@ -38,7 +42,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from loopcoder.inference.kv.block_pool import NULL_BLOCK, BlockPool, Entry
+from loopcoder.inference.kv.block_pool import NULL_BLOCK, BlockPool
+from loopcoder.inference.kv.manager import KVCacheManager
 from loopcoder.inference.kv.store import SlotCache, SlotChunk, SlotStep
 from loopcoder.model.cache import KV
 
@@ -46,86 +51,47 @@ if TYPE_CHECKING:
     from loopcoder.model.config import PLTConfig
 
 
-class PagedSlotCache(SlotCache):
-    """`SlotCache` with the full stores in a shared pool of blocks, block tables, and a prefix cache.
+class PagedStore:
+    """The full stores in one pool of blocks shared by every slot, and the device copy of the block tables; the
+    `SlotCache` strategy of `PagedSlotCache`. Which blocks a slot holds is its `KVCacheManager`'s; this class
+    does the copies (zeroing first-used blocks, a fork's partial block) and the reads and writes.
 
     - `k`, `v`: (L, F, kv_heads, num_blocks, block_size, hd); block 0 is the null block.
-    - `table`: (max_batch, max_blocks) block ids of each slot (the null block past its end); `tables` the
-      same as Python lists, for the bookkeeping.
+    - `table`: (max_batch, max_blocks) block ids of each slot (the null block past its end), a device tensor
+      updated in place, so a captured graph reads the current ones.
     """
 
     paged = True
 
-    def __init__(
-        self,
-        config: PLTConfig,
-        max_batch: int,
-        max_len: int,
-        dtype: torch.dtype,
-        device: torch.device | str,
-        *,
-        block_size: int = 16,
-        num_blocks: int | None = None,
-        prefix_caching: bool = True,
-        snapshot_every: int | None = None,
-        snapshots: int | None = None,
-    ) -> None:
-        if block_size < 1:
-            raise ValueError(f"block_size must be >= 1, got {block_size}")
-        self.block_size = block_size
-        self.max_blocks = -(-max_len // block_size)
-        self.num_blocks = (num_blocks if num_blocks is not None else max_batch * self.max_blocks) + 1
-        super().__init__(config, max_batch, max_len, dtype, device)
-        B = block_size
-        self.tables: list[list[int]] = [[] for _ in range(max_batch)]
-        self.table = torch.full((max_batch, self.max_blocks), NULL_BLOCK, dtype=torch.long, device=self.device)
-        self.prefix_caching = prefix_caching
-        self.snapshot_every = snapshot_every or -(-(self.window + 1) // B)
-        if not (prefix_caching and self.has_rings):
-            snapshots = 0
-        elif snapshots is None:  # a quarter of a full pool's boundaries, plus a few per slot; evicted LRU
-            snapshots = -(-self.num_blocks // (4 * self.snapshot_every)) + 2 * max_batch
-        self.pool = BlockPool(self.num_blocks, snapshots)
-        L, hkv, hd = config.num_hidden_layers, config.num_key_value_heads, config.head_dim
-        kw = dict(dtype=dtype, device=self.device)
-        # lazily committed on CPU (never-touched pages take no memory): snapshots are written before they are read
-        self.sk = (
-            torch.empty(snapshots, L, config.plt_num_loops - 1, hkv, self.window + 1, hd, **kw)
-            if snapshots
-            else torch.empty(0, **kw)
+    def __init__(self, manager: KVCacheManager, num_stores: int, kv_shape: tuple[int, int, int], kw: dict) -> None:
+        L, hkv, hd = kv_shape
+        self.manager = manager
+        self.block_size, self.max_blocks, self.num_blocks = (
+            manager.block_size,
+            manager.max_blocks,
+            manager.pool.num_blocks,
         )
-        self.sv = torch.empty_like(self.sk)
-        self.s_states = torch.empty(snapshots, *self.states.shape[1:], **kw)
-        self.entries: list[list[Entry]] = [[] for _ in range(max_batch)]  # index entries of each slot's full blocks
-        self.pending: list[dict[int, int | None]] = [{} for _ in range(max_batch)]  # boundary -> snapshot slot
-        self._scratch = [torch.empty(0, dtype=dtype), torch.empty(0, dtype=dtype)]  # `_gather`'s K and V buffers
+        device = kw["device"]
+        # torch.empty: on CPU the pages of blocks never handed out are never touched, so never resident
+        shape = (L, num_stores, hkv, self.num_blocks, self.block_size, hd)
+        self.k, self.v = torch.empty(shape, **kw), torch.empty(shape, **kw)
+        self.k[:, :, :, NULL_BLOCK] = 0
+        self.v[:, :, :, NULL_BLOCK] = 0
+        self.table = torch.full((manager.max_batch, self.max_blocks), NULL_BLOCK, dtype=torch.long, device=device)
+        self._scratch = [torch.empty(0, dtype=kw["dtype"]), torch.empty(0, dtype=kw["dtype"])]  # `_gather`'s K, V
         # first pool row of each kv head, (1, kv_heads, 1): a step's gather rows are these plus its block tables
-        self._head_rows = torch.arange(hkv, device=self.device)[None, :, None] * self.num_blocks
+        self._head_rows = torch.arange(hkv, device=device)[None, :, None] * self.num_blocks
         self._zeroed = 1  # blocks below this id have been written (or zeroed) once: their contents are finite
 
-    def _full_stores(self, L: int, hkv: int, hd: int, kw: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        # torch.empty: on CPU the pages of blocks never handed out are never touched, so never resident
-        shape = (L, self.num_stores, hkv, self.num_blocks, self.block_size, hd)
-        k, v = torch.empty(shape, **kw), torch.empty(shape, **kw)
-        k[:, :, :, NULL_BLOCK] = 0
-        v[:, :, :, NULL_BLOCK] = 0
-        return k, v
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.k, self.v))
 
     def block_bytes(self) -> int:
         """Bytes of one block (every layer and full store, K and V)."""
         return 2 * self.k[:, :, :, 0].numel() * self.k.element_size()
 
-    def snapshot_bytes(self) -> int:
-        """Bytes of one boundary snapshot (rings and states)."""
-        per = (2 * self.sk[0].numel() + self.s_states[0].numel()) if self.pool.num_snapshots else 0
-        return per * self.k.element_size()
-
-    def nbytes(self) -> int:
-        """Bytes allocated for K/V: the block pool, the rings and the snapshot store."""
-        return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.rk, self.rv, self.sk, self.sv))
-
     def stats(self) -> dict:
-        p, s = self.pool, self.pool.stats
+        p, s = self.manager.pool, self.manager.pool.stats
         return {
             "paged": True,
             "block_size": self.block_size,
@@ -135,246 +101,113 @@ class PagedSlotCache(SlotCache):
             "blocks_free": p.available() - p.cached,
             "peak_blocks_held": s.peak_held,
             "block_bytes": self.block_bytes(),
-            "allocated_bytes": self.nbytes(),
-            "prefix_caching": self.prefix_caching,
-            "prefix_queried_tokens": s.queried_tokens,
-            "prefix_hit_tokens": s.hit_tokens,
-            "prefix_hit_rate": s.hit_tokens / s.queried_tokens if s.queried_tokens else 0.0,
-            "evicted_blocks": s.evicted_blocks,
-            "snapshots": p.num_snapshots,
-            "snapshots_in_use": p.snapshots_in_use,
-            "snapshot_bytes": self.snapshot_bytes(),
         }
 
-    # -- blocks of a slot ---------------------------------------------------------------------------------
-    def reserve(self, slot: int, length: int) -> bool:
-        if length > self.max_len:
-            return False
-        have = len(self.tables[slot])
-        need = -(-length // self.block_size) - have
-        if need <= 0:
-            return True
-        blocks = self.pool.allocate(need)
-        if blocks is None:
-            return False
+    # -- blocks of a slot (the manager decides, the store zeroes and copies) ----------------------------------
+    def _first_use(self, blocks: list[int]) -> None:
+        """Zero blocks never handed out before (masked entries must be finite)."""
         top = max(blocks) + 1
-        if top > self._zeroed:  # first use of these blocks: zero them (masked entries must be finite)
+        if top > self._zeroed:
             self.k[:, :, :, self._zeroed : top] = 0
             self.v[:, :, :, self._zeroed : top] = 0
             self._zeroed = top
-        self.tables[slot].extend(blocks)
-        self.table[slot, have : have + need] = torch.tensor(blocks, device=self.device)
+
+    def reserve(self, slot: int, length: int) -> bool:
+        have = len(self.manager.tables[slot])
+        blocks = self.manager.reserve(slot, length)
+        if blocks is None:
+            return False
+        if blocks:
+            self._first_use(blocks)
+            self.table[slot, have : have + len(blocks)] = torch.tensor(blocks, device=self.table.device)
         return True
 
     def room(self, slot: int) -> int:
-        return min(self.max_len, (len(self.tables[slot]) + self.pool.available()) * self.block_size)
-
-    def release(self, slot: int) -> None:
-        self.pool.release(self.tables[slot])
-        for s in self.pending[slot].values():
-            if s is not None:
-                self.pool.free_snapshot(s)
-        self.tables[slot], self.entries[slot], self.pending[slot] = [], [], {}
-        super().release(slot)
-
-    def _clear(self, slot: int) -> None:
-        super()._clear(slot)
-        self.table[slot] = NULL_BLOCK
-
-    def _slot_tensors(self) -> tuple[torch.Tensor, ...]:
-        return self.ring_pos, self.states, self.lengths, self.table
-
-    def reorder(self, order: list[int]) -> None:
-        super().reorder(order)
-        for lists in (self.tables, self.entries, self.pending):
-            lists[:] = [lists[src] for src in order] + [type(lists[0])() for _ in range(self.max_batch - len(order))]
-
-    def _reorder_stores(self, dst: torch.Tensor, src: torch.Tensor) -> None:
-        for t in (self.rk, self.rv):
-            t[:, dst] = t[:, src]
-
-    def fork(self, src: int, dst: int) -> bool:
-        """`dst` (empty) shares `src`'s full blocks and gets a copy of its partly filled last block."""
-        n = int(self.lengths[src])
-        full, part = divmod(n, self.block_size)
-        blocks = self.tables[src][:full]
-        if part:
-            new = self.pool.allocate(1)
-            if new is None:
-                return False
-            old = self.tables[src][full]
-            self.k[:, :, :, new[0]] = self.k[:, :, :, old]
-            self.v[:, :, :, new[0]] = self.v[:, :, :, old]
-            self._zeroed = max(self._zeroed, new[0] + 1)
-        for b in blocks:
-            self.pool.hold(b)
-        self.tables[dst] = blocks + (new if part else [])
-        self.entries[dst] = list(self.entries[src])
-        for t in (self.rk, self.rv):
-            t[:, dst] = t[:, src]
-        for t in (self.ring_pos, self.states, self.lengths):
-            t[dst] = t[src]
-        self._write_table(dst)
-        return True
-
-    def _write_table(self, slot: int) -> None:
-        """The device row of `slot`'s block table from its list (the null block past its end)."""
-        blocks = self.tables[slot]
-        self.table[slot] = NULL_BLOCK
-        self.table[slot, : len(blocks)] = torch.tensor(blocks, dtype=torch.long, device=self.device)
-
-    def _is_run(self, slot: int, nb: int) -> bool:
-        t = self.tables[slot]
-        return len(t) >= nb and t[nb - 1] - t[0] == nb - 1 and all(t[j + 1] == t[j] + 1 for j in range(nb - 1))
+        return self.manager.room(slot)
 
     def capacity(self) -> int:
-        return self.pool.capacity * self.block_size
+        return self.manager.capacity()
 
-    # -- the prefix cache ---------------------------------------------------------------------------------
-    def has_uncommitted(self, slot: int, length: int) -> bool:
-        return self.prefix_caching and length // self.block_size > len(self.entries[slot])
+    def release(self, slot: int) -> None:
+        self.manager.free(slot)
 
-    def _resumable(self, entries: list[Entry]) -> int:
-        """How many of the matched blocks a sequence can resume after (the deepest boundary with a snapshot
-        for PLT with rings; any for the vanilla looped transformer and R = 1)."""
-        if not self.has_rings:
-            return len(entries)
-        for j in range(len(entries), 0, -1):
-            if entries[j - 1].snapshot is not None:
-                return j
-        return 0
+    def clear(self, slot: int) -> None:
+        self.table[slot] = NULL_BLOCK
 
-    def _resume_entries(self, tokens: list[int]) -> list[Entry]:
-        """The index entries of the longest cached prefix of `tokens` a sequence can resume after (at most
-        len(tokens) - 1 tokens: the last prompt position is always computed)."""
-        entries = self.pool.match(tokens, self.block_size, (len(tokens) - 1) // self.block_size)
-        return entries[: self._resumable(entries)]
+    def slot_tensors(self) -> tuple[torch.Tensor, ...]:
+        return (self.table,)
 
-    def attach(self, slot: int, tokens: list[int]) -> int:
-        if not self.prefix_caching:
-            return 0
-        self.pool.stats.queried_tokens += len(tokens)
-        entries = self._resume_entries(tokens)
-        if not entries:
-            return 0
-        for e in entries:
-            self.pool.hold(e.block)
-        self.tables[slot], self.entries[slot] = [e.block for e in entries], list(entries)
-        self._write_table(slot)
-        b = len(entries) * self.block_size
-        self.lengths[slot] = b
-        self.ring_pos[slot] = -1
-        if self.has_rings:
-            s = entries[-1].snapshot
-            self.pool.touch_snapshot(s)
-            self.rk[:, slot] = self.sk[s]
-            self.rv[:, slot] = self.sv[s]
-            self.states[slot] = self.s_states[s]
-            w1 = self.window + 1
-            pos = torch.arange(max(0, b - w1), b, device=self.device)
-            self.ring_pos[slot, pos % w1] = pos
-        self.pool.stats.hit_tokens += b
-        return b
+    def reorder(self, order: list[int], moves: tuple[torch.Tensor, torch.Tensor] | None, lengths: torch.Tensor) -> None:
+        self.manager.reorder(order)  # the table rows moved with the other per-slot tensors
 
-    def commit(self, slot: int, tokens: list[int]) -> None:
-        """Enter `slot`'s newly full blocks in the index (`tokens`: its token ids, at least its length), and
-        attach the snapshots at their boundaries: taken during the prefill chunk, or now from the slot's rings
-        when the boundary is where the sequence stands (after a decode step)."""
-        if not self.prefix_caching:
-            return
-        B = self.block_size
-        length = int(self.lengths[slot])
-        entries, pending = self.entries[slot], self.pending[slot]
-        for j in range(len(entries), min(length, len(tokens)) // B):
-            parent = entries[-1] if entries else None
-            entry = self.pool.register(parent, tuple(tokens[j * B : (j + 1) * B]), self.tables[slot][j])
-            entries.append(entry)
-            boundary = (j + 1) * B
-            if not self._snapshot_boundary(boundary):
-                continue
-            s = pending.pop(boundary, None)
-            if s is None and boundary == length and entry.snapshot is None:
-                s = self.pool.new_snapshot()
-                if s is not None:
-                    self.sk[s], self.sv[s] = self.rk[:, slot], self.rv[:, slot]
-                    self.s_states[s] = self.states[slot]
-            if s is not None:
-                self.pool.attach_snapshot(entry, s)
+    def fork(self, src: int, dst: int, n: int) -> bool:
+        """`dst` (empty) shares `src`'s full blocks and gets a copy of its partly filled last block."""
+        fork = self.manager.fork(src, dst, n)
+        if fork is None:
+            return False
+        if fork.copy is not None:
+            old, new = fork.copy
+            self.k[:, :, :, new] = self.k[:, :, :, old]
+            self.v[:, :, :, new] = self.v[:, :, :, old]
+            self._zeroed = max(self._zeroed, new + 1)
+        self.write_table(dst)
+        return True
 
-    def _snapshot_boundary(self, b: int) -> bool:
-        return self.has_rings and b % (self.snapshot_every * self.block_size) == 0
+    def write_table(self, slot: int) -> None:
+        """The device row of `slot`'s block table from the manager's list (the null block past its end)."""
+        blocks = self.manager.tables[slot]
+        self.table[slot] = NULL_BLOCK
+        self.table[slot, : len(blocks)] = torch.tensor(blocks, dtype=torch.long, device=self.table.device)
 
-    def _chunk_boundaries(self, chunk: SlotChunk, end: int) -> list[int]:
-        """Snapshot boundaries inside a prefill chunk that ends at `end` (exclusive of its start)."""
-        step = self.snapshot_every * self.block_size
-        return list(range((chunk.start // step + 1) * step, end + 1, step))
+    def fill_random(self, generator: torch.Generator | None) -> None:
+        for t in (self.k, self.v):
+            if t.numel():
+                t.normal_(generator=generator if t.device.type == "cpu" else None)
+            t[:, :, :, NULL_BLOCK] = 0
+        self._zeroed = self.num_blocks
 
-    def _pending_slot(self, slot: int, boundary: int) -> int | None:
-        pending = self.pending[slot]
-        if boundary not in pending:
-            pending[boundary] = self.pool.new_snapshot()
-        return pending[boundary]
-
-    def _capture_rings(self, chunk: SlotChunk, layer: int, loop: int, kv: KV, first: int) -> None:
-        if not (self.prefix_caching and self.has_rings):
-            return
-        w1 = self.window + 1
-        for b in self._chunk_boundaries(chunk, first + kv.k.shape[2]):
-            s = self._pending_slot(chunk.slot, b)
-            if s is None:
-                continue
-            pos = torch.arange(max(0, b - w1), b, device=self.device)
-            self.sk[s, layer, loop - 1][:, pos % w1] = kv.k[0, :, pos - first]
-            self.sv[s, layer, loop - 1][:, pos % w1] = kv.v[0, :, pos - first]
-
-    def _capture_states(self, chunk: SlotChunk, loop: int, states: torch.Tensor) -> None:
-        if not (self.prefix_caching and self.has_rings):
-            return
-        for b in self._chunk_boundaries(chunk, chunk.start + states.shape[1]):
-            s = self._pending_slot(chunk.slot, b)
-            if s is not None:
-                self.s_states[s, loop] = states[0, b - 1 - chunk.start]
-
-    # -- full stores --------------------------------------------------------------------------------------
-    def _read_positions(self, layer: int, loop: int, slot: int, n: int) -> KV:
-        f, nb = self._store_index(loop), -(-n // self.block_size)
+    # -- a prefill chunk -----------------------------------------------------------------------------------
+    def read(self, layer: int, f: int, slot: int, n: int) -> KV:
+        nb = -(-n // self.block_size)
         k, v = self.k[layer, f], self.v[layer, f]
-        if self._is_run(slot, nb):
-            s = self.tables[slot][0]
+        if self.manager.is_run(slot, nb):
+            s = self.manager.tables[slot][0]
             k, v = k[:, s : s + nb], v[:, s : s + nb]
         else:
             idx = self.table[slot, :nb]
             k, v = k[:, idx], v[:, idx]
         return KV(k.flatten(1, 2)[None, :, :n], v.flatten(1, 2)[None, :, :n])
 
-    def _write_positions(self, layer: int, loop: int, slot: int, start: int, kv: KV) -> None:
-        f = self._store_index(loop)
-        pos = torch.arange(start, start + kv.k.shape[1], device=self.device)
+    def write(self, layer: int, f: int, slot: int, start: int, kv: KV) -> None:
+        pos = torch.arange(start, start + kv.k.shape[1], device=self.table.device)
         blocks, offsets = self.table[slot, pos // self.block_size], pos % self.block_size
         self.k[layer, f][:, blocks, offsets] = kv.k
         self.v[layer, f][:, blocks, offsets] = kv.v
 
-    # -- the decode step ----------------------------------------------------------------------------------
-    def _new_step(self, n: int, live: torch.Tensor | None, t: torch.Tensor, length: int) -> SlotStep:
-        B = self.block_size
-        nb = -(-length // B) if live is None else self.max_blocks
-        step = super()._new_step(n, live, t, nb * B)
+    # -- a decode step -------------------------------------------------------------------------------------
+    def span(self, length: int, live: torch.Tensor | None) -> int:
+        """Whole blocks: those of the longest sequence, or (fixed shapes) every table entry."""
+        nb = -(-length // self.block_size) if live is None else self.max_blocks
+        return nb * self.block_size
+
+    def open_step(self, step: SlotStep) -> None:
+        """Where the new tokens' K/V go (block, offset) and how the step reads the stores: one view when a
+        single sequence's blocks are consecutive, else one gather of the pool per layer."""
+        B, n, t = self.block_size, step.n, step.positions
+        nb = step.length // B
         block_of = t // B
         step.blocks = self.table[:n].gather(1, block_of[:, None])[:, 0]
         step.offsets = t - block_of * B
-        if live is None and n == 1 and self._is_run(0, nb):
-            step.run = (self.tables[0][0], nb)
+        if step.live is None and n == 1 and self.manager.is_run(0, nb):
+            step.run = (self.manager.tables[0][0], nb)
         else:
             step.gather = (self._head_rows + self.table[:n, None, :nb]).flatten()
-        return step
 
-    def write_full(self, layer: int, loop: int, step: SlotStep, kv: KV) -> None:
-        f = self._store_index(loop)
+    def write_step(self, layer: int, f: int, step: SlotStep, kv: KV) -> None:
         self.k[layer, f][:, step.blocks, step.offsets] = kv.k[:, :, 0].transpose(0, 1)
         self.v[layer, f][:, step.blocks, step.offsets] = kv.v[:, :, 0].transpose(0, 1)
 
-    def full_kv(self, layer: int, loop: int, step: SlotStep) -> KV:
-        f = self._store_index(loop)
+    def read_step(self, layer: int, f: int, step: SlotStep) -> KV:
         k, v = self.k[layer, f], self.v[layer, f]  # (kv_heads, blocks, block_size, hd)
         hkv, hd = k.shape[0], k.shape[-1]
         if step.run is not None:
@@ -399,8 +232,151 @@ class PagedSlotCache(SlotCache):
         torch.index_select(rows, 0, step.gather, out=out)
         return out.view(shape)
 
-    def fill_random(self, n: int, length: int, generator: torch.Generator | None = None) -> None:
-        super().fill_random(n, length, generator)
-        self.k[:, :, :, NULL_BLOCK] = 0
-        self.v[:, :, :, NULL_BLOCK] = 0
-        self._zeroed = self.num_blocks
+
+class PrefixCache:
+    """The prefix cache's tensors and copies: the snapshot store of PLT's rings and CLP states at block
+    boundaries, `sk`, `sv` (snapshots, L, R-1, kv_heads, w+1, hd) in ring order and `s_states` (snapshots,
+    R-1, hidden), restored into a slot on a hit (`attach`) and taken on `commit` or while a prefill chunk
+    passes a boundary (`capture_*`). Which blocks and snapshot ids is the `KVCacheManager`'s; the slot's rings
+    and states are the `SlotCache`'s, passed in."""
+
+    def __init__(self, manager: KVCacheManager, store: PagedStore, config: PLTConfig, kw: dict) -> None:
+        self.manager, self.store = manager, store
+        n = manager.pool.num_snapshots
+        L, R, hkv, hd = config.num_hidden_layers, config.plt_num_loops, config.num_key_value_heads, config.head_dim
+        # lazily committed on CPU (never-touched pages take no memory): snapshots are written before they are read
+        self.sk = torch.empty(n, L, R - 1, hkv, config.window + 1, hd, **kw) if n else torch.empty(0, **kw)
+        self.sv = torch.empty_like(self.sk)
+        self.s_states = torch.empty(n, R - 1 if not config.is_vanilla else 0, config.hidden_size, **kw)
+
+    @property
+    def prefix_caching(self) -> bool:
+        return self.manager.prefix_caching
+
+    def snapshot_bytes(self) -> int:
+        """Bytes of one boundary snapshot (rings and states)."""
+        per = (2 * self.sk[0].numel() + self.s_states[0].numel()) if self.manager.pool.num_snapshots else 0
+        return per * self.sk.element_size()
+
+    def nbytes(self) -> int:
+        """Bytes of the snapshot store's K/V."""
+        return sum(t.numel() * t.element_size() for t in (self.sk, self.sv))
+
+    def stats(self) -> dict:
+        p, s = self.manager.pool, self.manager.pool.stats
+        return {
+            "prefix_caching": self.manager.prefix_caching,
+            "prefix_queried_tokens": s.queried_tokens,
+            "prefix_hit_tokens": s.hit_tokens,
+            "prefix_hit_rate": s.hit_tokens / s.queried_tokens if s.queried_tokens else 0.0,
+            "evicted_blocks": s.evicted_blocks,
+            "snapshots": p.num_snapshots,
+            "snapshots_in_use": p.snapshots_in_use,
+            "snapshot_bytes": self.snapshot_bytes(),
+        }
+
+    def has_uncommitted(self, slot: int, length: int) -> bool:
+        return self.manager.has_uncommitted(slot, length)
+
+    def attach(self, cache: SlotCache, slot: int, tokens: list[int]) -> int:
+        """Start `slot` from the longest cached prefix of `tokens`: its blocks, and for PLT the snapshot's rings
+        and states; the tokens it covers."""
+        hit = self.manager.resume(slot, tokens)
+        if hit is None:
+            return 0
+        self.store.write_table(slot)
+        b = hit.length
+        cache.lengths[slot] = b
+        cache.ring_pos[slot] = -1
+        if hit.snapshot is not None:
+            s = hit.snapshot
+            cache.rk[:, slot] = self.sk[s]
+            cache.rv[:, slot] = self.sv[s]
+            cache.states[slot] = self.s_states[s]
+            w1 = cache.window + 1
+            pos = torch.arange(max(0, b - w1), b, device=cache.device)
+            cache.ring_pos[slot, pos % w1] = pos
+        return b
+
+    def commit(self, cache: SlotCache, slot: int, tokens: list[int]) -> None:
+        """Enter `slot`'s newly full blocks in the index (`tokens`: its token ids, at least its length), and
+        attach the snapshots at their boundaries: taken during the prefill chunk, or now from the slot's rings
+        when the boundary is where the sequence stands (after a decode step)."""
+        s = self.manager.commit(slot, tokens, int(cache.lengths[slot]))
+        if s is not None:
+            self.sk[s], self.sv[s] = cache.rk[:, slot], cache.rv[:, slot]
+            self.s_states[s] = cache.states[slot]
+
+    def capture_rings(self, cache: SlotCache, chunk: SlotChunk, layer: int, loop: int, kv: KV, first: int) -> None:
+        """A prefill chunk wrote `loop`'s K/V (entry 0 at position `first`): fill its boundaries' snapshots."""
+        if not (self.manager.prefix_caching and self.manager.has_rings):
+            return
+        w1 = cache.window + 1
+        for b in self.manager.chunk_boundaries(chunk.start, first + kv.k.shape[2]):
+            s = self.manager.pending_snapshot(chunk.slot, b)
+            if s is None:
+                continue
+            pos = torch.arange(max(0, b - w1), b, device=cache.device)
+            self.sk[s, layer, loop - 1][:, pos % w1] = kv.k[0, :, pos - first]
+            self.sv[s, layer, loop - 1][:, pos % w1] = kv.v[0, :, pos - first]
+
+    def capture_states(self, cache: SlotCache, chunk: SlotChunk, loop: int, states: torch.Tensor) -> None:
+        """A prefill chunk computed P(loop) over its positions: keep it at its boundaries' snapshots."""
+        if not (self.manager.prefix_caching and self.manager.has_rings):
+            return
+        for b in self.manager.chunk_boundaries(chunk.start, chunk.start + states.shape[1]):
+            s = self.manager.pending_snapshot(chunk.slot, b)
+            if s is not None:
+                self.s_states[s, loop] = states[0, b - 1 - chunk.start]
+
+
+class PagedSlotCache(SlotCache):
+    """`SlotCache` over a `PagedStore` (its full stores in a shared pool of blocks, block tables) with a
+    `PrefixCache`, both asking one `KVCacheManager`. It only builds them: every method is `SlotCache`'s."""
+
+    def __init__(
+        self,
+        config: PLTConfig,
+        max_batch: int,
+        max_len: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        *,
+        block_size: int = 16,
+        num_blocks: int | None = None,
+        prefix_caching: bool = True,
+        snapshot_every: int | None = None,
+        snapshots: int | None = None,
+    ) -> None:
+        max_blocks = -(-max_len // max(block_size, 1))
+        self.manager = KVCacheManager(  # checks the sizes first: nothing is allocated for bad ones
+            max_batch,
+            max_len,
+            block_size,
+            (num_blocks if num_blocks is not None else max_batch * max_blocks) + 1,
+            has_rings=not config.is_vanilla and config.plt_num_loops > 1,
+            window=config.window,
+            prefix_caching=prefix_caching,
+            snapshot_every=snapshot_every,
+            snapshots=snapshots,
+        )
+        kw = dict(dtype=dtype, device=torch.device(device))
+        kv_shape = (config.num_hidden_layers, config.num_key_value_heads, config.head_dim)
+        store = PagedStore(self.manager, 1 if not config.is_vanilla else config.plt_num_loops, kv_shape, kw)
+        prefix = PrefixCache(self.manager, store, config, kw)
+        super().__init__(config, max_batch, max_len, dtype, device, full=store, prefix=prefix)
+        self.block_size, self.max_blocks, self.num_blocks = block_size, self.manager.max_blocks, store.num_blocks
+
+    @property
+    def pool(self) -> BlockPool:
+        return self.manager.pool
+
+    @property
+    def tables(self) -> list[list[int]]:
+        """Each slot's block ids (the manager's)."""
+        return self.manager.tables
+
+    @property
+    def table(self) -> torch.Tensor:
+        """(max_batch, max_blocks) the block tables on the device (the paged store's)."""
+        return self.full.table

@@ -1,12 +1,13 @@
 """`SlotCache`: the decode engine's preallocated cache (fixed shapes, ring buffers), `SlotStep` (one decode
-step's view of it) and `SlotChunk` (one slot as a prefill chunk sees it). Their methods are the only code
-that indexes these tensors; the model reads and writes them through `model.cache.DecodeCache` and
-`model.cache.SequenceCache`."""
+step's view of it) and `SlotChunk` (one slot as a prefill chunk sees it). `SlotCache` holds the rings, CLP
+states and lengths itself and its full stores through a `FullStore` strategy: `ContiguousStore` here (a row
+per slot) or `paged.PagedStore` (blocks). Their methods are the only code that indexes these tensors;
+the model reads and writes them through `model.cache.DecodeCache` and `model.cache.SequenceCache`."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -50,12 +51,136 @@ class SlotStep:
         return self._ring_rows[key]
 
 
+class FullStore(Protocol):
+    """A strategy of the full stores of a `SlotCache`: `ContiguousStore` or `paged.PagedStore`. Loops are
+    given as full-store indices `f`; `step` is the `SlotStep` the cache opened."""
+
+    paged: bool
+    k: torch.Tensor
+    v: torch.Tensor
+
+    def nbytes(self) -> int: ...
+    def stats(self) -> dict: ...
+    def reserve(self, slot: int, length: int) -> bool: ...
+    def room(self, slot: int) -> int: ...
+    def capacity(self) -> int | None: ...
+    def release(self, slot: int) -> None: ...
+    def clear(self, slot: int) -> None: ...
+    def slot_tensors(self) -> tuple[torch.Tensor, ...]: ...
+    def reorder(
+        self, order: list[int], moves: tuple[torch.Tensor, torch.Tensor] | None, lengths: torch.Tensor
+    ) -> None: ...
+    def fork(self, src: int, dst: int, n: int) -> bool: ...
+    def fill_random(self, generator: torch.Generator | None) -> None: ...
+    def read(self, layer: int, f: int, slot: int, n: int) -> KV: ...
+    def write(self, layer: int, f: int, slot: int, start: int, kv: KV) -> None: ...
+    def span(self, length: int, live: torch.Tensor | None) -> int: ...
+    def open_step(self, step: SlotStep) -> None: ...
+    def write_step(self, layer: int, f: int, step: SlotStep, kv: KV) -> None: ...
+    def read_step(self, layer: int, f: int, step: SlotStep) -> KV: ...
+
+
+class PrefixStore(Protocol):
+    """A prefix cache of a `SlotCache` (`paged.PrefixCache`): the cache passes itself, whose rings and states
+    a hit restores and a snapshot copies."""
+
+    prefix_caching: bool
+
+    def nbytes(self) -> int: ...
+    def stats(self) -> dict: ...
+    def has_uncommitted(self, slot: int, length: int) -> bool: ...
+    def attach(self, cache: SlotCache, slot: int, tokens: list[int]) -> int: ...
+    def commit(self, cache: SlotCache, slot: int, tokens: list[int]) -> None: ...
+    def capture_rings(self, cache: SlotCache, chunk: SlotChunk, layer: int, loop: int, kv: KV, first: int) -> None: ...
+    def capture_states(self, cache: SlotCache, chunk: SlotChunk, loop: int, states: torch.Tensor) -> None: ...
+
+
+class ContiguousStore:
+    """The full stores of a `SlotCache` with one row of `max_len` positions per slot: `k`, `v` (L, F, B,
+    kv_heads, max_len, hd). F = 1 for PLT (loop 1, the shared global cache); F = R for the vanilla looped
+    transformer (every loop keeps all positions). The other strategy is `paged.PagedStore` (blocks)."""
+
+    paged = False
+
+    def __init__(self, shape: tuple[int, ...], max_len: int, kw: dict) -> None:
+        self.max_len = max_len
+        self.k = torch.zeros(shape, **kw)
+        self.v = torch.zeros_like(self.k)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.k, self.v))
+
+    def stats(self) -> dict:
+        return {"paged": False}
+
+    # -- slots --------------------------------------------------------------------------------------------
+    def reserve(self, slot: int, length: int) -> bool:
+        return length <= self.max_len
+
+    def room(self, slot: int) -> int:
+        return self.max_len
+
+    def capacity(self) -> int | None:
+        return None
+
+    def release(self, slot: int) -> None:
+        """Each slot keeps its own row: nothing to give back."""
+
+    def clear(self, slot: int) -> None:
+        """Stale entries of a row are masked: nothing to clear."""
+
+    def slot_tensors(self) -> tuple[torch.Tensor, ...]:
+        return ()
+
+    def reorder(self, order: list[int], moves: tuple[torch.Tensor, torch.Tensor] | None, lengths: torch.Tensor) -> None:
+        if moves is None:
+            return
+        dst, src = moves
+        n = int(lengths.max())
+        for t in (self.k, self.v):
+            t[:, :, dst, :, :n] = t[:, :, src, :, :n]
+
+    def fork(self, src: int, dst: int, n: int) -> bool:
+        self.k[:, :, dst, :, :n] = self.k[:, :, src, :, :n]
+        self.v[:, :, dst, :, :n] = self.v[:, :, src, :, :n]
+        return True
+
+    def fill_random(self, generator: torch.Generator | None) -> None:
+        for t in (self.k, self.v):
+            if t.numel():
+                t.normal_(generator=generator if t.device.type == "cpu" else None)
+
+    # -- a prefill chunk -----------------------------------------------------------------------------------
+    def read(self, layer: int, f: int, slot: int, n: int) -> KV:
+        return KV(self.k[layer, f, slot, :, :n][None], self.v[layer, f, slot, :, :n][None])
+
+    def write(self, layer: int, f: int, slot: int, start: int, kv: KV) -> None:
+        end = start + kv.k.shape[1]
+        self.k[layer, f, slot, :, start:end] = kv.k
+        self.v[layer, f, slot, :, start:end] = kv.v
+
+    # -- a decode step -------------------------------------------------------------------------------------
+    def span(self, length: int, live: torch.Tensor | None) -> int:
+        """Full-store entries a step reads, given `length` (the longest sequence + 1, or `max_len`)."""
+        return length
+
+    def open_step(self, step: SlotStep) -> None:
+        """Nothing to add: a slot's row is read as a slice."""
+
+    def write_step(self, layer: int, f: int, step: SlotStep, kv: KV) -> None:
+        self.k[layer, f][step.slots, :, step.positions] = kv.k[:, :, 0]
+        self.v[layer, f][step.slots, :, step.positions] = kv.v[:, :, 0]
+
+    def read_step(self, layer: int, f: int, step: SlotStep) -> KV:
+        return KV(self.k[layer, f, : step.n, :, : step.length], self.v[layer, f, : step.n, :, : step.length])
+
+
 class SlotCache:
     """Preallocated decode cache for up to `max_batch` sequences ("slots"), fixed shapes throughout.
 
-    - `k`, `v`: (L, F, B, kv_heads, max_len, hd) full-length stores. F = 1 for PLT (loop 1, the shared
-      global cache); F = R for the vanilla looped transformer (every loop keeps all positions).
-      `PagedSlotCache` (paged.py) keeps them in blocks instead.
+    - `full`: the full stores (loop 1's K/V for PLT, every loop's for the vanilla looped transformer), one of
+      two strategies: `ContiguousStore` (a row of `max_len` per slot, the default) or `paged.PagedStore`
+      (blocks of a shared pool, given by `PagedSlotCache`). `k`, `v` are its tensors.
     - `rk`, `rv`: (L, B, R-1, kv_heads, w+1, hd) ring buffers of PLT loops >= 2: position t lives in
       ring slot t mod (w+1), so the ring always holds the window t-w .. t. `ring_pos` (B, w+1) is the
       position each ring slot holds (-1: empty), shared by every layer and loop.
@@ -68,14 +193,19 @@ class SlotCache:
     engine's slot bookkeeping), `begin_step`/`end_step` around a decode step, and, per layer,
     `write_full`/`full_kv` (the full stores) and `write_ring`/`ring_kv` (the rings), `saved_states`/
     `save_states` (CLP). Loops are numbered from 0 (loop 1 of the spec is loop 0 here); rings exist for PLT
-    loops 1..R-1. `match`/`attach`/`commit` are the prefix cache's, which only the paged cache has.
+    loops 1..R-1. `attach`/`commit` are the prefix cache's (`prefix`, which only the paged cache has).
     """
 
-    paged = False
-    prefix_caching = False  # only `PagedSlotCache` has a prefix cache
-
     def __init__(
-        self, config: PLTConfig, max_batch: int, max_len: int, dtype: torch.dtype, device: torch.device | str
+        self,
+        config: PLTConfig,
+        max_batch: int,
+        max_len: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        *,
+        full: FullStore | None = None,
+        prefix: PrefixStore | None = None,
     ) -> None:
         L, R, hkv, hd = config.num_hidden_layers, config.plt_num_loops, config.num_key_value_heads, config.head_dim
         self.plt = not config.is_vanilla
@@ -86,16 +216,33 @@ class SlotCache:
         w1 = self.window + 1
         kw = dict(dtype=dtype, device=device)
         self.dtype, self.device = dtype, torch.device(device)
-        self.k, self.v = self._full_stores(L, hkv, hd, kw)
+        self.full = (
+            full
+            if full is not None
+            else ContiguousStore((L, self.num_stores, max_batch, hkv, max_len, hd), max_len, kw)
+        )
+        self.prefix = prefix
         self.rk = torch.zeros(L, max_batch, ring, hkv, w1 if ring else 0, hd, **kw)
         self.rv = torch.zeros_like(self.rk)
         self.ring_pos = torch.full((max_batch, w1), -1, dtype=torch.long, device=device)
         self.states = torch.zeros(max_batch, R - 1 if self.plt else 0, config.hidden_size, **kw)
         self.lengths = torch.zeros(max_batch, dtype=torch.long, device=device)
 
-    def _full_stores(self, L: int, hkv: int, hd: int, kw: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        k = torch.zeros(L, self.num_stores, self.max_batch, hkv, self.max_len, hd, **kw)
-        return k, torch.zeros_like(k)
+    @property
+    def prefix_caching(self) -> bool:
+        return self.prefix is not None and self.prefix.prefix_caching
+
+    @property
+    def paged(self) -> bool:
+        return self.full.paged
+
+    @property
+    def k(self) -> torch.Tensor:
+        return self.full.k
+
+    @property
+    def v(self) -> torch.Tensor:
+        return self.full.v
 
     @property
     def has_rings(self) -> bool:
@@ -103,7 +250,8 @@ class SlotCache:
 
     def nbytes(self) -> int:
         """Bytes allocated for K/V (full stores and rings)."""
-        return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.rk, self.rv))
+        rings = sum(t.numel() * t.element_size() for t in (self.rk, self.rv))
+        return self.full.nbytes() + rings + (self.prefix.nbytes() if self.prefix is not None else 0)
 
     # -- slots ------------------------------------------------------------------------------------------
     def load(self, slot: int, cache: PLTCache, row: int = 0) -> None:
@@ -133,85 +281,82 @@ class SlotCache:
 
     def reserve(self, slot: int, length: int) -> bool:
         """Make room for `length` positions in `slot`; False if there is none (the slot keeps what it had)."""
-        return length <= self.max_len
+        return self.full.reserve(slot, length)
 
     def room(self, slot: int) -> int:
         """Positions `slot` could hold now (what `reserve` would grant)."""
-        return self.max_len
+        return self.full.room(slot)
 
     def release(self, slot: int) -> None:
         """Forget `slot`'s sequence (it finished, failed or was preempted)."""
+        self.full.release(slot)
         self._clear(slot)
 
     def reorder(self, order: list[int]) -> None:
         """Slot i takes the sequence of slot order[i] (a permutation of the kept slots; others were released)."""
         moved = [(dst, src) for dst, src in enumerate(order) if dst != src]
+        moves = None
         if moved:
             dst = torch.tensor([d for d, _ in moved], device=self.device)
             src = torch.tensor([s for _, s in moved], device=self.device)
             for t in self._slot_tensors():  # the right-hand side is gathered first: a permutation is safe
                 t[dst] = t[src]
-            self._reorder_stores(dst, src)
+            for t in (self.rk, self.rv):
+                t[:, dst] = t[:, src]
+            moves = (dst, src)
+        self.full.reorder(order, moves, self.lengths)
         for slot in range(len(order), self.max_batch):  # vacated slots hold nothing
             self._clear(slot)
 
     def _clear(self, slot: int) -> None:
         self.lengths[slot] = 0
         self.ring_pos[slot] = -1
+        self.full.clear(slot)
 
     def _slot_tensors(self) -> tuple[torch.Tensor, ...]:
         """Per-slot tensors indexed by slot on their first axis."""
-        return self.ring_pos, self.states, self.lengths
-
-    def _reorder_stores(self, dst: torch.Tensor, src: torch.Tensor) -> None:
-        n = int(self.lengths.max())
-        for t in (self.k, self.v):
-            t[:, :, dst, :, :n] = t[:, :, src, :, :n]
-        for t in (self.rk, self.rv):
-            t[:, dst] = t[:, src]
+        return (self.ring_pos, self.states, self.lengths, *self.full.slot_tensors())
 
     def fork(self, src: int, dst: int) -> bool:
-        """Give `dst` a copy of `src`'s sequence (n samples of one prompt share its prefill)."""
-        n = int(self.lengths[src])
-        self.k[:, :, dst, :, :n] = self.k[:, :, src, :, :n]
-        self.v[:, :, dst, :, :n] = self.v[:, :, src, :, :n]
+        """Give `dst` a copy of `src`'s sequence (n samples of one prompt share its prefill); False if the
+        full store has no room for it."""
+        if not self.full.fork(src, dst, int(self.lengths[src])):
+            return False
         self.rk[:, dst] = self.rk[:, src]
         self.rv[:, dst] = self.rv[:, src]
-        for t in self._slot_tensors():
+        for t in (self.ring_pos, self.states, self.lengths):
             t[dst] = t[src]
         return True
 
     def capacity(self) -> int | None:
         """Positions the whole cache holds for all sequences together (None: each slot holds `max_len`)."""
-        return None
+        return self.full.capacity()
 
-    # -- the prefix cache (only `PagedSlotCache` has one) --------------------------------------------------
+    # -- the prefix cache (`prefix`: only a paged cache has one) -------------------------------------------
     def has_uncommitted(self, slot: int, length: int) -> bool:
         """Whether `length` positions of `slot` fill blocks not yet entered in the prefix cache (`commit`)."""
-        return False
+        return self.prefix is not None and self.prefix.has_uncommitted(slot, length)
 
     def attach(self, slot: int, tokens: list[int]) -> int:
         """Start `slot`'s sequence from the longest cached prefix of `tokens`; the tokens it covers."""
-        return 0
+        return 0 if self.prefix is None else self.prefix.attach(self, slot, tokens)
 
     def commit(self, slot: int, tokens: list[int]) -> None:
         """`tokens` are the sequence in `slot` so far: cache its full blocks for later prompts."""
+        if self.prefix is not None:
+            self.prefix.commit(self, slot, tokens)
 
     def stats(self) -> dict:
-        return {"paged": False, "allocated_bytes": self.nbytes()}
-
-    def _capture_rings(self, chunk: SlotChunk, layer: int, loop: int, kv: KV, first: int) -> None:
-        """A prefill chunk wrote `loop`'s K/V (entry 0 at position `first`): the paged cache's snapshots."""
-
-    def _capture_states(self, chunk: SlotChunk, loop: int, states: torch.Tensor) -> None:
-        """A prefill chunk computed P(loop) over its positions: the paged cache's snapshots."""
+        prefix = self.prefix.stats() if self.prefix is not None else {}
+        return {**self.full.stats(), "allocated_bytes": self.nbytes(), **prefix}
 
     def fill_random(self, n: int, length: int, generator: torch.Generator | None = None) -> None:
         """Pretend slots 0..n-1 were prefilled with `length` tokens: random K/V and states (benchmarks)."""
         for slot in range(n):
             if not self.reserve(slot, length + 1):
                 raise ValueError(f"{n} sequences of {length} tokens do not fit in the cache")
-        for t in (self.k, self.v, self.rk, self.rv, self.states):
+        self.full.fill_random(generator)
+        for t in (self.rk, self.rv, self.states):
             if t.numel():  # in place, drawn where they live: caches can be GBs
                 t.normal_(generator=generator if t.device.type == "cpu" else None)
         w1 = self.ring_pos.shape[1]
@@ -233,15 +378,11 @@ class SlotCache:
 
     def _read_positions(self, layer: int, loop: int, slot: int, n: int) -> KV:
         """K/V (1, kv_heads, n, hd) of positions 0..n-1 of `slot`'s full store of `loop`."""
-        f = self._store_index(loop)
-        return KV(self.k[layer, f, slot, :, :n][None], self.v[layer, f, slot, :, :n][None])
+        return self.full.read(layer, self._store_index(loop), slot, n)
 
     def _write_positions(self, layer: int, loop: int, slot: int, start: int, kv: KV) -> None:
         """Store K/V (kv_heads, S, hd) at positions start..start+S-1 of `slot`'s full store of `loop`."""
-        f = self._store_index(loop)
-        end = start + kv.k.shape[1]
-        self.k[layer, f, slot, :, start:end] = kv.k
-        self.v[layer, f, slot, :, start:end] = kv.v
+        self.full.write(layer, self._store_index(loop), slot, start, kv)
 
     # -- one decode step -----------------------------------------------------------------------------------
     def begin_step(self, n: int, live: torch.Tensor | None = None) -> SlotStep:
@@ -255,7 +396,8 @@ class SlotCache:
         """
         t = self.lengths[:n]
         length = int(t.max()) + 1 if live is None else self.max_len
-        step = self._new_step(n, live, t, length)
+        step = self._new_step(n, live, t, self.full.span(length, live))
+        self.full.open_step(step)
         if self.has_rings:
             step.ring = ring = t % (self.window + 1)
             rows = self.ring_pos[:n]
@@ -276,15 +418,12 @@ class SlotCache:
     def write_full(self, layer: int, loop: int, step: SlotStep, kv: KV) -> None:
         """Store the new token's K/V (n, kv_heads, 1, hd) of `loop` at its position: loop 0's for PLT (the
         shared global cache), every loop's for the vanilla looped transformer."""
-        store = self._store_index(loop)
-        self.k[layer, store][step.slots, :, step.positions] = kv.k[:, :, 0]
-        self.v[layer, store][step.slots, :, step.positions] = kv.v[:, :, 0]
+        self.full.write_step(layer, self._store_index(loop), step, kv)
 
     def full_kv(self, layer: int, loop: int, step: SlotStep) -> KV:
         """The full-store K/V a loop's causal attention reads (mask: `step.full_mask`): loop 0's for PLT (the
         global branch of every loop), the loop's own for the vanilla looped transformer."""
-        store = self._store_index(loop)
-        return KV(self.k[layer, store, : step.n, :, : step.length], self.v[layer, store, : step.n, :, : step.length])
+        return self.full.read_step(layer, self._store_index(loop), step)
 
     def write_ring(self, layer: int, loops: range, step: SlotStep, kv: KV) -> None:
         """Store the new token's K/V (n, kv_heads, len(loops), hd) of PLT loops `loops` (>= 1) in their rings."""
@@ -316,7 +455,7 @@ class SlotChunk:
     The forward continues the slot's sequence by S positions: it reads the cached K/V (the full stores, the
     rings of PLT loops >= 2 in position order) and the CLP states P(r) of the position before the chunk, and
     writes back the chunk's K/V (positions start..start+S-1 of the full stores, the last w+1 of each ring) and
-    P(r) of its last position. A paged cache also takes its boundary snapshots here (`_capture_*`).
+    P(r) of its last position. A prefix cache also takes its boundary snapshots here (`capture_*`).
     """
 
     def __init__(self, cache: SlotCache, slot: int) -> None:
@@ -366,12 +505,14 @@ class SlotChunk:
         pos = torch.arange(first + kv.k.shape[2] - keep, first + kv.k.shape[2], device=c.device)
         c.rk[layer, self.slot, loop - 1][:, pos % w1] = kv.k[0, :, -keep:]
         c.rv[layer, self.slot, loop - 1][:, pos % w1] = kv.v[0, :, -keep:]
-        c._capture_rings(self, layer, loop, kv, first)
+        if c.prefix is not None:
+            c.prefix.capture_rings(c, self, layer, loop, kv, first)
 
     def save_loop_states(self, loop: int, states: torch.Tensor) -> None:
         """P(loop) over the chunk, (1, S, hidden): its last position is what the next position's CLP reads."""
         self.cache.states[self.slot, loop] = states[0, -1]
-        self.cache._capture_states(self, loop, states)
+        if self.cache.prefix is not None:
+            self.cache.prefix.capture_states(self.cache, self, loop, states)
 
     def advance(self, positions: torch.Tensor) -> None:
         c = self.cache
