@@ -12,6 +12,23 @@ if TYPE_CHECKING:
     from loopcoder.model.config import PLTConfig
 
 
+def _shape(s: DecodeBenchSettings | TrainBenchSettings, loops: int, positions: int, arch: str = "plt") -> ModelShape:
+    """The model a benchmark builds from its settings' shape fields."""
+    return ModelShape(
+        loops=loops,
+        hidden_size=s.hidden_size,
+        layers=s.num_layers,
+        heads=s.num_heads,
+        kv_heads=s.num_kv_heads,
+        head_dim=s.head_dim,
+        intermediate_size=s.intermediate_size,
+        vocab_size=s.vocab_size,
+        window=s.window,
+        architecture=arch,
+        max_position_embeddings=positions,
+    )
+
+
 @dataclass
 class DecodeBenchSettings:
     # The released 7B's proportions scaled to hidden 1024: 14 layers, MLP 5.4x, head_dim 128, 4:1 GQA,
@@ -42,19 +59,7 @@ class DecodeBenchSettings:
         return self.warmup + 2 * (self.rounds * self.steps + self.warmup) + 2
 
     def shape(self, loops: int, arch: str = "plt") -> ModelShape:
-        return ModelShape(
-            loops=loops,
-            hidden_size=self.hidden_size,
-            layers=self.num_layers,
-            heads=self.num_heads,
-            kv_heads=self.num_kv_heads,
-            head_dim=self.head_dim,
-            intermediate_size=self.intermediate_size,
-            vocab_size=self.vocab_size,
-            window=self.window,
-            architecture=arch,
-            max_position_embeddings=max(self.contexts) + self.steps_per_engine(),
-        )
+        return _shape(self, loops, max(self.contexts) + self.steps_per_engine(), arch)
 
     def model_config(self, loops: int, arch: str = "plt") -> PLTConfig:
         return self.shape(loops, arch).plt_config()
@@ -116,15 +121,4 @@ class TrainBenchSettings:
             self.intermediate_size = mlp_width(self.hidden_size)
 
     def model_config(self, loops: int) -> PLTConfig:
-        return ModelShape(
-            loops=loops,
-            hidden_size=self.hidden_size,
-            layers=self.num_layers,
-            heads=self.num_heads,
-            kv_heads=self.num_kv_heads,
-            head_dim=self.head_dim,
-            intermediate_size=self.intermediate_size,
-            vocab_size=self.vocab_size,
-            window=self.window,
-            max_position_embeddings=max(self.seq_len, 128),
-        ).plt_config(pad_token_id=0)
+        return _shape(self, loops, max(self.seq_len, 128)).plt_config(pad_token_id=0)
