@@ -282,6 +282,11 @@ class ShardDataset:
     def __len__(self) -> int:
         return int(self._ends[-1]) if len(self._ends) else 0
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of token data in this split's shards (what hashing them reads)."""
+        return sum(a.nbytes for a in self._shards)
+
     def rows(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
         """int64 array (len(indices), seq_len) of the given rows."""
         idx = np.asarray(indices, dtype=np.int64)

@@ -50,7 +50,7 @@ def check_tokenizer(data_dir: str | os.PathLike, allow: bool = False, override: 
 def verify_at_start(datasets: list[ShardDataset], log: TextIO | None = None) -> bool:
     """Hash the shards a run reads when they are small enough (`HASH_AT_START_MAX_BYTES`); else say that
     `loopcoder data verify` does it. Returns whether they were hashed."""
-    total = sum(a.nbytes for ds in datasets for a in ds._shards)
+    total = sum(ds.nbytes for ds in datasets)
     if total > HASH_AT_START_MAX_BYTES:
         if log is not None:
             where = datasets[0].data_dir if datasets else "DIR"
@@ -75,7 +75,7 @@ def verify(data_dir: str | os.PathLike, log: TextIO | None = None) -> dict[str, 
     fingerprint = check_tokenizer(data_dir)
     datasets = [ShardDataset(data_dir, split) for split in index["splits"]]
     n = sum(len(ds.info["shards"]) for ds in datasets)
-    nbytes = sum(a.nbytes for ds in datasets for a in ds._shards)
+    nbytes = sum(ds.nbytes for ds in datasets)
     progress = Progress("verify", n, "shards", amount_unit="bytes", total_amount=nbytes, stream=log)
     for ds in datasets:
         verify_checksums(ds, progress)
