@@ -3,9 +3,10 @@
 Every reader of shards (`ShardDataset`) checks index.json (format, fields, shard paths inside the
 directory) and each shard's header, dtype, shape and file size when it opens it: cheap, so always.
 Hashing reads every byte, so training does it at start only for data up to `HASH_AT_START_MAX_BYTES`
-(data/stdlib, 4.7 MB, hashes in about 10 ms); larger data is hashed by `loopcoder data verify DIR`, run
-once after copying or building it. The tokenizer in `DIR/tokenizer/` must be the one the shards were
-encoded with: its fingerprint against the manifest's and its size against index.json's vocabulary.
+(data/stdlib, 4.9 MB, hashed in 30 ms at load 13.8: docs/data.md, benchmarks/check_costs.py); larger
+data is hashed by `loopcoder data verify DIR`, run once after copying or building it. The tokenizer in
+`DIR/tokenizer/` must be the one the shards were encoded with: its fingerprint against the manifest's and
+its size against index.json's vocabulary.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from loopcoder.model.identity import OVERRIDE_KEY, check_same_tokenizer, short, 
 from loopcoder.utils.errors import LoopcoderError
 from loopcoder.utils.progress import Progress
 
-HASH_AT_START_MAX_BYTES = 1 << 30  # 1 GiB: about a second of SHA-256 on one core
+HASH_AT_START_MAX_BYTES = 1 << 30  # 1 GiB: seconds of SHA-256 on one core (docs/data.md)
 
 
 def check_tokenizer(data_dir: str | os.PathLike, allow: bool = False, override: str = OVERRIDE_KEY) -> str | None:
