@@ -218,10 +218,10 @@ def fit(
         return largest(gpus, True, t) >= 1
 
     here = f"{gpus} GPU{'s' if gpus > 1 else ''} of {memory_bytes / 2**30:,.1f} GiB"
-    with_ck, without = largest(gpus, True), largest(gpus, False)
+    p = plan(cfg, seq_len, memory_bytes, gpus, True, reshard_after_forward)
+    with_ck, without = p["max_micro_batch"], largest(gpus, False)
     advice: list[str] = []
     if with_ck == 0:
-        p = plan(cfg, seq_len, memory_bytes, gpus, True, reshard_after_forward)
         states, overhead = p["model_state_bytes_per_gpu"] + p["gathered_weight_bytes"], p["overhead_bytes"]
         sequence = p["activation_bytes_per_token"]["checkpointing"]["total"] * seq_len
         left = memory_bytes - states - overhead
