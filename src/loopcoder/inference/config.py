@@ -7,7 +7,7 @@ max_batch=8, ...)`: the keywords build an `EngineConfig`. The command line check
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Literal
 
 from loopcoder.utils.defaults import DEFAULT_BLOCK_SIZE, DEFAULT_STEP_TOKENS
@@ -84,5 +84,4 @@ class EngineConfig:
             raise TypeError(
                 f"unknown engine option(s) {', '.join(unknown)}: EngineConfig has {', '.join(sorted(names))}"
             )
-        base = config or cls()
-        return cls(**{**{n: getattr(base, n) for n in names}, **options})
+        return replace(config or cls(), **options)

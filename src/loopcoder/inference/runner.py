@@ -54,9 +54,7 @@ class ModelRunner:
         (vocab,) after them, or, for a request scoring its prompt (`req.scoring`), the logits after every one
         of the `n` positions (n, vocab)."""
         ids = torch.tensor(req.tokens[req.cached : req.cached + n], device=self.device)
-        if not req.scoring:
-            return self.model.prefill_chunk(ids, self.cache.chunk(req.slot))
-        return self.model.prefill_chunk(ids, self.cache.chunk(req.slot), every_position=True)
+        return self.model.prefill_chunk(ids, self.cache.chunk(req.slot), every_position=req.scoring)
 
     def decode(self, reqs: list[Request]) -> torch.Tensor:
         """Next-token logits (n, vocab) of the decoding requests, which hold slots 0..n-1 in order."""

@@ -59,7 +59,14 @@ def test_both_strategies_read_back_what_was_written(arch):
         ]
 
     assert paged.tables[0] == [1, 4, 5] and not paged.manager.is_run(0, 3)
-    for a, b in zip(read_all(flat), read_all(paged)):
+    written = [
+        kv(cfg, n, seed=100 * slot + 10 * layer + loop)
+        for slot, n in enumerate(lengths)
+        for layer in range(cfg.num_hidden_layers)
+        for loop in loops
+    ]
+    for a, b, w in zip(read_all(flat), read_all(paged), written, strict=True):
+        assert torch.equal(a.k[0], w.k) and torch.equal(a.v[0], w.v)  # what was written, not only the same
         assert torch.equal(a.k, b.k) and torch.equal(a.v, b.v)
 
     # a decode step: each slot writes one token; what the step reads (under its mask) is the same
