@@ -69,13 +69,20 @@ def load_before(revision: str) -> tuple[ModuleType, ModuleType]:
             text = git_show(revision, f"src/loopcoder/evaluation/{name}.py")
             if text is not None:
                 (folder / f"{name}.py").write_text(text)
-        sandbox = _load(folder / "sandbox.py", "sandbox_before")
+        # A package of its own: a sandbox that reads its launcher with importlib.resources finds it there.
+        (folder / "__init__.py").write_text("")
+        package = importlib.util.spec_from_file_location(
+            "before", folder / "__init__.py", submodule_search_locations=[str(folder)]
+        )
+        sys.modules["before"] = importlib.util.module_from_spec(package)
+        package.loader.exec_module(sys.modules["before"])
+        sandbox = _load(folder / "sandbox.py", "before.sandbox")
         # Its HumanEval module, with `loopcoder.evaluation.sandbox` meaning the before sandbox while it loads.
         (folder / "humaneval.py").write_text(git_show(revision, "src/loopcoder/evaluation/humaneval.py"))
         current = sys.modules["loopcoder.evaluation.sandbox"]
         sys.modules["loopcoder.evaluation.sandbox"] = sandbox
         try:
-            humaneval = _load(folder / "humaneval.py", "humaneval_before")
+            humaneval = _load(folder / "humaneval.py", "before.humaneval")
         finally:
             sys.modules["loopcoder.evaluation.sandbox"] = current
     finally:
@@ -97,15 +104,17 @@ def cpu_of_children() -> float:
 
 
 def timed(run: Callable[[], object]) -> tuple[float, float]:
-    """Wall seconds of one run, and CPU seconds of its processes: the result's `cpu_seconds` where the
-    run reports it (a launcher forked by the fork server is not our child), else our reaped children's."""
+    """Wall seconds of one run, and CPU seconds of its processes: those of our reaped children (exact),
+    or where there are none (a launcher forked by the fork server is not our child) the result's
+    `cpu_seconds`."""
     cpu, start = cpu_of_children(), time.perf_counter()
     result = run()
     wall = time.perf_counter() - start
     if not (result is True or getattr(result, "passed", False)):
         raise SystemExit("a side did not pass: the figures would be meaningless")
+    children = cpu_of_children() - cpu
     reported = getattr(result, "cpu_seconds", None)
-    return wall, reported if reported is not None else cpu_of_children() - cpu
+    return wall, children if children > 0 or reported is None else reported
 
 
 def without_fork_server(run: Callable[[], object]) -> Callable[[], object]:

@@ -952,7 +952,9 @@ def test_command_line(tmp_path, capsys):
 def test_without_the_fork_server_each_run_starts_an_interpreter_and_works_the_same(monkeypatch):
     monkeypatch.setattr(sandbox, "_FORK_SERVER", False)
     assert sandbox._plan(None).server is None
-    assert run("print(sum(range(10)))\n").stdout == "45\n"
+    summed = run("print(sum(range(10)))\n")
+    assert summed.stdout == "45\n"
+    assert summed.cpu_seconds is not None  # read from /proc before the launcher is reaped
     failed = run("import sys\nsys.exit(3)\n")
     assert failed.status == "failed" and failed.returncode == 3
     assert run("import time\ntime.sleep(60)\n", Limits(wall_seconds=1)).status == "timeout"

@@ -16,8 +16,6 @@ from loopcoder.evaluation import bfcl
 from loopcoder.utils.atomic import atomic_write_text
 from loopcoder.utils.errors import LoopcoderError
 
-RESULTS_VERSION = 1  # runner.load_results checks it
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     where = p.add_mutually_exclusive_group(required=True)
@@ -50,7 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     # here: the runner, the server and the checkpoints import torch (a fast --help)
-    from loopcoder.evaluation.runner import config_hash, load_results
+    from loopcoder.evaluation.runner import RESULTS_VERSION, config_hash, load_results
     from loopcoder.serving.background import BackgroundServer
     from loopcoder.serving.server import api_key_from_env, load_app
     from loopcoder.training.checkpoints import resolve_model_dir

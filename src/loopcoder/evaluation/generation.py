@@ -26,7 +26,6 @@ def complete(
     prompts: list[str | list[dict[str, str]]],
     params: list[SamplingParams],
     label: str = "generating",
-    quiet: bool = False,
     progress: Progress | None = None,
 ) -> list[dict[str, Any]]:
     """Run every prompt; returns, per prompt, {text, tokens, finish_reason, skipped (why, or None)}.
@@ -45,9 +44,7 @@ def complete(
             results[i] = {"text": "", "tokens": 0, "finish_reason": "skipped", "skipped": str(e)}
     done, tokens = 0, 0
     own = progress is None
-    meter = progress or Progress(
-        f"  {label}", len(reqs), "completions", amount_unit="tokens", mode="off" if quiet else "lines"
-    )
+    meter = progress or Progress(f"  {label}", len(reqs), "completions", amount_unit="tokens", mode="lines")
     base_done, base_tokens = meter.done, meter.amount
     while engine.has_work():
         for ev in engine.step():

@@ -710,7 +710,7 @@ class _Popened(_Launched):
             return True
 
     def finish(self) -> None:
-        if self.proc.poll() is None and self.exited():
+        if self.proc.returncode is None and self.exited():  # poll() would reap it: /proc/PID/stat gone
             self.cpu_seconds = _tree_cpu(self.pid)
         self.returncode = self.proc.wait()
         if self.exit_fd is not None:
