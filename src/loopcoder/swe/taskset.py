@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from loopcoder.data.corpus import iter_jsonl
 from loopcoder.swe import catalog, repo, scoring, statement, testrun
 from loopcoder.swe.catalog import SourceModule
 from loopcoder.swe.mutations import KINDS, Mutation, sites
@@ -455,13 +456,7 @@ def load(root: str | Path) -> tuple[Path, list[dict[str, Any]]]:
 
 
 def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                except ValueError as e:
-                    raise LoopcoderError(f"{path}:{n}: not JSON ({e})") from None
-                if not isinstance(row, dict):
-                    raise LoopcoderError(f"{path}:{n}: not a JSON object")
-                yield row
+    for where, row in iter_jsonl(path):
+        if not isinstance(row, dict):
+            raise LoopcoderError(f"{where}: not a JSON object")
+        yield row
