@@ -252,9 +252,9 @@ def _score(args: argparse.Namespace) -> int:
         atomic_write_text(out / "predictions.jsonl", json.dumps(row) + "\n")
     else:
         predictions = runs.read_predictions(args.predictions, instances)
-    if args.instances:
-        keep = {t["instance_id"] for t in _select(instances, args.instances, None)}
-        predictions = {i: p for i, p in predictions.items() if i in keep}
+        if args.instances:
+            keep = {t["instance_id"] for t in _select(instances, args.instances, None)}
+            predictions = {i: p for i, p in predictions.items() if i in keep}
     summary = runs.score_predictions(instances, root, predictions, shell, out)
     n = summary["submitted_instances"]
     print(
