@@ -37,7 +37,7 @@ def test_the_set_covers_every_module_kind_and_difficulty(built):
     assert manifest["tasks"] == len(instances) >= 5
     assert set(manifest["by_module"]) == set(TEST_MODULES.split(","))
     assert len(manifest["by_kind"]) >= 3
-    labels = {taskset.difficulty_label(t) for t in instances.values()}
+    labels = {taskset.difficulty_label(t["difficulty"]) for t in instances.values()}
     assert {"1 line, 1 file", "2 lines, 2 files"} <= labels, labels
     assert manifest["build"]["validation runs"] > 0 and manifest["sandbox_python"]
 

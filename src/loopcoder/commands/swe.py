@@ -150,9 +150,7 @@ def _select(instances: list[dict], ids: str | None, limit: int | None) -> list[d
 
 
 def _tasks_identity(root: Path) -> str:
-    manifest = root / "manifest.json"
-    if manifest.is_file():
-        return json.loads(manifest.read_text()).get("instances_sha256", "")
+    # the file's own hash: the manifest's instances_sha256 when the set is as built, and still right if not
     return hashlib.sha256((root / "instances.jsonl").read_bytes()).hexdigest()
 
 
@@ -254,9 +252,9 @@ def _score(args: argparse.Namespace) -> int:
         atomic_write_text(out / "predictions.jsonl", json.dumps(row) + "\n")
     else:
         predictions = runs.read_predictions(args.predictions, instances)
-    if args.instances:
-        keep = {t["instance_id"] for t in _select(instances, args.instances, None)}
-        predictions = {i: p for i, p in predictions.items() if i in keep}
+        if args.instances:
+            keep = {t["instance_id"] for t in _select(instances, args.instances, None)}
+            predictions = {i: p for i, p in predictions.items() if i in keep}
     summary = runs.score_predictions(instances, root, predictions, shell, out)
     n = summary["submitted_instances"]
     print(

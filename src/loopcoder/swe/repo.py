@@ -12,7 +12,6 @@ import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterable
 from pathlib import Path
 
 from loopcoder.utils.errors import LoopcoderError
@@ -135,12 +134,3 @@ def changed_lines(patch: str) -> int:
         elif line.startswith("+") and not line.startswith("+++"):
             added += 1
     return total
-
-
-def copy_files(paths: Iterable[tuple[Path, str]], dest: Path) -> None:
-    """Copy (source file, repository path) pairs into `dest`."""
-    for src, rel in paths:
-        target = dest / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(src, target)
-        os.chmod(target, 0o644)

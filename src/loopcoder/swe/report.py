@@ -14,6 +14,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from loopcoder.swe.taskset import difficulty_label
 from loopcoder.utils.errors import LoopcoderError
 from loopcoder.utils.stats import paired_difference, wilson_interval
 
@@ -33,12 +34,6 @@ def load_run(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def _label(difficulty: dict[str, Any] | None) -> str:
-    d = difficulty or {}
-    lines, files = d.get("lines", 0), d.get("files", 0)
-    return f"{lines} line{'s' * (lines != 1)}, {files} file{'s' * (files != 1)}"
-
-
 def _rate(resolved: int, n: int) -> dict[str, Any]:
     low, high = wilson_interval(resolved, n)
     return {"n": n, "resolved": resolved, "rate": resolved / n if n else float("nan"), "ci95": [low, high]}
@@ -50,7 +45,7 @@ def summarize(run: dict[str, Any]) -> dict[str, Any]:
     resolved = {i for i, r in scored.items() if r["report"]["resolved"]}
     by_label: dict[str, list[str]] = {}
     for i, r in scored.items():
-        by_label.setdefault(_label(r.get("difficulty")), []).append(i)
+        by_label.setdefault(difficulty_label(r.get("difficulty")), []).append(i)
 
     def spread(key: str) -> dict[str, float] | None:
         values = [r[key] for r in scored.values() if r.get(key) is not None]
@@ -147,5 +142,5 @@ def markdown(runs: list[dict[str, Any]]) -> str:
             diff = e.get("difficulty") or diff
             mark = "✓" if e["report"]["resolved"] else "✗"
             cells.append(f"{mark} {e['turns']} / {e['completion_tokens']} / {e['seconds']:.0f}s; {e['exit_status']}")
-        lines.append(f"| {i} | {_label(diff)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {i} | {difficulty_label(diff)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

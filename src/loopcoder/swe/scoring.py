@@ -134,10 +134,10 @@ def _failed(test: str, status: dict[str, str]) -> bool:
 def tests_report(status: dict[str, str], fail_to_pass: list[str], pass_to_pass: list[str]) -> dict[str, Any]:
     """`get_eval_tests_report` (PASS_AND_FAIL): which FAIL_TO_PASS tests now pass, which PASS_TO_PASS still do."""
     out: dict[str, Any] = {}
-    for key, tests, kept in (("FAIL_TO_PASS", fail_to_pass, _passed), ("PASS_TO_PASS", pass_to_pass, None)):
+    for key, tests in (("FAIL_TO_PASS", fail_to_pass), ("PASS_TO_PASS", pass_to_pass)):
         success, failure = [], []
-        for t in tests:
-            ok = _passed(t, status) if kept is not None else _passed(t, status) or status.get(t) == "SKIPPED"
+        for t in tests:  # a skipped PASS_TO_PASS test is kept; a skipped FAIL_TO_PASS test is not fixed
+            ok = _passed(t, status) or (key == "PASS_TO_PASS" and status.get(t) == "SKIPPED")
             if ok:
                 success.append(t)
             elif _failed(t, status):
@@ -167,10 +167,9 @@ def resolution(report: dict[str, Any]) -> str:
 HARNESS_ERRORS = ("patch_apply_failed", "test_patch_failed", "tests_timeout", "tests_error")
 
 
-def error_class(log: str, model_patch: str | None) -> str | None:
-    """Why a run has no valid test result, in one word (None: the tests ran)."""
-    if not model_patch:
-        return "empty_patch"
+def error_class(log: str, found: bool) -> str | None:
+    """Why a run of a non-empty patch has no valid test result, in one word (None: the tests ran);
+    `found` is `logs_eval(log)[1]`."""
     for marker, name in (
         (APPLY_PATCH_FAIL, "patch_apply_failed"),
         (RESET_FAILED, "test_patch_failed"),
@@ -179,7 +178,7 @@ def error_class(log: str, model_patch: str | None) -> str | None:
     ):
         if marker in log:
             return name
-    return None if logs_eval(log)[1] else "no_test_output"
+    return None if found else "no_test_output"
 
 
 def instance_report(instance: dict[str, Any], model_patch: str | None, log: str) -> dict[str, Any]:
@@ -197,7 +196,7 @@ def instance_report(instance: dict[str, Any], model_patch: str | None, log: str)
         report["error"] = "empty_patch"
         return report
     status, found = logs_eval(log)
-    report["error"] = error_class(log, model_patch)
+    report["error"] = error_class(log, found)
     if not found:
         return report
     report["patch_successfully_applied"] = True

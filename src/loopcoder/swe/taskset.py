@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from loopcoder.data.corpus import iter_jsonl
 from loopcoder.swe import catalog, repo, scoring, statement, testrun
 from loopcoder.swe.catalog import SourceModule
 from loopcoder.swe.mutations import KINDS, Mutation, sites
@@ -417,8 +418,9 @@ def build(
     return manifest
 
 
-def difficulty_label(instance: dict[str, Any]) -> str:
-    d = instance.get("difficulty") or {}
+def difficulty_label(difficulty: dict[str, Any] | None) -> str:
+    """What a gold patch changes, as reports group tasks: "2 lines, 1 file"."""
+    d = difficulty or {}
     lines, files = d.get("lines", 0), d.get("files", 0)
     return f"{lines} line{'s' * (lines != 1)}, {files} file{'s' * (files != 1)}"
 
@@ -432,7 +434,7 @@ def statistics(instances: list[dict[str, Any]]) -> dict[str, Any]:
         "modules_used": len({t["module"] for t in instances}),
         "by_module": dict(sorted(Counter(t["module"] for t in instances).items())),
         "by_kind": dict(sorted(Counter(k for t in instances for k in t["bug_kinds"]).items())),
-        "by_difficulty": dict(sorted(Counter(difficulty_label(t) for t in instances).items())),
+        "by_difficulty": dict(sorted(Counter(difficulty_label(t.get("difficulty")) for t in instances).items())),
         "fail_to_pass": _spread(f2p),
         "pass_to_pass": _spread(p2p),
     }
@@ -455,13 +457,7 @@ def load(root: str | Path) -> tuple[Path, list[dict[str, Any]]]:
 
 
 def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                except ValueError as e:
-                    raise LoopcoderError(f"{path}:{n}: not JSON ({e})") from None
-                if not isinstance(row, dict):
-                    raise LoopcoderError(f"{path}:{n}: not a JSON object")
-                yield row
+    for where, row in iter_jsonl(path):
+        if not isinstance(row, dict):
+            raise LoopcoderError(f"{where}: not a JSON object")
+        yield row
