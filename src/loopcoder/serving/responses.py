@@ -507,7 +507,7 @@ class ResponsesAPI:
         chat = req.to_chat(history)
         tools_on = bool(chat.tools) and chat.tool_choice != "none"
         ids, constraint = await svc.off_loop(
-            lambda: (svc.render_chat(chat, tools_on), svc.chat_constraint(chat, tools_on))
+            lambda: (svc.render_chat(chat, tools_on), svc.chat_constraint(chat, tools_on)), request
         )
         svc.check_prompt(ids, "input")
         jobs = svc.jobs(chat, [ids], chat.output_limit, svc.max_tokens, svc.chat_stop_ids, constraint)
