@@ -30,7 +30,7 @@ from pydantic import Discriminator, Field, Tag, field_validator
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from loopcoder.serving.protocol import APIError, ChatRequest, _Strict, bad_request, parse_request
+from loopcoder.serving.protocol import APIError, ChatRequest, _Strict, bad_request, parse_request, sse_json
 from loopcoder.serving.scheduler import Job
 from loopcoder.serving.tool_calls import ParsedOutput, ToolCall, ToolCallParser, ToolCallStream
 
@@ -533,8 +533,7 @@ class ResponsesAPI:
 
         def sse(event: dict[str, Any]) -> str:
             event = {**event, "sequence_number": next(seq)}
-            data = json.dumps(event, ensure_ascii=False, separators=(",", ":"))
-            return f"event: {event['type']}\ndata: {_one_line(data)}\n\n"
+            return f"event: {event['type']}\ndata: {sse_json(event)}\n\n"
 
         async def events() -> AsyncIterator[str]:
             yield sse({"type": "response.created", "response": response})
@@ -580,11 +579,3 @@ class ResponsesAPI:
         return StreamingResponse(
             body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         )
-
-
-# Characters that JSON leaves raw but line readers (str.splitlines) treat as line breaks, as in app.py's SSE.
-_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
-
-
-def _one_line(data: str) -> str:
-    return data.translate(_LINE_BREAKS)
