@@ -358,14 +358,14 @@ class OutputBuilder:
     def __init__(self) -> None:
         self.items: list[dict[str, Any]] = []
         self._message: dict[str, Any] | None = None  # the open message item
-        self._text = ""
+        self._text: list[str] = []  # the open message's text, in pieces (joined once, when it closes)
 
     def text(self, delta: str) -> Iterator[dict[str, Any]]:
         if not delta:
             return
         if self._message is None:
             yield from self._open_message()
-        self._text += delta
+        self._text.append(delta)
         yield self._at("response.output_text.delta", content_index=0, delta=delta, logprobs=[])
 
     def call(self, call: ToolCall) -> Iterator[dict[str, Any]]:
@@ -395,13 +395,14 @@ class OutputBuilder:
     def close_message(self, status: str) -> Iterator[dict[str, Any]]:
         if self._message is None:
             return
-        part = {"type": "output_text", "text": self._text, "annotations": [], "logprobs": []}
-        yield self._at("response.output_text.done", content_index=0, text=self._text, logprobs=[])
+        text = "".join(self._text)
+        part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+        yield self._at("response.output_text.done", content_index=0, text=text, logprobs=[])
         yield self._at("response.content_part.done", content_index=0, part=part)
         item = {**self._message, "status": status, "content": [part]}
         yield {"type": "response.output_item.done", "output_index": len(self.items), "item": item}
         self.items.append(item)
-        self._message, self._text = None, ""
+        self._message, self._text = None, []
 
     def _open_message(self) -> Iterator[dict[str, Any]]:
         self._message = {"type": "message", "id": _new_id("msg"), "status": "in_progress", "role": "assistant"}
