@@ -12,15 +12,10 @@ import pytest
 
 from loopcoder.cli import main
 from loopcoder.serving.server import load_app
-from support.serving import AUTH, CONTEXT, KEY, LiveServer, build_model_dir
+from support.serving import AUTH, CONTEXT, KEY, LiveServer
 
 MAX_TOKENS = 300  # the server's cap on max_tokens
 PROMPT = "def step(self, tokens):\n    "
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return build_model_dir(tmp_path_factory.mktemp("serve-model"))
 
 
 @pytest.fixture(scope="module")

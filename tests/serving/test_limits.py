@@ -15,16 +15,10 @@ import time
 import httpx
 import pytest
 
-from loopcoder.model.loading import load_for_inference
 from loopcoder.serving.limits import LINGER, LingeringTransport
-from support.serving import LiveServer, build_model_dir, scripted_app
+from support.serving import LiveServer, scripted_app
 
 TIMEOUT = 1.0  # the test servers' header and body timeouts (seconds)
-
-
-@pytest.fixture(scope="module")
-def loaded(tmp_path_factory):
-    return load_for_inference(str(build_model_dir(tmp_path_factory.mktemp("serve-model"))))
 
 
 @pytest.fixture(scope="module")

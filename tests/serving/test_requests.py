@@ -34,11 +34,6 @@ def call(name: str, args: dict) -> str:
 
 
 @pytest.fixture(scope="module")
-def loaded(tmp_path_factory):
-    return load_for_inference(str(build_model_dir(tmp_path_factory.mktemp("serve-model"))))
-
-
-@pytest.fixture(scope="module")
 def live(loaded):
     app, scheduler, engine = scripted_app(*loaded, max_tokens=400, log_requests=True)
     with LiveServer(app, scheduler) as server:

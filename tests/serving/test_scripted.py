@@ -11,8 +11,7 @@ import httpx
 import openai
 import pytest
 
-from loopcoder.model.loading import load_for_inference
-from support.serving import LiveServer, build_model_dir, scripted_app, sse_events
+from support.serving import LiveServer, scripted_app, sse_events
 
 CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
 TOOLS = [
@@ -26,12 +25,6 @@ TOOLS = [
     }
 ]
 USER = [{"role": "user", "content": "Weather in Paris?"}]
-
-
-@pytest.fixture(scope="module")
-def loaded(tmp_path_factory):
-    model, tok = load_for_inference(str(build_model_dir(tmp_path_factory.mktemp("serve-model"))))
-    return model, tok
 
 
 @pytest.fixture(scope="module")

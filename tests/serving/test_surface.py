@@ -20,15 +20,10 @@ from loopcoder.inference.sampling import SamplingParams
 from loopcoder.model.loading import load_for_inference
 from loopcoder.serving.protocol import ChatRequest, CompletionRequest
 from loopcoder.serving.server import load_app
-from support.serving import LiveServer, build_model_dir
+from support.serving import LiveServer
 
 PROMPT = "def step(self, tokens):\n    "
 USER = [{"role": "user", "content": "Write a loop."}]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return build_model_dir(tmp_path_factory.mktemp("serve-model"))
 
 
 @pytest.fixture(scope="module")

@@ -41,6 +41,7 @@ from loopcoder.serving.protocol import (
     ResponseFormat,
     bad_request,
     parse_request,
+    sse_json,
 )
 from loopcoder.serving.responses import ResponsesAPI
 from loopcoder.serving.scheduler import Job, Scheduler, Update
@@ -481,13 +482,8 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
-# Characters that JSON leaves raw but line readers such as httpx's (str.splitlines) treat as line breaks:
-# escaped, an event stays on one line for every client. (Control characters are always escaped.)
-_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
-
-
 def _sse(obj: Any) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':')).translate(_LINE_BREAKS)}\n\n"
+    return f"data: {sse_json(obj)}\n\n"
 
 
 def _event_stream(events: AsyncIterator[str], pending: Pending) -> StreamingResponse:

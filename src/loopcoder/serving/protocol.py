@@ -39,6 +39,16 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+# Characters that JSON leaves raw but line readers such as httpx's (str.splitlines) treat as line breaks:
+# escaped, an event stays on one line for every client. (Control characters are always escaped.)
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
+def sse_json(obj: Any) -> str:
+    """`obj` as compact JSON on one line, for a server-sent event's `data:` (app.py's and responses.py's streams)."""
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).translate(_LINE_BREAKS)
+
+
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
     return APIError(400, message, param=param, code=code)
 

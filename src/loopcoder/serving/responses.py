@@ -30,7 +30,7 @@ from pydantic import Discriminator, Field, Tag, field_validator
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from loopcoder.serving.protocol import APIError, ChatRequest, _Strict, bad_request, parse_request
+from loopcoder.serving.protocol import APIError, ChatRequest, _Strict, bad_request, parse_request, sse_json
 from loopcoder.serving.scheduler import Job
 from loopcoder.serving.tool_calls import ParsedOutput, ToolCall, ToolCallParser, ToolCallStream
 
@@ -358,14 +358,14 @@ class OutputBuilder:
     def __init__(self) -> None:
         self.items: list[dict[str, Any]] = []
         self._message: dict[str, Any] | None = None  # the open message item
-        self._text = ""
+        self._text: list[str] = []  # the open message's text, in pieces (joined once, when it closes)
 
     def text(self, delta: str) -> Iterator[dict[str, Any]]:
         if not delta:
             return
         if self._message is None:
             yield from self._open_message()
-        self._text += delta
+        self._text.append(delta)
         yield self._at("response.output_text.delta", content_index=0, delta=delta, logprobs=[])
 
     def call(self, call: ToolCall) -> Iterator[dict[str, Any]]:
@@ -395,13 +395,14 @@ class OutputBuilder:
     def close_message(self, status: str) -> Iterator[dict[str, Any]]:
         if self._message is None:
             return
-        part = {"type": "output_text", "text": self._text, "annotations": [], "logprobs": []}
-        yield self._at("response.output_text.done", content_index=0, text=self._text, logprobs=[])
+        text = "".join(self._text)
+        part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+        yield self._at("response.output_text.done", content_index=0, text=text, logprobs=[])
         yield self._at("response.content_part.done", content_index=0, part=part)
         item = {**self._message, "status": status, "content": [part]}
         yield {"type": "response.output_item.done", "output_index": len(self.items), "item": item}
         self.items.append(item)
-        self._message, self._text = None, ""
+        self._message, self._text = None, []
 
     def _open_message(self) -> Iterator[dict[str, Any]]:
         self._message = {"type": "message", "id": _new_id("msg"), "status": "in_progress", "role": "assistant"}
@@ -507,7 +508,7 @@ class ResponsesAPI:
         chat = req.to_chat(history)
         tools_on = bool(chat.tools) and chat.tool_choice != "none"
         ids, constraint = await svc.off_loop(
-            lambda: (svc.render_chat(chat, tools_on), svc.chat_constraint(chat, tools_on))
+            lambda: (svc.render_chat(chat, tools_on), svc.chat_constraint(chat, tools_on)), request
         )
         svc.check_prompt(ids, "input")
         jobs = svc.jobs(chat, [ids], chat.output_limit, svc.max_tokens, svc.chat_stop_ids, constraint)
@@ -533,8 +534,7 @@ class ResponsesAPI:
 
         def sse(event: dict[str, Any]) -> str:
             event = {**event, "sequence_number": next(seq)}
-            data = json.dumps(event, ensure_ascii=False, separators=(",", ":"))
-            return f"event: {event['type']}\ndata: {_one_line(data)}\n\n"
+            return f"event: {event['type']}\ndata: {sse_json(event)}\n\n"
 
         async def events() -> AsyncIterator[str]:
             yield sse({"type": "response.created", "response": response})
@@ -580,11 +580,3 @@ class ResponsesAPI:
         return StreamingResponse(
             body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         )
-
-
-# Characters that JSON leaves raw but line readers (str.splitlines) treat as line breaks, as in app.py's SSE.
-_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
-
-
-def _one_line(data: str) -> str:
-    return data.translate(_LINE_BREAKS)
